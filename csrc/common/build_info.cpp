@@ -1,0 +1,37 @@
+#include "common/build_info.h"
+
+#include <ATen/Parallel.h>
+#include <torch/version.h>
+
+#ifdef DSK_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+#ifndef DSK_CUDA_ARCHS
+#define DSK_CUDA_ARCHS ""
+#endif
+#ifndef DSK_BUILD_SYSTEM
+#define DSK_BUILD_SYSTEM "unknown"
+#endif
+
+namespace dsk {
+
+std::vector<std::pair<std::string, std::string>> build_info() {
+  std::vector<std::pair<std::string, std::string>> info;
+  info.emplace_back("torch_version", TORCH_VERSION);
+#ifdef DSK_WITH_CUDA
+  info.emplace_back("cuda_kernels", "true");
+  info.emplace_back("cuda_version",
+                    std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10));
+  info.emplace_back("cuda_archs", DSK_CUDA_ARCHS);
+#else
+  info.emplace_back("cuda_kernels", "false");
+  info.emplace_back("cuda_version", "");
+  info.emplace_back("cuda_archs", "");
+#endif
+  info.emplace_back("openmp", AT_PARALLEL_OPENMP ? "true" : "false");
+  info.emplace_back("build_system", DSK_BUILD_SYSTEM);
+  return info;
+}
+
+}  // namespace dsk

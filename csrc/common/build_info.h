@@ -1,0 +1,13 @@
+// How the library was built, for deepseek_kernels.build_info() and C++ users.
+#pragma once
+
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace dsk {
+
+// (key, value) pairs; values are strings, "true"/"false" for flags.
+std::vector<std::pair<std::string, std::string>> build_info();
+
+}  // namespace dsk

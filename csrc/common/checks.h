@@ -1,0 +1,77 @@
+// Argument checks for the host glue: every message names the op, the argument,
+// what was expected and what was given.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <initializer_list>
+#include <sstream>
+#include <string>
+
+#include "common/dtype.h"
+
+namespace dsk {
+
+inline std::string dtype_list(std::initializer_list<at::ScalarType> allowed) {
+  std::ostringstream os;
+  bool first = true;
+  for (auto t : allowed) {
+    os << (first ? "" : ", ") << t;
+    first = false;
+  }
+  return os.str();
+}
+
+inline void check_dtype(const char* op, const char* name, const at::Tensor& t,
+                        std::initializer_list<at::ScalarType> allowed) {
+  bool ok = false;
+  for (auto a : allowed) ok = ok || t.scalar_type() == a;
+  TORCH_CHECK_TYPE(ok, op, ": argument '", name, "' must have dtype ", dtype_list(allowed),
+                   ", got ", t.scalar_type());
+}
+
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t,
+                              const char* ref_name, const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": argument '", name,
+                    "' must be on the same device as '", ref_name, "' (", ref.device(),
+                    "), got ", t.device());
+}
+
+inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
+  TORCH_CHECK_VALUE(t.dim() == dim, op, ": argument '", name, "' must be ", dim,
+                    "-D, got shape ", t.sizes());
+}
+
+inline void check_shape(const char* op, const char* name, const at::Tensor& t,
+                        at::IntArrayRef expected) {
+  TORCH_CHECK_VALUE(t.sizes() == expected, op, ": argument '", name, "' must have shape ",
+                    expected, ", got ", t.sizes());
+}
+
+inline void check_positive(const char* op, const char* name, int64_t value) {
+  TORCH_CHECK_VALUE(value > 0, op, ": argument '", name, "' must be positive, got ", value);
+}
+
+inline void check_supported_device(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.is_cpu() || t.is_cuda(), op, ": argument '", name,
+                    "' must be a CPU or CUDA tensor, got ", t.device());
+#ifndef DSK_WITH_CUDA
+  TORCH_CHECK_VALUE(!t.is_cuda(), op, ": argument '", name,
+                    "' is a CUDA tensor, but deepseek_kernels was built without CUDA kernels "
+                    "(rebuild with nvcc available, see README 'Build knobs')");
+#endif
+}
+
+inline DType to_dsk_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK_TYPE(false, "deepseek_kernels: unsupported dtype ", t);
+  }
+}
+
+// Ceil division for non-negative 64-bit sizes.
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace dsk

@@ -1,0 +1,47 @@
+// CUDA helpers for .cu files (no torch headers): vector types, warp
+// reductions, grid sizing.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace dsk {
+
+// VEC elements of T, aligned for one vector memory access (at most 16 bytes
+// per instruction; larger structs split into several 16-byte accesses).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC > 16 ? 16 : sizeof(T) * VEC) Vec {
+  T v[VEC];
+};
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+__device__ __forceinline__ uint32_t warp_max(uint32_t v) {
+  return __reduce_max_sync(0xffffffffu, v);
+}
+
+// Number of multiprocessors of the current device, cached per device.
+int multiprocessor_count();
+
+// A grid of at most `waves` blocks per multiprocessor (kernels use grid-stride
+// loops), and at least one block.
+inline int64_t grid_size(int64_t work_items, int64_t threads_per_block, int64_t waves = 16) {
+  int64_t blocks = (work_items + threads_per_block - 1) / threads_per_block;
+  const int64_t cap = static_cast<int64_t>(multiprocessor_count()) * waves;
+  if (blocks > cap) blocks = cap;
+  return blocks < 1 ? 1 : blocks;
+}
+
+}  // namespace dsk

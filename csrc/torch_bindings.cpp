@@ -1,0 +1,44 @@
+// Every op schema of the library, and its CPU and CUDA implementations.
+// Ops are grouped by family; the Python side (deepseek_kernels/ops.py) adds
+// fake implementations and autograd.
+#include <torch/library.h>
+
+#include "quant/quant_api.h"
+
+TORCH_LIBRARY(deepseek_kernels, m) {
+  // --- quant: blockwise INT8/INT4 quantization (csrc/quant) ---
+  // Stochastic rounding without a seed draws from torch's generator.
+  m.def(
+      "quantize_int8(Tensor x, int block_size=256, *, bool stochastic=False, int? seed=None)"
+      " -> (Tensor q, Tensor scales, Tensor nonfinite)",
+      {at::Tag::nondeterministic_seeded});
+  m.def(
+      "quantize_int4(Tensor x, int block_size=256, *, bool stochastic=False, int? seed=None)"
+      " -> (Tensor q, Tensor scales, Tensor nonfinite)",
+      {at::Tag::nondeterministic_seeded});
+  m.def(
+      "dequantize_int8(Tensor q, Tensor scales, int block_size=256, *, "
+      "ScalarType? out_dtype=None) -> Tensor");
+  m.def(
+      "dequantize_int4(Tensor q, Tensor scales, int numel, int block_size=256, *, "
+      "ScalarType? out_dtype=None) -> Tensor");
+  m.def("dequantize_sum_int8(Tensor q, Tensor scales, int block_size=256) -> Tensor");
+  m.def("dequantize_sum_int4(Tensor q, Tensor scales, int numel, int block_size=256) -> Tensor");
+}
+
+// The host glue branches on the tensors' device (one validation path for
+// both); each dispatch key registers it so other backends get a clear
+// "not implemented" from the dispatcher.
+#define DSK_REGISTER_QUANT(m)                                      \
+  m.impl("quantize_int8", &dsk::quant::quantize_int8);             \
+  m.impl("quantize_int4", &dsk::quant::quantize_int4);             \
+  m.impl("dequantize_int8", &dsk::quant::dequantize_int8);         \
+  m.impl("dequantize_int4", &dsk::quant::dequantize_int4);         \
+  m.impl("dequantize_sum_int8", &dsk::quant::dequantize_sum_int8); \
+  m.impl("dequantize_sum_int4", &dsk::quant::dequantize_sum_int4);
+
+TORCH_LIBRARY_IMPL(deepseek_kernels, CPU, m) { DSK_REGISTER_QUANT(m) }
+
+#ifdef DSK_WITH_CUDA
+TORCH_LIBRARY_IMPL(deepseek_kernels, CUDA, m) { DSK_REGISTER_QUANT(m) }
+#endif
