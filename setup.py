@@ -141,12 +141,14 @@ def _sources(with_cuda: bool):
 
 def _extension():
     with_cuda = _want_cuda()
-    cxx = ["-O3", "-std=c++20", "-ffp-contract=off", '-DDSK_BUILD_SYSTEM="setuptools"']
+    # No -std flag: torch.utils.cpp_extension picks the standard its headers need
+    # (C++17 for torch <= 2.12, C++20 after); a mismatch miscompiles across the ABI.
+    cxx = ["-O3", "-ffp-contract=off", '-DDSK_BUILD_SYSTEM="setuptools"']
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
         arch_flags, arch_names = _cuda_arch_flags()
         cxx += ["-DDSK_WITH_CUDA", f'-DDSK_CUDA_ARCHS="{";".join(arch_names)}"']
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "--fmad=true",
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "--fmad=true",
                 "-DDSK_WITH_CUDA", "--threads=2"] + arch_flags
         include_dirs += _pip_cuda_include_dirs()
         return CUDAExtension(

@@ -86,7 +86,10 @@ def _quantize_blocks(
     nb = math.ceil(n / block_size)
     xp = torch.nn.functional.pad(xf, (0, nb * block_size - n)).view(nb, block_size)
     finite = torch.isfinite(xp).all(dim=1)
-    scale = xp.abs().amax(dim=1) / qmax
+    absmax = xp.abs().amax(dim=1)
+    # Divide by a tensor, not a Python scalar: on CUDA torch turns division by
+    # a scalar into multiplication by its reciprocal, which rounds differently.
+    scale = absmax / torch.full_like(absmax, qmax)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
     v = xp / scale[:, None]
@@ -123,7 +126,7 @@ def _unpack_int4(packed: Tensor, numel: int) -> Tensor:
     b = packed.to(torch.int16)
     lo = b & 0xF
     hi = (b >> 4) & 0xF
-    c = torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], -1)
+    c = torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
     c = torch.where(c >= 8, c - 16, c)
     return c[..., :numel].to(torch.int8)
 

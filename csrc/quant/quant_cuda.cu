@@ -4,7 +4,7 @@
 // quantize: one warp per quantization block, two passes over the block (the
 //   second hits L1/L2), 16-byte vector loads; codes stored as VEC-byte vectors.
 // dequantize (and the W-row sum): one thread per VEC consecutive elements, all
-//   inside one block so one scale applies; 16-byte code loads where aligned.
+//   inside one block so one scale applies; one 16-byte store per thread.
 // Exactness: __fmul_rn/__fadd_rn/__fdiv_rn keep nvcc from contracting into
 // FMAs, so results match the CPU kernels and reference.py bit for bit.
 #include <cstdint>
@@ -197,8 +197,9 @@ cudaError_t launch_quantize(const QuantizeParams& p, cudaStream_t stream) {
 
 template <typename OutT, int BITS>
 cudaError_t launch_dequantize(const DequantizeParams& p, cudaStream_t stream) {
-  // VEC codes per thread: 16 int8 codes (16 bytes) or 32 int4 codes (16 bytes).
-  constexpr int kMaxVec = BITS == 8 ? 16 : 32;
+  // VEC outputs per thread: one 16-byte store, so a warp's stores are
+  // contiguous (wider per-thread stores would stride the warp's addresses).
+  constexpr int kMaxVec = 16 / sizeof(OutT);
   auto fits = [&](int vec) {
     const int64_t code_bytes = BITS == 8 ? vec : vec / 2;
     return p.block_size % vec == 0 && aligned(p.q, code_bytes) &&
@@ -210,7 +211,7 @@ cudaError_t launch_dequantize(const DequantizeParams& p, cudaStream_t stream) {
     dequantize_kernel<OutT, kVec, BITS><<<blocks, kThreads, 0, stream>>>(p);
   };
   if (fits(kMaxVec)) launch(std::integral_constant<int, kMaxVec>{});
-  else if (fits(4)) launch(std::integral_constant<int, 4>{});
+  else if (kMaxVec > 4 && fits(4)) launch(std::integral_constant<int, 4>{});
   else if (fits(2)) launch(std::integral_constant<int, 2>{});
   else if constexpr (BITS == 8) launch(std::integral_constant<int, 1>{});
   else launch(std::integral_constant<int, 2>{});  // int4: pairs share a byte; rows start on bytes

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The project's GPU check, for a machine with a CUDA GPU, torch installed and
+# no internet:  bash bench/gpu_check.sh OUTDIR   (or: make gpu-check OUT=OUTDIR)
+# Builds the extension in place, prints build_info(), runs the CUDA tests (and
+# the rest of the suite), compute-sanitizer memcheck over a small CUDA test
+# run, and the GPU benchmarks. Logs and the results JSON go to OUTDIR.
+set -uo pipefail
+OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+status=0
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+step "build"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+if ! DSK_FORCE_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+  tail -50 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+fi
+$PY -c "import json, deepseek_kernels as d; print(json.dumps(d.build_info(), indent=1))" | tee "$OUT/build_info.json"
+
+step "tests (CUDA and CPU)"
+$PY -m pytest tests -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+step "compute-sanitizer memcheck (small CUDA test run)"
+if command -v compute-sanitizer >/dev/null; then
+  timeout ${SANITIZER_TIMEOUT:-300} compute-sanitizer --tool memcheck --error-exitcode 9 --target-processes all \
+    $PY -m pytest tests/test_quant.py -q -p no:cacheprovider -m cuda \
+      -k "matches_reference and not 1024 or nonfinite or bad_inputs or agree" >"$OUT/sanitizer.log" 2>&1
+  rc=$?
+  tail -5 "$OUT/sanitizer.log"
+  grep -E "ERROR SUMMARY" "$OUT/sanitizer.log" | sort | uniq -c
+  [ $rc = 0 ] || { echo "SANITIZER FAILED (rc $rc)"; status=1; }
+else
+  echo "compute-sanitizer not found: skipped" | tee "$OUT/sanitizer.log"
+fi
+
+step "benchmarks"
+$PY bench/bench_quant.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+step "done: status $status"
+exit $status

@@ -1,0 +1,34 @@
+import os
+
+import torch
+
+import deepseek_kernels
+
+
+def test_build_info_fields():
+    info = deepseek_kernels.build_info()
+    for key in ("torch_version", "cuda_kernels", "cuda_version", "cuda_archs", "openmp"):
+        assert key in info, key
+    assert info["torch_runtime_version"] == torch.__version__
+    # Built against the same major.minor torch we run with (ABI safety).
+    assert info["torch_version"].split(".")[:2] == torch.__version__.split("+")[0].split(".")[:2]
+    if info["cuda_kernels"]:
+        assert info["cuda_archs"], "CUDA build must name its architectures"
+
+
+def test_cuda_kernels_compiled_when_expected():
+    # CI builds with DSK_FORCE_CUDA=1 and sets this: every .cu file must be in the build.
+    if os.environ.get("DSK_EXPECT_CUDA_KERNELS") != "1":
+        import pytest
+
+        pytest.skip("DSK_EXPECT_CUDA_KERNELS not set (set by .ci/run and `make test`)")
+    info = deepseek_kernels.build_info()
+    assert info["cuda_kernels"] is True
+    assert "sm_80" in info["cuda_archs"] and "sm_90a" in info["cuda_archs"]
+
+
+def test_ops_registered():
+    names = ["quantize_int8", "dequantize_int8", "dequantize_sum_int8",
+             "quantize_int4", "dequantize_int4", "dequantize_sum_int4"]
+    for name in names:
+        assert hasattr(torch.ops.deepseek_kernels, name), name
