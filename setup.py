@@ -143,7 +143,9 @@ def _extension():
     with_cuda = _want_cuda()
     # No -std flag: torch.utils.cpp_extension picks the standard its headers need
     # (C++17 for torch <= 2.12, C++20 after); a mismatch miscompiles across the ABI.
-    cxx = ["-O3", "-ffp-contract=off", '-DDSK_BUILD_SYSTEM="setuptools"']
+    # -fopenmp: at::parallel_for is an inline OpenMP loop, serial without it.
+    cxx = ["-O3", "-ffp-contract=off", "-fopenmp", '-DDSK_BUILD_SYSTEM="setuptools"']
+    link = ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
         arch_flags, arch_names = _cuda_arch_flags()
@@ -153,10 +155,10 @@ def _extension():
         include_dirs += _pip_cuda_include_dirs()
         return CUDAExtension(
             "deepseek_kernels._C", _sources(True), include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
     return CppExtension(
         "deepseek_kernels._C", _sources(False), include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx})
+        extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
 setup(

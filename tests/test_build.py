@@ -7,7 +7,7 @@ import deepseek_kernels
 
 def test_build_info_fields():
     info = deepseek_kernels.build_info()
-    for key in ("torch_version", "cuda_kernels", "cuda_version", "cuda_archs", "openmp"):
+    for key in ("torch_version", "cuda_kernels", "cuda_version", "cuda_archs", "openmp", "cpu_threads"):
         assert key in info, key
     assert info["torch_runtime_version"] == torch.__version__
     # Built against the same major.minor torch we run with (ABI safety).
@@ -32,3 +32,10 @@ def test_ops_registered():
              "quantize_int4", "dequantize_int4", "dequantize_sum_int4"]
     for name in names:
         assert hasattr(torch.ops.deepseek_kernels, name), name
+
+
+def test_cpu_kernels_use_openmp_when_torch_does():
+    # at::parallel_for is an inline OpenMP loop: without -fopenmp in our build
+    # the CPU kernels would silently run on one thread.
+    if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        assert deepseek_kernels.build_info()["openmp"] is True

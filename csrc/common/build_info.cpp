@@ -29,7 +29,14 @@ std::vector<std::pair<std::string, std::string>> build_info() {
   info.emplace_back("cuda_version", "");
   info.emplace_back("cuda_archs", "");
 #endif
+  // The CPU kernels run on several threads when compiled with OpenMP and
+  // torch's parallel backend is OpenMP.
+#if defined(_OPENMP)
   info.emplace_back("openmp", AT_PARALLEL_OPENMP ? "true" : "false");
+#else
+  info.emplace_back("openmp", "false");
+#endif
+  info.emplace_back("cpu_threads", std::to_string(at::get_num_threads()));
   info.emplace_back("build_system", DSK_BUILD_SYSTEM);
   return info;
 }
