@@ -120,11 +120,12 @@ def _cuda_arch_flags():
 
 
 def _pip_cuda_include_dirs():
-    """Headers of the CUDA libraries that pip's CUDA torch brings (nvidia/cu13/include, ...)."""
+    """Headers of the CUDA libraries that pip's CUDA torch brings (nvidia/cu13/include:
+    cuBLAS, cuSPARSE, ...). Only the cu*/include folders, searched after the toolkit's
+    own headers (-idirafter; -isystem for nvcc), so they never shadow the compiler's or the toolkit's."""
     dirs = []
     for base in site.getsitepackages() + [site.getusersitepackages()]:
-        for pattern in ("nvidia/cu*/include", "nvidia/*/include"):
-            dirs += sorted(glob.glob(os.path.join(base, pattern)))
+        dirs += sorted(glob.glob(os.path.join(base, "nvidia", "cu[0-9]*", "include")))
     return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
 
 
@@ -152,7 +153,9 @@ def _extension():
         cxx += ["-DDSK_WITH_CUDA", f'-DDSK_CUDA_ARCHS="{";".join(arch_names)}"']
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "--fmad=true",
                 "-DDSK_WITH_CUDA", "--threads=2"] + arch_flags
-        include_dirs += _pip_cuda_include_dirs()
+        pip_includes = _pip_cuda_include_dirs()
+        cxx += [f for d in pip_includes for f in ("-idirafter", d)]
+        nvcc += [f for d in pip_includes for f in ("-isystem", d)]
         return CUDAExtension(
             "deepseek_kernels._C", _sources(True), include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
@@ -161,13 +164,25 @@ def _extension():
         extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
+class _BuildExt(BuildExtension):
+    def build_extensions(self):
+        # Some Python builds link extensions with -static-libstdc++ (sysconfig's
+        # LDSHARED): a private copy of libstdc++'s iostreams then meets the shared
+        # one torch uses, and formatting a number in an error message crashes.
+        for attr in ("linker_so", "linker_so_cxx"):
+            cmd = getattr(self.compiler, attr, None)
+            if cmd:
+                setattr(self.compiler, attr, [a for a in cmd if a != "-static-libstdc++"])
+        super().build_extensions()
+
+
 setup(
     name="deepseek-kernels",
     version="0.1.0",
     description="Hand-written CPU/CUDA kernels for DeepSeek-style models, as torch ops",
     packages=find_packages(include=["deepseek_kernels", "deepseek_kernels.*"]),
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": _BuildExt.with_options(use_ninja=True)},
     python_requires=">=3.9",
     zip_safe=False,
 )

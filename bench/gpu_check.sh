@@ -14,6 +14,12 @@ status=0
 step() { echo; echo "=== $* ($(date +%T))"; }
 
 step "build"
+# Build with the system C++ compiler when there is one: a toolchain of its own
+# (e.g. /opt/gcc) may link parts of a different libstdc++ into the extension,
+# which then crashes against the libstdc++ that torch loads. DSK_CXX overrides.
+if [ -n "${DSK_CXX:-}" ]; then export CXX=$DSK_CXX
+elif [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++; fi
+echo "CXX=${CXX:-c++} ($(${CXX:-c++} --version | head -1))"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 if ! DSK_FORCE_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
   tail -50 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
@@ -38,6 +44,7 @@ else
 fi
 
 step "benchmarks"
+[ "${SKIP_BENCH:-0}" = 1 ] && { echo "skipped (SKIP_BENCH=1)"; exit $status; }
 $PY bench/bench_quant.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
