@@ -295,8 +295,8 @@ def format_table(rows: Iterable[dict], columns: Sequence[str]) -> str:
     def is_num(v) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-    # A column is numeric (right-aligned, header too) if any of its values is.
-    numeric = [any(is_num(r.get(c)) for r in rows) for c in columns]
+    # A column holding no text is numeric: right-aligned, header and n/a too.
+    numeric = [not any(isinstance(r.get(c), str) for r in rows) for c in columns]
     cells = [
         [f"{r.get(c):,}" if isinstance(r.get(c), int) and is_num(r.get(c)) else _fmt(r.get(c))
          for c in columns]

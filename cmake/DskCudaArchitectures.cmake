@@ -8,7 +8,7 @@
 # CMake spelling: "80-real" = SASS for sm_80 only; "80-virtual" = PTX for
 # compute_80 only; "80" = both; "90a-real" = sm_90a (wgmma/TMA, H100/H200 only).
 
-set(DSK_DEFAULT_CUDA_ARCHITECTURES "80-real;90a-real")
+set(DSK_DEFAULT_CUDA_ARCHITECTURES "80;90a-real")  # as setup.py: sm_80 + compute_80 PTX, sm_90a
 
 # dsk_torch_arch_list_to_cmake(<TORCH_CUDA_ARCH_LIST value> <out var>)
 # "8.0;9.0a" -> "80-real;90a-real"; "8.0+PTX" -> "80" (SASS and PTX).

@@ -48,6 +48,13 @@ else()
         "CUDA toolkit for torch's FindCUDA (default: the one CMake's CUDA language uses)")
   endif()
 
+  # FindCUDA empties its CUDA_<lib>_LIBRARY cache entries (those filled below)
+  # when CUDA_TOOLKIT_ROOT_DIR differs from the root it saw last time, which on
+  # the first run is none: record the root as already seen.
+  if(NOT DEFINED CUDA_TOOLKIT_ROOT_DIR_INTERNAL)
+    set(CUDA_TOOLKIT_ROOT_DIR_INTERNAL "${CUDA_TOOLKIT_ROOT_DIR}" CACHE INTERNAL "")
+  endif()
+
   # pip CUDA libraries: fill CUDA_<lib>_LIBRARY where the toolkit lacks <lib>.
   # Names are globbed: the wheels ship only versioned files (libnvrtc.so.13,
   # libcufft.so.12), which find_library does not find by "nvrtc".
@@ -65,15 +72,20 @@ else()
       endif()
     endforeach()
     if(_dsk_found)
-      set(CUDA_${_dsk_lib}_LIBRARY "${_dsk_found}" CACHE FILEPATH "CUDA ${_dsk_lib} library")
+      # FORCE: find_package(CUDAToolkit) has already cached <lib>-NOTFOUND.
+      set(CUDA_${_dsk_lib}_LIBRARY "${_dsk_found}" CACHE FILEPATH "CUDA ${_dsk_lib} library" FORCE)
     endif()
   endforeach()
 
   set(_dsk_saved_cuda_archs "${CMAKE_CUDA_ARCHITECTURES}")
   set(_dsk_saved_cuda_flags "${CMAKE_CUDA_FLAGS}")
+  # Hidden while torch's config runs: it warns "pytorch is not compatible with
+  # CMAKE_CUDA_ARCHITECTURES and will ignore its value" whenever it is defined.
+  unset(CMAKE_CUDA_ARCHITECTURES)
+  unset(CMAKE_CUDA_ARCHITECTURES CACHE)
   # Keep torch's arch selection from probing for a GPU; its flags are dropped.
   if(NOT DEFINED TORCH_CUDA_ARCH_LIST AND "$ENV{TORCH_CUDA_ARCH_LIST}" STREQUAL "")
-    dsk_cmake_archs_to_torch("${CMAKE_CUDA_ARCHITECTURES}" _dsk_torch_archs)
+    dsk_cmake_archs_to_torch("${_dsk_saved_cuda_archs}" _dsk_torch_archs)
     if(_dsk_torch_archs)
       set(TORCH_CUDA_ARCH_LIST "${_dsk_torch_archs}")
     endif()
@@ -81,7 +93,9 @@ else()
 
   find_package(Torch REQUIRED)
 
-  set(CMAKE_CUDA_ARCHITECTURES "${_dsk_saved_cuda_archs}")
+  unset(CMAKE_CUDA_ARCHITECTURES)
+  set(CMAKE_CUDA_ARCHITECTURES "${_dsk_saved_cuda_archs}" CACHE STRING
+      "CUDA architectures to compile for" FORCE)
   set(CMAKE_CUDA_FLAGS "${_dsk_saved_cuda_flags}")
 
   foreach(_dsk_target IN ITEMS torch_cuda c10_cuda CUDA::cudart)
@@ -90,6 +104,14 @@ else()
                           "no ${_dsk_target}: is ${Torch_DIR} a CPU-only torch?")
     endif()
   endforeach()
+endif()
+
+# Caffe2's mkl.cmake gives caffe2::mkl (linked by torch_cpu) the link
+# directories ${MKL_ROOT}/lib/intel64 etc. even when no MKL was found, which
+# puts /lib/intel64... into the link line and the RPATH. pip's torch links MKL
+# statically; drop them when MKL_ROOT is unset.
+if(TARGET caffe2::mkl AND NOT MKL_ROOT)
+  set_property(TARGET caffe2::mkl PROPERTY INTERFACE_LINK_DIRECTORIES "")
 endif()
 
 foreach(_dsk_target IN ITEMS torch_cpu c10)
