@@ -144,8 +144,10 @@ def _extension():
     with_cuda = _want_cuda()
     # No -std flag: torch.utils.cpp_extension picks the standard its headers need
     # (C++17 for torch <= 2.12, C++20 after); a mismatch miscompiles across the ABI.
-    # -fopenmp: at::parallel_for is an inline OpenMP loop, serial without it.
-    cxx = ["-O3", "-ffp-contract=off", "-fopenmp", '-DDSK_BUILD_SYSTEM="setuptools"']
+    # -ffp-contract=off: no FMA contraction, so CPU results match the GPU and the
+    # reference bitwise. -fno-trapping-math: float selects vectorize (values
+    # unchanged). -fopenmp: at::parallel_for is an inline OpenMP loop.
+    cxx = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp", '-DDSK_BUILD_SYSTEM="setuptools"']
     link = ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:

@@ -33,7 +33,8 @@ DSK_HOST_DEVICE float uniform01(uint32_t key, int64_t index) {
   const uint64_t i = static_cast<uint64_t>(index);
   uint32_t r = hash32(static_cast<uint32_t>(i) ^ key);
   r = hash32(r + static_cast<uint32_t>(i >> 32));
-  return static_cast<float>(r >> 8) * (1.0f / 16777216.0f);
+  // Through int32 (exact: r >> 8 < 2^24) so CPU loops vectorize the conversion.
+  return static_cast<float>(static_cast<int32_t>(r >> 8)) * (1.0f / 16777216.0f);
 }
 
 }  // namespace dsk

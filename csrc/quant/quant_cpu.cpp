@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/rng.h"
@@ -44,6 +45,13 @@ inline float round_half_even(float v) {
   // Without -ffast-math the compiler may not fold (v + M) - M into v.
   constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
   return (v + kMagic) - kMagic;
+}
+
+// floor for |v| < 2^22 from the rounding above (vectorizes, unlike floorf
+// without SSE4.1); exact, so it equals the GPU's floorf.
+inline float floor_small(float v) {
+  const float r = round_half_even(v);
+  return r - static_cast<float>(r > v);  // branch-free: vectorizes
 }
 
 constexpr int64_t kGrainElements = 1 << 16;
@@ -82,7 +90,7 @@ void quantize_blocks(const QuantizeParams& p, int64_t b_begin, int64_t b_end,
     } else if (p.stochastic) {
       for (int64_t i = 0; i < len; ++i) {
         const float v = load_float(xb, i) / scale;
-        float r = std::floor(v + uniform01(p.seed_key, start + i));
+        float r = floor_small(v + uniform01(p.seed_key, start + i));
         r = std::min(std::max(r, -kQmax), kQmax);
         c[i] = static_cast<int8_t>(r);
       }
@@ -146,18 +154,21 @@ void dequantize_typed(const DequantizeParams& p) {
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t start = b * p.block_size;
       const int64_t len = std::min(p.block_size, p.n - start);
-      std::fill(acc.begin(), acc.begin() + len, 0.0f);
+      // fp32 output accumulates in place; fp16/bf16 go through acc.
+      float* a = std::is_same_v<OutT, float> ? reinterpret_cast<float*>(out) + start : acc.data();
+      if (p.rows != 1) std::fill(a, a + len, 0.0f);
       for (int64_t w = 0; w < p.rows; ++w) {  // fixed row order: deterministic sums
         const uint8_t* row = q + w * p.q_row_stride;
         const float s = p.scales[w * p.num_blocks + b];
-        float* a = acc.data();
         if (p.rows == 1) {
           for (int64_t i = 0; i < len; ++i) a[i] = static_cast<float>(code_at<BITS>(row, start + i)) * s;
         } else {
           for (int64_t i = 0; i < len; ++i) a[i] += static_cast<float>(code_at<BITS>(row, start + i)) * s;
         }
       }
-      for (int64_t i = 0; i < len; ++i) store_out(out, start + i, acc[i]);
+      if constexpr (!std::is_same_v<OutT, float>) {
+        for (int64_t i = 0; i < len; ++i) store_out(out, start + i, acc[i]);
+      }
     }
   });
 }
