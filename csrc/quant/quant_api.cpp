@@ -29,6 +29,13 @@ uint64_t draw_seed() {
   return at::check_generator<at::CPUGeneratorImpl>(gen)->random64();
 }
 
+void check_block_size(const char* op, int64_t block_size, int bits) {
+  check_positive(op, "block_size", block_size);
+  TORCH_CHECK_VALUE(bits == 8 || block_size % 2 == 0, op,
+                    ": argument 'block_size' must be even for int4 (two codes per byte), got ",
+                    block_size);
+}
+
 // Contiguous and 16-byte aligned (the CUDA kernels' vector loads need it; a
 // misaligned view is rare, e.g. x[1:], and is copied once).
 at::Tensor contiguous_aligned(const at::Tensor& t) {
@@ -43,10 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const char* op, const at
                                                         std::optional<int64_t> seed) {
   check_supported_device(op, "x", x);
   check_dtype(op, "x", x, {at::kFloat, at::kHalf, at::kBFloat16});
-  check_positive(op, "block_size", block_size);
-  TORCH_CHECK_VALUE(bits == 8 || block_size % 2 == 0, op,
-                    ": argument 'block_size' must be even for int4 (two codes per byte), got ",
-                    block_size);
+  check_block_size(op, block_size, bits);
 
   const c10::DeviceGuard guard(x.device());
   const at::Tensor xc = contiguous_aligned(x);
@@ -89,10 +93,7 @@ at::Tensor dequantize(const char* op, const at::Tensor& q, const at::Tensor& sca
   check_dtype(op, "q", q, {bits == 8 ? at::kChar : at::kByte});
   check_dtype(op, "scales", scales, {at::kFloat});
   check_same_device(op, "scales", scales, "q", q);
-  check_positive(op, "block_size", block_size);
-  TORCH_CHECK_VALUE(bits == 8 || block_size % 2 == 0, op,
-                    ": argument 'block_size' must be even for int4 (two codes per byte), got ",
-                    block_size);
+  check_block_size(op, block_size, bits);
   TORCH_CHECK_VALUE(numel >= 0, op, ": argument 'numel' must be non-negative, got ", numel);
   const at::ScalarType dtype = out_dtype.value_or(at::kFloat);
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common/rng.h"
+#include "quant/quant_codes.h"
 #include "quant/quant_params.h"
 
 namespace dsk::quant {
@@ -108,9 +109,9 @@ void quantize_blocks(const QuantizeParams& p, int64_t b_begin, int64_t b_end,
       uint8_t* out = static_cast<uint8_t*>(p.q) + start / 2;  // block_size is even
       const int64_t pairs = len / 2;
       for (int64_t j = 0; j < pairs; ++j) {
-        out[j] = static_cast<uint8_t>((c[2 * j] & 0xF) | ((c[2 * j + 1] & 0xF) << 4));
+        out[j] = pack_int4(c[2 * j], c[2 * j + 1]);
       }
-      if (len % 2) out[pairs] = static_cast<uint8_t>(c[len - 1] & 0xF);
+      if (len % 2) out[pairs] = pack_int4(c[len - 1], 0);
     }
   }
 }
@@ -126,17 +127,6 @@ void quantize_typed(const QuantizeParams& p) {
     if (saw) nonfinite.store(true, std::memory_order_relaxed);
   });
   if (nonfinite.load()) *p.nonfinite = true;
-}
-
-template <int BITS>
-inline int code_at(const uint8_t* row, int64_t i) {
-  if constexpr (BITS == 8) {
-    return static_cast<int8_t>(row[i]);
-  } else {
-    const uint8_t byte = row[i >> 1];
-    const int nib = (i & 1) ? (byte >> 4) : (byte & 0xF);
-    return nib >= 8 ? nib - 16 : nib;
-  }
 }
 
 template <typename OutT>

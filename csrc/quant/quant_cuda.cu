@@ -11,6 +11,7 @@
 
 #include "common/cuda_utils.cuh"
 #include "common/rng.h"
+#include "quant/quant_codes.h"
 #include "quant/quant_params.h"
 
 namespace dsk::quant {
@@ -80,7 +81,7 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(QuantizeParams p) {
         Vec<uint8_t, VEC / 2> out;
 #pragma unroll
         for (int k = 0; k < VEC / 2; ++k)
-          out.v[k] = static_cast<uint8_t>((c[2 * k] & 0xF) | ((c[2 * k + 1] & 0xF) << 4));
+          out.v[k] = pack_int4(c[2 * k], c[2 * k + 1]);
         *reinterpret_cast<Vec<uint8_t, VEC / 2>*>(static_cast<uint8_t*>(p.q) + (start + i) / 2) = out;
       }
     }
@@ -96,7 +97,7 @@ __global__ void __launch_bounds__(kThreads) quantize_kernel(QuantizeParams p) {
         const int hi = i + 1 < len ? encode<4>(to_float(xb[i + 1]), scale, finite, p.stochastic,
                                                p.seed_key, start + i + 1)
                                    : 0;
-        static_cast<uint8_t*>(p.q)[(start + i) / 2] = static_cast<uint8_t>((lo & 0xF) | ((hi & 0xF) << 4));
+        static_cast<uint8_t*>(p.q)[(start + i) / 2] = pack_int4(lo, hi);
       }
     }
   }
@@ -112,22 +113,8 @@ struct CodeVec<8, VEC> {
 template <int VEC>
 struct CodeVec<4, VEC> {
   Vec<uint8_t, VEC / 2> raw;
-  __device__ __forceinline__ int get(int k) const {
-    const int nib = (k & 1) ? (raw.v[k >> 1] >> 4) : (raw.v[k >> 1] & 0xF);
-    return nib >= 8 ? nib - 16 : nib;
-  }
+  __device__ __forceinline__ int get(int k) const { return code_at<4>(raw.v, k); }
 };
-
-template <int BITS>
-__device__ __forceinline__ int load_code(const uint8_t* row, int64_t i) {
-  if constexpr (BITS == 8) {
-    return static_cast<int8_t>(row[i]);
-  } else {
-    const uint8_t byte = row[i >> 1];
-    const int nib = (i & 1) ? (byte >> 4) : (byte & 0xF);
-    return nib >= 8 ? nib - 16 : nib;
-  }
-}
 
 template <typename OutT, int VEC, int BITS>
 __global__ void __launch_bounds__(kThreads) dequantize_kernel(DequantizeParams p) {
@@ -161,7 +148,7 @@ __global__ void __launch_bounds__(kThreads) dequantize_kernel(DequantizeParams p
     const int64_t blk = i / p.block_size;
     float acc = 0.0f;
     for (int64_t w = 0; w < p.rows; ++w) {
-      acc = __fadd_rn(acc, __fmul_rn(static_cast<float>(load_code<BITS>(q + w * p.q_row_stride, i)),
+      acc = __fadd_rn(acc, __fmul_rn(static_cast<float>(code_at<BITS>(q + w * p.q_row_stride, i)),
                                      p.scales[w * p.num_blocks + blk]));
     }
     out[i] = from_float<OutT>(acc);
