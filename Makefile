@@ -8,7 +8,7 @@ HAVE_NVCC := $(shell (command -v nvcc || test -x $${CUDA_HOME:-/usr/local/cuda}/
 OUT ?= gpu-check-out
 CMAKE_BUILD ?= build/cmake-cpu
 
-.PHONY: deps build test bench demo gpu-check cmake-cpu cmake-cuda clean
+.PHONY: deps build test bench bench-comm demo gpu-check cmake-cpu cmake-cuda clean
 
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
@@ -23,6 +23,9 @@ test: build
 
 bench: build
 	$(PYTHON) bench/bench_quant.py
+
+bench-comm: build
+	$(PYTHON) bench/bench_comm.py
 
 # Until the model lands (issue: multimodal MoE trainer), the main job prints
 # the benchmark table.
