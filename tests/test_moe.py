@@ -112,3 +112,356 @@ def test_reference_weights_and_mean_scores():
     assert torch.allclose(mean.double(), p.mean(0), rtol=1e-5)
     w2 = ref.moe_topk_gating(logits, 4, renormalize=False)[0]
     assert torch.allclose(w2.double(), u, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Kernels against the reference (bitwise)
+# ---------------------------------------------------------------------------
+
+import deepseek_kernels as dk  # noqa: E402
+from tests.conftest import DEVICES, requires_cuda  # noqa: E402
+
+GATING_NAMES = ("weights", "expert_ids", "slots", "expert_counts", "routed_counts", "mean_scores")
+
+GATING_CONFIGS = [
+    dict(k=1),
+    dict(k=6),
+    dict(k=8, n_group=8, topk_group=4),
+    dict(k=6, n_group=8, topk_group=3, renormalize=False, routed_scaling_factor=2.5),
+    dict(k=6, capacity=9),
+    dict(k=6, capacity=9, drop_policy="probability"),
+    dict(k=8, n_group=8, topk_group=4, capacity=12, drop_policy="probability", routed_scaling_factor=2.5),
+    dict(k=4, n_group=64, topk_group=6, capacity=3),
+    dict(k=6, capacity=0),
+    dict(k=6, capacity=0, drop_policy="probability"),
+]
+
+
+def _bits(t):
+    t = t.cpu()
+    if t.dtype == torch.float32:
+        return t.view(torch.int32)
+    if t.dtype == torch.float64:
+        return t.view(torch.int64)
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return t.view(torch.int16)
+    return t
+
+
+def _assert_bitwise(ours, theirs, names=None):
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        name = names[i] if names else i
+        assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
+        assert torch.equal(_bits(a), _bits(b)), (name, a, b)
+
+
+def _logits(t, e, dtype, scale=2.0):
+    x = torch.randn(t, e) * scale
+    x[::7, ::5] = x[::7, :1].clone()  # exact ties inside rows
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("cfg", GATING_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_gating_matches_reference(device, scoring, dtype, cfg):
+    cfg = dict(cfg)
+    k = cfg.pop("k")
+    e = 64
+    logits = _logits(77, e, dtype)
+    bias = (torch.randn(e) * 0.05) if scoring == "sigmoid" else None
+    ours = dk.moe_topk_gating(logits.to(device), k, scoring=scoring,
+                              correction_bias=None if bias is None else bias.to(device), **cfg)
+    theirs = ref.moe_topk_gating(logits, k, scoring=scoring, correction_bias=bias, **cfg)
+    _assert_bitwise(ours, theirs, GATING_NAMES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("t,e,k,ng,tg", [(0, 8, 2, 1, 1), (1, 1, 1, 1, 1), (300, 256, 8, 8, 4),
+                                         (33, 1024, 16, 16, 5), (5, 1000, 16, 1, 1),
+                                         (65, 96, 7, 3, 2), (17, 40, 5, 40, 40)])
+def test_gating_shapes(device, t, e, k, ng, tg):
+    logits = _logits(t, e, torch.float32)
+    for cap, pol in [(None, "position"), (t * k // e + 1, "position"), (t * k // e + 1, "probability")]:
+        kw = dict(n_group=ng, topk_group=tg, capacity=cap, drop_policy=pol)
+        ours = dk.moe_topk_gating(logits.to(device), k, **kw)
+        theirs = ref.moe_topk_gating(logits, k, **kw)
+        _assert_bitwise(ours, theirs, GATING_NAMES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gating_deterministic(device):
+    logits = _logits(2000, 256, torch.bfloat16).to(device)
+    kw = dict(k=8, n_group=8, topk_group=4, capacity=70, drop_policy="probability")
+    a = dk.moe_topk_gating(logits, **kw)
+    b = dk.moe_topk_gating(logits, **kw)
+    _assert_bitwise(a, b, GATING_NAMES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_gating_nonfinite_rows_are_not_routed(device, scoring):
+    logits = torch.randn(20, 16)
+    logits[3, 5] = float("nan")
+    logits[7, 0] = float("inf")
+    logits[11, 2] = float("-inf")
+    out = dk.moe_topk_gating(logits.to(device), 4, scoring=scoring, capacity=100)
+    _assert_bitwise(out, ref.moe_topk_gating(logits, 4, scoring=scoring, capacity=100), GATING_NAMES)
+    for r in (3, 7, 11):
+        assert (out.expert_ids[r] == -1).all() and (out.slots[r] == -1).all()
+        assert (out.weights[r] == 0).all()
+    assert int(out.routed_counts.sum()) == 4 * 17
+    assert torch.isfinite(out.mean_scores).all()
+    # a non-finite bias routes nothing
+    bias = torch.zeros(16)
+    bias[1] = float("nan")
+    out = dk.moe_topk_gating(logits.to(device), 4, correction_bias=bias.to(device))
+    assert (out.expert_ids == -1).all() and int(out.expert_counts.sum()) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gating_fp64_cpu_close_to_reference(device):
+    if device == "cuda":
+        with pytest.raises(TypeError, match="float64"):
+            dk.moe_topk_gating(torch.randn(4, 8, dtype=torch.float64, device="cuda"), 2)
+        return
+    logits = torch.randn(50, 32, dtype=torch.float64)
+    ours = dk.moe_topk_gating(logits, 4, n_group=4, topk_group=2, capacity=7, drop_policy="probability")
+    theirs = ref.moe_topk_gating(logits, 4, n_group=4, topk_group=2, capacity=7, drop_policy="probability")
+    for i in (1, 2, 3, 4):
+        assert torch.equal(ours[i], theirs[i])
+    assert torch.allclose(ours.weights, theirs[0], rtol=1e-14)
+    assert torch.allclose(ours.mean_scores, theirs[5], rtol=1e-14)
+
+
+def _route(t, e, k, device, capacity=None, policy="position", dtype=torch.float32):
+    logits = torch.randn(t, e)
+    g = dk.moe_topk_gating(logits.to(device), k, capacity=capacity, drop_policy=policy)
+    return g
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("h", [1, 8, 67, 256])
+def test_dispatch_combine_matches_reference(device, dtype, h):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("fp64 is CPU only")
+    t, e, k, cap = 45, 16, 4, 9
+    g = _route(t, e, k, device, capacity=cap)
+    x = torch.randn(t, h).to(dtype)
+    w = g.weights.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    ids, slots = g.expert_ids.cpu(), g.slots.cpu()
+    for wt in (None, w):
+        d = dk.moe_dispatch(x.to(device), g.expert_ids, g.slots, e, cap,
+                            None if wt is None else wt.to(device))
+        dr = ref.moe_dispatch(x, ids, slots, e, cap, None if wt is None else wt.cpu())
+        _assert_bitwise([d], [dr])
+        eo = torch.randn(e, cap, h).to(dtype)
+        c = dk.moe_combine(eo.to(device), g.expert_ids, g.slots, None if wt is None else wt.to(device))
+        cr = ref.moe_combine(eo, ids, slots, None if wt is None else wt.cpu())
+        _assert_bitwise([c], [cr])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("h", [1, 8, 67, 256])
+def test_permute_unpermute_matches_reference(device, dtype, h):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("fp64 is CPU only")
+    t, e, k = 45, 16, 4
+    g = _route(t, e, k, device)
+    x = torch.randn(t, h).to(dtype)
+    ids, slots, counts = g.expert_ids.cpu(), g.slots.cpu(), g.expert_counts.cpu()
+    packed, offsets = dk.moe_permute(x.to(device), g.expert_ids, g.slots, g.expert_counts)
+    pr, orr = ref.moe_permute(x, ids, slots, counts)
+    _assert_bitwise([packed, offsets], [pr, orr])
+    assert packed.shape == (t * k, h)
+    w = g.weights.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    y = dk.moe_unpermute(packed, g.expert_ids, g.slots, offsets, w)
+    yr = ref.moe_unpermute(pr, ids, slots, orr, w.cpu())
+    _assert_bitwise([y], [yr])
+    # the weights renormalized to 1 -> unpermute(permute(x)) ~ x
+    if dtype in (torch.float32, torch.float64):
+        assert torch.allclose(y.cpu(), x, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_and_all_dropped(device):
+    g = dk.moe_topk_gating(torch.randn(0, 8, device=device), 2, capacity=3)
+    assert g.weights.shape == (0, 2) and int(g.expert_counts.sum()) == 0
+    assert (g.mean_scores == 0).all()
+    x = torch.randn(0, 5, device=device)
+    assert dk.moe_dispatch(x, g.expert_ids, g.slots, 8, 3).shape == (8, 3, 5)
+    assert dk.moe_combine(torch.randn(8, 3, 5, device=device), g.expert_ids, g.slots, g.weights).shape == (0, 5)
+    p, o = dk.moe_permute(x, g.expert_ids, g.slots, g.expert_counts)
+    assert p.shape == (0, 5) and o.tolist() == [0] * 9
+    assert dk.moe_unpermute(p, g.expert_ids, g.slots, o, g.weights).shape == (0, 5)
+    # capacity 0: everything dropped, combine gives zeros
+    g = dk.moe_topk_gating(torch.randn(10, 8, device=device), 2, capacity=0)
+    assert (g.slots == -1).all()
+    y = dk.moe_combine(torch.randn(8, 0, 5, device=device), g.expert_ids, g.slots, g.weights)
+    assert (y == 0).all()
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------
+
+
+def test_gating_bad_input():
+    x = torch.randn(10, 16)
+    cases = [
+        (dict(k=0), ValueError, "'k'"), (dict(k=17), ValueError, "'k'"),
+        (dict(k=2, n_group=3), ValueError, "'n_group'"),
+        (dict(k=2, n_group=4, topk_group=5), ValueError, "'topk_group'"),
+        (dict(k=9, n_group=4, topk_group=2), ValueError, "'k'"),
+        (dict(k=2, capacity=-1), ValueError, "'capacity'"),
+        (dict(k=2, scoring="relu"), ValueError, "'scoring'"),
+        (dict(k=2, drop_policy="random"), ValueError, "'drop_policy'"),
+        (dict(k=2, correction_bias=torch.zeros(15)), ValueError, "'correction_bias'"),
+    ]
+    for kw, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            dk.moe_topk_gating(x, **kw)
+    with pytest.raises(ValueError, match="'logits'"):
+        dk.moe_topk_gating(torch.randn(10), 1)
+    with pytest.raises(ValueError, match="'logits'"):
+        dk.moe_topk_gating(torch.randn(2, 1025), 1)
+    with pytest.raises(TypeError, match="'logits'"):
+        dk.moe_topk_gating(torch.randn(2, 8).to(torch.int32), 1)
+
+
+def test_rows_bad_input():
+    g = dk.moe_topk_gating(torch.randn(6, 8), 2, capacity=4)
+    x = torch.randn(6, 3)
+    with pytest.raises(ValueError, match="'expert_ids'"):
+        dk.moe_dispatch(x, g.expert_ids[:5], g.slots, 8, 4)
+    with pytest.raises(ValueError, match="'slots'"):
+        dk.moe_dispatch(x, g.expert_ids, g.slots[:, :1], 8, 4)
+    with pytest.raises(TypeError, match="'expert_ids'"):
+        dk.moe_dispatch(x, g.expert_ids.long(), g.slots, 8, 4)
+    with pytest.raises(TypeError, match="'weights'"):
+        dk.moe_combine(torch.randn(8, 4, 3), g.expert_ids, g.slots, g.weights.half())
+    with pytest.raises(ValueError, match="'weights'"):
+        dk.moe_combine(torch.randn(8, 4, 3), g.expert_ids, g.slots, g.weights[:, :1])
+    with pytest.raises(ValueError, match="out-of-range"):
+        dk.moe_dispatch(x, g.expert_ids, g.slots, 8, 1 if int(g.slots.max()) >= 1 else 0)
+    with pytest.raises(ValueError, match="out-of-range"):
+        dk.moe_combine(torch.randn(4, 4, 3), g.expert_ids, g.slots, g.weights)
+    with pytest.raises(ValueError, match="'capacity'"):
+        dk.moe_dispatch(x, g.expert_ids, g.slots, 8, -1)
+    with pytest.raises(ValueError, match="'offsets'"):
+        dk.moe_unpermute(torch.randn(3, 3), g.expert_ids, g.slots, torch.tensor([0, 5], dtype=torch.int32))
+
+
+# ---------------------------------------------------------------------------
+# Autograd, opcheck, torch.compile
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_gating_gradcheck(scoring, renormalize):
+    # well separated logits: the routing is constant under gradcheck's perturbations
+    logits = (torch.randperm(24).view(3, 8).double() * 0.37).requires_grad_()
+    bias = torch.linspace(-0.01, 0.01, 8, dtype=torch.float64)
+
+    def f(x):
+        g = dk.moe_topk_gating(x, 3, scoring=scoring, correction_bias=bias, n_group=4, topk_group=2,
+                               renormalize=renormalize, routed_scaling_factor=1.7, capacity=2,
+                               drop_policy="probability")
+        return g.weights, g.mean_scores
+
+    assert torch.autograd.gradcheck(f, (logits,))
+
+
+def test_gating_backward_matches_autograd_of_composition():
+    logits = torch.randn(30, 16, requires_grad=True)
+    g = dk.moe_topk_gating(logits, 4, routed_scaling_factor=2.0)
+    gw, gm = torch.randn(30, 4), torch.randn(16)
+    (g.weights * gw).sum().add((g.mean_scores * gm).sum()).backward()
+    x = logits.detach().clone().requires_grad_()
+    p = torch.softmax(x, 1)
+    u = p.gather(1, g.expert_ids.long())
+    w = 2.0 * u / u.sum(1, keepdim=True)
+    ((w * gw).sum() + (p.mean(0) * gm).sum()).backward()
+    assert torch.allclose(logits.grad, x.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_rows_gradcheck():
+    t, e, k, h, cap = 7, 4, 2, 3, 3
+    g = dk.moe_topk_gating(torch.randn(t, e, dtype=torch.float64), k, capacity=cap)
+    ids, slots = g.expert_ids, g.slots
+    x = torch.randn(t, h, dtype=torch.float64, requires_grad=True)
+    w = g.weights.clone().requires_grad_()
+    eo = torch.randn(e, cap, h, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: dk.moe_dispatch(x, ids, slots, e, cap, w), (x, w))
+    assert torch.autograd.gradcheck(lambda x: dk.moe_dispatch(x, ids, slots, e, cap), (x,))
+    assert torch.autograd.gradcheck(lambda eo, w: dk.moe_combine(eo, ids, slots, w), (eo, w))
+    gd = dk.moe_topk_gating(torch.randn(t, e, dtype=torch.float64), k)
+    n = int(gd.expert_counts.sum())
+    packed = torch.randn(n, h, dtype=torch.float64, requires_grad=True)
+    _, offsets = dk.moe_permute(x.detach(), gd.expert_ids, gd.slots, gd.expert_counts)
+    assert torch.autograd.gradcheck(
+        lambda x, w: dk.moe_permute(x, gd.expert_ids, gd.slots, gd.expert_counts, w)[0], (x, w))
+    assert torch.autograd.gradcheck(
+        lambda pk, w: dk.moe_unpermute(pk, gd.expert_ids, gd.slots, offsets, w), (packed, w))
+
+
+def test_end_to_end_gradcheck_through_gating():
+    t, e, k, h, cap = 5, 4, 2, 3, 4
+    logits = (torch.randperm(t * e).view(t, e).double() * 0.41).requires_grad_()
+    x = torch.randn(t, h, dtype=torch.float64, requires_grad=True)
+    proj = torch.randn(e, h, h, dtype=torch.float64)
+
+    def f(logits, x):
+        g = dk.moe_topk_gating(logits, k, capacity=cap)
+        d = dk.moe_dispatch(x, g.expert_ids, g.slots, e, cap)
+        return dk.moe_combine(torch.bmm(d, proj), g.expert_ids, g.slots, g.weights)
+
+    assert torch.autograd.gradcheck(f, (logits, x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    ops = torch.ops.deepseek_kernels
+    logits = torch.randn(20, 16, device=device)
+    for kw in (dict(), dict(capacity=5, drop_policy="probability", n_group=4, topk_group=2)):
+        torch.library.opcheck(ops.moe_topk_gating.default, (logits.clone().requires_grad_(), 4), kw)
+    g = dk.moe_topk_gating(logits, 4, capacity=6)
+    x = torch.randn(20, 8, device=device, requires_grad=True)
+    w = g.weights.clone().requires_grad_()
+    torch.library.opcheck(ops.moe_dispatch.default, (x, g.expert_ids, g.slots, 16, 6, w))
+    eo = torch.randn(16, 6, 8, device=device, requires_grad=True)
+    torch.library.opcheck(ops.moe_combine.default, (eo, g.expert_ids, g.slots, w))
+    gd = dk.moe_topk_gating(logits, 4)
+    torch.library.opcheck(ops.moe_permute.default, (x, gd.expert_ids, gd.slots, gd.expert_counts, w),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    packed, offsets = dk.moe_permute(x.detach(), gd.expert_ids, gd.slots, gd.expert_counts)
+    torch.library.opcheck(ops.moe_unpermute.default,
+                          (packed.requires_grad_(), gd.expert_ids, gd.slots, offsets, w))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_capacity_mode(device):
+    t, e, k, h, cap = 32, 8, 2, 16, 10
+    logits = torch.randn(t, e, device=device, requires_grad=True)
+    x = torch.randn(t, h, device=device, requires_grad=True)
+    wexp = torch.randn(e, h, h, device=device)
+
+    def layer(logits, x):
+        g = dk.moe_topk_gating(logits, k, capacity=cap, n_group=2, topk_group=1, drop_policy="probability")
+        d = dk.moe_dispatch(x, g.expert_ids, g.slots, e, cap)
+        return dk.moe_combine(torch.bmm(d, wexp), g.expert_ids, g.slots, g.weights)
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(logits, x)
+    y_eager = layer(logits, x)
+    assert torch.equal(y, y_eager)
+    y.sum().backward()
+    ga = (logits.grad.clone(), x.grad.clone())
+    logits.grad = None
+    x.grad = None
+    y_eager.sum().backward()
+    assert torch.equal(ga[0], logits.grad) and torch.equal(ga[1], x.grad)
