@@ -70,5 +70,8 @@ TORCH_LIBRARY_IMPL(deepseek_kernels, CPU, m) {
 }
 
 #ifdef DSK_WITH_CUDA
-TORCH_LIBRARY_IMPL(deepseek_kernels, CUDA, m) { DSK_REGISTER_QUANT(m) }
+TORCH_LIBRARY_IMPL(deepseek_kernels, CUDA, m) {
+  DSK_REGISTER_QUANT(m)
+  DSK_REGISTER_MOE(m)
+}
 #endif

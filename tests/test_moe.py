@@ -465,3 +465,40 @@ def test_compile_fullgraph_capacity_mode(device):
     x.grad = None
     y_eager.sum().backward()
     assert torch.equal(ga[0], logits.grad) and torch.equal(ga[1], x.grad)
+
+
+# ---------------------------------------------------------------------------
+# CPU and CUDA agree bitwise (the CUDA variants above also compare to the reference)
+# ---------------------------------------------------------------------------
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_cpu_and_cuda_agree_bitwise(dtype, scoring):
+    t, e, k, h = 3000, 256, 8, 1024
+    logits = _logits(t, e, dtype)
+    bias = torch.randn(e) * 0.05 if scoring == "sigmoid" else None
+    for cap, pol in [(None, "position"), (80, "position"), (80, "probability")]:
+        kw = dict(scoring=scoring, n_group=8, topk_group=4, capacity=cap, drop_policy=pol,
+                  routed_scaling_factor=2.5)
+        cpu = dk.moe_topk_gating(logits, k, correction_bias=bias, **kw)
+        gpu = dk.moe_topk_gating(logits.cuda(), k, correction_bias=None if bias is None else bias.cuda(), **kw)
+        _assert_bitwise(cpu, gpu, GATING_NAMES)
+    x = torch.randn(t, h).to(dtype)
+    cap = 80
+    g = dk.moe_topk_gating(logits, k, capacity=cap, drop_policy="probability")
+    gc = [a.cuda() for a in g]
+    _assert_bitwise([dk.moe_dispatch(x, g.expert_ids, g.slots, e, cap)],
+                    [dk.moe_dispatch(x.cuda(), gc[1], gc[2], e, cap)])
+    eo = torch.randn(e, cap, h).to(dtype)
+    _assert_bitwise([dk.moe_combine(eo, g.expert_ids, g.slots, g.weights)],
+                    [dk.moe_combine(eo.cuda(), gc[1], gc[2], gc[0])])
+    g = dk.moe_topk_gating(logits, k)
+    gc = [a.cuda() for a in g]
+    pc, oc = dk.moe_permute(x, g.expert_ids, g.slots, g.expert_counts)
+    pg, og = dk.moe_permute(x.cuda(), gc[1], gc[2], gc[3])
+    _assert_bitwise([pc, oc], [pg, og])
+    _assert_bitwise([dk.moe_unpermute(pc, g.expert_ids, g.slots, oc, g.weights)],
+                    [dk.moe_unpermute(pg, gc[1], gc[2], og, gc[0])])

@@ -11,7 +11,7 @@
 #include "moe/moe_api.h"
 #include "moe/moe_params.h"
 
-#if defined(DSK_WITH_CUDA) && defined(DSK_MOE_CUDA)
+#ifdef DSK_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #endif
@@ -66,7 +66,7 @@ void raise_bad_choice(const char* op, int64_t bad, int64_t k) {
 
 void* opt_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
-#if defined(DSK_WITH_CUDA) && defined(DSK_MOE_CUDA)
+#ifdef DSK_WITH_CUDA
 void* stream_of(const at::Tensor& t) {
   return at::cuda::getCurrentCUDAStream(t.get_device()).stream();
 }
@@ -74,7 +74,7 @@ void* stream_of(const at::Tensor& t) {
 
 int64_t run_scatter(const RowsParams& p, const at::Tensor& ref) {
   if (ref.is_cuda()) {
-#if defined(DSK_WITH_CUDA) && defined(DSK_MOE_CUDA)
+#ifdef DSK_WITH_CUDA
     C10_CUDA_CHECK(static_cast<cudaError_t>(scatter_rows_cuda(p, stream_of(ref))));
 #endif
     return -1;
@@ -84,7 +84,7 @@ int64_t run_scatter(const RowsParams& p, const at::Tensor& ref) {
 
 int64_t run_gather(const RowsParams& p, const at::Tensor& ref) {
   if (ref.is_cuda()) {
-#if defined(DSK_WITH_CUDA) && defined(DSK_MOE_CUDA)
+#ifdef DSK_WITH_CUDA
     C10_CUDA_CHECK(static_cast<cudaError_t>(gather_rows_cuda(p, stream_of(ref))));
 #endif
     return -1;
@@ -182,7 +182,7 @@ moe_topk_gating(const at::Tensor& logits, int64_t k,
   p.mean_scores = mean_scores.data_ptr();
 
   if (lc.is_cuda()) {
-#if defined(DSK_WITH_CUDA) && defined(DSK_MOE_CUDA)
+#ifdef DSK_WITH_CUDA
     at::Tensor ws = at::empty({gating_workspace_bytes(T, E, k)}, opts.dtype(at::kByte));
     p.workspace = ws.data_ptr();
     C10_CUDA_CHECK(static_cast<cudaError_t>(gating_cuda(p, stream_of(lc))));
