@@ -502,3 +502,70 @@ def test_cpu_and_cuda_agree_bitwise(dtype, scoring):
     _assert_bitwise([pc, oc], [pg, og])
     _assert_bitwise([dk.moe_unpermute(pc, g.expert_ids, g.slots, oc, g.weights)],
                     [dk.moe_unpermute(pg, gc[1], gc[2], og, gc[0])])
+
+
+# ---------------------------------------------------------------------------
+# deepseek_kernels.moe and nn.MoELayer
+# ---------------------------------------------------------------------------
+
+from deepseek_kernels import moe as dmoe  # noqa: E402
+from deepseek_kernels.nn import MoELayer  # noqa: E402
+
+
+def test_losses_and_bias_update():
+    t, e, k = 64, 8, 2
+    logits = torch.zeros(t, e, requires_grad=True)
+    g = dk.moe_topk_gating(logits, k)
+    # uniform scores: P_i = 1/E; f_i = counts/(kT); loss = E * sum f_i / E = 1
+    loss = dmoe.load_balancing_loss(g.routed_counts, g.mean_scores, k, t, alpha=0.5)
+    assert torch.allclose(loss, torch.tensor(0.5))
+    loss.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    x = torch.randn(10, e)
+    assert torch.allclose(dmoe.router_z_loss(x), (torch.logsumexp(x, 1) ** 2).mean())
+    bias = torch.zeros(4)
+    dmoe.update_correction_bias(bias, torch.tensor([10, 0, 5, 5]), 0.1)
+    assert torch.allclose(bias, torch.tensor([-0.1, 0.1, 0.0, 0.0]))
+    assert dmoe.jitter(x, 0.1, training=False) is x
+    j = dmoe.jitter(x, 0.1)
+    assert ((j / x - 1).abs() <= 0.1 + 1e-6).all()
+
+
+@torch.no_grad()
+def _moe_layer_reference(layer, x):
+    """Dense loop over tokens and their kept choices (fp64)."""
+    g = dk.moe_topk_gating(layer.router(x.float()), layer.k, correction_bias=layer.correction_bias,
+                           capacity=layer.capacity(x.shape[0]) if layer.capacity_factor else None)
+    y = torch.zeros_like(x, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(layer.k):
+            if g.slots[t, j] < 0:
+                continue
+            e = int(g.expert_ids[t, j])
+            h = x[t].double() @ layer.w_gate_up[e].double()
+            a, b = h.chunk(2)
+            y[t] += float(g.weights[t, j]) * ((torch.nn.functional.silu(a) * b) @ layer.w_down[e].double())
+    if layer.shared is not None:
+        y += layer.shared["down"](layer._swiglu(layer.shared["gate_up"](x))).double()
+    return y
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_moe_layer_forward_backward(capacity_factor):
+    torch.manual_seed(0)
+    layer = MoELayer(16, 24, 8, 2, num_shared_experts=1, capacity_factor=capacity_factor,
+                     aux_loss_alpha=0.01, z_loss_coef=1e-3, bias_update_rate=0.01)
+    x = torch.randn(3, 10, 16)
+    y = layer(x)
+    assert y.shape == x.shape
+    # the bias was updated after routing, so compare with the routing it used
+    layer.correction_bias.zero_()
+    layer.eval()
+    y = layer(x)
+    want = _moe_layer_reference(layer, x.reshape(-1, 16)).reshape(x.shape)
+    assert torch.allclose(y.double(), want, rtol=1e-4, atol=1e-5)
+    layer.train()
+    (layer(x).square().mean() + layer.aux_loss).backward()
+    for name, prm in layer.named_parameters():
+        assert prm.grad is not None and torch.isfinite(prm.grad).all(), name
+    assert layer.router.weight.grad.abs().sum() > 0
