@@ -208,7 +208,9 @@ at::Tensor moe_dispatch(const at::Tensor& x, const at::Tensor& expert_ids, const
   const int64_t H = x.size(1);
   const at::Tensor xc = x.contiguous(), ic = expert_ids.contiguous(), sc = slots.contiguous();
   const at::Tensor wc = weights ? weights->contiguous() : at::Tensor();
-  at::Tensor out = at::zeros({num_experts, capacity, H}, xc.options());
+  // The CPU kernel writes every row (zeros included); the CUDA one only kept rows.
+  at::Tensor out = xc.is_cuda() ? at::zeros({num_experts, capacity, H}, xc.options())
+                                : at::empty({num_experts, capacity, H}, xc.options());
   const at::Tensor base =
       at::arange(num_experts, xc.options().dtype(at::kLong)).mul_(capacity);
   RowsParams p = rows_params(ic, sc, wc, base, num_experts, H);
@@ -216,7 +218,8 @@ at::Tensor moe_dispatch(const at::Tensor& x, const at::Tensor& expert_ids, const
   p.dst = out.data_ptr();
   p.dtype = moe_dtype(xc.scalar_type());
   p.capacity = capacity;
-  if (p.T * p.k > 0 && H > 0) raise_bad_choice(op, run_scatter(p, xc), p.k);
+  p.dst_rows = num_experts * capacity;
+  if (H > 0) raise_bad_choice(op, run_scatter(p, xc), p.k);
   return out;
 }
 
@@ -265,7 +268,8 @@ std::tuple<at::Tensor, at::Tensor> moe_permute(const at::Tensor& x, const at::Te
   offsets64.slice(0, 1).copy_(at::cumsum(counts, 0, at::kLong));
   // The packed size is data-dependent: one device-to-host read on CUDA.
   const int64_t total = offsets64[E].item<int64_t>();
-  at::Tensor packed = at::zeros({total, H}, xc.options());
+  at::Tensor packed = xc.is_cuda() ? at::zeros({total, H}, xc.options())
+                                   : at::empty({total, H}, xc.options());
   const at::Tensor base = offsets64.slice(0, 0, E).contiguous();
   const at::Tensor wc = weights ? weights->contiguous() : at::Tensor();
   RowsParams p = rows_params(ic, sc, wc, base, E, H);
@@ -273,7 +277,8 @@ std::tuple<at::Tensor, at::Tensor> moe_permute(const at::Tensor& x, const at::Te
   p.dst = packed.data_ptr();
   p.dtype = moe_dtype(xc.scalar_type());
   p.slot_limit = counts.data_ptr<int32_t>();
-  if (p.T * p.k > 0 && H > 0) raise_bad_choice(op, run_scatter(p, xc), p.k);
+  p.dst_rows = total;
+  if (H > 0) raise_bad_choice(op, run_scatter(p, xc), p.k);
   return {packed, offsets64.to(at::kInt)};
 }
 

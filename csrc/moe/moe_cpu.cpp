@@ -21,6 +21,8 @@
 namespace dsk::moe {
 namespace {
 
+constexpr int64_t kGrainWork = 1 << 15;
+
 template <typename T> inline float to_compute(T v) { return static_cast<float>(v); }
 inline double to_compute(double v) { return v; }
 
@@ -129,7 +131,10 @@ int64_t gating_typed(const GatingParams& g) {
   std::vector<int32_t> chunk_counts(static_cast<size_t>(nchunks * E), 0);
   std::vector<S> partial(static_cast<size_t>(nchunks * E), S(0));
   std::vector<int32_t> local_rank(static_cast<size_t>(T_ * k), 0);
-  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+  // Grains of ~kGrainWork elements: small problems run inline (a parallel region
+  // costs more than they do, and much more on a busy machine).
+  const int64_t chunk_grain = std::max<int64_t>(1, kGrainWork / (kScoreSumChunk * E));
+  at::parallel_for(0, nchunks, chunk_grain, [&](int64_t c0, int64_t c1) {
     RowScratch<S> s(gp);
     for (int64_t c = c0; c < c1; ++c) {
       int32_t* cnt = chunk_counts.data() + c * E;
@@ -151,7 +156,7 @@ int64_t gating_typed(const GatingParams& g) {
   // Phase 2: per expert, sequentially over chunks: chunk bases, routed counts, mean scores.
   std::vector<int32_t>& chunk_base = chunk_counts;  // converted in place
   const S denom = static_cast<S>(T_ > 0 ? T_ : 1);
-  at::parallel_for(0, E, 16, [&](int64_t e0, int64_t e1) {
+  at::parallel_for(0, E, std::max<int64_t>(1, kGrainWork / (nchunks + 1)), [&](int64_t e0, int64_t e1) {
     for (int64_t e = e0; e < e1; ++e) {
       int32_t run = 0;
       S total = S(0);
@@ -169,7 +174,7 @@ int64_t gating_typed(const GatingParams& g) {
   // Phase 3: ranks -> slots.
   const int64_t cap = g.capacity;
   std::vector<int32_t> rank(static_cast<size_t>(T_ * k), -1);
-  at::parallel_for(0, T_, 256, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, T_, std::max<int64_t>(1, kGrainWork / k), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t j = 0; j < k; ++j) {
         const int32_t e = g.expert_ids[t * k + j];
@@ -198,7 +203,7 @@ int64_t gating_typed(const GatingParams& g) {
     const int32_t e = g.expert_ids[i];
     if (e >= 0) order[offset[e] + rank[i]] = i;
   }
-  at::parallel_for(0, E, 1, [&](int64_t e0, int64_t e1) {
+  at::parallel_for(0, E, std::max<int64_t>(1, kGrainWork * E / (offset[E] + 1)), [&](int64_t e0, int64_t e1) {
     std::vector<int64_t> idx;
     std::vector<uint8_t> keep;
     for (int64_t e = e0; e < e1; ++e) {
@@ -232,30 +237,41 @@ inline int64_t choice_row(const RowsParams& p, int64_t i) {
   return p.row_base[e] + s;
 }
 
+// Output-major: a map from each dst row to its choice (one pass over the
+// choices), then every dst row written exactly once, in parallel: a copy, a
+// weighted copy or zeros. No separate zero fill, and a fresh output's pages are
+// first touched by the threads that write them.
 template <typename T, typename S>
 int64_t scatter_typed(const RowsParams& p) {
   const T* src = static_cast<const T*>(p.src);
   T* dst = static_cast<T*>(p.dst);
   const S* w = static_cast<const S*>(p.weights);
-  std::atomic<int64_t> bad{-1};
-  at::parallel_for(0, p.T, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const T* x = src + t * p.H;
-      for (int64_t j = 0; j < p.k; ++j) {
-        const int64_t row = choice_row(p, t * p.k + j);
-        if (row == -2) { bad.store(t * p.k + j); continue; }
-        if (row < 0) continue;
-        T* out = dst + row * p.H;
-        if (!w) {
-          std::memcpy(out, x, static_cast<size_t>(p.H) * sizeof(T));
-        } else {
-          const S wj = w[t * p.k + j];
-          for (int64_t h = 0; h < p.H; ++h) out[h] = static_cast<T>(fmul(wj, to_compute(x[h])));
-        }
+  std::vector<int64_t> choice_of_row(static_cast<size_t>(p.dst_rows), -1);
+  int64_t bad = -1;
+  for (int64_t i = 0; i < p.T * p.k; ++i) {
+    const int64_t row = choice_row(p, i);
+    if (row == -2) bad = i;
+    if (row >= 0 && row < p.dst_rows) choice_of_row[row] = i;
+  }
+  if (bad >= 0) return bad;
+  at::parallel_for(0, p.dst_rows, std::max<int64_t>(1, kGrainWork / (p.H + 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      T* out = dst + r * p.H;
+      const int64_t i = choice_of_row[r];
+      if (i < 0) {
+        std::memset(static_cast<void*>(out), 0, static_cast<size_t>(p.H) * sizeof(T));
+        continue;
+      }
+      const T* x = src + (i / p.k) * p.H;
+      if (!w) {
+        std::memcpy(static_cast<void*>(out), x, static_cast<size_t>(p.H) * sizeof(T));
+      } else {
+        const S wi = w[i];
+        for (int64_t h = 0; h < p.H; ++h) out[h] = static_cast<T>(fmul(wi, to_compute(x[h])));
       }
     }
   });
-  return bad.load();
+  return -1;
 }
 
 template <typename T, typename S>
@@ -264,7 +280,7 @@ int64_t gather_typed(const RowsParams& p) {
   T* dst = static_cast<T*>(p.dst);
   const S* w = static_cast<const S*>(p.weights);
   std::atomic<int64_t> bad{-1};
-  at::parallel_for(0, p.T, 16, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, p.T, std::max<int64_t>(1, kGrainWork / (p.k * p.H + 1)), [&](int64_t t0, int64_t t1) {
     std::vector<S> acc(static_cast<size_t>(p.H));
     for (int64_t t = t0; t < t1; ++t) {
       std::fill(acc.begin(), acc.end(), S(0));

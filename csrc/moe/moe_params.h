@@ -62,12 +62,14 @@ struct RowsParams {
   const int32_t* slot_limit = nullptr;  // [E] or null
   int64_t capacity = 0;
   int64_t T = 0, k = 1, H = 0, E = 0;
+  int64_t dst_rows = 0;  // scatter: rows of dst
 };
 
 // Returns -1, or the flat index (t * k + j) of a choice whose expert id or slot
 // is out of range (the CPU kernels check; the CUDA kernels skip such choices).
 int64_t gating_cpu(const GatingParams& p);
-// dst[row(t, j)] = (w *) src[t] for kept choices; dst is zeroed by the caller.
+// dst[row(t, j)] = (w *) src[t] for kept choices, every other row of dst zero
+// (the CPU kernel writes all dst_rows rows; the CUDA caller zeroes dst first).
 int64_t scatter_rows_cpu(const RowsParams& p);
 // dst[t] = sum over kept j = 0..k-1 of (w *) src[row(t, j)], in the compute dtype.
 int64_t gather_rows_cpu(const RowsParams& p);
