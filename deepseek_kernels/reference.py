@@ -216,7 +216,8 @@ def dequantize_sum_int4(q: Tensor, scales: Tensor, numel: int, block_size: int =
 #                    probability: the `capacity` highest weights of the expert are kept
 #                    (ties: earlier token); kept slots are numbered in token order.
 #   mean_scores:     per expert, sum over tokens of p in chunks of 8 tokens (sequential
-#                    inside a chunk, from 0), chunks added sequentially, divided by T.
+#                    inside a chunk, from 0); chunk c added into lane c % 256 (sequential
+#                    per lane, from 0); the 256 lanes halved (l + 128, 64, ..., 1); / T.
 
 _EXP_CUTOFF = -87.0
 _LOG2E = float.fromhex("0x1.715476p+0")
@@ -227,6 +228,7 @@ _EXP_POLY = [float.fromhex(h) for h in (
     "0x1.a01a02p-13", "0x1.6c16c2p-10", "0x1.111112p-7", "0x1.555556p-5",
     "0x1.555556p-3", "0x1p-1", "0x1p+0", "0x1p+0")]
 _SCORE_SUM_CHUNK = 8  # tokens per partial sum of mean_scores
+_MEAN_LANES = 256  # strided sums of the chunk partials, then halved
 _WARP = 32
 
 MoeGating = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -400,10 +402,17 @@ def moe_topk_gating(
     part = torch.zeros(nc, e, dtype=cdt, device=dev)
     for i in range(_SCORE_SUM_CHUNK):
         part = part + pc[:, i, :]
-    total = torch.zeros(e, dtype=cdt, device=dev)
-    for c in range(nc):
-        total = total + part[c]
-    mean_scores = total / _c(float(max(t, 1)), total)
+    nl = _MEAN_LANES
+    rows = -(-nc // nl)
+    pl = torch.nn.functional.pad(part, (0, 0, 0, rows * nl - nc)).view(rows, nl, e)
+    lanes = torch.zeros(nl, e, dtype=cdt, device=dev)
+    for r in range(rows):
+        lanes = lanes + pl[r]
+    half = nl // 2
+    while half >= 1:
+        lanes = lanes[:half] + lanes[half:2 * half]
+        half //= 2
+    mean_scores = lanes[0] / _c(float(max(t, 1)), lanes[0])
     return (w.to(cdt), ids.to(torch.int32), slots, expert_counts, routed_counts, mean_scores)
 
 

@@ -180,7 +180,7 @@ def test_gating_matches_reference(device, scoring, dtype, cfg):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("t,e,k,ng,tg", [(0, 8, 2, 1, 1), (1, 1, 1, 1, 1), (300, 256, 8, 8, 4),
                                          (33, 1024, 16, 16, 5), (5, 1000, 16, 1, 1),
-                                         (65, 96, 7, 3, 2), (17, 40, 5, 40, 40)])
+                                         (65, 96, 7, 3, 2), (17, 40, 5, 40, 40), (2500, 32, 4, 4, 2)])
 def test_gating_shapes(device, t, e, k, ng, tg):
     logits = _logits(t, e, torch.float32)
     for cap, pol in [(None, "position"), (t * k // e + 1, "position"), (t * k // e + 1, "probability")]:

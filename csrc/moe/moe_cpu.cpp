@@ -159,15 +159,18 @@ int64_t gating_typed(const GatingParams& g) {
   at::parallel_for(0, E, std::max<int64_t>(1, kGrainWork / (nchunks + 1)), [&](int64_t e0, int64_t e1) {
     for (int64_t e = e0; e < e1; ++e) {
       int32_t run = 0;
-      S total = S(0);
+      S lanes[kMeanLanes];
+      for (int l = 0; l < kMeanLanes; ++l) lanes[l] = S(0);
       for (int64_t c = 0; c < nchunks; ++c) {
         const int32_t n = chunk_counts[c * E + e];
         chunk_base[c * E + e] = run;
         run += n;
-        total = fadd(total, partial[c * E + e]);
+        lanes[c % kMeanLanes] = fadd(lanes[c % kMeanLanes], partial[c * E + e]);
       }
+      for (int half = kMeanLanes / 2; half >= 1; half /= 2)
+        for (int l = 0; l < half; ++l) lanes[l] = fadd(lanes[l], lanes[l + half]);
       g.routed_counts[e] = run;
-      mean[e] = fdiv(total, denom);
+      mean[e] = fdiv(lanes[0], denom);
     }
   });
 

@@ -221,20 +221,48 @@ __global__ void gating_rows_kernel(GatingParams g, Workspace ws, int64_t nchunks
   }
 }
 
-__global__ void gating_experts_kernel(GatingParams g, Workspace ws, int64_t nchunks) {
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= g.E) return;
-  int32_t run = 0;
-  float total = 0.0f;
-  for (int64_t c = 0; c < nchunks; ++c) {
+// One block of kMeanLanes threads per expert. Chunk bases: thread l scans a
+// contiguous range of chunks, the range totals are prefix-summed in shared
+// memory (integers: exact in any order). Mean score: thread l sums chunks
+// l, l + kMeanLanes, ... sequentially, then a halving tree (the fixed order of
+// moe_params.h).
+__global__ void __launch_bounds__(kMeanLanes) gating_experts_kernel(GatingParams g, Workspace ws,
+                                                                    int64_t nchunks) {
+  __shared__ int32_t tot[kMeanLanes];
+  __shared__ float lanes[kMeanLanes];
+  const int64_t e = blockIdx.x;
+  const int l = threadIdx.x;
+  const int64_t per = (nchunks + kMeanLanes - 1) / kMeanLanes;
+  const int64_t c0 = min(nchunks, l * per), c1 = min(nchunks, c0 + per);
+  int32_t mine = 0;
+  for (int64_t c = c0; c < c1; ++c) mine += ws.chunk_counts[c * g.E + e];
+  float acc = 0.0f;
+  for (int64_t c = l; c < nchunks; c += kMeanLanes) acc = fadd(acc, ws.partial[c * g.E + e]);
+  tot[l] = mine;
+  lanes[l] = acc;
+  __syncthreads();
+  for (int half = kMeanLanes / 2; half >= 1; half >>= 1) {
+    if (l < half) lanes[l] = fadd(lanes[l], lanes[l + half]);
+    __syncthreads();
+  }
+  if (l == 0) {  // exclusive prefix of the 256 range totals, and the expert's counts
+    int32_t run = 0;
+    for (int i = 0; i < kMeanLanes; ++i) {
+      const int32_t n = tot[i];
+      tot[i] = run;
+      run += n;
+    }
+    g.routed_counts[e] = run;
+    g.expert_counts[e] = (g.capacity < 0 || run < g.capacity) ? run : static_cast<int32_t>(g.capacity);
+    static_cast<float*>(g.mean_scores)[e] = fdiv(lanes[0], static_cast<float>(g.T > 0 ? g.T : 1));
+  }
+  __syncthreads();
+  int32_t run = tot[l];
+  for (int64_t c = c0; c < c1; ++c) {
     const int32_t n = ws.chunk_counts[c * g.E + e];
     ws.chunk_counts[c * g.E + e] = run;
     run += n;
-    total = fadd(total, ws.partial[c * g.E + e]);
   }
-  g.routed_counts[e] = run;
-  g.expert_counts[e] = (g.capacity < 0 || run < g.capacity) ? run : static_cast<int32_t>(g.capacity);
-  static_cast<float*>(g.mean_scores)[e] = fdiv(total, static_cast<float>(g.T > 0 ? g.T : 1));
 }
 
 __global__ void offsets_kernel(GatingParams g, Workspace ws) {
@@ -322,7 +350,7 @@ cudaError_t launch_gating(const GatingParams& g, cudaStream_t stream) {
     const int64_t blocks = grid_size(nchunks * kWarp, warps * kWarp, 8);
     gating_rows_kernel<T><<<blocks, warps * kWarp, smem, stream>>>(g, ws, nchunks);
   }
-  gating_experts_kernel<<<(g.E + 127) / 128, 128, 0, stream>>>(g, ws, nchunks);
+  gating_experts_kernel<<<g.E, kMeanLanes, 0, stream>>>(g, ws, nchunks);
   const bool prob = g.drop_probability && g.capacity >= 0;
   if (prob) offsets_kernel<<<1, 1, 0, stream>>>(g, ws);
   if (g.T > 0) {

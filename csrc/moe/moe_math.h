@@ -35,6 +35,9 @@ constexpr float kExpCutoff = -87.0f;
 constexpr int64_t kScoreSumChunk = 8;
 // Width of the strided partial sums of the softmax denominator.
 constexpr int kSumLanes = 32;
+// mean_scores: chunk partials are summed in kMeanLanes strided sequential sums
+// (chunk c goes to lane c % kMeanLanes), then halved kMeanLanes/2, ..., 1.
+constexpr int kMeanLanes = 256;
 
 // exp(x) for x <= 0 from fp32 multiplies and adds only (no libm: libm and
 // CUDA's expf differ in the last bit). Relative error < 4e-7.

@@ -17,8 +17,9 @@
 //     slots: dropless = rank; "position" keeps rank < capacity; "probability"
 //     keeps the capacity largest weights per expert (ties: earlier token) and
 //     numbers the kept ones in token order.
-//   mean_scores[e] = (sum over chunks of 8 tokens, in order, of the chunk's
-//     sequential sum of p) / T.
+//   mean_scores[e] = S / T; chunk c (8 tokens) has the sequential sum of its p;
+//     lane l < 256 sums chunks l, l + 256, ... sequentially; S = the 256 lanes
+//     halved (l and l + 128, then 64, ..., 1).
 #pragma once
 
 #include <cstdint>
