@@ -23,6 +23,7 @@ test: build
 
 bench: build
 	$(PYTHON) bench/bench_quant.py
+	$(PYTHON) bench/bench_moe.py
 
 # Until the model lands (issue: multimodal MoE trainer), the main job prints
 # the benchmark table.

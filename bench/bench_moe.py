@@ -34,6 +34,11 @@ from pathlib import Path
 # some VMs) to wake up, which swamps sub-millisecond CPU timings of every
 # parallel op, ours and torch's alike: keep them spinning (set before torch loads).
 os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+# Fresh multi-100-MB outputs (the [E, C, H] dispatch buffer, the peers' dense
+# [T, E, C] masks) cost more in first-touch page faults than in writes with 4 KiB
+# pages: let torch's CPU allocator ask for transparent huge pages (every
+# implementation benefits alike).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
 
