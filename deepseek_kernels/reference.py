@@ -272,8 +272,8 @@ def _warp_order_sum(s: Tensor) -> Tensor:
 
 def moe_scores(logits: Tensor, scoring: str = "softmax") -> Tensor:
     """Routing scores [T, E] in the compute dtype (fp32, or fp64 for fp64 logits).
-    Rows holding a non-finite logit come out NaN-free but meaningless: see
-    moe_topk_gating for how they are treated."""
+    Rows holding a non-finite logit may come out NaN: moe_topk_gating does not
+    route them."""
     x = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
     if scoring == "softmax":
         m = x.amax(dim=1, keepdim=True) if x.shape[1] else x
