@@ -351,6 +351,9 @@ def test_rows_bad_input():
         dk.moe_combine(torch.randn(4, 4, 3), g.expert_ids, g.slots, g.weights)
     with pytest.raises(ValueError, match="'capacity'"):
         dk.moe_dispatch(x, g.expert_ids, g.slots, 8, -1)
+    wide = torch.zeros(6, 17, dtype=torch.int32)
+    with pytest.raises(ValueError, match="at most 16 choices"):
+        dk.moe_dispatch(x, wide, wide, 8, 4)
     with pytest.raises(ValueError, match="'offsets'"):
         dk.moe_unpermute(torch.randn(3, 3), g.expert_ids, g.slots, torch.tensor([0, 5], dtype=torch.int32))
 

@@ -50,6 +50,8 @@ void check_choices(const char* op, const at::Tensor& data, const char* data_name
   TORCH_CHECK_VALUE(ids.size(0) == T, op, ": argument 'expert_ids' must have ", T,
                     " rows (one per token), got shape ", ids.sizes());
   check_shape(op, "slots", slots, ids.sizes());
+  TORCH_CHECK_VALUE(ids.size(1) <= kMaxK, op, ": argument 'expert_ids' must have at most ", kMaxK,
+                    " choices per token (columns), got shape ", ids.sizes());
   if (weights) {
     check_dtype(op, "weights", *weights,
                 {data.scalar_type() == at::kDouble ? at::kDouble : at::kFloat});
