@@ -458,7 +458,7 @@ def test_compile_fullgraph_capacity_mode(device):
         d = dk.moe_dispatch(x, g.expert_ids, g.slots, e, cap)
         return dk.moe_combine(torch.bmm(d, wexp), g.expert_ids, g.slots, g.weights)
 
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(layer, fullgraph=True)
     y = compiled(logits, x)
     y_eager = layer(logits, x)
     assert torch.equal(y, y_eager)
@@ -467,7 +467,10 @@ def test_compile_fullgraph_capacity_mode(device):
     logits.grad = None
     x.grad = None
     y_eager.sum().backward()
-    assert torch.equal(ga[0], logits.grad) and torch.equal(ga[1], x.grad)
+    # the forward is our opaque ops (bitwise); the backward's torch-op formulas
+    # may be fused and reordered by Inductor
+    assert torch.allclose(ga[0], logits.grad, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(ga[1], x.grad, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------
