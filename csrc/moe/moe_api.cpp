@@ -74,9 +74,11 @@ void* stream_of(const at::Tensor& t) {
 }
 #endif
 
-int64_t run_scatter(const RowsParams& p, const at::Tensor& ref) {
+int64_t run_scatter(RowsParams p, const at::Tensor& ref) {
   if (ref.is_cuda()) {
 #ifdef DSK_WITH_CUDA
+    const at::Tensor row_map = at::full({p.dst_rows}, -1, ref.options().dtype(at::kLong));
+    p.row_map = row_map.data_ptr<int64_t>();
     C10_CUDA_CHECK(static_cast<cudaError_t>(scatter_rows_cuda(p, stream_of(ref))));
 #endif
     return -1;
@@ -210,9 +212,8 @@ at::Tensor moe_dispatch(const at::Tensor& x, const at::Tensor& expert_ids, const
   const int64_t H = x.size(1);
   const at::Tensor xc = x.contiguous(), ic = expert_ids.contiguous(), sc = slots.contiguous();
   const at::Tensor wc = weights ? weights->contiguous() : at::Tensor();
-  // The CPU kernel writes every row (zeros included); the CUDA one only kept rows.
-  at::Tensor out = xc.is_cuda() ? at::zeros({num_experts, capacity, H}, xc.options())
-                                : at::empty({num_experts, capacity, H}, xc.options());
+  // The kernels write every row, zeros included.
+  at::Tensor out = at::empty({num_experts, capacity, H}, xc.options());
   const at::Tensor base =
       at::arange(num_experts, xc.options().dtype(at::kLong)).mul_(capacity);
   RowsParams p = rows_params(ic, sc, wc, base, num_experts, H);
@@ -270,8 +271,7 @@ std::tuple<at::Tensor, at::Tensor> moe_permute(const at::Tensor& x, const at::Te
   offsets64.slice(0, 1).copy_(at::cumsum(counts, 0, at::kLong));
   // The packed size is data-dependent: one device-to-host read on CUDA.
   const int64_t total = offsets64[E].item<int64_t>();
-  at::Tensor packed = xc.is_cuda() ? at::zeros({total, H}, xc.options())
-                                   : at::empty({total, H}, xc.options());
+  at::Tensor packed = at::empty({total, H}, xc.options());
   const at::Tensor base = offsets64.slice(0, 0, E).contiguous();
   const at::Tensor wc = weights ? weights->contiguous() : at::Tensor();
   RowsParams p = rows_params(ic, sc, wc, base, E, H);

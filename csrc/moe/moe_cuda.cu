@@ -376,43 +376,50 @@ constexpr int kRowsThreads = 128;
 constexpr int kRowsWarps = kRowsThreads / kWarp;
 constexpr int kMaxK = 16;  // moe_api.cpp enforces k <= 16
 
+// Scatter, step 1: dst row -> choice (each kept choice owns its row).
+__global__ void row_map_kernel(RowsParams p) {
+  const int64_t n = p.T * p.k;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const int64_t r = choice_row(p, i);
+    if (r >= 0 && r < p.dst_rows) p.row_map[r] = i;
+  }
+}
+
+// Scatter, step 2: one warp per dst row, written exactly once: its token's row
+// (times its weight), or zeros. No separate zero fill of dst.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kRowsThreads) scatter_rows_kernel(RowsParams p) {
-  __shared__ int64_t rows_s[kRowsWarps][kMaxK];
-  __shared__ float w_s[kRowsWarps][kMaxK];
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
   const T* src = static_cast<const T*>(p.src);
   T* dst = static_cast<T*>(p.dst);
   const float* w = static_cast<const float*>(p.weights);
   const int64_t nvec = p.H / VEC;
-  for (int64_t t = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp; t < p.T;
-       t += warps) {
-    // The token's k rows and weights, in shared memory: lanes leave the H loop
-    // at different times, so no shuffles inside it.
-    if (lane < p.k) {
-      rows_s[warp][lane] = choice_row(p, t * p.k + lane);
-      w_s[warp][lane] = w ? w[t * p.k + lane] : 1.0f;
-    }
-    __syncwarp();
-    const T* x = src + t * p.H;
-    for (int64_t v = lane; v < nvec; v += kWarp) {
-      const Vec<T, VEC> xv = *reinterpret_cast<const Vec<T, VEC>*>(x + v * VEC);
-      for (int64_t j = 0; j < p.k; ++j) {
-        const int64_t r = rows_s[warp][j];
-        const float wj = w_s[warp][j];
-        if (r < 0) continue;
-        Vec<T, VEC> o;
-        if (w) {
+  for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
+       r < p.dst_rows; r += warps) {
+    const int64_t i = p.row_map[r];
+    Vec<T, VEC>* out = reinterpret_cast<Vec<T, VEC>*>(dst + r * p.H);
+    if (i < 0) {
+      Vec<T, VEC> z;
 #pragma unroll
-          for (int q = 0; q < VEC; ++q) o.v[q] = from_float<T>(fmul(wj, to_float(xv.v[q])));
-        } else {
-          o = xv;
-        }
-        *reinterpret_cast<Vec<T, VEC>*>(dst + r * p.H + v * VEC) = o;
-      }
+      for (int q = 0; q < VEC; ++q) z.v[q] = from_float<T>(0.0f);
+      for (int64_t v = lane; v < nvec; v += kWarp) out[v] = z;
+      continue;
     }
-    __syncwarp();
+    const Vec<T, VEC>* x = reinterpret_cast<const Vec<T, VEC>*>(src + (i / p.k) * p.H);
+    if (w) {
+      const float wi = w[i];
+      for (int64_t v = lane; v < nvec; v += kWarp) {
+        const Vec<T, VEC> xv = x[v];
+        Vec<T, VEC> o;
+#pragma unroll
+        for (int q = 0; q < VEC; ++q) o.v[q] = from_float<T>(fmul(wi, to_float(xv.v[q])));
+        out[v] = o;
+      }
+    } else {
+      for (int64_t v = lane; v < nvec; v += kWarp) out[v] = x[v];
+    }
   }
 }
 
@@ -461,10 +468,12 @@ inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr)
 
 template <typename T, bool GATHER>
 cudaError_t launch_rows(const RowsParams& p, cudaStream_t stream) {
-  if (p.T == 0 || p.H == 0) return cudaSuccess;
+  if (p.H == 0 || (GATHER ? p.T : p.dst_rows) == 0) return cudaSuccess;
   constexpr int kVec = 16 / sizeof(T);
   constexpr int kThreads = kRowsThreads;
-  const int64_t blocks = grid_size(p.T * kWarp, kThreads);
+  const int64_t blocks = grid_size((GATHER ? p.T : p.dst_rows) * kWarp, kThreads);
+  if (!GATHER && p.T * p.k > 0)
+    row_map_kernel<<<grid_size(p.T * p.k, 256), 256, 0, stream>>>(p);
   const bool vec_ok = p.H % kVec == 0 && aligned16(p.src) && aligned16(p.dst);
   if (vec_ok) {
     if (GATHER) gather_rows_kernel<T, kVec><<<blocks, kThreads, 0, stream>>>(p);

@@ -64,13 +64,14 @@ struct RowsParams {
   int64_t capacity = 0;
   int64_t T = 0, k = 1, H = 0, E = 0;
   int64_t dst_rows = 0;  // scatter: rows of dst
+  int64_t* row_map = nullptr;  // CUDA scatter: [dst_rows] workspace, filled with -1 by the caller
 };
 
 // Returns -1, or the flat index (t * k + j) of a choice whose expert id or slot
 // is out of range (the CPU kernels check; the CUDA kernels skip such choices).
 int64_t gating_cpu(const GatingParams& p);
-// dst[row(t, j)] = (w *) src[t] for kept choices, every other row of dst zero
-// (the CPU kernel writes all dst_rows rows; the CUDA caller zeroes dst first).
+// dst[row(t, j)] = (w *) src[t] for kept choices, every other row of dst zero:
+// a map dst row -> choice, then every dst row written exactly once.
 int64_t scatter_rows_cpu(const RowsParams& p);
 // dst[t] = sum over kept j = 0..k-1 of (w *) src[row(t, j)], in the compute dtype.
 int64_t gather_rows_cpu(const RowsParams& p);
