@@ -575,3 +575,22 @@ def test_moe_layer_forward_backward(capacity_factor):
     for name, prm in layer.named_parameters():
         assert prm.grad is not None and torch.isfinite(prm.grad).all(), name
     assert layer.router.weight.grad.abs().sum() > 0
+
+
+def test_bench_moe_smoke(tmp_path):
+    """bench/bench_moe.py end to end on a tiny CPU config: its correctness checks
+    (ours bitwise = reference, DeepSpeed-style composition close) must pass."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "bench_moe.py"
+    spec = importlib.util.spec_from_file_location("bench_moe_smoke", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rc = mod.main(["--device", "cpu", "--tokens", "64", "--experts", "8", "--k", "2", "--hidden", "16",
+                   "--n-group", "4", "--topk-group", "2", "--no-compile", "--out", str(tmp_path)])
+    assert rc == 0
+    (result,) = tmp_path.glob("moe-*.json")
+    data = json.loads(result.read_text())
+    assert all(data["checks"].values()) and len(data["rows"]) == 4
