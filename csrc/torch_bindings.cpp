@@ -44,6 +44,10 @@ TORCH_LIBRARY(deepseek_kernels, m) {
   m.def(
       "moe_unpermute(Tensor packed, Tensor expert_ids, Tensor slots, Tensor offsets, "
       "Tensor? weights=None) -> Tensor");
+  // Backward helper: the weights' gradient of combine/unpermute.
+  m.def(
+      "moe_rows_dot(Tensor rows, Tensor other, Tensor expert_ids, Tensor slots, Tensor row_base, "
+      "Tensor? slot_limit, int capacity) -> Tensor");
 }
 
 // The host glue branches on the tensors' device (one validation path for
@@ -62,7 +66,8 @@ TORCH_LIBRARY(deepseek_kernels, m) {
   m.impl("moe_dispatch", &dsk::moe::moe_dispatch);       \
   m.impl("moe_combine", &dsk::moe::moe_combine);         \
   m.impl("moe_permute", &dsk::moe::moe_permute);         \
-  m.impl("moe_unpermute", &dsk::moe::moe_unpermute);
+  m.impl("moe_unpermute", &dsk::moe::moe_unpermute);     \
+  m.impl("moe_rows_dot", &dsk::moe::moe_rows_dot);
 
 TORCH_LIBRARY_IMPL(deepseek_kernels, CPU, m) {
   DSK_REGISTER_QUANT(m)

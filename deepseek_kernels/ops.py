@@ -359,14 +359,16 @@ def _gating_backward(ctx, grad_w, grad_ids, grad_slots, grad_counts, grad_routed
 
 
 def _rows_weight_grad(buf_rows: Tensor, dy: Tensor, expert_ids: Tensor, slots: Tensor,
-                      row_base: Tensor) -> Tensor:
-    """d weight[t, j] = <dy[t], buf[row(t, j)]> (compute dtype), 0 for dropped choices."""
-    cdt = _compute_dtype(dy)
-    kept = (expert_ids >= 0) & (slots >= 0)
-    rows = row_base[expert_ids.long().clamp(min=0)] + slots.long().clamp(min=0)
-    rows = torch.where(kept, rows, torch.zeros_like(rows))
-    g = (buf_rows[rows].to(cdt) * dy.to(cdt)[:, None, :]).sum(-1)
-    return torch.where(kept, g, torch.zeros_like(g))
+                      row_base: Tensor, slot_limit: Optional[Tensor] = None,
+                      capacity: int = 0) -> Tensor:
+    """d weight[t, j] = <dy[t], buf[row(t, j)]> (compute dtype, fixed order), 0 when dropped."""
+    return _ops.moe_rows_dot(buf_rows.contiguous(), dy.contiguous().to(buf_rows.dtype), expert_ids,
+                             slots, row_base.to(torch.int64), slot_limit, capacity)
+
+
+@torch.library.register_fake("deepseek_kernels::moe_rows_dot")
+def _(rows, other, expert_ids, slots, row_base, slot_limit, capacity):
+    return rows.new_empty(tuple(expert_ids.shape), dtype=_compute_dtype(rows))
 
 
 def _dispatch_setup(ctx, inputs, output):
@@ -382,7 +384,8 @@ def _dispatch_backward(ctx, grad):
     dw = None
     if ctx.has_w and ctx.needs_input_grad[5]:
         base = torch.arange(ctx.E, device=grad.device) * ctx.C
-        dw = _rows_weight_grad(grad.reshape(ctx.E * ctx.C, -1), x, ids, slots, base).to(weights.dtype)
+        dw = _rows_weight_grad(grad.reshape(ctx.E * ctx.C, -1), x, ids, slots, base,
+                               capacity=ctx.C).to(weights.dtype)
     return dx, None, None, None, None, dw
 
 
@@ -399,7 +402,8 @@ def _combine_backward(ctx, grad):
     dw = None
     if weights is not None and ctx.needs_input_grad[3]:
         base = torch.arange(e, device=grad.device) * c
-        dw = _rows_weight_grad(eo.reshape(e * c, h), grad, ids, slots, base).to(weights.dtype)
+        dw = _rows_weight_grad(eo.reshape(e * c, h), grad, ids, slots, base,
+                               capacity=c).to(weights.dtype)
     return deo, None, None, dw
 
 
@@ -414,7 +418,8 @@ def _permute_backward(ctx, grad_packed, grad_offsets):
     dx = moe_unpermute(grad_packed.contiguous(), ids, slots, offsets, weights)
     dw = None
     if ctx.has_w and ctx.needs_input_grad[4]:
-        dw = _rows_weight_grad(grad_packed, x, ids, slots, offsets.long()[:-1]).to(weights.dtype)
+        limit = (offsets[1:] - offsets[:-1]).to(torch.int32)
+        dw = _rows_weight_grad(grad_packed, x, ids, slots, offsets.long()[:-1], limit).to(weights.dtype)
     return dx, None, None, None, dw
 
 
@@ -440,7 +445,8 @@ def _unpermute_backward(ctx, grad):
     dpacked.index_add_(0, rows.reshape(-1), src.reshape(-1, grad.shape[1]).to(grad.dtype))
     dw = None
     if weights is not None and ctx.needs_input_grad[4]:
-        dw = _rows_weight_grad(packed, grad, ids, slots, offsets.long()[:-1]).to(weights.dtype)
+        limit = (offsets[1:] - offsets[:-1]).to(torch.int32)
+        dw = _rows_weight_grad(packed, grad, ids, slots, offsets.long()[:-1], limit).to(weights.dtype)
     return dpacked[:ctx.rows], None, None, None, dw
 
 

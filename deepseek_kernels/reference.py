@@ -487,3 +487,24 @@ def moe_unpermute(packed: Tensor, expert_ids: Tensor, slots: Tensor, offsets: Te
     """packed [N, H] -> [T, H]: y[t] = sum over kept choices of weight * packed[offsets[e] + slot]."""
     rows = _choice_rows(expert_ids, slots, offsets.long()[:-1])
     return _gather_rows(packed, rows, weights)
+
+
+def moe_rows_dot(rows: Tensor, other: Tensor, expert_ids: Tensor, slots: Tensor,
+                 row_base: Tensor) -> Tensor:
+    """out[t, j] = <other[t], rows[row_base[e] + slot]> in the compute dtype, summed as 32
+    strided partial sums (h = l, l + 32, ...) then halved; 0 for dropped choices."""
+    cdt = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    r = _choice_rows(expert_ids, slots, row_base.long())
+    t, k = r.shape
+    h = rows.shape[1]
+    prod = rows[r.clamp(min=0)].to(cdt) * other.to(cdt)[:, None, :]          # [T, k, H]
+    width = -(-h // _WARP) * _WARP
+    prod = torch.nn.functional.pad(prod, (0, width - h)).view(t, k, width // _WARP, _WARP)
+    acc = torch.zeros(t, k, _WARP, dtype=cdt, device=rows.device)
+    for i in range(prod.shape[2]):
+        acc = acc + prod[:, :, i, :]
+    half = _WARP // 2
+    while half >= 1:
+        acc = acc[..., :half] + acc[..., half:2 * half]
+        half //= 2
+    return torch.where(r >= 0, acc[..., 0], torch.zeros_like(acc[..., 0]))

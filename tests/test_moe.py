@@ -304,6 +304,23 @@ def test_empty_and_all_dropped(device):
     assert (y == 0).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("h", [1, 33, 256])
+def test_rows_dot_matches_reference(device, dtype, h):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("fp64 is CPU only")
+    t, e, k, cap = 45, 16, 4, 9
+    g = _route(t, e, k, device, capacity=cap)
+    rows = torch.randn(e * cap, h).to(dtype)
+    other = torch.randn(t, h).to(dtype)
+    base = torch.arange(e, dtype=torch.int64) * cap
+    ours = torch.ops.deepseek_kernels.moe_rows_dot(rows.to(device), other.to(device), g.expert_ids,
+                                                   g.slots, base.to(device), None, cap)
+    theirs = ref.moe_rows_dot(rows, other, g.expert_ids.cpu(), g.slots.cpu(), base)
+    _assert_bitwise([ours], [theirs])
+
+
 # ---------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------
@@ -444,6 +461,9 @@ def test_opcheck(device):
     packed, offsets = dk.moe_permute(x.detach(), gd.expert_ids, gd.slots, gd.expert_counts)
     torch.library.opcheck(ops.moe_unpermute.default,
                           (packed.requires_grad_(), gd.expert_ids, gd.slots, offsets, w))
+    base = torch.arange(16, device=device) * 6
+    torch.library.opcheck(ops.moe_rows_dot.default,
+                          (eo.detach().reshape(96, 8), x.detach(), g.expert_ids, g.slots, base, None, 6))
 
 
 @pytest.mark.parametrize("device", DEVICES)

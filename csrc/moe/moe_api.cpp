@@ -325,4 +325,50 @@ at::Tensor moe_unpermute(const at::Tensor& packed, const at::Tensor& expert_ids,
   return out;
 }
 
+at::Tensor moe_rows_dot(const at::Tensor& rows, const at::Tensor& other,
+                        const at::Tensor& expert_ids, const at::Tensor& slots,
+                        const at::Tensor& row_base, const std::optional<at::Tensor>& slot_limit,
+                        int64_t capacity) {
+  const char* op = "moe_rows_dot";
+  check_supported_device(op, "rows", rows);
+  check_data_dtype(op, "rows", rows);
+  check_dim(op, "rows", rows, 2);
+  check_dim(op, "other", other, 2);
+  check_dtype(op, "other", other, {rows.scalar_type()});
+  check_same_device(op, "other", other, "rows", rows);
+  TORCH_CHECK_VALUE(other.size(1) == rows.size(1), op, ": argument 'other' must have ",
+                    rows.size(1), " columns like 'rows', got shape ", other.sizes());
+  check_choices(op, rows, "rows", other.size(0), expert_ids, slots, std::nullopt);
+  check_dtype(op, "row_base", row_base, {at::kLong});
+  check_same_device(op, "row_base", row_base, "rows", rows);
+  check_dim(op, "row_base", row_base, 1);
+  if (slot_limit) {
+    check_dtype(op, "slot_limit", *slot_limit, {at::kInt});
+    check_same_device(op, "slot_limit", *slot_limit, "rows", rows);
+    check_shape(op, "slot_limit", *slot_limit, row_base.sizes());
+  }
+  const c10::DeviceGuard guard(rows.device());
+  const at::Tensor rc = rows.contiguous(), oc = other.contiguous(), ic = expert_ids.contiguous(),
+                   sc = slots.contiguous(), bc = row_base.contiguous();
+  const at::Tensor lc = slot_limit ? slot_limit->contiguous() : at::Tensor();
+  const at::ScalarType cdt = rows.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({ic.size(0), ic.size(1)}, rc.options().dtype(cdt));
+  RowsParams p = rows_params(ic, sc, at::Tensor(), bc, bc.size(0), rc.size(1));
+  p.src = rc.data_ptr();
+  p.other = oc.data_ptr();
+  p.dst = out.data_ptr();
+  p.dtype = moe_dtype(rc.scalar_type());
+  p.slot_limit = lc.defined() ? lc.data_ptr<int32_t>() : nullptr;
+  p.capacity = capacity;
+  if (out.numel() == 0) return out;
+  if (rc.is_cuda()) {
+#ifdef DSK_WITH_CUDA
+    C10_CUDA_CHECK(static_cast<cudaError_t>(rows_dot_cuda(p, stream_of(rc))));
+#endif
+  } else {
+    raise_bad_choice(op, rows_dot_cpu(p), p.k);
+  }
+  return out;
+}
+
 }  // namespace dsk::moe

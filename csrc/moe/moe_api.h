@@ -30,4 +30,11 @@ at::Tensor moe_unpermute(const at::Tensor& packed, const at::Tensor& expert_ids,
                          const at::Tensor& slots, const at::Tensor& offsets,
                          const std::optional<at::Tensor>& weights);
 
+// d weights of combine/unpermute (and of weighted dispatch/permute):
+// out[t, j] = <other[t], rows[row_base[e] + slot]>, 0 when dropped.
+at::Tensor moe_rows_dot(const at::Tensor& rows, const at::Tensor& other,
+                        const at::Tensor& expert_ids, const at::Tensor& slots,
+                        const at::Tensor& row_base, const std::optional<at::Tensor>& slot_limit,
+                        int64_t capacity);
+
 }  // namespace dsk::moe

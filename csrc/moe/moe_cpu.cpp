@@ -308,6 +308,33 @@ int64_t gather_typed(const RowsParams& p) {
 }
 
 
+template <typename T, typename S>
+int64_t rows_dot_typed(const RowsParams& p) {
+  const T* src = static_cast<const T*>(p.src);
+  const T* other = static_cast<const T*>(p.other);
+  S* dst = static_cast<S*>(p.dst);
+  std::atomic<int64_t> bad{-1};
+  at::parallel_for(0, p.T, std::max<int64_t>(1, kGrainWork / (p.k * p.H + 1)), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const T* o = other + t * p.H;
+      for (int64_t j = 0; j < p.k; ++j) {
+        const int64_t row = choice_row(p, t * p.k + j);
+        if (row == -2) bad.store(t * p.k + j);
+        if (row < 0) { dst[t * p.k + j] = S(0); continue; }
+        const T* r = src + row * p.H;
+        S lanes[kSumLanes];
+        for (int l = 0; l < kSumLanes; ++l) lanes[l] = S(0);
+        for (int64_t h = 0; h < p.H; ++h)
+          lanes[h % kSumLanes] = fadd(lanes[h % kSumLanes], fmul(to_compute(o[h]), to_compute(r[h])));
+        for (int half = kSumLanes / 2; half >= 1; half /= 2)
+          for (int l = 0; l < half; ++l) lanes[l] = fadd(lanes[l], lanes[l + half]);
+        dst[t * p.k + j] = lanes[0];
+      }
+    }
+  });
+  return bad.load();
+}
+
 }  // namespace
 
 int64_t gating_cpu(const GatingParams& p) {
@@ -336,6 +363,16 @@ int64_t gather_rows_cpu(const RowsParams& p) {
     case DType::kFloat16: return gather_typed<c10::Half, float>(p);
     case DType::kBFloat16: return gather_typed<c10::BFloat16, float>(p);
     case DType::kFloat64: return gather_typed<double, double>(p);
+  }
+  return -1;
+}
+
+int64_t rows_dot_cpu(const RowsParams& p) {
+  switch (p.dtype) {
+    case DType::kFloat32: return rows_dot_typed<float, float>(p);
+    case DType::kFloat16: return rows_dot_typed<c10::Half, float>(p);
+    case DType::kBFloat16: return rows_dot_typed<c10::BFloat16, float>(p);
+    case DType::kFloat64: return rows_dot_typed<double, double>(p);
   }
   return -1;
 }

@@ -464,6 +464,32 @@ __global__ void __launch_bounds__(kRowsThreads) gather_rows_kernel(RowsParams p)
   }
 }
 
+// One warp per token; lane l sums h = l, l + 32, ... then an xor butterfly
+// (the order of rows_dot_cpu).
+template <typename T>
+__global__ void __launch_bounds__(kRowsThreads) rows_dot_kernel(RowsParams p) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
+  const T* src = static_cast<const T*>(p.src);
+  const T* other = static_cast<const T*>(p.other);
+  float* dst = static_cast<float*>(p.dst);
+  for (int64_t t = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp; t < p.T;
+       t += warps) {
+    const T* o = other + t * p.H;
+    for (int64_t j = 0; j < p.k; ++j) {
+      const int64_t row = choice_row(p, t * p.k + j);  // warp-uniform
+      float acc = 0.0f;
+      if (row >= 0) {
+        const T* r = src + row * p.H;
+        for (int64_t h = lane; h < p.H; h += kWarp) acc = fadd(acc, fmul(to_float(o[h]), to_float(r[h])));
+      }
+#pragma unroll
+      for (int off = 16; off >= 1; off >>= 1) acc = fadd(acc, __shfl_xor_sync(0xffffffffu, acc, off));
+      if (lane == 0) dst[t * p.k + j] = acc;
+    }
+  }
+}
+
 inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 template <typename T, bool GATHER>
@@ -515,5 +541,18 @@ int gating_cuda(const GatingParams& p, void* stream) {
 
 int scatter_rows_cuda(const RowsParams& p, void* stream) { return rows_dispatch<false>(p, stream); }
 int gather_rows_cuda(const RowsParams& p, void* stream) { return rows_dispatch<true>(p, stream); }
+
+int rows_dot_cuda(const RowsParams& p, void* stream) {
+  if (p.T == 0 || p.k == 0) return static_cast<int>(cudaSuccess);
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const int64_t blocks = grid_size(p.T * kWarp, kRowsThreads);
+  switch (p.dtype) {
+    case DType::kFloat32: rows_dot_kernel<float><<<blocks, kRowsThreads, 0, s>>>(p); break;
+    case DType::kFloat16: rows_dot_kernel<__half><<<blocks, kRowsThreads, 0, s>>>(p); break;
+    case DType::kBFloat16: rows_dot_kernel<__nv_bfloat16><<<blocks, kRowsThreads, 0, s>>>(p); break;
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
 
 }  // namespace dsk::moe

@@ -65,6 +65,7 @@ struct RowsParams {
   int64_t T = 0, k = 1, H = 0, E = 0;
   int64_t dst_rows = 0;  // scatter: rows of dst
   int64_t* row_map = nullptr;  // CUDA scatter: [dst_rows] workspace, filled with -1 by the caller
+  const void* other = nullptr;  // rows_dot: [T, H], dtype of src
 };
 
 // Returns -1, or the flat index (t * k + j) of a choice whose expert id or slot
@@ -75,6 +76,9 @@ int64_t gating_cpu(const GatingParams& p);
 int64_t scatter_rows_cpu(const RowsParams& p);
 // dst[t] = sum over kept j = 0..k-1 of (w *) src[row(t, j)], in the compute dtype.
 int64_t gather_rows_cpu(const RowsParams& p);
+// dst[t, j] (compute dtype) = <other[t], src[row(t, j)]>, 0 when dropped: 32
+// strided partial sums h = l, l + 32, ... then halved 16, 8, 4, 2, 1.
+int64_t rows_dot_cpu(const RowsParams& p);
 
 #ifdef DSK_WITH_CUDA
 int64_t gating_workspace_bytes(int64_t T, int64_t E, int64_t k);
@@ -82,6 +86,7 @@ int64_t gating_workspace_bytes(int64_t T, int64_t E, int64_t k);
 int gating_cuda(const GatingParams& p, void* stream);
 int scatter_rows_cuda(const RowsParams& p, void* stream);
 int gather_rows_cuda(const RowsParams& p, void* stream);
+int rows_dot_cuda(const RowsParams& p, void* stream);
 #endif
 
 }  // namespace dsk::moe
