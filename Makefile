@@ -23,6 +23,7 @@ test: build
 
 bench: build
 	$(PYTHON) bench/bench_quant.py
+	$(PYTHON) bench/bench_moe.py
 
 bench-comm: build
 	$(PYTHON) bench/bench_comm.py

@@ -36,6 +36,12 @@ if command -v compute-sanitizer >/dev/null; then
     $PY -m pytest tests/test_quant.py -q -p no:cacheprovider -m cuda \
       -k "matches_reference and not 1024 or nonfinite or bad_inputs or agree" >"$OUT/sanitizer.log" 2>&1
   rc=$?
+  timeout ${SANITIZER_TIMEOUT:-300} compute-sanitizer --tool memcheck --error-exitcode 9 --target-processes all \
+    $PY -m pytest tests/test_moe.py -q -p no:cacheprovider -m cuda \
+      -k "matches_reference or shapes or nonfinite or empty or agree" >"$OUT/sanitizer-moe.log" 2>&1
+  rc_moe=$?
+  tail -3 "$OUT/sanitizer-moe.log"
+  [ $rc_moe = 0 ] || { echo "SANITIZER (moe) FAILED (rc $rc_moe)"; status=1; }
   tail -5 "$OUT/sanitizer.log"
   grep -E "ERROR SUMMARY" "$OUT/sanitizer.log" | sort | uniq -c
   [ $rc = 0 ] || { echo "SANITIZER FAILED (rc $rc)"; status=1; }
@@ -46,6 +52,8 @@ fi
 step "benchmarks"
 [ "${SKIP_BENCH:-0}" = 1 ] && { echo "skipped (SKIP_BENCH=1)"; exit $status; }
 $PY bench/bench_quant.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+$PY bench/bench_moe.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench-moe.log" | tail -20
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 step "done: status $status"

@@ -3,6 +3,7 @@
 // fake implementations and autograd.
 #include <torch/library.h>
 
+#include "moe/moe_api.h"
 #include "quant/quant_api.h"
 
 TORCH_LIBRARY(deepseek_kernels, m) {
@@ -24,6 +25,29 @@ TORCH_LIBRARY(deepseek_kernels, m) {
       "ScalarType? out_dtype=None) -> Tensor");
   m.def("dequantize_sum_int8(Tensor q, Tensor scales, int block_size=256) -> Tensor");
   m.def("dequantize_sum_int4(Tensor q, Tensor scales, int numel, int block_size=256) -> Tensor");
+
+  // --- moe: top-k gating, capacity dispatch/combine, dropless permute (csrc/moe) ---
+  m.def(
+      "moe_topk_gating(Tensor logits, int k, Tensor? correction_bias=None, *, "
+      "str scoring='softmax', int n_group=1, int topk_group=1, bool renormalize=True, "
+      "float routed_scaling_factor=1.0, int? capacity=None, str drop_policy='position')"
+      " -> (Tensor weights, Tensor expert_ids, Tensor slots, Tensor expert_counts, "
+      "Tensor routed_counts, Tensor mean_scores)");
+  m.def(
+      "moe_dispatch(Tensor x, Tensor expert_ids, Tensor slots, int num_experts, int capacity, "
+      "Tensor? weights=None) -> Tensor");
+  m.def("moe_combine(Tensor expert_out, Tensor expert_ids, Tensor slots, Tensor? weights=None) -> Tensor");
+  m.def(
+      "moe_permute(Tensor x, Tensor expert_ids, Tensor slots, Tensor expert_counts, "
+      "Tensor? weights=None)"
+      " -> (Tensor packed, Tensor offsets)");
+  m.def(
+      "moe_unpermute(Tensor packed, Tensor expert_ids, Tensor slots, Tensor offsets, "
+      "Tensor? weights=None) -> Tensor");
+  // Backward helper: the weights' gradient of combine/unpermute.
+  m.def(
+      "moe_rows_dot(Tensor rows, Tensor other, Tensor expert_ids, Tensor slots, Tensor row_base, "
+      "Tensor? slot_limit, int capacity) -> Tensor");
 }
 
 // The host glue branches on the tensors' device (one validation path for
@@ -37,8 +61,22 @@ TORCH_LIBRARY(deepseek_kernels, m) {
   m.impl("dequantize_sum_int8", &dsk::quant::dequantize_sum_int8); \
   m.impl("dequantize_sum_int4", &dsk::quant::dequantize_sum_int4);
 
-TORCH_LIBRARY_IMPL(deepseek_kernels, CPU, m) { DSK_REGISTER_QUANT(m) }
+#define DSK_REGISTER_MOE(m)                            \
+  m.impl("moe_topk_gating", &dsk::moe::moe_topk_gating); \
+  m.impl("moe_dispatch", &dsk::moe::moe_dispatch);       \
+  m.impl("moe_combine", &dsk::moe::moe_combine);         \
+  m.impl("moe_permute", &dsk::moe::moe_permute);         \
+  m.impl("moe_unpermute", &dsk::moe::moe_unpermute);     \
+  m.impl("moe_rows_dot", &dsk::moe::moe_rows_dot);
+
+TORCH_LIBRARY_IMPL(deepseek_kernels, CPU, m) {
+  DSK_REGISTER_QUANT(m)
+  DSK_REGISTER_MOE(m)
+}
 
 #ifdef DSK_WITH_CUDA
-TORCH_LIBRARY_IMPL(deepseek_kernels, CUDA, m) { DSK_REGISTER_QUANT(m) }
+TORCH_LIBRARY_IMPL(deepseek_kernels, CUDA, m) {
+  DSK_REGISTER_QUANT(m)
+  DSK_REGISTER_MOE(m)
+}
 #endif

@@ -21,11 +21,17 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
 
 from . import ops  # noqa: E402  (registers the fake implementations)
 from .ops import (  # noqa: E402
+    MoeGating,
     QuantizedTensor,
     dequantize_int4,
     dequantize_int8,
     dequantize_sum_int4,
     dequantize_sum_int8,
+    moe_combine,
+    moe_dispatch,
+    moe_permute,
+    moe_topk_gating,
+    moe_unpermute,
     quantize_int4,
     quantize_int8,
 )
@@ -52,4 +58,10 @@ __all__ = [
     "quantize_int4",
     "dequantize_int4",
     "dequantize_sum_int4",
+    "MoeGating",
+    "moe_topk_gating",
+    "moe_dispatch",
+    "moe_combine",
+    "moe_permute",
+    "moe_unpermute",
 ]

@@ -7,7 +7,7 @@ C++ host glue (``csrc/``), in one place for every caller.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -22,6 +22,12 @@ __all__ = [
     "quantize_int4",
     "dequantize_int4",
     "dequantize_sum_int4",
+    "MoeGating",
+    "moe_topk_gating",
+    "moe_dispatch",
+    "moe_combine",
+    "moe_permute",
+    "moe_unpermute",
 ]
 
 
@@ -159,3 +165,298 @@ def _(q, scales, block_size=256):
 def _(q, scales, numel, block_size=256):
     torch._check(q.dim() == 2, lambda: f"q must be 2-D [W, ceil(numel/2)], got {q.dim()}-D")
     return q.new_empty((numel,), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------
+# MoE routing
+# ---------------------------------------------------------------------------
+
+
+class MoeGating(NamedTuple):
+    """Result of :func:`moe_topk_gating` (T tokens, E experts, k choices each).
+
+    weights:       fp32 [T, k] (fp64 for fp64 logits): the chosen scores, renormalized
+                   over the k choices when asked, times routed_scaling_factor; computed
+                   before dropping (a dropped choice keeps its weight, combine skips it).
+    expert_ids:    int32 [T, k], descending selection score, ties to the lower index;
+                   -1 for a token that is not routed (a non-finite logit or bias).
+    slots:         int32 [T, k], the choice's row in its expert's buffer, -1 if dropped.
+    expert_counts: int32 [E], choices kept per expert.
+    routed_counts: int32 [E], choices routed per expert before dropping
+                   (f_i = routed_counts / (k * T) in the balancing loss).
+    mean_scores:   fp32 [E], per-expert mean score over the T tokens (P_i), differentiable.
+    """
+
+    weights: Tensor
+    expert_ids: Tensor
+    slots: Tensor
+    expert_counts: Tensor
+    routed_counts: Tensor
+    mean_scores: Tensor
+
+
+def moe_topk_gating(
+    logits: Tensor,
+    k: int,
+    *,
+    scoring: str = "softmax",
+    correction_bias: Optional[Tensor] = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    renormalize: bool = True,
+    routed_scaling_factor: float = 1.0,
+    capacity: Optional[int] = None,
+    drop_policy: str = "position",
+) -> MoeGating:
+    """Fused top-k MoE gating with group-limited routing and capacity slots.
+
+    Args:
+        logits: [T, E] router logits, fp32/fp16/bf16 (fp64 on CPU, for gradcheck);
+            E <= 1024. Scores are computed in fp32 whatever the dtype.
+        k: choices per token, 1 <= k <= min(E, 16).
+        scoring: "softmax" or "sigmoid".
+        correction_bias: [E], added to the scores for *selection only* (DeepSeek-V3's
+            aux-loss-free balancing); it gets no gradient.
+        n_group, topk_group: keep the topk_group of n_group expert groups with the
+            largest (best + second best) selection score, then pick top-k inside them.
+        renormalize: divide the k weights by their sum.
+        routed_scaling_factor: multiplies the weights.
+        capacity: None = dropless (every choice gets a slot); otherwise at most
+            ``capacity`` choices kept per expert.
+        drop_policy: "position" keeps the earliest tokens; "probability" keeps the
+            largest weights (ties: earlier token). Kept slots are numbered in token order.
+
+    Deterministic and bitwise identical on CPU and GPU (the arithmetic is fixed,
+    see ``reference.py``). A token with a non-finite logit is never routed
+    (expert_ids -1, weights 0, slots -1). Differentiable in ``logits`` through
+    ``weights`` and ``mean_scores``.
+    """
+    return MoeGating(*_ops.moe_topk_gating(
+        logits, k, correction_bias, scoring=scoring, n_group=n_group,
+        topk_group=topk_group, renormalize=renormalize,
+        routed_scaling_factor=routed_scaling_factor, capacity=capacity, drop_policy=drop_policy))
+
+
+def moe_dispatch(x: Tensor, expert_ids: Tensor, slots: Tensor, num_experts: int, capacity: int,
+                 weights: Optional[Tensor] = None) -> Tensor:
+    """Capacity mode: ``x [T, H] -> [num_experts, capacity, H]``; row (e, slot) holds its
+    token's row (times its weight, in fp32, when ``weights`` is given); unfilled rows are 0."""
+    return _ops.moe_dispatch(x, expert_ids, slots, num_experts, capacity, weights)
+
+
+def moe_combine(expert_out: Tensor, expert_ids: Tensor, slots: Tensor,
+                weights: Optional[Tensor] = None) -> Tensor:
+    """``expert_out [E, C, H] -> [T, H]``: y[t] = sum over the token's kept choices
+    (j = 0..k-1, in fp32) of weight * expert_out[e, slot]; dropped choices add nothing."""
+    return _ops.moe_combine(expert_out, expert_ids, slots, weights)
+
+
+def moe_permute(x: Tensor, expert_ids: Tensor, slots: Tensor, expert_counts: Tensor,
+                weights: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Dropless mode: ``x [T, H] -> (packed [sum(expert_counts), H], offsets int32 [E+1])``,
+    expert e's rows at packed[offsets[e]:offsets[e+1]] in token order (grouped-GEMM
+    ready). On CUDA the packed size costs one device-to-host read."""
+    packed, offsets = _ops.moe_permute(x, expert_ids, slots, expert_counts, weights)
+    return packed, offsets
+
+
+def moe_unpermute(packed: Tensor, expert_ids: Tensor, slots: Tensor, offsets: Tensor,
+                  weights: Optional[Tensor] = None) -> Tensor:
+    """Inverse of :func:`moe_permute` with weights: y[t] = sum over kept choices of
+    weight * packed[offsets[e] + slot] (fp32, choice order)."""
+    return _ops.moe_unpermute(packed, expert_ids, slots, offsets, weights)
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("deepseek_kernels::moe_topk_gating")
+def _(logits, k, correction_bias=None, *, scoring="softmax", n_group=1, topk_group=1,
+      renormalize=True, routed_scaling_factor=1.0, capacity=None, drop_policy="position"):
+    torch._check(logits.dim() == 2, lambda: f"logits must be 2-D [T, E], got {logits.dim()}-D")
+    t, e = logits.shape
+    cdt = _compute_dtype(logits)
+    i32 = torch.int32
+    return (logits.new_empty((t, k), dtype=cdt), logits.new_empty((t, k), dtype=i32),
+            logits.new_empty((t, k), dtype=i32), logits.new_empty((e,), dtype=i32),
+            logits.new_empty((e,), dtype=i32), logits.new_empty((e,), dtype=cdt))
+
+
+@torch.library.register_fake("deepseek_kernels::moe_dispatch")
+def _(x, expert_ids, slots, num_experts, capacity, weights=None):
+    return x.new_empty((num_experts, capacity, x.shape[1]))
+
+
+@torch.library.register_fake("deepseek_kernels::moe_combine")
+def _(expert_out, expert_ids, slots, weights=None):
+    return expert_out.new_empty((expert_ids.shape[0], expert_out.shape[2]))
+
+
+@torch.library.register_fake("deepseek_kernels::moe_permute")
+def _(x, expert_ids, slots, expert_counts, weights=None):
+    n = torch.library.get_ctx().new_dynamic_size()
+    return x.new_empty((n, x.shape[1])), x.new_empty((expert_counts.shape[0] + 1,), dtype=torch.int32)
+
+
+@torch.library.register_fake("deepseek_kernels::moe_unpermute")
+def _(packed, expert_ids, slots, offsets, weights=None):
+    return packed.new_empty((expert_ids.shape[0], packed.shape[1]))
+
+
+# ---------------------------------------------------------------------------
+# MoE autograd
+# ---------------------------------------------------------------------------
+
+
+def _gating_setup(ctx, inputs, output):
+    logits, k = inputs[0], inputs[1]
+    ctx.scoring = "softmax"
+    ctx.renormalize = True
+    ctx.scale = 1.0
+    ctx.save_for_backward(logits, output[1])
+
+
+def _gating_setup_kw(ctx, inputs, keyword_only_inputs, output):
+    _gating_setup(ctx, inputs, output)
+    kw = keyword_only_inputs
+    ctx.scoring = kw.get("scoring", "softmax")
+    ctx.renormalize = kw.get("renormalize", True)
+    ctx.scale = kw.get("routed_scaling_factor", 1.0)
+
+
+def _gating_backward(ctx, grad_w, grad_ids, grad_slots, grad_counts, grad_routed, grad_mean):
+    logits, ids = ctx.saved_tensors
+    cdt = _compute_dtype(logits)
+    x = logits.to(cdt)
+    t = x.shape[0]
+    valid = (ids[:, :1] >= 0)
+    xs = torch.where(valid, x, torch.zeros_like(x))
+    p = torch.softmax(xs, dim=1) if ctx.scoring == "softmax" else torch.sigmoid(xs)
+    idx = ids.long().clamp(min=0)
+    dp = torch.zeros_like(p)
+    if grad_w is not None:
+        gw = grad_w.to(cdt)
+        u = p.gather(1, idx)
+        if ctx.renormalize:
+            s = u.sum(dim=1, keepdim=True)
+            pos = s > 0
+            s_safe = torch.where(pos, s, torch.ones_like(s))
+            du = torch.where(pos, gw / s_safe - (gw * u).sum(1, keepdim=True) / (s_safe * s_safe), gw)
+        else:
+            du = gw
+        du = du * ctx.scale
+        du = torch.where(valid, du, torch.zeros_like(du))
+        dp = dp.scatter_add(1, idx, du)
+    if grad_mean is not None:
+        dp = dp + torch.where(valid, grad_mean.to(cdt)[None, :] / max(t, 1), torch.zeros_like(dp))
+    if ctx.scoring == "softmax":
+        dl = p * (dp - (p * dp).sum(dim=1, keepdim=True))
+    else:
+        dl = dp * p * (1 - p)
+    dl = torch.where(valid, dl, torch.zeros_like(dl))
+    return dl.to(logits.dtype), None, None
+
+
+def _rows_weight_grad(buf_rows: Tensor, dy: Tensor, expert_ids: Tensor, slots: Tensor,
+                      row_base: Tensor, slot_limit: Optional[Tensor] = None,
+                      capacity: int = 0) -> Tensor:
+    """d weight[t, j] = <dy[t], buf[row(t, j)]> (compute dtype, fixed order), 0 when dropped."""
+    return _ops.moe_rows_dot(buf_rows.contiguous(), dy.contiguous().to(buf_rows.dtype), expert_ids,
+                             slots, row_base.to(torch.int64), slot_limit, capacity)
+
+
+@torch.library.register_fake("deepseek_kernels::moe_rows_dot")
+def _(rows, other, expert_ids, slots, row_base, slot_limit, capacity):
+    return rows.new_empty(tuple(expert_ids.shape), dtype=_compute_dtype(rows))
+
+
+def _dispatch_setup(ctx, inputs, output):
+    x, ids, slots, num_experts, capacity, weights = inputs
+    ctx.E, ctx.C = num_experts, capacity
+    ctx.has_w = weights is not None
+    ctx.save_for_backward(x if ctx.has_w else None, ids, slots, weights)
+
+
+def _dispatch_backward(ctx, grad):
+    x, ids, slots, weights = ctx.saved_tensors
+    dx = moe_combine(grad.contiguous(), ids, slots, weights)
+    dw = None
+    if ctx.has_w and ctx.needs_input_grad[5]:
+        base = torch.arange(ctx.E, device=grad.device) * ctx.C
+        dw = _rows_weight_grad(grad.reshape(ctx.E * ctx.C, -1), x, ids, slots, base,
+                               capacity=ctx.C).to(weights.dtype)
+    return dx, None, None, None, None, dw
+
+
+def _combine_setup(ctx, inputs, output):
+    eo, ids, slots, weights = inputs
+    ctx.shape = eo.shape
+    ctx.save_for_backward(eo if weights is not None else None, ids, slots, weights)
+
+
+def _combine_backward(ctx, grad):
+    eo, ids, slots, weights = ctx.saved_tensors
+    e, c, h = ctx.shape
+    deo = moe_dispatch(grad.contiguous(), ids, slots, e, c, weights)
+    dw = None
+    if weights is not None and ctx.needs_input_grad[3]:
+        base = torch.arange(e, device=grad.device) * c
+        dw = _rows_weight_grad(eo.reshape(e * c, h), grad, ids, slots, base,
+                               capacity=c).to(weights.dtype)
+    return deo, None, None, dw
+
+
+def _permute_setup(ctx, inputs, output):
+    x, ids, slots, counts, weights = inputs
+    ctx.has_w = weights is not None
+    ctx.save_for_backward(x if ctx.has_w else None, ids, slots, weights, output[1])
+
+
+def _permute_backward(ctx, grad_packed, grad_offsets):
+    x, ids, slots, weights, offsets = ctx.saved_tensors
+    dx = moe_unpermute(grad_packed.contiguous(), ids, slots, offsets, weights)
+    dw = None
+    if ctx.has_w and ctx.needs_input_grad[4]:
+        limit = (offsets[1:] - offsets[:-1]).to(torch.int32)
+        dw = _rows_weight_grad(grad_packed, x, ids, slots, offsets.long()[:-1], limit).to(weights.dtype)
+    return dx, None, None, None, dw
+
+
+def _unpermute_setup(ctx, inputs, output):
+    packed, ids, slots, offsets, weights = inputs
+    ctx.rows = packed.shape[0]
+    ctx.save_for_backward(packed if weights is not None else None, ids, slots, offsets, weights)
+
+
+def _unpermute_backward(ctx, grad):
+    packed, ids, slots, offsets, weights = ctx.saved_tensors
+    # d packed[offsets[e] + slot] = w * dy[t]: each row is hit at most once, so an
+    # index_add into zeros is exact; dropped choices go to a scratch row past the end.
+    # (Not moe_permute: its row count is data-dependent, packed's is not.)
+    cdt = _compute_dtype(grad)
+    kept = (ids >= 0) & (slots >= 0)
+    rows = offsets.long()[ids.long().clamp(min=0)] + slots.long()
+    rows = torch.where(kept, rows, torch.full_like(rows, ctx.rows))
+    src = grad.to(cdt)[:, None, :].expand(-1, ids.shape[1], -1)
+    if weights is not None:
+        src = weights.to(cdt)[:, :, None] * src
+    dpacked = grad.new_zeros((ctx.rows + 1, grad.shape[1]))
+    dpacked.index_add_(0, rows.reshape(-1), src.reshape(-1, grad.shape[1]).to(grad.dtype))
+    dw = None
+    if weights is not None and ctx.needs_input_grad[4]:
+        limit = (offsets[1:] - offsets[:-1]).to(torch.int32)
+        dw = _rows_weight_grad(packed, grad, ids, slots, offsets.long()[:-1], limit).to(weights.dtype)
+    return dpacked[:ctx.rows], None, None, None, dw
+
+
+torch.library.register_autograd("deepseek_kernels::moe_topk_gating", _gating_backward,
+                                setup_context=_gating_setup_kw)
+torch.library.register_autograd("deepseek_kernels::moe_dispatch", _dispatch_backward,
+                                setup_context=_dispatch_setup)
+torch.library.register_autograd("deepseek_kernels::moe_combine", _combine_backward,
+                                setup_context=_combine_setup)
+torch.library.register_autograd("deepseek_kernels::moe_permute", _permute_backward,
+                                setup_context=_permute_setup)
+torch.library.register_autograd("deepseek_kernels::moe_unpermute", _unpermute_backward,
+                                setup_context=_unpermute_setup)

@@ -182,3 +182,329 @@ def dequantize_sum_int8(q: Tensor, scales: Tensor, block_size: int = 256) -> Ten
 
 def dequantize_sum_int4(q: Tensor, scales: Tensor, numel: int, block_size: int = 256) -> Tensor:
     return _sum_rows(_dequantize_rows(_unpack_int4(q, numel), scales, block_size))
+
+
+# ---------------------------------------------------------------------------
+# MoE routing: top-k gating, capacity dispatch/combine, dropless permute/unpermute
+# ---------------------------------------------------------------------------
+#
+# The gating contract is exact: the kernels (csrc/moe) and this reference do
+# the same IEEE fp32 operations in the same order, so results agree bitwise:
+#
+#   exp(x), x <= 0:  0 if x < -87; else n = rint(x * LOG2E),
+#                    r = (x - n * LN2_HI) - n * LN2_LO,
+#                    p = Horner(r; 1/5040, 1/720, 1/120, 1/24, 1/6, 1/2, 1, 1)
+#                    (each step one fp32 multiply then one fp32 add), times 2^n.
+#   softmax:         s_e = exp(x_e - max), sum in "warp order" (32 strided partial
+#                    sums e = l, l+32, ... from 0, then halving: lanes l and l+16, 8, 4,
+#                    2, 1), p_e = s_e / sum.
+#   sigmoid:         t = exp(-|x|); x >= 0: 1 / (1 + t), else t / (1 + t).
+#   fp64 logits (CPU only, for gradcheck) use the library exp in fp64 instead.
+#   selection score: p_e + bias_e (bias only selects).
+#   groups:          group score = best + second best selection score of the group
+#                    (the best alone when a group has one expert); the topk_group
+#                    best groups are kept (ties: lower group index); top-k among their
+#                    experts (ties: lower expert index), in descending order.
+#   weights:         u_j = p_{e_j}; renormalize: sum u_j sequentially j = 0..k-1 from 0
+#                    and divide when the sum is > 0; then times routed_scaling_factor.
+#   invalid rows:    a row with a non-finite logit (NaN, +-Inf), or any non-finite
+#                    correction_bias, is not routed: expert_ids -1, weights 0, slots -1,
+#                    no count, no score mass.
+#   ranks/slots:     choice (t, j) to expert e has rank = number of routed choices to e
+#                    from earlier tokens (a token's choices are distinct experts).
+#                    dropless: slot = rank.  position: slot = rank if rank < capacity.
+#                    probability: the `capacity` highest weights of the expert are kept
+#                    (ties: earlier token); kept slots are numbered in token order.
+#   mean_scores:     per expert, sum over tokens of p in chunks of 8 tokens (sequential
+#                    inside a chunk, from 0); chunk c added into lane c % 256 (sequential
+#                    per lane, from 0); the 256 lanes halved (l + 128, 64, ..., 1); / T.
+
+_EXP_CUTOFF = -87.0
+_LOG2E = float.fromhex("0x1.715476p+0")
+_LN2_HI = float.fromhex("0x1.62e4p-1")
+_LN2_LO = float.fromhex("0x1.7f7d1cp-20")
+# 1/7!, 1/6!, ..., 1/2!, 1, 1 rounded to fp32 (Horner, highest degree first).
+_EXP_POLY = [float.fromhex(h) for h in (
+    "0x1.a01a02p-13", "0x1.6c16c2p-10", "0x1.111112p-7", "0x1.555556p-5",
+    "0x1.555556p-3", "0x1p-1", "0x1p+0", "0x1p+0")]
+_SCORE_SUM_CHUNK = 8  # tokens per partial sum of mean_scores
+_MEAN_LANES = 256  # strided sums of the chunk partials, then halved
+_WARP = 32
+
+MoeGating = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _c(v: float, like: Tensor) -> Tensor:
+    """A 0-dim constant of like's dtype (so every operation rounds in that dtype)."""
+    return torch.tensor(v, dtype=like.dtype, device=like.device)
+
+
+def moe_exp(x: Tensor) -> Tensor:
+    """The library's exp for x <= 0, bitwise as in csrc/moe/moe_math.h (fp32);
+    fp64 uses torch.exp."""
+    if x.dtype == torch.float64:
+        return torch.exp(x)
+    n = torch.round(x * _c(_LOG2E, x))
+    r = (x - n * _c(_LN2_HI, x)) - n * _c(_LN2_LO, x)
+    p = torch.full_like(x, _EXP_POLY[0])
+    for coef in _EXP_POLY[1:]:
+        p = p * r + _c(coef, x)
+    ni = n.clamp(-126, 0).to(torch.int32)
+    scale = ((ni + 127) << 23).view(torch.float32)
+    out = p * scale
+    return torch.where(x < _c(_EXP_CUTOFF, x), torch.zeros_like(x), out)
+
+
+def _warp_order_sum(s: Tensor) -> Tensor:
+    """Row sums of s [T, E] in the kernels' order (32 strided partials, then halving)."""
+    t, e = s.shape
+    width = -(-e // _WARP) * _WARP
+    sp = torch.nn.functional.pad(s, (0, width - e)).view(t, width // _WARP, _WARP)
+    acc = torch.zeros(t, _WARP, dtype=s.dtype, device=s.device)
+    for i in range(sp.shape[1]):
+        acc = acc + sp[:, i, :]
+    half = _WARP // 2
+    while half >= 1:
+        acc = acc[:, :half] + acc[:, half:2 * half]
+        half //= 2
+    return acc[:, 0]
+
+
+def moe_scores(logits: Tensor, scoring: str = "softmax") -> Tensor:
+    """Routing scores [T, E] in the compute dtype (fp32, or fp64 for fp64 logits).
+    Rows holding a non-finite logit may come out NaN: moe_topk_gating does not
+    route them."""
+    x = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    if scoring == "softmax":
+        m = x.amax(dim=1, keepdim=True) if x.shape[1] else x
+        s = moe_exp(x - m)
+        return s / _warp_order_sum(s)[:, None]
+    if scoring == "sigmoid":
+        t = moe_exp(-x.abs())
+        one = _c(1.0, x)
+        return torch.where(x >= 0, one / (one + t), t / (one + t))
+    raise ValueError(f"moe_topk_gating: argument 'scoring' must be 'softmax' or 'sigmoid', got {scoring!r}")
+
+
+def _stable_desc_order(v: Tensor) -> Tensor:
+    """Indices sorting each row of v by descending value, ties to the lower index."""
+    return torch.sort(-v, dim=-1, stable=True).indices
+
+
+def _ranks_in_expert(ids: Tensor, key_order: Tensor, num_experts: int) -> Tensor:
+    """For flat choices with expert ids (-1 = none), visited in key_order, the
+    position of each choice among its expert's choices in that order."""
+    n = ids.numel()
+    ids_o = ids[key_order]
+    by_expert = torch.sort(torch.where(ids_o < 0, num_experts, ids_o), stable=True)
+    pos = torch.empty(n, dtype=torch.int64, device=ids.device)
+    sorted_ids = by_expert.values
+    counts = torch.bincount(sorted_ids, minlength=num_experts + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_sorted = torch.arange(n, device=ids.device) - starts[sorted_ids]
+    pos[key_order[by_expert.indices]] = rank_sorted
+    return pos
+
+
+def _check_gating_args(logits, k, scoring, correction_bias, n_group, topk_group, capacity,
+                       drop_policy):
+    op = "moe_topk_gating"
+    if logits.dim() != 2:
+        raise ValueError(f"{op}: argument 'logits' must be 2-D [T, E], got shape {tuple(logits.shape)}")
+    e = logits.shape[1]
+    if scoring not in ("softmax", "sigmoid"):
+        raise ValueError(f"{op}: argument 'scoring' must be 'softmax' or 'sigmoid', got {scoring!r}")
+    if drop_policy not in ("position", "probability"):
+        raise ValueError(f"{op}: argument 'drop_policy' must be 'position' or 'probability', got {drop_policy!r}")
+    if not 1 <= k <= e:
+        raise ValueError(f"{op}: argument 'k' must be in [1, E={e}], got {k}")
+    if n_group < 1 or e % n_group:
+        raise ValueError(f"{op}: argument 'n_group' must divide E={e}, got {n_group}")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"{op}: argument 'topk_group' must be in [1, n_group={n_group}], got {topk_group}")
+    if k > topk_group * (e // n_group):
+        raise ValueError(f"{op}: argument 'k'={k} exceeds the {topk_group * (e // n_group)} experts "
+                         "of the kept groups")
+    if capacity is not None and capacity < 0:
+        raise ValueError(f"{op}: argument 'capacity' must be non-negative, got {capacity}")
+    if correction_bias is not None and tuple(correction_bias.shape) != (e,):
+        raise ValueError(f"{op}: argument 'correction_bias' must have shape ({e},), got {tuple(correction_bias.shape)}")
+
+
+def moe_topk_gating(
+    logits: Tensor, k: int, *, scoring: str = "softmax", correction_bias: Optional[Tensor] = None,
+    n_group: int = 1, topk_group: int = 1, renormalize: bool = True,
+    routed_scaling_factor: float = 1.0, capacity: Optional[int] = None,
+    drop_policy: str = "position",
+) -> MoeGating:
+    """Reference of ops.moe_topk_gating: (weights, expert_ids, slots, expert_counts,
+    routed_counts, mean_scores); the contract is spelled out above."""
+    _check_gating_args(logits, k, scoring, correction_bias, n_group, topk_group, capacity, drop_policy)
+    t, e = logits.shape
+    dev = logits.device
+    p = moe_scores(logits, scoring)
+    cdt = p.dtype
+    valid = torch.isfinite(logits).all(dim=1)
+    if correction_bias is not None:
+        b = correction_bias.to(cdt)
+        valid = valid & torch.isfinite(b).all()
+        sel = p + b
+    else:
+        sel = p
+    # Invalid rows: route on zeros (discarded below) so no NaN enters a sort.
+    sel = torch.where(valid[:, None], sel, torch.zeros_like(sel))
+    p = torch.where(valid[:, None], p, torch.zeros_like(p))
+
+    gsize = e // n_group
+    if n_group > 1 and topk_group < n_group:
+        g = sel.view(t, n_group, gsize)
+        top2 = torch.topk(g, min(2, gsize), dim=-1).values
+        gscore = top2[..., 0] + top2[..., 1] if gsize >= 2 else top2[..., 0]
+        keep_g = _stable_desc_order(gscore)[:, :topk_group]
+        gmask = torch.zeros(t, n_group, dtype=torch.bool, device=dev)
+        gmask.scatter_(1, keep_g, True)
+        emask = gmask.repeat_interleave(gsize, dim=1)
+        sel = torch.where(emask, sel, torch.full_like(sel, float("-inf")))
+    ids = _stable_desc_order(sel)[:, :k]
+    u = p.gather(1, ids)
+    w = u
+    if renormalize:
+        s = torch.zeros(t, dtype=cdt, device=dev)
+        for j in range(k):
+            s = s + u[:, j]
+        w = torch.where(s[:, None] > 0, u / s[:, None], u)
+    w = w * _c(routed_scaling_factor, w)
+    w = torch.where(valid[:, None], w, torch.zeros_like(w))
+    ids = torch.where(valid[:, None], ids, torch.full_like(ids, -1))
+
+    # Ranks in token order (flat choice index order = token order: a token's
+    # choices go to distinct experts).
+    flat_ids = ids.reshape(-1)
+    n = flat_ids.numel()
+    routed = flat_ids >= 0
+    rank = _ranks_in_expert(flat_ids, torch.arange(n, device=dev), e)
+    if capacity is None:
+        keep = routed
+    elif drop_policy == "position":
+        keep = routed & (rank < capacity)
+    else:
+        by_weight = _stable_desc_order(w.reshape(-1))  # ties: earlier flat index
+        wrank = _ranks_in_expert(flat_ids, by_weight, e)
+        keep = routed & (wrank < capacity)
+    kept_ids = torch.where(keep, flat_ids, torch.full_like(flat_ids, -1))
+    slot = _ranks_in_expert(kept_ids, torch.arange(n, device=dev), e)
+    slots = torch.where(keep, slot, torch.full_like(slot, -1)).view(t, k).to(torch.int32)
+    expert_counts = torch.bincount(kept_ids[keep], minlength=e).to(torch.int32)
+    routed_counts = torch.bincount(flat_ids[routed], minlength=e).to(torch.int32)
+
+    nc = -(-t // _SCORE_SUM_CHUNK)
+    pc = torch.nn.functional.pad(p, (0, 0, 0, nc * _SCORE_SUM_CHUNK - t)).view(nc, _SCORE_SUM_CHUNK, e)
+    part = torch.zeros(nc, e, dtype=cdt, device=dev)
+    for i in range(_SCORE_SUM_CHUNK):
+        part = part + pc[:, i, :]
+    nl = _MEAN_LANES
+    rows = -(-nc // nl)
+    pl = torch.nn.functional.pad(part, (0, 0, 0, rows * nl - nc)).view(rows, nl, e)
+    lanes = torch.zeros(nl, e, dtype=cdt, device=dev)
+    for r in range(rows):
+        lanes = lanes + pl[r]
+    half = nl // 2
+    while half >= 1:
+        lanes = lanes[:half] + lanes[half:2 * half]
+        half //= 2
+    mean_scores = lanes[0] / _c(float(max(t, 1)), lanes[0])
+    return (w.to(cdt), ids.to(torch.int32), slots, expert_counts, routed_counts, mean_scores)
+
+
+def _choice_rows(expert_ids: Tensor, slots: Tensor, row_base: Tensor) -> Tensor:
+    """Row of each choice in an expert-major buffer (row_base[e] + slot), -1 if dropped."""
+    ids = expert_ids.long()
+    kept = (ids >= 0) & (slots >= 0)
+    rows = row_base[ids.clamp(min=0)] + slots.long()
+    return torch.where(kept, rows, torch.full_like(rows, -1))
+
+
+def _scatter_rows(x: Tensor, rows: Tensor, nrows: int, weights: Optional[Tensor]) -> Tensor:
+    t, k = rows.shape
+    h = x.shape[1]
+    out = torch.zeros(nrows, h, dtype=x.dtype, device=x.device)
+    for j in range(k):
+        kept = rows[:, j] >= 0
+        src = x[kept]
+        if weights is not None:
+            cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+            src = (weights[kept, j, None].to(cdt) * src.to(cdt)).to(x.dtype)
+        out[rows[kept, j]] = src
+    return out
+
+
+def _gather_rows(buf: Tensor, rows: Tensor, weights: Optional[Tensor]) -> Tensor:
+    """y[t] = sum over kept choices j = 0..k-1 (in order, compute dtype) of w * buf[row]."""
+    t, k = rows.shape
+    cdt = torch.float64 if buf.dtype == torch.float64 else torch.float32
+    acc = torch.zeros(t, buf.shape[1], dtype=cdt, device=buf.device)
+    for j in range(k):
+        kept = rows[:, j] >= 0
+        r = buf[rows[:, j].clamp(min=0)].to(cdt)
+        if weights is not None:
+            r = weights[:, j, None].to(cdt) * r
+        acc = torch.where(kept[:, None], acc + r, acc)
+    return acc.to(buf.dtype)
+
+
+def moe_dispatch(x: Tensor, expert_ids: Tensor, slots: Tensor, num_experts: int, capacity: int,
+                 weights: Optional[Tensor] = None) -> Tensor:
+    """x [T, H] -> [E, capacity, H]: row (e, slot) holds its token's x (times its
+    weight, in fp32, when weights are given); unfilled rows are zero."""
+    base = torch.arange(num_experts, device=x.device) * capacity
+    rows = _choice_rows(expert_ids, slots, base)
+    out = _scatter_rows(x, rows, num_experts * capacity, weights)
+    return out.view(num_experts, capacity, x.shape[1])
+
+
+def moe_combine(expert_out: Tensor, expert_ids: Tensor, slots: Tensor,
+                weights: Optional[Tensor] = None) -> Tensor:
+    """[E, C, H] -> [T, H]: y[t] = sum over kept choices of weight * expert_out[e, slot]."""
+    e, c, h = expert_out.shape
+    base = torch.arange(e, device=expert_out.device) * c
+    rows = _choice_rows(expert_ids, slots, base)
+    return _gather_rows(expert_out.reshape(e * c, h), rows, weights)
+
+
+def moe_permute(x: Tensor, expert_ids: Tensor, slots: Tensor, expert_counts: Tensor
+                ) -> Tuple[Tensor, Tensor]:
+    """Dropless: x [T, H] -> (packed [sum(counts), H] expert-contiguous, offsets [E+1] int32)."""
+    counts = expert_counts.long()
+    offsets = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=x.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    rows = _choice_rows(expert_ids, slots, offsets[:-1])
+    packed = _scatter_rows(x, rows, int(offsets[-1]), None)
+    return packed, offsets.to(torch.int32)
+
+
+def moe_unpermute(packed: Tensor, expert_ids: Tensor, slots: Tensor, offsets: Tensor,
+                  weights: Optional[Tensor] = None) -> Tensor:
+    """packed [N, H] -> [T, H]: y[t] = sum over kept choices of weight * packed[offsets[e] + slot]."""
+    rows = _choice_rows(expert_ids, slots, offsets.long()[:-1])
+    return _gather_rows(packed, rows, weights)
+
+
+def moe_rows_dot(rows: Tensor, other: Tensor, expert_ids: Tensor, slots: Tensor,
+                 row_base: Tensor) -> Tensor:
+    """out[t, j] = <other[t], rows[row_base[e] + slot]> in the compute dtype, summed as 32
+    strided partial sums (h = l, l + 32, ...) then halved; 0 for dropped choices."""
+    cdt = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    r = _choice_rows(expert_ids, slots, row_base.long())
+    t, k = r.shape
+    h = rows.shape[1]
+    prod = rows[r.clamp(min=0)].to(cdt) * other.to(cdt)[:, None, :]          # [T, k, H]
+    width = -(-h // _WARP) * _WARP
+    prod = torch.nn.functional.pad(prod, (0, width - h)).view(t, k, width // _WARP, _WARP)
+    acc = torch.zeros(t, k, _WARP, dtype=cdt, device=rows.device)
+    for i in range(prod.shape[2]):
+        acc = acc + prod[:, :, i, :]
+    half = _WARP // 2
+    while half >= 1:
+        acc = acc[..., :half] + acc[..., half:2 * half]
+        half //= 2
+    return torch.where(r >= 0, acc[..., 0], torch.zeros_like(acc[..., 0]))

@@ -1,0 +1,58 @@
+"""MoE training helpers around :func:`deepseek_kernels.moe_topk_gating`.
+
+- :func:`load_balancing_loss`: the Switch/GShard balancing loss generalised to
+  top-k, ``alpha * E * sum_i f_i * P_i`` with ``f_i = routed_count_i / (k * T)``
+  (the fraction of routed choices, before capacity dropping; not differentiable)
+  and ``P_i`` the mean routing score of expert i (differentiable).
+- :func:`router_z_loss`: ``mean_t logsumexp(logits_t)^2`` (ST-MoE), keeps logits small.
+- :func:`update_correction_bias`: DeepSeek-V3's aux-loss-free balancing,
+  ``b_i += gamma * sign(mean load - load_i)``, in place.
+- :func:`jitter`: multiplicative noise ``U(1 - eps, 1 + eps)`` on the logits, training only.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["load_balancing_loss", "router_z_loss", "update_correction_bias", "jitter"]
+
+
+def load_balancing_loss(routed_counts: Tensor, mean_scores: Tensor, k: int,
+                        num_tokens: int, alpha: float = 1.0) -> Tensor:
+    """``alpha * E * sum_i f_i * P_i``; ``routed_counts`` and ``mean_scores`` as returned
+    by ``moe_topk_gating`` for ``num_tokens`` tokens. Equals ``alpha`` for a perfectly
+    uniform router (f_i = P_i = 1/E)."""
+    e = mean_scores.shape[0]
+    f = routed_counts.to(mean_scores.dtype) / float(max(k * num_tokens, 1))
+    return alpha * e * (f * mean_scores).sum()
+
+
+def router_z_loss(logits: Tensor) -> Tensor:
+    """Mean over tokens of ``logsumexp(logits)^2`` in fp32 (0 for no tokens)."""
+    if logits.shape[0] == 0:
+        return logits.new_zeros((), dtype=torch.float32)
+    z = torch.logsumexp(logits.float(), dim=-1)
+    return (z * z).mean()
+
+
+@torch.no_grad()
+def update_correction_bias(bias: Tensor, loads: Tensor, gamma: float) -> Tensor:
+    """Aux-loss-free balancing step, in place: ``bias += gamma * sign(mean(loads) - loads)``.
+    ``loads``: per-expert counts (``routed_counts`` of the last step or summed over
+    several). Under-loaded experts get a larger bias, hence more tokens. Returns ``bias``."""
+    lf = loads.to(torch.float32)
+    bias.add_((gamma * torch.sign(lf.mean() - lf)).to(bias.dtype))
+    return bias
+
+
+def jitter(logits: Tensor, eps: float, training: bool = True,
+           generator: Optional[torch.Generator] = None) -> Tensor:
+    """Multiply the logits by noise uniform in [1 - eps, 1 + eps] when training
+    and ``eps > 0``; identity otherwise."""
+    if not training or eps <= 0:
+        return logits
+    u = torch.rand(logits.shape, device=logits.device, dtype=torch.float32, generator=generator)
+    return logits * (1.0 - eps + 2.0 * eps * u).to(logits.dtype)

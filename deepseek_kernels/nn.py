@@ -1,0 +1,124 @@
+"""Modules built on the kernels: :class:`MoELayer`, a DeepSeek-style MoE FFN."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import moe as _moe
+from . import ops as _ops
+
+__all__ = ["MoELayer"]
+
+
+class MoELayer(nn.Module):
+    """Top-k routed SwiGLU experts plus optional always-on shared experts.
+
+    ``y = shared(x) + sum_{kept choices} w * expert_e(x)`` with
+    ``expert_e(x) = (silu(x W1_e) * (x W3_e)) W2_e``. Routing by
+    :func:`deepseek_kernels.moe_topk_gating` (fp32 router). Experts run as
+    batched matmuls: capacity mode (``capacity_factor`` set, static shapes,
+    ``capacity = ceil(capacity_factor * T * k / E)``) dispatches to
+    ``[E, capacity, hidden]`` and runs one ``bmm`` per projection; dropless mode
+    (``capacity_factor=None``) permutes into expert-contiguous rows and runs one
+    matmul per expert (a grouped GEMM will replace it).
+
+    After each forward, ``self.aux_loss`` holds ``aux_loss_alpha`` * the balancing
+    loss + ``z_loss_coef`` * the router z-loss (0 when both are 0), and
+    ``self.last_routed_counts`` the per-expert loads. With ``bias_update_rate > 0``
+    the selection bias (``correction_bias`` buffer) is updated after every
+    training forward (DeepSeek-V3's aux-loss-free balancing).
+    """
+
+    def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, k: int,
+                 num_shared_experts: int = 0, capacity_factor: Optional[float] = None, *,
+                 scoring: str = "softmax", n_group: int = 1, topk_group: int = 1,
+                 renormalize: bool = True, routed_scaling_factor: float = 1.0,
+                 drop_policy: str = "position", aux_loss_alpha: float = 0.0,
+                 z_loss_coef: float = 0.0, bias_update_rate: float = 0.0,
+                 use_correction_bias: Optional[bool] = None, jitter_eps: float = 0.0,
+                 device=None, dtype=None):
+        super().__init__()
+        fk = dict(device=device, dtype=dtype)
+        self.hidden, self.ffn_hidden, self.num_experts, self.k = hidden, ffn_hidden, num_experts, k
+        self.capacity_factor = capacity_factor
+        self.scoring, self.n_group, self.topk_group = scoring, n_group, topk_group
+        self.renormalize, self.routed_scaling_factor = renormalize, routed_scaling_factor
+        self.drop_policy = drop_policy
+        self.aux_loss_alpha, self.z_loss_coef = aux_loss_alpha, z_loss_coef
+        self.bias_update_rate, self.jitter_eps = bias_update_rate, jitter_eps
+        self.router = nn.Linear(hidden, num_experts, bias=False, device=device, dtype=torch.float32)
+        if use_correction_bias is None:
+            use_correction_bias = bias_update_rate > 0
+        if use_correction_bias:
+            self.register_buffer("correction_bias", torch.zeros(num_experts, device=device))
+        else:
+            self.correction_bias = None
+        s_in, s_ff = 1.0 / math.sqrt(hidden), 1.0 / math.sqrt(ffn_hidden)
+        self.w_gate_up = nn.Parameter(torch.empty(num_experts, hidden, 2 * ffn_hidden, **fk).uniform_(-s_in, s_in))
+        self.w_down = nn.Parameter(torch.empty(num_experts, ffn_hidden, hidden, **fk).uniform_(-s_ff, s_ff))
+        self.shared = None
+        if num_shared_experts > 0:
+            fs = ffn_hidden * num_shared_experts
+            self.shared = nn.ModuleDict({
+                "gate_up": nn.Linear(hidden, 2 * fs, bias=False, **fk),
+                "down": nn.Linear(fs, hidden, bias=False, **fk),
+            })
+        self.aux_loss: Tensor = torch.zeros(())
+        self.last_routed_counts: Optional[Tensor] = None
+
+    def capacity(self, num_tokens: int) -> int:
+        return int(math.ceil(self.capacity_factor * num_tokens * self.k / self.num_experts))
+
+    @staticmethod
+    def _swiglu(h: Tensor) -> Tensor:
+        g, u = h.chunk(2, dim=-1)
+        return F.silu(g) * u
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.hidden)
+        t = x2.shape[0]
+        logits = self.router(x2.float())
+        logits = _moe.jitter(logits, self.jitter_eps, self.training)
+        if x2.dtype == torch.float64:
+            logits = logits.double()
+        bias = self.correction_bias
+        cap = self.capacity(t) if self.capacity_factor is not None else None
+        g = _ops.moe_topk_gating(
+            logits, self.k, scoring=self.scoring, correction_bias=bias, n_group=self.n_group,
+            topk_group=self.topk_group, renormalize=self.renormalize,
+            routed_scaling_factor=self.routed_scaling_factor, capacity=cap,
+            drop_policy=self.drop_policy)
+        if cap is not None:
+            d = _ops.moe_dispatch(x2, g.expert_ids, g.slots, self.num_experts, cap)
+            h = self._swiglu(torch.bmm(d, self.w_gate_up))
+            eo = torch.bmm(h, self.w_down)
+            y = _ops.moe_combine(eo, g.expert_ids, g.slots, g.weights)
+        else:
+            packed, offsets = _ops.moe_permute(x2, g.expert_ids, g.slots, g.expert_counts)
+            bounds = offsets.tolist()
+            outs = []
+            for e in range(self.num_experts):
+                rows = packed[bounds[e]:bounds[e + 1]]
+                outs.append(self._swiglu(rows @ self.w_gate_up[e]) @ self.w_down[e])
+            eo = torch.cat(outs) if outs else packed
+            y = _ops.moe_unpermute(eo, g.expert_ids, g.slots, offsets, g.weights)
+        if self.shared is not None:
+            y = y + self.shared["down"](self._swiglu(self.shared["gate_up"](x2)))
+
+        aux = logits.new_zeros((), dtype=torch.float32)
+        if self.aux_loss_alpha:
+            aux = aux + _moe.load_balancing_loss(g.routed_counts, g.mean_scores, self.k, t,
+                                                 self.aux_loss_alpha).float()
+        if self.z_loss_coef:
+            aux = aux + self.z_loss_coef * _moe.router_z_loss(logits)
+        self.aux_loss = aux
+        self.last_routed_counts = g.routed_counts
+        if self.training and self.bias_update_rate > 0 and bias is not None:
+            _moe.update_correction_bias(bias, g.routed_counts, self.bias_update_rate)
+        return y.reshape(shape)
