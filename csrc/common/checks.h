@@ -67,6 +67,7 @@ inline DType to_dsk_dtype(at::ScalarType t) {
     case at::kFloat: return DType::kFloat32;
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
+    case at::kDouble: return DType::kFloat64;
     default: TORCH_CHECK_TYPE(false, "deepseek_kernels: unsupported dtype ", t);
   }
 }

@@ -4,6 +4,7 @@
 
 namespace dsk {
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// kFloat64 only where an op supports it on the CPU (e.g. for gradcheck).
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
 }  // namespace dsk

@@ -22,16 +22,6 @@ namespace {
 constexpr int64_t kMaxExperts = 1024;
 constexpr int64_t kMaxK = 16;
 
-DType moe_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kDouble: return DType::kFloat64;
-    default: TORCH_CHECK_TYPE(false, "deepseek_kernels: unsupported dtype ", t);
-  }
-}
-
 void check_data_dtype(const char* op, const char* name, const at::Tensor& t) {
   check_dtype(op, name, t, {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
   TORCH_CHECK_TYPE(!(t.is_cuda() && t.scalar_type() == at::kDouble), op, ": argument '", name,
@@ -166,7 +156,7 @@ moe_topk_gating(const at::Tensor& logits, int64_t k,
 
   GatingParams p;
   p.logits = lc.data_ptr();
-  p.logits_dtype = moe_dtype(lc.scalar_type());
+  p.logits_dtype = to_dsk_dtype(lc.scalar_type());
   p.bias = opt_ptr(bias);
   p.T = T;
   p.E = E;
@@ -219,7 +209,7 @@ at::Tensor moe_dispatch(const at::Tensor& x, const at::Tensor& expert_ids, const
   RowsParams p = rows_params(ic, sc, wc, base, num_experts, H);
   p.src = xc.data_ptr();
   p.dst = out.data_ptr();
-  p.dtype = moe_dtype(xc.scalar_type());
+  p.dtype = to_dsk_dtype(xc.scalar_type());
   p.capacity = capacity;
   p.dst_rows = num_experts * capacity;
   if (H > 0) raise_bad_choice(op, run_scatter(p, xc), p.k);
@@ -244,7 +234,7 @@ at::Tensor moe_combine(const at::Tensor& expert_out, const at::Tensor& expert_id
   RowsParams p = rows_params(ic, sc, wc, base, E, H);
   p.src = eo.data_ptr();
   p.dst = out.data_ptr();
-  p.dtype = moe_dtype(eo.scalar_type());
+  p.dtype = to_dsk_dtype(eo.scalar_type());
   p.capacity = C;
   if (out.numel() == 0) return out;
   raise_bad_choice(op, run_gather(p, eo), p.k);
@@ -277,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor> moe_permute(const at::Tensor& x, const at::Te
   RowsParams p = rows_params(ic, sc, wc, base, E, H);
   p.src = xc.data_ptr();
   p.dst = packed.data_ptr();
-  p.dtype = moe_dtype(xc.scalar_type());
+  p.dtype = to_dsk_dtype(xc.scalar_type());
   p.slot_limit = counts.data_ptr<int32_t>();
   p.dst_rows = total;
   if (H > 0) raise_bad_choice(op, run_scatter(p, xc), p.k);
@@ -318,7 +308,7 @@ at::Tensor moe_unpermute(const at::Tensor& packed, const at::Tensor& expert_ids,
   RowsParams p = rows_params(ic, sc, wc, base, E, H);
   p.src = pc.data_ptr();
   p.dst = out.data_ptr();
-  p.dtype = moe_dtype(pc.scalar_type());
+  p.dtype = to_dsk_dtype(pc.scalar_type());
   p.slot_limit = limit.data_ptr<int32_t>();
   if (out.numel() == 0) return out;
   raise_bad_choice(op, run_gather(p, pc), p.k);
@@ -357,7 +347,7 @@ at::Tensor moe_rows_dot(const at::Tensor& rows, const at::Tensor& other,
   p.src = rc.data_ptr();
   p.other = oc.data_ptr();
   p.dst = out.data_ptr();
-  p.dtype = moe_dtype(rc.scalar_type());
+  p.dtype = to_dsk_dtype(rc.scalar_type());
   p.slot_limit = lc.defined() ? lc.data_ptr<int32_t>() : nullptr;
   p.capacity = capacity;
   if (out.numel() == 0) return out;

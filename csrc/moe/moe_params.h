@@ -24,10 +24,10 @@
 
 #include <cstdint>
 
+#include "common/dtype.h"
+
 namespace dsk::moe {
 
-// Element type of the MoE ops' floating tensors; fp64 only on the CPU (gradcheck).
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
 struct GatingParams {
   const void* logits = nullptr;  // [T, E] contiguous, dtype logits_dtype

@@ -169,6 +169,7 @@ void quantize_dispatch(const QuantizeParams& p) {
     case DType::kFloat32: return quantize_typed<float, BITS>(p);
     case DType::kFloat16: return quantize_typed<c10::Half, BITS>(p);
     case DType::kBFloat16: return quantize_typed<c10::BFloat16, BITS>(p);
+    case DType::kFloat64: break;  // rejected by the host glue
   }
 }
 
@@ -178,6 +179,7 @@ void dequantize_dispatch(const DequantizeParams& p) {
     case DType::kFloat32: return dequantize_typed<float, BITS>(p);
     case DType::kFloat16: return dequantize_typed<c10::Half, BITS>(p);
     case DType::kBFloat16: return dequantize_typed<c10::BFloat16, BITS>(p);
+    case DType::kFloat64: break;  // rejected by the host glue
   }
 }
 

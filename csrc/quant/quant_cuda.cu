@@ -211,6 +211,7 @@ cudaError_t quantize_bits(const QuantizeParams& p, cudaStream_t s) {
     case DType::kFloat32: return launch_quantize<float, BITS>(p, s);
     case DType::kFloat16: return launch_quantize<__half, BITS>(p, s);
     case DType::kBFloat16: return launch_quantize<__nv_bfloat16, BITS>(p, s);
+    case DType::kFloat64: break;  // rejected by the host glue
   }
   return cudaErrorInvalidValue;
 }
@@ -221,6 +222,7 @@ cudaError_t dequantize_bits(const DequantizeParams& p, cudaStream_t s) {
     case DType::kFloat32: return launch_dequantize<float, BITS>(p, s);
     case DType::kFloat16: return launch_dequantize<__half, BITS>(p, s);
     case DType::kBFloat16: return launch_dequantize<__nv_bfloat16, BITS>(p, s);
+    case DType::kFloat64: break;  // rejected by the host glue
   }
   return cudaErrorInvalidValue;
 }
