@@ -29,6 +29,13 @@ void check_data_dtype(const char* op, const char* name, const at::Tensor& t) {
 }
 
 // ids/slots [T, k] int32, weights [T, k] fp32 (fp64 with fp64 data), all on data's device.
+// The op's floating data tensor: device, dtype and rank.
+void check_data(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
+  check_supported_device(op, name, t);
+  check_data_dtype(op, name, t);
+  check_dim(op, name, t, dim);
+}
+
 void check_choices(const char* op, const at::Tensor& data, const char* data_name, int64_t T,
                    const at::Tensor& ids, const at::Tensor& slots,
                    const std::optional<at::Tensor>& weights) {
@@ -109,9 +116,7 @@ moe_topk_gating(const at::Tensor& logits, int64_t k,
                 int64_t topk_group, bool renormalize, double routed_scaling_factor,
                 std::optional<int64_t> capacity, c10::string_view drop_policy) {
   const char* op = "moe_topk_gating";
-  check_supported_device(op, "logits", logits);
-  check_data_dtype(op, "logits", logits);
-  check_dim(op, "logits", logits, 2);
+  check_data(op, "logits", logits, 2);
   const int64_t T = logits.size(0), E = logits.size(1);
   TORCH_CHECK_VALUE(E >= 1 && E <= kMaxExperts, op, ": argument 'logits' must have 1 to ",
                     kMaxExperts, " experts (columns), got ", E);
@@ -191,9 +196,7 @@ at::Tensor moe_dispatch(const at::Tensor& x, const at::Tensor& expert_ids, const
                         int64_t num_experts, int64_t capacity,
                         const std::optional<at::Tensor>& weights) {
   const char* op = "moe_dispatch";
-  check_supported_device(op, "x", x);
-  check_data_dtype(op, "x", x);
-  check_dim(op, "x", x, 2);
+  check_data(op, "x", x, 2);
   check_choices(op, x, "x", x.size(0), expert_ids, slots, weights);
   check_positive(op, "num_experts", num_experts);
   TORCH_CHECK_VALUE(capacity >= 0, op, ": argument 'capacity' must be non-negative, got ",
@@ -219,9 +222,7 @@ at::Tensor moe_dispatch(const at::Tensor& x, const at::Tensor& expert_ids, const
 at::Tensor moe_combine(const at::Tensor& expert_out, const at::Tensor& expert_ids,
                        const at::Tensor& slots, const std::optional<at::Tensor>& weights) {
   const char* op = "moe_combine";
-  check_supported_device(op, "expert_out", expert_out);
-  check_data_dtype(op, "expert_out", expert_out);
-  check_dim(op, "expert_out", expert_out, 3);
+  check_data(op, "expert_out", expert_out, 3);
   check_dim(op, "expert_ids", expert_ids, 2);
   check_choices(op, expert_out, "expert_out", expert_ids.size(0), expert_ids, slots, weights);
   const c10::DeviceGuard guard(expert_out.device());
@@ -246,9 +247,7 @@ std::tuple<at::Tensor, at::Tensor> moe_permute(const at::Tensor& x, const at::Te
                                                const at::Tensor& expert_counts,
                                                const std::optional<at::Tensor>& weights) {
   const char* op = "moe_permute";
-  check_supported_device(op, "x", x);
-  check_data_dtype(op, "x", x);
-  check_dim(op, "x", x, 2);
+  check_data(op, "x", x, 2);
   check_choices(op, x, "x", x.size(0), expert_ids, slots, weights);
   check_dtype(op, "expert_counts", expert_counts, {at::kInt});
   check_same_device(op, "expert_counts", expert_counts, "x", x);
@@ -278,9 +277,7 @@ at::Tensor moe_unpermute(const at::Tensor& packed, const at::Tensor& expert_ids,
                          const at::Tensor& slots, const at::Tensor& offsets,
                          const std::optional<at::Tensor>& weights) {
   const char* op = "moe_unpermute";
-  check_supported_device(op, "packed", packed);
-  check_data_dtype(op, "packed", packed);
-  check_dim(op, "packed", packed, 2);
+  check_data(op, "packed", packed, 2);
   check_dim(op, "expert_ids", expert_ids, 2);
   check_choices(op, packed, "packed", expert_ids.size(0), expert_ids, slots, weights);
   check_dtype(op, "offsets", offsets, {at::kInt});
@@ -320,9 +317,7 @@ at::Tensor moe_rows_dot(const at::Tensor& rows, const at::Tensor& other,
                         const at::Tensor& row_base, const std::optional<at::Tensor>& slot_limit,
                         int64_t capacity) {
   const char* op = "moe_rows_dot";
-  check_supported_device(op, "rows", rows);
-  check_data_dtype(op, "rows", rows);
-  check_dim(op, "rows", rows, 2);
+  check_data(op, "rows", rows, 2);
   check_dim(op, "other", other, 2);
   check_dtype(op, "other", other, {rows.scalar_type()});
   check_same_device(op, "other", other, "rows", rows);
