@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from . import moe as _moe
 from . import ops as _ops
+from . import reference as _reference
 
 __all__ = ["MoELayer"]
 
@@ -70,6 +71,8 @@ class MoELayer(nn.Module):
             })
         self.aux_loss: Tensor = torch.zeros(())
         self.last_routed_counts: Optional[Tensor] = None
+        # False: the same parameters through reference.py (pure PyTorch), for A/B runs
+        self.use_kernels = True
 
     def capacity(self, num_tokens: int) -> int:
         return int(math.ceil(self.capacity_factor * num_tokens * self.k / self.num_experts))
@@ -89,25 +92,26 @@ class MoELayer(nn.Module):
             logits = logits.double()
         bias = self.correction_bias
         cap = self.capacity(t) if self.capacity_factor is not None else None
-        g = _ops.moe_topk_gating(
+        K = _ops if self.use_kernels else _reference
+        g = _ops.MoeGating(*K.moe_topk_gating(
             logits, self.k, scoring=self.scoring, correction_bias=bias, n_group=self.n_group,
             topk_group=self.topk_group, renormalize=self.renormalize,
             routed_scaling_factor=self.routed_scaling_factor, capacity=cap,
-            drop_policy=self.drop_policy)
+            drop_policy=self.drop_policy))
         if cap is not None:
-            d = _ops.moe_dispatch(x2, g.expert_ids, g.slots, self.num_experts, cap)
+            d = K.moe_dispatch(x2, g.expert_ids, g.slots, self.num_experts, cap)
             h = self._swiglu(torch.bmm(d, self.w_gate_up))
             eo = torch.bmm(h, self.w_down)
-            y = _ops.moe_combine(eo, g.expert_ids, g.slots, g.weights)
+            y = K.moe_combine(eo, g.expert_ids, g.slots, g.weights)
         else:
-            packed, offsets = _ops.moe_permute(x2, g.expert_ids, g.slots, g.expert_counts)
+            packed, offsets = K.moe_permute(x2, g.expert_ids, g.slots, g.expert_counts)
             bounds = offsets.tolist()
             outs = []
             for e in range(self.num_experts):
                 rows = packed[bounds[e]:bounds[e + 1]]
                 outs.append(self._swiglu(rows @ self.w_gate_up[e]) @ self.w_down[e])
             eo = torch.cat(outs) if outs else packed
-            y = _ops.moe_unpermute(eo, g.expert_ids, g.slots, offsets, g.weights)
+            y = K.moe_unpermute(eo, g.expert_ids, g.slots, offsets, g.weights)
         if self.shared is not None:
             y = y + self.shared["down"](self._swiglu(self.shared["gate_up"](x2)))
 
