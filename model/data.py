@@ -113,11 +113,23 @@ class VQAData:
 
 
 def load_digits_vqa() -> VQAData:
-    from sklearn.datasets import load_digits
+    """scikit-learn's digits; ``DSK_DIGITS_CSV`` may point at a copy of its
+    ``digits.csv.gz`` (64 pixel values 0..16 and the label per line) on a machine
+    without scikit-learn."""
+    path = os.environ.get("DSK_DIGITS_CSV")
+    if path:
+        import gzip
 
-    d = load_digits()
-    images = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(d.target, dtype=torch.long)
+        with gzip.open(path, "rt") as f:
+            rows = torch.tensor([[float(v) for v in line.split(",")] for line in f if line.strip()])
+        pixels, target = rows[:, :64], rows[:, 64]
+    else:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        pixels, target = torch.tensor(d.data, dtype=torch.float32), torch.tensor(d.target)
+    images = pixels.view(-1, 1, 8, 8).float() / 16.0
+    labels = target.long()
     return VQAData(images, [digit_questions(int(y)) for y in labels], labels)
 
 
