@@ -141,6 +141,8 @@ def profile_stages(stages, device, reps: int = 20):
                 rows.append((ev.key, ev.count / reps, us / reps))
         rows.sort(key=lambda r: -r[2])
         result[stage] = rows
+        if not rows:  # an unexpected profiler layout: show its own table instead
+            print(prof.key_averages().table(row_limit=15))
         total = sum(r[2] for r in rows)
         print(f"\nprofile {stage}: {total:.1f} us per call "
               f"({'device kernels' if cuda else 'CPU ops, self time'}, {reps} calls)")

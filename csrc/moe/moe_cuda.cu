@@ -65,19 +65,23 @@ Workspace carve(void* base, int64_t T, int64_t E, int64_t k) {
   return w;
 }
 
+// A float (not NaN) as a uint32 of the same order; -0 maps like +0 (equal
+// floats, equal keys), and 0 lies below every float (-inf included).
+__device__ __forceinline__ uint32_t order_key(float v) {
+  const uint32_t u = __float_as_uint(v == 0.0f ? 0.0f : v);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
 // Warp argmax over (value, index) candidates; ties go to the lower index,
-// idx < 0 means "no candidate". Every lane gets the result.
-__device__ __forceinline__ void warp_argmax(float& v, int& idx) {
-#pragma unroll
-  for (int off = 16; off >= 1; off >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, v, off);
-    const int oi = __shfl_xor_sync(0xffffffffu, idx, off);
-    const bool better = oi >= 0 && (idx < 0 || ov > v || (ov == v && oi < idx));
-    if (better) {
-      v = ov;
-      idx = oi;
-    }
-  }
+// idx < 0 means "no candidate". Every lane gets the index (-1 if none; the
+// value is not needed by the callers). Two redux.sync (sm_80+): the best key,
+// then the lowest index holding it, instead of a 5-step shuffle butterfly.
+__device__ __forceinline__ void warp_argmax(float v, int& idx) {
+  const uint32_t key = idx >= 0 ? order_key(v) : 0u;
+  const uint32_t best = __reduce_max_sync(0xffffffffu, key);
+  const uint32_t who = __reduce_min_sync(
+      0xffffffffu, (idx >= 0 && key == best) ? static_cast<uint32_t>(idx) : 0xffffffffu);
+  idx = who == 0xffffffffu ? -1 : static_cast<int>(who);
 }
 
 constexpr int kChunkWarps = static_cast<int>(kScoreSumChunk);  // one warp per token of a chunk
