@@ -230,8 +230,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksV2) quantize_kernel_v2(Qua
         uint32_t w[(kCodeBytes + 3) / 4] = {};
 #pragma unroll
         for (int k = 0; k < kCodeBytes; ++k) {
-          const uint32_t byte = BITS == 8 ? static_cast<uint32_t>(c[k] & 0xFF)
-                                          : static_cast<uint32_t>(pack_int4(c[2 * k], c[2 * k + 1]));
+          uint32_t byte;
+          if constexpr (BITS == 8) byte = static_cast<uint32_t>(c[k] & 0xFF);  // two's complement
+          else byte = pack_int4(c[2 * k], c[2 * k + 1]);
           w[k / 4] |= byte << (8 * (k % 4));
         }
         store_cs<kCodeBytes>(static_cast<uint8_t*>(p.q) + (BITS == 8 ? i0 : i0 / 2), w);
