@@ -163,9 +163,9 @@ __device__ __forceinline__ Vec<T, VEC> as_vec(const uint4& raw) {
 // Quantize v2: block_size == 32 * VEC * NV (each lane holds NV 16-byte vectors
 // of a block: vector j*32+lane, so every load instruction of a warp reads 512
 // contiguous bytes). A warp loads G blocks (G*NV vectors per lane, 64 bytes
-// when G*NV == 4) before the first reduction; with ~1-2K resident threads per
-// SM that is 64-128 KB in flight per SM, enough to cover HBM3 latency, where
-// v1 had 16 bytes per lane and re-read the block. Same encode() per element as
+// when G*NV == 4) before the first reduction; at 1024 resident threads per SM
+// (64 registers) that is 64 KB in flight per SM, enough to cover HBM3 latency,
+// where v1 had 16 bytes per lane and re-read the block. Same encode() per element as
 // v1, so codes and scales are bitwise the same.
 template <typename T, int BITS, int NV, int G>
 __global__ void __launch_bounds__(kThreads, kMinBlocksV2) quantize_kernel_v2(QuantizeParams p) {
