@@ -5,7 +5,8 @@
 # the rest of the suite), compute-sanitizer memcheck over a small CUDA test
 # run, the GPU benchmarks and the model demo on the GPU. Logs and the results JSON go
 # to OUTDIR. Knobs: TESTS=paths, SKIP_TESTS=1, SKIP_SANITIZER=1, SANITIZE_FAMILIES="quant
-# moe gemm attention", SKIP_BENCH=1, SKIP_DEMO=1; DSK_DIGITS_CSV=digits.csv.gz where
+# moe gemm attention", SKIP_BENCH=1, QUANT_BENCH_ARGS=--ab (v1/v2 A/B only),
+# MOE_BENCH_ARGS (default --profile), SKIP_DEMO=1; DSK_DIGITS_CSV=digits.csv.gz where
 # scikit-learn is missing.
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
@@ -62,9 +63,9 @@ fi
 step "benchmarks"
 [ "${SKIP_BENCH:-0}" = 1 ] && { echo "skipped (SKIP_BENCH=1)"; exit $status; }
 
-$PY bench/bench_quant.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40
+$PY bench/bench_quant.py --device cuda ${QUANT_BENCH_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
-$PY bench/bench_moe.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench-moe.log" | tail -20
+$PY bench/bench_moe.py --device cuda ${MOE_BENCH_ARGS:---profile} --out "$OUT" 2>&1 | tee "$OUT/bench-moe.log" | tail -20
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 for b in gemm attention; do
   [ -f bench/bench_$b.py ] || continue
