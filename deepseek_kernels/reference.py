@@ -546,7 +546,7 @@ def _attention_math(q: Tensor, k: Tensor, v: Tensor, softmax_scale: Optional[flo
     s = s.masked_fill(~visible, -math.inf)
     # Softmax is shift-invariant: a detached, finite row max keeps rows that see
     # nothing (all -inf) at exp(-inf) = 0 instead of NaN, gradients included.
-    m = s.amax(dim=-1, keepdim=True).detach()
+    m = s.amax(dim=-1, keepdim=True).detach() if lk > 0 else s.new_zeros(s.shape[:-1] + (1,))
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     l = e.sum(dim=-1, keepdim=True)
