@@ -66,6 +66,14 @@ double resolve_scale(const char* op, std::optional<double> scale, int64_t D) {
   return s;
 }
 
+// Contiguous, and on CUDA 16-byte aligned (the kernels copy rows with 16-byte
+// cp.async; a contiguous view at an odd storage offset would fault).
+at::Tensor dense(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (c.is_cuda() && reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
+}
+
 at::ScalarType lse_dtype(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -145,9 +153,7 @@ void run_bwd(AttnParams p, const at::Tensor& ref) {
 #ifdef DSK_WITH_CUDA
     const int64_t lse_numel = p.cu_seqlens_q ? p.Hq * p.total_q : p.B * p.Hq * p.seqlen_q;
     const at::Tensor delta = at::empty({lse_numel}, ref.options().dtype(at::kFloat));
-    const at::Tensor dq_accum = at::empty({p.total_q, p.Hq, p.D}, ref.options().dtype(at::kFloat));
     p.delta = delta.data_ptr<float>();
-    p.dq_accum = dq_accum.data_ptr<float>();
     C10_CUDA_CHECK(static_cast<cudaError_t>(attention_bwd_cuda(p, stream_of(ref))));
 #endif
   } else {
@@ -184,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor> cross_attention(
   check_mask(op, key_padding_mask, q, B, Lk);
   const double scale = resolve_scale(op, softmax_scale, q.size(3));
   const c10::DeviceGuard guard(q.device());
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  const at::Tensor qc = dense(q), kc = dense(k), vc = dense(v);
   const at::Tensor mc = key_padding_mask ? key_padding_mask->contiguous() : at::Tensor();
   at::Tensor out = at::empty_like(qc);
   at::Tensor lse = at::empty({B, Hq, Lq}, qc.options().dtype(lse_dtype(qc)));
@@ -215,8 +221,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward(
   check_grad_inputs(op, dout, out, lse, q, {B, Hq, Lq});
   const double scale = resolve_scale(op, softmax_scale, q.size(3));
   const c10::DeviceGuard guard(q.device());
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
-  const at::Tensor oc = out.contiguous(), gc = dout.contiguous(), lc = lse.contiguous();
+  const at::Tensor qc = dense(q), kc = dense(k), vc = dense(v);
+  const at::Tensor oc = dense(out), gc = dense(dout), lc = lse.contiguous();
   const at::Tensor mc = key_padding_mask ? key_padding_mask->contiguous() : at::Tensor();
   at::Tensor dq = at::empty_like(qc), dk = at::empty_like(kc), dv = at::empty_like(vc);
   if (dq.numel() == 0 || dk.numel() == 0) {  // nothing to attend to, or no query asks
@@ -271,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_varlen(
     int64_t max_seqlen_k, std::optional<double> softmax_scale, bool causal) {
   const char* op = "cross_attention_varlen";
   const c10::DeviceGuard guard(q.device());
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  const at::Tensor qc = dense(q), kc = dense(k), vc = dense(v);
   const at::Tensor cq = cu_seqlens_q.contiguous(), ck = cu_seqlens_k.contiguous();
   AttnParams p = varlen_params(op, qc, kc, vc, cq, ck, max_seqlen_q, max_seqlen_k, softmax_scale,
                                causal);
@@ -291,12 +297,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_varlen_backward(
     std::optional<double> softmax_scale, bool causal) {
   const char* op = "cross_attention_varlen_backward";
   const c10::DeviceGuard guard(q.device());
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  const at::Tensor qc = dense(q), kc = dense(k), vc = dense(v);
   const at::Tensor cq = cu_seqlens_q.contiguous(), ck = cu_seqlens_k.contiguous();
   AttnParams p = varlen_params(op, qc, kc, vc, cq, ck, max_seqlen_q, max_seqlen_k, softmax_scale,
                                causal);
   check_grad_inputs(op, dout, out, lse, q, {p.Hq, p.total_q});
-  const at::Tensor oc = out.contiguous(), gc = dout.contiguous(), lc = lse.contiguous();
+  const at::Tensor oc = dense(out), gc = dense(dout), lc = lse.contiguous();
   at::Tensor dq = at::empty_like(qc), dk = at::empty_like(kc), dv = at::empty_like(vc);
   if (dq.numel() == 0 || dk.numel() == 0 || p.B == 0) {
     dq.zero_();

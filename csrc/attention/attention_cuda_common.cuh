@@ -17,6 +17,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/cuda_utils.cuh"
+
 namespace dsk::attention {
 
 constexpr int kWarpSize = 32;

@@ -45,7 +45,6 @@ struct AttnParams {
   void* dk = nullptr;          // like k
   void* dv = nullptr;          // like v
   float* delta = nullptr;      // CUDA workspace: rowsum(dout * out), laid out like lse
-  float* dq_accum = nullptr;   // CUDA workspace: fp32 [total_q, Hq, D]
 };
 
 // Sample b's first row and length; the padded layout is varlen with fixed lengths.
