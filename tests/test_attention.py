@@ -344,6 +344,22 @@ def test_reference_matches_sdpa():
         torch.testing.assert_close(ref.cross_attention(q, k, v, causal=causal), want)
 
 
+def test_bench_attention_smoke(tmp_path):
+    """bench/bench_attention.py end to end on a tiny CPU case: its check against SDPA passes."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "bench_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention_smoke", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    (result,) = tmp_path.glob("attention-*.json")
+    data = json.loads(result.read_text())
+    assert all(data["checks"].values()) and len(data["rows"]) == 2
+
+
 # ---------------------------------------------------------------------------
 # CUDA (bf16/fp16; skipped without a GPU)
 # ---------------------------------------------------------------------------
