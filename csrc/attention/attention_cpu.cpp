@@ -19,6 +19,8 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -52,41 +54,120 @@ void load_rows(const T* src, int64_t stride, int64_t n, int64_t D, S scale, S* d
   }
 }
 
-// The same rows transposed: dst[c * kBlockK + r].
+// The same rows transposed: dst[c * kBlockK + r]; columns r >= n are zeroed so
+// the score kernel can always run the full, fixed kBlockK width.
 template <typename T, typename S>
 void load_rows_t(const T* src, int64_t stride, int64_t n, int64_t D, S* dst) {
+  if (n < kBlockK) std::fill(dst, dst + D * kBlockK, S(0));
   for (int64_t r = 0; r < n; ++r) {
     const T* s = src + r * stride;
     for (int64_t c = 0; c < D; ++c) dst[c * kBlockK + r] = static_cast<S>(s[c]);
   }
 }
 
-// out[i][j] = sum_c a[i][c] * bt[c][j] for i < n, j < m (bt has row length kBlockK),
-// summed in c order.
+// The hot loops are compiled for AVX-512, AVX2 and the baseline ISA and picked
+// at load time (the build has no -march). Every clone does the same IEEE
+// operations in the same order (no FMA contraction, vectors only across
+// independent outputs), so results are bitwise identical on every x86 CPU.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define DSK_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DSK_CPU_CLONES
+#endif
+
+// out[i][j] = sum_c a[i][c] * bt[c][j] for i < n and all kBlockK columns, summed
+// in c order; four rows at a time so each bt row is loaded once per four.
 template <typename S>
-void scores(const S* a, int64_t n, const S* bt, int64_t m, int64_t D, S* out) {
-  for (int64_t i = 0; i < n; ++i) {
-    S* o = out + i * kBlockK;
-    for (int64_t j = 0; j < m; ++j) o[j] = S(0);
+DSK_CPU_CLONES void scores(const S* a, int64_t n, const S* bt, int64_t D, S* out) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    S o0[kBlockK] = {}, o1[kBlockK] = {}, o2[kBlockK] = {}, o3[kBlockK] = {};
+    const S* a0 = a + i * D;
     for (int64_t c = 0; c < D; ++c) {
-      const S ac = a[i * D + c];
+      const S x0 = a0[c], x1 = a0[D + c], x2 = a0[2 * D + c], x3 = a0[3 * D + c];
       const S* b = bt + c * kBlockK;
-      for (int64_t j = 0; j < m; ++j) o[j] += ac * b[j];
+      for (int64_t j = 0; j < kBlockK; ++j) {
+        o0[j] += x0 * b[j];
+        o1[j] += x1 * b[j];
+        o2[j] += x2 * b[j];
+        o3[j] += x3 * b[j];
+      }
+    }
+    std::copy(o0, o0 + kBlockK, out + i * kBlockK);
+    std::copy(o1, o1 + kBlockK, out + (i + 1) * kBlockK);
+    std::copy(o2, o2 + kBlockK, out + (i + 2) * kBlockK);
+    std::copy(o3, o3 + kBlockK, out + (i + 3) * kBlockK);
+  }
+  for (; i < n; ++i) {
+    S o[kBlockK] = {};
+    for (int64_t c = 0; c < D; ++c) {
+      const S x = a[i * D + c];
+      const S* b = bt + c * kBlockK;
+      for (int64_t j = 0; j < kBlockK; ++j) o[j] += x * b[j];
+    }
+    std::copy(o, o + kBlockK, out + i * kBlockK);
+  }
+}
+
+// acc[i][:] += sum_{j < nk} c[i][j] * rows[j][:], j in order (P.V, dS.K).
+template <typename S>
+DSK_CPU_CLONES void accumulate(const S* c, int64_t nq, int64_t nk, const S* rows, int64_t D,
+                               S* acc) {
+  for (int64_t i = 0; i < nq; ++i) {
+    S* a = acc + i * D;
+    for (int64_t j = 0; j < nk; ++j) {
+      const S w = c[i * kBlockK + j];
+      const S* r = rows + j * D;
+      for (int64_t d = 0; d < D; ++d) a[d] += w * r[d];
     }
   }
 }
 
-// acc[D] += w * row[D]
+// acc[j][:] += sum_{i < nq} c[i][j] * rows[i][:], i in order (P^T.dO, dS^T.Q).
 template <typename S>
-inline void axpy(S w, const S* row, int64_t D, S* acc) {
-  for (int64_t c = 0; c < D; ++c) acc[c] += w * row[c];
+DSK_CPU_CLONES void accumulate_t(const S* c, int64_t nq, int64_t nk, const S* rows, int64_t D,
+                                 S* acc) {
+  for (int64_t i = 0; i < nq; ++i) {
+    const S* r = rows + i * D;
+    for (int64_t j = 0; j < nk; ++j) {
+      const S w = c[i * kBlockK + j];
+      S* a = acc + j * D;
+      for (int64_t d = 0; d < D; ++d) a[d] += w * r[d];
+    }
+  }
 }
 
-// Sets s[i][j] to -inf where query i0 + i does not see key j0 + j; returns
+// x[i] = 2^x[i] in place. fp32: x = n + f with n = rint(x) (the 1.5 * 2^23
+// trick) and |f| <= 1/2, 2^f by its degree-7 Taylor polynomial (truncation
+// < 1e-8 relative), 2^n through the exponent bits; x < -127 (and -inf) gives 0.
+// Vectorizes. fp64 (gradcheck only): std::exp2.
+DSK_CPU_CLONES void exp2_inplace(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    float v = x[i] < -127.f ? -127.f : x[i];
+    v = v > 127.f ? 127.f : v;
+    const float r = (v + 12582912.f) - 12582912.f;
+    const float f = v - r;
+    float p = 1.525273380405984e-05f;
+    p = p * f + 1.5403530393381606e-04f;
+    p = p * f + 1.3333558146428443e-03f;
+    p = p * f + 9.618129107628477e-03f;
+    p = p * f + 5.550410866482158e-02f;
+    p = p * f + 2.402265069591007e-01f;
+    p = p * f + 6.931471805599453e-01f;
+    p = p * f + 1.0f;
+    const int32_t e = static_cast<int32_t>(r) + 127;  // 0 for x <= -127: scale 0
+    x[i] = p * std::bit_cast<float>(e << 23);
+  }
+}
+inline void exp2_inplace(double* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = std::exp2(x[i]);
+}
+
+// Sets s[i][j] to `hidden` where query i0 + i does not see key j0 + j; returns
 // whether any key is visible to any row.
 template <typename S>
 bool apply_mask(const AttnParams& p, int64_t b, const SeqRange& r, int64_t i0, int64_t nq,
-                int64_t j0, int64_t nk, S* s) {
+                int64_t j0, int64_t nk, S* s, S hidden) {
   const bool* pad = p.key_padding_mask ? p.key_padding_mask + b * p.seqlen_k + j0 : nullptr;
   bool any = false;
   for (int64_t i = 0; i < nq; ++i) {
@@ -94,14 +175,15 @@ bool apply_mask(const AttnParams& p, int64_t b, const SeqRange& r, int64_t i0, i
     const int64_t lim = key_limit(p, r, i0 + i) - j0;
     for (int64_t j = 0; j < nk; ++j) {
       const bool visible = j < lim && !(pad && pad[j]);
-      row[j] = visible ? row[j] : -std::numeric_limits<S>::infinity();
+      row[j] = visible ? row[j] : hidden;
       any = any || visible;
     }
   }
   return any;
 }
 
-// p[i][j] = exp2(s[i][j] * scale2 - lse2[i]) (0 where masked or the row sees nothing).
+// p[i][j] = exp2(s[i][j] * scale2 - lse2[i]) (0 when the row sees nothing;
+// the caller zeroes masked entries afterwards).
 template <typename S>
 void probs(const S* lse2, int64_t nq, int64_t nk, S scale2, S* s) {
   for (int64_t i = 0; i < nq; ++i) {
@@ -111,7 +193,8 @@ void probs(const S* lse2, int64_t nq, int64_t nk, S scale2, S* s) {
       for (int64_t j = 0; j < nk; ++j) row[j] = S(0);
       continue;
     }
-    for (int64_t j = 0; j < nk; ++j) row[j] = std::exp2(row[j] * scale2 - l);
+    for (int64_t j = 0; j < nk; ++j) row[j] = row[j] * scale2 - l;
+    exp2_inplace(row, nk);
   }
 }
 
@@ -149,27 +232,29 @@ void fwd(const AttnParams& p) {
         const int64_t nk = std::min(kBlockK, kend - j0);
         const int64_t koff = ((r.k_start + j0) * p.Hkv + hk) * D;
         load_rows_t(k + koff, k_stride, nk, D, kt.data());
-        scores(qs.data(), nq, kt.data(), nk, D, s.data());
-        if (!apply_mask(p, b, r, i0, nq, j0, nk, s.data())) continue;
+        scores(qs.data(), nq, kt.data(), D, s.data());
+        if (!apply_mask(p, b, r, i0, nq, j0, nk, s.data(), -inf)) continue;
         load_rows(v + koff, k_stride, nk, D, S(1), vs.data());
         for (int64_t i = 0; i < nq; ++i) {
           S* row = s.data() + i * kBlockK;
           S mx = -inf;
           for (int64_t j = 0; j < nk; ++j) mx = row[j] > mx ? row[j] : mx;
-          if (mx == -inf) continue;  // this row sees no key of this block
+          if (mx == -inf) {  // this row sees no key of this block: p = 0
+            std::fill(row, row + nk, S(0));
+            continue;
+          }
           const S mnew = std::max(m[i], mx);
           const S alpha = std::exp2(m[i] - mnew);  // 0 for the first visible block
+          for (int64_t j = 0; j < nk; ++j) row[j] -= mnew;
+          exp2_inplace(row, nk);
           S sum = S(0);
-          for (int64_t j = 0; j < nk; ++j) {
-            row[j] = std::exp2(row[j] - mnew);
-            sum += row[j];
-          }
+          for (int64_t j = 0; j < nk; ++j) sum += row[j];
           l[i] = l[i] * alpha + sum;
           m[i] = mnew;
           S* a = acc.data() + i * D;
           for (int64_t c = 0; c < D; ++c) a[c] *= alpha;
-          for (int64_t j = 0; j < nk; ++j) axpy(row[j], vs.data() + j * D, D, a);
         }
+        accumulate(s.data(), nq, nk, vs.data(), D, acc.data());
       }
       for (int64_t i = 0; i < nq; ++i) {
         T* o = out + ((r.q_start + i0 + i) * p.Hq + h) * D;
@@ -209,10 +294,10 @@ void grad_scores(const AttnParams& p, int64_t b, const SeqRange& r, int64_t i0, 
                  int64_t j0, int64_t nk, const S* q, const S* dout, const S* lse2,
                  const S* delta, const S* kt, const S* vt, S scale2, S* s, S* dp) {
   const int64_t D = p.D;
-  scores(q, nq, kt, nk, D, s);
-  apply_mask(p, b, r, i0, nq, j0, nk, s);
+  scores(q, nq, kt, D, s);
   probs(lse2, nq, nk, scale2, s);
-  scores(dout, nq, vt, nk, D, dp);
+  apply_mask(p, b, r, i0, nq, j0, nk, s, S(0));
+  scores(dout, nq, vt, D, dp);
   for (int64_t i = 0; i < nq; ++i) {
     const S* pr = s + i * kBlockK;
     S* d = dp + i * kBlockK;
@@ -276,14 +361,8 @@ void bwd(const AttnParams& p) {
                       qblk.lse2.data(), qblk.delta.data(), kt.data(), vt.data(), scale2,
                       s.data(), dp.data());
           // dv_j += p_ij dout_i and dk_j += ds_ij q_i, in query order.
-          for (int64_t i = 0; i < nq; ++i) {
-            const S* pr = s.data() + i * kBlockK;
-            const S* dsr = dp.data() + i * kBlockK;
-            for (int64_t j = 0; j < nk; ++j) {
-              axpy(pr[j], qblk.dout.data() + i * D, D, dv.data() + j * D);
-              axpy(dsr[j], qblk.q.data() + i * D, D, dk.data() + j * D);
-            }
-          }
+          accumulate_t(s.data(), nq, nk, qblk.dout.data(), D, dv.data());
+          accumulate_t(dp.data(), nq, nk, qblk.q.data(), D, dk.data());
         }
       }
       T* dkp = static_cast<T*>(p.dk) + koff;
@@ -319,10 +398,7 @@ void bwd(const AttnParams& p) {
         load_rows(kp, k_stride, nk, D, S(1), ks.data());
         grad_scores(p, b, r, i0, nq, j0, nk, qblk.q.data(), qblk.dout.data(), qblk.lse2.data(),
                     qblk.delta.data(), kt.data(), vt.data(), scale2, s.data(), dp.data());
-        for (int64_t i = 0; i < nq; ++i) {
-          const S* dsr = dp.data() + i * kBlockK;
-          for (int64_t j = 0; j < nk; ++j) axpy(dsr[j], ks.data() + j * D, D, dq.data() + i * D);
-        }
+        accumulate(dp.data(), nq, nk, ks.data(), D, dq.data());
       }
       T* dqp = static_cast<T*>(p.dq) + ((r.q_start + i0) * p.Hq + h) * D;
       for (int64_t i = 0; i < nq; ++i)
