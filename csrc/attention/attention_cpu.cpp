@@ -20,9 +20,11 @@
 
 #include <algorithm>
 #include <bit>
-#include <cstdint>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "attention/attention_params.h"
@@ -30,8 +32,9 @@
 namespace dsk::attention {
 namespace {
 
-constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockQ = 128;
 constexpr int64_t kBlockK = 64;
+constexpr int64_t kMaxRow = 256;  // head dims the CPU kernels take (attention_api.cpp)
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 
@@ -65,76 +68,116 @@ void load_rows_t(const T* src, int64_t stride, int64_t n, int64_t D, S* dst) {
   }
 }
 
-// The hot loops are compiled for AVX-512, AVX2 and the baseline ISA and picked
-// at load time (the build has no -march). Every clone does the same IEEE
-// operations in the same order (no FMA contraction, vectors only across
-// independent outputs), so results are bitwise identical on every x86 CPU.
+// The hot loops are compiled for x86-64-v4 (AVX-512), v3 (AVX2 + FMA) and the
+// baseline ISA and picked at load time (the build has no -march). Vectors run
+// only across independent outputs and every sum has a fixed order, so results
+// do not depend on threads or runs; the block products (DSK_CPU_FMA) may fuse
+// multiply-adds where the CPU has FMA, so bits can differ between CPU models.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define DSK_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define DSK_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define DSK_CPU_FMA __attribute__((optimize("fp-contract=fast")))
 #else
 #define DSK_CPU_CLONES
+#define DSK_CPU_FMA
 #endif
 
-// out[i][j] = sum_c a[i][c] * bt[c][j] for i < n and all kBlockK columns, summed
-// in c order; four rows at a time so each bt row is loaded once per four.
+// C[m][n] (+)= sum_k A(m, k) * B[k][n] for m < M, n < N, every element summed in
+// k order from its initial value (bitwise the plain triple loop). A(m, k) is at
+// a[m * a_rs + k * a_ks] (so a transposed A costs nothing), B and C row-major.
+// fp32: register tiles of 4 rows x 16 columns (8 vector accumulators, one
+// broadcast and two vector loads per k), the column tail scalar.
 template <typename S>
-DSK_CPU_CLONES void scores(const S* a, int64_t n, const S* bt, int64_t D, S* out) {
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    S o0[kBlockK] = {}, o1[kBlockK] = {}, o2[kBlockK] = {}, o3[kBlockK] = {};
-    const S* a0 = a + i * D;
-    for (int64_t c = 0; c < D; ++c) {
-      const S x0 = a0[c], x1 = a0[D + c], x2 = a0[2 * D + c], x3 = a0[3 * D + c];
-      const S* b = bt + c * kBlockK;
-      for (int64_t j = 0; j < kBlockK; ++j) {
-        o0[j] += x0 * b[j];
-        o1[j] += x1 * b[j];
-        o2[j] += x2 * b[j];
-        o3[j] += x3 * b[j];
+DSK_CPU_CLONES DSK_CPU_FMA void gemm(const S* a, int64_t a_rs, int64_t a_ks, const S* b, int64_t ldb, S* c,
+                         int64_t ldc, int64_t M, int64_t N, int64_t K, bool init_zero) {
+  constexpr int64_t kRows = 4, kCols = 16;
+  int64_t n_vec = 0;
+  if constexpr (std::is_same_v<S, float>) {
+    typedef float v8 __attribute__((vector_size(32)));
+    n_vec = N / kCols * kCols;
+    for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+      const int64_t rows = std::min(kRows, M - m0);
+      for (int64_t n0 = 0; n0 < n_vec; n0 += kCols) {
+        v8 acc[kRows][2];
+        for (int64_t r = 0; r < kRows; ++r)
+          for (int h = 0; h < 2; ++h) {
+            if (init_zero || r >= rows) {
+              acc[r][h] = v8{};
+            } else {
+              std::memcpy(&acc[r][h], c + (m0 + r) * ldc + n0 + 8 * h, sizeof(v8));
+            }
+          }
+        for (int64_t k = 0; k < K; ++k) {
+          v8 b0, b1;
+          std::memcpy(&b0, b + k * ldb + n0, sizeof(v8));
+          std::memcpy(&b1, b + k * ldb + n0 + 8, sizeof(v8));
+          for (int64_t r = 0; r < kRows; ++r) {
+            // Rows past M read row 0 again (in bounds) and are never stored.
+            const float x = a[(m0 + (r < rows ? r : 0)) * a_rs + k * a_ks];
+            acc[r][0] += x * b0;
+            acc[r][1] += x * b1;
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r)
+          for (int h = 0; h < 2; ++h)
+            std::memcpy(c + (m0 + r) * ldc + n0 + 8 * h, &acc[r][h], sizeof(v8));
       }
     }
-    std::copy(o0, o0 + kBlockK, out + i * kBlockK);
-    std::copy(o1, o1 + kBlockK, out + (i + 1) * kBlockK);
-    std::copy(o2, o2 + kBlockK, out + (i + 2) * kBlockK);
-    std::copy(o3, o3 + kBlockK, out + (i + 3) * kBlockK);
   }
-  for (; i < n; ++i) {
-    S o[kBlockK] = {};
-    for (int64_t c = 0; c < D; ++c) {
-      const S x = a[i * D + c];
-      const S* b = bt + c * kBlockK;
-      for (int64_t j = 0; j < kBlockK; ++j) o[j] += x * b[j];
+  for (int64_t m = 0; m < M; ++m) {
+    S* cr = c + m * ldc;
+    for (int64_t n = n_vec; n < N; ++n) {
+      S v = init_zero ? S(0) : cr[n];
+      for (int64_t k = 0; k < K; ++k) v += a[m * a_rs + k * a_ks] * b[k * ldb + n];
+      cr[n] = v;
     }
-    std::copy(o, o + kBlockK, out + i * kBlockK);
   }
+}
+
+// Max and sum of x[0..n) through 8 interleaved lanes (x[j] goes to lane j % 8,
+// lanes combined pairwise): a fixed order, so deterministic, and vectorizable
+// (a plain sequential sum is a chain of dependent adds).
+template <typename S>
+DSK_CPU_CLONES S lane_max(const S* x, int64_t n) {
+  S part[8];
+  for (int l = 0; l < 8; ++l) part[l] = -std::numeric_limits<S>::infinity();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) part[l] = x[j + l] > part[l] ? x[j + l] : part[l];
+  for (int l = 0; j + l < n; ++l) part[l] = x[j + l] > part[l] ? x[j + l] : part[l];
+  for (int w = 4; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) part[l] = part[l + w] > part[l] ? part[l + w] : part[l];
+  return part[0];
+}
+
+template <typename S>
+DSK_CPU_CLONES S lane_sum(const S* x, int64_t n) {
+  S part[8] = {};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) part[l] += x[j + l];
+  for (int l = 0; j + l < n; ++l) part[l] += x[j + l];
+  for (int w = 4; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) part[l] += part[l + w];
+  return part[0];
+}
+
+// out[i][:kBlockK] = q[i] . kt (kt: [D][kBlockK]) for i < n.
+template <typename S>
+void scores(const S* a, int64_t n, const S* bt, int64_t D, S* out) {
+  gemm(a, D, 1, bt, kBlockK, out, kBlockK, n, kBlockK, D, true);
 }
 
 // acc[i][:] += sum_{j < nk} c[i][j] * rows[j][:], j in order (P.V, dS.K).
 template <typename S>
-DSK_CPU_CLONES void accumulate(const S* c, int64_t nq, int64_t nk, const S* rows, int64_t D,
-                               S* acc) {
-  for (int64_t i = 0; i < nq; ++i) {
-    S* a = acc + i * D;
-    for (int64_t j = 0; j < nk; ++j) {
-      const S w = c[i * kBlockK + j];
-      const S* r = rows + j * D;
-      for (int64_t d = 0; d < D; ++d) a[d] += w * r[d];
-    }
-  }
+void accumulate(const S* c, int64_t nq, int64_t nk, const S* rows, int64_t D, S* acc) {
+  gemm(c, kBlockK, 1, rows, D, acc, D, nq, D, nk, false);
 }
 
 // acc[j][:] += sum_{i < nq} c[i][j] * rows[i][:], i in order (P^T.dO, dS^T.Q).
 template <typename S>
-DSK_CPU_CLONES void accumulate_t(const S* c, int64_t nq, int64_t nk, const S* rows, int64_t D,
-                                 S* acc) {
-  for (int64_t i = 0; i < nq; ++i) {
-    const S* r = rows + i * D;
-    for (int64_t j = 0; j < nk; ++j) {
-      const S w = c[i * kBlockK + j];
-      S* a = acc + j * D;
-      for (int64_t d = 0; d < D; ++d) a[d] += w * r[d];
-    }
-  }
+void accumulate_t(const S* c, int64_t nq, int64_t nk, const S* rows, int64_t D, S* acc) {
+  gemm(c, 1, kBlockK, rows, D, acc, D, nk, D, nq, false);
 }
 
 // x[i] = 2^x[i] in place. fp32: x = n + f with n = rint(x) (the 1.5 * 2^23
@@ -169,6 +212,8 @@ template <typename S>
 bool apply_mask(const AttnParams& p, int64_t b, const SeqRange& r, int64_t i0, int64_t nq,
                 int64_t j0, int64_t nk, S* s, S hidden) {
   const bool* pad = p.key_padding_mask ? p.key_padding_mask + b * p.seqlen_k + j0 : nullptr;
+  // Nothing hidden: no padding and (if causal) the block's first query sees its last key.
+  if (!pad && (!p.causal || key_limit(p, r, i0) >= j0 + nk)) return true;
   bool any = false;
   for (int64_t i = 0; i < nq; ++i) {
     S* row = s + i * kBlockK;
@@ -237,8 +282,7 @@ void fwd(const AttnParams& p) {
         load_rows(v + koff, k_stride, nk, D, S(1), vs.data());
         for (int64_t i = 0; i < nq; ++i) {
           S* row = s.data() + i * kBlockK;
-          S mx = -inf;
-          for (int64_t j = 0; j < nk; ++j) mx = row[j] > mx ? row[j] : mx;
+          const S mx = lane_max(row, nk);
           if (mx == -inf) {  // this row sees no key of this block: p = 0
             std::fill(row, row + nk, S(0));
             continue;
@@ -247,8 +291,7 @@ void fwd(const AttnParams& p) {
           const S alpha = std::exp2(m[i] - mnew);  // 0 for the first visible block
           for (int64_t j = 0; j < nk; ++j) row[j] -= mnew;
           exp2_inplace(row, nk);
-          S sum = S(0);
-          for (int64_t j = 0; j < nk; ++j) sum += row[j];
+          const S sum = lane_sum(row, nk);
           l[i] = l[i] * alpha + sum;
           m[i] = mnew;
           S* a = acc.data() + i * D;
@@ -326,8 +369,9 @@ void bwd(const AttnParams& p) {
         const int64_t off = ((r.q_start + i) * p.Hq + h) * D;
         const T* o = static_cast<const T*>(p.out) + off;
         const T* g = static_cast<const T*>(p.dout) + off;
-        S sum = S(0);
-        for (int64_t c = 0; c < D; ++c) sum += static_cast<S>(o[c]) * static_cast<S>(g[c]);
+        S prod[8 * ((kMaxRow + 7) / 8)];
+        for (int64_t c = 0; c < D; ++c) prod[c] = static_cast<S>(o[c]) * static_cast<S>(g[c]);
+        const S sum = lane_sum(prod, D);
         delta[lse_offset(p, b, h, r, i)] = sum;
       }
     }
