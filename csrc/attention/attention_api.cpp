@@ -281,8 +281,11 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_varlen(
   const at::Tensor cq = cu_seqlens_q.contiguous(), ck = cu_seqlens_k.contiguous();
   AttnParams p = varlen_params(op, qc, kc, vc, cq, ck, max_seqlen_q, max_seqlen_k, softmax_scale,
                                causal);
-  at::Tensor out = at::empty_like(qc);
-  at::Tensor lse = at::empty({p.Hq, p.total_q}, qc.options().dtype(lse_dtype(qc)));
+  // On CUDA the cu_seqlens contents are not checked: rows outside every sample
+  // (or past max_seqlen_q) are written by no kernel, so start from zeros there.
+  at::Tensor out = qc.is_cuda() ? at::zeros_like(qc) : at::empty_like(qc);
+  at::Tensor lse = qc.is_cuda() ? at::full({p.Hq, p.total_q}, -INFINITY, qc.options().dtype(lse_dtype(qc)))
+                                : at::empty({p.Hq, p.total_q}, qc.options().dtype(lse_dtype(qc)));
   if (out.numel() == 0 || p.B == 0) return {out, lse};
   p.out = out.data_ptr();
   p.lse = lse.data_ptr();
