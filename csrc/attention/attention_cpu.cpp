@@ -184,7 +184,7 @@ void accumulate_t(const S* c, int64_t nq, int64_t nk, const S* rows, int64_t D, 
 // trick) and |f| <= 1/2, 2^f by its degree-7 Taylor polynomial (truncation
 // < 1e-8 relative), 2^n through the exponent bits; x < -127 (and -inf) gives 0.
 // Vectorizes. fp64 (gradcheck only): std::exp2.
-DSK_CPU_CLONES void exp2_inplace(float* x, int64_t n) {
+DSK_CPU_CLONES DSK_CPU_FMA void exp2_inplace(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     float v = x[i] < -127.f ? -127.f : x[i];
     v = v > 127.f ? 127.f : v;
