@@ -490,7 +490,7 @@ def cross_attention(
         causal: query i sees keys ``j <= i + Lk - Lq`` (aligned bottom-right, as in
             FlashAttention-2; for self-attention Lq == Lk this is the usual mask).
         return_lse: also return the log-sum-exp of the scaled scores, fp32
-            ``[B, Hq, Lq]`` (fp64 for fp64 inputs).
+            ``[B, Hq, Lq]`` (fp64 for fp64 inputs); not differentiable.
 
     A query that sees no key (all masked) gets output 0, lse ``-inf`` and zero
     gradients. Differentiable in q, k and v.
@@ -555,12 +555,12 @@ def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 def _attention_setup(ctx, inputs, output):
     q, k, v, scale, mask, causal = inputs
     ctx.scale, ctx.causal = scale, causal
+    # lse is an auxiliary output, not differentiable (a constant to autograd).
+    ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(q, k, v, output[0], output[1], mask)
 
 
 def _attention_backward(ctx, dout, dlse):
-    # lse is an auxiliary output: a gradient flowing into it is not supported
-    # (the model never differentiates through it).
     q, k, v, out, lse, mask = ctx.saved_tensors
     dq, dk, dv = _ops.cross_attention_backward(dout.contiguous(), q, k, v, out, lse, ctx.scale,
                                                mask, ctx.causal)
@@ -570,6 +570,7 @@ def _attention_backward(ctx, dout, dlse):
 def _attention_varlen_setup(ctx, inputs, output):
     q, k, v, cu_q, cu_k, max_q, max_k, scale, causal = inputs
     ctx.max_q, ctx.max_k, ctx.scale, ctx.causal = max_q, max_k, scale, causal
+    ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k)
 
 

@@ -113,6 +113,15 @@ def test_fp64_exact_and_lse():
                                atol=1e-5, rtol=1e-5)
 
 
+def test_lse_is_not_differentiable():
+    q, k, v = _qkv(1, 3, 4, 2, 2, 8, torch.float32, grad=True)
+    out, lse = dk.cross_attention(q, k, v, return_lse=True)
+    assert out.requires_grad and not lse.requires_grad
+    vq, vk, vv, cq, ck, mq, mk = _varlen_case([3, 1], [2, 4], 2, 2, 8, torch.float32)
+    out, lse = dk.cross_attention_varlen(vq, vk, vv, cq, ck, mq, mk, return_lse=True)
+    assert out.requires_grad and not lse.requires_grad
+
+
 def test_causal_is_bottom_right():
     # Lq = 2, Lk = 5: query 0 sees keys 0..3, query 1 sees keys 0..4.
     q, k, v = _qkv(1, 2, 5, 1, 1, 8, torch.float64)
