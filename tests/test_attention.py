@@ -248,14 +248,17 @@ def test_torch_compile_fullgraph(device):
     def f(q, k, v, mask):
         return dk.cross_attention(q * 2, k, v, key_padding_mask=mask, causal=True).sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    # Default (Inductor) backend: the op must trace without graph breaks; the
+    # fused q * 2 and the final sum may round differently from eager.
+    compiled = torch.compile(f, fullgraph=True)
+    tol = dict(atol=1e-4, rtol=1e-4) if device == "cpu" else dict(atol=5e-2, rtol=2e-2)
     eager = f(q, k, v, mask)
     got = compiled(q, k, v, mask)
-    torch.testing.assert_close(got, eager)
+    torch.testing.assert_close(got, eager, **tol)
     ge = torch.autograd.grad(eager, (q, k, v))
     gc = torch.autograd.grad(compiled(q, k, v, mask), (q, k, v))
     for a, b in zip(gc, ge):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, **tol)
 
 
 def test_deterministic_across_runs_and_threads():
