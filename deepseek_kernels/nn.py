@@ -141,7 +141,8 @@ class CrossAttention(nn.Module):
     self-attention on x. ``key_padding_mask`` is bool ``[B, Lk]``, True = ignore the
     key. ``causal`` aligns bottom-right (see :func:`deepseek_kernels.ops.cross_attention`).
     ``use_kernels=False`` runs :func:`deepseek_kernels.reference.cross_attention`
-    (plain PyTorch) instead of the fused kernel.
+    (plain PyTorch) instead of the fused kernel; ``use_kernels=None`` (the default)
+    follows the module's ``use_kernels`` attribute (True unless a model switches it).
     """
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: Optional[int] = None, *,
@@ -163,10 +164,12 @@ class CrossAttention(nn.Module):
         self.k_proj = nn.Linear(self.kv_dim, num_kv_heads * self.head_dim, bias=bias, **fk)
         self.v_proj = nn.Linear(self.kv_dim, num_kv_heads * self.head_dim, bias=bias, **fk)
         self.out_proj = nn.Linear(dim, dim, bias=bias, **fk)
+        self.use_kernels = True
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None,
                 key_padding_mask: Optional[Tensor] = None, causal: bool = False,
-                use_kernels: bool = True) -> Tensor:
+                use_kernels: Optional[bool] = None) -> Tensor:
+        use_kernels = self.use_kernels if use_kernels is None else use_kernels
         ctx = x if context is None else context
         b, lq, _ = x.shape
         lk = ctx.shape[1]

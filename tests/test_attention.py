@@ -346,6 +346,24 @@ def test_module(use_kernels):
                                atol=1e-5, rtol=1e-5)
 
 
+def test_module_use_kernels_attribute(monkeypatch):
+    # A model switches paths through the attribute (set_use_kernels); the forward's
+    # argument, when given, wins.
+    import deepseek_kernels.nn as dnn
+    calls = []
+    monkeypatch.setattr(dnn._reference, "cross_attention",
+                        lambda *a, **kw: calls.append("ref") or ref.cross_attention(*a, **kw))
+    m = CrossAttention(32, 2)
+    x = torch.randn(1, 5, 32)
+    m(x)
+    assert calls == []
+    m.use_kernels = False
+    m(x)
+    assert calls == ["ref"]
+    m(x, use_kernels=True)
+    assert calls == ["ref"]
+
+
 def test_reference_matches_sdpa():
     # The reference itself, against PyTorch's SDPA (no mask, causal square, GQA expanded).
     q, k, v = _qkv(2, 33, 33, 4, 2, 32, torch.float64)
