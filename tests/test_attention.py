@@ -350,9 +350,9 @@ def test_module_use_kernels_attribute(monkeypatch):
     # A model switches paths through the attribute (set_use_kernels); the forward's
     # argument, when given, wins.
     import deepseek_kernels.nn as dnn
-    calls = []
+    calls, original = [], ref.cross_attention
     monkeypatch.setattr(dnn._reference, "cross_attention",
-                        lambda *a, **kw: calls.append("ref") or ref.cross_attention(*a, **kw))
+                        lambda *a, **kw: calls.append("ref") or original(*a, **kw))
     m = CrossAttention(32, 2)
     x = torch.randn(1, 5, 32)
     m(x)
