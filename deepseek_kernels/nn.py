@@ -128,9 +128,23 @@ class MoELayer(nn.Module):
 # Attention
 # ---------------------------------------------------------------------------
 
+import warnings  # noqa: E402
+
 from . import reference as _reference  # noqa: E402
 
 __all__ += ["CrossAttention"]
+
+# What the fused kernels take (csrc/attention/attention_api.cpp checks the same).
+_CUDA_ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
+_CUDA_ATTENTION_HEAD_DIMS = (32, 64, 96, 128, 256)
+_CPU_ATTENTION_MAX_HEAD_DIM = 256
+
+
+def _attention_kernels_support(q: Tensor) -> bool:
+    d = q.shape[-1]
+    if q.device.type == "cuda":
+        return q.dtype in _CUDA_ATTENTION_DTYPES and d in _CUDA_ATTENTION_HEAD_DIMS
+    return q.device.type == "cpu" and d <= _CPU_ATTENTION_MAX_HEAD_DIM
 
 
 class CrossAttention(nn.Module):
@@ -143,6 +157,8 @@ class CrossAttention(nn.Module):
     ``use_kernels=False`` runs :func:`deepseek_kernels.reference.cross_attention`
     (plain PyTorch) instead of the fused kernel; ``use_kernels=None`` (the default)
     follows the module's ``use_kernels`` attribute (True unless a model switches it).
+    Cases the kernels do not take (on CUDA: fp32 activations, or a head dim outside
+    {32, 64, 96, 128, 256}) run the reference too, with a warning (once per call site).
     """
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: Optional[int] = None, *,
@@ -176,6 +192,12 @@ class CrossAttention(nn.Module):
         q = self.q_proj(x).view(b, lq, self.num_heads, self.head_dim)
         k = self.k_proj(ctx).view(b, lk, self.num_kv_heads, self.head_dim)
         v = self.v_proj(ctx).view(b, lk, self.num_kv_heads, self.head_dim)
+        if use_kernels and not _attention_kernels_support(q):
+            warnings.warn(
+                f"CrossAttention: no fused kernel for {q.dtype} head_dim={self.head_dim} on "
+                f"{q.device.type} (CUDA takes fp16/bf16 and head dims {_CUDA_ATTENTION_HEAD_DIMS}); "
+                "using the PyTorch reference", stacklevel=2)
+            use_kernels = False
         attend = _ops.cross_attention if use_kernels else _reference.cross_attention
         o = attend(q, k, v, softmax_scale=self.softmax_scale, key_padding_mask=key_padding_mask,
                    causal=causal)

@@ -458,6 +458,23 @@ def test_cuda_varlen_and_determinism(causal):
 
 @requires_cuda
 @pytest.mark.cuda
+def test_cuda_module_falls_back_where_no_kernel():
+    # The model's default config: fp32, head dim 16 -> the reference, with a warning.
+    m = CrossAttention(64, 4).cuda()
+    x, ctx = torch.randn(2, 7, 64, device="cuda"), torch.randn(2, 11, 64, device="cuda")
+    with pytest.warns(UserWarning, match="no fused kernel"):
+        y = m(x, ctx)
+    torch.testing.assert_close(y, m(x, ctx, use_kernels=False))
+    # bf16, head dim 32: the kernel.
+    m2 = CrossAttention(128, 4).cuda().bfloat16()
+    xb, cb = x.repeat(1, 1, 2).bfloat16(), ctx.repeat(1, 1, 2).bfloat16()
+    torch.testing.assert_close(m2(xb, cb, causal=True).float(),
+                               m2(xb, cb, causal=True, use_kernels=False).float(),
+                               atol=3e-2, rtol=3e-2)
+
+
+@requires_cuda
+@pytest.mark.cuda
 def test_cuda_bad_inputs():
     q, k, v = _qkv(1, 4, 4, 2, 2, 48, torch.bfloat16, "cuda")
     with pytest.raises(ValueError, match="32, 64, 96, 128, 256"):
