@@ -136,7 +136,7 @@ __all__ += ["CrossAttention"]
 
 # What the fused kernels take (csrc/attention/attention_api.cpp checks the same).
 _CUDA_ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
-_CUDA_ATTENTION_HEAD_DIMS = (32, 64, 96, 128, 256)
+_CUDA_ATTENTION_HEAD_DIMS = (16, 32, 64, 96, 128, 256)
 _CPU_ATTENTION_MAX_HEAD_DIM = 256
 
 
@@ -158,7 +158,7 @@ class CrossAttention(nn.Module):
     (plain PyTorch) instead of the fused kernel; ``use_kernels=None`` (the default)
     follows the module's ``use_kernels`` attribute (True unless a model switches it).
     Cases the kernels do not take (on CUDA: fp32 activations, or a head dim outside
-    {32, 64, 96, 128, 256}) run the reference too, with a warning (once per call site).
+    {16, 32, 64, 96, 128, 256}) run the reference too, with a warning (once per call site).
     """
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: Optional[int] = None, *,

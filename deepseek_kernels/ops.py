@@ -483,7 +483,7 @@ def cross_attention(
         q: ``[B, Lq, Hq, D]``; k, v: ``[B, Lk, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA/MQA:
             query head h reads key/value head ``h // (Hq // Hkv)``). CPU: fp32, fp16, bf16
             (fp32 accumulation) and fp64, any D <= 256. CUDA: fp16/bf16, D in
-            {32, 64, 96, 128, 256}.
+            {16, 32, 64, 96, 128, 256}.
         softmax_scale: defaults to ``1 / sqrt(D)``.
         key_padding_mask: bool ``[B, Lk]``, True marks a key to ignore
             (``nn.MultiheadAttention``'s convention).

@@ -296,7 +296,7 @@ def test_bad_inputs():
         dk.cross_attention(q, k.half(), v.half())
     with pytest.raises(TypeError, match="must have dtype"):
         dk.cross_attention(q.int(), k.int(), v.int())
-    with pytest.raises(ValueError, match=r"head dim must be in \[1, 256\].*32, 64, 96, 128, 256"):
+    with pytest.raises(ValueError, match=r"head dim must be in \[1, 256\].*16, 32, 64, 96, 128, 256"):
         big = torch.randn(1, 2, 1, 300)
         dk.cross_attention(big, big, big)
     with pytest.raises(TypeError, match="key_padding_mask.*dtype"):
@@ -396,6 +396,7 @@ def test_bench_attention_smoke(tmp_path):
 
 CUDA_SHAPES = [
     (2, 1, 1, 2, 1, 32),
+    (2, 33, 17, 4, 4, 16),
     (2, 37, 129, 4, 2, 64),
     (1, 129, 37, 3, 3, 96),
     (1, 1025, 4097, 4, 1, 128),
@@ -459,7 +460,7 @@ def test_cuda_varlen_and_determinism(causal):
 @requires_cuda
 @pytest.mark.cuda
 def test_cuda_module_falls_back_where_no_kernel():
-    # The model's default config: fp32, head dim 16 -> the reference, with a warning.
+    # fp32 (the model's default precision) -> the reference, with a warning.
     m = CrossAttention(64, 4).cuda()
     x, ctx = torch.randn(2, 7, 64, device="cuda"), torch.randn(2, 11, 64, device="cuda")
     with pytest.warns(UserWarning, match="no fused kernel"):
@@ -477,7 +478,7 @@ def test_cuda_module_falls_back_where_no_kernel():
 @pytest.mark.cuda
 def test_cuda_bad_inputs():
     q, k, v = _qkv(1, 4, 4, 2, 2, 48, torch.bfloat16, "cuda")
-    with pytest.raises(ValueError, match="32, 64, 96, 128, 256"):
+    with pytest.raises(ValueError, match="16, 32, 64, 96, 128, 256"):
         dk.cross_attention(q, k, v)
     q, k, v = _qkv(1, 4, 4, 2, 2, 64, torch.float32, "cuda")
     with pytest.raises(TypeError, match="float16 or bfloat16"):

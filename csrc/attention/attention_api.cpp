@@ -21,7 +21,7 @@ namespace dsk::attention {
 namespace {
 
 constexpr int64_t kMaxHeadDimCpu = 256;
-constexpr const char* kCudaHeadDims = "32, 64, 96, 128, 256";
+constexpr const char* kCudaHeadDims = "16, 32, 64, 96, 128, 256";
 
 // q, k, v: supported device and dtype, the same for all three, the given rank.
 void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -7,7 +7,7 @@ namespace dsk::attention {
 int launch_fwd_bf16(const AttnParams& p, cudaStream_t stream);
 
 bool cuda_head_dim_supported(int64_t d) {
-  return d == 32 || d == 64 || d == 96 || d == 128 || d == 256;
+  return d == 16 || d == 32 || d == 64 || d == 96 || d == 128 || d == 256;
 }
 
 int attention_fwd_cuda(const AttnParams& p, void* stream) {

@@ -238,6 +238,7 @@ int launch_fwd(const AttnParams& p, cudaStream_t stream) {
 template <typename T>
 int launch_fwd_any(const AttnParams& p, cudaStream_t stream) {
   switch (p.D) {
+    case 16: return launch_fwd<T, 16>(p, stream);
     case 32: return launch_fwd<T, 32>(p, stream);
     case 64: return launch_fwd<T, 64>(p, stream);
     case 96: return launch_fwd<T, 96>(p, stream);
