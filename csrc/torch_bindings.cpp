@@ -80,3 +80,40 @@ TORCH_LIBRARY_IMPL(deepseek_kernels, CUDA, m) {
   DSK_REGISTER_MOE(m)
 }
 #endif
+
+// ---- attention ----
+// Exact FlashAttention-style attention (csrc/attention). The forward ops return
+// the log-sum-exp the backward ops recompute the probabilities from; autograd
+// and the `return_lse` switch live in deepseek_kernels/ops.py.
+#include "attention/attention_api.h"
+
+TORCH_LIBRARY_FRAGMENT(deepseek_kernels, m) {
+  m.def(
+      "cross_attention(Tensor q, Tensor k, Tensor v, float? softmax_scale=None, "
+      "Tensor? key_padding_mask=None, bool causal=False) -> (Tensor out, Tensor lse)");
+  m.def(
+      "cross_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, float? softmax_scale=None, Tensor? key_padding_mask=None, "
+      "bool causal=False) -> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def(
+      "cross_attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float? softmax_scale=None, "
+      "bool causal=False) -> (Tensor out, Tensor lse)");
+  m.def(
+      "cross_attention_varlen_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+      "int max_seqlen_k, float? softmax_scale=None, bool causal=False)"
+      " -> (Tensor dq, Tensor dk, Tensor dv)");
+}
+
+#define DSK_REGISTER_ATTENTION(m)                                                  \
+  m.impl("cross_attention", &dsk::attention::cross_attention);                     \
+  m.impl("cross_attention_backward", &dsk::attention::cross_attention_backward);   \
+  m.impl("cross_attention_varlen", &dsk::attention::cross_attention_varlen);       \
+  m.impl("cross_attention_varlen_backward", &dsk::attention::cross_attention_varlen_backward);
+
+TORCH_LIBRARY_IMPL(deepseek_kernels, CPU, m) { DSK_REGISTER_ATTENTION(m) }
+
+#ifdef DSK_WITH_CUDA
+TORCH_LIBRARY_IMPL(deepseek_kernels, CUDA, m) { DSK_REGISTER_ATTENTION(m) }
+#endif

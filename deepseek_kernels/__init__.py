@@ -65,3 +65,9 @@ __all__ = [
     "moe_permute",
     "moe_unpermute",
 ]
+
+
+# ---- attention ----
+from .ops import cross_attention, cross_attention_varlen  # noqa: E402
+
+__all__ += ["cross_attention", "cross_attention_varlen"]

@@ -126,3 +126,83 @@ class MoELayer(nn.Module):
         if self.training and self.bias_update_rate > 0 and bias is not None:
             _moe.update_correction_bias(bias, g.routed_counts, self.bias_update_rate)
         return y.reshape(shape)
+
+
+# ---------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------
+
+import warnings  # noqa: E402
+
+from . import reference as _reference  # noqa: E402
+
+__all__ += ["CrossAttention"]
+
+# What the fused kernels take (csrc/attention/attention_api.cpp checks the same).
+_CUDA_ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
+_CUDA_ATTENTION_HEAD_DIMS = (16, 32, 64, 96, 128, 256)
+_CPU_ATTENTION_MAX_HEAD_DIM = 256
+
+
+def _attention_kernels_support(q: Tensor) -> bool:
+    d = q.shape[-1]
+    if q.device.type == "cuda":
+        return q.dtype in _CUDA_ATTENTION_DTYPES and d in _CUDA_ATTENTION_HEAD_DIMS
+    return q.device.type == "cpu" and d <= _CPU_ATTENTION_MAX_HEAD_DIM
+
+
+class CrossAttention(nn.Module):
+    """Multi-head (GQA/MQA) cross-attention with q/k/v/out projections.
+
+    ``forward(x [B, Lq, dim], context [B, Lk, kv_dim] = None, key_padding_mask=None,
+    causal=False, use_kernels=True)`` -> ``[B, Lq, dim]``. ``context=None`` is
+    self-attention on x. ``key_padding_mask`` is bool ``[B, Lk]``, True = ignore the
+    key. ``causal`` aligns bottom-right (see :func:`deepseek_kernels.ops.cross_attention`).
+    ``use_kernels=False`` runs :func:`deepseek_kernels.reference.cross_attention`
+    (plain PyTorch) instead of the fused kernel; ``use_kernels=None`` (the default)
+    follows the module's ``use_kernels`` attribute (True unless a model switches it).
+    Cases the kernels do not take (on CUDA: fp32 activations, or a head dim outside
+    {16, 32, 64, 96, 128, 256}) run the reference too, with a warning (once per call site).
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: Optional[int] = None, *,
+                 kv_dim: Optional[int] = None, bias: bool = False,
+                 softmax_scale: Optional[float] = None, device=None, dtype=None):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if dim % num_heads != 0:
+            raise ValueError(f"CrossAttention: dim={dim} must be a multiple of num_heads={num_heads}")
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"CrossAttention: num_heads={num_heads} must be a multiple of "
+                             f"num_kv_heads={num_kv_heads}")
+        fk = dict(device=device, dtype=dtype)
+        self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
+        self.head_dim = dim // num_heads
+        self.kv_dim = dim if kv_dim is None else kv_dim
+        self.softmax_scale = softmax_scale
+        self.q_proj = nn.Linear(dim, dim, bias=bias, **fk)
+        self.k_proj = nn.Linear(self.kv_dim, num_kv_heads * self.head_dim, bias=bias, **fk)
+        self.v_proj = nn.Linear(self.kv_dim, num_kv_heads * self.head_dim, bias=bias, **fk)
+        self.out_proj = nn.Linear(dim, dim, bias=bias, **fk)
+        self.use_kernels = True
+
+    def forward(self, x: Tensor, context: Optional[Tensor] = None,
+                key_padding_mask: Optional[Tensor] = None, causal: bool = False,
+                use_kernels: Optional[bool] = None) -> Tensor:
+        use_kernels = self.use_kernels if use_kernels is None else use_kernels
+        ctx = x if context is None else context
+        b, lq, _ = x.shape
+        lk = ctx.shape[1]
+        q = self.q_proj(x).view(b, lq, self.num_heads, self.head_dim)
+        k = self.k_proj(ctx).view(b, lk, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(ctx).view(b, lk, self.num_kv_heads, self.head_dim)
+        if use_kernels and not _attention_kernels_support(q):
+            warnings.warn(
+                f"CrossAttention: no fused kernel for {q.dtype} head_dim={self.head_dim} on "
+                f"{q.device.type} (CUDA takes fp16/bf16 and head dims {_CUDA_ATTENTION_HEAD_DIMS}); "
+                "using the PyTorch reference", stacklevel=2)
+            use_kernels = False
+        attend = _ops.cross_attention if use_kernels else _reference.cross_attention
+        o = attend(q, k, v, softmax_scale=self.softmax_scale, key_padding_mask=key_padding_mask,
+                   causal=causal)
+        return self.out_proj(o.reshape(b, lq, self.dim))

@@ -494,3 +494,129 @@ torch.library.register_autograd("deepseek_kernels::moe_permute", _permute_backwa
                                 setup_context=_permute_setup)
 torch.library.register_autograd("deepseek_kernels::moe_unpermute", _unpermute_backward,
                                 setup_context=_unpermute_setup)
+
+
+# ---------------------------------------------------------------------------
+# Attention: exact FlashAttention-style cross-attention (csrc/attention)
+# ---------------------------------------------------------------------------
+#
+# The forward ops always return (out, lse); the backward ops recompute the
+# attention probabilities blockwise from the saved lse (FlashAttention-2) and
+# are deterministic on every device (fixed summation order, no atomics).
+
+__all__ += ["cross_attention", "cross_attention_varlen"]
+
+
+def cross_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, softmax_scale: Optional[float] = None,
+    key_padding_mask: Optional[Tensor] = None, causal: bool = False, return_lse: bool = False,
+):
+    """Exact attention of ``q`` over ``k``/``v`` without materialising the Lq x Lk matrix.
+
+    Args:
+        q: ``[B, Lq, Hq, D]``; k, v: ``[B, Lk, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA/MQA:
+            query head h reads key/value head ``h // (Hq // Hkv)``). CPU: fp32, fp16, bf16
+            (fp32 accumulation) and fp64, any D <= 256. CUDA: fp16/bf16, D in
+            {16, 32, 64, 96, 128, 256}.
+        softmax_scale: defaults to ``1 / sqrt(D)``.
+        key_padding_mask: bool ``[B, Lk]``, True marks a key to ignore
+            (``nn.MultiheadAttention``'s convention).
+        causal: query i sees keys ``j <= i + Lk - Lq`` (aligned bottom-right, as in
+            FlashAttention-2; for self-attention Lq == Lk this is the usual mask).
+        return_lse: also return the log-sum-exp of the scaled scores, fp32
+            ``[B, Hq, Lq]`` (fp64 for fp64 inputs); not differentiable.
+
+    A query that sees no key (all masked) gets output 0, lse ``-inf`` and zero
+    gradients. Differentiable in q, k and v.
+    """
+    out, lse = _ops.cross_attention(q, k, v, softmax_scale, key_padding_mask, causal)
+    return (out, lse) if return_lse else out
+
+
+def cross_attention_varlen(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+    max_seqlen_q: int, max_seqlen_k: int, *, softmax_scale: Optional[float] = None,
+    causal: bool = False, return_lse: bool = False,
+):
+    """:func:`cross_attention` over packed samples of independent lengths.
+
+    ``q [total_q, Hq, D]``, ``k``/``v`` ``[total_k, Hkv, D]``; sample b holds query rows
+    ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and key rows ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``
+    (int32 ``[B + 1]``, starting at 0, non-decreasing; empty samples allowed).
+    ``max_seqlen_q/k`` must be >= every sample's length (checked on the CPU only: on
+    CUDA the check would need a host sync). ``causal`` aligns bottom-right per sample.
+    lse is fp32 ``[Hq, total_q]``.
+    """
+    out, lse = _ops.cross_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                           max_seqlen_k, softmax_scale, causal)
+    return (out, lse) if return_lse else out
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("deepseek_kernels::cross_attention")
+def _(q, k, v, softmax_scale=None, key_padding_mask=None, causal=False):
+    b, lq, hq, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        (b, hq, lq), dtype=_lse_dtype(q))
+
+
+@torch.library.register_fake("deepseek_kernels::cross_attention_backward")
+def _(dout, q, k, v, out, lse, softmax_scale=None, key_padding_mask=None, causal=False):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+@torch.library.register_fake("deepseek_kernels::cross_attention_varlen")
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
+      causal=False):
+    total_q, hq, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        (hq, total_q), dtype=_lse_dtype(q))
+
+
+@torch.library.register_fake("deepseek_kernels::cross_attention_varlen_backward")
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      softmax_scale=None, causal=False):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, scale, mask, causal = inputs
+    ctx.scale, ctx.causal = scale, causal
+    # lse is an auxiliary output, not differentiable (a constant to autograd).
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(q, k, v, output[0], output[1], mask)
+
+
+def _attention_backward(ctx, dout, dlse):
+    q, k, v, out, lse, mask = ctx.saved_tensors
+    dq, dk, dv = _ops.cross_attention_backward(dout.contiguous(), q, k, v, out, lse, ctx.scale,
+                                               mask, ctx.causal)
+    return dq, dk, dv, None, None, None
+
+
+def _attention_varlen_setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, causal = inputs
+    ctx.max_q, ctx.max_k, ctx.scale, ctx.causal = max_q, max_k, scale, causal
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k)
+
+
+def _attention_varlen_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = _ops.cross_attention_varlen_backward(
+        dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.scale,
+        ctx.causal)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+torch.library.register_autograd("deepseek_kernels::cross_attention", _attention_backward,
+                                setup_context=_attention_setup)
+torch.library.register_autograd("deepseek_kernels::cross_attention_varlen",
+                                _attention_varlen_backward, setup_context=_attention_varlen_setup)

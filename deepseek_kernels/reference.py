@@ -508,3 +508,87 @@ def moe_rows_dot(rows: Tensor, other: Tensor, expert_ids: Tensor, slots: Tensor,
         acc = acc[..., :half] + acc[..., half:2 * half]
         half //= 2
     return torch.where(r >= 0, acc[..., 0], torch.zeros_like(acc[..., 0]))
+
+
+# ---------------------------------------------------------------------------
+# Attention: exact (materialised) cross-attention, the kernels' semantics
+# ---------------------------------------------------------------------------
+#
+# s = softmax_scale * q.k over the visible keys (not padding; if causal,
+# j <= i + Lk - Lq, bottom-right aligned), p = softmax(s), out = p.v,
+# lse = logsumexp(s). A query that sees no key: out 0, lse -inf, zero gradients.
+# Computed in fp32 (fp64 for fp64 inputs) and cast back; differentiable.
+
+__all__ += ["cross_attention", "cross_attention_varlen"]
+
+
+def _attention_math(q: Tensor, k: Tensor, v: Tensor, softmax_scale: Optional[float],
+                    key_padding_mask: Optional[Tensor], causal: bool,
+                    compute_dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D] -> (out [B, Lq, Hq, D] in compute_dtype,
+    lse [B, Hq, Lq] in compute_dtype)."""
+    b, lq, hq, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    if hq % hkv != 0:
+        raise ValueError(f"cross_attention: query heads {hq} must be a multiple of key/value heads {hkv}")
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
+    qc = q.to(compute_dtype).transpose(1, 2)  # [B, Hq, Lq, D]
+    kc = k.to(compute_dtype).transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
+    vc = v.to(compute_dtype).transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
+    s = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # [B, Hq, Lq, Lk]
+    visible = torch.ones((b, 1, lq, lk), dtype=torch.bool, device=q.device)
+    if causal:
+        i = torch.arange(lq, device=q.device)[:, None]
+        j = torch.arange(lk, device=q.device)[None, :]
+        visible = visible & (j <= i + (lk - lq))
+    if key_padding_mask is not None:
+        visible = visible & ~key_padding_mask.to(torch.bool)[:, None, None, :]
+    s = s.masked_fill(~visible, -math.inf)
+    # Softmax is shift-invariant: a detached, finite row max keeps rows that see
+    # nothing (all -inf) at exp(-inf) = 0 instead of NaN, gradients included.
+    m = s.amax(dim=-1, keepdim=True).detach() if lk > 0 else s.new_zeros(s.shape[:-1] + (1,))
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    l = e.sum(dim=-1, keepdim=True)
+    seen = l > 0
+    p = e / torch.where(seen, l, torch.ones_like(l))
+    out = torch.matmul(p, vc).transpose(1, 2)
+    lse = torch.where(seen, torch.log(torch.where(seen, l, torch.ones_like(l))) + m,
+                      torch.full_like(l, -math.inf)).squeeze(-1)
+    return out, lse
+
+
+def _attention_compute_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def cross_attention(q: Tensor, k: Tensor, v: Tensor, *, softmax_scale: Optional[float] = None,
+                    key_padding_mask: Optional[Tensor] = None, causal: bool = False,
+                    return_lse: bool = False):
+    """Reference for :func:`deepseek_kernels.ops.cross_attention` (same signature):
+    materialises the [B, Hq, Lq, Lk] scores in fp32 (fp64 for fp64 inputs)."""
+    out, lse = _attention_math(q, k, v, softmax_scale, key_padding_mask, causal,
+                               _attention_compute_dtype(q))
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def cross_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+                           cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
+                           softmax_scale: Optional[float] = None, causal: bool = False,
+                           return_lse: bool = False):
+    """Reference for :func:`deepseek_kernels.ops.cross_attention_varlen`: one padded
+    reference call per sample (lse [Hq, total_q])."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    cdt = _attention_compute_dtype(q)
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        o, l = _attention_math(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]],
+                               v[None, ck[b]:ck[b + 1]], softmax_scale, None, causal, cdt)
+        outs.append(o[0])
+        lses.append(l[0])
+    hq = q.shape[1]
+    out = torch.cat(outs) if outs else q.new_zeros(q.shape, dtype=cdt)
+    lse = torch.cat(lses, dim=1) if lses else q.new_zeros((hq, 0), dtype=cdt)
+    out = out.to(q.dtype)
+    return (out, lse.float() if cdt == torch.float32 else lse) if return_lse else out

@@ -31,7 +31,9 @@ def test_ops_registered():
     names = ["quantize_int8", "dequantize_int8", "dequantize_sum_int8",
              "quantize_int4", "dequantize_int4", "dequantize_sum_int4",
              "moe_topk_gating", "moe_dispatch", "moe_combine", "moe_permute", "moe_unpermute",
-             "moe_rows_dot"]
+             "moe_rows_dot",
+             "cross_attention", "cross_attention_backward", "cross_attention_varlen",
+             "cross_attention_varlen_backward"]
     for name in names:
         assert hasattr(torch.ops.deepseek_kernels, name), name
 

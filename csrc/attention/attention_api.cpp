@@ -1,0 +1,331 @@
+// Host glue for attention (in the style of FlashAttention's flash_api.cpp):
+// validate arguments, allocate outputs, fill AttnParams and call the CPU or
+// CUDA launchers. Kernels never see torch tensors.
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+#include "attention/attention_api.h"
+#include "attention/attention_params.h"
+#include "common/checks.h"
+
+#ifdef DSK_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#endif
+
+namespace dsk::attention {
+namespace {
+
+constexpr int64_t kMaxHeadDimCpu = 256;
+constexpr const char* kCudaHeadDims = "16, 32, 64, 96, 128, 256";
+
+// q, k, v: supported device and dtype, the same for all three, the given rank.
+void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               int64_t dim) {
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"k", &k}, {"v", &v}}) {
+    check_supported_device(op, name, *t);
+    check_dtype(op, name, *t, {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
+    check_dim(op, name, *t, dim);
+  }
+  check_same_device(op, "k", k, "q", q);
+  check_same_device(op, "v", v, "q", q);
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+                   ": arguments 'q', 'k', 'v' must share a dtype, got ", q.scalar_type(), ", ",
+                   k.scalar_type(), ", ", v.scalar_type());
+  if (q.is_cuda()) {
+    TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
+                     ": CUDA kernels take float16 or bfloat16 'q', 'k', 'v', got ",
+                     q.scalar_type(), " (fp32/fp64 run on the CPU only)");
+  }
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), op, ": arguments 'k' and 'v' must have the same shape, got ",
+                    k.sizes(), " and ", v.sizes());
+  const int64_t Hq = q.size(-2), Hkv = k.size(-2), D = q.size(-1);
+  TORCH_CHECK_VALUE(k.size(-1) == D, op, ": arguments 'q' and 'k' must have the same head dim, got ",
+                    D, " and ", k.size(-1));
+  TORCH_CHECK_VALUE(Hkv >= 1 && Hq >= 1 && Hq % Hkv == 0, op,
+                    ": the query heads (", Hq, ", dim -2 of 'q') must be a positive multiple of "
+                    "the key/value heads (", Hkv, ", dim -2 of 'k')");
+  if (q.is_cuda()) {
+#ifdef DSK_WITH_CUDA
+    TORCH_CHECK_VALUE(cuda_head_dim_supported(D), op, ": head dim ", D,
+                      " is not supported by the CUDA kernels (supported: ", kCudaHeadDims, ")");
+#endif
+  } else {
+    TORCH_CHECK_VALUE(D >= 1 && D <= kMaxHeadDimCpu, op, ": head dim must be in [1, ",
+                      kMaxHeadDimCpu, "] on the CPU (CUDA: ", kCudaHeadDims, "), got ", D);
+  }
+}
+
+double resolve_scale(const char* op, std::optional<double> scale, int64_t D) {
+  const double s = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(D));
+  TORCH_CHECK_VALUE(std::isfinite(s), op, ": argument 'softmax_scale' must be finite, got ", s);
+  return s;
+}
+
+// Contiguous, and on CUDA 16-byte aligned (the kernels copy rows with 16-byte
+// cp.async; a contiguous view at an odd storage offset would fault).
+at::Tensor dense(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (c.is_cuda() && reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
+}
+
+at::ScalarType lse_dtype(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// cu_seqlens_{q,k}: int32 [B + 1] on q's device; on the CPU also 0-based,
+// non-decreasing, ending at the row count, with no sample longer than max_seqlen.
+void check_cu_seqlens(const char* op, const char* name, const at::Tensor& cu, const at::Tensor& q,
+                      int64_t batch_plus_1, int64_t total, int64_t max_seqlen,
+                      const char* max_name) {
+  check_dtype(op, name, cu, {at::kInt});
+  check_same_device(op, name, cu, "q", q);
+  check_dim(op, name, cu, 1);
+  TORCH_CHECK_VALUE(cu.size(0) >= 1, op, ": argument '", name,
+                    "' must have B + 1 >= 1 entries, got shape ", cu.sizes());
+  if (batch_plus_1 >= 0) {
+    TORCH_CHECK_VALUE(cu.size(0) == batch_plus_1, op, ": arguments 'cu_seqlens_q' and "
+                      "'cu_seqlens_k' must have the same length (B + 1), got ",
+                      batch_plus_1, " and ", cu.size(0));
+  }
+  TORCH_CHECK_VALUE(max_seqlen >= 0, op, ": argument '", max_name,
+                    "' must be non-negative, got ", max_seqlen);
+  if (!cu.is_cpu()) return;  // no host sync on CUDA: the caller vouches for the contents
+  const at::Tensor c = cu.contiguous();
+  const int32_t* a = c.data_ptr<int32_t>();
+  const int64_t n = c.size(0);
+  TORCH_CHECK_VALUE(a[0] == 0, op, ": argument '", name, "' must start at 0, got ", a[0]);
+  for (int64_t i = 1; i < n; ++i) {
+    TORCH_CHECK_VALUE(a[i] >= a[i - 1], op, ": argument '", name,
+                      "' must be non-decreasing, got ", a[i - 1], " then ", a[i], " at index ", i);
+    TORCH_CHECK_VALUE(a[i] - a[i - 1] <= max_seqlen, op, ": sample ", i - 1, " has ",
+                      a[i] - a[i - 1], " rows in '", name, "', more than '", max_name, "'=",
+                      max_seqlen);
+  }
+  TORCH_CHECK_VALUE(a[n - 1] == total, op, ": argument '", name, "' must end at the row count ",
+                    total, ", got ", a[n - 1]);
+}
+
+void check_mask(const char* op, const std::optional<at::Tensor>& mask, const at::Tensor& q,
+                int64_t B, int64_t Lk) {
+  if (!mask) return;
+  check_dtype(op, "key_padding_mask", *mask, {at::kBool});
+  check_same_device(op, "key_padding_mask", *mask, "q", q);
+  check_shape(op, "key_padding_mask", *mask, {B, Lk});
+}
+
+// Backward-only tensors: dout and out like q, lse of the given shape.
+void check_grad_inputs(const char* op, const at::Tensor& dout, const at::Tensor& out,
+                       const at::Tensor& lse, const at::Tensor& q, at::IntArrayRef lse_shape) {
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"dout", &dout}, {"out", &out}}) {
+    check_same_device(op, name, *t, "q", q);
+    check_dtype(op, name, *t, {q.scalar_type()});
+    check_shape(op, name, *t, q.sizes());
+  }
+  check_same_device(op, "lse", lse, "q", q);
+  check_dtype(op, "lse", lse, {lse_dtype(q)});
+  check_shape(op, "lse", lse, lse_shape);
+}
+
+#ifdef DSK_WITH_CUDA
+void* stream_of(const at::Tensor& t) {
+  return at::cuda::getCurrentCUDAStream(t.get_device()).stream();
+}
+#endif
+
+void run_fwd(const AttnParams& p, const at::Tensor& ref) {
+  if (ref.is_cuda()) {
+#ifdef DSK_WITH_CUDA
+    C10_CUDA_CHECK(static_cast<cudaError_t>(attention_fwd_cuda(p, stream_of(ref))));
+#endif
+  } else {
+    attention_fwd_cpu(p);
+  }
+}
+
+void run_bwd(AttnParams p, const at::Tensor& ref) {
+  if (ref.is_cuda()) {
+#ifdef DSK_WITH_CUDA
+    const int64_t lse_numel = p.cu_seqlens_q ? p.Hq * p.total_q : p.B * p.Hq * p.seqlen_q;
+    const at::Tensor delta = at::empty({lse_numel}, ref.options().dtype(at::kFloat));
+    p.delta = delta.data_ptr<float>();
+    C10_CUDA_CHECK(static_cast<cudaError_t>(attention_bwd_cuda(p, stream_of(ref))));
+#endif
+  } else {
+    attention_bwd_cpu(p);
+  }
+}
+
+AttnParams base_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       double scale, bool causal) {
+  AttnParams p;
+  p.dtype = to_dsk_dtype(q.scalar_type());
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.Hq = q.size(-2);
+  p.Hkv = k.size(-2);
+  p.D = q.size(-1);
+  p.softmax_scale = scale;
+  p.causal = causal;
+  return p;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> cross_attention(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    std::optional<double> softmax_scale, const std::optional<at::Tensor>& key_padding_mask,
+    bool causal) {
+  const char* op = "cross_attention";
+  check_qkv(op, q, k, v, 4);
+  const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), Lk = k.size(1);
+  TORCH_CHECK_VALUE(k.size(0) == B, op, ": arguments 'q' and 'k' must have the same batch size, got ",
+                    B, " and ", k.size(0));
+  check_mask(op, key_padding_mask, q, B, Lk);
+  const double scale = resolve_scale(op, softmax_scale, q.size(3));
+  const c10::DeviceGuard guard(q.device());
+  const at::Tensor qc = dense(q), kc = dense(k), vc = dense(v);
+  const at::Tensor mc = key_padding_mask ? key_padding_mask->contiguous() : at::Tensor();
+  at::Tensor out = at::empty_like(qc);
+  at::Tensor lse = at::empty({B, Hq, Lq}, qc.options().dtype(lse_dtype(qc)));
+  if (out.numel() == 0) return {out, lse};
+  AttnParams p = base_params(qc, kc, vc, scale, causal);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr();
+  p.B = B;
+  p.seqlen_q = Lq;
+  p.seqlen_k = Lk;
+  p.total_q = B * Lq;
+  p.total_k = B * Lk;
+  p.key_padding_mask = mc.defined() ? mc.data_ptr<bool>() : nullptr;
+  run_fwd(p, qc);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, std::optional<double> softmax_scale,
+    const std::optional<at::Tensor>& key_padding_mask, bool causal) {
+  const char* op = "cross_attention_backward";
+  check_qkv(op, q, k, v, 4);
+  const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), Lk = k.size(1);
+  TORCH_CHECK_VALUE(k.size(0) == B, op, ": arguments 'q' and 'k' must have the same batch size, got ",
+                    B, " and ", k.size(0));
+  check_mask(op, key_padding_mask, q, B, Lk);
+  check_grad_inputs(op, dout, out, lse, q, {B, Hq, Lq});
+  const double scale = resolve_scale(op, softmax_scale, q.size(3));
+  const c10::DeviceGuard guard(q.device());
+  const at::Tensor qc = dense(q), kc = dense(k), vc = dense(v);
+  const at::Tensor oc = dense(out), gc = dense(dout), lc = lse.contiguous();
+  const at::Tensor mc = key_padding_mask ? key_padding_mask->contiguous() : at::Tensor();
+  at::Tensor dq = at::empty_like(qc), dk = at::empty_like(kc), dv = at::empty_like(vc);
+  if (dq.numel() == 0 || dk.numel() == 0) {  // nothing to attend to, or no query asks
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  AttnParams p = base_params(qc, kc, vc, scale, causal);
+  p.out = const_cast<void*>(oc.data_ptr());
+  p.lse = const_cast<void*>(lc.data_ptr());
+  p.dout = gc.data_ptr();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.B = B;
+  p.seqlen_q = Lq;
+  p.seqlen_k = Lk;
+  p.total_q = B * Lq;
+  p.total_k = B * Lk;
+  p.key_padding_mask = mc.defined() ? mc.data_ptr<bool>() : nullptr;
+  run_bwd(p, qc);
+  return {dq, dk, dv};
+}
+
+namespace {
+
+// Shared by the varlen forward and backward: checks and the length fields.
+AttnParams varlen_params(const char* op, const at::Tensor& q, const at::Tensor& k,
+                         const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
+                         int64_t max_q, int64_t max_k, std::optional<double> softmax_scale,
+                         bool causal) {
+  check_qkv(op, q, k, v, 3);
+  check_cu_seqlens(op, "cu_seqlens_q", cu_q, q, -1, q.size(0), max_q, "max_seqlen_q");
+  check_cu_seqlens(op, "cu_seqlens_k", cu_k, q, cu_q.size(0), k.size(0), max_k, "max_seqlen_k");
+  AttnParams p = base_params(q, k, v, resolve_scale(op, softmax_scale, q.size(2)), causal);
+  p.B = cu_q.size(0) - 1;
+  p.total_q = q.size(0);
+  p.total_k = k.size(0);
+  p.seqlen_q = max_q;
+  p.seqlen_k = max_k;
+  p.cu_seqlens_q = cu_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_k.data_ptr<int32_t>();
+  return p;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> cross_attention_varlen(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, std::optional<double> softmax_scale, bool causal) {
+  const char* op = "cross_attention_varlen";
+  const c10::DeviceGuard guard(q.device());
+  const at::Tensor qc = dense(q), kc = dense(k), vc = dense(v);
+  const at::Tensor cq = cu_seqlens_q.contiguous(), ck = cu_seqlens_k.contiguous();
+  AttnParams p = varlen_params(op, qc, kc, vc, cq, ck, max_seqlen_q, max_seqlen_k, softmax_scale,
+                               causal);
+  // On CUDA the cu_seqlens contents are not checked: rows outside every sample
+  // (or past max_seqlen_q) are written by no kernel, so start from zeros there.
+  at::Tensor out = qc.is_cuda() ? at::zeros_like(qc) : at::empty_like(qc);
+  at::Tensor lse = qc.is_cuda() ? at::full({p.Hq, p.total_q}, -INFINITY, qc.options().dtype(lse_dtype(qc)))
+                                : at::empty({p.Hq, p.total_q}, qc.options().dtype(lse_dtype(qc)));
+  if (out.numel() == 0 || p.B == 0) return {out, lse};
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr();
+  run_fwd(p, qc);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_varlen_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    std::optional<double> softmax_scale, bool causal) {
+  const char* op = "cross_attention_varlen_backward";
+  const c10::DeviceGuard guard(q.device());
+  const at::Tensor qc = dense(q), kc = dense(k), vc = dense(v);
+  const at::Tensor cq = cu_seqlens_q.contiguous(), ck = cu_seqlens_k.contiguous();
+  AttnParams p = varlen_params(op, qc, kc, vc, cq, ck, max_seqlen_q, max_seqlen_k, softmax_scale,
+                               causal);
+  check_grad_inputs(op, dout, out, lse, q, {p.Hq, p.total_q});
+  const at::Tensor oc = dense(out), gc = dense(dout), lc = lse.contiguous();
+  at::Tensor dq = at::empty_like(qc), dk = at::empty_like(kc), dv = at::empty_like(vc);
+  if (dq.numel() == 0 || dk.numel() == 0 || p.B == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  // Rows outside every sample (cu_seqlens not covering the tensors is only
+  // caught on the CPU) are written by no kernel: their gradient is 0.
+  dq.zero_();
+  dk.zero_();
+  dv.zero_();
+  p.out = const_cast<void*>(oc.data_ptr());
+  p.lse = const_cast<void*>(lc.data_ptr());
+  p.dout = gc.data_ptr();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  run_bwd(p, qc);
+  return {dq, dk, dv};
+}
+
+}  // namespace dsk::attention

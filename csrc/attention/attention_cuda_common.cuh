@@ -1,0 +1,136 @@
+// Warp-level building blocks of the attention kernels (sm_80+): tensor-core
+// mma.sync m16n8k16 with fp32 accumulators, ldmatrix fragment loads from
+// shared memory, cp.async 16-byte copies with zero fill, and a 64 x D tile
+// loader. No torch headers.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 .f16/.bf16; g = lane / 4, t = lane % 4):
+//   A 16x16 (row-major): a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)
+//   B 16x8 ("col"):      b0 (k = 2t..2t+1, n = g), b1 (k = 2t+8.., n = g)
+//   C 16x8 fp32:         c0, c1 (g, 2t..2t+1), c2, c3 (g+8, 2t..2t+1)
+// So two adjacent C tiles (n = 0..15) are exactly the A fragment of a k = 16
+// step: softmax probabilities feed the next mma without leaving registers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common/cuda_utils.cuh"
+
+namespace dsk::attention {
+
+constexpr int kWarpSize = 32;
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 b16 matrices; lanes 8m..8m+7 give the row addresses of matrix m.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(row)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(row)));
+}
+
+// 16 bytes global -> shared, bypassing L1; zero-filled when !valid (nothing is read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
+               "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// 2^x with the hardware approximation (relative error ~2^-22); 2^-inf = 0.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Two floats as one register of T pair (lo in the low half).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __half>) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  } else {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+}
+
+// rows x D tile of T at `src` (row stride `stride` elements) into shared memory
+// (row stride LD elements) with 128 threads; rows >= valid_rows are zero-filled
+// so padding never injects NaN/Inf garbage into the mma.
+template <typename T, int D, int LD>
+__device__ __forceinline__ void load_tile_async(T* dst, const T* src, int64_t stride, int rows,
+                                                int64_t valid_rows, int tid) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  for (int c = tid; c < rows * kChunks; c += 128) {
+    const int row = c / kChunks, col = (c % kChunks) * 8;
+    const bool ok = row < valid_rows;
+    cp_async16(dst + row * LD + col, ok ? src + row * stride + col : src, ok);
+  }
+}
+
+// A fragment of rows [r0, r0 + 16) x cols [c0, c0 + 16) of a row-major shared tile.
+template <typename T, int LD>
+__device__ __forceinline__ void load_a_frag(uint32_t (&a)[4], const T* tile, int r0, int c0,
+                                            int lane) {
+  ldmatrix_x4(a, tile + (r0 + (lane % 16)) * LD + c0 + (lane / 16) * 8);
+}
+
+// B fragments of two n-tiles (n0..n0+7 -> b[0], b[1]; n0+8.. -> b[2], b[3]) for a
+// k-step at c0, where the shared tile is stored [n][k] (e.g. K for Q.K^T).
+template <typename T, int LD>
+__device__ __forceinline__ void load_b_frags_nk(uint32_t (&b)[4], const T* tile, int n0, int c0,
+                                                int lane) {
+  ldmatrix_x4(b, tile + (n0 + (lane / 16) * 8 + lane % 8) * LD + c0 + ((lane / 8) % 2) * 8);
+}
+
+// The same where the shared tile is stored [k][n] (e.g. V for P.V): transposed load.
+template <typename T, int LD>
+__device__ __forceinline__ void load_b_frags_kn(uint32_t (&b)[4], const T* tile, int k0, int n0,
+                                                int lane) {
+  ldmatrix_x4_trans(b, tile + (k0 + ((lane / 8) % 2) * 8 + lane % 8) * LD + n0 + (lane / 16) * 8);
+}
+
+// The A fragment of a k = 16 step from two fp32 C tiles (see the layout note).
+template <typename T>
+__device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
+  a[0] = pack2<T>(c0[0], c0[1]);
+  a[1] = pack2<T>(c0[2], c0[3]);
+  a[2] = pack2<T>(c1[0], c1[1]);
+  a[3] = pack2<T>(c1[2], c1[3]);
+}
+
+}  // namespace dsk::attention

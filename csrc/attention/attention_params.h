@@ -1,0 +1,98 @@
+// Plain parameter struct and launchers for exact (FlashAttention-style)
+// attention. Filled by attention_api.cpp, which validates the tensors; CPU
+// kernels in attention_cpu.cpp, CUDA kernels in attention_{fwd,bwd}_cuda.cu.
+//
+// Layout: q/out/dq rows are [total_q, Hq, D] and k/v/dk/dv rows [total_k, Hkv, D],
+// contiguous. The padded ops are the varlen ops with sample b's rows starting
+// at b * Lq (q) and b * Lk (k): cu_seqlens_* are null and seqlen_* fixed.
+//
+// Semantics (shared with deepseek_kernels/reference.py):
+//   s_ij = softmax_scale * <q_i, k_j>; query i of a sample with Lq_b queries and
+//   Lk_b keys sees key j when the key is not padding and, if causal,
+//   j <= i + Lk_b - Lq_b (bottom-right alignment). out_i = sum_j p_ij v_j with
+//   p = softmax over the visible keys; lse_i = log sum_j exp(s_ij) (natural log).
+//   A query that sees no key gets out = 0, lse = -inf and zero gradients.
+//   Query head h reads key/value head h / (Hq / Hkv) (GQA/MQA).
+#pragma once
+
+#include <cstdint>
+
+#include "common/dtype.h"
+
+namespace dsk::attention {
+
+struct AttnParams {
+  DType dtype = DType::kFloat32;  // of q, k, v, out and the gradients
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  void* lse = nullptr;  // padded: [B, Hq, Lq]; varlen: [Hq, total_q]; fp32 (fp64 for fp64 data)
+
+  int64_t B = 0, Hq = 0, Hkv = 0, D = 0;
+  int64_t total_q = 0, total_k = 0;
+  int64_t seqlen_q = 0, seqlen_k = 0;  // padded: Lq, Lk; varlen: max_seqlen_q/k
+  const int32_t* cu_seqlens_q = nullptr;  // [B + 1] or null (padded)
+  const int32_t* cu_seqlens_k = nullptr;
+  const bool* key_padding_mask = nullptr;  // padded only: [B, Lk], true = ignore the key
+
+  double softmax_scale = 1.0;  // the CUDA kernels round it to fp32
+  bool causal = false;
+
+  // Backward only.
+  const void* dout = nullptr;  // like out
+  void* dq = nullptr;          // like q
+  void* dk = nullptr;          // like k
+  void* dv = nullptr;          // like v
+  float* delta = nullptr;      // CUDA workspace: rowsum(dout * out), laid out like lse
+};
+
+// Sample b's first row and length; the padded layout is varlen with fixed lengths.
+struct SeqRange {
+  int64_t q_start, q_len, k_start, k_len;
+};
+
+#if defined(__CUDACC__)
+__host__ __device__ __forceinline__
+#else
+inline
+#endif
+SeqRange seq_range(const AttnParams& p, int64_t b) {
+  SeqRange r;
+  if (p.cu_seqlens_q) {
+    r.q_start = p.cu_seqlens_q[b];
+    r.q_len = p.cu_seqlens_q[b + 1] - r.q_start;
+    r.k_start = p.cu_seqlens_k[b];
+    r.k_len = p.cu_seqlens_k[b + 1] - r.k_start;
+  } else {
+    r.q_start = b * p.seqlen_q;
+    r.q_len = p.seqlen_q;
+    r.k_start = b * p.seqlen_k;
+    r.k_len = p.seqlen_k;
+  }
+  return r;
+}
+
+// Element offset of query row i (of sample b, head h) in lse.
+#if defined(__CUDACC__)
+__host__ __device__ __forceinline__
+#else
+inline
+#endif
+int64_t lse_offset(const AttnParams& p, int64_t b, int64_t h, const SeqRange& r, int64_t i) {
+  return p.cu_seqlens_q ? h * p.total_q + r.q_start + i : (b * p.Hq + h) * p.seqlen_q + i;
+}
+
+// CPU (fp32, fp16, bf16 and fp64 data).
+void attention_fwd_cpu(const AttnParams& p);
+void attention_bwd_cpu(const AttnParams& p);
+
+#ifdef DSK_WITH_CUDA
+// Head dims the CUDA kernels are compiled for.
+bool cuda_head_dim_supported(int64_t d);
+// Launch on `stream` (a cudaStream_t); return the cudaError_t as int.
+int attention_fwd_cuda(const AttnParams& p, void* stream);
+int attention_bwd_cuda(const AttnParams& p, void* stream);
+#endif
+
+}  // namespace dsk::attention

@@ -1,0 +1,488 @@
+"""Exact (FlashAttention-style) cross-attention: forward, backward, varlen, GQA.
+
+Accuracy follows FlashAttention's criterion against an fp64 reference:
+max|ours - ref64| <= 2 * max|torch_same_precision - ref64| + floor for outputs
+(3x for gradients), where torch_same_precision is the materialised reference
+computed in the input dtype. The fp64 kernels (CPU) are checked to 1e-10.
+"""
+
+import math
+
+import pytest
+import torch
+
+import deepseek_kernels as dk
+from deepseek_kernels import reference as ref
+from deepseek_kernels.nn import CrossAttention
+
+from .conftest import DEVICES, requires_cuda
+
+OPS = torch.ops.deepseek_kernels
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
+
+
+def _qkv(b, lq, lk, hq, hkv, d, dtype, device="cpu", grad=False):
+    mk = lambda *s: torch.randn(*s, dtype=dtype, device=device).requires_grad_(grad)  # noqa: E731
+    return mk(b, lq, hq, d), mk(b, lk, hkv, d), mk(b, lk, hkv, d)
+
+
+def _lowp(q, k, v, **kw):
+    """The materialised reference at the inputs' own precision (PyTorch-at-same-precision)."""
+    o, _ = ref._attention_math(q, k, v, kw.get("softmax_scale"), kw.get("key_padding_mask"),
+                               kw.get("causal", False), q.dtype)
+    return o.to(q.dtype)
+
+
+def _ref64(q, k, v, **kw):
+    f = lambda t: t.detach().double().cpu().requires_grad_(t.requires_grad)  # noqa: E731
+    mask = kw.get("key_padding_mask")
+    kw = dict(kw, key_padding_mask=None if mask is None else mask.cpu())
+    leaves = (f(q), f(k), f(v))
+    return ref.cross_attention(*leaves, **kw), leaves
+
+
+def _assert_close(ours, ref64, lowp, factor, dtype, what):
+    ours, ref64, lowp = ours.double().cpu(), ref64.double().cpu(), lowp.double().cpu()
+    assert torch.isfinite(ours).all(), f"{what}: non-finite values"
+    err = (ours - ref64).abs().max().item() if ours.numel() else 0.0
+    base = (lowp - ref64).abs().max().item() if ours.numel() else 0.0
+    bound = factor * base + ATOL[dtype]
+    assert err <= bound, f"{what}: max error {err:.3g} > {factor} x {base:.3g} + {ATOL[dtype]}"
+
+
+SHAPES = [
+    # B, Lq, Lk, Hq, Hkv, D
+    (2, 1, 1, 2, 1, 32),
+    (2, 37, 129, 4, 2, 64),
+    (1, 129, 37, 3, 3, 96),
+    (1, 200, 1000, 2, 1, 128),   # MQA, Lk not a multiple of the block
+    (2, 65, 70, 2, 2, 256),
+    (1, 5, 7, 2, 2, 59),         # odd head dim (CPU only)
+]
+
+
+def _check_fwd_bwd(shape, dtype, causal, masked, device="cpu", check_grad=True):
+    b, lq, lk, hq, hkv, d = shape
+    q, k, v = _qkv(b, lq, lk, hq, hkv, d, dtype, device, grad=True)
+    kw = dict(causal=causal)
+    if masked:
+        mask = torch.rand(b, lk, device=device) < 0.3
+        mask[0, :] = True  # sample 0: every key is padding
+        kw["key_padding_mask"] = mask
+    out = dk.cross_attention(q, k, v, **kw)
+    r64, leaves64 = _ref64(q, k, v, **kw)
+    lowp = _lowp(q, k, v, **kw)
+    _assert_close(out, r64, lowp, 2, dtype, "out")
+    if not check_grad:
+        return
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    grads64 = torch.autograd.grad(r64, leaves64, g.double().cpu())
+    grads_lowp = torch.autograd.grad(lowp, (q, k, v), g)
+    for name, a, r, lp in zip("qkv", grads, grads64, grads_lowp):
+        _assert_close(a, r, lp, 3, dtype, f"d{name}")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+def test_cpu_matches_reference(shape, dtype):
+    _check_fwd_bwd(shape, dtype, causal=False, masked=False)
+
+
+@pytest.mark.parametrize("causal,masked", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("shape", [(2, 37, 129, 4, 2, 64), (2, 129, 37, 2, 1, 32),
+                                   (1, 64, 64, 2, 2, 64)], ids=["lq<lk", "lq>lk", "square"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpu_causal_and_mask(shape, dtype, causal, masked):
+    _check_fwd_bwd(shape, dtype, causal, masked)
+
+
+def test_fp64_exact_and_lse():
+    q, k, v = _qkv(2, 37, 129, 4, 2, 64, torch.float64)
+    mask = torch.rand(2, 129) < 0.5
+    for causal in (False, True):
+        o, lse = dk.cross_attention(q, k, v, key_padding_mask=mask, causal=causal, return_lse=True)
+        r, rl = ref.cross_attention(q, k, v, key_padding_mask=mask, causal=causal, return_lse=True)
+        assert lse.shape == (2, 4, 37) and lse.dtype == torch.float64
+        torch.testing.assert_close(o, r, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(lse, rl, atol=1e-12, rtol=1e-12)
+    _, lse32 = dk.cross_attention(q.float(), k.float(), v.float(), return_lse=True)
+    assert lse32.dtype == torch.float32
+    torch.testing.assert_close(lse32.double(), ref.cross_attention(q, k, v, return_lse=True)[1],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_lse_is_not_differentiable():
+    q, k, v = _qkv(1, 3, 4, 2, 2, 8, torch.float32, grad=True)
+    out, lse = dk.cross_attention(q, k, v, return_lse=True)
+    assert out.requires_grad and not lse.requires_grad
+    vq, vk, vv, cq, ck, mq, mk = _varlen_case([3, 1], [2, 4], 2, 2, 8, torch.float32)
+    out, lse = dk.cross_attention_varlen(vq, vk, vv, cq, ck, mq, mk, return_lse=True)
+    assert out.requires_grad and not lse.requires_grad
+
+
+def test_causal_is_bottom_right():
+    # Lq = 2, Lk = 5: query 0 sees keys 0..3, query 1 sees keys 0..4.
+    q, k, v = _qkv(1, 2, 5, 1, 1, 8, torch.float64)
+    out = dk.cross_attention(q, k, v, causal=True)
+    mask = torch.tensor([[False, False, False, False, True]])
+    row0 = dk.cross_attention(q[:, :1], k, v, key_padding_mask=mask)
+    torch.testing.assert_close(out[:, :1], row0)
+    torch.testing.assert_close(out[:, 1:], dk.cross_attention(q[:, 1:], k, v))
+    # Lq > Lk: the first Lq - Lk queries see nothing -> 0.
+    q2, _, _ = _qkv(1, 7, 5, 1, 1, 8, torch.float64)
+    o2, lse2 = dk.cross_attention(q2, k, v, causal=True, return_lse=True)
+    assert torch.equal(o2[:, :2], torch.zeros_like(o2[:, :2]))
+    assert torch.isneginf(lse2[0, 0, :2]).all() and torch.isfinite(lse2[0, 0, 2:]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_all_masked_rows_zero_output_and_grads(dtype):
+    q, k, v = _qkv(2, 9, 17, 2, 1, 32, dtype, grad=True)
+    mask = torch.zeros(2, 17, dtype=torch.bool)
+    mask[1] = True
+    out, lse = dk.cross_attention(q, k, v, key_padding_mask=mask, return_lse=True)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.isneginf(lse[1]).all() and torch.isfinite(lse[0]).all()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+        assert torch.equal(t.grad[1], torch.zeros_like(t.grad[1]))
+    assert q.grad[0].abs().sum() > 0
+
+
+def test_empty_lengths():
+    q, k, v = _qkv(2, 0, 5, 2, 2, 32, torch.float32, grad=True)
+    out = dk.cross_attention(q, k, v)
+    assert out.shape == (2, 0, 2, 32)
+    out.sum().backward()
+    assert torch.equal(k.grad, torch.zeros_like(k))
+    q, k, v = _qkv(2, 3, 0, 2, 2, 32, torch.float32, grad=True)
+    out, lse = dk.cross_attention(q, k, v, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+    out.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q))
+
+
+def _varlen_case(lens_q, lens_k, hq, hkv, d, dtype, device="cpu"):
+    cu = lambda ls: torch.tensor([0] + list(torch.tensor(ls).cumsum(0).tolist()), dtype=torch.int32,  # noqa: E731
+                                 device=device)
+    q = torch.randn(sum(lens_q), hq, d, dtype=dtype, device=device, requires_grad=True)
+    k = torch.randn(sum(lens_k), hkv, d, dtype=dtype, device=device, requires_grad=True)
+    v = torch.randn(sum(lens_k), hkv, d, dtype=dtype, device=device, requires_grad=True)
+    return q, k, v, cu(lens_q), cu(lens_k), max(lens_q), max(lens_k)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=["fp64", "fp32", "bf16"])
+def test_varlen_matches_per_sample(dtype, causal):
+    # Empty and length-1 samples on either side, queries longer and shorter than keys.
+    lens_q, lens_k = [5, 0, 1, 70, 3, 1], [9, 4, 1, 33, 0, 130]
+    q, k, v, cq, ck, mq, mk = _varlen_case(lens_q, lens_k, 4, 2, 64, dtype)
+    out, lse = dk.cross_attention_varlen(q, k, v, cq, ck, mq, mk, causal=causal, return_lse=True)
+    assert lse.shape == (4, q.shape[0])
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    # Per sample through the padded op: the same kernels' semantics, independently laid out.
+    for b in range(len(lens_q)):
+        qs, ks = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+        qb, kb, vb = (t.detach()[None, s].requires_grad_() for t, s in ((q, qs), (k, ks), (v, ks)))
+        ob, lb = dk.cross_attention(qb, kb, vb, causal=causal, return_lse=True)
+        tol = dict(atol=ATOL[dtype], rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+        torch.testing.assert_close(out[qs], ob[0], **tol)
+        torch.testing.assert_close(lse[:, qs], lb[0], **tol)
+        gb = torch.autograd.grad(ob, (qb, kb, vb), g[None, qs])
+        for a, c in zip(grads, gb):
+            sl = qs if a.shape[0] == q.shape[0] else ks
+            torch.testing.assert_close(a[sl], c[0], **tol)
+    r = ref.cross_attention_varlen(q, k, v, cq, ck, mq, mk, causal=causal)
+    _assert_close(out, r.double(), r, 2, dtype, "varlen out vs reference")
+
+
+def test_gradcheck_fp64():
+    for causal in (False, True):
+        q, k, v = _qkv(1, 5, 7, 2, 1, 8, torch.float64, grad=True)
+        mask = torch.tensor([[False, True, False, False, True, False, False]])
+        torch.autograd.gradcheck(
+            lambda a, b, c: dk.cross_attention(a, b, c, key_padding_mask=mask, causal=causal),
+            (q, k, v))
+    q, k, v, cq, ck, mq, mk = _varlen_case([3, 0, 2], [4, 2, 1], 2, 2, 8, torch.float64)
+    torch.autograd.gradcheck(
+        lambda a, b, c: dk.cross_attention_varlen(a, b, c, cq, ck, mq, mk, causal=True), (q, k, v))
+
+
+def _opcheck_samples(device, dtype):
+    q, k, v = _qkv(2, 7, 11, 4, 2, 32, dtype, device, grad=True)
+    mask = torch.rand(2, 11, device=device) < 0.3
+    out, lse = OPS.cross_attention(q, k, v, None, mask, True)
+    dout = torch.randn_like(out)
+    vq, vk, vv, cq, ck, mq, mk = _varlen_case([3, 0, 5], [4, 6, 1], 4, 2, 32, dtype, device)
+    vout, vlse = OPS.cross_attention_varlen(vq, vk, vv, cq, ck, mq, mk, 0.3, True)
+    return [
+        (OPS.cross_attention.default, (q, k, v, None, mask, True), {}),
+        (OPS.cross_attention.default, (q, k, v, 0.5, None, False), {}),
+        (OPS.cross_attention_backward.default,
+         (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, mask, True), {}),
+        (OPS.cross_attention_varlen.default, (vq, vk, vv, cq, ck, mq, mk, 0.3, True), {}),
+        (OPS.cross_attention_varlen_backward.default,
+         (torch.randn_like(vout), vq.detach(), vk.detach(), vv.detach(), vout.detach(), vlse.detach(),
+          cq, ck, mq, mk, 0.3, True), {}),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    for op, args, kwargs in _opcheck_samples(device, dtype):
+        torch.library.opcheck(op, args, kwargs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    q, k, v = _qkv(2, 9, 13, 4, 2, 32, dtype, device, grad=True)
+    mask = torch.rand(2, 13, device=device) < 0.3
+
+    def f(q, k, v, mask):
+        return dk.cross_attention(q * 2, k, v, key_padding_mask=mask, causal=True).sum()
+
+    # Default (Inductor) backend: the op must trace without graph breaks; the
+    # fused q * 2 and the final sum may round differently from eager.
+    compiled = torch.compile(f, fullgraph=True)
+    tol = dict(atol=1e-4, rtol=1e-4) if device == "cpu" else dict(atol=5e-2, rtol=2e-2)
+    eager = f(q, k, v, mask)
+    got = compiled(q, k, v, mask)
+    torch.testing.assert_close(got, eager, **tol)
+    ge = torch.autograd.grad(eager, (q, k, v))
+    gc = torch.autograd.grad(compiled(q, k, v, mask), (q, k, v))
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_deterministic_across_runs_and_threads():
+    q, k, v = _qkv(2, 100, 300, 4, 2, 64, torch.float32, grad=True)
+    mask = torch.rand(2, 300) < 0.2
+
+    def run():
+        out = dk.cross_attention(q, k, v, key_padding_mask=mask, causal=True)
+        return (out,) + torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+    first = run()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(first, run(), single):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_bad_inputs():
+    q, k, v = _qkv(2, 4, 6, 4, 2, 32, torch.float32)
+    with pytest.raises(ValueError, match="multiple of"):
+        dk.cross_attention(q, k[:, :, :1].expand(2, 6, 3, 32).contiguous(), v[:, :, :1].expand(2, 6, 3, 32).contiguous())
+    with pytest.raises(ValueError, match="'k' and 'v' must have the same shape"):
+        dk.cross_attention(q, k, v[:, :5])
+    with pytest.raises(ValueError, match="same head dim"):
+        dk.cross_attention(q, k[..., :16], v[..., :16])
+    with pytest.raises(ValueError, match="batch size"):
+        dk.cross_attention(q, k[:1], v[:1])
+    with pytest.raises(ValueError, match="must be 4-D"):
+        dk.cross_attention(q[0], k, v)
+    with pytest.raises(TypeError, match="share a dtype"):
+        dk.cross_attention(q, k.half(), v.half())
+    with pytest.raises(TypeError, match="must have dtype"):
+        dk.cross_attention(q.int(), k.int(), v.int())
+    with pytest.raises(ValueError, match=r"head dim must be in \[1, 256\].*16, 32, 64, 96, 128, 256"):
+        big = torch.randn(1, 2, 1, 300)
+        dk.cross_attention(big, big, big)
+    with pytest.raises(TypeError, match="key_padding_mask.*dtype"):
+        dk.cross_attention(q, k, v, key_padding_mask=torch.zeros(2, 6))
+    with pytest.raises(ValueError, match="key_padding_mask.*shape"):
+        dk.cross_attention(q, k, v, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="softmax_scale"):
+        dk.cross_attention(q, k, v, softmax_scale=math.inf)
+    with pytest.raises(ValueError, match="lse"):
+        out, lse = OPS.cross_attention(q, k, v, None, None, False)
+        OPS.cross_attention_backward(out, q, k, v, out, lse[:, :, :2], None, None, False)
+
+    vq, vk, vv, cq, ck, mq, mk = _varlen_case([3, 2], [4, 1], 4, 2, 32, torch.float32)
+    vq, vk, vv = vq.detach(), vk.detach(), vv.detach()
+    with pytest.raises(TypeError, match="cu_seqlens_q.*dtype Int"):
+        dk.cross_attention_varlen(vq, vk, vv, cq.long(), ck, mq, mk)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        dk.cross_attention_varlen(vq, vk, vv, torch.tensor([0, 4, 3, 5], dtype=torch.int32),
+                                  torch.tensor([0, 2, 4, 5], dtype=torch.int32), 4, 4)
+    with pytest.raises(ValueError, match="must end at the row count 5"):
+        dk.cross_attention_varlen(vq, vk, vv, torch.tensor([0, 3, 4], dtype=torch.int32), ck, mq, mk)
+    with pytest.raises(ValueError, match="must start at 0"):
+        dk.cross_attention_varlen(vq, vk, vv, cq, torch.tensor([1, 4, 5], dtype=torch.int32), mq, mk)
+    with pytest.raises(ValueError, match="same length"):
+        dk.cross_attention_varlen(vq, vk, vv, cq, torch.tensor([0, 5], dtype=torch.int32), mq, mk)
+    with pytest.raises(ValueError, match="more than 'max_seqlen_k'"):
+        dk.cross_attention_varlen(vq, vk, vv, cq, ck, mq, 2)
+    with pytest.raises(ValueError, match="must be 3-D"):
+        dk.cross_attention_varlen(vq[None], vk, vv, cq, ck, mq, mk)
+
+
+@pytest.mark.parametrize("use_kernels", [True, False])
+def test_module(use_kernels):
+    torch.manual_seed(0)
+    m = CrossAttention(64, 4, 2, kv_dim=48, bias=True)
+    x, ctx = torch.randn(2, 9, 64, requires_grad=True), torch.randn(2, 13, 48)
+    mask = torch.rand(2, 13) < 0.3
+    y = m(x, ctx, key_padding_mask=mask, use_kernels=use_kernels)
+    y_ref = m(x, ctx, key_padding_mask=mask, use_kernels=False)
+    assert y.shape == (2, 9, 64)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    y.sum().backward()
+    assert m.k_proj.weight.grad is not None and torch.isfinite(m.k_proj.weight.grad).all()
+    # Self-attention, causal.
+    s = CrossAttention(64, 4)
+    torch.testing.assert_close(s(x, causal=True), s(x, causal=True, use_kernels=False),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_module_use_kernels_attribute(monkeypatch):
+    # A model switches paths through the attribute (set_use_kernels); the forward's
+    # argument, when given, wins.
+    import deepseek_kernels.nn as dnn
+    calls, original = [], ref.cross_attention
+    monkeypatch.setattr(dnn._reference, "cross_attention",
+                        lambda *a, **kw: calls.append("ref") or original(*a, **kw))
+    m = CrossAttention(32, 2)
+    x = torch.randn(1, 5, 32)
+    m(x)
+    assert calls == []
+    m.use_kernels = False
+    m(x)
+    assert calls == ["ref"]
+    m(x, use_kernels=True)
+    assert calls == ["ref"]
+
+
+def test_reference_matches_sdpa():
+    # The reference itself, against PyTorch's SDPA (no mask, causal square, GQA expanded).
+    q, k, v = _qkv(2, 33, 33, 4, 2, 32, torch.float64)
+    kk, vv = (t.repeat_interleave(2, dim=2) for t in (k, v))
+    for causal in (False, True):
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), is_causal=causal).transpose(1, 2)
+        torch.testing.assert_close(ref.cross_attention(q, k, v, causal=causal), want)
+
+
+def test_bench_attention_smoke(tmp_path):
+    """bench/bench_attention.py end to end on a tiny CPU case: its check against SDPA passes."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "bench_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention_smoke", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    (result,) = tmp_path.glob("attention-*.json")
+    data = json.loads(result.read_text())
+    assert all(data["checks"].values()) and len(data["rows"]) == 2
+
+
+# ---------------------------------------------------------------------------
+# CUDA (bf16/fp16; skipped without a GPU)
+# ---------------------------------------------------------------------------
+
+CUDA_SHAPES = [
+    (2, 1, 1, 2, 1, 32),
+    (2, 33, 17, 4, 4, 16),
+    (2, 37, 129, 4, 2, 64),
+    (1, 129, 37, 3, 3, 96),
+    (1, 1025, 4097, 4, 1, 128),
+    (2, 200, 333, 2, 2, 256),
+]
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("causal,masked", [(False, False), (True, False), (False, True), (True, True)])
+def test_cuda_matches_reference(shape, dtype, causal, masked):
+    _check_fwd_bwd(shape, dtype, causal, masked, device="cuda")
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_matches_cpu(causal):
+    q, k, v = _qkv(2, 77, 300, 4, 2, 64, torch.bfloat16, grad=True)
+    mask = torch.rand(2, 300) < 0.3
+    mask[1] = True
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        leaves = [t.detach().to(dev).requires_grad_() for t in (q, k, v)]
+        o, lse = dk.cross_attention(*leaves, key_padding_mask=mask.to(dev), causal=causal,
+                                    return_lse=True)
+        g = torch.autograd.grad(o, leaves, torch.ones_like(o))
+        outs[dev] = [t.detach().cpu().float() for t in (o, lse) + g]
+    for a, b in zip(outs["cpu"], outs["cuda"]):
+        assert torch.equal(torch.isneginf(a), torch.isneginf(b))
+        torch.testing.assert_close(a.nan_to_num(neginf=0), b.nan_to_num(neginf=0), atol=2e-2, rtol=2e-2)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_varlen_and_determinism(causal):
+    lens_q, lens_k = [5, 0, 1, 700, 3, 1, 129], [9, 4, 1, 1333, 0, 130, 64]
+    q, k, v, cq, ck, mq, mk = _varlen_case(lens_q, lens_k, 8, 2, 128, torch.bfloat16, "cuda")
+    out = dk.cross_attention_varlen(q, k, v, cq, ck, mq, mk, causal=causal)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    r = ref.cross_attention_varlen(*(t.detach().double() for t in (q, k, v)), cq, ck, mq, mk,
+                                   causal=causal)
+    # PyTorch at bf16, sample by sample.
+    bounds_q, bounds_k = cq.tolist(), ck.tolist()
+    lowp = torch.cat([
+        _lowp(q[None, bounds_q[b]:bounds_q[b + 1]], k[None, bounds_k[b]:bounds_k[b + 1]],
+              v[None, bounds_k[b]:bounds_k[b + 1]], causal=causal)[0]
+        for b in range(len(lens_q))])
+    _assert_close(out, r, lowp, 2, torch.bfloat16, "varlen out")
+    again = dk.cross_attention_varlen(q, k, v, cq, ck, mq, mk, causal=causal)
+    assert torch.equal(out, again)
+    grads2 = torch.autograd.grad(again, (q, k, v), g)
+    for a, b in zip(grads, grads2):
+        assert torch.equal(a, b)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_module_falls_back_where_no_kernel():
+    # fp32 (the model's default precision) -> the reference, with a warning.
+    m = CrossAttention(64, 4).cuda()
+    x, ctx = torch.randn(2, 7, 64, device="cuda"), torch.randn(2, 11, 64, device="cuda")
+    with pytest.warns(UserWarning, match="no fused kernel"):
+        y = m(x, ctx)
+    torch.testing.assert_close(y, m(x, ctx, use_kernels=False))
+    # bf16, head dim 32: the kernel.
+    m2 = CrossAttention(128, 4).cuda().bfloat16()
+    xb, cb = x.repeat(1, 1, 2).bfloat16(), ctx.repeat(1, 1, 2).bfloat16()
+    torch.testing.assert_close(m2(xb, cb, causal=True).float(),
+                               m2(xb, cb, causal=True, use_kernels=False).float(),
+                               atol=3e-2, rtol=3e-2)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_bad_inputs():
+    q, k, v = _qkv(1, 4, 4, 2, 2, 48, torch.bfloat16, "cuda")
+    with pytest.raises(ValueError, match="16, 32, 64, 96, 128, 256"):
+        dk.cross_attention(q, k, v)
+    q, k, v = _qkv(1, 4, 4, 2, 2, 64, torch.float32, "cuda")
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        dk.cross_attention(q, k, v)
+    q, k, v = _qkv(1, 4, 4, 2, 2, 64, torch.bfloat16, "cuda")
+    with pytest.raises(ValueError, match="same device"):
+        dk.cross_attention(q, k.cpu(), v)
