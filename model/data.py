@@ -204,6 +204,26 @@ def collate(tok: Tokenizer, data: VQAData, batch: Sequence[Tuple[int, str, str]]
     return {"images": images, "input_ids": ids, "targets": tgt}
 
 
+def question_kind(question: str) -> str:
+    """'is it larger than 4 ?' -> 'is it larger': the kind, for balancing and reporting."""
+    return " ".join(question.split()[:3])
+
+
+def balanced_pairs(data: VQAData) -> List[Tuple[int, str, str]]:
+    """Every (image, question, answer), with each image's question kinds repeated to the
+    same count: a digit has 9 'larger than' questions but one 'what digit', and the
+    latter carries the most signal about the image."""
+    out = []
+    for i, qa in enumerate(data.qa):
+        kinds: Dict[str, List[Tuple[str, str]]] = {}
+        for q, a in qa:
+            kinds.setdefault(question_kind(q), []).append((q, a))
+        n = max(len(v) for v in kinds.values())
+        for v in kinds.values():
+            out += [(i, q, a) for q, a in (v * n)[:n]]
+    return out
+
+
 class PairSampler:
     """Deterministic stream of (image, question, answer) batches: epoch e is a
     permutation drawn from (seed, e), so batch n is a pure function of (seed, n) and a

@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model.data import (PairSampler, Tokenizer, collate, load_digits_vqa, load_folder_vqa,
-                        split_by_image)
+from model.data import (PairSampler, Tokenizer, balanced_pairs, collate, load_digits_vqa,
+                        load_folder_vqa, question_kind, split_by_image)
 from model.modeling import ModelConfig, MultimodalMoE
 
 CKPT_PATTERN = "step_*.pt"
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--config", help="YAML file of flag values (flags on the command line win)")
     a("--data", default="digits", help="'digits' or a folder with annotations.jsonl")
     a("--val-fraction", type=float, default=0.2)
+    a("--balance-questions", action=argparse.BooleanOptionalAction, default=True,
+      help="train on every question kind equally often (validation asks every question)")
     a("--steps", type=int, default=1200, help="VQA optimizer steps")
     a("--align-steps", type=int, default=0, help="CLIP-style image-text alignment steps first")
     a("--batch-size", type=int, default=64, help="global batch (split across ranks)")
@@ -235,7 +237,7 @@ def evaluate(model, tok: Tokenizer, data, device, batch_size: int = 512, autocas
         ok = ((logits.argmax(-1) == b["targets"]) | ~m).all(1).cpu()
         right += int(ok.sum())
         for (_, q, _), o in zip(chunk, ok.tolist()):
-            kind = " ".join(q.split()[:3])
+            kind = question_kind(q)
             r, n = kinds.get(kind, (0, 0))
             kinds[kind] = (r + o, n + 1)
     model.train()
@@ -353,7 +355,8 @@ def train(args: argparse.Namespace) -> Dict:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else None
 
-    sampler = PairSampler(train_data.pairs(), args.batch_size, args.seed, rank, world)
+    pairs = balanced_pairs(train_data) if args.balance_questions else train_data.pairs()
+    sampler = PairSampler(pairs, args.batch_size, args.seed, rank, world)
     captions = _captions(train_data, tok)
     n_img_tokens = (mcfg.image_size // mcfg.patch_size) ** 2
     micro = args.batch_size // world // args.accum_steps
