@@ -101,12 +101,9 @@ class MoELayer(nn.Module):
             y = _ops.moe_combine(eo, g.expert_ids, g.slots, g.weights)
         else:
             packed, offsets = _ops.moe_permute(x2, g.expert_ids, g.slots, g.expert_counts)
-            bounds = offsets.tolist()
-            outs = []
-            for e in range(self.num_experts):
-                rows = packed[bounds[e]:bounds[e + 1]]
-                outs.append(self._swiglu(rows @ self.w_gate_up[e]) @ self.w_down[e])
-            eo = torch.cat(outs) if outs else packed
+            # The expert weights are stored [E, in, out]; grouped_gemm takes [E, out, in].
+            h = self._swiglu(_ops.grouped_gemm(packed, self.w_gate_up.transpose(1, 2), offsets))
+            eo = _ops.grouped_gemm(h, self.w_down.transpose(1, 2), offsets)
             y = _ops.moe_unpermute(eo, g.expert_ids, g.slots, offsets, g.weights)
         if self.shared is not None:
             y = y + self.shared["down"](self._swiglu(self.shared["gate_up"](x2)))
@@ -122,3 +119,53 @@ class MoELayer(nn.Module):
         if self.training and self.bias_update_rate > 0 and bias is not None:
             _moe.update_correction_bias(bias, g.routed_counts, self.bias_update_rate)
         return y.reshape(shape)
+
+
+# ---------------------------------------------------------------------------
+# GEMM modules
+# ---------------------------------------------------------------------------
+
+__all__ += ["Linear"]
+
+
+class Linear(nn.Module):
+    """Drop-in for :class:`torch.nn.Linear` (``weight [out, in]``, same init) running
+    :func:`deepseek_kernels.gemm`, with an optional activation fused into the epilogue
+    (``"none"``, ``"relu"``, ``"gelu"``, ``"gelu_tanh"``, ``"silu"``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 activation: str = "none", device=None, dtype=None):
+        super().__init__()
+        if activation not in _ops.GEMM_ACTIVATIONS:
+            raise ValueError(f"Linear: activation must be one of {_ops.GEMM_ACTIVATIONS}, "
+                             f"got {activation!r}")
+        fk = dict(device=device, dtype=dtype)
+        self.in_features, self.out_features, self.activation = in_features, out_features, activation
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **fk))
+        self.bias = nn.Parameter(torch.empty(out_features, **fk)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's initialisation, so swapping modules keeps training dynamics.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, activation: str = "none") -> "Linear":
+        """A Linear sharing nothing with ``linear`` but holding copies of its parameters."""
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, activation,
+                device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            m.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                m.bias.copy_(linear.bias)
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _ops.gemm(x, self.weight, self.bias, activation=self.activation)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, activation={self.activation!r}")

@@ -31,7 +31,8 @@ def test_ops_registered():
     names = ["quantize_int8", "dequantize_int8", "dequantize_sum_int8",
              "quantize_int4", "dequantize_int4", "dequantize_sum_int4",
              "moe_topk_gating", "moe_dispatch", "moe_combine", "moe_permute", "moe_unpermute",
-             "moe_rows_dot"]
+             "moe_rows_dot",
+             "gemm", "grouped_gemm", "grouped_gemm_wgrad", "quantize_int8_rowwise", "int8_gemm"]
     for name in names:
         assert hasattr(torch.ops.deepseek_kernels, name), name
 
