@@ -42,6 +42,12 @@ if command -v compute-sanitizer >/dev/null; then
   rc_moe=$?
   tail -3 "$OUT/sanitizer-moe.log"
   [ $rc_moe = 0 ] || { echo "SANITIZER (moe) FAILED (rc $rc_moe)"; status=1; }
+  timeout ${SANITIZER_TIMEOUT:-300} compute-sanitizer --tool memcheck --error-exitcode 9 --target-processes all \
+    $PY -m pytest tests/test_gemm.py -q -p no:cacheprovider -m cuda \
+      -k "not 1000 and not 1032" >"$OUT/sanitizer-gemm.log" 2>&1
+  rc_gemm=$?
+  tail -3 "$OUT/sanitizer-gemm.log"
+  [ $rc_gemm = 0 ] || { echo "SANITIZER (gemm) FAILED (rc $rc_gemm)"; status=1; }
   tail -5 "$OUT/sanitizer.log"
   grep -E "ERROR SUMMARY" "$OUT/sanitizer.log" | sort | uniq -c
   [ $rc = 0 ] || { echo "SANITIZER FAILED (rc $rc)"; status=1; }
@@ -54,6 +60,8 @@ step "benchmarks"
 $PY bench/bench_quant.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 $PY bench/bench_moe.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench-moe.log" | tail -20
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+$PY bench/bench_gemm.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench-gemm.log" | tail -20
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 step "done: status $status"

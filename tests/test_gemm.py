@@ -500,3 +500,21 @@ def test_moe_layer_dropless_uses_grouped_gemm(monkeypatch):
                 h = x[t].double() @ layer.w_gate_up[e].double()
                 want[t] += float(g.weights[t, j]) * (layer._swiglu(h) @ layer.w_down[e].double())
     torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_bench_gemm_smoke(tmp_path):
+    """bench/bench_gemm.py end to end on tiny CPU shapes: its checks must pass."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "bench_gemm.py"
+    spec = importlib.util.spec_from_file_location("bench_gemm_smoke", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rc = mod.main(["--device", "cpu", "--square", "48", "--grouped", "64", "4", "16", "24",
+                   "--int8", "16", "24", "40", "--out", str(tmp_path)])
+    assert rc == 0
+    (result,) = tmp_path.glob("gemm-*.json")
+    data = json.loads(result.read_text())
+    assert all(data["checks"].values()) and len(data["rows"]) == 4

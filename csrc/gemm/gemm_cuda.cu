@@ -11,7 +11,7 @@
 //   zero-filled by cp.async (src-size 0) and masked in the epilogue.
 //   The epilogue adds bias and applies the activation in fp32 registers.
 // Grouped GEMM runs the same kernel: a CTA's row tile lies inside one group;
-//   grid.x covers ceil(M / BM) + groups tiles (an upper bound, so offsets stay
+//   the grid covers ceil(M / BM) + groups row tiles (an upper bound, so offsets stay
 //   on the device) and each CTA finds its group with a warp-wide prefix sum of
 //   the groups' tile counts; surplus CTAs exit.
 // fp32: a SIMT kernel (64 x 64 tiles, 4 x 4 outputs per thread), same tiling of rows.
@@ -182,6 +182,25 @@ __device__ bool locate_row_tile(const GemmParams& p, int64_t tile, RowTile& out)
   return false;
 }
 
+__host__ __device__ __forceinline__ int64_t row_tiles(const GemmParams& p, int64_t bm) {
+  // Grouped: each group's last tile may be partial, so at most ceil(M / BM) + groups tiles.
+  return (p.m + bm - 1) / bm + (p.offsets != nullptr ? p.groups : 0);
+}
+
+// CTA `linear` -> (m_tile, n_tile), walking kRasterRows row tiles at a time
+// down the columns: CTAs resident together share a few A row panels and B
+// column panels in L2, instead of all CTAs of a wave sweeping every row of A.
+constexpr int64_t kRasterRows = 8;
+__device__ __forceinline__ void raster_order(int64_t linear, int64_t m_tiles, int64_t n_tiles,
+                                             int64_t& m_tile, int64_t& n_tile) {
+  const int64_t per_group = kRasterRows * n_tiles;
+  const int64_t first_m = linear / per_group * kRasterRows;
+  const int64_t rows = min(m_tiles - first_m, kRasterRows);
+  const int64_t within = linear % per_group;
+  m_tile = first_m + within % rows;
+  n_tile = within / rows;
+}
+
 // ---------------------------------------------------------------------------
 // Tensor-core kernel (bf16 / fp16)
 // ---------------------------------------------------------------------------
@@ -197,9 +216,11 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32) mma_gemm_kernel(GemmPa
   __shared__ __align__(128) T smem_a[kStages][BM * kBK];
   __shared__ __align__(128) T smem_b[kStages][BN * kBK];
 
+  int64_t m_tile, n_tile;
+  raster_order(blockIdx.x, row_tiles(p, BM), (p.n + BN - 1) / BN, m_tile, n_tile);
   RowTile tile;
-  if (!locate_row_tile<BM>(p, blockIdx.x, tile)) return;  // CTA-uniform
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
+  if (!locate_row_tile<BM>(p, m_tile, tile)) return;  // CTA-uniform
+  const int64_t n0 = n_tile * BN;
   const T* __restrict__ a = static_cast<const T*>(p.a);
   const T* __restrict__ b = static_cast<const T*>(p.b) + tile.group * p.n * p.k;
 
@@ -474,15 +495,12 @@ __global__ void __launch_bounds__(256) quantize_rows_int8_kernel(QuantizeRowsPar
 // Launchers
 // ---------------------------------------------------------------------------
 
-int64_t row_tiles(const GemmParams& p, int64_t bm) {
-  // Grouped: each group's last tile may be partial, so at most ceil(M / BM) + groups tiles.
-  return (p.m + bm - 1) / bm + (p.offsets != nullptr ? p.groups : 0);
-}
-
 template <typename T, int BM, int BN, int WARPS_M, int WARPS_N>
 void launch_mma(const GemmParams& p, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(row_tiles(p, BM)), static_cast<unsigned>((p.n + BN - 1) / BN));
-  mma_gemm_kernel<T, BM, BN, WARPS_M, WARPS_N><<<grid, WARPS_M * WARPS_N * 32, 0, stream>>>(p);
+  // 1-D grid in raster order (see raster_order).
+  const int64_t ctas = row_tiles(p, BM) * ((p.n + BN - 1) / BN);
+  constexpr int kThreads = WARPS_M * WARPS_N * 32;
+  mma_gemm_kernel<T, BM, BN, WARPS_M, WARPS_N><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(p);
 }
 
 template <typename T>
