@@ -16,7 +16,10 @@ matmul peak measured in the same run; medians.
     python bench/bench_gemm.py --device cuda   # H100: 4096^3, 8192^3, DeepSeek-V3 expert shapes
     python bench/bench_gemm.py --device cpu    # small shapes
 
-Results go to ``bench/results/gemm-<device_name>.json``. FP8 is not implemented yet.
+  fp8                dk.fp8_gemm (1x128 / 128x128 block scales) vs torch._scaled_mm row-wise
+                     (where available) and a bf16 matmul
+
+Results go to ``bench/results/gemm-<device_name>.json``.
 """
 
 from __future__ import annotations
@@ -40,9 +43,9 @@ import timer as T  # noqa: E402
 CONFIGS = {
     # (M, N, K) square problems; grouped: (routed rows, experts, N, K); int8: (M, N, K)
     "cuda": dict(square=[4096, 8192], dtype="bf16", grouped=(8192 * 8, 256, 2048, 7168),
-                 int8=(4096, 4096, 4096)),
+                 int8=(4096, 4096, 4096), fp8=(4096, 7168, 16384)),
     "cpu": dict(square=[256, 512], dtype="fp32", grouped=(2048, 16, 256, 256),
-                int8=(256, 256, 256)),
+                int8=(256, 256, 256), fp8=(64, 128, 256)),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COLUMNS = ["op", "shape", "dtype", "ours_ms", "peer_ms", "x_vs_peer", "ours_TFLOP/s", "%matmul_peak",
@@ -79,6 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES))
     ap.add_argument("--grouped", type=int, nargs=4, metavar=("ROWS", "E", "N", "K"))
     ap.add_argument("--int8", type=int, nargs=3, metavar=("M", "N", "K"))
+    ap.add_argument("--fp8", type=int, nargs=3, metavar=("M", "N", "K"))
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
 
@@ -87,7 +91,7 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     cfg = dict(CONFIGS[device.type])
-    for key in ("square", "dtype", "grouped", "int8"):
+    for key in ("square", "dtype", "grouped", "int8", "fp8"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     dtype = DTYPES[cfg["dtype"]]
@@ -103,7 +107,7 @@ def main(argv=None) -> int:
     checks, rows = {}, []
 
     def row(op, shape, flops, ours, peer, peer2=None):
-        r = {"op": op, "shape": shape, "dtype": cfg["dtype"] if op != "int8" else "int8"}
+        r = {"op": op, "shape": shape, "dtype": op if op in ("int8", "fp8") else cfg["dtype"]}
         r["ours_ms"] = T.time_fn(ours, device, **timing)["median_ms"]
         r["peer_ms"] = T.time_fn(peer, device, **timing)["median_ms"]
         r["x_vs_peer"] = r["peer_ms"] / r["ours_ms"]
@@ -169,12 +173,47 @@ def main(argv=None) -> int:
     print("note   : int8 peer is torch._int_mm + scaling" if has_int_mm
           else "note   : torch._int_mm unavailable here; int8 peer is a bf16 matmul")
 
+    del a, w, qa, qw, abf, wbf
+    m, n, k = cfg["fp8"]
+    a = torch.randn(m, k, device=device)
+    w = torch.randn(n, k, device=device) * k ** -0.5
+    qa, sa = dk.quantize_fp8(a, (1, 128))
+    qw, sw = dk.quantize_fp8(w, (128, 128))
+    out = dk.fp8_gemm(qa, sa, qw, sw)
+    if m * n * k <= 2 ** 24:  # the reference loops over K in Python
+        checks["fp8_bitwise_vs_reference"] = bool(torch.equal(out, ref.fp8_gemm(qa, sa, qw, sw)))
+    want = a.double() @ w.double().t()
+    rel = ((out.double() - want).norm() / want.norm()).item()
+    checks["fp8_rel_error_below_5e-2"] = rel < 5e-2
+    print(f"check  : fp8 relative error vs fp64 {rel:.3g}", flush=True)
+    del want
+    abf, wbf = a.to(torch.bfloat16), w.to(torch.bfloat16)
+    # Peer: torch._scaled_mm with row-wise scales (cuBLASLt; coarser scaling than ours).
+    qa_row = (a / (a.abs().amax(1, keepdim=True) / 448)).to(torch.float8_e4m3fn)
+    qw_row = (w / (w.abs().amax(1, keepdim=True) / 448)).to(torch.float8_e4m3fn)
+    sa_row = (a.abs().amax(1, keepdim=True) / 448).float()
+    sw_row = (w.abs().amax(1, keepdim=True) / 448).float().t()
+
+    def scaled_mm():
+        return torch._scaled_mm(qa_row, qw_row.t(), scale_a=sa_row, scale_b=sw_row,
+                                out_dtype=torch.bfloat16)
+
+    try:
+        scaled_mm()
+        peer, peer2, note = scaled_mm, (lambda: torch.matmul(abf, wbf.t())), "torch._scaled_mm row-wise"
+    except (RuntimeError, NotImplementedError):
+        peer, peer2, note = (lambda: torch.matmul(abf, wbf.t())), None, "bf16 matmul (_scaled_mm unavailable)"
+    row("fp8", f"{m}x{n}x{k}", 2.0 * m * n * k, lambda: dk.fp8_gemm(qa, sa, qw, sw), peer, peer2)
+    print(f"note   : fp8 peer is {note}; peer2 a bf16 matmul; ours is a SIMT kernel (no FP8 tensor cores yet)")
+
     print()
     T.print_table(rows, COLUMNS)
     path = T.write_results(Path(args.out) / f"gemm-{info['name']}.json", dict(
         device=info, config=cfg, matmul_peak_tflops=peak, checks=checks, rows=rows,
         notes={"grouped": "peer = one matmul of the same total size; peer2 = per-expert loop",
-               "int8": "peer = torch._int_mm + scaling when available (peer2 = bf16 matmul)"},
+               "int8": "peer = torch._int_mm + scaling when available (peer2 = bf16 matmul)",
+               "fp8": "peer = torch._scaled_mm row-wise when available, peer2 = bf16 matmul; "
+                      "ours = exact SIMT kernel, not tensor cores"},
         torch=torch.__version__, build=dk.build_info()))
     print(f"\nwrote {path}")
     return 0 if all(checks.values()) else 1

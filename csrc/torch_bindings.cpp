@@ -62,6 +62,10 @@ TORCH_LIBRARY(deepseek_kernels, m) {
   m.def(
       "int8_gemm(Tensor a, Tensor a_scales, Tensor w, Tensor w_scales, Tensor? bias=None, *, "
       "ScalarType? out_dtype=None) -> Tensor");
+  m.def("quantize_fp8(Tensor x, int[] block=[1, 128]) -> (Tensor q, Tensor scales)");
+  m.def(
+      "fp8_gemm(Tensor a, Tensor a_scales, Tensor w, Tensor w_scales, *, "
+      "ScalarType? out_dtype=None) -> Tensor");
 }
 
 // The host glue branches on the tensors' device (one validation path for
@@ -89,7 +93,9 @@ TORCH_LIBRARY(deepseek_kernels, m) {
   m.impl("grouped_gemm", &dsk::gemm::grouped_gemm);                         \
   m.impl("grouped_gemm_wgrad", &dsk::gemm::grouped_gemm_wgrad);             \
   m.impl("quantize_int8_rowwise", &dsk::gemm::quantize_int8_rowwise);       \
-  m.impl("int8_gemm", &dsk::gemm::int8_gemm);
+  m.impl("int8_gemm", &dsk::gemm::int8_gemm);                               \
+  m.impl("quantize_fp8", &dsk::gemm::quantize_fp8);                         \
+  m.impl("fp8_gemm", &dsk::gemm::fp8_gemm);
 
 TORCH_LIBRARY_IMPL(deepseek_kernels, CPU, m) {
   DSK_REGISTER_QUANT(m)

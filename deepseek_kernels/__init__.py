@@ -36,9 +36,11 @@ from .ops import (  # noqa: E402
     quantize_int8,
 )
 from .ops import (  # noqa: E402  (GEMMs)
+    fp8_gemm,
     gemm,
     grouped_gemm,
     int8_gemm,
+    quantize_fp8,
     quantize_int8_rowwise,
 )
 
@@ -74,4 +76,6 @@ __all__ = [
     "grouped_gemm",
     "quantize_int8_rowwise",
     "int8_gemm",
+    "quantize_fp8",
+    "fp8_gemm",
 ]

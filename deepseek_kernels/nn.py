@@ -169,3 +169,67 @@ class Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, activation={self.activation!r}")
+
+
+__all__ += ["FP8Linear"]
+
+
+class _FP8LinearFunction(torch.autograd.Function):
+    """FP8 forward (1x128 activation blocks, 128x128 weight blocks); straight-through
+    backward: the gradients of the unquantized linear map, computed in bf16."""
+
+    @staticmethod
+    def forward(ctx, x2: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        qx, sx = _ops.quantize_fp8(x2, (1, 128))
+        qw, sw = _ops.quantize_fp8(weight, (128, 128))
+        out_dtype = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16, torch.float16) \
+            else torch.float32
+        y = _ops.fp8_gemm(qx, sx, qw, sw, out_dtype=out_dtype)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        ctx.save_for_backward(x2, weight)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x2, weight = ctx.saved_tensors
+        g = dy.to(torch.bfloat16)
+        dx = (g @ weight.to(torch.bfloat16)).to(x2.dtype) if ctx.needs_input_grad[0] else None
+        dw = (g.t() @ x2.to(torch.bfloat16)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        db = dy.float().sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+class FP8Linear(nn.Module):
+    """Linear layer with an FP8 e4m3 forward (DeepSeek-V3 recipe): activations quantized
+    per 1x128 block, the (fp32/bf16 master) weight per 128x128 block, on every forward;
+    :func:`deepseek_kernels.fp8_gemm` accumulates per-block partial sums in fp32.
+    Backward is straight-through in bf16 (gradients of the unquantized linear map)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        fk = dict(device=device, dtype=dtype)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **fk))
+        self.bias = nn.Parameter(torch.empty(out_features, **fk)) if bias else None
+        Linear.reset_parameters(self)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module) -> "FP8Linear":
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            m.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                m.bias.copy_(linear.bias)
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        y = _FP8LinearFunction.apply(x2, self.weight, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

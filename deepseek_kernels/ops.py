@@ -619,3 +619,49 @@ def _grouped_backward(ctx, grad):
 torch.library.register_autograd("deepseek_kernels::gemm", _gemm_backward, setup_context=_gemm_setup)
 torch.library.register_autograd("deepseek_kernels::grouped_gemm", _grouped_backward,
                                 setup_context=_grouped_setup)
+
+
+# FP8 e4m3 block-scaled (DeepSeek-V3 recipe)
+
+__all__ += ["quantize_fp8", "fp8_gemm"]
+
+
+def quantize_fp8(x: Tensor, block: Tuple[int, int] = (1, 128)) -> Tuple[Tensor, Tensor]:
+    """Block-scaled FP8 e4m3 quantization of ``x [M, K]`` (fp32/fp16/bf16) in one pass.
+
+    ``block=(1, 128)`` (activations) gives ``scales [M, ceil(K/128)]``; ``(128, 128)``
+    (weights) gives ``scales [ceil(M/128), ceil(K/128)]``. scale = absmax / 448 in fp32
+    (1 for an all-zero block, NaN with codes 0 for a block holding NaN/Inf); code =
+    e4m3(x / scale), round to nearest even. Returns ``(q float8_e4m3fn [M, K], scales fp32)``.
+    Bitwise identical on CPU and GPU.
+    """
+    q, scales = _ops.quantize_fp8(x, list(block))
+    return q, scales
+
+
+def fp8_gemm(a: Tensor, a_scales: Tensor, w: Tensor, w_scales: Tensor, *,
+             out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """``a e4m3 [M, K]`` with ``a_scales [M, ceil(K/128)]`` (1 x 128 blocks) times
+    ``w e4m3 [N, K]`` with ``w_scales [ceil(N/128), ceil(K/128)]`` (128 x 128 blocks) ->
+    ``[M, N]`` in ``out_dtype``.
+
+    Per 128-wide K block: an fp32 partial sum (k ascending), scaled by the two block
+    scales and added to an fp32 accumulator in block order (DeepSeek-V3's promotion of
+    partial sums); one rounding at the end. CPU and CUDA agree bitwise (the CUDA kernel
+    is a SIMT kernel for now, not FP8 tensor cores). Not differentiable.
+    """
+    return _ops.fp8_gemm(a, a_scales, w, w_scales, out_dtype=out_dtype)
+
+
+@torch.library.register_fake("deepseek_kernels::quantize_fp8")
+def _(x, block=(1, 128)):
+    torch._check(x.dim() == 2, lambda: f"x must be 2-D [M, K], got {x.dim()}-D")
+    rows = -(-x.shape[0] // block[0])
+    return (x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
+            x.new_empty((rows, -(-x.shape[1] // 128)), dtype=torch.float32))
+
+
+@torch.library.register_fake("deepseek_kernels::fp8_gemm")
+def _(a, a_scales, w, w_scales, *, out_dtype=None):
+    torch._check(a.dim() == 2 and w.dim() == 2, lambda: "a must be [M, K], w [N, K]")
+    return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype or torch.bfloat16)

@@ -577,3 +577,45 @@ def int8_gemm(a: Tensor, a_scales: Tensor, w: Tensor, w_scales: Tensor, *,
     if bias is not None:
         out = out + bias
     return out.to(out_dtype)
+
+
+__all__ += ["quantize_fp8", "fp8_gemm"]
+
+_FP8_BLOCK = 128
+
+
+def quantize_fp8(x: Tensor, block: Tuple[int, int] = (1, 128)) -> Tuple[Tensor, Tensor]:
+    """Block absmax e4m3: scale = amax / 448 (fp32; 1 if 0; NaN for a non-finite block),
+    code = e4m3(clamp(x / scale, -448, 448)) rounded to nearest even."""
+    br = block[0]
+    m, k = x.shape
+    rb, cb = -(-m // br), -(-k // _FP8_BLOCK)
+    xf = x.to(torch.float32)
+    pad = torch.nn.functional.pad(xf, (0, cb * _FP8_BLOCK - k, 0, rb * br - m))
+    tiles = pad.view(rb, br, cb, _FP8_BLOCK)
+    finite = torch.isfinite(tiles).all(dim=3).all(dim=1)
+    amax = torch.where(torch.isfinite(tiles), tiles.abs(), torch.zeros_like(tiles)).amax(dim=3).amax(dim=1)
+    scales = amax / 448.0
+    scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+    scales = torch.where(finite, scales, torch.full_like(scales, float("nan")))
+    full = scales.repeat_interleave(br, 0)[:m].repeat_interleave(_FP8_BLOCK, 1)[:, :k]
+    ok = finite.repeat_interleave(br, 0)[:m].repeat_interleave(_FP8_BLOCK, 1)[:, :k]
+    v = torch.where(ok, xf / full, torch.zeros_like(xf)).clamp(-448.0, 448.0)
+    return v.to(torch.float8_e4m3fn), scales
+
+
+def fp8_gemm(a: Tensor, a_scales: Tensor, w: Tensor, w_scales: Tensor, *,
+             out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """The kernels' order: per K block, an fp32 sum over k ascending, then
+    acc = acc + (part * a_scale) * w_scale in fp32, block by block."""
+    m, k = a.shape
+    n = w.shape[0]
+    af, wf = a.to(torch.float32), w.to(torch.float32)
+    w_rows = w_scales.repeat_interleave(_FP8_BLOCK, 0)[:n]  # [N, k_blocks]
+    acc = torch.zeros(m, n, dtype=torch.float32, device=a.device)
+    for kb in range(-(-k // _FP8_BLOCK)):
+        part = torch.zeros(m, n, dtype=torch.float32, device=a.device)
+        for kk in range(kb * _FP8_BLOCK, min((kb + 1) * _FP8_BLOCK, k)):
+            part = part + af[:, kk, None] * wf[None, :, kk]
+        acc = acc + (part * a_scales[:, kb, None]) * w_rows[None, :, kb]
+    return acc.to(out_dtype)

@@ -32,7 +32,8 @@ def test_ops_registered():
              "quantize_int4", "dequantize_int4", "dequantize_sum_int4",
              "moe_topk_gating", "moe_dispatch", "moe_combine", "moe_permute", "moe_unpermute",
              "moe_rows_dot",
-             "gemm", "grouped_gemm", "grouped_gemm_wgrad", "quantize_int8_rowwise", "int8_gemm"]
+             "gemm", "grouped_gemm", "grouped_gemm_wgrad", "quantize_int8_rowwise", "int8_gemm",
+             "quantize_fp8", "fp8_gemm"]
     for name in names:
         assert hasattr(torch.ops.deepseek_kernels, name), name
 

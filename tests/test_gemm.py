@@ -513,8 +513,138 @@ def test_bench_gemm_smoke(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     rc = mod.main(["--device", "cpu", "--square", "48", "--grouped", "64", "4", "16", "24",
-                   "--int8", "16", "24", "40", "--out", str(tmp_path)])
+                   "--int8", "16", "24", "40", "--fp8", "8", "16", "256", "--out", str(tmp_path)])
     assert rc == 0
     (result,) = tmp_path.glob("gemm-*.json")
     data = json.loads(result.read_text())
-    assert all(data["checks"].values()) and len(data["rows"]) == 4
+    assert all(data["checks"].values()) and len(data["rows"]) == 5
+
+
+# ---------------------------------------------------------------------------
+# FP8 e4m3 block-scaled
+# ---------------------------------------------------------------------------
+
+from deepseek_kernels.nn import FP8Linear  # noqa: E402
+
+
+def _same(x, y):
+    """Bitwise equality, NaN == NaN."""
+    x, y = x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x, \
+        y.view(torch.uint8) if y.dtype == torch.float8_e4m3fn else y
+    return x.shape == y.shape and torch.equal(x.nan_to_num(-7), y.nan_to_num(-7))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block", [(1, 128), (128, 128)], ids=["1x128", "128x128"])
+@pytest.mark.parametrize("shape", [(1, 8), (17, 136), (130, 300)], ids=lambda s: "x".join(map(str, s)))
+def test_quantize_fp8_bitwise(device, dtype, block, shape):
+    x = _data(shape, dtype, device, 5.0)
+    if shape[0] > 3:
+        x[3] = 0  # a zero row: its 1x128 blocks get scale 1
+    if shape[0] > 5:
+        x[5, 0] = float("inf")
+    q, s = dk.quantize_fp8(x, block)
+    rq, rs = ref.quantize_fp8(x, block)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (-(-shape[0] // block[0]), -(-shape[1] // 128))
+    assert _same(q, rq) and _same(s, rs)
+    # Round to nearest e4m3: relative error <= 2^-4 of each finite block's values.
+    sf = s.repeat_interleave(block[0], 0)[:shape[0]].repeat_interleave(128, 1)[:, :shape[1]]
+    ok = torch.isfinite(sf)
+    deq = q.float() * sf
+    assert ((deq - x.float()).abs()[ok] <= 2 ** -4 * x.float().abs()[ok] + sf[ok] * 2 ** -9).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mnk", [(1, 8, 128), (17, 136, 256), (33, 130, 200), (64, 256, 1024)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+def test_fp8_gemm_bitwise_and_error(device, mnk, out_dtype):
+    m, n, k = mnk
+    x = _data((m, k), torch.float32, device)
+    w = _data((n, k), torch.float32, device, k ** -0.5)
+    qx, sx = dk.quantize_fp8(x, (1, 128))
+    qw, sw = dk.quantize_fp8(w, (128, 128))
+    out = dk.fp8_gemm(qx, sx, qw, sw, out_dtype=out_dtype)
+    assert out.dtype == out_dtype and torch.equal(out, ref.fp8_gemm(qx, sx, qw, sw, out_dtype=out_dtype))
+    # Error against the unquantized fp64 product, bounded elementwise from e4m3's
+    # rounding: |dx| <= max(2^-4 |x|, 2^-10 scale) (normal / subnormal range), so
+    # |d(x.w)| <= |x|.|dw| + |dx|.|w| + |dx|.|dw|, plus fp32 sums and the output rounding.
+    want = x.double() @ w.double().t()
+    xa, wa = x.double().abs(), w.double().abs()
+    ex = torch.maximum(xa * 2 ** -4, sx.double().repeat_interleave(128, 1)[:, :k] * 2 ** -10)
+    ew = torch.maximum(wa * 2 ** -4, sw.double().repeat_interleave(128, 0)[:n].repeat_interleave(
+        128, 1)[:, :k] * 2 ** -10)
+    bound = xa @ ew.t() + ex @ wa.t() + ex @ ew.t() + 1e-5 * (xa @ wa.t()) \
+        + want.abs() * torch.finfo(out_dtype).eps
+    assert ((out.double() - want).abs() <= bound).all()
+    # Reported next to bf16: FP8 (3 mantissa bits) is coarser, a few percent.
+    rel = ((out.double() - want).norm() / want.norm()).item()
+    rel_bf16 = ((x.bfloat16() @ w.bfloat16().t()).double() - want).norm().item() / want.norm().item()
+    if m * n >= 1000:
+        assert rel < 0.05 and rel > rel_bf16, (rel, rel_bf16)
+
+
+def test_fp8_opcheck():
+    x = torch.randn(9, 200)
+    torch.library.opcheck(torch.ops.deepseek_kernels.quantize_fp8.default, (x, [1, 128]))
+    torch.library.opcheck(torch.ops.deepseek_kernels.quantize_fp8.default, (x.bfloat16(), [128, 128]))
+    qx, sx = dk.quantize_fp8(x, (1, 128))
+    qw, sw = dk.quantize_fp8(torch.randn(20, 200), (128, 128))
+    # test_schema is left out for fp8 inputs: its mutation check multiplies the
+    # inputs, which torch does not implement for float8 on the CPU.
+    torch.library.opcheck(torch.ops.deepseek_kernels.fp8_gemm.default, (qx, sx, qw, sw),
+                          {"out_dtype": torch.float32},
+                          test_utils=("test_autograd_registration", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_bad_inputs(device):
+    x = torch.randn(4, 256, device=device)
+    qx, sx = dk.quantize_fp8(x, (1, 128))
+    qw, sw = dk.quantize_fp8(torch.randn(8, 256, device=device), (128, 128))
+    with pytest.raises(ValueError, match=r"'block' must be \(1, 128\) or \(128, 128\)"):
+        dk.quantize_fp8(x, (1, 64))
+    with pytest.raises(ValueError, match=r"'a_scales' must have shape \[4, 2\]"):
+        dk.fp8_gemm(qx, sx[:, :1], qw, sw)
+    with pytest.raises(ValueError, match=r"'w_scales' must have shape \[1, 2\]"):
+        dk.fp8_gemm(qx, sx, qw, sx)
+    with pytest.raises(ValueError, match=r"'w' must have shape \[N, K\] with K = 256"):
+        dk.fp8_gemm(qx, sx, qw[:, :128], sw[:, :1])
+    with pytest.raises(TypeError, match="argument 'a' must have dtype"):
+        dk.fp8_gemm(x, sx, qw, sw)
+    assert dk.fp8_gemm(qx[:0], sx[:0], qw, sw).shape == (0, 8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_linear(device):
+    base = torch.nn.Linear(256, 136, device=device)
+    lin = FP8Linear.from_linear(base)
+    x = torch.randn(2, 9, 256, device=device, requires_grad=True)
+    y = lin(x)
+    want = base(x)
+    assert y.shape == want.shape
+    rel = ((y - want).norm() / want.norm()).item()
+    assert rel < 0.05, rel
+    y.square().sum().backward()
+    assert lin.weight.grad is not None and lin.bias.grad is not None and x.grad is not None
+    # Straight-through: the bf16 gradient of the unquantized map at the FP8 output.
+    dy = 2 * y.detach().reshape(-1, 136)
+    torch.testing.assert_close(lin.bias.grad, dy.sum(0), rtol=1e-2, atol=1e-2)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_fp8_cuda_matches_cpu():
+    for m, n, k in [(1, 8, 128), (77, 300, 520), (256, 384, 1024)]:
+        x = torch.randn(m, k, dtype=torch.bfloat16) * 3
+        w = torch.randn(n, k, dtype=torch.bfloat16)
+        q_cpu = [dk.quantize_fp8(x, (1, 128)), dk.quantize_fp8(w, (128, 128))]
+        q_gpu = [dk.quantize_fp8(x.cuda(), (1, 128)), dk.quantize_fp8(w.cuda(), (128, 128))]
+        for (qc, sc), (qg, sg) in zip(q_cpu, q_gpu):
+            assert _same(qc, qg.cpu()) and _same(sc, sg.cpu())
+        (qx, sx), (qw, sw) = q_cpu
+        out_cpu = dk.fp8_gemm(qx, sx, qw, sw)
+        out_gpu = dk.fp8_gemm(qx.cuda(), sx.cuda(), qw.cuda(), sw.cuda())
+        assert torch.equal(out_gpu.cpu(), out_cpu)

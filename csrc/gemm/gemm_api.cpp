@@ -351,4 +351,84 @@ at::Tensor int8_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> quantize_fp8(const at::Tensor& x, at::IntArrayRef block) {
+  const char* op = "quantize_fp8";
+  check_supported_device(op, "x", x);
+  check_dtype(op, "x", x, {at::kFloat, at::kHalf, at::kBFloat16});
+  check_dim(op, "x", x, 2);
+  TORCH_CHECK_VALUE(block.size() == 2 && (block[0] == 1 || block[0] == kFp8Block) &&
+                        block[1] == kFp8Block,
+                    op, ": argument 'block' must be (1, 128) or (128, 128), got ", block);
+  const c10::DeviceGuard guard(x.device());
+  const at::Tensor xc = contiguous_aligned(x);
+  QuantizeFp8Params p;
+  p.rows = x.size(0);
+  p.cols = x.size(1);
+  p.block_rows = block[0];
+  p.col_blocks = ceil_div(p.cols, kFp8Block);
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kFloat8_e4m3fn));
+  at::Tensor scales = at::empty({ceil_div(p.rows, p.block_rows), p.col_blocks}, x.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {q, scales};
+  p.x = xc.data_ptr();
+  p.x_dtype = to_dsk_dtype(x.scalar_type());
+  p.q = static_cast<uint8_t*>(q.data_ptr());
+  p.scales = scales.data_ptr<float>();
+  if (x.is_cuda()) {
+#ifdef DSK_WITH_CUDA
+    C10_CUDA_CHECK(static_cast<cudaError_t>(quantize_fp8_cuda(p, stream_of(x))));
+#endif
+  } else {
+    quantize_fp8_cpu(p);
+  }
+  return {q, scales};
+}
+
+at::Tensor fp8_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& w,
+                    const at::Tensor& w_scales, std::optional<at::ScalarType> out_dtype) {
+  const char* op = "fp8_gemm";
+  check_supported_device(op, "a", a);
+  check_dtype(op, "a", a, {at::kFloat8_e4m3fn});
+  check_dtype(op, "w", w, {at::kFloat8_e4m3fn});
+  check_dtype(op, "a_scales", a_scales, {at::kFloat});
+  check_dtype(op, "w_scales", w_scales, {at::kFloat});
+  check_same_device(op, "a_scales", a_scales, "a", a);
+  check_same_device(op, "w", w, "a", a);
+  check_same_device(op, "w_scales", w_scales, "a", a);
+  check_dim(op, "a", a, 2);
+  check_dim(op, "w", w, 2);
+  const int64_t m = a.size(0), k = a.size(1), n = w.size(0);
+  TORCH_CHECK_VALUE(w.size(1) == k, op, ": argument 'w' must have shape [N, K] with K = ", k,
+                    " (a's last dimension), got ", w.sizes());
+  const int64_t k_blocks = ceil_div(k, kFp8Block);
+  check_shape(op, "a_scales", a_scales, {m, k_blocks});  // (1, 128) blocks
+  check_shape(op, "w_scales", w_scales, {ceil_div(n, kFp8Block), k_blocks});  // (128, 128) blocks
+  const at::ScalarType dtype = out_dtype.value_or(at::kBFloat16);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+                   ": argument 'out_dtype' must be one of Float, Half, BFloat16, got ", dtype);
+  const c10::DeviceGuard guard(a.device());
+  at::Tensor out = at::empty({m, n}, a.options().dtype(dtype));
+  if (m == 0 || n == 0) return out;
+  const at::Tensor ac = contiguous_aligned(a), wc = contiguous_aligned(w);
+  const at::Tensor asc = a_scales.contiguous(), wsc = w_scales.contiguous();
+  Fp8GemmParams p;
+  p.a = static_cast<const uint8_t*>(ac.data_ptr());
+  p.a_scales = asc.data_ptr<float>();
+  p.w = static_cast<const uint8_t*>(wc.data_ptr());
+  p.w_scales = wsc.data_ptr<float>();
+  p.out = out.data_ptr();
+  p.out_dtype = to_dsk_dtype(dtype);
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.k_blocks = k_blocks;
+  if (a.is_cuda()) {
+#ifdef DSK_WITH_CUDA
+    C10_CUDA_CHECK(static_cast<cudaError_t>(fp8_gemm_cuda(p, stream_of(a))));
+#endif
+  } else {
+    fp8_gemm_cpu(p);
+  }
+  return out;
+}
+
 }  // namespace dsk::gemm

@@ -21,5 +21,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_int8_rowwise(const at::Tensor& x);
 at::Tensor int8_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& w,
                      const at::Tensor& w_scales, const std::optional<at::Tensor>& bias,
                      std::optional<at::ScalarType> out_dtype);
+std::tuple<at::Tensor, at::Tensor> quantize_fp8(const at::Tensor& x, at::IntArrayRef block);
+at::Tensor fp8_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& w,
+                    const at::Tensor& w_scales, std::optional<at::ScalarType> out_dtype);
 
 }  // namespace dsk::gemm

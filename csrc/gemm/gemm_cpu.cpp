@@ -5,6 +5,7 @@
 // scaling rounds exactly as on the GPU.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
@@ -132,7 +133,88 @@ void int8_gemm_typed(const Int8GemmParams& p) {
   });
 }
 
+inline float fp8_to_float(uint8_t bits) {
+  return static_cast<float>(c10::Float8_e4m3fn(bits, c10::Float8_e4m3fn::from_bits()));
+}
+
+template <typename T>
+void quantize_fp8_typed(const QuantizeFp8Params& p) {
+  const T* x = static_cast<const T*>(p.x);
+  const int64_t row_blocks = (p.rows + p.block_rows - 1) / p.block_rows;
+  at::parallel_for(0, row_blocks * p.col_blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = (b / p.col_blocks) * p.block_rows, c0 = (b % p.col_blocks) * kFp8Block;
+      const int64_t r1 = std::min(r0 + p.block_rows, p.rows), c1 = std::min(c0 + kFp8Block, p.cols);
+      float amax = 0.0f;
+      bool finite = true;
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const float v = static_cast<float>(x[r * p.cols + c]);
+          finite = finite && std::isfinite(v);
+          amax = std::max(amax, std::fabs(v));
+        }
+      }
+      float scale = amax / 448.0f;
+      if (scale == 0.0f) scale = 1.0f;
+      if (!finite) scale = std::numeric_limits<float>::quiet_NaN();
+      p.scales[b] = scale;
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t c = c0; c < c1; ++c) {
+          float v = finite ? static_cast<float>(x[r * p.cols + c]) / scale : 0.0f;
+          v = std::min(std::max(v, -448.0f), 448.0f);
+          p.q[r * p.cols + c] = c10::Float8_e4m3fn(v).x;
+        }
+      }
+    }
+  });
+}
+
+// Rows of a and w decoded to fp32 once per task; sums in the contract's order.
+void fp8_gemm_typed(const Fp8GemmParams& p) {
+  constexpr int64_t kBlockM = 16, kBlockN = 64;
+  const int64_t mb = (p.m + kBlockM - 1) / kBlockM, nb = (p.n + kBlockN - 1) / kBlockN;
+  at::parallel_for(0, mb * nb, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> a_rows(static_cast<size_t>(kBlockM * p.k)), w_rows(static_cast<size_t>(kBlockN * p.k));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t m0 = (t / nb) * kBlockM, n0 = (t % nb) * kBlockN;
+      const int64_t m1 = std::min(m0 + kBlockM, p.m), n1 = std::min(n0 + kBlockN, p.n);
+      for (int64_t i = 0; i < (m1 - m0) * p.k; ++i) a_rows[i] = fp8_to_float(p.a[m0 * p.k + i]);
+      for (int64_t i = 0; i < (n1 - n0) * p.k; ++i) w_rows[i] = fp8_to_float(p.w[n0 * p.k + i]);
+      for (int64_t m = m0; m < m1; ++m) {
+        const float* ar = a_rows.data() + (m - m0) * p.k;
+        for (int64_t n = n0; n < n1; ++n) {
+          const float* wr = w_rows.data() + (n - n0) * p.k;
+          float acc = 0.0f;
+          for (int64_t kb = 0; kb < p.k_blocks; ++kb) {
+            const int64_t k1 = std::min((kb + 1) * kFp8Block, p.k);
+            float part = 0.0f;
+            for (int64_t k = kb * kFp8Block; k < k1; ++k) part = part + ar[k] * wr[k];
+            const float scaled = (part * p.a_scales[m * p.k_blocks + kb]) *
+                                 p.w_scales[(n / kFp8Block) * p.k_blocks + kb];
+            acc = acc + scaled;
+          }
+          store_any(p.out, p.out_dtype, m * p.n + n, acc);
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
+
+void quantize_fp8_cpu(const QuantizeFp8Params& p) {
+  if (p.rows == 0 || p.cols == 0) return;
+  switch (p.x_dtype) {
+    case DType::kFloat16: quantize_fp8_typed<c10::Half>(p); break;
+    case DType::kBFloat16: quantize_fp8_typed<c10::BFloat16>(p); break;
+    default: quantize_fp8_typed<float>(p); break;
+  }
+}
+
+void fp8_gemm_cpu(const Fp8GemmParams& p) {
+  if (p.m == 0 || p.n == 0) return;
+  fp8_gemm_typed(p);
+}
 
 void epilogue_cpu(const EpilogueParams& p) {
   if (p.m == 0 || p.n == 0) return;

@@ -17,6 +17,10 @@
 // fp32: a SIMT kernel (64 x 64 tiles, 4 x 4 outputs per thread), same tiling of rows.
 // INT8: dp4a SIMT kernel with exact int32 accumulation; the scaling uses
 //   __fmul_rn/__fadd_rn so it rounds exactly as the CPU kernel.
+// FP8 (e4m3, block scales): SIMT kernels that follow the contract in
+//   gemm_params.h step by step (bitwise equal to the CPU); no FP8 tensor cores yet.
+#include <cuda_fp8.h>
+
 #include <cstdint>
 
 #include "common/cuda_utils.cuh"
@@ -492,6 +496,107 @@ __global__ void __launch_bounds__(256) quantize_rows_int8_kernel(QuantizeRowsPar
 }
 
 // ---------------------------------------------------------------------------
+// FP8 e4m3 block-scaled: quantization and the exact SIMT GEMM
+// ---------------------------------------------------------------------------
+
+__device__ __forceinline__ float fp8_to_float(uint8_t bits) {
+  return __half2float(__half(__nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(bits), __NV_E4M3)));
+}
+
+// One warp per quantization block (1 x 128 or 128 x 128 elements).
+template <typename T>
+__global__ void __launch_bounds__(256) quantize_fp8_kernel(QuantizeFp8Params p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  const int64_t row_blocks = (p.rows + p.block_rows - 1) / p.block_rows;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  for (int64_t b = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+       b < row_blocks * p.col_blocks; b += warps) {
+    const int64_t r0 = b / p.col_blocks * p.block_rows, c0 = b % p.col_blocks * kFp8Block;
+    const int64_t r1 = min(r0 + p.block_rows, p.rows), c1 = min(c0 + kFp8Block, p.cols);
+    uint32_t amax = 0;  // bit pattern of |x|: NaN/Inf >= 0x7f800000
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t c = c0 + lane; c < c1; c += 32)
+        amax = max(amax, __float_as_uint(to_float(x[r * p.cols + c])) & 0x7fffffffu);
+    amax = warp_max(amax);
+    const bool finite = amax < 0x7f800000u;
+    float scale = __fdiv_rn(__uint_as_float(amax), 448.0f);
+    if (scale == 0.0f) scale = 1.0f;
+    if (!finite) scale = __int_as_float(0x7fc00000);
+    if (lane == 0) p.scales[b] = scale;
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t c = c0 + lane; c < c1; c += 32) {
+        const float v = finite ? __fdiv_rn(to_float(x[r * p.cols + c]), scale) : 0.0f;
+        p.q[r * p.cols + c] = static_cast<uint8_t>(
+            __nv_cvt_float_to_fp8(fminf(fmaxf(v, -448.0f), 448.0f), __NV_SATFINITE, __NV_E4M3));
+      }
+    }
+  }
+}
+
+constexpr int kFp8Tile = 64, kFp8Step = 32;  // 64 x 64 outputs; K staged 32 at a time
+
+__global__ void __launch_bounds__(256) fp8_gemm_kernel(Fp8GemmParams p) {
+  __shared__ float sa[kFp8Step][kFp8Tile + 4];
+  __shared__ float sb[kFp8Step][kFp8Tile + 4];
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kFp8Tile;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kFp8Tile;
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  float acc[4][4] = {};
+  for (int64_t kb = 0; kb < p.k_blocks; ++kb) {
+    float part[4][4] = {};
+    const int64_t k_end = min((kb + 1) * kFp8Block, p.k);
+    for (int64_t k0 = kb * kFp8Block; k0 < k_end; k0 += kFp8Step) {
+#pragma unroll
+      for (int r = 0; r < kFp8Tile * kFp8Step / 256; ++r) {
+        const int idx = tid + r * 256;
+        const int row = idx / kFp8Step, kk = idx % kFp8Step;
+        const int64_t gk = k0 + kk;
+        sa[kk][row] = (m0 + row < p.m && gk < k_end) ? fp8_to_float(p.a[(m0 + row) * p.k + gk]) : 0.0f;
+        sb[kk][row] = (n0 + row < p.n && gk < k_end) ? fp8_to_float(p.w[(n0 + row) * p.k + gk]) : 0.0f;
+      }
+      __syncthreads();
+      // Only real K positions are summed (a zero-filled one could turn a -0 sum into +0).
+      const int steps = k_end - k0 < kFp8Step ? static_cast<int>(k_end - k0) : kFp8Step;
+      for (int kk = 0; kk < steps; ++kk) {
+        float av[4], bv[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          av[i] = sa[kk][ty + 16 * i];
+          bv[i] = sb[kk][tx + 16 * i];
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) part[i][j] = __fadd_rn(part[i][j], __fmul_rn(av[i], bv[j]));
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t row = min(m0 + ty + 16 * i, p.m - 1);  // clamped reads; stores are masked
+      const float a_scale = p.a_scales[row * p.k_blocks + kb];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t col = min(n0 + tx + 16 * j, p.n - 1);
+        const float w_scale = p.w_scales[(col / kFp8Block) * p.k_blocks + kb];
+        acc[i][j] = __fadd_rn(acc[i][j], __fmul_rn(__fmul_rn(part[i][j], a_scale), w_scale));
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t row = m0 + ty + 16 * i;
+    if (row >= p.m) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t col = n0 + tx + 16 * j;
+      if (col < p.n) store_out(p.out, p.out_dtype, row * p.n + col, acc[i][j]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
 // Launchers
 // ---------------------------------------------------------------------------
 
@@ -549,6 +654,27 @@ int quantize_rows_int8_cuda(const QuantizeRowsParams& p, void* stream) {
     case DType::kBFloat16: quantize_rows_int8_kernel<__nv_bfloat16><<<blocks, 256, 0, s>>>(p); break;
     default: quantize_rows_int8_kernel<float><<<blocks, 256, 0, s>>>(p); break;
   }
+  return static_cast<int>(cudaGetLastError());
+}
+
+int quantize_fp8_cuda(const QuantizeFp8Params& p, void* stream) {
+  const int64_t blocks_total = (p.rows + p.block_rows - 1) / p.block_rows * p.col_blocks;
+  if (blocks_total == 0) return static_cast<int>(cudaSuccess);
+  const auto s = static_cast<cudaStream_t>(stream);
+  const unsigned blocks = static_cast<unsigned>(grid_size(blocks_total * 32, 256));
+  switch (p.x_dtype) {
+    case DType::kFloat16: quantize_fp8_kernel<__half><<<blocks, 256, 0, s>>>(p); break;
+    case DType::kBFloat16: quantize_fp8_kernel<__nv_bfloat16><<<blocks, 256, 0, s>>>(p); break;
+    default: quantize_fp8_kernel<float><<<blocks, 256, 0, s>>>(p); break;
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+int fp8_gemm_cuda(const Fp8GemmParams& p, void* stream) {
+  if (p.m == 0 || p.n == 0) return static_cast<int>(cudaSuccess);
+  const dim3 grid(static_cast<unsigned>((p.m + kFp8Tile - 1) / kFp8Tile),
+                  static_cast<unsigned>((p.n + kFp8Tile - 1) / kFp8Tile));
+  fp8_gemm_kernel<<<grid, 256, 0, static_cast<cudaStream_t>(stream)>>>(p);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -73,6 +73,40 @@ struct QuantizeRowsParams {
   int64_t rows = 0, cols = 0;
 };
 
+// FP8 e4m3 block-scaled (DeepSeek-V3 recipe). Arithmetic contract (CPU, the
+// CUDA kernel and reference.py agree bitwise):
+//   quantize: block = (1, 128) or (128, 128) elements; scale = amax / 448 in fp32
+//     (1 when 0; NaN with codes 0 for a block holding NaN/Inf);
+//     code = e4m3(clamp(x / scale, -448, 448)), round to nearest even.
+//   gemm: for each 128-wide K block kb in ascending order (the last may be short)
+//     part = fp32 sum over k ascending of float(a[m, k]) * float(w[n, k])
+//     acc  = acc + (part * a_scales[m, kb]) * w_scales[n / 128, kb]   (fp32, no FMA)
+//   then one rounding of acc to the output dtype.
+constexpr int64_t kFp8Block = 128;
+
+struct QuantizeFp8Params {
+  const void* x = nullptr;  // [rows, cols], dtype x_dtype
+  DType x_dtype = DType::kFloat32;
+  uint8_t* q = nullptr;     // e4m3 bit patterns, [rows, cols]
+  float* scales = nullptr;  // [ceil(rows / block_rows), ceil(cols / 128)]
+  int64_t rows = 0, cols = 0;
+  int64_t block_rows = 1;   // 1 or 128
+  int64_t col_blocks = 0;
+};
+
+struct Fp8GemmParams {
+  const uint8_t* a = nullptr;       // e4m3 [M, K]
+  const float* a_scales = nullptr;  // [M, k_blocks]
+  const uint8_t* w = nullptr;       // e4m3 [N, K]
+  const float* w_scales = nullptr;  // [ceil(N / 128), k_blocks]
+  void* out = nullptr;              // [M, N], dtype out_dtype
+  DType out_dtype = DType::kBFloat16;
+  int64_t m = 0, n = 0, k = 0, k_blocks = 0;
+};
+
+void quantize_fp8_cpu(const QuantizeFp8Params& p);
+void fp8_gemm_cpu(const Fp8GemmParams& p);
+
 void epilogue_cpu(const EpilogueParams& p);
 void int8_gemm_cpu(const Int8GemmParams& p);
 void quantize_rows_int8_cpu(const QuantizeRowsParams& p);
@@ -84,6 +118,9 @@ void quantize_rows_int8_cpu(const QuantizeRowsParams& p);
 int gemm_cuda(const GemmParams& p, void* stream);
 int int8_gemm_cuda(const Int8GemmParams& p, void* stream);
 int quantize_rows_int8_cuda(const QuantizeRowsParams& p, void* stream);
+// FP8: exact SIMT kernels (any sm_80+; no FP8 tensor cores yet).
+int quantize_fp8_cuda(const QuantizeFp8Params& p, void* stream);
+int fp8_gemm_cuda(const Fp8GemmParams& p, void* stream);
 #endif
 
 }  // namespace dsk::gemm
