@@ -1,5 +1,5 @@
-// Epilogue activations and the INT8 scaling step, shared by the CPU and CUDA
-// kernels (DSK_HOST_DEVICE) so both compute the same formulas.
+// Epilogue activations (shared by the CPU and CUDA kernels through
+// DSK_HOST_DEVICE, so both compute the same formulas) and the INT8 scaling step.
 #pragma once
 
 #include <cmath>
@@ -33,9 +33,9 @@ DSK_HOST_DEVICE F apply_activation(F x, Activation act) {
   }
 }
 
-// INT8 W8A8 epilogue, fixed order of fp32 operations (see gemm_params.h).
-// On the device the caller passes __fmul_rn/__fadd_rn results; on the host
-// -ffp-contract=off keeps these from fusing.
+// INT8 W8A8 scaling, fixed order of fp32 operations (see gemm_params.h); used
+// by the CPU kernel (-ffp-contract=off). The CUDA kernel spells the same steps
+// with __fmul_rn/__fadd_rn so nvcc cannot fuse the bias add into an FMA.
 DSK_HOST_DEVICE float int8_dequant(int acc, float a_scale, float w_scale) {
   const float prod = static_cast<float>(acc) * a_scale;
   return prod * w_scale;
