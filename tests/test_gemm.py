@@ -427,7 +427,10 @@ def test_int8_bad_inputs(device):
 @pytest.mark.cuda
 def test_cuda_matches_cpu():
     # bf16 through tensor cores vs the CPU's fp32 BLAS: same reference error budget.
-    for m, n, k in [(1, 8, 136), (129, 257, 72), (4096, 512, 1024), (300, 1000, 1000)]:
+    # The kernel picks 64x64 tiles for small problems and 128x128 ones once they
+    # fill the GPU (>= one CTA per SM): (2065, 1032, 264) is the latter, with tails.
+    for m, n, k in [(1, 8, 136), (129, 257, 72), (4096, 512, 1024), (300, 1000, 1000),
+                    (2065, 1032, 264)]:
         a = _data((m, k), torch.bfloat16, "cpu")
         w = _data((n, k), torch.bfloat16, "cpu", k ** -0.5)
         b = _data((n,), torch.bfloat16, "cpu")
@@ -437,13 +440,14 @@ def test_cuda_matches_cpu():
         _check_close(gpu, cpu, want)
         assert (gpu.float() - cpu.float()).abs().max() <= 2 * torch.finfo(torch.bfloat16).eps * \
             max(want.float().abs().max().item(), 1.0)
-    # Grouped at MoE-like proportions, with empty experts.
-    x = _data((2000, 256), torch.bfloat16, "cpu")
-    w = _data((32, 384, 256), torch.bfloat16, "cpu", 1 / 16)
-    offsets = _random_offsets(2000, 32, "cpu")
-    cpu = dk.grouped_gemm(x, w, offsets)
-    gpu = dk.grouped_gemm(x.cuda(), w.cuda(), offsets.cuda()).cpu()
-    _check_close(gpu, cpu, ref.grouped_gemm(x, w, offsets, out_dtype=torch.float64))
+    # Grouped at MoE-like proportions, with empty experts; both tile shapes.
+    for s, n in [(2000, 384), (8000, 1100)]:
+        x = _data((s, 256), torch.bfloat16, "cpu")
+        w = _data((32, n, 256), torch.bfloat16, "cpu", 1 / 16)
+        offsets = _random_offsets(s, 32, "cpu")
+        cpu = dk.grouped_gemm(x, w, offsets)
+        gpu = dk.grouped_gemm(x.cuda(), w.cuda(), offsets.cuda()).cpu()
+        _check_close(gpu, cpu, ref.grouped_gemm(x, w, offsets, out_dtype=torch.float64))
     # INT8 and the row-wise quantizer: bitwise.
     a, a_s, wq, w_s = _int8_problem(333, 129, 1001, "cpu")
     assert torch.equal(dk.int8_gemm(a.cuda(), a_s.cuda(), wq.cuda(), w_s.cuda()).cpu(),
