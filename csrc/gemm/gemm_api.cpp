@@ -3,6 +3,7 @@
 // floating-point products run in ATen's BLAS (fp32, or fp64 for fp64 inputs)
 // and our epilogue applies bias, activation and the output cast.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/accumulate.h>
 
@@ -164,8 +165,12 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& weight, const std::option
     return out;
   }
   const at::ScalarType cdt = compute_dtype(a);
-  const at::Tensor acc = at::mm(a2.to(cdt), weight.to(cdt).t()).contiguous();
   at::Tensor out2 = out.view({m, n});
+  if (dtype == cdt && !bias_c.defined() && act == Activation::kNone) {
+    at::mm_out(out2, a2.to(cdt), weight.to(cdt).t());  // nothing for an epilogue to do
+    return out;
+  }
+  const at::Tensor acc = at::mm(a2.to(cdt), weight.to(cdt).t()).contiguous();
   run_epilogue_cpu(acc, bias_c, out2, act);
   return out;
 }
@@ -226,13 +231,25 @@ at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& weights, const at
   const at::Tensor bounds = offsets.to(at::kLong).contiguous();
   const int64_t* o = bounds.data_ptr<int64_t>();
   const at::Tensor xf = x.to(cdt);
-  at::Tensor acc = at::empty({s, n}, x.options().dtype(cdt));
-  for (int64_t g = 0; g < groups; ++g) {
-    if (o[g + 1] == o[g]) continue;
-    at::Tensor dst = acc.narrow(0, o[g], o[g + 1] - o[g]);
-    at::mm_out(dst, xf.narrow(0, o[g], o[g + 1] - o[g]), weights[g].to(cdt).t());
+  // fp32/fp64 out: the products land in out directly (no epilogue pass).
+  const bool direct = dtype == cdt;
+  at::Tensor acc = direct ? out : at::empty({s, n}, x.options().dtype(cdt));
+  auto run_groups = [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      if (o[g + 1] == o[g]) continue;
+      at::Tensor dst = acc.narrow(0, o[g], o[g + 1] - o[g]);
+      at::mm_out(dst, xf.narrow(0, o[g], o[g + 1] - o[g]), weights[g].to(cdt).t());
+    }
+  };
+  // Many groups: one parallel region over groups, each BLAS call on one thread
+  // (a parallel BLAS call per small group pays a thread wake-up each). Few
+  // groups: one after the other, each BLAS call parallel.
+  if (groups >= 2 * at::get_num_threads()) {
+    at::parallel_for(0, groups, 1, run_groups);
+  } else {
+    run_groups(0, groups);
   }
-  run_epilogue_cpu(acc, at::Tensor(), out, Activation::kNone);
+  if (!direct) run_epilogue_cpu(acc, at::Tensor(), out, Activation::kNone);
   return out;
 }
 
