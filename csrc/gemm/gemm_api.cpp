@@ -4,6 +4,7 @@
 // and our epilogue applies bias, activation and the output cast.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/accumulate.h>
 
@@ -234,7 +235,11 @@ at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& weights, const at
   // fp32/fp64 out: the products land in out directly (no epilogue pass).
   const bool direct = dtype == cdt;
   at::Tensor acc = direct ? out : at::empty({s, n}, x.options().dtype(cdt));
+  // OpenMP workers do not inherit the caller's dispatcher state (e.g. "below
+  // autograd"): carry it over, or mm_out would see inputs that require grad.
+  const at::ThreadLocalState caller_state;
   auto run_groups = [&](int64_t g0, int64_t g1) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
     for (int64_t g = g0; g < g1; ++g) {
       if (o[g + 1] == o[g]) continue;
       at::Tensor dst = acc.narrow(0, o[g], o[g + 1] - o[g]);
