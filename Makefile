@@ -6,6 +6,7 @@ TORCH_SPEC ?= torch
 # CUDA kernels are compiled whenever nvcc is found (even without a GPU).
 HAVE_NVCC := $(shell (command -v nvcc || test -x $${CUDA_HOME:-/usr/local/cuda}/bin/nvcc && echo yes) 2>/dev/null)
 OUT ?= gpu-check-out
+DEMO_ARGS ?=
 CMAKE_BUILD ?= build/cmake-cpu
 
 .PHONY: deps build test bench bench-comm demo gpu-check cmake-cpu cmake-cuda clean
@@ -13,6 +14,7 @@ CMAKE_BUILD ?= build/cmake-cpu
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install -q ninja pybind11 numpy pytest pytest-benchmark
+	$(PIP) install -q scikit-learn pyyaml tqdm matplotlib tensorboard
 
 build: deps
 	$(PIP) install --no-build-isolation --no-deps -e .
@@ -28,9 +30,10 @@ bench: build
 bench-comm: build
 	$(PYTHON) bench/bench_comm.py
 
-# Until the model lands (issue: multimodal MoE trainer), the main job prints
-# the benchmark table.
-demo: bench
+# The main job: train the multimodal MoE model on the digits VQA task (model/),
+# print the progress bar, tokens/s and the validation accuracy; CUDA when present.
+demo: build
+	$(PYTHON) -m model.train $(DEMO_ARGS)
 
 gpu-check:
 	bash bench/gpu_check.sh $(OUT)

@@ -18,8 +18,10 @@ in another order).
     python bench/bench_moe.py                 # CUDA if available (H100 config), else CPU config
     python bench/bench_moe.py --device cpu    # T=4096 E=64 k=6 H=1024 fp32
     python bench/bench_moe.py --device cuda   # T=8192 E=256 k=8 groups 8/4 H=7168 bf16
+    python bench/bench_moe.py --profile       # + per-kernel device times of our stages
 
-Results go to ``bench/results/moe-<device_name>.json``.
+Results go to ``bench/results/moe-<device_name>.json`` (``--profile`` adds a
+``profile`` entry: per stage, each kernel's calls and microseconds per call).
 """
 
 from __future__ import annotations
@@ -103,6 +105,52 @@ def ds_step(logits, x, expert_out, k, capacity, n_group, topk_group):
 # ---------------------------------------------------------------------------
 
 
+def profile_stages(stages, device, reps: int = 20):
+    """Per-kernel time of each stage with torch.profiler: {stage: [(name, calls per
+    stage call, us per stage call)]}, largest first. CUDA: device kernels (and
+    memsets/copies), warm L2 (no flush between calls); CPU: ops' self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    result = {}
+    for stage, fn in stages.items():
+        for _ in range(3):
+            fn()
+        sync()
+        with profile(activities=acts) as prof:
+            for _ in range(reps):
+                fn()
+            sync()
+        rows = []
+        for ev in prof.key_averages():
+            if cuda:
+                if not str(getattr(ev, "device_type", "")).endswith("CUDA"):
+                    continue
+                us = getattr(ev, "self_device_time_total", None)
+                if us is None:
+                    us = getattr(ev, "self_cuda_time_total", 0.0)
+            else:
+                us = ev.self_cpu_time_total
+            if us > 0:
+                rows.append((ev.key, ev.count / reps, us / reps))
+        rows.sort(key=lambda r: -r[2])
+        result[stage] = rows
+        if not rows:  # an unexpected profiler layout: show its own table instead
+            print(prof.key_averages().table(row_limit=15))
+        total = sum(r[2] for r in rows)
+        print(f"\nprofile {stage}: {total:.1f} us per call "
+              f"({'device kernels' if cuda else 'CPU ops, self time'}, {reps} calls)")
+        for name, calls, us in rows[:12]:
+            print(f"  {us:9.1f} us  {calls:5.1f}x  {name[:100]}")
+    return result
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("--device", choices=["cpu", "cuda"],
@@ -118,6 +166,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", dest="compile", action="store_true", default=None)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--no-ref", action="store_true", help="skip the (slow) eager reference")
+    ap.add_argument("--profile", action="store_true",
+                    help="print per-kernel times of our stages (torch.profiler)")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
 
@@ -219,8 +269,10 @@ def main(argv=None) -> int:
 
     elt = x.element_size()
     kept = int(g.expert_counts.sum())
+    # The bytes a stage must move (each input row read once, each output row
+    # written once): a kernel that re-reads rows is charged for its extra traffic.
     moved = {
-        "dispatch": (t * h + e * cap * h) * elt,                   # read x, write the whole buffer
+        "dispatch": (t * h + e * cap * h) * elt + t * k * 8,       # x + the whole buffer + ids/slots
         "combine": (kept * h + t * h) * elt + t * k * 12,          # kept rows + output + ids/slots/weights
     }
     timing = dict(warmup=3, reps=10) if device.type == "cpu" else {}
@@ -247,10 +299,14 @@ def main(argv=None) -> int:
         print(f"  {stage}: ours {row['ours_ms']:.3f} ms", flush=True)
     print()
     T.print_table(rows, COLUMNS)
+    extra = {}
+    if args.profile:
+        extra["profile"] = {stage: [dict(kernel=n, calls=c, us=u) for n, c, u in prof_rows]
+                            for stage, prof_rows in profile_stages(ours, device).items()}
     path = T.write_results(Path(args.out) / f"moe-{info['name']}.json", dict(
         device=info, config=dict(cfg, capacity=cap, capacity_factor=args.capacity_factor),
         copy_gbps=copy_gbps, checks=checks, rows=rows, torch=torch.__version__,
-        build=dk.build_info()))
+        build=dk.build_info(), **extra))
     print(f"\nwrote {path}")
     return 0 if all(checks.values()) else 1
 

@@ -18,8 +18,14 @@ Usage (from the repository root, after ``pip install --no-build-isolation -e .``
     python bench/bench_quant.py --device cpu --quick   # 1 MiB only, a minute or so
     python bench/bench_quant.py --device cpu --no-compile
     python bench/bench_quant.py --sizes 16MiB 1000003 --ops quantize_int8 dequantize_int8
+    python bench/bench_quant.py --device cuda --ab     # CUDA kernels v1 vs v2, ~1 minute
 
-Results go to ``bench/results/<device_name>.json``.
+Results go to ``bench/results/<device_name>.json`` (``<device_name>-ab.json`` for --ab).
+
+--ab times our two CUDA kernel generations side by side in one process (the
+private op ``_quant_cuda_kernel`` switches them between calls; the environment
+variable DSK_QUANT_KERNEL=v1|v2 only sets the starting choice). Both must match
+the reference bitwise; no ref/compiled peers, so it stays short.
 """
 
 from __future__ import annotations
@@ -61,6 +67,17 @@ TABLE_COLUMNS = [
     "speedup_vs_compiled",
     "ours_GB/s",
     "%copy_bw",
+]
+
+AB_COLUMNS = [
+    "op",
+    "dtype",
+    "n",
+    "v1_ms",
+    "v2_ms",
+    "v2_speedup",
+    "v1_%copy_bw",
+    "v2_%copy_bw",
 ]
 
 ALL_OPS = [
@@ -276,6 +293,49 @@ def run_case(case: Case, ops, reference, device, timing: dict, use_compile: bool
     return row
 
 
+def set_kernel(version: int) -> int:
+    """Select our CUDA kernel generation (1 or 2) for later calls; returns the
+    previous one. A registered op, so it switches within this process."""
+    return int(torch.ops.deepseek_kernels._quant_cuda_kernel(version))
+
+
+def run_ab_case(case: Case, ops, reference, device, timing: dict, copy_gbps: float) -> dict:
+    """One row of --ab: both kernel generations checked bitwise against the
+    reference, then timed back to back on the same inputs."""
+    args, kwargs = case.make()
+    ours_fn = getattr(ops, case.fn_name)
+    want = getattr(reference, case.fn_name)(*args, **kwargs)
+    row = dict(op=case.label, dtype=case.dtype, n=case.n, fn=case.fn_name, status="ok")
+    nbytes = None
+    for v in (1, 2):
+        set_kernel(v)
+        try:
+            got = ours_fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - report it as a failed row, keep going
+            row["status"] = f"v{v} ERROR: " + _short_error(e)
+            return row
+        why = bitwise_mismatch(got, want)
+        if why is not None:
+            row["status"] = f"v{v} MISMATCH: " + why
+            return row
+        nbytes = tensor_bytes(args) + tensor_bytes(_as_tuple(got))
+        del got
+    del want
+    row["bytes"] = nbytes
+    times = {}
+    for v in (1, 2):
+        set_kernel(v)
+        times[v] = T.time_fn(lambda: ours_fn(*args, **kwargs), device, **timing)
+    for v in (1, 2):
+        ms = times[v]["median_ms"]
+        gbps = nbytes / (ms * 1e-3) / 1e9
+        row[f"v{v}_ms"] = ms
+        row[f"v{v}_%copy_bw"] = 100.0 * gbps / copy_gbps if copy_gbps > 0 else None
+    row["v2_speedup"] = _ratio(row["v1_ms"], row["v2_ms"])
+    row["timing"] = {f"v{v}": times[v] for v in (1, 2)}
+    return row
+
+
 def _free(device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -330,6 +390,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
     p.add_argument("--out", default=str(HERE / "results"), help="folder for the JSON results")
+    p.add_argument("--ab", action="store_true",
+                   help="CUDA only: time our kernel generations v1 and v2 side by side "
+                        "(default sizes 256MiB 16MiB; no ref/compiled peers)")
     return p.parse_args(argv)
 
 
@@ -347,14 +410,24 @@ def main(argv=None) -> int:
         print(f"error: cannot import deepseek_kernels: {e}", file=sys.stderr)
         return 2
 
-    sizes = args.sizes or default_sizes(device, args.quick)
+    if args.ab and device.type != "cuda":
+        print("error: --ab compares CUDA kernels: use --device cuda", file=sys.stderr)
+        return 2
+    if args.ab and not hasattr(torch.ops.deepseek_kernels, "_quant_cuda_kernel"):
+        print("error: --ab needs a build with the _quant_cuda_kernel op (rebuild)", file=sys.stderr)
+        return 2
+
+    if args.ab and not args.sizes and not args.quick:
+        sizes = [256 * MiB // 4, 16 * MiB // 4]
+    else:
+        sizes = args.sizes or default_sizes(device, args.quick)
     dtypes = args.dtypes or (["fp32", "bf16"] if device.type == "cuda" else ["fp32"])
     timing = {}
     if args.reps is not None:
         timing["reps"] = args.reps
     if args.warmup is not None:
         timing["warmup"] = args.warmup
-    use_compile = not args.no_compile
+    use_compile = not args.no_compile and not args.ab
     if use_compile:
         _raise_recompile_limit()
 
@@ -384,6 +457,9 @@ def main(argv=None) -> int:
     _free(device)
 
     cases = build_cases(reference, args.ops, sizes, dtypes, args.block_size, device)
+    if args.ab:
+        return main_ab(args, cases, ops, reference, device, timing, copy_gbps, info, build, load,
+                       sizes, dtypes, matmul_tflops, mm)
     rows = []
     for i, case in enumerate(cases, 1):
         row = run_case(case, ops, reference, device, timing, use_compile, copy_gbps)
@@ -429,6 +505,55 @@ def main(argv=None) -> int:
     path = T.write_results(Path(args.out) / f"{info['name']}.json", payload)
     print(f"\nwrote {path}")
 
+    if bad:
+        print(f"\nerror: {len(bad)} case(s) failed or did not match the reference bitwise, "
+              "and were not timed:", file=sys.stderr)
+        for r in bad:
+            print(f"  {r['op']} {r['dtype']} n={r['n']:,}: {r['status']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main_ab(args, cases, ops, reference, device, timing, copy_gbps, info, build, load, sizes,
+            dtypes, matmul_tflops, mm) -> int:
+    """--ab: v1 vs v2 of our CUDA kernels, row by row; leaves the starting choice set."""
+    start = set_kernel(0)
+    rows = []
+    try:
+        for i, case in enumerate(cases, 1):
+            row = run_ab_case(case, ops, reference, device, timing, copy_gbps)
+            _free(device)
+            rows.append(row)
+            head = f"[{i}/{len(cases)}] {case.label} {case.dtype} n={case.n:,}"
+            if row["status"] != "ok":
+                print(f"{head}: {row['status']} -- not timed", flush=True)
+                continue
+            print(f"{head}: v1 {row['v1_ms']:.4f} ms, v2 {row['v2_ms']:.4f} ms "
+                  f"(x{row['v2_speedup']:.3f})", flush=True)
+    finally:
+        set_kernel(start)
+
+    print()
+    T.print_table(rows, AB_COLUMNS)
+    bad = [r for r in rows if r["status"] != "ok"]
+    payload = {
+        "benchmark": "quant-ab",
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": info,
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "build_info": build,
+        "load_avg_1min_at_start": load,
+        "peaks": {"copy_GBps": copy_gbps, "matmul_TFLOPs": matmul_tflops, "matmul": mm},
+        "settings": {
+            "sizes": sizes, "dtypes": dtypes, "ops": args.ops, "block_size": args.block_size,
+            "timing_overrides": timing, "stochastic_seed": SEED,
+        },
+        "columns": AB_COLUMNS,
+        "rows": rows,
+    }
+    path = T.write_results(Path(args.out) / f"{info['name']}-ab.json", payload)
+    print(f"\nwrote {path}")
     if bad:
         print(f"\nerror: {len(bad)} case(s) failed or did not match the reference bitwise, "
               "and were not timed:", file=sys.stderr)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from . import moe as _moe
 from . import ops as _ops
+from . import reference as _reference
 
 __all__ = ["MoELayer"]
 
@@ -25,7 +26,8 @@ class MoELayer(nn.Module):
     ``capacity = ceil(capacity_factor * T * k / E)``) dispatches to
     ``[E, capacity, hidden]`` and runs one ``bmm`` per projection; dropless mode
     (``capacity_factor=None``) permutes into expert-contiguous rows and runs one
-    matmul per expert (a grouped GEMM will replace it).
+    :func:`deepseek_kernels.grouped_gemm` per projection (with ``use_kernels=False``,
+    one matmul per expert).
 
     After each forward, ``self.aux_loss`` holds ``aux_loss_alpha`` * the balancing
     loss + ``z_loss_coef`` * the router z-loss (0 when both are 0), and
@@ -70,6 +72,8 @@ class MoELayer(nn.Module):
             })
         self.aux_loss: Tensor = torch.zeros(())
         self.last_routed_counts: Optional[Tensor] = None
+        # False: the same parameters through reference.py (pure PyTorch), for A/B runs
+        self.use_kernels = True
 
     def capacity(self, num_tokens: int) -> int:
         return int(math.ceil(self.capacity_factor * num_tokens * self.k / self.num_experts))
@@ -89,22 +93,31 @@ class MoELayer(nn.Module):
             logits = logits.double()
         bias = self.correction_bias
         cap = self.capacity(t) if self.capacity_factor is not None else None
-        g = _ops.moe_topk_gating(
+        K = _ops if self.use_kernels else _reference
+        g = _ops.MoeGating(*K.moe_topk_gating(
             logits, self.k, scoring=self.scoring, correction_bias=bias, n_group=self.n_group,
             topk_group=self.topk_group, renormalize=self.renormalize,
             routed_scaling_factor=self.routed_scaling_factor, capacity=cap,
-            drop_policy=self.drop_policy)
+            drop_policy=self.drop_policy))
         if cap is not None:
-            d = _ops.moe_dispatch(x2, g.expert_ids, g.slots, self.num_experts, cap)
+            d = K.moe_dispatch(x2, g.expert_ids, g.slots, self.num_experts, cap)
             h = self._swiglu(torch.bmm(d, self.w_gate_up))
             eo = torch.bmm(h, self.w_down)
-            y = _ops.moe_combine(eo, g.expert_ids, g.slots, g.weights)
+            y = K.moe_combine(eo, g.expert_ids, g.slots, g.weights)
         else:
-            packed, offsets = _ops.moe_permute(x2, g.expert_ids, g.slots, g.expert_counts)
-            # The expert weights are stored [E, in, out]; grouped_gemm takes [E, out, in].
-            h = self._swiglu(_ops.grouped_gemm(packed, self.w_gate_up.transpose(1, 2), offsets))
-            eo = _ops.grouped_gemm(h, self.w_down.transpose(1, 2), offsets)
-            y = _ops.moe_unpermute(eo, g.expert_ids, g.slots, offsets, g.weights)
+            packed, offsets = K.moe_permute(x2, g.expert_ids, g.slots, g.expert_counts)
+            if self.use_kernels:
+                # The expert weights are stored [E, in, out]; grouped_gemm takes [E, out, in].
+                h = self._swiglu(_ops.grouped_gemm(packed, self.w_gate_up.transpose(1, 2), offsets))
+                eo = _ops.grouped_gemm(h, self.w_down.transpose(1, 2), offsets)
+            else:
+                bounds = offsets.tolist()
+                outs = []
+                for e in range(self.num_experts):
+                    rows = packed[bounds[e]:bounds[e + 1]]
+                    outs.append(self._swiglu(rows @ self.w_gate_up[e]) @ self.w_down[e])
+                eo = torch.cat(outs) if outs else packed
+            y = K.moe_unpermute(eo, g.expert_ids, g.slots, offsets, g.weights)
         if self.shared is not None:
             y = y + self.shared["down"](self._swiglu(self.shared["gate_up"](x2)))
 
@@ -143,6 +156,8 @@ class Linear(nn.Module):
         self.in_features, self.out_features, self.activation = in_features, out_features, activation
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **fk))
         self.bias = nn.Parameter(torch.empty(out_features, **fk)) if bias else None
+        # False: the same parameters through reference.py (pure PyTorch), for A/B runs
+        self.use_kernels = True
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -164,7 +179,8 @@ class Linear(nn.Module):
         return m
 
     def forward(self, x: Tensor) -> Tensor:
-        return _ops.gemm(x, self.weight, self.bias, activation=self.activation)
+        K = _ops if self.use_kernels else _reference
+        return K.gemm(x, self.weight, self.bias, activation=self.activation)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -179,46 +195,60 @@ class _FP8LinearFunction(torch.autograd.Function):
     backward: the gradients of the unquantized linear map, computed in bf16."""
 
     @staticmethod
-    def forward(ctx, x2: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        qx, sx = _ops.quantize_fp8(x2, (1, 128))
-        qw, sw = _ops.quantize_fp8(weight, (128, 128))
+    def forward(ctx, x2: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
+                use_kernels: bool) -> Tensor:
+        K = _ops if use_kernels else _reference
+        qx, sx = K.quantize_fp8(x2, (1, 128))
+        qw, sw = K.quantize_fp8(weight, (128, 128))
         out_dtype = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16, torch.float16) \
             else torch.float32
-        y = _ops.fp8_gemm(qx, sx, qw, sw, out_dtype=out_dtype)
+        # fp32 out: bias and activation on the fp32 result, one rounding at the end.
+        z = K.fp8_gemm(qx, sx, qw, sw, out_dtype=torch.float32)
         if bias is not None:
-            y = y + bias.to(y.dtype)
-        ctx.save_for_backward(x2, weight)
-        ctx.has_bias = bias is not None
-        return y
+            z = z + bias.float()
+        ctx.save_for_backward(x2, weight, z if activation != "none" else None)
+        ctx.has_bias, ctx.activation = bias is not None, activation
+        return _reference._gemm_activation(z, activation).to(out_dtype)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x2, weight = ctx.saved_tensors
-        g = dy.to(torch.bfloat16)
-        dx = (g @ weight.to(torch.bfloat16)).to(x2.dtype) if ctx.needs_input_grad[0] else None
-        dw = (g.t() @ x2.to(torch.bfloat16)).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        db = dy.float().sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db
+        x2, weight, z = ctx.saved_tensors
+        g = dy.float()
+        if ctx.activation != "none":
+            g = g * _ops._activation_grad(z, ctx.activation)
+        gb = g.to(torch.bfloat16)
+        dx = (gb @ weight.to(torch.bfloat16)).to(x2.dtype) if ctx.needs_input_grad[0] else None
+        dw = (gb.t() @ x2.to(torch.bfloat16)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        db = g.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None
 
 
 class FP8Linear(nn.Module):
     """Linear layer with an FP8 e4m3 forward (DeepSeek-V3 recipe): activations quantized
     per 1x128 block, the (fp32/bf16 master) weight per 128x128 block, on every forward;
     :func:`deepseek_kernels.fp8_gemm` accumulates per-block partial sums in fp32.
-    Backward is straight-through in bf16 (gradients of the unquantized linear map)."""
+    Bias and the optional activation (as :class:`Linear`) apply to the fp32 result.
+    Backward is straight-through in bf16 (gradients of the unquantized linear map,
+    through the activation at the FP8 pre-activation)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 device=None, dtype=None):
+                 activation: str = "none", device=None, dtype=None):
         super().__init__()
+        if activation not in _ops.GEMM_ACTIVATIONS:
+            raise ValueError(f"FP8Linear: activation must be one of {_ops.GEMM_ACTIVATIONS}, "
+                             f"got {activation!r}")
         fk = dict(device=device, dtype=dtype)
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features, self.activation = in_features, out_features, activation
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **fk))
         self.bias = nn.Parameter(torch.empty(out_features, **fk)) if bias else None
+        self.use_kernels = True  # False: reference.py's (bitwise equal) FP8 ops
         Linear.reset_parameters(self)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module) -> "FP8Linear":
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None,
+    def from_linear(cls, linear: nn.Module, activation: Optional[str] = None) -> "FP8Linear":
+        if activation is None:
+            activation = getattr(linear, "activation", "none")
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, activation,
                 device=linear.weight.device, dtype=linear.weight.dtype)
         with torch.no_grad():
             m.weight.copy_(linear.weight)
@@ -228,8 +258,64 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
-        y = _FP8LinearFunction.apply(x2, self.weight, self.bias)
+        y = _FP8LinearFunction.apply(x2, self.weight, self.bias, self.activation, self.use_kernels)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, activation={self.activation!r}")
+
+
+__all__ += ["Int8Linear"]
+
+
+class Int8Linear(nn.Module):
+    """W8A8 inference Linear: the weight quantized per output row once
+    (:func:`deepseek_kernels.quantize_int8_rowwise`), activations per row on every
+    forward, :func:`deepseek_kernels.int8_gemm` (exact int32 accumulation, fp32
+    bias), then the activation. Built from a trained layer with :meth:`from_linear`;
+    holds buffers, not parameters (no training)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 activation: str = "none", device=None):
+        super().__init__()
+        if activation not in _ops.GEMM_ACTIVATIONS:
+            raise ValueError(f"Int8Linear: activation must be one of {_ops.GEMM_ACTIVATIONS}, "
+                             f"got {activation!r}")
+        self.in_features, self.out_features, self.activation = in_features, out_features, activation
+        self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8,
+                                                     device=device))
+        self.register_buffer("weight_scales", torch.ones(out_features, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self.use_kernels = True  # False: reference.py's (bitwise equal) INT8 ops
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, activation: Optional[str] = None) -> "Int8Linear":
+        if activation is None:
+            activation = getattr(linear, "activation", "none")
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, activation,
+                device=linear.weight.device)
+        with torch.no_grad():
+            w = linear.weight.detach()
+            q, s = _ops.quantize_int8_rowwise(w if w.dtype != torch.float64 else w.float())
+            m.weight_q.copy_(q)
+            m.weight_scales.copy_(s)
+            if linear.bias is not None:
+                m.bias.copy_(linear.bias.detach().float())
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        K = _ops if self.use_kernels else _reference
+        x2 = x.reshape(-1, self.in_features)
+        out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float16) \
+            else torch.float32
+        qx, sx = K.quantize_int8_rowwise(x2 if x2.dtype != torch.float64 else x2.float())
+        y = K.int8_gemm(qx, sx, self.weight_q, self.weight_scales, bias=self.bias,
+                        out_dtype=torch.float32 if self.activation != "none" else out_dtype)
+        if self.activation != "none":
+            y = _reference._gemm_activation(y, self.activation).to(out_dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, activation={self.activation!r}")

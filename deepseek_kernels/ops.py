@@ -253,12 +253,46 @@ def moe_combine(expert_out: Tensor, expert_ids: Tensor, slots: Tensor,
 
 
 def moe_permute(x: Tensor, expert_ids: Tensor, slots: Tensor, expert_counts: Tensor,
-                weights: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                weights: Optional[Tensor] = None, *,
+                num_rows: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """Dropless mode: ``x [T, H] -> (packed [sum(expert_counts), H], offsets int32 [E+1])``,
     expert e's rows at packed[offsets[e]:offsets[e+1]] in token order (grouped-GEMM
-    ready). On CUDA the packed size costs one device-to-host read."""
-    packed, offsets = _ops.moe_permute(x, expert_ids, slots, expert_counts, weights)
-    return packed, offsets
+    ready). On CUDA the packed size costs one device-to-host read, unless
+
+    ``num_rows`` is given: packed then has ``num_rows`` rows (static: no host sync,
+    and torch.compile sees a fixed shape), the rows past offsets[E] are zero. It
+    must be >= sum(expert_counts); ``T * k`` always is (every choice routed at
+    most once). The CPU raises otherwise; on CUDA choices past it are skipped, like
+    every out-of-range choice there.
+    """
+    if num_rows is None:
+        packed, offsets = _ops.moe_permute(x, expert_ids, slots, expert_counts, weights)
+        return packed, offsets
+    if num_rows < 0:
+        raise ValueError(f"moe_permute: argument 'num_rows' must be non-negative, got {num_rows}")
+    for name, t in (("expert_ids", expert_ids), ("slots", slots), ("expert_counts", expert_counts)):
+        if t.dtype != torch.int32:
+            raise TypeError(f"moe_permute: argument '{name}' must be int32, got {t.dtype}")
+    if not x.is_cuda:
+        packed, offsets = _ops.moe_permute(x, expert_ids, slots, expert_counts, weights)
+        if packed.shape[0] > num_rows:
+            raise ValueError(f"moe_permute: argument 'num_rows'={num_rows} is smaller than "
+                             f"sum(expert_counts)={packed.shape[0]}")
+        pad = packed.new_zeros((num_rows - packed.shape[0], packed.shape[1]))
+        return torch.cat([packed, pad]), offsets
+    # CUDA: the same scatter kernel as a one-expert dispatch whose slots are the
+    # packed rows (offsets[e] + slot), all sized on the device.
+    e = expert_counts.shape[0]
+    offsets = torch.cat([expert_counts.new_zeros(1, dtype=torch.int64),
+                         torch.cumsum(expert_counts, 0, dtype=torch.int64)])
+    ids = expert_ids.long()
+    ok = (ids >= 0) & (ids < e) & (slots >= 0)
+    idc = ids.clamp(0, max(e - 1, 0))
+    ok = ok & (slots.long() < expert_counts.long()[idc]) if e > 0 else ok & False
+    rows = torch.where(ok, offsets[:-1][idc] + slots.long() if e > 0 else slots.long(), -1).int()
+    one = torch.where(ok, 0, -1).int()
+    packed = _ops.moe_dispatch(x, one, rows, 1, num_rows, weights).view(num_rows, x.shape[1])
+    return packed, offsets.int()
 
 
 def moe_unpermute(packed: Tensor, expert_ids: Tensor, slots: Tensor, offsets: Tensor,

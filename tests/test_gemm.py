@@ -652,3 +652,36 @@ def test_fp8_cuda_matches_cpu():
         out_cpu = dk.fp8_gemm(qx, sx, qw, sw)
         out_gpu = dk.fp8_gemm(qx.cuda(), sx.cuda(), qw.cuda(), sw.cuda())
         assert torch.equal(out_gpu.cpu(), out_cpu)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_modules_reference_switch_and_int8_linear(device):
+    """use_kernels=False runs the same parameters through reference.py (bitwise for the
+    INT8/FP8 modules); Int8Linear.from_linear and FP8Linear(activation=...) track the
+    float layer they come from."""
+    from deepseek_kernels.nn import Int8Linear
+
+    lin = Linear(256, 40, activation="gelu", device=device)
+    x = torch.randn(3, 5, 256, device=device)
+    y = lin(x)
+    lin.use_kernels = False
+    torch.testing.assert_close(lin(x), y, rtol=1e-5, atol=1e-5)
+    lin.use_kernels = True
+
+    q = Int8Linear.from_linear(lin)
+    assert q.activation == "gelu" and q.weight_q.dtype == torch.int8
+    yq = q(x)
+    q.use_kernels = False
+    assert torch.equal(q(x), yq)
+    assert ((yq - y).norm() / y.norm()).item() < 0.02  # 7-bit codes
+
+    f8 = FP8Linear.from_linear(lin)
+    assert f8.activation == "gelu"
+    y8 = f8(x)
+    f8.use_kernels = False
+    assert torch.equal(f8(x), y8)
+    assert ((y8 - y).norm() / y.norm()).item() < 0.05
+    x.requires_grad_()
+    f8.use_kernels = True
+    f8(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(f8.weight.grad).all()

@@ -180,7 +180,10 @@ def test_gating_matches_reference(device, scoring, dtype, cfg):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("t,e,k,ng,tg", [(0, 8, 2, 1, 1), (1, 1, 1, 1, 1), (300, 256, 8, 8, 4),
                                          (33, 1024, 16, 16, 5), (5, 1000, 16, 1, 1),
-                                         (65, 96, 7, 3, 2), (17, 40, 5, 40, 40), (2500, 32, 4, 4, 2)])
+                                         (65, 96, 7, 3, 2), (17, 40, 5, 40, 40), (2500, 32, 4, 4, 2),
+                                         # CUDA: more chunks than blocks (the grid-stride loop),
+                                         # groups straddling lanes, more groups than lanes
+                                         (9000, 64, 6, 4, 2), (40, 300, 6, 10, 3), (50, 512, 8, 128, 40)])
 def test_gating_shapes(device, t, e, k, ng, tg):
     logits = _logits(t, e, torch.float32)
     for cap, pol in [(None, "position"), (t * k // e + 1, "position"), (t * k // e + 1, "probability")]:
@@ -264,6 +267,35 @@ def test_dispatch_combine_matches_reference(device, dtype, h):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dispatch_writes_every_row_once(device, dtype):
+    """Hand-made choices: rows left unfilled between filled ones, a token with
+    every choice dropped, out-of-range slots skipped on the GPU, and two choices
+    naming one row (invalid input): the later choice wins, on both devices."""
+    t, e, cap, h = 6, 4, 3, 24
+    x = torch.randn(t, h).to(dtype)
+    ids = torch.tensor([[0, 1], [2, 0], [3, 1], [0, 2], [1, 3], [2, 3]], dtype=torch.int32)
+    slots = torch.tensor([[0, 2], [1, 2], [-1, -1], [2, 1], [0, 0], [1, 0]], dtype=torch.int32)
+    # (3, 0) is named by tokens 4 and 5: token 5 (the later choice) wins.
+    w = torch.rand(t, 2)
+    for wt in (None, w):
+        d = dk.moe_dispatch(x.to(device), ids.to(device), slots.to(device), e, cap,
+                            None if wt is None else wt.to(device)).cpu()
+        want = torch.zeros(e, cap, h, dtype=dtype)
+        for tok in range(t):
+            for j in range(2):
+                if slots[tok, j] >= 0:
+                    row = x[tok] if wt is None else (wt[tok, j] * x[tok].float()).to(dtype)
+                    want[ids[tok, j], slots[tok, j]] = row
+        _assert_bitwise([d], [want])
+    if device == "cuda":  # out of range: skipped on the GPU (the CPU raises)
+        bad = slots.clone()
+        bad[0, 0] = cap
+        d = dk.moe_dispatch(x.cuda(), ids.cuda(), bad.cuda(), e, cap).cpu()
+        assert (d[0, 0] == 0).all() and torch.equal(d[1], dk.moe_dispatch(x, ids, slots, e, cap)[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("h", [1, 8, 67, 256])
 def test_permute_unpermute_matches_reference(device, dtype, h):
@@ -284,6 +316,45 @@ def test_permute_unpermute_matches_reference(device, dtype, h):
     # the weights renormalized to 1 -> unpermute(permute(x)) ~ x
     if dtype in (torch.float32, torch.float64):
         assert torch.allclose(y.cpu(), x, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_permute_num_rows_has_no_sync_and_pads(device, dtype):
+    """num_rows = T * k: the same packed rows as without it, zero rows after, the
+    same offsets; gradients flow as through moe_permute; too small raises (CPU)."""
+    t, e, k, h = 45, 16, 4, 24
+    logits = torch.randn(t, e)
+    logits[5, 3] = float("nan")  # a row that is not routed: sum(counts) < T * k
+    g = dk.moe_topk_gating(logits.to(device), k)
+    x = torch.randn(t, h).to(dtype).to(device)
+    w = g.weights
+    for wt in (None, w):
+        packed, offsets = dk.moe_permute(x, g.expert_ids, g.slots, g.expert_counts, wt)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")  # a host sync raises
+        try:
+            p2, o2 = dk.moe_permute(x, g.expert_ids, g.slots, g.expert_counts, wt, num_rows=t * k)
+        finally:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+        n = packed.shape[0]
+        assert n == t * k - k and p2.shape == (t * k, h)
+        _assert_bitwise([p2[:n], o2], [packed, offsets])
+        assert (p2[n:] == 0).all()
+    xg = x.float().detach().requires_grad_()
+    wg = w.detach().clone().requires_grad_()
+    p2, o2 = dk.moe_permute(xg, g.expert_ids, g.slots, g.expert_counts, wg, num_rows=t * k)
+    p2.square().sum().backward()
+    xr = x.float().detach().requires_grad_()
+    wr = w.detach().clone().requires_grad_()
+    pr, _ = dk.moe_permute(xr, g.expert_ids, g.slots, g.expert_counts, wr)
+    pr.square().sum().backward()
+    assert torch.allclose(xg.grad, xr.grad) and torch.allclose(wg.grad, wr.grad)
+    if device == "cpu":
+        with pytest.raises(ValueError, match="num_rows"):
+            dk.moe_permute(x, g.expert_ids, g.slots, g.expert_counts, num_rows=3)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -528,6 +599,17 @@ def test_cpu_and_cuda_agree_bitwise(dtype, scoring):
     _assert_bitwise([pc, oc], [pg, og])
     _assert_bitwise([dk.moe_unpermute(pc, g.expert_ids, g.slots, oc, g.weights)],
                     [dk.moe_unpermute(pg, gc[1], gc[2], og, gc[0])])
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("policy", ["position", "probability"])
+def test_cpu_and_cuda_agree_bitwise_bench_config(policy):
+    """The benchmark's gating config (issue 3's H100 target): T=8192, E=256, k=8, groups 8/4."""
+    logits = _logits(8192, 256, torch.bfloat16)
+    kw = dict(n_group=8, topk_group=4, capacity=320, drop_policy=policy)
+    _assert_bitwise(dk.moe_topk_gating(logits, 8, **kw), dk.moe_topk_gating(logits.cuda(), 8, **kw),
+                    GATING_NAMES)
 
 
 # ---------------------------------------------------------------------------

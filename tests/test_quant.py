@@ -119,6 +119,109 @@ def test_cpu_and_cuda_agree_bitwise(bits, dtype):
 
 
 # ---------------------------------------------------------------------------
+# CUDA kernel generations v1 and v2 (selected by the private _quant_cuda_kernel
+# op, for the benchmark's A/B): bitwise the same, and the same as the CPU
+# ---------------------------------------------------------------------------
+
+
+def _set_kernel(version):
+    return torch.ops.deepseek_kernels._quant_cuda_kernel(version)
+
+
+@pytest.fixture
+def restore_kernel():
+    start = _set_kernel(0)
+    yield
+    _set_kernel(start)
+
+
+def test_kernel_switch(restore_kernel):
+    assert _set_kernel(0) in (1, 2)
+    _set_kernel(1)
+    assert _set_kernel(2) == 1
+    assert _set_kernel(0) == 2
+    with pytest.raises(ValueError, match="version"):
+        _set_kernel(3)
+    assert _set_kernel(0) == 2
+
+
+def _both_kernels(fn):
+    out = []
+    for v in (1, 2):
+        _set_kernel(v)
+        r = fn()
+        out.append(tuple(r) if isinstance(r, (tuple, list)) else (r,))
+    return out
+
+
+# Block sizes: v2 quantize handles 32 * (16 / itemsize) * {1, 2, 4} (fp32 128/256/512,
+# 16-bit 256/512/1024), the rest falls back to v1; v2 dequantize takes power-of-two
+# block sizes by a shift and others (96) by division.
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block_size", [96, 128, 256, 512, 1024])
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_quantize_v1_v2_cpu_agree(restore_kernel, bits, dtype, block_size, stochastic):
+    # Partial last blocks, fewer blocks than one warp step (G), and a few waves.
+    for n in [1, block_size - 2, 3 * block_size, 5 * block_size + 6, 4096 * block_size + 2 * block_size + 10]:
+        x = (torch.randn(n) * 5).to(dtype)
+        if n > 100:
+            x[n // 2] = float("inf")  # one non-finite block
+        x[-1] = 0.0
+        xg = x.cuda()
+        v1, v2 = _both_kernels(lambda: OURS_Q[bits](xg, block_size, stochastic=stochastic, seed=7))
+        cpu = OURS_Q[bits](x, block_size, stochastic=stochastic, seed=7)
+        _assert_same(v1, v2)
+        _assert_same(v2, cpu)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_quantize_v1_v2_all_zero_and_misaligned(restore_kernel):
+    for x in [torch.zeros(1000 * 256 + 3, device="cuda"), torch.randn(70_001, device="cuda")[1:]]:
+        for bits in (8, 4):
+            v1, v2 = _both_kernels(lambda: OURS_Q[bits](x, 256))
+            _assert_same(v1, v2)
+            _assert_same(v2, OURS_Q[bits](x.cpu(), 256))
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block_size", [96, 256, 1024])
+def test_dequantize_v1_v2_cpu_agree(restore_kernel, bits, out_dtype, block_size):
+    for n in [1, 7, block_size + 3, 300_007, 2_000_000]:
+        qt = OURS_Q[bits](torch.randn(n, device="cuda") * 3, block_size)
+        v1, v2 = _both_kernels(lambda: _dequant(bits, qt, n, block_size, out_dtype))
+        cpu = _dequant(bits, type(qt)(*(t.cpu() for t in qt)), n, block_size, out_dtype)
+        _assert_same(v1, v2)
+        _assert_same(v2, (cpu,))
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("block_size", [96, 256])
+@pytest.mark.parametrize("world", [1, 2, 4, 5, 8, 9, 16])
+def test_dequantize_sum_v1_v2_cpu_agree(restore_kernel, bits, block_size, world):
+    for n in [3, block_size + 1, 100_003, 1_000_000]:
+        rows = [OURS_Q[bits](torch.randn(n, device="cuda") * (w + 1), block_size) for w in range(world)]
+        q = torch.stack([r.q for r in rows])
+        s = torch.stack([r.scales for r in rows])
+        if bits == 8:
+            fn, args = dk.dequantize_sum_int8, (q, s, block_size)
+        else:
+            fn, args = dk.dequantize_sum_int4, (q, s, n, block_size)
+        v1, v2 = _both_kernels(lambda: fn(*args))
+        cpu = fn(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
+        _assert_same(v1, v2)
+        _assert_same(v2, (cpu,))
+
+
+# ---------------------------------------------------------------------------
 # The contract itself, checked against the input
 # ---------------------------------------------------------------------------
 

@@ -237,7 +237,7 @@ inline int64_t choice_row(const RowsParams& p, int64_t i) {
   if (e >= p.E) return -2;
   const int64_t limit = p.slot_limit ? p.slot_limit[e] : p.capacity;
   if (s >= limit) return -2;
-  return p.row_base[e] + s;
+  return (p.row_base ? p.row_base[e] : e * p.capacity) + s;
 }
 
 // Output-major: a map from each dst row to its choice (one pass over the

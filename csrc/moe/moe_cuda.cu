@@ -1,23 +1,29 @@
 // CUDA kernels for MoE routing. No torch headers: moe_api.cpp validates the
 // tensors and fills the params structs. Determinism: every floating-point sum
 // has a fixed order (moe_params.h), and slots come from per-chunk counts and a
-// sequential scan over chunks per expert, never from the order of atomics.
+// prefix sum over chunks per expert, never from the order of atomics (the only
+// atomics are integer counts, exact in any order).
 //
-// gating, in four launches:
-//   1. rows: one warp per chunk of kScoreSumChunk (8) token rows, one row at a
-//      time: scores (softmax sum as 32 strided lane sums + xor butterfly), group
-//      scores, topk_group groups and top-k by warp argmax (ties: lower index),
-//      weights; per chunk the per-expert counts, ranks inside the chunk (lane 0,
-//      row order) and score sums. Per-warp scratch in shared memory.
-//   2. experts: one thread per expert, sequentially over chunks: chunk bases,
-//      routed/kept counts, mean scores; then (probability mode) offsets.
+// gating, three launches (four with probability dropping):
+//   1. rows: one block of 8 warps per chunk of kScoreSumChunk (8) tokens, one
+//      warp per token, the row in registers (lane l holds experts l, l + 32, ...):
+//      scores (softmax sum as 32 strided lane sums + xor butterfly), group scores
+//      and topk_group groups (shared memory), top-k by warp argmax rounds (ties:
+//      lower index), weights. Then per chunk: counts per expert (shared integer
+//      atomics), each choice's rank inside the chunk (earlier tokens with the
+//      same expert) and the per-expert score sums in token order.
+//   2. scan: one block per 8 experts: the exclusive prefix of the chunk counts
+//      over chunks (the chunk bases), routed/kept counts, mean scores (strided
+//      lane sums + halving tree, the order of moe_params.h).
 //   3. slots: one thread per choice: rank = chunk base + rank in chunk.
-//   4. probability mode only: one block per over-full expert; a choice's weight
-//      rank among its expert's choices (ties: earlier token) decides whether it is
-//      kept; kept ones are renumbered in token order by a block prefix sum.
-// rows (dispatch/combine/permute/unpermute): one warp per token, 16-byte
-// vectors along H; a token's row is read once and written to its k rows
-// (scatter), or its k rows are accumulated in choice order in fp32 (gather).
+//   4. probability mode only: expert offsets (one block scan), then one block per
+//      over-full expert; a choice's weight rank among its expert's choices
+//      (ties: earlier token) decides whether it is kept; kept ones are renumbered
+//      in token order by a block prefix sum.
+// rows (dispatch/combine/permute/unpermute): dispatch/permute is token-major
+// (a token's row read once, 16-byte vectors, written to each of its kept rows;
+// unfilled rows zeroed by the same launch), combine/unpermute one warp per
+// token accumulating its k rows in choice order in fp32.
 #include <cstdint>
 
 #include "common/cuda_utils.cuh"
@@ -28,6 +34,7 @@ namespace dsk::moe {
 namespace {
 
 constexpr int kWarp = 32;
+constexpr int kMaxK = 16;  // moe_api.cpp enforces k <= 16 (and E <= 1024)
 
 __host__ __device__ inline int64_t align16(int64_t b) { return (b + 15) / 16 * 16; }
 
@@ -58,221 +65,316 @@ Workspace carve(void* base, int64_t T, int64_t E, int64_t k) {
   return w;
 }
 
+// A float (not NaN) as a uint32 of the same order; -0 maps like +0 (equal
+// floats, equal keys), and 0 lies below every float (-inf included).
+__device__ __forceinline__ uint32_t order_key(float v) {
+  const uint32_t u = __float_as_uint(v == 0.0f ? 0.0f : v);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
 // Warp argmax over (value, index) candidates; ties go to the lower index,
-// idx < 0 means "no candidate". Every lane gets the result.
-__device__ __forceinline__ void warp_argmax(float& v, int& idx) {
-#pragma unroll
-  for (int off = 16; off >= 1; off >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, v, off);
-    const int oi = __shfl_xor_sync(0xffffffffu, idx, off);
-    const bool better = oi >= 0 && (idx < 0 || ov > v || (ov == v && oi < idx));
-    if (better) {
-      v = ov;
-      idx = oi;
-    }
-  }
+// idx < 0 means "no candidate". Every lane gets the index (-1 if none; the
+// value is not needed by the callers). Two redux.sync (sm_80+): the best key,
+// then the lowest index holding it, instead of a 5-step shuffle butterfly.
+__device__ __forceinline__ void warp_argmax(float v, int& idx) {
+  const uint32_t key = idx >= 0 ? order_key(v) : 0u;
+  const uint32_t best = __reduce_max_sync(0xffffffffu, key);
+  const uint32_t who = __reduce_min_sync(
+      0xffffffffu, (idx >= 0 && key == best) ? static_cast<uint32_t>(idx) : 0xffffffffu);
+  idx = who == 0xffffffffu ? -1 : static_cast<int>(who);
 }
 
-// Per-warp shared scratch of the rows kernel.
-__host__ __device__ inline int64_t rows_smem_per_warp(int64_t E, int64_t G) {
-  return align16(E * 4) * 4 + align16(G * 4) + align16(G);
+constexpr int kChunkWarps = static_cast<int>(kScoreSumChunk);  // one warp per token of a chunk
+constexpr int kChunkThreads = kChunkWarps * kWarp;
+
+// Dynamic shared memory of the rows kernel (one chunk per block at a time).
+struct RowsSmem {
+  float* p;                // [8][E] scores, for the chunk's score sums
+  float* sel;              // [8][E] selection scores, for the group scores
+  int32_t* cnt;            // [E] choices per expert in the chunk
+  uint16_t* grp_of;        // [E] group of each expert (no integer division per token)
+  float* gscore;           // [8][G]
+  unsigned char* allowed;  // [8][G]
+  int32_t* ids;            // [8][kMaxK] the chunk's choices (-1: not routed)
+};
+
+__host__ __device__ inline int64_t rows_smem_bytes(int64_t E, int64_t G) {
+  return 2 * align16(kChunkWarps * E * 4) + align16(E * 4) + align16(E * 2) +
+         align16(kChunkWarps * G * 4) + align16(kChunkWarps * G) + align16(kChunkWarps * kMaxK * 4);
 }
 
-template <typename T>
-__global__ void gating_rows_kernel(GatingParams g, Workspace ws, int64_t nchunks) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+__device__ inline RowsSmem carve_rows_smem(unsigned char* base, int64_t E, int64_t G) {
+  RowsSmem s;
+  s.p = reinterpret_cast<float*>(base);
+  base += align16(kChunkWarps * E * 4);
+  s.sel = reinterpret_cast<float*>(base);
+  base += align16(kChunkWarps * E * 4);
+  s.cnt = reinterpret_cast<int32_t*>(base);
+  base += align16(E * 4);
+  s.grp_of = reinterpret_cast<uint16_t*>(base);
+  base += align16(E * 2);
+  s.gscore = reinterpret_cast<float*>(base);
+  base += align16(kChunkWarps * G * 4);
+  s.allowed = base;
+  base += align16(kChunkWarps * G);
+  s.ids = reinterpret_cast<int32_t*>(base);
+  return s;
+}
+
+// NPL = experts per lane (E <= 32 * NPL): the row lives in registers.
+template <typename T, int NPL>
+__global__ void __launch_bounds__(kChunkThreads) gating_rows_kernel(GatingParams g, Workspace ws,
+                                                                    int64_t nchunks) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   const int64_t E = g.E, G = g.n_group, gsize = E / G, k = g.k;
-  unsigned char* base = smem + warp * rows_smem_per_warp(E, G);
-  float* p = reinterpret_cast<float*>(base);
-  float* sel = reinterpret_cast<float*>(base + align16(E * 4));
-  float* part = reinterpret_cast<float*>(base + 2 * align16(E * 4));
-  int32_t* cnt = reinterpret_cast<int32_t*>(base + 3 * align16(E * 4));
-  float* gscore = reinterpret_cast<float*>(base + 4 * align16(E * 4));
-  unsigned char* allowed = base + 4 * align16(E * 4) + align16(G * 4);
+  const RowsSmem sm = carve_rows_smem(smem_raw, E, G);
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const T* logits = static_cast<const T*>(g.logits);
   const float* bias = static_cast<const float*>(g.bias);
   float* weights = static_cast<float*>(g.weights);
   const bool group_limited = G > 1 && g.topk_group < G;
   const float scale = static_cast<float>(g.routed_scaling_factor);
+  float* psm = sm.p + warp * E;
+  float* selsm = sm.sel + warp * E;
+  float* gscore = sm.gscore + warp * G;
+  unsigned char* allowed = sm.allowed + warp * G;
 
   bool bias_ok = true;
   if (bias)
     for (int64_t e = lane; e < E; e += kWarp) bias_ok = bias_ok && isfinite(bias[e]);
   bias_ok = __all_sync(0xffffffffu, bias_ok);
+  if (group_limited)
+    for (int64_t e = threadIdx.x; e < E; e += kChunkThreads) sm.grp_of[e] = static_cast<uint16_t>(e / gsize);
+  __syncthreads();
 
-  const int64_t warps_in_grid = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + warp; c < nchunks;
-       c += warps_in_grid) {
-    for (int64_t e = lane; e < E; e += kWarp) {
-      part[e] = 0.0f;
-      cnt[e] = 0;
-    }
-    __syncwarp();
-    const int64_t t_end = min(g.T, (c + 1) * kScoreSumChunk);
-    for (int64_t t = c * kScoreSumChunk; t < t_end; ++t) {
+  for (int64_t c = blockIdx.x; c < nchunks; c += gridDim.x) {
+    for (int64_t e = threadIdx.x; e < E; e += kChunkThreads) sm.cnt[e] = 0;
+    const int64_t t = c * kScoreSumChunk + warp;
+    // A token past T (last chunk) or with a non-finite logit is not routed.
+    bool routed = t < g.T;
+    float p[NPL], sel[NPL];
+    if (routed) {
       const T* x = logits + t * E;
       bool finite = bias_ok;
       float m = -INFINITY;
-      for (int64_t e = lane; e < E; e += kWarp) {
-        const float v = to_float(x[e]);
-        p[e] = v;
+#pragma unroll
+      for (int i = 0; i < NPL; ++i) {
+        const int64_t e = lane + kWarp * i;
+        const float v = e < E ? to_float(x[e]) : 0.0f;
+        p[i] = v;
         finite = finite && isfinite(v);
-        m = fmaxf(m, v);
+        if (e < E) m = fmaxf(m, v);
       }
-      if (!__all_sync(0xffffffffu, finite)) {
+      routed = __all_sync(0xffffffffu, finite);
+      if (routed) {
+        if (g.softmax) {
+#pragma unroll
+          for (int off = 16; off >= 1; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+          // lane l sums e = l, l + 32, ... in order, then the butterfly (moe_params.h)
+          float acc = 0.0f;
+#pragma unroll
+          for (int i = 0; i < NPL; ++i) {
+            if (lane + kWarp * i < E) {
+              p[i] = exp_nonpos(fsub(p[i], m));
+              acc = fadd(acc, p[i]);
+            }
+          }
+#pragma unroll
+          for (int off = 16; off >= 1; off >>= 1) acc = fadd(acc, __shfl_xor_sync(0xffffffffu, acc, off));
+#pragma unroll
+          for (int i = 0; i < NPL; ++i) p[i] = fdiv(p[i], acc);
+        } else {
+#pragma unroll
+          for (int i = 0; i < NPL; ++i) p[i] = sigmoid_score(p[i]);
+        }
+#pragma unroll
+        for (int i = 0; i < NPL; ++i) {
+          const int64_t e = lane + kWarp * i;
+          if (e < E) {
+            sel[i] = bias ? fadd(p[i], bias[e]) : p[i];
+            psm[e] = p[i];
+            if (group_limited) selsm[e] = sel[i];
+          } else {
+            sel[i] = -INFINITY;  // never a candidate (real selection scores are finite)
+          }
+        }
+        __syncwarp();
+
+        if (group_limited) {
+          // group score = best + second best selection score (a multiset top-2,
+          // so the scan order does not matter); one lane per group.
+          for (int64_t grp = lane; grp < G; grp += kWarp) {
+            float b1 = -INFINITY, b2 = -INFINITY;
+            for (int64_t e = grp * gsize; e < (grp + 1) * gsize; ++e) {
+              const float v = selsm[e];
+              if (v > b1) { b2 = b1; b1 = v; }
+              else if (v > b2) { b2 = v; }
+            }
+            gscore[grp] = gsize >= 2 ? fadd(b1, b2) : b1;
+            allowed[grp] = 0;
+          }
+          __syncwarp();
+          for (int64_t r = 0; r < g.topk_group; ++r) {
+            float bv = -INFINITY;
+            int bi = -1;
+            for (int64_t grp = lane; grp < G; grp += kWarp)
+              if (!allowed[grp] && (bi < 0 || gscore[grp] > bv)) {
+                bv = gscore[grp];
+                bi = static_cast<int>(grp);
+              }
+            warp_argmax(bv, bi);
+            if (lane == 0) allowed[bi] = 1;
+            __syncwarp();
+          }
+#pragma unroll
+          for (int i = 0; i < NPL; ++i) {
+            const int64_t e = lane + kWarp * i;
+            if (e < E && !allowed[sm.grp_of[e]]) sel[i] = -INFINITY;
+          }
+        }
+
+        // top-k: k rounds of a lane argmax over its registers and a warp argmax;
+        // the winner's owner lane retires it (-inf). Lane j keeps choice j.
+        float wsel = 0.0f;
+        int wid = 0;
+        for (int64_t j = 0; j < k; ++j) {
+          float bv = -INFINITY;
+          int bi = -1;
+#pragma unroll
+          for (int i = 0; i < NPL; ++i)
+            if (sel[i] != -INFINITY && (bi < 0 || sel[i] > bv)) {
+              bv = sel[i];
+              bi = lane + kWarp * i;
+            }
+          warp_argmax(bv, bi);
+          if (lane == j) wid = bi;
+          if ((bi & (kWarp - 1)) == lane) {
+#pragma unroll
+            for (int i = 0; i < NPL; ++i)
+              if (lane + kWarp * i == bi) sel[i] = -INFINITY;
+          }
+        }
+        if (lane < k) wsel = psm[wid];
+        // weights: sequential sum over the choices in order
+        float sum = 0.0f;
+        for (int64_t j = 0; j < k; ++j) sum = fadd(sum, __shfl_sync(0xffffffffu, wsel, static_cast<int>(j)));
+        if (lane < k) {
+          float w = wsel;
+          if (g.renormalize && sum > 0.0f) w = fdiv(w, sum);
+          weights[t * k + lane] = fmul(w, scale);
+          g.expert_ids[t * k + lane] = wid;
+          sm.ids[warp * kMaxK + lane] = wid;
+        }
+      } else {
         if (lane < k) {
           g.expert_ids[t * k + lane] = -1;
           weights[t * k + lane] = 0.0f;
         }
-        __syncwarp();
-        continue;
       }
-      if (g.softmax) {
-#pragma unroll
-        for (int off = 16; off >= 1; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-        float acc = 0.0f;
-        for (int64_t e = lane; e < E; e += kWarp) {
-          const float s = exp_nonpos(fsub(p[e], m));
-          p[e] = s;
-          acc = fadd(acc, s);
-        }
-#pragma unroll
-        for (int off = 16; off >= 1; off >>= 1) acc = fadd(acc, __shfl_xor_sync(0xffffffffu, acc, off));
-        for (int64_t e = lane; e < E; e += kWarp) p[e] = fdiv(p[e], acc);
-      } else {
-        for (int64_t e = lane; e < E; e += kWarp) p[e] = sigmoid_score(p[e]);
-      }
-      for (int64_t e = lane; e < E; e += kWarp) {
-        sel[e] = bias ? fadd(p[e], bias[e]) : p[e];
-        part[e] = fadd(part[e], p[e]);
-      }
-      __syncwarp();
-
-      if (group_limited) {
-        for (int64_t grp = lane; grp < G; grp += kWarp) {
-          float b1 = -INFINITY, b2 = -INFINITY;
-          for (int64_t e = grp * gsize; e < (grp + 1) * gsize; ++e) {
-            const float v = sel[e];
-            if (v > b1) { b2 = b1; b1 = v; }
-            else if (v > b2) { b2 = v; }
-          }
-          gscore[grp] = gsize >= 2 ? fadd(b1, b2) : b1;
-          allowed[grp] = 0;
-        }
-        __syncwarp();
-        for (int64_t r = 0; r < g.topk_group; ++r) {
-          float bv = -INFINITY;
-          int bi = -1;
-          for (int64_t grp = lane; grp < G; grp += kWarp)
-            if (!allowed[grp] && (bi < 0 || gscore[grp] > bv)) {
-              bv = gscore[grp];
-              bi = static_cast<int>(grp);
-            }
-          warp_argmax(bv, bi);
-          if (lane == 0) allowed[bi] = 1;
-          __syncwarp();
-        }
-      }
-
-      // top-k: a taken expert's selection score becomes -inf (real ones are finite).
-      float wsel = 0.0f;  // lane j < k keeps choice j's score
-      int wid = 0;
-      for (int64_t j = 0; j < k; ++j) {
-        float bv = -INFINITY;
-        int bi = -1;
-        for (int64_t e = lane; e < E; e += kWarp) {
-          if (group_limited && !allowed[e / gsize]) continue;
-          const float v = sel[e];
-          if (v != -INFINITY && (bi < 0 || v > bv)) {
-            bv = v;
-            bi = static_cast<int>(e);
-          }
-        }
-        warp_argmax(bv, bi);
-        if (lane == j) {
-          wid = bi;
-          wsel = p[bi];
-        }
-        if (lane == 0) sel[bi] = -INFINITY;
-        __syncwarp();
-      }
-      // weights: sequential sum over choices (lane 0 gathers them in order).
-      float sum = 0.0f;
-      for (int64_t j = 0; j < k; ++j) sum = fadd(sum, __shfl_sync(0xffffffffu, wsel, static_cast<int>(j)));
-      if (lane < k) {
-        float w = wsel;
-        if (g.renormalize && sum > 0.0f) w = fdiv(w, sum);
-        weights[t * k + lane] = fmul(w, scale);
-        g.expert_ids[t * k + lane] = wid;
-      }
-      // ranks inside the chunk: lane 0, choice order (a token's experts are distinct)
-      for (int64_t j = 0; j < k; ++j) {
-        const int e = __shfl_sync(0xffffffffu, wid, static_cast<int>(j));
-        if (lane == 0) ws.local_rank[t * k + j] = cnt[e]++;
-      }
-      __syncwarp();
     }
-    for (int64_t e = lane; e < E; e += kWarp) {
-      ws.chunk_counts[c * E + e] = cnt[e];
-      ws.partial[c * E + e] = part[e];
+    if (!routed && lane < k) sm.ids[warp * kMaxK + lane] = -1;
+    __syncthreads();
+
+    // Chunk: counts (integer atomics: exact in any order) and ranks inside the
+    // chunk = earlier tokens of the chunk with the same expert.
+    if (threadIdx.x < kChunkWarps * k) {
+      const int tl = static_cast<int>(threadIdx.x / k), j = static_cast<int>(threadIdx.x % k);
+      const int32_t e = sm.ids[tl * kMaxK + j];
+      if (e >= 0) {
+        int32_t r = 0;
+        for (int t2 = 0; t2 < tl; ++t2)
+          for (int64_t j2 = 0; j2 < k; ++j2) r += sm.ids[t2 * kMaxK + j2] == e;
+        ws.local_rank[(c * kScoreSumChunk + tl) * k + j] = r;
+        atomicAdd(&sm.cnt[e], 1);
+      }
     }
-    __syncwarp();
+    __syncthreads();
+    // Score sums per expert: the chunk's routed tokens in token order.
+    for (int64_t e = threadIdx.x; e < E; e += kChunkThreads) {
+      float acc = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kChunkWarps; ++w)
+        if (sm.ids[w * kMaxK] >= 0) acc = fadd(acc, sm.p[w * E + e]);
+      ws.partial[c * E + e] = acc;
+      ws.chunk_counts[c * E + e] = sm.cnt[e];
+    }
+    __syncthreads();  // smem is reused by the next chunk
   }
 }
 
-// One block of kMeanLanes threads per expert. Chunk bases: thread l scans a
-// contiguous range of chunks, the range totals are prefix-summed in shared
-// memory (integers: exact in any order). Mean score: thread l sums chunks
-// l, l + kMeanLanes, ... sequentially, then a halving tree (the fixed order of
-// moe_params.h).
-__global__ void __launch_bounds__(kMeanLanes) gating_experts_kernel(GatingParams g, Workspace ws,
-                                                                    int64_t nchunks) {
-  __shared__ int32_t tot[kMeanLanes];
-  __shared__ float lanes[kMeanLanes];
-  const int64_t e = blockIdx.x;
-  const int l = threadIdx.x;
-  const int64_t per = (nchunks + kMeanLanes - 1) / kMeanLanes;
-  const int64_t c0 = min(nchunks, l * per), c1 = min(nchunks, c0 + per);
+// Scan over chunks: one block per kScanTile experts (a warp reads 32-byte
+// segments of 4 chunk rows). Thread (q, ex) owns a contiguous range of chunks;
+// the range totals are scanned over q in shared memory (integers: exact).
+// Mean scores: mean lane m sums chunks m, m + kMeanLanes, ... sequentially,
+// then the halving tree (the fixed order of moe_params.h).
+constexpr int kScanTile = 8;
+constexpr int kScanThreads = 1024;
+constexpr int kScanGroups = kScanThreads / kScanTile;  // 128 chunk ranges per expert
+
+__global__ void __launch_bounds__(kScanThreads) gating_scan_kernel(GatingParams g, Workspace ws,
+                                                                   int64_t nchunks) {
+  __shared__ int32_t scan[kScanGroups][kScanTile];
+  __shared__ float lanes[kMeanLanes][kScanTile];
+  const int ex = threadIdx.x % kScanTile, q = threadIdx.x / kScanTile;
+  const int64_t E = g.E;
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * kScanTile + ex;
+  const bool on = e < E;
+  const int64_t per = (nchunks + kScanGroups - 1) / kScanGroups;
+  const int64_t c0 = min(nchunks, q * per), c1 = min(nchunks, c0 + per);
   int32_t mine = 0;
-  for (int64_t c = c0; c < c1; ++c) mine += ws.chunk_counts[c * g.E + e];
-  float acc = 0.0f;
-  for (int64_t c = l; c < nchunks; c += kMeanLanes) acc = fadd(acc, ws.partial[c * g.E + e]);
-  tot[l] = mine;
-  lanes[l] = acc;
+  if (on)
+    for (int64_t c = c0; c < c1; ++c) mine += ws.chunk_counts[c * E + e];
+  scan[q][ex] = mine;
+  for (int m = q; m < kMeanLanes; m += kScanGroups) {
+    float acc = 0.0f;
+    if (on)
+      for (int64_t c = m; c < nchunks; c += kMeanLanes) acc = fadd(acc, ws.partial[c * E + e]);
+    lanes[m][ex] = acc;
+  }
   __syncthreads();
-  for (int half = kMeanLanes / 2; half >= 1; half >>= 1) {
-    if (l < half) lanes[l] = fadd(lanes[l], lanes[l + half]);
+  for (int s = 1; s < kScanGroups; s <<= 1) {  // inclusive Hillis-Steele over q
+    const int32_t v = q >= s ? scan[q - s][ex] : 0;
+    __syncthreads();
+    scan[q][ex] += v;
     __syncthreads();
   }
-  if (l == 0) {  // exclusive prefix of the 256 range totals, and the expert's counts
-    int32_t run = 0;
-    for (int i = 0; i < kMeanLanes; ++i) {
-      const int32_t n = tot[i];
-      tot[i] = run;
-      run += n;
-    }
-    g.routed_counts[e] = run;
-    g.expert_counts[e] = (g.capacity < 0 || run < g.capacity) ? run : static_cast<int32_t>(g.capacity);
-    static_cast<float*>(g.mean_scores)[e] = fdiv(lanes[0], static_cast<float>(g.T > 0 ? g.T : 1));
+  for (int half = kMeanLanes / 2; half >= 1; half >>= 1) {
+    for (int m = q; m < half; m += kScanGroups) lanes[m][ex] = fadd(lanes[m][ex], lanes[m + half][ex]);
+    __syncthreads();
   }
-  __syncthreads();
-  int32_t run = tot[l];
+  if (!on) return;
+  if (q == 0) {
+    const int32_t total = scan[kScanGroups - 1][ex];
+    g.routed_counts[e] = total;
+    g.expert_counts[e] = (g.capacity < 0 || total < g.capacity) ? total : static_cast<int32_t>(g.capacity);
+    static_cast<float*>(g.mean_scores)[e] = fdiv(lanes[0][ex], static_cast<float>(g.T > 0 ? g.T : 1));
+  }
+  int32_t run = scan[q][ex] - mine;  // exclusive
   for (int64_t c = c0; c < c1; ++c) {
-    const int32_t n = ws.chunk_counts[c * g.E + e];
-    ws.chunk_counts[c * g.E + e] = run;
+    const int32_t n = ws.chunk_counts[c * E + e];
+    ws.chunk_counts[c * E + e] = run;
     run += n;
   }
 }
 
-__global__ void offsets_kernel(GatingParams g, Workspace ws) {
-  if (threadIdx.x != 0 || blockIdx.x != 0) return;
-  int32_t run = 0;
-  for (int64_t e = 0; e < g.E; ++e) {
-    ws.offsets[e] = run;
-    run += g.routed_counts[e];
+// Probability mode: offsets[e] = exclusive prefix of routed counts (E <= 1024:
+// one block, one expert per thread).
+constexpr int kOffsetsThreads = 1024;
+
+__global__ void __launch_bounds__(kOffsetsThreads) offsets_kernel(GatingParams g, Workspace ws) {
+  __shared__ int32_t scan[kOffsetsThreads];
+  const int i = threadIdx.x;
+  const int32_t mine = i < g.E ? g.routed_counts[i] : 0;
+  scan[i] = mine;
+  __syncthreads();
+  for (int s = 1; s < kOffsetsThreads; s <<= 1) {
+    const int32_t v = i >= s ? scan[i - s] : 0;
+    __syncthreads();
+    scan[i] += v;
+    __syncthreads();
   }
-  ws.offsets[g.E] = run;
+  if (i < g.E) ws.offsets[i] = scan[i] - mine;
+  if (i == 0) ws.offsets[g.E] = scan[kOffsetsThreads - 1];
 }
 
 __global__ void gating_slots_kernel(GatingParams g, Workspace ws) {
@@ -332,29 +434,46 @@ __global__ void __launch_bounds__(kDropThreads) probability_drop_kernel(GatingPa
   }
 }
 
+template <typename T, int NPL>
+cudaError_t launch_gating_rows(const GatingParams& g, const Workspace& ws, int64_t nchunks,
+                               cudaStream_t stream) {
+  const size_t smem = static_cast<size_t>(rows_smem_bytes(g.E, g.n_group));
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        gating_rows_kernel<T, NPL>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  const int64_t blocks = grid_size(nchunks * kChunkThreads, kChunkThreads, 8);
+  gating_rows_kernel<T, NPL><<<blocks, kChunkThreads, smem, stream>>>(g, ws, nchunks);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t launch_gating(const GatingParams& g, cudaStream_t stream) {
   const int64_t nchunks = (g.T + kScoreSumChunk - 1) / kScoreSumChunk;
   Workspace ws = carve(g.workspace, g.T, g.E, g.k);
-  const int64_t per_warp = rows_smem_per_warp(g.E, g.n_group);
-  int warps = 4;
-  while (warps > 1 && per_warp * warps > 48 * 1024) warps /= 2;
-  const size_t smem = static_cast<size_t>(per_warp * warps);
-  if (smem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(gating_rows_kernel<T>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(smem));
+  if (nchunks > 0) {
+    cudaError_t err;
+    if (g.E <= 32) err = launch_gating_rows<T, 1>(g, ws, nchunks, stream);
+    else if (g.E <= 64) err = launch_gating_rows<T, 2>(g, ws, nchunks, stream);
+    else if (g.E <= 128) err = launch_gating_rows<T, 4>(g, ws, nchunks, stream);
+    else if (g.E <= 256) err = launch_gating_rows<T, 8>(g, ws, nchunks, stream);
+    else if (g.E <= 512) err = launch_gating_rows<T, 16>(g, ws, nchunks, stream);
+    else if (g.E <= 1024) err = launch_gating_rows<T, 32>(g, ws, nchunks, stream);
+    else err = cudaErrorInvalidValue;  // moe_api.cpp enforces E <= 1024
     if (err != cudaSuccess) return err;
   }
-  if (nchunks > 0) {
-    const int64_t blocks = grid_size(nchunks * kWarp, warps * kWarp, 8);
-    gating_rows_kernel<T><<<blocks, warps * kWarp, smem, stream>>>(g, ws, nchunks);
-  }
-  gating_experts_kernel<<<g.E, kMeanLanes, 0, stream>>>(g, ws, nchunks);
+  gating_scan_kernel<<<(g.E + kScanTile - 1) / kScanTile, kScanThreads, 0, stream>>>(g, ws, nchunks);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
   const bool prob = g.drop_probability && g.capacity >= 0;
-  if (prob) offsets_kernel<<<1, 1, 0, stream>>>(g, ws);
+  if (prob) {
+    offsets_kernel<<<1, kOffsetsThreads, 0, stream>>>(g, ws);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
   if (g.T > 0) {
     gating_slots_kernel<<<grid_size(g.T * g.k, 256), 256, 0, stream>>>(g, ws);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
     if (prob) probability_drop_kernel<<<g.E, kDropThreads, 0, stream>>>(g, ws);
   }
   return cudaGetLastError();
@@ -364,62 +483,104 @@ cudaError_t launch_gating(const GatingParams& g, cudaStream_t stream) {
 // Rows
 // ---------------------------------------------------------------------------
 
+// row_base null: expert e's rows start at e * capacity (dispatch/combine).
 __device__ __forceinline__ int64_t choice_row(const RowsParams& p, int64_t i) {
   const int32_t e = p.expert_ids[i], s = p.slots[i];
   if (e < 0 || s < 0 || e >= p.E) return -1;
   const int64_t limit = p.slot_limit ? p.slot_limit[e] : p.capacity;
   if (s >= limit) return -1;  // out of range: skipped on the GPU (the CPU raises)
-  return p.row_base[e] + s;
+  return (p.row_base ? p.row_base[e] : e * p.capacity) + s;
 }
 
 constexpr int kRowsThreads = 128;
 constexpr int kRowsWarps = kRowsThreads / kWarp;
-constexpr int kMaxK = 16;  // moe_api.cpp enforces k <= 16
 
-// Scatter, step 1: dst row -> choice (each kept choice owns its row).
+// Scatter, step 1: dst row -> choice. atomicMax: two choices naming one row
+// (invalid input) resolve to the later choice, as on the CPU, in any order.
 __global__ void row_map_kernel(RowsParams p) {
   const int64_t n = p.T * p.k;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const int64_t r = choice_row(p, i);
-    if (r >= 0 && r < p.dst_rows) p.row_map[r] = i;
+    if (r >= 0 && r < p.dst_rows)
+      atomicMax(reinterpret_cast<long long*>(p.row_map) + r, static_cast<long long>(i));
   }
 }
 
-// Scatter, step 2: one warp per dst row, written exactly once: its token's row
-// (times its weight), or zeros. No separate zero fill of dst.
+// Scatter, step 2, one launch with two roles; every dst row is written exactly
+// once and each token row is read once (bytes = T*H read + dst_rows*H written):
+//   blocks [0, token_blocks): one warp per token; its row, kUnroll vectors per
+//     lane at a time, goes to each dst row it owns (times its weight);
+//   the rest: one warp per dst row that no choice owns: zeros.
+constexpr int kScatterUnroll = 4;
+
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kRowsThreads) scatter_rows_kernel(RowsParams p) {
-  const int lane = threadIdx.x % kWarp;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
-  const T* src = static_cast<const T*>(p.src);
-  T* dst = static_cast<T*>(p.dst);
+__global__ void __launch_bounds__(kRowsThreads) scatter_rows_kernel(RowsParams p, int64_t token_blocks) {
+  __shared__ int64_t rows_s[kRowsWarps][kMaxK];
+  __shared__ float w_s[kRowsWarps][kMaxK];
+  using V = Vec<T, VEC>;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const T* __restrict__ src = static_cast<const T*>(p.src);
+  T* __restrict__ dst = static_cast<T*>(p.dst);
   const float* w = static_cast<const float*>(p.weights);
   const int64_t nvec = p.H / VEC;
-  for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
-       r < p.dst_rows; r += warps) {
-    const int64_t i = p.row_map[r];
-    Vec<T, VEC>* out = reinterpret_cast<Vec<T, VEC>*>(dst + r * p.H);
-    if (i < 0) {
-      Vec<T, VEC> z;
+  if (blockIdx.x >= token_blocks) {
+    const int64_t zb = blockIdx.x - token_blocks, zblocks = gridDim.x - token_blocks;
+    V z;
 #pragma unroll
-      for (int q = 0; q < VEC; ++q) z.v[q] = from_float<T>(0.0f);
+    for (int q = 0; q < VEC; ++q) z.v[q] = from_float<T>(0.0f);
+    for (int64_t r = zb * kRowsWarps + warp; r < p.dst_rows; r += zblocks * kRowsWarps) {
+      if (p.row_map[r] >= 0) continue;  // written by its token
+      V* out = reinterpret_cast<V*>(dst + r * p.H);
       for (int64_t v = lane; v < nvec; v += kWarp) out[v] = z;
-      continue;
     }
-    const Vec<T, VEC>* x = reinterpret_cast<const Vec<T, VEC>*>(src + (i / p.k) * p.H);
-    if (w) {
-      const float wi = w[i];
-      for (int64_t v = lane; v < nvec; v += kWarp) {
-        const Vec<T, VEC> xv = x[v];
-        Vec<T, VEC> o;
+    return;
+  }
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kRowsWarps + warp; t < p.T;
+       t += token_blocks * kRowsWarps) {
+    // The rows this token owns, compacted (choice order) into shared memory.
+    int64_t r = -1;
+    if (lane < p.k) {
+      const int64_t i = t * p.k + lane;
+      r = choice_row(p, i);
+      if (r >= p.dst_rows || (r >= 0 && p.row_map[r] != i)) r = -1;
+    }
+    const unsigned own = __ballot_sync(0xffffffffu, r >= 0);
+    const int nk = __popc(own);
+    if (r >= 0) {
+      const int pos = __popc(own & ((1u << lane) - 1u));
+      rows_s[warp][pos] = r * p.H;
+      w_s[warp][pos] = w ? w[t * p.k + lane] : 1.0f;
+    }
+    __syncwarp();
+    if (nk > 0) {
+      const V* x = reinterpret_cast<const V*>(src + t * p.H);
+      for (int64_t v0 = lane; v0 < nvec; v0 += kWarp * kScatterUnroll) {
+        V xv[kScatterUnroll];
 #pragma unroll
-        for (int q = 0; q < VEC; ++q) o.v[q] = from_float<T>(fmul(wi, to_float(xv.v[q])));
-        out[v] = o;
+        for (int u = 0; u < kScatterUnroll; ++u)
+          if (v0 + u * kWarp < nvec) xv[u] = x[v0 + u * kWarp];
+        for (int q = 0; q < nk; ++q) {
+          V* out = reinterpret_cast<V*>(dst + rows_s[warp][q]);
+          if (w) {
+            const float wq = w_s[warp][q];
+#pragma unroll
+            for (int u = 0; u < kScatterUnroll; ++u) {
+              if (v0 + u * kWarp >= nvec) continue;
+              V o;
+#pragma unroll
+              for (int e = 0; e < VEC; ++e) o.v[e] = from_float<T>(fmul(wq, to_float(xv[u].v[e])));
+              out[v0 + u * kWarp] = o;
+            }
+          } else {
+#pragma unroll
+            for (int u = 0; u < kScatterUnroll; ++u)
+              if (v0 + u * kWarp < nvec) out[v0 + u * kWarp] = xv[u];
+          }
+        }
       }
-    } else {
-      for (int64_t v = lane; v < nvec; v += kWarp) out[v] = x[v];
     }
+    __syncwarp();  // rows_s is rewritten for the next token
   }
 }
 
@@ -497,17 +658,23 @@ cudaError_t launch_rows(const RowsParams& p, cudaStream_t stream) {
   if (p.H == 0 || (GATHER ? p.T : p.dst_rows) == 0) return cudaSuccess;
   constexpr int kVec = 16 / sizeof(T);
   constexpr int kThreads = kRowsThreads;
-  const int64_t blocks = grid_size((GATHER ? p.T : p.dst_rows) * kWarp, kThreads);
-  if (!GATHER && p.T * p.k > 0)
-    row_map_kernel<<<grid_size(p.T * p.k, 256), 256, 0, stream>>>(p);
   const bool vec_ok = p.H % kVec == 0 && aligned16(p.src) && aligned16(p.dst);
-  if (vec_ok) {
-    if (GATHER) gather_rows_kernel<T, kVec><<<blocks, kThreads, 0, stream>>>(p);
-    else scatter_rows_kernel<T, kVec><<<blocks, kThreads, 0, stream>>>(p);
-  } else {
-    if (GATHER) gather_rows_kernel<T, 1><<<blocks, kThreads, 0, stream>>>(p);
-    else scatter_rows_kernel<T, 1><<<blocks, kThreads, 0, stream>>>(p);
+  if (GATHER) {
+    const int64_t blocks = grid_size(p.T * kWarp, kThreads);
+    if (vec_ok) gather_rows_kernel<T, kVec><<<blocks, kThreads, 0, stream>>>(p);
+    else gather_rows_kernel<T, 1><<<blocks, kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
   }
+  if (p.T * p.k > 0) {
+    row_map_kernel<<<grid_size(p.T * p.k, 256), 256, 0, stream>>>(p);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  // Token blocks first (one warp per token), then the zero-row blocks.
+  const int64_t token_blocks = p.T > 0 ? grid_size(p.T * kWarp, kThreads) : 0;
+  const int64_t blocks = token_blocks + grid_size(p.dst_rows * kWarp, kThreads);
+  if (vec_ok) scatter_rows_kernel<T, kVec><<<blocks, kThreads, 0, stream>>>(p, token_blocks);
+  else scatter_rows_kernel<T, 1><<<blocks, kThreads, 0, stream>>>(p, token_blocks);
   return cudaGetLastError();
 }
 

@@ -51,7 +51,7 @@ struct GatingParams {
 };
 
 // Rows of expert-major buffers: choice (t, j) with expert e and slot s >= 0 is
-// row row_base[e] + s, s < (slot_limit ? slot_limit[e] : capacity).
+// row row_base[e] + s (row_base null: e * capacity), s < (slot_limit ? slot_limit[e] : capacity).
 struct RowsParams {
   const void* src = nullptr;
   void* dst = nullptr;
@@ -59,12 +59,13 @@ struct RowsParams {
   const int32_t* expert_ids = nullptr;  // [T, k]
   const int32_t* slots = nullptr;       // [T, k]
   const void* weights = nullptr;        // [T, k] fp32 (fp64 with fp64 data) or null (weight 1)
-  const int64_t* row_base = nullptr;    // [E]
+  const int64_t* row_base = nullptr;    // [E], or null for e * capacity
   const int32_t* slot_limit = nullptr;  // [E] or null
   int64_t capacity = 0;
   int64_t T = 0, k = 1, H = 0, E = 0;
   int64_t dst_rows = 0;  // scatter: rows of dst
   int64_t* row_map = nullptr;  // CUDA scatter: [dst_rows] workspace, filled with -1 by the caller
+                               // (then the largest choice index naming each row)
   const void* other = nullptr;  // rows_dot: [T, H], dtype of src
 };
 
