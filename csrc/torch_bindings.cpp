@@ -3,6 +3,7 @@
 // fake implementations and autograd.
 #include <torch/library.h>
 
+#include "gemm/gemm_api.h"
 #include "moe/moe_api.h"
 #include "quant/quant_api.h"
 
@@ -48,6 +49,23 @@ TORCH_LIBRARY(deepseek_kernels, m) {
   m.def(
       "moe_rows_dot(Tensor rows, Tensor other, Tensor expert_ids, Tensor slots, Tensor row_base, "
       "Tensor? slot_limit, int capacity) -> Tensor");
+
+  // ---- gemm ----
+  // Mixed-precision GEMMs (csrc/gemm): weight [N, K] as in nn.Linear.
+  m.def(
+      "gemm(Tensor a, Tensor weight, Tensor? bias=None, *, str activation='none', "
+      "ScalarType? out_dtype=None) -> Tensor");
+  m.def("grouped_gemm(Tensor x, Tensor weights, Tensor offsets, *, ScalarType? out_dtype=None) -> Tensor");
+  // Backward helper of grouped_gemm: the weights' gradient, [E, N, K].
+  m.def("grouped_gemm_wgrad(Tensor dy, Tensor x, Tensor offsets, int num_groups) -> Tensor");
+  m.def("quantize_int8_rowwise(Tensor x) -> (Tensor q, Tensor scales)");
+  m.def(
+      "int8_gemm(Tensor a, Tensor a_scales, Tensor w, Tensor w_scales, Tensor? bias=None, *, "
+      "ScalarType? out_dtype=None) -> Tensor");
+  m.def("quantize_fp8(Tensor x, int[] block=[1, 128]) -> (Tensor q, Tensor scales)");
+  m.def(
+      "fp8_gemm(Tensor a, Tensor a_scales, Tensor w, Tensor w_scales, *, "
+      "ScalarType? out_dtype=None) -> Tensor");
 }
 
 // The host glue branches on the tensors' device (one validation path for
@@ -69,15 +87,27 @@ TORCH_LIBRARY(deepseek_kernels, m) {
   m.impl("moe_unpermute", &dsk::moe::moe_unpermute);     \
   m.impl("moe_rows_dot", &dsk::moe::moe_rows_dot);
 
+// ---- gemm ----
+#define DSK_REGISTER_GEMM(m)                                                \
+  m.impl("gemm", &dsk::gemm::gemm);                                         \
+  m.impl("grouped_gemm", &dsk::gemm::grouped_gemm);                         \
+  m.impl("grouped_gemm_wgrad", &dsk::gemm::grouped_gemm_wgrad);             \
+  m.impl("quantize_int8_rowwise", &dsk::gemm::quantize_int8_rowwise);       \
+  m.impl("int8_gemm", &dsk::gemm::int8_gemm);                               \
+  m.impl("quantize_fp8", &dsk::gemm::quantize_fp8);                         \
+  m.impl("fp8_gemm", &dsk::gemm::fp8_gemm);
+
 TORCH_LIBRARY_IMPL(deepseek_kernels, CPU, m) {
   DSK_REGISTER_QUANT(m)
   DSK_REGISTER_MOE(m)
+  DSK_REGISTER_GEMM(m)
 }
 
 #ifdef DSK_WITH_CUDA
 TORCH_LIBRARY_IMPL(deepseek_kernels, CUDA, m) {
   DSK_REGISTER_QUANT(m)
   DSK_REGISTER_MOE(m)
+  DSK_REGISTER_GEMM(m)
 }
 #endif
 

@@ -35,6 +35,14 @@ from .ops import (  # noqa: E402
     quantize_int4,
     quantize_int8,
 )
+from .ops import (  # noqa: E402  (GEMMs)
+    fp8_gemm,
+    gemm,
+    grouped_gemm,
+    int8_gemm,
+    quantize_fp8,
+    quantize_int8_rowwise,
+)
 
 __version__ = "0.1.0"
 
@@ -64,6 +72,12 @@ __all__ = [
     "moe_combine",
     "moe_permute",
     "moe_unpermute",
+    "gemm",
+    "grouped_gemm",
+    "quantize_int8_rowwise",
+    "int8_gemm",
+    "quantize_fp8",
+    "fp8_gemm",
 ]
 
 

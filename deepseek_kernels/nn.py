@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -13,7 +14,18 @@ from . import moe as _moe
 from . import ops as _ops
 from . import reference as _reference
 
-__all__ = ["MoELayer"]
+__all__ = ["MoELayer", "CrossAttention", "Linear", "FP8Linear", "Int8Linear"]
+
+
+def _autocast(*tensors: Optional[Tensor]):
+    """Our ops are not autocast-aware: under torch.autocast, cast the floating inputs
+    to the autocast dtype here, as torch.nn.Linear's matmul would be."""
+    t0 = tensors[0]
+    dev = t0.device.type
+    if not torch.is_autocast_enabled(dev):
+        return tensors
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
 class MoELayer(nn.Module):
@@ -26,7 +38,8 @@ class MoELayer(nn.Module):
     ``capacity = ceil(capacity_factor * T * k / E)``) dispatches to
     ``[E, capacity, hidden]`` and runs one ``bmm`` per projection; dropless mode
     (``capacity_factor=None``) permutes into expert-contiguous rows and runs one
-    matmul per expert (a grouped GEMM will replace it).
+    :func:`deepseek_kernels.grouped_gemm` per projection (with ``use_kernels=False``,
+    one matmul per expert).
 
     After each forward, ``self.aux_loss`` holds ``aux_loss_alpha`` * the balancing
     loss + ``z_loss_coef`` * the router z-loss (0 when both are 0), and
@@ -105,12 +118,19 @@ class MoELayer(nn.Module):
             y = K.moe_combine(eo, g.expert_ids, g.slots, g.weights)
         else:
             packed, offsets = K.moe_permute(x2, g.expert_ids, g.slots, g.expert_counts)
-            bounds = offsets.tolist()
-            outs = []
-            for e in range(self.num_experts):
-                rows = packed[bounds[e]:bounds[e + 1]]
-                outs.append(self._swiglu(rows @ self.w_gate_up[e]) @ self.w_down[e])
-            eo = torch.cat(outs) if outs else packed
+            if self.use_kernels:
+                # The expert weights are stored [E, in, out]; grouped_gemm takes [E, out, in].
+                packed, w1, w2 = _autocast(packed, self.w_gate_up.transpose(1, 2),
+                                           self.w_down.transpose(1, 2))
+                h = self._swiglu(_ops.grouped_gemm(packed, w1, offsets))
+                eo = _ops.grouped_gemm(h, w2, offsets)
+            else:
+                bounds = offsets.tolist()
+                outs = []
+                for e in range(self.num_experts):
+                    rows = packed[bounds[e]:bounds[e + 1]]
+                    outs.append(self._swiglu(rows @ self.w_gate_up[e]) @ self.w_down[e])
+                eo = torch.cat(outs) if outs else packed
             y = K.moe_unpermute(eo, g.expert_ids, g.slots, offsets, g.weights)
         if self.shared is not None:
             y = y + self.shared["down"](self._swiglu(self.shared["gate_up"](x2)))
@@ -131,12 +151,6 @@ class MoELayer(nn.Module):
 # ---------------------------------------------------------------------------
 # Attention
 # ---------------------------------------------------------------------------
-
-import warnings  # noqa: E402
-
-from . import reference as _reference  # noqa: E402
-
-__all__ += ["CrossAttention"]
 
 # What the fused kernels take (csrc/attention/attention_api.cpp checks the same).
 _CUDA_ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
@@ -180,10 +194,11 @@ class CrossAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.kv_dim = dim if kv_dim is None else kv_dim
         self.softmax_scale = softmax_scale
-        self.q_proj = nn.Linear(dim, dim, bias=bias, **fk)
-        self.k_proj = nn.Linear(self.kv_dim, num_kv_heads * self.head_dim, bias=bias, **fk)
-        self.v_proj = nn.Linear(self.kv_dim, num_kv_heads * self.head_dim, bias=bias, **fk)
-        self.out_proj = nn.Linear(dim, dim, bias=bias, **fk)
+        # deepseek_kernels Linear (gemm): the same use_kernels switch applies to them
+        self.q_proj = Linear(dim, dim, bias=bias, **fk)
+        self.k_proj = Linear(self.kv_dim, num_kv_heads * self.head_dim, bias=bias, **fk)
+        self.v_proj = Linear(self.kv_dim, num_kv_heads * self.head_dim, bias=bias, **fk)
+        self.out_proj = Linear(dim, dim, bias=bias, **fk)
         self.use_kernels = True
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None,
@@ -206,3 +221,180 @@ class CrossAttention(nn.Module):
         o = attend(q, k, v, softmax_scale=self.softmax_scale, key_padding_mask=key_padding_mask,
                    causal=causal)
         return self.out_proj(o.reshape(b, lq, self.dim))
+
+# GEMM modules
+# ---------------------------------------------------------------------------
+
+class Linear(nn.Module):
+    """Drop-in for :class:`torch.nn.Linear` (``weight [out, in]``, same init) running
+    :func:`deepseek_kernels.gemm`, with an optional activation fused into the epilogue
+    (``"none"``, ``"relu"``, ``"gelu"``, ``"gelu_tanh"``, ``"silu"``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 activation: str = "none", device=None, dtype=None):
+        super().__init__()
+        if activation not in _ops.GEMM_ACTIVATIONS:
+            raise ValueError(f"Linear: activation must be one of {_ops.GEMM_ACTIVATIONS}, "
+                             f"got {activation!r}")
+        fk = dict(device=device, dtype=dtype)
+        self.in_features, self.out_features, self.activation = in_features, out_features, activation
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **fk))
+        self.bias = nn.Parameter(torch.empty(out_features, **fk)) if bias else None
+        # False: the same parameters through reference.py (pure PyTorch), for A/B runs
+        self.use_kernels = True
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's initialisation, so swapping modules keeps training dynamics.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, activation: str = "none") -> "Linear":
+        """A Linear sharing nothing with ``linear`` but holding copies of its parameters."""
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, activation,
+                device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            m.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                m.bias.copy_(linear.bias)
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        K = _ops if self.use_kernels else _reference
+        x, w, b = _autocast(x, self.weight, self.bias)
+        return K.gemm(x, w, b, activation=self.activation)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, activation={self.activation!r}")
+
+
+class _FP8LinearFunction(torch.autograd.Function):
+    """FP8 forward (1x128 activation blocks, 128x128 weight blocks); straight-through
+    backward: the gradients of the unquantized linear map, computed in bf16."""
+
+    @staticmethod
+    def forward(ctx, x2: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
+                use_kernels: bool) -> Tensor:
+        K = _ops if use_kernels else _reference
+        qx, sx = K.quantize_fp8(x2, (1, 128))
+        qw, sw = K.quantize_fp8(weight, (128, 128))
+        out_dtype = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16, torch.float16) \
+            else torch.float32
+        # fp32 out: bias and activation on the fp32 result, one rounding at the end.
+        z = K.fp8_gemm(qx, sx, qw, sw, out_dtype=torch.float32)
+        if bias is not None:
+            z = z + bias.float()
+        ctx.save_for_backward(x2, weight, z if activation != "none" else None)
+        ctx.has_bias, ctx.activation = bias is not None, activation
+        return _reference._gemm_activation(z, activation).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x2, weight, z = ctx.saved_tensors
+        g = dy.float()
+        if ctx.activation != "none":
+            g = g * _ops._activation_grad(z, ctx.activation)
+        gb = g.to(torch.bfloat16)
+        dx = (gb @ weight.to(torch.bfloat16)).to(x2.dtype) if ctx.needs_input_grad[0] else None
+        dw = (gb.t() @ x2.to(torch.bfloat16)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        db = g.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None
+
+
+class FP8Linear(nn.Module):
+    """Linear layer with an FP8 e4m3 forward (DeepSeek-V3 recipe): activations quantized
+    per 1x128 block, the (fp32/bf16 master) weight per 128x128 block, on every forward;
+    :func:`deepseek_kernels.fp8_gemm` accumulates per-block partial sums in fp32.
+    Bias and the optional activation (as :class:`Linear`) apply to the fp32 result.
+    Backward is straight-through in bf16 (gradients of the unquantized linear map,
+    through the activation at the FP8 pre-activation)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 activation: str = "none", device=None, dtype=None):
+        super().__init__()
+        if activation not in _ops.GEMM_ACTIVATIONS:
+            raise ValueError(f"FP8Linear: activation must be one of {_ops.GEMM_ACTIVATIONS}, "
+                             f"got {activation!r}")
+        fk = dict(device=device, dtype=dtype)
+        self.in_features, self.out_features, self.activation = in_features, out_features, activation
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **fk))
+        self.bias = nn.Parameter(torch.empty(out_features, **fk)) if bias else None
+        self.use_kernels = True  # False: reference.py's (bitwise equal) FP8 ops
+        Linear.reset_parameters(self)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, activation: Optional[str] = None) -> "FP8Linear":
+        if activation is None:
+            activation = getattr(linear, "activation", "none")
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, activation,
+                device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            m.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                m.bias.copy_(linear.bias)
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        y = _FP8LinearFunction.apply(x2, self.weight, self.bias, self.activation, self.use_kernels)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, activation={self.activation!r}")
+
+
+class Int8Linear(nn.Module):
+    """W8A8 inference Linear: the weight quantized per output row once
+    (:func:`deepseek_kernels.quantize_int8_rowwise`), activations per row on every
+    forward, :func:`deepseek_kernels.int8_gemm` (exact int32 accumulation, fp32
+    bias), then the activation. Built from a trained layer with :meth:`from_linear`;
+    holds buffers, not parameters (no training)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 activation: str = "none", device=None):
+        super().__init__()
+        if activation not in _ops.GEMM_ACTIVATIONS:
+            raise ValueError(f"Int8Linear: activation must be one of {_ops.GEMM_ACTIVATIONS}, "
+                             f"got {activation!r}")
+        self.in_features, self.out_features, self.activation = in_features, out_features, activation
+        self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8,
+                                                     device=device))
+        self.register_buffer("weight_scales", torch.ones(out_features, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self.use_kernels = True  # False: reference.py's (bitwise equal) INT8 ops
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, activation: Optional[str] = None) -> "Int8Linear":
+        if activation is None:
+            activation = getattr(linear, "activation", "none")
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, activation,
+                device=linear.weight.device)
+        with torch.no_grad():
+            w = linear.weight.detach()
+            q, s = _ops.quantize_int8_rowwise(w if w.dtype != torch.float64 else w.float())
+            m.weight_q.copy_(q)
+            m.weight_scales.copy_(s)
+            if linear.bias is not None:
+                m.bias.copy_(linear.bias.detach().float())
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        K = _ops if self.use_kernels else _reference
+        x2 = x.reshape(-1, self.in_features)
+        out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float16) \
+            else torch.float32
+        qx, sx = K.quantize_int8_rowwise(x2 if x2.dtype != torch.float64 else x2.float())
+        y = K.int8_gemm(qx, sx, self.weight_q, self.weight_scales, bias=self.bias,
+                        out_dtype=torch.float32 if self.activation != "none" else out_dtype)
+        if self.activation != "none":
+            y = _reference._gemm_activation(y, self.activation).to(out_dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, activation={self.activation!r}")

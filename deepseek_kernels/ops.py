@@ -7,6 +7,7 @@ C++ host glue (``csrc/``), in one place for every caller.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -620,3 +621,205 @@ torch.library.register_autograd("deepseek_kernels::cross_attention", _attention_
                                 setup_context=_attention_setup)
 torch.library.register_autograd("deepseek_kernels::cross_attention_varlen",
                                 _attention_varlen_backward, setup_context=_attention_varlen_setup)
+
+# GEMMs (csrc/gemm)
+# ---------------------------------------------------------------------------
+
+GEMM_ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+
+__all__ += ["GEMM_ACTIVATIONS", "gemm", "grouped_gemm", "quantize_int8_rowwise", "int8_gemm"]
+
+
+def gemm(a: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, activation: str = "none",
+         out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``act(a @ weight.T + bias)``: ``a [..., K]``, ``weight [N, K]`` (nn.Linear layout),
+    ``bias [N]`` -> ``[..., N]``.
+
+    fp32/fp16/bf16 inputs (fp64 on CPU, for gradcheck), products accumulated in fp32;
+    bias and activation ("none", "relu", "gelu", "gelu_tanh", "silu") are applied to the
+    fp32 accumulator before the single rounding to ``out_dtype`` (default: a's dtype).
+    Differentiable in a, weight and bias (the backward recomputes the pre-activation).
+    """
+    return _ops.gemm(a, weight, bias, activation=activation, out_dtype=out_dtype)
+
+
+def grouped_gemm(x: Tensor, weights: Tensor, offsets: Tensor, *,
+                 out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Per-group GEMM for MoE experts: ``x [S, K]`` packed by group (as
+    :func:`moe_permute` produces it), ``weights [E, N, K]``, ``offsets [E + 1]`` int32/int64
+    -> ``[S, N]`` with ``out[offsets[e]:offsets[e+1]] = x[offsets[e]:offsets[e+1]] @ weights[e].T``.
+
+    offsets must start at 0, be non-decreasing and end at S (checked on the CPU; on CUDA
+    they stay on the device, unchecked, and bad values give an unspecified result but
+    never an out-of-bounds access). Differentiable in x and weights.
+    """
+    return _ops.grouped_gemm(x, weights, offsets, out_dtype=out_dtype)
+
+
+def quantize_int8_rowwise(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Symmetric per-row INT8 quantization of ``x [M, K]`` (fp32/fp16/bf16) ->
+    ``(q int8 [M, K], scales fp32 [M])``: scale = absmax / 127 (1 for an all-zero row,
+    NaN with codes 0 for a row holding NaN/Inf), q = clamp(round_half_even(x / scale)).
+    Bitwise identical on CPU and GPU."""
+    q, scales = _ops.quantize_int8_rowwise(x)
+    return q, scales
+
+
+def int8_gemm(a: Tensor, a_scales: Tensor, w: Tensor, w_scales: Tensor, *,
+              bias: Optional[Tensor] = None, out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """W8A8 GEMM: ``a int8 [M, K]``, ``a_scales fp32 [M]``, ``w int8 [N, K]``, ``w_scales
+    fp32 [N]``, optional fp32 ``bias [N]`` -> ``[M, N]`` in ``out_dtype``.
+
+    acc = exact int32 sum of products; out = (float(acc) * a_scales[m]) * w_scales[n]
+    (+ bias[n]) in fp32, then one rounding. Bitwise identical on CPU and GPU.
+    Not differentiable (inference).
+    """
+    return _ops.int8_gemm(a, a_scales, w, w_scales, bias, out_dtype=out_dtype)
+
+
+@torch.library.register_fake("deepseek_kernels::gemm")
+def _(a, weight, bias=None, *, activation="none", out_dtype=None):
+    torch._check(a.dim() >= 1, lambda: "a must be at least 1-D [..., K]")
+    torch._check(weight.dim() == 2, lambda: f"weight must be 2-D [N, K], got {weight.dim()}-D")
+    torch._check(weight.shape[1] == a.shape[-1], lambda: "weight's K must match a's last dimension")
+    return a.new_empty((*a.shape[:-1], weight.shape[0]), dtype=out_dtype or a.dtype)
+
+
+@torch.library.register_fake("deepseek_kernels::grouped_gemm")
+def _(x, weights, offsets, *, out_dtype=None):
+    torch._check(x.dim() == 2 and weights.dim() == 3, lambda: "x must be [S, K], weights [E, N, K]")
+    return x.new_empty((x.shape[0], weights.shape[1]), dtype=out_dtype or x.dtype)
+
+
+@torch.library.register_fake("deepseek_kernels::grouped_gemm_wgrad")
+def _(dy, x, offsets, num_groups):
+    return x.new_empty((num_groups, dy.shape[1], x.shape[1]))
+
+
+@torch.library.register_fake("deepseek_kernels::quantize_int8_rowwise")
+def _(x):
+    torch._check(x.dim() == 2, lambda: f"x must be 2-D [M, K], got {x.dim()}-D")
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+@torch.library.register_fake("deepseek_kernels::int8_gemm")
+def _(a, a_scales, w, w_scales, bias=None, *, out_dtype=None):
+    torch._check(a.dim() == 2 and w.dim() == 2, lambda: "a must be [M, K], w [N, K]")
+    return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype or torch.bfloat16)
+
+
+def _activation_grad(z: Tensor, activation: str) -> Tensor:
+    """d act / dz at the pre-activation z (z in the compute dtype)."""
+    if activation == "relu":
+        return (z > 0).to(z.dtype)
+    if activation == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(z * 0.7071067811865476))
+        pdf = torch.exp(-0.5 * z * z) * 0.3989422804014327
+        return cdf + z * pdf
+    if activation == "gelu_tanh":
+        c = 0.7978845608028654
+        t = torch.tanh(c * (z + 0.044715 * z * z * z))
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * z * z)
+    if activation == "silu":
+        s = torch.sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def _gemm_setup(ctx, inputs, keyword_only_inputs, output):
+    a, weight, bias = inputs
+    ctx.activation = keyword_only_inputs.get("activation", "none")
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(a, weight, bias)
+
+
+def _gemm_backward(ctx, grad):
+    a, weight, bias = ctx.saved_tensors
+    cdt = _compute_dtype(a)
+    k, n = weight.shape[1], weight.shape[0]
+    m = a.numel() // k if k else math.prod(a.shape[:-1])
+    a2 = a.reshape(m, k)
+    g = grad.reshape(m, n).to(cdt)
+    if ctx.activation != "none":
+        # Recompute the pre-activation (fp32 accumulator) rather than keep it alive.
+        z = gemm(a2, weight, bias, out_dtype=cdt)
+        g = g * _activation_grad(z, ctx.activation)
+    g_in = g.to(a.dtype)  # products in the inputs' dtype, as nn.Linear's backward
+    da = dw = db = None
+    if ctx.needs_input_grad[0]:
+        da = (g_in @ weight).reshape(a.shape)
+    if ctx.needs_input_grad[1]:
+        dw = g_in.t() @ a2
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        db = g.sum(0).to(bias.dtype)
+    return da, dw, db
+
+
+def _grouped_setup(ctx, inputs, keyword_only_inputs, output):
+    x, weights, offsets = inputs
+    ctx.save_for_backward(x, weights, offsets)
+
+
+def _grouped_backward(ctx, grad):
+    x, weights, offsets = ctx.saved_tensors
+    grad = grad.to(x.dtype)
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        # d x_e = dy_e @ W_e: the same grouped GEMM with W_e^T ([E, K, N]).
+        dx = grouped_gemm(grad, weights.transpose(1, 2).contiguous(), offsets)
+    if ctx.needs_input_grad[1]:
+        # d W_e = dy_e^T @ x_e: one BLAS call per group inside an op (its output shape is
+        # static, so torch.compile traces it; on CUDA it reads the bounds: one host sync).
+        dw = _ops.grouped_gemm_wgrad(grad.contiguous(), x, offsets, weights.shape[0])
+    return dx, dw, None
+
+
+torch.library.register_autograd("deepseek_kernels::gemm", _gemm_backward, setup_context=_gemm_setup)
+torch.library.register_autograd("deepseek_kernels::grouped_gemm", _grouped_backward,
+                                setup_context=_grouped_setup)
+
+
+# FP8 e4m3 block-scaled (DeepSeek-V3 recipe)
+
+__all__ += ["quantize_fp8", "fp8_gemm"]
+
+
+def quantize_fp8(x: Tensor, block: Tuple[int, int] = (1, 128)) -> Tuple[Tensor, Tensor]:
+    """Block-scaled FP8 e4m3 quantization of ``x [M, K]`` (fp32/fp16/bf16) in one pass.
+
+    ``block=(1, 128)`` (activations) gives ``scales [M, ceil(K/128)]``; ``(128, 128)``
+    (weights) gives ``scales [ceil(M/128), ceil(K/128)]``. scale = absmax / 448 in fp32
+    (1 for an all-zero block, NaN with codes 0 for a block holding NaN/Inf); code =
+    e4m3(x / scale), round to nearest even. Returns ``(q float8_e4m3fn [M, K], scales fp32)``.
+    Bitwise identical on CPU and GPU.
+    """
+    q, scales = _ops.quantize_fp8(x, list(block))
+    return q, scales
+
+
+def fp8_gemm(a: Tensor, a_scales: Tensor, w: Tensor, w_scales: Tensor, *,
+             out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """``a e4m3 [M, K]`` with ``a_scales [M, ceil(K/128)]`` (1 x 128 blocks) times
+    ``w e4m3 [N, K]`` with ``w_scales [ceil(N/128), ceil(K/128)]`` (128 x 128 blocks) ->
+    ``[M, N]`` in ``out_dtype``.
+
+    Per 128-wide K block: an fp32 partial sum (k ascending), scaled by the two block
+    scales and added to an fp32 accumulator in block order (DeepSeek-V3's promotion of
+    partial sums); one rounding at the end. CPU and CUDA agree bitwise (the CUDA kernel
+    is a SIMT kernel for now, not FP8 tensor cores). Not differentiable.
+    """
+    return _ops.fp8_gemm(a, a_scales, w, w_scales, out_dtype=out_dtype)
+
+
+@torch.library.register_fake("deepseek_kernels::quantize_fp8")
+def _(x, block=(1, 128)):
+    torch._check(x.dim() == 2, lambda: f"x must be 2-D [M, K], got {x.dim()}-D")
+    rows = -(-x.shape[0] // block[0])
+    return (x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
+            x.new_empty((rows, -(-x.shape[1] // 128)), dtype=torch.float32))
+
+
+@torch.library.register_fake("deepseek_kernels::fp8_gemm")
+def _(a, a_scales, w, w_scales, *, out_dtype=None):
+    torch._check(a.dim() == 2 and w.dim() == 2, lambda: "a must be [M, K], w [N, K]")
+    return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype or torch.bfloat16)

@@ -592,3 +592,112 @@ def cross_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     lse = torch.cat(lses, dim=1) if lses else q.new_zeros((hq, 0), dtype=cdt)
     out = out.to(q.dtype)
     return (out, lse.float() if cdt == torch.float32 else lse) if return_lse else out
+
+# GEMMs: fp64 compute for the floating-point ops (the tests' high-precision
+# reference); the INT8 ops reproduce the kernels' arithmetic bitwise.
+# ---------------------------------------------------------------------------
+
+__all__ += ["gemm", "grouped_gemm", "quantize_int8_rowwise", "int8_gemm"]
+
+
+def _gemm_activation(z: Tensor, activation: str) -> Tensor:
+    if activation == "none":
+        return z
+    if activation == "relu":
+        return torch.relu(z)
+    if activation == "gelu":
+        return torch.nn.functional.gelu(z)
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(z, approximate="tanh")
+    if activation == "silu":
+        return torch.nn.functional.silu(z)
+    raise ValueError(f"gemm: argument 'activation' must be one of none, relu, gelu, gelu_tanh, "
+                     f"silu, got {activation!r}")
+
+
+def gemm(a: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, activation: str = "none",
+         out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """act(a @ weight.T + bias) computed in fp64, rounded once to out_dtype (default a's)."""
+    z = a.to(torch.float64) @ weight.to(torch.float64).t()
+    if bias is not None:
+        z = z + bias.to(torch.float64)
+    return _gemm_activation(z, activation).to(out_dtype or a.dtype)
+
+
+def grouped_gemm(x: Tensor, weights: Tensor, offsets: Tensor, *,
+                 out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """out[offsets[e]:offsets[e+1]] = x[offsets[e]:offsets[e+1]] @ weights[e].T in fp64."""
+    bounds = offsets.tolist()
+    out = torch.zeros(x.shape[0], weights.shape[1], dtype=torch.float64, device=x.device)
+    for e in range(weights.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        out[lo:hi] = x[lo:hi].to(torch.float64) @ weights[e].to(torch.float64).t()
+    return out.to(out_dtype or x.dtype)
+
+
+def quantize_int8_rowwise(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-row absmax INT8: scale = amax / 127 (fp32; 1 if 0; NaN for a non-finite row),
+    q = clamp(round_half_even(x / scale), -127, 127) (0 for a non-finite row)."""
+    xf = x.to(torch.float32)
+    finite = torch.isfinite(xf).all(dim=1)
+    amax = torch.where(torch.isfinite(xf), xf.abs(), torch.zeros_like(xf)).amax(dim=1) \
+        if xf.shape[1] > 0 else xf.new_zeros(xf.shape[0])
+    scales = amax / 127.0
+    scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+    scales = torch.where(finite, scales, torch.full_like(scales, float("nan")))
+    q = torch.clamp(torch.round(xf / scales[:, None]), -127, 127)
+    q = torch.where(finite[:, None], q, torch.zeros_like(q))
+    return q.to(torch.int8), scales
+
+
+def int8_gemm(a: Tensor, a_scales: Tensor, w: Tensor, w_scales: Tensor, *,
+              bias: Optional[Tensor] = None, out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Exact integer products (fp64 holds |acc| <= 127^2 K exactly), then the kernels'
+    fp32 steps: (float(acc) * a_scale) * w_scale (+ bias), one rounding to out_dtype."""
+    acc = a.to(torch.float64) @ w.to(torch.float64).t()
+    out = (acc.to(torch.float32) * a_scales[:, None]) * w_scales[None, :]
+    if bias is not None:
+        out = out + bias
+    return out.to(out_dtype)
+
+
+__all__ += ["quantize_fp8", "fp8_gemm"]
+
+_FP8_BLOCK = 128
+
+
+def quantize_fp8(x: Tensor, block: Tuple[int, int] = (1, 128)) -> Tuple[Tensor, Tensor]:
+    """Block absmax e4m3: scale = amax / 448 (fp32; 1 if 0; NaN for a non-finite block),
+    code = e4m3(clamp(x / scale, -448, 448)) rounded to nearest even."""
+    br = block[0]
+    m, k = x.shape
+    rb, cb = -(-m // br), -(-k // _FP8_BLOCK)
+    xf = x.to(torch.float32)
+    pad = torch.nn.functional.pad(xf, (0, cb * _FP8_BLOCK - k, 0, rb * br - m))
+    tiles = pad.view(rb, br, cb, _FP8_BLOCK)
+    finite = torch.isfinite(tiles).all(dim=3).all(dim=1)
+    amax = torch.where(torch.isfinite(tiles), tiles.abs(), torch.zeros_like(tiles)).amax(dim=3).amax(dim=1)
+    scales = amax / 448.0
+    scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+    scales = torch.where(finite, scales, torch.full_like(scales, float("nan")))
+    full = scales.repeat_interleave(br, 0)[:m].repeat_interleave(_FP8_BLOCK, 1)[:, :k]
+    ok = finite.repeat_interleave(br, 0)[:m].repeat_interleave(_FP8_BLOCK, 1)[:, :k]
+    v = torch.where(ok, xf / full, torch.zeros_like(xf)).clamp(-448.0, 448.0)
+    return v.to(torch.float8_e4m3fn), scales
+
+
+def fp8_gemm(a: Tensor, a_scales: Tensor, w: Tensor, w_scales: Tensor, *,
+             out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """The kernels' order: per K block, an fp32 sum over k ascending, then
+    acc = acc + (part * a_scale) * w_scale in fp32, block by block."""
+    m, k = a.shape
+    n = w.shape[0]
+    af, wf = a.to(torch.float32), w.to(torch.float32)
+    w_rows = w_scales.repeat_interleave(_FP8_BLOCK, 0)[:n]  # [N, k_blocks]
+    acc = torch.zeros(m, n, dtype=torch.float32, device=a.device)
+    for kb in range(-(-k // _FP8_BLOCK)):
+        part = torch.zeros(m, n, dtype=torch.float32, device=a.device)
+        for kk in range(kb * _FP8_BLOCK, min((kb + 1) * _FP8_BLOCK, k)):
+            part = part + af[:, kk, None] * wf[None, :, kk]
+        acc = acc + (part * a_scales[:, kb, None]) * w_rows[None, :, kb]
+    return acc.to(out_dtype)

@@ -33,7 +33,9 @@ def test_ops_registered():
              "moe_topk_gating", "moe_dispatch", "moe_combine", "moe_permute", "moe_unpermute",
              "moe_rows_dot",
              "cross_attention", "cross_attention_backward", "cross_attention_varlen",
-             "cross_attention_varlen_backward"]
+             "cross_attention_varlen_backward",
+             "gemm", "grouped_gemm", "grouped_gemm_wgrad", "quantize_int8_rowwise", "int8_gemm",
+             "quantize_fp8", "fp8_gemm"]
     for name in names:
         assert hasattr(torch.ops.deepseek_kernels, name), name
 

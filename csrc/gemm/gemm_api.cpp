@@ -1,0 +1,456 @@
+// Host glue for the GEMM family: validate arguments, allocate outputs, fill
+// the params structs and call the CPU or CUDA launchers. On the CPU the
+// floating-point products run in ATen's BLAS (fp32, or fp64 for fp64 inputs)
+// and our epilogue applies bias, activation and the output cast.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/util/accumulate.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "common/checks.h"
+#include "gemm/gemm_api.h"
+#include "gemm/gemm_params.h"
+
+#ifdef DSK_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#endif
+
+namespace dsk::gemm {
+namespace {
+
+// |acc| <= 127 * 127 * K must fit in int32.
+constexpr int64_t kMaxInt8K = (int64_t{1} << 31) / (127 * 127) - 1;
+
+Activation parse_activation(const char* op, const std::string& name) {
+  if (name == "none") return Activation::kNone;
+  if (name == "relu") return Activation::kRelu;
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "gelu_tanh") return Activation::kGeluTanh;
+  if (name == "silu") return Activation::kSilu;
+  TORCH_CHECK_VALUE(false, op, ": argument 'activation' must be one of none, relu, gelu, ",
+                    "gelu_tanh, silu, got '", name, "'");
+}
+
+void check_float_data(const char* op, const char* name, const at::Tensor& t) {
+  check_supported_device(op, name, t);
+  check_dtype(op, name, t, {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
+  TORCH_CHECK_TYPE(!(t.is_cuda() && t.scalar_type() == at::kDouble), op, ": argument '", name,
+                   "' is float64, which only the CPU kernels support (for gradcheck)");
+}
+
+at::ScalarType check_out_dtype(const char* op, std::optional<at::ScalarType> out_dtype,
+                               at::ScalarType input) {
+  const at::ScalarType dtype = out_dtype.value_or(input);
+  if (input == at::kDouble) {
+    TORCH_CHECK_TYPE(dtype == at::kDouble, op,
+                     ": argument 'out_dtype' must be Double for float64 inputs, got ", dtype);
+  } else {
+    TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+                     ": argument 'out_dtype' must be one of Float, Half, BFloat16, got ", dtype);
+  }
+  return dtype;
+}
+
+// Contiguous with a 16-byte aligned start (the CUDA kernels load 16-byte chunks).
+at::Tensor contiguous_aligned(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
+}
+
+#ifdef DSK_WITH_CUDA
+// The tensor-core kernels copy K in 16-byte chunks (8 bf16/fp16 values): pad K
+// with zeros when it is not a multiple of 8 (rare; costs one copy of a and b).
+at::Tensor pad_k_for_tensor_cores(const at::Tensor& t) {
+  const int64_t k = t.size(-1);
+  if (t.scalar_type() == at::kFloat || k % 8 == 0) return contiguous_aligned(t);
+  return at::constant_pad_nd(t, {0, 8 - k % 8}, 0).contiguous();
+}
+
+void* stream_of(const at::Tensor& t) {
+  return at::cuda::getCurrentCUDAStream(t.get_device()).stream();
+}
+#endif
+
+at::ScalarType compute_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// CPU: out = act(acc + bias) in out's dtype.
+void run_epilogue_cpu(const at::Tensor& acc, const at::Tensor& bias, at::Tensor& out,
+                      Activation act) {
+  EpilogueParams e;
+  e.acc = acc.data_ptr();
+  e.acc_double = acc.scalar_type() == at::kDouble;
+  e.bias = bias.defined() ? bias.data_ptr() : nullptr;
+  e.bias_dtype = bias.defined() ? to_dsk_dtype(bias.scalar_type()) : DType::kFloat32;
+  e.out = out.data_ptr();
+  e.out_dtype = to_dsk_dtype(out.scalar_type());
+  e.m = acc.size(0);
+  e.n = acc.size(1);
+  e.activation = act;
+  epilogue_cpu(e);
+}
+
+void check_offsets_cpu(const char* op, const at::Tensor& offsets, int64_t rows) {
+  const at::Tensor o = offsets.to(at::kLong).contiguous();
+  const int64_t* v = o.data_ptr<int64_t>();
+  const int64_t n = o.numel();
+  TORCH_CHECK_VALUE(v[0] == 0, op, ": argument 'offsets' must start at 0, got ", v[0]);
+  for (int64_t g = 0; g + 1 < n; ++g) {
+    TORCH_CHECK_VALUE(v[g + 1] >= v[g], op,
+                      ": argument 'offsets' must be non-decreasing, got offsets[", g, "] = ", v[g],
+                      " > offsets[", g + 1, "] = ", v[g + 1]);
+  }
+  TORCH_CHECK_VALUE(v[n - 1] == rows, op, ": argument 'offsets' must end at x.size(0) = ", rows,
+                    ", got offsets[", n - 1, "] = ", v[n - 1]);
+}
+
+}  // namespace
+
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                const std::string& activation, std::optional<at::ScalarType> out_dtype) {
+  const char* op = "gemm";
+  check_float_data(op, "a", a);
+  check_float_data(op, "weight", weight);
+  check_same_device(op, "weight", weight, "a", a);
+  TORCH_CHECK_TYPE(weight.scalar_type() == a.scalar_type(), op,
+                   ": argument 'weight' must have the dtype of 'a' (", a.scalar_type(), "), got ",
+                   weight.scalar_type());
+  TORCH_CHECK_VALUE(a.dim() >= 1, op, ": argument 'a' must be at least 1-D [..., K], got shape ",
+                    a.sizes());
+  check_dim(op, "weight", weight, 2);
+  const int64_t k = a.size(-1), n = weight.size(0);
+  TORCH_CHECK_VALUE(weight.size(1) == k, op, ": argument 'weight' must have shape [N, K] with K = ",
+                    k, " (a's last dimension), got ", weight.sizes());
+  if (bias) {
+    check_same_device(op, "bias", *bias, "a", a);
+    check_dtype(op, "bias", *bias, {a.scalar_type(), compute_dtype(a)});
+    check_shape(op, "bias", *bias, {n});
+  }
+  const Activation act = parse_activation(op, activation);
+  const at::ScalarType dtype = check_out_dtype(op, out_dtype, a.scalar_type());
+
+  const c10::DeviceGuard guard(a.device());
+  std::vector<int64_t> out_shape(a.sizes().begin(), a.sizes().end());
+  out_shape.back() = n;
+  const int64_t m = c10::multiply_integers(a.sizes().slice(0, a.dim() - 1));
+  const at::Tensor a2 = a.reshape({m, k});  // explicit m: K = 0 leaves -1 ambiguous
+  at::Tensor out = at::empty(out_shape, a.options().dtype(dtype));
+  if (m == 0 || n == 0) return out;
+  const at::Tensor bias_c = bias ? bias->to(compute_dtype(a)).contiguous() : at::Tensor();
+
+  if (a.is_cuda()) {
+#ifdef DSK_WITH_CUDA
+    const at::Tensor ac = pad_k_for_tensor_cores(a2);
+    const at::Tensor wc = pad_k_for_tensor_cores(weight);
+    GemmParams p;
+    p.a = ac.data_ptr();
+    p.b = wc.data_ptr();
+    p.bias = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
+    p.out = out.data_ptr();
+    p.ab_dtype = to_dsk_dtype(a.scalar_type());
+    p.out_dtype = to_dsk_dtype(dtype);
+    p.m = m;
+    p.n = n;
+    p.k = ac.size(1);
+    p.activation = act;
+    C10_CUDA_CHECK(static_cast<cudaError_t>(gemm_cuda(p, stream_of(a))));
+#endif
+    return out;
+  }
+  const at::ScalarType cdt = compute_dtype(a);
+  at::Tensor out2 = out.view({m, n});
+  if (dtype == cdt && !bias_c.defined() && act == Activation::kNone) {
+    at::mm_out(out2, a2.to(cdt), weight.to(cdt).t());  // nothing for an epilogue to do
+    return out;
+  }
+  const at::Tensor acc = at::mm(a2.to(cdt), weight.to(cdt).t()).contiguous();
+  run_epilogue_cpu(acc, bias_c, out2, act);
+  return out;
+}
+
+at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& offsets,
+                        std::optional<at::ScalarType> out_dtype) {
+  const char* op = "grouped_gemm";
+  check_float_data(op, "x", x);
+  check_float_data(op, "weights", weights);
+  check_same_device(op, "weights", weights, "x", x);
+  check_same_device(op, "offsets", offsets, "x", x);
+  TORCH_CHECK_TYPE(weights.scalar_type() == x.scalar_type(), op,
+                   ": argument 'weights' must have the dtype of 'x' (", x.scalar_type(), "), got ",
+                   weights.scalar_type());
+  check_dtype(op, "offsets", offsets, {at::kInt, at::kLong});
+  check_dim(op, "x", x, 2);
+  check_dim(op, "weights", weights, 3);
+  check_dim(op, "offsets", offsets, 1);
+  const int64_t s = x.size(0), k = x.size(1), groups = weights.size(0), n = weights.size(1);
+  TORCH_CHECK_VALUE(weights.size(2) == k, op,
+                    ": argument 'weights' must have shape [E, N, K] with K = ", k,
+                    " (x's last dimension), got ", weights.sizes());
+  TORCH_CHECK_VALUE(offsets.size(0) == groups + 1, op,
+                    ": argument 'offsets' must have E + 1 = ", groups + 1, " entries, got shape ",
+                    offsets.sizes());
+  const at::ScalarType dtype = check_out_dtype(op, out_dtype, x.scalar_type());
+  // CUDA offsets stay on the device (no host sync): their values are checked
+  // on the CPU only; the CUDA kernel clamps them, so bad values cannot reach
+  // out-of-bounds memory (the result is then unspecified).
+  if (x.is_cpu()) check_offsets_cpu(op, offsets, s);
+
+  const c10::DeviceGuard guard(x.device());
+  at::Tensor out = at::empty({s, n}, x.options().dtype(dtype));
+  if (s == 0 || n == 0) return out;
+
+  if (x.is_cuda()) {
+#ifdef DSK_WITH_CUDA
+    const at::Tensor xc = pad_k_for_tensor_cores(x);
+    const at::Tensor wc = pad_k_for_tensor_cores(weights);
+    const at::Tensor oc = offsets.contiguous();
+    GemmParams p;
+    p.a = xc.data_ptr();
+    p.b = wc.data_ptr();
+    p.out = out.data_ptr();
+    p.ab_dtype = to_dsk_dtype(x.scalar_type());
+    p.out_dtype = to_dsk_dtype(dtype);
+    p.m = s;
+    p.n = n;
+    p.k = xc.size(1);
+    p.offsets = oc.data_ptr();
+    p.offsets_int64 = oc.scalar_type() == at::kLong;
+    p.groups = groups;
+    C10_CUDA_CHECK(static_cast<cudaError_t>(gemm_cuda(p, stream_of(x))));
+#endif
+    return out;
+  }
+  const at::ScalarType cdt = compute_dtype(x);
+  const at::Tensor bounds = offsets.to(at::kLong).contiguous();
+  const int64_t* o = bounds.data_ptr<int64_t>();
+  const at::Tensor xf = x.to(cdt);
+  // fp32/fp64 out: the products land in out directly (no epilogue pass).
+  const bool direct = dtype == cdt;
+  at::Tensor acc = direct ? out : at::empty({s, n}, x.options().dtype(cdt));
+  // OpenMP workers do not inherit the caller's dispatcher state (e.g. "below
+  // autograd"): carry it over, or mm_out would see inputs that require grad.
+  const at::ThreadLocalState caller_state;
+  auto run_groups = [&](int64_t g0, int64_t g1) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
+    for (int64_t g = g0; g < g1; ++g) {
+      if (o[g + 1] == o[g]) continue;
+      at::Tensor dst = acc.narrow(0, o[g], o[g + 1] - o[g]);
+      at::mm_out(dst, xf.narrow(0, o[g], o[g + 1] - o[g]), weights[g].to(cdt).t());
+    }
+  };
+  // Many groups: one parallel region over groups, each BLAS call on one thread
+  // (a parallel BLAS call per small group pays a thread wake-up each). Few
+  // groups: one after the other, each BLAS call parallel.
+  if (groups >= 2 * at::get_num_threads()) {
+    at::parallel_for(0, groups, 1, run_groups);
+  } else {
+    run_groups(0, groups);
+  }
+  if (!direct) run_epilogue_cpu(acc, at::Tensor(), out, Activation::kNone);
+  return out;
+}
+
+at::Tensor grouped_gemm_wgrad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& offsets,
+                              int64_t num_groups) {
+  const char* op = "grouped_gemm_wgrad";
+  check_float_data(op, "dy", dy);
+  check_float_data(op, "x", x);
+  check_same_device(op, "dy", dy, "x", x);
+  check_same_device(op, "offsets", offsets, "x", x);
+  TORCH_CHECK_TYPE(dy.scalar_type() == x.scalar_type(), op, ": argument 'dy' must have the dtype of 'x' (",
+                   x.scalar_type(), "), got ", dy.scalar_type());
+  check_dtype(op, "offsets", offsets, {at::kInt, at::kLong});
+  check_dim(op, "dy", dy, 2);
+  check_dim(op, "x", x, 2);
+  TORCH_CHECK_VALUE(num_groups >= 0, op, ": argument 'num_groups' must be non-negative, got ", num_groups);
+  TORCH_CHECK_VALUE(dy.size(0) == x.size(0), op, ": argument 'dy' must have x.size(0) = ", x.size(0),
+                    " rows, got shape ", dy.sizes());
+  check_shape(op, "offsets", offsets, {num_groups + 1});
+  // The group bounds drive one BLAS call per group: read them on the host (one
+  // sync on CUDA; backward only), where they are also validated.
+  const at::Tensor bounds = offsets.to(at::kCPU).to(at::kLong).contiguous();
+  check_offsets_cpu(op, bounds, x.size(0));
+  const int64_t* o = bounds.data_ptr<int64_t>();
+  const c10::DeviceGuard guard(x.device());
+  at::Tensor dw = at::zeros({num_groups, dy.size(1), x.size(1)}, x.options());
+  for (int64_t g = 0; g < num_groups; ++g) {
+    if (o[g + 1] == o[g]) continue;
+    at::Tensor dst = dw[g];
+    at::mm_out(dst, dy.narrow(0, o[g], o[g + 1] - o[g]).t(), x.narrow(0, o[g], o[g + 1] - o[g]));
+  }
+  return dw;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_int8_rowwise(const at::Tensor& x) {
+  const char* op = "quantize_int8_rowwise";
+  check_supported_device(op, "x", x);
+  check_dtype(op, "x", x, {at::kFloat, at::kHalf, at::kBFloat16});
+  check_dim(op, "x", x, 2);
+  const c10::DeviceGuard guard(x.device());
+  const at::Tensor xc = contiguous_aligned(x);
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  at::Tensor scales = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  QuantizeRowsParams p;
+  p.x = xc.data_ptr();
+  p.x_dtype = to_dsk_dtype(x.scalar_type());
+  p.q = q.data_ptr<int8_t>();
+  p.scales = scales.data_ptr<float>();
+  p.rows = x.size(0);
+  p.cols = x.size(1);
+  if (p.rows == 0) return {q, scales};
+  if (x.is_cuda()) {
+#ifdef DSK_WITH_CUDA
+    C10_CUDA_CHECK(static_cast<cudaError_t>(quantize_rows_int8_cuda(p, stream_of(x))));
+#endif
+  } else {
+    quantize_rows_int8_cpu(p);
+  }
+  return {q, scales};
+}
+
+at::Tensor int8_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& w,
+                     const at::Tensor& w_scales, const std::optional<at::Tensor>& bias,
+                     std::optional<at::ScalarType> out_dtype) {
+  const char* op = "int8_gemm";
+  check_supported_device(op, "a", a);
+  check_dtype(op, "a", a, {at::kChar});
+  check_dtype(op, "w", w, {at::kChar});
+  check_dtype(op, "a_scales", a_scales, {at::kFloat});
+  check_dtype(op, "w_scales", w_scales, {at::kFloat});
+  check_same_device(op, "a_scales", a_scales, "a", a);
+  check_same_device(op, "w", w, "a", a);
+  check_same_device(op, "w_scales", w_scales, "a", a);
+  check_dim(op, "a", a, 2);
+  check_dim(op, "w", w, 2);
+  const int64_t m = a.size(0), k = a.size(1), n = w.size(0);
+  TORCH_CHECK_VALUE(w.size(1) == k, op, ": argument 'w' must have shape [N, K] with K = ", k,
+                    " (a's last dimension), got ", w.sizes());
+  TORCH_CHECK_VALUE(k <= kMaxInt8K, op, ": K = ", k, " exceeds ", kMaxInt8K,
+                    " (the int32 accumulator could overflow)");
+  check_shape(op, "a_scales", a_scales, {m});
+  check_shape(op, "w_scales", w_scales, {n});
+  if (bias) {
+    check_dtype(op, "bias", *bias, {at::kFloat});
+    check_same_device(op, "bias", *bias, "a", a);
+    check_shape(op, "bias", *bias, {n});
+  }
+  const at::ScalarType dtype = out_dtype.value_or(at::kBFloat16);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+                   ": argument 'out_dtype' must be one of Float, Half, BFloat16, got ", dtype);
+
+  const c10::DeviceGuard guard(a.device());
+  at::Tensor out = at::empty({m, n}, a.options().dtype(dtype));
+  if (m == 0 || n == 0) return out;
+  const at::Tensor ac = contiguous_aligned(a), wc = contiguous_aligned(w);
+  const at::Tensor asc = a_scales.contiguous(), wsc = w_scales.contiguous();
+  const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
+  Int8GemmParams p;
+  p.a = ac.data_ptr<int8_t>();
+  p.a_scales = asc.data_ptr<float>();
+  p.w = wc.data_ptr<int8_t>();
+  p.w_scales = wsc.data_ptr<float>();
+  p.bias = bc.defined() ? bc.data_ptr<float>() : nullptr;
+  p.out = out.data_ptr();
+  p.out_dtype = to_dsk_dtype(dtype);
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  if (a.is_cuda()) {
+#ifdef DSK_WITH_CUDA
+    C10_CUDA_CHECK(static_cast<cudaError_t>(int8_gemm_cuda(p, stream_of(a))));
+#endif
+  } else {
+    int8_gemm_cpu(p);
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_fp8(const at::Tensor& x, at::IntArrayRef block) {
+  const char* op = "quantize_fp8";
+  check_supported_device(op, "x", x);
+  check_dtype(op, "x", x, {at::kFloat, at::kHalf, at::kBFloat16});
+  check_dim(op, "x", x, 2);
+  TORCH_CHECK_VALUE(block.size() == 2 && (block[0] == 1 || block[0] == kFp8Block) &&
+                        block[1] == kFp8Block,
+                    op, ": argument 'block' must be (1, 128) or (128, 128), got ", block);
+  const c10::DeviceGuard guard(x.device());
+  const at::Tensor xc = contiguous_aligned(x);
+  QuantizeFp8Params p;
+  p.rows = x.size(0);
+  p.cols = x.size(1);
+  p.block_rows = block[0];
+  p.col_blocks = ceil_div(p.cols, kFp8Block);
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kFloat8_e4m3fn));
+  at::Tensor scales = at::empty({ceil_div(p.rows, p.block_rows), p.col_blocks}, x.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {q, scales};
+  p.x = xc.data_ptr();
+  p.x_dtype = to_dsk_dtype(x.scalar_type());
+  p.q = static_cast<uint8_t*>(q.data_ptr());
+  p.scales = scales.data_ptr<float>();
+  if (x.is_cuda()) {
+#ifdef DSK_WITH_CUDA
+    C10_CUDA_CHECK(static_cast<cudaError_t>(quantize_fp8_cuda(p, stream_of(x))));
+#endif
+  } else {
+    quantize_fp8_cpu(p);
+  }
+  return {q, scales};
+}
+
+at::Tensor fp8_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& w,
+                    const at::Tensor& w_scales, std::optional<at::ScalarType> out_dtype) {
+  const char* op = "fp8_gemm";
+  check_supported_device(op, "a", a);
+  check_dtype(op, "a", a, {at::kFloat8_e4m3fn});
+  check_dtype(op, "w", w, {at::kFloat8_e4m3fn});
+  check_dtype(op, "a_scales", a_scales, {at::kFloat});
+  check_dtype(op, "w_scales", w_scales, {at::kFloat});
+  check_same_device(op, "a_scales", a_scales, "a", a);
+  check_same_device(op, "w", w, "a", a);
+  check_same_device(op, "w_scales", w_scales, "a", a);
+  check_dim(op, "a", a, 2);
+  check_dim(op, "w", w, 2);
+  const int64_t m = a.size(0), k = a.size(1), n = w.size(0);
+  TORCH_CHECK_VALUE(w.size(1) == k, op, ": argument 'w' must have shape [N, K] with K = ", k,
+                    " (a's last dimension), got ", w.sizes());
+  const int64_t k_blocks = ceil_div(k, kFp8Block);
+  check_shape(op, "a_scales", a_scales, {m, k_blocks});  // (1, 128) blocks
+  check_shape(op, "w_scales", w_scales, {ceil_div(n, kFp8Block), k_blocks});  // (128, 128) blocks
+  const at::ScalarType dtype = out_dtype.value_or(at::kBFloat16);
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+                   ": argument 'out_dtype' must be one of Float, Half, BFloat16, got ", dtype);
+  const c10::DeviceGuard guard(a.device());
+  at::Tensor out = at::empty({m, n}, a.options().dtype(dtype));
+  if (m == 0 || n == 0) return out;
+  const at::Tensor ac = contiguous_aligned(a), wc = contiguous_aligned(w);
+  const at::Tensor asc = a_scales.contiguous(), wsc = w_scales.contiguous();
+  Fp8GemmParams p;
+  p.a = static_cast<const uint8_t*>(ac.data_ptr());
+  p.a_scales = asc.data_ptr<float>();
+  p.w = static_cast<const uint8_t*>(wc.data_ptr());
+  p.w_scales = wsc.data_ptr<float>();
+  p.out = out.data_ptr();
+  p.out_dtype = to_dsk_dtype(dtype);
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.k_blocks = k_blocks;
+  if (a.is_cuda()) {
+#ifdef DSK_WITH_CUDA
+    C10_CUDA_CHECK(static_cast<cudaError_t>(fp8_gemm_cuda(p, stream_of(a))));
+#endif
+  } else {
+    fp8_gemm_cpu(p);
+  }
+  return out;
+}
+
+}  // namespace dsk::gemm

@@ -1,0 +1,242 @@
+// CPU kernels of the GEMM family. The floating-point inner products run in
+// ATen's BLAS (called by the glue, in fp32/fp64); here: the fused epilogue,
+// the exact INT8 GEMM and row-wise INT8 quantization, all OpenMP-parallel
+// through at::parallel_for. Compiled with -ffp-contract=off so the INT8
+// scaling rounds exactly as on the GPU.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "gemm/gemm_math.h"
+#include "gemm/gemm_params.h"
+
+namespace dsk::gemm {
+namespace {
+
+template <typename T>
+inline double load_as_double(const void* p, int64_t i) {
+  return static_cast<double>(static_cast<const T*>(p)[i]);
+}
+
+inline double load_any(const void* p, DType t, int64_t i) {
+  switch (t) {
+    case DType::kFloat16: return load_as_double<c10::Half>(p, i);
+    case DType::kBFloat16: return load_as_double<c10::BFloat16>(p, i);
+    case DType::kFloat64: return load_as_double<double>(p, i);
+    default: return load_as_double<float>(p, i);
+  }
+}
+
+template <typename T, typename F>
+inline void store_as(void* p, int64_t i, F v) {
+  static_cast<T*>(p)[i] = static_cast<T>(v);
+}
+
+template <typename F>
+inline void store_any(void* p, DType t, int64_t i, F v) {
+  switch (t) {
+    case DType::kFloat16: store_as<c10::Half>(p, i, static_cast<float>(v)); break;
+    case DType::kBFloat16: store_as<c10::BFloat16>(p, i, static_cast<float>(v)); break;
+    case DType::kFloat64: store_as<double>(p, i, v); break;
+    default: store_as<float>(p, i, static_cast<float>(v)); break;
+  }
+}
+
+// F is the accumulator type (float, or double for fp64 inputs).
+template <typename F>
+void epilogue_typed(const EpilogueParams& p) {
+  const F* acc = static_cast<const F*>(p.acc);
+  // Bias converted once to the accumulator type.
+  std::vector<F> bias(p.bias ? p.n : 0);
+  for (int64_t j = 0; j < static_cast<int64_t>(bias.size()); ++j)
+    bias[j] = static_cast<F>(load_any(p.bias, p.bias_dtype, j));
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(p.n, 1));
+  at::parallel_for(0, p.m, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const F* row = acc + r * p.n;
+      for (int64_t j = 0; j < p.n; ++j) {
+        F v = row[j];
+        if (p.bias) v += bias[j];
+        store_any(p.out, p.out_dtype, r * p.n + j, apply_activation(v, p.activation));
+      }
+    }
+  });
+}
+
+// Round half to even for |v| <= 2^22 (exactly rintf on that range; see quant_cpu.cpp).
+inline float round_half_even(float v) {
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
+  return (v + kMagic) - kMagic;
+}
+
+template <typename T>
+void quantize_rows_typed(const QuantizeRowsParams& p) {
+  const T* x = static_cast<const T*>(p.x);
+  at::parallel_for(0, p.rows, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(p.cols, 1)),
+                   [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * p.cols;
+      float amax = 0.0f;
+      bool finite = true;
+      for (int64_t i = 0; i < p.cols; ++i) {
+        const float v = static_cast<float>(xr[i]);
+        finite = finite && std::isfinite(v);
+        amax = std::max(amax, std::fabs(v));
+      }
+      float scale = amax / 127.0f;
+      if (scale == 0.0f) scale = 1.0f;
+      if (!finite) scale = std::numeric_limits<float>::quiet_NaN();
+      p.scales[r] = scale;
+      int8_t* qr = p.q + r * p.cols;
+      for (int64_t i = 0; i < p.cols; ++i) {
+        if (!finite) {
+          qr[i] = 0;
+          continue;
+        }
+        float c = round_half_even(static_cast<float>(xr[i]) / scale);
+        c = std::min(std::max(c, -127.0f), 127.0f);
+        qr[i] = static_cast<int8_t>(static_cast<int>(c));
+      }
+    }
+  });
+}
+
+// Exact INT8 GEMM: blocks of rows x columns per task; the K loop accumulates
+// in int32 (|acc| <= 127 * 127 * K fits for K < 133k, checked by the glue).
+void int8_gemm_typed(const Int8GemmParams& p) {
+  constexpr int64_t kBlockM = 16, kBlockN = 64;
+  const int64_t mb = (p.m + kBlockM - 1) / kBlockM, nb = (p.n + kBlockN - 1) / kBlockN;
+  at::parallel_for(0, mb * nb, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t m0 = (t / nb) * kBlockM, n0 = (t % nb) * kBlockN;
+      const int64_t m1 = std::min(m0 + kBlockM, p.m), n1 = std::min(n0 + kBlockN, p.n);
+      for (int64_t m = m0; m < m1; ++m) {
+        const int8_t* ar = p.a + m * p.k;
+        for (int64_t n = n0; n < n1; ++n) {
+          const int8_t* wr = p.w + n * p.k;
+          int32_t acc = 0;
+          for (int64_t k = 0; k < p.k; ++k)
+            acc += static_cast<int32_t>(ar[k]) * static_cast<int32_t>(wr[k]);
+          float v = int8_dequant(acc, p.a_scales[m], p.w_scales[n]);
+          if (p.bias) v = v + p.bias[n];
+          store_any(p.out, p.out_dtype, m * p.n + n, v);
+        }
+      }
+    }
+  });
+}
+
+inline float fp8_to_float(uint8_t bits) {
+  return static_cast<float>(c10::Float8_e4m3fn(bits, c10::Float8_e4m3fn::from_bits()));
+}
+
+template <typename T>
+void quantize_fp8_typed(const QuantizeFp8Params& p) {
+  const T* x = static_cast<const T*>(p.x);
+  const int64_t row_blocks = (p.rows + p.block_rows - 1) / p.block_rows;
+  at::parallel_for(0, row_blocks * p.col_blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = (b / p.col_blocks) * p.block_rows, c0 = (b % p.col_blocks) * kFp8Block;
+      const int64_t r1 = std::min(r0 + p.block_rows, p.rows), c1 = std::min(c0 + kFp8Block, p.cols);
+      float amax = 0.0f;
+      bool finite = true;
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const float v = static_cast<float>(x[r * p.cols + c]);
+          finite = finite && std::isfinite(v);
+          amax = std::max(amax, std::fabs(v));
+        }
+      }
+      float scale = amax / 448.0f;
+      if (scale == 0.0f) scale = 1.0f;
+      if (!finite) scale = std::numeric_limits<float>::quiet_NaN();
+      p.scales[b] = scale;
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t c = c0; c < c1; ++c) {
+          float v = finite ? static_cast<float>(x[r * p.cols + c]) / scale : 0.0f;
+          v = std::min(std::max(v, -448.0f), 448.0f);
+          p.q[r * p.cols + c] = c10::Float8_e4m3fn(v).x;
+        }
+      }
+    }
+  });
+}
+
+// Rows of a and w decoded to fp32 once per task; sums in the contract's order.
+void fp8_gemm_typed(const Fp8GemmParams& p) {
+  constexpr int64_t kBlockM = 16, kBlockN = 64;
+  const int64_t mb = (p.m + kBlockM - 1) / kBlockM, nb = (p.n + kBlockN - 1) / kBlockN;
+  at::parallel_for(0, mb * nb, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> a_rows(static_cast<size_t>(kBlockM * p.k)), w_rows(static_cast<size_t>(kBlockN * p.k));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t m0 = (t / nb) * kBlockM, n0 = (t % nb) * kBlockN;
+      const int64_t m1 = std::min(m0 + kBlockM, p.m), n1 = std::min(n0 + kBlockN, p.n);
+      for (int64_t i = 0; i < (m1 - m0) * p.k; ++i) a_rows[i] = fp8_to_float(p.a[m0 * p.k + i]);
+      for (int64_t i = 0; i < (n1 - n0) * p.k; ++i) w_rows[i] = fp8_to_float(p.w[n0 * p.k + i]);
+      for (int64_t m = m0; m < m1; ++m) {
+        const float* ar = a_rows.data() + (m - m0) * p.k;
+        for (int64_t n = n0; n < n1; ++n) {
+          const float* wr = w_rows.data() + (n - n0) * p.k;
+          float acc = 0.0f;
+          for (int64_t kb = 0; kb < p.k_blocks; ++kb) {
+            const int64_t k1 = std::min((kb + 1) * kFp8Block, p.k);
+            float part = 0.0f;
+            for (int64_t k = kb * kFp8Block; k < k1; ++k) part = part + ar[k] * wr[k];
+            const float scaled = (part * p.a_scales[m * p.k_blocks + kb]) *
+                                 p.w_scales[(n / kFp8Block) * p.k_blocks + kb];
+            acc = acc + scaled;
+          }
+          store_any(p.out, p.out_dtype, m * p.n + n, acc);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void quantize_fp8_cpu(const QuantizeFp8Params& p) {
+  if (p.rows == 0 || p.cols == 0) return;
+  switch (p.x_dtype) {
+    case DType::kFloat16: quantize_fp8_typed<c10::Half>(p); break;
+    case DType::kBFloat16: quantize_fp8_typed<c10::BFloat16>(p); break;
+    default: quantize_fp8_typed<float>(p); break;
+  }
+}
+
+void fp8_gemm_cpu(const Fp8GemmParams& p) {
+  if (p.m == 0 || p.n == 0) return;
+  fp8_gemm_typed(p);
+}
+
+void epilogue_cpu(const EpilogueParams& p) {
+  if (p.m == 0 || p.n == 0) return;
+  if (p.acc_double) {
+    epilogue_typed<double>(p);
+  } else {
+    epilogue_typed<float>(p);
+  }
+}
+
+void int8_gemm_cpu(const Int8GemmParams& p) {
+  if (p.m == 0 || p.n == 0) return;
+  int8_gemm_typed(p);
+}
+
+void quantize_rows_int8_cpu(const QuantizeRowsParams& p) {
+  if (p.rows == 0) return;
+  switch (p.x_dtype) {
+    case DType::kFloat16: quantize_rows_typed<c10::Half>(p); break;
+    case DType::kBFloat16: quantize_rows_typed<c10::BFloat16>(p); break;
+    default: quantize_rows_typed<float>(p); break;
+  }
+}
+
+}  // namespace dsk::gemm

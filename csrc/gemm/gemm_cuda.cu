@@ -1,0 +1,681 @@
+// CUDA kernels of the GEMM family. No torch headers: the host glue
+// (gemm_api.cpp) validates tensors and fills the params structs.
+//
+// bf16/fp16: tensor-core kernel (mma.sync m16n8k16, fp32 accumulators, sm_80+).
+//   A CTA computes a BM x BN tile of out = a @ b^T; a [M, K] and b [N, K] are
+//   both K-contiguous, so both operands go global -> shared with 16-byte
+//   cp.async (kStages-deep pipeline) and shared -> registers with ldmatrix
+//   (no transposes). Shared rows are 64 bytes (BK = 32); XOR-swizzling the
+//   16-byte chunk index with (row / 2) % 4 makes every ldmatrix phase and every
+//   cp.async store hit 8 distinct bank groups. Tail rows/columns/K chunks are
+//   zero-filled by cp.async (src-size 0) and masked in the epilogue.
+//   The epilogue adds bias and applies the activation in fp32 registers.
+// Grouped GEMM runs the same kernel: a CTA's row tile lies inside one group;
+//   the grid covers ceil(M / BM) + groups row tiles (an upper bound, so offsets stay
+//   on the device) and each CTA finds its group with a warp-wide prefix sum of
+//   the groups' tile counts; surplus CTAs exit.
+// fp32: a SIMT kernel (64 x 64 tiles, 4 x 4 outputs per thread), same tiling of rows.
+// INT8: dp4a SIMT kernel with exact int32 accumulation; the scaling uses
+//   __fmul_rn/__fadd_rn so it rounds exactly as the CPU kernel.
+// FP8 (e4m3, block scales): SIMT kernels that follow the contract in
+//   gemm_params.h step by step (bitwise equal to the CPU); no FP8 tensor cores yet.
+#include <cuda_fp8.h>
+
+#include <cstdint>
+
+#include "common/cuda_utils.cuh"
+#include "gemm/gemm_math.h"
+#include "gemm/gemm_params.h"
+
+namespace dsk::gemm {
+namespace {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kBK = 32;                 // K per pipeline stage (64-byte shared rows)
+constexpr int kChunksPerRow = kBK / 8;  // 16-byte chunks per shared row
+constexpr int kStages = 3;              // 3 x (128 + 128) x 64 B = 48 KiB of static shared memory
+
+// ---------------------------------------------------------------------------
+// PTX wrappers
+// ---------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t shared_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy; with valid == false the destination is zero-filled and
+// nothing is read (src must still be a mapped address).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
+                                          const uint32_t (&b)[2]);
+
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
+                                                         const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4],
+                                                  const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Element offset of 16-byte chunk `chunk` of shared row `row` (swizzled, see top).
+__device__ __forceinline__ int swizzled(int row, int chunk) {
+  return row * kBK + ((chunk ^ ((row >> 1) & 3)) << 3);
+}
+
+__device__ __forceinline__ void store_out(void* out, DType dtype, int64_t i, float v) {
+  switch (dtype) {
+    case DType::kFloat16: static_cast<__half*>(out)[i] = __float2half_rn(v); break;
+    case DType::kBFloat16: static_cast<__nv_bfloat16*>(out)[i] = __float2bfloat16_rn(v); break;
+    default: static_cast<float*>(out)[i] = v; break;
+  }
+}
+
+// Activation ACT (a compile-time constant, so the switch folds) on every accumulator.
+template <Activation ACT, int MI, int NI>
+__device__ __forceinline__ void activate_all(float (&acc)[MI][NI][4]) {
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[mi][ni][r] = apply_activation(acc[mi][ni][r], ACT);
+}
+
+// out[row, col] = v0 and out[row, col + 1] = v1 where in bounds; one 4-byte
+// store for 16-bit outputs when both are in bounds and the pair is aligned.
+__device__ __forceinline__ void store_pair(const GemmParams& p, int64_t row, int64_t col, float v0,
+                                           float v1) {
+  const int64_t idx = row * p.n + col;
+  const bool pair = col + 1 < p.n && (idx & 1) == 0;
+  if (pair && p.out_dtype == DType::kBFloat16) {
+    *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.out) + idx) =
+        __floats2bfloat162_rn(v0, v1);
+  } else if (pair && p.out_dtype == DType::kFloat16) {
+    *reinterpret_cast<__half2*>(static_cast<__half*>(p.out) + idx) = __floats2half2_rn(v0, v1);
+  } else {
+    if (col < p.n) store_out(p.out, p.out_dtype, idx, v0);
+    if (col + 1 < p.n) store_out(p.out, p.out_dtype, idx + 1, v1);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Row tiles: plain GEMM (one group) or grouped GEMM (per-CTA group lookup)
+// ---------------------------------------------------------------------------
+
+struct RowTile {
+  int64_t row_begin = 0, row_end = 0, group = 0;
+};
+
+__device__ __forceinline__ int64_t clamped_offset(const GemmParams& p, int64_t g) {
+  const int64_t v = p.offsets_int64 ? static_cast<const int64_t*>(p.offsets)[g]
+                                    : static_cast<const int32_t*>(p.offsets)[g];
+  return v < 0 ? 0 : (v > p.m ? p.m : v);
+}
+
+// Row range and group of row tile `tile`; false when the tile is past the last
+// group's rows. Every thread of the CTA calls it (warp-collective).
+template <int BM>
+__device__ bool locate_row_tile(const GemmParams& p, int64_t tile, RowTile& out) {
+  if (p.offsets == nullptr) {
+    out.row_begin = tile * BM;
+    out.row_end = min(out.row_begin + BM, p.m);
+    out.group = 0;
+    return out.row_begin < p.m;
+  }
+  const int lane = threadIdx.x & 31;
+  int64_t tiles_before = 0;
+  for (int64_t g0 = 0; g0 < p.groups; g0 += 32) {
+    const int64_t g = g0 + lane;
+    int64_t lo = 0, hi = 0;
+    if (g < p.groups) {
+      lo = clamped_offset(p, g);
+      hi = max(lo, clamped_offset(p, g + 1));
+    }
+    const int64_t tiles = (hi - lo + BM - 1) / BM;
+    int64_t inclusive = tiles;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int64_t v = __shfl_up_sync(kFullMask, inclusive, d);
+      if (lane >= d) inclusive += v;
+    }
+    const int64_t first = tiles_before + inclusive - tiles;
+    const unsigned hit = __ballot_sync(kFullMask, tiles > 0 && tile >= first && tile < first + tiles);
+    if (hit) {
+      const int src = __ffs(hit) - 1;
+      const int64_t local = tile - __shfl_sync(kFullMask, first, src);
+      const int64_t group_lo = __shfl_sync(kFullMask, lo, src);
+      const int64_t group_hi = __shfl_sync(kFullMask, hi, src);
+      out.group = g0 + src;
+      out.row_begin = group_lo + local * BM;
+      out.row_end = min(out.row_begin + BM, group_hi);
+      return true;
+    }
+    tiles_before += __shfl_sync(kFullMask, inclusive, 31);
+  }
+  return false;
+}
+
+__host__ __device__ __forceinline__ int64_t row_tiles(const GemmParams& p, int64_t bm) {
+  // Grouped: each group's last tile may be partial, so at most ceil(M / BM) + groups tiles.
+  return (p.m + bm - 1) / bm + (p.offsets != nullptr ? p.groups : 0);
+}
+
+// CTA `linear` -> (m_tile, n_tile), walking kRasterRows row tiles at a time
+// down the columns: CTAs resident together share a few A row panels and B
+// column panels in L2, instead of all CTAs of a wave sweeping every row of A.
+constexpr int64_t kRasterRows = 8;
+__device__ __forceinline__ void raster_order(int64_t linear, int64_t m_tiles, int64_t n_tiles,
+                                             int64_t& m_tile, int64_t& n_tile) {
+  const int64_t per_group = kRasterRows * n_tiles;
+  const int64_t first_m = linear / per_group * kRasterRows;
+  const int64_t rows = min(m_tiles - first_m, kRasterRows);
+  const int64_t within = linear % per_group;
+  m_tile = first_m + within % rows;
+  n_tile = within / rows;
+}
+
+// ---------------------------------------------------------------------------
+// Tensor-core kernel (bf16 / fp16)
+// ---------------------------------------------------------------------------
+
+template <typename T, int BM, int BN, int WARPS_M, int WARPS_N>
+__global__ void __launch_bounds__(WARPS_M * WARPS_N * 32) mma_gemm_kernel(GemmParams p) {
+  constexpr int kThreads = WARPS_M * WARPS_N * 32;
+  constexpr int kWarpM = BM / WARPS_M, kWarpN = BN / WARPS_N;  // warp tile
+  constexpr int MI = kWarpM / 16, NI = kWarpN / 8;             // mma tiles per warp
+  static_assert(MI >= 1 && NI >= 2 && NI % 2 == 0, "warp tile must be 16m x 16n multiples");
+  static_assert((BM * kChunksPerRow) % kThreads == 0 && (BN * kChunksPerRow) % kThreads == 0,
+                "every thread copies the same number of chunks");
+  __shared__ __align__(128) T smem_a[kStages][BM * kBK];
+  __shared__ __align__(128) T smem_b[kStages][BN * kBK];
+
+  int64_t m_tile, n_tile;
+  raster_order(blockIdx.x, row_tiles(p, BM), (p.n + BN - 1) / BN, m_tile, n_tile);
+  RowTile tile;
+  if (!locate_row_tile<BM>(p, m_tile, tile)) return;  // CTA-uniform
+  const int64_t n0 = n_tile * BN;
+  const T* __restrict__ a = static_cast<const T*>(p.a);
+  const T* __restrict__ b = static_cast<const T*>(p.b) + tile.group * p.n * p.k;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
+  const int64_t k_tiles = (p.k + kBK - 1) / kBK;
+
+  auto load_stage = [&](int stage, int64_t kt) {
+    const int64_t k0 = kt * kBK;
+#pragma unroll
+    for (int c = tid; c < BM * kChunksPerRow; c += kThreads) {
+      const int row = c / kChunksPerRow, chunk = c % kChunksPerRow;
+      const int64_t grow = tile.row_begin + row, gk = k0 + chunk * 8;
+      const bool valid = grow < tile.row_end && gk < p.k;  // K % 8 == 0: whole chunks
+      cp_async_16(shared_addr(&smem_a[stage][swizzled(row, chunk)]),
+                  valid ? a + grow * p.k + gk : a, valid);
+    }
+#pragma unroll
+    for (int c = tid; c < BN * kChunksPerRow; c += kThreads) {
+      const int row = c / kChunksPerRow, chunk = c % kChunksPerRow;
+      const int64_t gn = n0 + row, gk = k0 + chunk * 8;
+      const bool valid = gn < p.n && gk < p.k;
+      cp_async_16(shared_addr(&smem_b[stage][swizzled(row, chunk)]),
+                  valid ? b + gn * p.k + gk : b, valid);
+    }
+  };
+
+  // Prologue: stages 0..kStages-2 in flight (one commit group each, possibly empty).
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) load_stage(s, s);
+    cp_async_commit();
+  }
+
+  float acc[MI][NI][4];
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+
+  for (int64_t kt = 0; kt < k_tiles; ++kt) {
+    // Tile kt has landed once at most kStages - 2 newer groups are pending; the
+    // barrier also tells every warp that stage (kt - 1) % kStages is free again.
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    const int64_t next = kt + kStages - 1;
+    if (next < k_tiles) load_stage(static_cast<int>(next % kStages), next);
+    cp_async_commit();
+
+    const T* sa = smem_a[kt % kStages];
+    const T* sb = smem_b[kt % kStages];
+#pragma unroll
+    for (int kk = 0; kk < kBK / 16; ++kk) {
+      uint32_t a_frag[MI][4], b_frag[NI][2];
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        // lanes 0-15: rows 0-15 at k 0-7; lanes 16-31: rows 0-15 at k 8-15 (a0..a3 order).
+        const int row = warp_m * kWarpM + mi * 16 + (lane & 15);
+        ldmatrix_x4(a_frag[mi], shared_addr(sa + swizzled(row, kk * 2 + (lane >> 4))));
+      }
+#pragma unroll
+      for (int nj = 0; nj < NI / 2; ++nj) {
+        // Four 8x8 matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
+        const int row = warp_n * kWarpN + nj * 16 + (lane & 7) + ((lane >> 4) << 3);
+        uint32_t r[4];
+        ldmatrix_x4(r, shared_addr(sb + swizzled(row, kk * 2 + ((lane >> 3) & 1))));
+        b_frag[2 * nj][0] = r[0];
+        b_frag[2 * nj][1] = r[1];
+        b_frag[2 * nj + 1][0] = r[2];
+        b_frag[2 * nj + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni) mma_16816<T>(acc[mi][ni], a_frag[mi], b_frag[ni]);
+    }
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: accumulator (mi, ni, r) is row lane/4 (+8 for r >= 2), column 2*(lane%4) + r%2.
+  // Bias and activation in registers first (the activation switch hoisted out of
+  // the loops, so they unroll and acc stays in registers), then the stores.
+  const int64_t warp_col0 = n0 + warp_n * kWarpN + (lane & 3) * 2;
+  if (p.bias != nullptr) {
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni) {
+      const int64_t col = warp_col0 + ni * 8;
+      const float bias0 = col < p.n ? p.bias[col] : 0.0f;
+      const float bias1 = col + 1 < p.n ? p.bias[col + 1] : 0.0f;
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        acc[mi][ni][0] += bias0;
+        acc[mi][ni][1] += bias1;
+        acc[mi][ni][2] += bias0;
+        acc[mi][ni][3] += bias1;
+      }
+    }
+  }
+  switch (p.activation) {
+    case Activation::kRelu: activate_all<Activation::kRelu>(acc); break;
+    case Activation::kGelu: activate_all<Activation::kGelu>(acc); break;
+    case Activation::kGeluTanh: activate_all<Activation::kGeluTanh>(acc); break;
+    case Activation::kSilu: activate_all<Activation::kSilu>(acc); break;
+    default: break;
+  }
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t row = tile.row_begin + warp_m * kWarpM + mi * 16 + (lane >> 2) + half * 8;
+      if (row < tile.row_end) {
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni) {
+          store_pair(p, row, warp_col0 + ni * 8, acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// SIMT fp32 kernel
+// ---------------------------------------------------------------------------
+
+constexpr int kSimtTile = 64, kSimtBK = 16, kSimtThreads = 256;
+
+__global__ void __launch_bounds__(kSimtThreads) simt_gemm_kernel(GemmParams p) {
+  // K-major shared tiles ([k][row]); +4 keeps the transposing stores spread over banks.
+  __shared__ float sa[kSimtBK][kSimtTile + 4];
+  __shared__ float sb[kSimtBK][kSimtTile + 4];
+  RowTile tile;
+  if (!locate_row_tile<kSimtTile>(p, blockIdx.x, tile)) return;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kSimtTile;
+  const float* __restrict__ a = static_cast<const float*>(p.a);
+  const float* __restrict__ b = static_cast<const float*>(p.b) + tile.group * p.n * p.k;
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+
+  float acc[4][4] = {};
+  for (int64_t k0 = 0; k0 < p.k; k0 += kSimtBK) {
+#pragma unroll
+    for (int r = 0; r < kSimtTile * kSimtBK / kSimtThreads; ++r) {
+      const int idx = tid + r * kSimtThreads;
+      const int row = idx / kSimtBK, kk = idx % kSimtBK;
+      const int64_t gk = k0 + kk, grow = tile.row_begin + row, gn = n0 + row;
+      sa[kk][row] = (grow < tile.row_end && gk < p.k) ? a[grow * p.k + gk] : 0.0f;
+      sb[kk][row] = (gn < p.n && gk < p.k) ? b[gn * p.k + gk] : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kSimtBK; ++kk) {
+      float av[4], bv[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        av[i] = sa[kk][ty + 16 * i];
+        bv[i] = sb[kk][tx + 16 * i];
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t row = tile.row_begin + ty + 16 * i;
+    if (row >= tile.row_end) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t col = n0 + tx + 16 * j;
+      if (col >= p.n) continue;
+      float v = acc[i][j];
+      if (p.bias != nullptr) v += p.bias[col];
+      store_out(p.out, p.out_dtype, row * p.n + col, apply_activation(v, p.activation));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// INT8: dp4a kernel and row-wise quantization
+// ---------------------------------------------------------------------------
+
+constexpr int kI8Tile = 64, kI8Words = 16;  // 64 x 64 outputs, 64 bytes of K (16 words) per step
+
+__device__ __forceinline__ int32_t load_int8x4(const int8_t* row, int64_t k, int64_t k_total,
+                                               bool row_valid) {
+  if (!row_valid || k >= k_total) return 0;
+  if (k + 4 <= k_total && (reinterpret_cast<uintptr_t>(row + k) & 3) == 0)
+    return *reinterpret_cast<const int32_t*>(row + k);
+  uint32_t word = 0;
+  for (int i = 0; i < 4 && k + i < k_total; ++i)
+    word |= static_cast<uint32_t>(static_cast<uint8_t>(row[k + i])) << (8 * i);
+  return static_cast<int32_t>(word);
+}
+
+__global__ void __launch_bounds__(256) int8_gemm_kernel(Int8GemmParams p) {
+  __shared__ int32_t sa[kI8Words][kI8Tile + 1];
+  __shared__ int32_t sb[kI8Words][kI8Tile + 1];
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kI8Tile;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kI8Tile;
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  int32_t acc[4][4] = {};
+  for (int64_t k0 = 0; k0 < p.k; k0 += 4 * kI8Words) {
+#pragma unroll
+    for (int r = 0; r < kI8Tile * kI8Words / 256; ++r) {
+      const int idx = tid + r * 256;
+      const int row = idx / kI8Words, w = idx % kI8Words;
+      const int64_t gk = k0 + 4 * w;
+      sa[w][row] = load_int8x4(p.a + (m0 + row) * p.k, gk, p.k, m0 + row < p.m);
+      sb[w][row] = load_int8x4(p.w + (n0 + row) * p.k, gk, p.k, n0 + row < p.n);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int w = 0; w < kI8Words; ++w) {
+      int32_t av[4], bv[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        av[i] = sa[w][ty + 16 * i];
+        bv[i] = sb[w][tx + 16 * i];
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = __dp4a(av[i], bv[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t row = m0 + ty + 16 * i;
+    if (row >= p.m) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t col = n0 + tx + 16 * j;
+      if (col >= p.n) continue;
+      float v = __fmul_rn(__fmul_rn(__int2float_rn(acc[i][j]), p.a_scales[row]), p.w_scales[col]);
+      if (p.bias != nullptr) v = __fadd_rn(v, p.bias[col]);
+      store_out(p.out, p.out_dtype, row * p.n + col, v);
+    }
+  }
+}
+
+// One warp per row: absmax (bit pattern of |x|, NaN/Inf >= 0x7f800000), then codes.
+template <typename T>
+__global__ void __launch_bounds__(256) quantize_rows_int8_kernel(QuantizeRowsParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  for (int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; r < p.rows;
+       r += warps) {
+    const T* xr = x + r * p.cols;
+    uint32_t amax = 0;
+    for (int64_t i = lane; i < p.cols; i += 32)
+      amax = max(amax, __float_as_uint(to_float(xr[i])) & 0x7fffffffu);
+    amax = warp_max(amax);
+    const bool finite = amax < 0x7f800000u;
+    float scale = __fdiv_rn(__uint_as_float(amax), 127.0f);
+    if (scale == 0.0f) scale = 1.0f;
+    if (!finite) scale = __int_as_float(0x7fc00000);  // quiet NaN
+    if (lane == 0) p.scales[r] = scale;
+    int8_t* qr = p.q + r * p.cols;
+    for (int64_t i = lane; i < p.cols; i += 32) {
+      const float c = finite ? fminf(fmaxf(rintf(__fdiv_rn(to_float(xr[i]), scale)), -127.0f), 127.0f) : 0.0f;
+      qr[i] = static_cast<int8_t>(static_cast<int>(c));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// FP8 e4m3 block-scaled: quantization and the exact SIMT GEMM
+// ---------------------------------------------------------------------------
+
+__device__ __forceinline__ float fp8_to_float(uint8_t bits) {
+  return __half2float(__half(__nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(bits), __NV_E4M3)));
+}
+
+// One warp per quantization block (1 x 128 or 128 x 128 elements).
+template <typename T>
+__global__ void __launch_bounds__(256) quantize_fp8_kernel(QuantizeFp8Params p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  const int64_t row_blocks = (p.rows + p.block_rows - 1) / p.block_rows;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  for (int64_t b = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+       b < row_blocks * p.col_blocks; b += warps) {
+    const int64_t r0 = b / p.col_blocks * p.block_rows, c0 = b % p.col_blocks * kFp8Block;
+    const int64_t r1 = min(r0 + p.block_rows, p.rows), c1 = min(c0 + kFp8Block, p.cols);
+    uint32_t amax = 0;  // bit pattern of |x|: NaN/Inf >= 0x7f800000
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t c = c0 + lane; c < c1; c += 32)
+        amax = max(amax, __float_as_uint(to_float(x[r * p.cols + c])) & 0x7fffffffu);
+    amax = warp_max(amax);
+    const bool finite = amax < 0x7f800000u;
+    float scale = __fdiv_rn(__uint_as_float(amax), 448.0f);
+    if (scale == 0.0f) scale = 1.0f;
+    if (!finite) scale = __int_as_float(0x7fc00000);
+    if (lane == 0) p.scales[b] = scale;
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t c = c0 + lane; c < c1; c += 32) {
+        const float v = finite ? __fdiv_rn(to_float(x[r * p.cols + c]), scale) : 0.0f;
+        p.q[r * p.cols + c] = static_cast<uint8_t>(
+            __nv_cvt_float_to_fp8(fminf(fmaxf(v, -448.0f), 448.0f), __NV_SATFINITE, __NV_E4M3));
+      }
+    }
+  }
+}
+
+constexpr int kFp8Tile = 64, kFp8Step = 32;  // 64 x 64 outputs; K staged 32 at a time
+
+__global__ void __launch_bounds__(256) fp8_gemm_kernel(Fp8GemmParams p) {
+  __shared__ float sa[kFp8Step][kFp8Tile + 4];
+  __shared__ float sb[kFp8Step][kFp8Tile + 4];
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kFp8Tile;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kFp8Tile;
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  float acc[4][4] = {};
+  for (int64_t kb = 0; kb < p.k_blocks; ++kb) {
+    float part[4][4] = {};
+    const int64_t k_end = min((kb + 1) * kFp8Block, p.k);
+    for (int64_t k0 = kb * kFp8Block; k0 < k_end; k0 += kFp8Step) {
+#pragma unroll
+      for (int r = 0; r < kFp8Tile * kFp8Step / 256; ++r) {
+        const int idx = tid + r * 256;
+        const int row = idx / kFp8Step, kk = idx % kFp8Step;
+        const int64_t gk = k0 + kk;
+        sa[kk][row] = (m0 + row < p.m && gk < k_end) ? fp8_to_float(p.a[(m0 + row) * p.k + gk]) : 0.0f;
+        sb[kk][row] = (n0 + row < p.n && gk < k_end) ? fp8_to_float(p.w[(n0 + row) * p.k + gk]) : 0.0f;
+      }
+      __syncthreads();
+      // Only real K positions are summed (a zero-filled one could turn a -0 sum into +0).
+      const int steps = k_end - k0 < kFp8Step ? static_cast<int>(k_end - k0) : kFp8Step;
+      for (int kk = 0; kk < steps; ++kk) {
+        float av[4], bv[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          av[i] = sa[kk][ty + 16 * i];
+          bv[i] = sb[kk][tx + 16 * i];
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) part[i][j] = __fadd_rn(part[i][j], __fmul_rn(av[i], bv[j]));
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t row = min(m0 + ty + 16 * i, p.m - 1);  // clamped reads; stores are masked
+      const float a_scale = p.a_scales[row * p.k_blocks + kb];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t col = min(n0 + tx + 16 * j, p.n - 1);
+        const float w_scale = p.w_scales[(col / kFp8Block) * p.k_blocks + kb];
+        acc[i][j] = __fadd_rn(acc[i][j], __fmul_rn(__fmul_rn(part[i][j], a_scale), w_scale));
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t row = m0 + ty + 16 * i;
+    if (row >= p.m) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t col = n0 + tx + 16 * j;
+      if (col < p.n) store_out(p.out, p.out_dtype, row * p.n + col, acc[i][j]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Launchers
+// ---------------------------------------------------------------------------
+
+template <typename T, int BM, int BN, int WARPS_M, int WARPS_N>
+void launch_mma(const GemmParams& p, cudaStream_t stream) {
+  // 1-D grid in raster order (see raster_order).
+  const int64_t ctas = row_tiles(p, BM) * ((p.n + BN - 1) / BN);
+  constexpr int kThreads = WARPS_M * WARPS_N * 32;
+  mma_gemm_kernel<T, BM, BN, WARPS_M, WARPS_N><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(p);
+}
+
+template <typename T>
+void launch_mma_for_shape(const GemmParams& p, cudaStream_t stream) {
+  // 128 x 128 tiles (8 warps of 64 x 32) when they fill the GPU; 64 x 64 tiles
+  // (4 warps of 32 x 32) for small problems, which would leave SMs idle.
+  const int64_t big_tiles = row_tiles(p, 128) * ((p.n + 127) / 128);
+  if (big_tiles >= multiprocessor_count()) {
+    launch_mma<T, 128, 128, 2, 4>(p, stream);
+  } else {
+    launch_mma<T, 64, 64, 2, 2>(p, stream);
+  }
+}
+
+}  // namespace
+
+int gemm_cuda(const GemmParams& p, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (p.m == 0 || p.n == 0) return static_cast<int>(cudaSuccess);
+  switch (p.ab_dtype) {
+    case DType::kBFloat16: launch_mma_for_shape<__nv_bfloat16>(p, s); break;
+    case DType::kFloat16: launch_mma_for_shape<__half>(p, s); break;
+    default: {
+      const dim3 grid(static_cast<unsigned>(row_tiles(p, kSimtTile)),
+                      static_cast<unsigned>((p.n + kSimtTile - 1) / kSimtTile));
+      simt_gemm_kernel<<<grid, kSimtThreads, 0, s>>>(p);
+    }
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+int int8_gemm_cuda(const Int8GemmParams& p, void* stream) {
+  if (p.m == 0 || p.n == 0) return static_cast<int>(cudaSuccess);
+  const dim3 grid(static_cast<unsigned>((p.m + kI8Tile - 1) / kI8Tile),
+                  static_cast<unsigned>((p.n + kI8Tile - 1) / kI8Tile));
+  int8_gemm_kernel<<<grid, 256, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int quantize_rows_int8_cuda(const QuantizeRowsParams& p, void* stream) {
+  if (p.rows == 0) return static_cast<int>(cudaSuccess);
+  const auto s = static_cast<cudaStream_t>(stream);
+  const unsigned blocks = static_cast<unsigned>(grid_size(p.rows * 32, 256));
+  switch (p.x_dtype) {
+    case DType::kFloat16: quantize_rows_int8_kernel<__half><<<blocks, 256, 0, s>>>(p); break;
+    case DType::kBFloat16: quantize_rows_int8_kernel<__nv_bfloat16><<<blocks, 256, 0, s>>>(p); break;
+    default: quantize_rows_int8_kernel<float><<<blocks, 256, 0, s>>>(p); break;
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+int quantize_fp8_cuda(const QuantizeFp8Params& p, void* stream) {
+  const int64_t blocks_total = (p.rows + p.block_rows - 1) / p.block_rows * p.col_blocks;
+  if (blocks_total == 0) return static_cast<int>(cudaSuccess);
+  const auto s = static_cast<cudaStream_t>(stream);
+  const unsigned blocks = static_cast<unsigned>(grid_size(blocks_total * 32, 256));
+  switch (p.x_dtype) {
+    case DType::kFloat16: quantize_fp8_kernel<__half><<<blocks, 256, 0, s>>>(p); break;
+    case DType::kBFloat16: quantize_fp8_kernel<__nv_bfloat16><<<blocks, 256, 0, s>>>(p); break;
+    default: quantize_fp8_kernel<float><<<blocks, 256, 0, s>>>(p); break;
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+int fp8_gemm_cuda(const Fp8GemmParams& p, void* stream) {
+  if (p.m == 0 || p.n == 0) return static_cast<int>(cudaSuccess);
+  const dim3 grid(static_cast<unsigned>((p.m + kFp8Tile - 1) / kFp8Tile),
+                  static_cast<unsigned>((p.n + kFp8Tile - 1) / kFp8Tile));
+  fp8_gemm_kernel<<<grid, 256, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace dsk::gemm

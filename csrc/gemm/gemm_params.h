@@ -1,0 +1,126 @@
+// Plain parameter structs and launchers for the GEMM family. Filled by
+// gemm_api.cpp (which validates the tensors); CPU kernels in gemm_cpu.cpp,
+// CUDA kernels in gemm_cuda.cu. Kernels see raw pointers only.
+//
+// Layouts (all row-major, contiguous): a [M, K], weight [N, K] (nn.Linear),
+// out [M, N]; out = act(a @ weight^T + bias), accumulated in fp32 (fp64 for
+// fp64 inputs on the CPU).
+//
+// Grouped: rows of a are packed by group; group g owns rows
+// [offsets[g], offsets[g + 1]) and multiplies them by weight[g] ([N, K]).
+//
+// INT8 W8A8 arithmetic contract (CPU, CUDA and reference.py agree bitwise):
+//   acc = sum_k int32(a[m, k]) * int32(w[n, k])            (exact in int32)
+//   out = ((float(acc) * a_scale[m]) * w_scale[n]) + bias[n] (fp32, no FMA),
+//   then rounded to the output dtype.
+// Row-wise INT8 quantization: scale = amax / 127 (1 when amax == 0; NaN, with
+//   all codes 0, when the row holds NaN/Inf); code = clamp(rint(x / scale)).
+#pragma once
+
+#include <cstdint>
+
+#include "common/dtype.h"
+
+namespace dsk::gemm {
+
+enum class Activation : int { kNone = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4 };
+
+struct GemmParams {
+  const void* a = nullptr;       // [M, K], dtype ab_dtype
+  const void* b = nullptr;       // [groups, N, K], dtype ab_dtype
+  const float* bias = nullptr;   // [N] fp32, or nullptr
+  void* out = nullptr;           // [M, N], dtype out_dtype
+  DType ab_dtype = DType::kBFloat16;
+  DType out_dtype = DType::kBFloat16;
+  int64_t m = 0, n = 0, k = 0;
+  // Grouped GEMM: offsets [groups + 1] (int32 or int64) on the data's device;
+  // nullptr for a plain GEMM (one group, rows [0, M)).
+  const void* offsets = nullptr;
+  bool offsets_int64 = false;
+  int64_t groups = 1;
+  Activation activation = Activation::kNone;
+};
+
+// The CPU epilogue: out[m, n] = act(acc[m, n] + bias[n]) cast to out_dtype.
+// acc is fp32 (fp64 when ab_dtype is fp64), [M, N] contiguous.
+struct EpilogueParams {
+  const void* acc = nullptr;
+  bool acc_double = false;
+  const void* bias = nullptr;  // dtype bias_dtype, or nullptr
+  DType bias_dtype = DType::kFloat32;
+  void* out = nullptr;
+  DType out_dtype = DType::kFloat32;
+  int64_t m = 0, n = 0;
+  Activation activation = Activation::kNone;
+};
+
+struct Int8GemmParams {
+  const int8_t* a = nullptr;        // [M, K]
+  const float* a_scales = nullptr;  // [M]
+  const int8_t* w = nullptr;        // [N, K]
+  const float* w_scales = nullptr;  // [N]
+  const float* bias = nullptr;      // [N] fp32, or nullptr
+  void* out = nullptr;              // [M, N], dtype out_dtype
+  DType out_dtype = DType::kBFloat16;
+  int64_t m = 0, n = 0, k = 0;
+};
+
+struct QuantizeRowsParams {
+  const void* x = nullptr;  // [rows, cols], dtype x_dtype
+  DType x_dtype = DType::kFloat32;
+  int8_t* q = nullptr;      // [rows, cols]
+  float* scales = nullptr;  // [rows]
+  int64_t rows = 0, cols = 0;
+};
+
+// FP8 e4m3 block-scaled (DeepSeek-V3 recipe). Arithmetic contract (CPU, the
+// CUDA kernel and reference.py agree bitwise):
+//   quantize: block = (1, 128) or (128, 128) elements; scale = amax / 448 in fp32
+//     (1 when 0; NaN with codes 0 for a block holding NaN/Inf);
+//     code = e4m3(clamp(x / scale, -448, 448)), round to nearest even.
+//   gemm: for each 128-wide K block kb in ascending order (the last may be short)
+//     part = fp32 sum over k ascending of float(a[m, k]) * float(w[n, k])
+//     acc  = acc + (part * a_scales[m, kb]) * w_scales[n / 128, kb]   (fp32, no FMA)
+//   then one rounding of acc to the output dtype.
+constexpr int64_t kFp8Block = 128;
+
+struct QuantizeFp8Params {
+  const void* x = nullptr;  // [rows, cols], dtype x_dtype
+  DType x_dtype = DType::kFloat32;
+  uint8_t* q = nullptr;     // e4m3 bit patterns, [rows, cols]
+  float* scales = nullptr;  // [ceil(rows / block_rows), ceil(cols / 128)]
+  int64_t rows = 0, cols = 0;
+  int64_t block_rows = 1;   // 1 or 128
+  int64_t col_blocks = 0;
+};
+
+struct Fp8GemmParams {
+  const uint8_t* a = nullptr;       // e4m3 [M, K]
+  const float* a_scales = nullptr;  // [M, k_blocks]
+  const uint8_t* w = nullptr;       // e4m3 [N, K]
+  const float* w_scales = nullptr;  // [ceil(N / 128), k_blocks]
+  void* out = nullptr;              // [M, N], dtype out_dtype
+  DType out_dtype = DType::kBFloat16;
+  int64_t m = 0, n = 0, k = 0, k_blocks = 0;
+};
+
+void quantize_fp8_cpu(const QuantizeFp8Params& p);
+void fp8_gemm_cpu(const Fp8GemmParams& p);
+
+void epilogue_cpu(const EpilogueParams& p);
+void int8_gemm_cpu(const Int8GemmParams& p);
+void quantize_rows_int8_cpu(const QuantizeRowsParams& p);
+
+#ifdef DSK_WITH_CUDA
+// Launch on `stream` (a cudaStream_t); return the launch's cudaError_t as int.
+// gemm_cuda: bf16/fp16 on tensor cores (mma.sync, sm_80+), K % 8 == 0 and
+// 16-byte aligned a/b required (the glue pads otherwise); fp32 on a SIMT kernel.
+int gemm_cuda(const GemmParams& p, void* stream);
+int int8_gemm_cuda(const Int8GemmParams& p, void* stream);
+int quantize_rows_int8_cuda(const QuantizeRowsParams& p, void* stream);
+// FP8: exact SIMT kernels (any sm_80+; no FP8 tensor cores yet).
+int quantize_fp8_cuda(const QuantizeFp8Params& p, void* stream);
+int fp8_gemm_cuda(const Fp8GemmParams& p, void* stream);
+#endif
+
+}  // namespace dsk::gemm

@@ -1,0 +1,687 @@
+"""GEMMs: gemm (fused bias + activation), grouped_gemm, row-wise INT8 W8A8.
+
+Floating-point ops are checked against deepseek_kernels.reference computed in
+fp64, with a derived tolerance: our max error must be at most twice the error
+of PyTorch's own op at the same precision (F.linear + bias + activation, each
+step rounded in the input dtype), plus a floor of a few fp32 ulps of the
+output scale for fp32 accumulation noise. The INT8 ops are exact: bitwise
+equal to the reference, to an int64-accumulated product, and across devices.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import deepseek_kernels as dk
+from deepseek_kernels import reference as ref
+from deepseek_kernels.nn import Linear, MoELayer
+
+from .conftest import DEVICES, requires_cuda
+
+ACTS = ["none", "relu", "gelu", "gelu_tanh", "silu"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _torch_peer(a, w, bias, activation):
+    """What PyTorch users write, at the inputs' precision."""
+    y = F.linear(a, w, bias)
+    return ref._gemm_activation(y, activation) if activation != "none" else y
+
+
+def _max_err(x, want):
+    return (x.double() - want.double()).abs().max().item() if x.numel() else 0.0
+
+
+def _check_close(ours, peer, want, name=""):
+    """ours within 2x the peer's error against the fp64 reference (+ fp32 floor)."""
+    assert want.dtype == torch.float64, "compare against the unrounded reference"
+    assert ours.shape == want.shape and ours.dtype == peer.dtype, name
+    floor = 8 * torch.finfo(torch.float32).eps * max(want.double().abs().max().item(), 1.0) \
+        if want.numel() else 0.0
+    err, peer_err = _max_err(ours, want), _max_err(peer, want)
+    assert err <= 2 * peer_err + floor, f"{name}: ours {err:.3g} vs torch {peer_err:.3g}"
+    return err
+
+
+def _data(shape, dtype, device, scale=1.0):
+    return (torch.randn(shape, device=device) * scale).to(dtype)
+
+
+# ---------------------------------------------------------------------------
+# gemm
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("mnk", [(1, 8, 136), (17, 136, 8), (17, 1000, 136), (1000, 136, 1032)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_gemm_matches_reference(device, dtype, activation, with_bias, mnk):
+    m, n, k = mnk
+    a = _data((m, k), dtype, device)
+    w = _data((n, k), dtype, device, k ** -0.5)
+    bias = _data((n,), dtype, device) if with_bias else None
+    ours = dk.gemm(a, w, bias, activation=activation)
+    want = ref.gemm(a, w, bias, activation=activation, out_dtype=torch.float64)
+    assert ours.dtype == dtype
+    _check_close(ours, _torch_peer(a, w, bias, activation), want, f"{mnk} {dtype} {activation}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gemm_batched_input_and_out_dtype(device):
+    a = _data((2, 5, 72), torch.bfloat16, device)
+    w = _data((40, 72), torch.bfloat16, device)
+    bias = _data((40,), torch.float32, device)  # fp32 bias with bf16 data is accepted
+    out = dk.gemm(a, w, bias, activation="gelu", out_dtype=torch.float32)
+    assert out.shape == (2, 5, 40) and out.dtype == torch.float32
+    want = ref.gemm(a, w, bias, activation="gelu", out_dtype=torch.float64)
+    # Peer: the same products in fp32 (exact bf16 inputs), one rounding less than bf16 out.
+    peer = F.gelu(F.linear(a.float(), w.float(), bias))
+    _check_close(out, peer, want)
+    # A non-contiguous weight view (nn.Linear's weight.t().t() patterns) is handled.
+    wt = _data((72, 40), torch.bfloat16, device).t()
+    _check_close(dk.gemm(a, wt), _torch_peer(a, wt, None, "none"),
+                 ref.gemm(a, wt, out_dtype=torch.float64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [1, 13, 130])  # not multiples of 8: the CUDA path pads K
+def test_gemm_odd_k(device, k):
+    a = _data((33, k), torch.float16, device)
+    w = _data((24, k), torch.float16, device)
+    _check_close(dk.gemm(a, w, activation="silu"), _torch_peer(a, w, None, "silu"),
+                 ref.gemm(a, w, activation="silu", out_dtype=torch.float64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gemm_empty(device):
+    w = _data((8, 16), torch.bfloat16, device)
+    out = dk.gemm(torch.empty(0, 16, dtype=torch.bfloat16, device=device), w)
+    assert out.shape == (0, 8)
+    # K = 0: the products are empty sums, out = act(bias).
+    bias = _data((8,), torch.float32, device)
+    out = dk.gemm(torch.empty(3, 0, device=device), torch.empty(8, 0, device=device), bias,
+                  activation="relu")
+    assert torch.equal(out, torch.relu(bias).expand(3, 8))
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_gemm_gradcheck(activation):
+    a = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    fn = lambda a, w, b: dk.gemm(a, w, b, activation=activation)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (a, w, b))
+    a3 = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, w: dk.gemm(a, w, activation=activation), (a3, w))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gemm_backward_matches_reference(device, dtype):
+    a = _data((37, 48), dtype, device).requires_grad_()
+    w = _data((24, 48), dtype, device, 0.2).requires_grad_()
+    b = _data((24,), dtype, device).requires_grad_()
+    dy = _data((37, 24), dtype, device)
+    dk.gemm(a, w, b, activation="gelu_tanh").backward(dy)
+    ours = [a.grad, w.grad, b.grad]
+    a64, w64, b64 = (t.detach().double().requires_grad_() for t in (a, w, b))
+    ref.gemm(a64, w64, b64, activation="gelu_tanh").backward(dy.double())
+    a.grad = w.grad = b.grad = None
+    _torch_peer(a, w, b, "gelu_tanh").backward(dy)
+    for name, mine, peer, want in zip("awb", ours, [a.grad, w.grad, b.grad],
+                                      [a64.grad, w64.grad, b64.grad]):
+        _check_close(mine, peer, want, f"d{name}")
+
+
+def test_gemm_opcheck():
+    a = torch.randn(9, 24, dtype=torch.bfloat16)
+    w = torch.randn(16, 24, dtype=torch.bfloat16)
+    b = torch.randn(16, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.deepseek_kernels.gemm.default, (a, w, b),
+                          {"activation": "gelu"})
+    torch.library.opcheck(torch.ops.deepseek_kernels.gemm.default, (a.float(), w.float(), None),
+                          {"out_dtype": torch.bfloat16})
+    a64 = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    w64 = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.deepseek_kernels.gemm.default, (a64, w64, None),
+                          {"activation": "silu"})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gemm_bad_inputs(device):
+    a = torch.randn(4, 16, device=device)
+    w = torch.randn(8, 16, device=device)
+    with pytest.raises(ValueError, match=r"gemm: argument 'weight' must have shape \[N, K\] with K = 16"):
+        dk.gemm(a, torch.randn(8, 15, device=device))
+    with pytest.raises(ValueError, match="argument 'bias' must have shape"):
+        dk.gemm(a, w, torch.randn(7, device=device))
+    with pytest.raises(ValueError, match="argument 'activation' must be one of"):
+        dk.gemm(a, w, activation="tanh")
+    with pytest.raises(TypeError, match="argument 'weight' must have the dtype of 'a'"):
+        dk.gemm(a, w.bfloat16())
+    with pytest.raises(TypeError, match="argument 'a' must have dtype"):
+        dk.gemm(a.int(), w)
+    with pytest.raises(TypeError, match="argument 'out_dtype' must be one of"):
+        dk.gemm(a, w, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match="argument 'weight' must be 2-D"):
+        dk.gemm(a, w[None])
+
+
+@requires_cuda
+def test_gemm_mixed_devices():
+    a = torch.randn(4, 16)
+    with pytest.raises(ValueError, match="must be on the same device"):
+        dk.gemm(a, torch.randn(8, 16, device="cuda"))
+    with pytest.raises(ValueError, match="float64, which only the CPU"):
+        dk.gemm(a.double().cuda(), torch.randn(8, 16, device="cuda").double())
+
+
+def test_gemm_torch_compile_fullgraph():
+    def fn(x, w, b, w2, offsets):
+        h = dk.gemm(x, w, b, activation="silu")
+        return dk.grouped_gemm(h, w2, offsets)
+
+    x = torch.randn(12, 16, requires_grad=True)
+    w = torch.randn(24, 16, requires_grad=True)
+    b = torch.randn(24)
+    w2 = torch.randn(3, 8, 24, requires_grad=True)
+    offsets = torch.tensor([0, 5, 5, 12], dtype=torch.int32)
+    # aot_eager exercises Dynamo + the fake kernels + autograd tracing without
+    # Inductor's C++ compile (minutes on this 2-core CI); the graph is the same.
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(x, w, b, w2, offsets)
+    assert torch.equal(out, fn(x, w, b, w2, offsets))
+    out.sum().backward()
+    assert x.grad is not None and w.grad is not None and w2.grad is not None
+
+
+# ---------------------------------------------------------------------------
+# grouped_gemm
+# ---------------------------------------------------------------------------
+
+
+def _random_offsets(rows, groups, device, dtype=torch.int32, empty_groups=True):
+    cuts = torch.sort(torch.randint(0, rows + 1, (groups - 1,))).values
+    if empty_groups and groups > 2:
+        cuts[1] = cuts[0]  # at least one empty group
+    return torch.cat([torch.tensor([0]), cuts, torch.tensor([rows])]).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 8, 136), (300, 7, 136, 72), (1000, 16, 40, 1032)],
+                         ids=lambda s: "S{}xE{}xN{}xK{}".format(*s))
+@pytest.mark.parametrize("offsets_dtype", [torch.int32, torch.int64], ids=str)
+def test_grouped_gemm_matches_reference(device, dtype, shape, offsets_dtype):
+    s, e, n, k = shape
+    x = _data((s, k), dtype, device)
+    weights = _data((e, n, k), dtype, device, k ** -0.5)
+    offsets = _random_offsets(s, e, device, offsets_dtype)
+    ours = dk.grouped_gemm(x, weights, offsets)
+    want = ref.grouped_gemm(x, weights, offsets, out_dtype=torch.float64)
+    assert ours.dtype == dtype
+    bounds = offsets.tolist()
+    peer = torch.cat([x[bounds[g]:bounds[g + 1]] @ weights[g].t() for g in range(e)])
+    _check_close(ours, peer, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grouped_gemm_edge_cases(device):
+    w = _data((4, 8, 24), torch.bfloat16, device)
+    out = dk.grouped_gemm(torch.empty(0, 24, dtype=torch.bfloat16, device=device), w,
+                          torch.zeros(5, dtype=torch.int32, device=device))
+    assert out.shape == (0, 8)
+    # Everything in the last group; out_dtype fp32.
+    x = _data((70, 24), torch.bfloat16, device)
+    offsets = torch.tensor([0, 0, 0, 0, 70], device=device)
+    out = dk.grouped_gemm(x, w, offsets, out_dtype=torch.float32)
+    want = ref.grouped_gemm(x, w, offsets, out_dtype=torch.float64)
+    assert out.dtype == torch.float32
+    _check_close(out, x.float() @ w[3].float().t(), want)
+
+
+def test_grouped_gemm_gradcheck():
+    x = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    offsets = torch.tensor([0, 4, 4, 9, 11])
+    assert torch.autograd.gradcheck(lambda x, w: dk.grouped_gemm(x, w, offsets), (x, w))
+
+
+def test_grouped_gemm_opcheck():
+    x = torch.randn(11, 16, requires_grad=True)
+    w = torch.randn(3, 8, 16, requires_grad=True)
+    dy = torch.randn(11, 8)
+    for offsets in (torch.tensor([0, 4, 4, 11]), torch.tensor([0, 2, 7, 11], dtype=torch.int32)):
+        torch.library.opcheck(torch.ops.deepseek_kernels.grouped_gemm.default, (x, w, offsets))
+        torch.library.opcheck(torch.ops.deepseek_kernels.grouped_gemm_wgrad.default,
+                              (dy, x.detach(), offsets, 3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grouped_gemm_wgrad(device):
+    dy = _data((50, 24), torch.bfloat16, device)
+    x = _data((50, 40), torch.bfloat16, device)
+    offsets = torch.tensor([0, 0, 17, 50, 50], device=device)
+    dw = torch.ops.deepseek_kernels.grouped_gemm_wgrad(dy, x, offsets, 4)
+    assert dw.shape == (4, 24, 40) and dw.dtype == torch.bfloat16
+    want = torch.zeros(4, 24, 40, dtype=torch.float64, device=device)
+    want[1] = dy[:17].double().t() @ x[:17].double()
+    want[2] = dy[17:].double().t() @ x[17:].double()
+    peer = torch.stack([torch.zeros(24, 40, dtype=torch.bfloat16, device=device),
+                        dy[:17].t() @ x[:17], dy[17:].t() @ x[17:],
+                        torch.zeros(24, 40, dtype=torch.bfloat16, device=device)])
+    _check_close(dw, peer, want)
+    assert (dw[0] == 0).all() and (dw[3] == 0).all()
+    with pytest.raises(ValueError, match="must be non-decreasing"):
+        torch.ops.deepseek_kernels.grouped_gemm_wgrad(dy, x, torch.tensor([0, 20, 17, 50, 50],
+                                                                          device=device), 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grouped_gemm_bad_inputs(device):
+    x = torch.randn(10, 16, device=device)
+    w = torch.randn(3, 8, 16, device=device)
+    good = torch.tensor([0, 3, 6, 10], device=device)
+    with pytest.raises(ValueError, match=r"'weights' must have shape \[E, N, K\] with K = 16"):
+        dk.grouped_gemm(x, torch.randn(3, 8, 12, device=device), good)
+    with pytest.raises(ValueError, match="'offsets' must have E \\+ 1 = 4 entries"):
+        dk.grouped_gemm(x, w, good[:3])
+    with pytest.raises(TypeError, match="'offsets' must have dtype"):
+        dk.grouped_gemm(x, w, good.float())
+    with pytest.raises(TypeError, match="'weights' must have the dtype of 'x'"):
+        dk.grouped_gemm(x, w.half(), good)
+    if device == "cpu":  # values are checked where they live (no host sync on CUDA)
+        with pytest.raises(ValueError, match="must be non-decreasing"):
+            dk.grouped_gemm(x, w, torch.tensor([0, 6, 3, 10]))
+        with pytest.raises(ValueError, match="must end at x.size\\(0\\) = 10"):
+            dk.grouped_gemm(x, w, torch.tensor([0, 3, 6, 9]))
+        with pytest.raises(ValueError, match="must start at 0"):
+            dk.grouped_gemm(x, w, torch.tensor([1, 3, 6, 10]))
+
+
+@requires_cuda
+def test_grouped_gemm_cuda_bad_offsets_stay_in_bounds():
+    x = torch.randn(100, 16, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(3, 8, 16, device="cuda", dtype=torch.bfloat16)
+    for bad in ([0, 60, 30, 100], [-5, 3, 6, 1000], [0, 3, 6, 90]):
+        dk.grouped_gemm(x, w, torch.tensor(bad, device="cuda"))
+    torch.cuda.synchronize()  # no illegal address
+
+
+# ---------------------------------------------------------------------------
+# INT8 W8A8
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantize_int8_rowwise_exact(device, dtype):
+    x = _data((67, 130), dtype, device, 3.0)
+    x[3] = 0  # all-zero row: scale 1, codes 0
+    x[5, 7] = float("nan")  # non-finite row: scale NaN, codes 0
+    # Exact halves: 127 * (j + 0.5) / 127-scaled values round to even.
+    x[9, :4] = torch.tensor([127.0, 0.5, 1.5, -2.5], dtype=dtype)
+    q, s = dk.quantize_int8_rowwise(x)
+    rq, rs = ref.quantize_int8_rowwise(x)
+    assert torch.equal(q, rq)
+    assert torch.equal(s.nan_to_num(-1), rs.nan_to_num(-1))
+    assert s[3] == 1 and (q[3] == 0).all() and s[5].isnan() and (q[5] == 0).all()
+    assert q[9, :4].tolist() == [127, 0, 2, -2]  # scale 1: 0.5 -> 0, 1.5 -> 2, -2.5 -> -2
+    # Round to nearest: within half a step (plus the fp32 rounding of q * s - x).
+    finite = torch.isfinite(s)
+    xf, qf, sf = x.float()[finite], q.float()[finite], s[finite, None]
+    assert ((qf * sf - xf).abs() <= 0.5 * sf + 1e-6 * xf.abs()).all()
+
+
+def _int8_problem(m, n, k, device):
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=device)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
+    a_s = torch.rand(m, device=device) * 0.02 + 1e-3
+    w_s = torch.rand(n, device=device) * 0.02 + 1e-3
+    return a, a_s, w, w_s
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mnk", [(1, 8, 136), (17, 136, 8), (100, 72, 1030), (33, 40, 7)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_int8_gemm_bitwise(device, mnk, out_dtype, with_bias):
+    m, n, k = mnk
+    a, a_s, w, w_s = _int8_problem(m, n, k, device)
+    bias = torch.randn(n, device=device) if with_bias else None
+    out = dk.int8_gemm(a, a_s, w, w_s, bias=bias, out_dtype=out_dtype)
+    want = ref.int8_gemm(a, a_s, w, w_s, bias=bias, out_dtype=out_dtype)
+    assert out.dtype == out_dtype and torch.equal(out, want)
+
+
+def test_int8_gemm_accumulation_is_exact():
+    # Unit scales and fp32 out expose the raw int32 accumulator; K large enough
+    # that |acc| passes 2^24 would be rounded identically, so keep it below.
+    m, n, k = 9, 10, 1000
+    a = torch.full((m, k), -127, dtype=torch.int8)
+    a[1::2] = torch.randint(-127, 128, (m // 2, k), dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    w[0] = -127
+    one_m, one_n = torch.ones(m), torch.ones(n)
+    out = dk.int8_gemm(a, one_m, w, one_n, out_dtype=torch.float32)
+    exact = (a.long()[:, None, :] * w.long()[None, :, :]).sum(-1)  # int64 accumulation
+    assert torch.equal(out.double(), exact.double())
+    assert out[0, 0] == 127 * 127 * k
+
+
+def test_int8_gemm_w8a8_error_vs_bf16():
+    """The W8A8 pipeline end to end: quantize both sides row-wise, int8_gemm; its
+    error against fp64 is reported relative to a bf16 GEMM's (W8A8 is coarser)."""
+    x = torch.randn(64, 512)
+    w = torch.randn(96, 512) * 0.05
+    qx, sx = dk.quantize_int8_rowwise(x)
+    qw, sw = dk.quantize_int8_rowwise(w)
+    out = dk.int8_gemm(qx, sx, qw, sw, out_dtype=torch.float32)
+    want = x.double() @ w.double().t()
+    rel = ((out.double() - want).norm() / want.norm()).item()
+    rel_bf16 = ((x.bfloat16() @ w.bfloat16().t()).double() - want).norm().item() / want.norm().item()
+    assert rel < 0.02, rel  # 7-bit codes: ~1% relative error
+    assert rel > rel_bf16 / 10  # sanity: it is a real quantized product, not the fp one
+
+
+def test_int8_opcheck():
+    a, a_s, w, w_s = _int8_problem(9, 16, 40, "cpu")
+    torch.library.opcheck(torch.ops.deepseek_kernels.int8_gemm.default, (a, a_s, w, w_s, None),
+                          {"out_dtype": torch.float16})
+    torch.library.opcheck(torch.ops.deepseek_kernels.quantize_int8_rowwise.default,
+                          (torch.randn(7, 33, dtype=torch.bfloat16),))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int8_bad_inputs(device):
+    a, a_s, w, w_s = _int8_problem(4, 8, 16, device)
+    with pytest.raises(ValueError, match=r"argument 'w' must have shape \[N, K\] with K = 16"):
+        dk.int8_gemm(a, a_s, w[:, :8], w_s)
+    with pytest.raises(ValueError, match=r"argument 'a_scales' must have shape \[4\]"):
+        dk.int8_gemm(a, a_s[:3], w, w_s)
+    with pytest.raises(ValueError, match=r"argument 'w_scales' must have shape \[8\]"):
+        dk.int8_gemm(a, a_s, w, w_s[None])
+    with pytest.raises(TypeError, match="argument 'a' must have dtype Char"):
+        dk.int8_gemm(a.float(), a_s, w, w_s)
+    with pytest.raises(TypeError, match="argument 'w_scales' must have dtype Float"):
+        dk.int8_gemm(a, a_s, w, w_s.half())
+    with pytest.raises(ValueError, match="argument 'x' must be 2-D"):
+        dk.quantize_int8_rowwise(torch.randn(3, 4, 5, device=device))
+    with pytest.raises(TypeError, match="argument 'x' must have dtype"):
+        dk.quantize_int8_rowwise(torch.randn(3, 4, device=device).double())
+    assert dk.int8_gemm(a[:0], a_s[:0], w, w_s).shape == (0, 8)
+    q, s = dk.quantize_int8_rowwise(torch.randn(0, 5, device=device))
+    assert q.shape == (0, 5) and s.shape == (0,)
+
+
+# ---------------------------------------------------------------------------
+# CPU vs CUDA
+# ---------------------------------------------------------------------------
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_matches_cpu():
+    # bf16 through tensor cores vs the CPU's fp32 BLAS: same reference error budget.
+    # The kernel picks 64x64 tiles for small problems and 128x128 ones once they
+    # fill the GPU (>= one CTA per SM): (2065, 1032, 264) is the latter, with tails.
+    for m, n, k in [(1, 8, 136), (129, 257, 72), (4096, 512, 1024), (300, 1000, 1000),
+                    (2065, 1032, 264)]:
+        a = _data((m, k), torch.bfloat16, "cpu")
+        w = _data((n, k), torch.bfloat16, "cpu", k ** -0.5)
+        b = _data((n,), torch.bfloat16, "cpu")
+        want = ref.gemm(a, w, b, activation="gelu", out_dtype=torch.float64)
+        cpu = dk.gemm(a, w, b, activation="gelu")
+        gpu = dk.gemm(a.cuda(), w.cuda(), b.cuda(), activation="gelu").cpu()
+        _check_close(gpu, cpu, want)
+        assert (gpu.float() - cpu.float()).abs().max() <= 2 * torch.finfo(torch.bfloat16).eps * \
+            max(want.float().abs().max().item(), 1.0)
+    # Grouped at MoE-like proportions, with empty experts; both tile shapes.
+    for s, n in [(2000, 384), (8000, 1100)]:
+        x = _data((s, 256), torch.bfloat16, "cpu")
+        w = _data((32, n, 256), torch.bfloat16, "cpu", 1 / 16)
+        offsets = _random_offsets(s, 32, "cpu")
+        cpu = dk.grouped_gemm(x, w, offsets)
+        gpu = dk.grouped_gemm(x.cuda(), w.cuda(), offsets.cuda()).cpu()
+        _check_close(gpu, cpu, ref.grouped_gemm(x, w, offsets, out_dtype=torch.float64))
+    # INT8 and the row-wise quantizer: bitwise.
+    a, a_s, wq, w_s = _int8_problem(333, 129, 1001, "cpu")
+    assert torch.equal(dk.int8_gemm(a.cuda(), a_s.cuda(), wq.cuda(), w_s.cuda()).cpu(),
+                       dk.int8_gemm(a, a_s, wq, w_s))
+    xf = torch.randn(77, 1001, dtype=torch.bfloat16)
+    for got, want in zip(dk.quantize_int8_rowwise(xf.cuda()), dk.quantize_int8_rowwise(xf)):
+        assert torch.equal(got.cpu(), want)
+
+
+# ---------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+def test_linear_is_a_drop_in(device, activation):
+    base = torch.nn.Linear(48, 20, device=device)
+    lin = Linear.from_linear(base, activation=activation)
+    assert lin.weight.shape == (20, 48) and not lin.weight is base.weight
+    x = torch.randn(3, 7, 48, device=device, requires_grad=True)
+    want = base(x)
+    if activation == "gelu":
+        want = F.gelu(want)
+    y = lin(x)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    want.square().sum().backward()  # base's grads land on base's parameters
+    torch.testing.assert_close(lin.weight.grad, base.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lin.bias.grad, base.bias.grad, rtol=1e-4, atol=1e-4)
+    fresh = Linear(48, 20, bias=False, dtype=torch.bfloat16, device=device)
+    assert fresh.bias is None and fresh.weight.dtype == torch.bfloat16
+    assert fresh.weight.abs().max() <= 48 ** -0.5  # nn.Linear's init bound
+    with pytest.raises(ValueError, match="activation must be one of"):
+        Linear(4, 4, activation="tanh")
+
+
+def test_moe_layer_dropless_uses_grouped_gemm(monkeypatch):
+    """MoELayer's dropless path runs two grouped GEMMs and matches the per-expert loop."""
+    torch.manual_seed(0)
+    layer = MoELayer(16, 24, 8, 2)
+    calls = []
+    real = dk.ops.grouped_gemm
+    monkeypatch.setattr(dk.ops, "grouped_gemm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x = torch.randn(30, 16)
+    y = layer(x)
+    assert len(calls) == 2
+    with torch.no_grad():
+        g = dk.moe_topk_gating(layer.router(x), 2)
+        want = torch.zeros(30, 16, dtype=torch.float64)
+        for t in range(30):
+            for j in range(2):
+                e = int(g.expert_ids[t, j])
+                h = x[t].double() @ layer.w_gate_up[e].double()
+                want[t] += float(g.weights[t, j]) * (layer._swiglu(h) @ layer.w_down[e].double())
+    torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_bench_gemm_smoke(tmp_path):
+    """bench/bench_gemm.py end to end on tiny CPU shapes: its checks must pass."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "bench_gemm.py"
+    spec = importlib.util.spec_from_file_location("bench_gemm_smoke", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rc = mod.main(["--device", "cpu", "--square", "48", "--grouped", "64", "4", "16", "24",
+                   "--int8", "16", "24", "40", "--fp8", "8", "16", "256", "--out", str(tmp_path)])
+    assert rc == 0
+    (result,) = tmp_path.glob("gemm-*.json")
+    data = json.loads(result.read_text())
+    assert all(data["checks"].values()) and len(data["rows"]) == 5
+
+
+# ---------------------------------------------------------------------------
+# FP8 e4m3 block-scaled
+# ---------------------------------------------------------------------------
+
+from deepseek_kernels.nn import FP8Linear  # noqa: E402
+
+
+def _same(x, y):
+    """Bitwise equality, NaN == NaN."""
+    x, y = x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x, \
+        y.view(torch.uint8) if y.dtype == torch.float8_e4m3fn else y
+    return x.shape == y.shape and torch.equal(x.nan_to_num(-7), y.nan_to_num(-7))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block", [(1, 128), (128, 128)], ids=["1x128", "128x128"])
+@pytest.mark.parametrize("shape", [(1, 8), (17, 136), (130, 300)], ids=lambda s: "x".join(map(str, s)))
+def test_quantize_fp8_bitwise(device, dtype, block, shape):
+    x = _data(shape, dtype, device, 5.0)
+    if shape[0] > 3:
+        x[3] = 0  # a zero row: its 1x128 blocks get scale 1
+    if shape[0] > 5:
+        x[5, 0] = float("inf")
+    q, s = dk.quantize_fp8(x, block)
+    rq, rs = ref.quantize_fp8(x, block)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (-(-shape[0] // block[0]), -(-shape[1] // 128))
+    assert _same(q, rq) and _same(s, rs)
+    # Round to nearest e4m3: relative error <= 2^-4 of each finite block's values.
+    sf = s.repeat_interleave(block[0], 0)[:shape[0]].repeat_interleave(128, 1)[:, :shape[1]]
+    ok = torch.isfinite(sf)
+    deq = q.float() * sf
+    assert ((deq - x.float()).abs()[ok] <= 2 ** -4 * x.float().abs()[ok] + sf[ok] * 2 ** -9).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mnk", [(1, 8, 128), (17, 136, 256), (33, 130, 200), (64, 256, 1024)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+def test_fp8_gemm_bitwise_and_error(device, mnk, out_dtype):
+    m, n, k = mnk
+    x = _data((m, k), torch.float32, device)
+    w = _data((n, k), torch.float32, device, k ** -0.5)
+    qx, sx = dk.quantize_fp8(x, (1, 128))
+    qw, sw = dk.quantize_fp8(w, (128, 128))
+    out = dk.fp8_gemm(qx, sx, qw, sw, out_dtype=out_dtype)
+    assert out.dtype == out_dtype and torch.equal(out, ref.fp8_gemm(qx, sx, qw, sw, out_dtype=out_dtype))
+    # Error against the unquantized fp64 product, bounded elementwise from e4m3's
+    # rounding: |dx| <= max(2^-4 |x|, 2^-10 scale) (normal / subnormal range), so
+    # |d(x.w)| <= |x|.|dw| + |dx|.|w| + |dx|.|dw|, plus fp32 sums and the output rounding.
+    want = x.double() @ w.double().t()
+    xa, wa = x.double().abs(), w.double().abs()
+    ex = torch.maximum(xa * 2 ** -4, sx.double().repeat_interleave(128, 1)[:, :k] * 2 ** -10)
+    ew = torch.maximum(wa * 2 ** -4, sw.double().repeat_interleave(128, 0)[:n].repeat_interleave(
+        128, 1)[:, :k] * 2 ** -10)
+    bound = xa @ ew.t() + ex @ wa.t() + ex @ ew.t() + 1e-5 * (xa @ wa.t()) \
+        + want.abs() * torch.finfo(out_dtype).eps
+    assert ((out.double() - want).abs() <= bound).all()
+    # Reported next to bf16: FP8 (3 mantissa bits) is coarser, a few percent.
+    rel = ((out.double() - want).norm() / want.norm()).item()
+    rel_bf16 = ((x.bfloat16() @ w.bfloat16().t()).double() - want).norm().item() / want.norm().item()
+    if m * n >= 1000:
+        assert rel < 0.05 and rel > rel_bf16, (rel, rel_bf16)
+
+
+def test_fp8_opcheck():
+    x = torch.randn(9, 200)
+    torch.library.opcheck(torch.ops.deepseek_kernels.quantize_fp8.default, (x, [1, 128]))
+    torch.library.opcheck(torch.ops.deepseek_kernels.quantize_fp8.default, (x.bfloat16(), [128, 128]))
+    qx, sx = dk.quantize_fp8(x, (1, 128))
+    qw, sw = dk.quantize_fp8(torch.randn(20, 200), (128, 128))
+    # test_schema is left out for fp8 inputs: its mutation check multiplies the
+    # inputs, which torch does not implement for float8 on the CPU.
+    torch.library.opcheck(torch.ops.deepseek_kernels.fp8_gemm.default, (qx, sx, qw, sw),
+                          {"out_dtype": torch.float32},
+                          test_utils=("test_autograd_registration", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_bad_inputs(device):
+    x = torch.randn(4, 256, device=device)
+    qx, sx = dk.quantize_fp8(x, (1, 128))
+    qw, sw = dk.quantize_fp8(torch.randn(8, 256, device=device), (128, 128))
+    with pytest.raises(ValueError, match=r"'block' must be \(1, 128\) or \(128, 128\)"):
+        dk.quantize_fp8(x, (1, 64))
+    with pytest.raises(ValueError, match=r"'a_scales' must have shape \[4, 2\]"):
+        dk.fp8_gemm(qx, sx[:, :1], qw, sw)
+    with pytest.raises(ValueError, match=r"'w_scales' must have shape \[1, 2\]"):
+        dk.fp8_gemm(qx, sx, qw, sx)
+    with pytest.raises(ValueError, match=r"'w' must have shape \[N, K\] with K = 256"):
+        dk.fp8_gemm(qx, sx, qw[:, :128], sw[:, :1])
+    with pytest.raises(TypeError, match="argument 'a' must have dtype"):
+        dk.fp8_gemm(x, sx, qw, sw)
+    assert dk.fp8_gemm(qx[:0], sx[:0], qw, sw).shape == (0, 8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_linear(device):
+    base = torch.nn.Linear(256, 136, device=device)
+    lin = FP8Linear.from_linear(base)
+    x = torch.randn(2, 9, 256, device=device, requires_grad=True)
+    y = lin(x)
+    want = base(x)
+    assert y.shape == want.shape
+    rel = ((y - want).norm() / want.norm()).item()
+    assert rel < 0.05, rel
+    y.square().sum().backward()
+    assert lin.weight.grad is not None and lin.bias.grad is not None and x.grad is not None
+    # Straight-through: the bf16 gradient of the unquantized map at the FP8 output.
+    dy = 2 * y.detach().reshape(-1, 136)
+    torch.testing.assert_close(lin.bias.grad, dy.sum(0), rtol=1e-2, atol=1e-2)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_fp8_cuda_matches_cpu():
+    for m, n, k in [(1, 8, 128), (77, 300, 520), (256, 384, 1024)]:
+        x = torch.randn(m, k, dtype=torch.bfloat16) * 3
+        w = torch.randn(n, k, dtype=torch.bfloat16)
+        q_cpu = [dk.quantize_fp8(x, (1, 128)), dk.quantize_fp8(w, (128, 128))]
+        q_gpu = [dk.quantize_fp8(x.cuda(), (1, 128)), dk.quantize_fp8(w.cuda(), (128, 128))]
+        for (qc, sc), (qg, sg) in zip(q_cpu, q_gpu):
+            assert _same(qc, qg.cpu()) and _same(sc, sg.cpu())
+        (qx, sx), (qw, sw) = q_cpu
+        out_cpu = dk.fp8_gemm(qx, sx, qw, sw)
+        out_gpu = dk.fp8_gemm(qx.cuda(), sx.cuda(), qw.cuda(), sw.cuda())
+        assert torch.equal(out_gpu.cpu(), out_cpu)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_modules_reference_switch_and_int8_linear(device):
+    """use_kernels=False runs the same parameters through reference.py (bitwise for the
+    INT8/FP8 modules); Int8Linear.from_linear and FP8Linear(activation=...) track the
+    float layer they come from."""
+    from deepseek_kernels.nn import Int8Linear
+
+    lin = Linear(256, 40, activation="gelu", device=device)
+    x = torch.randn(3, 5, 256, device=device)
+    y = lin(x)
+    lin.use_kernels = False
+    torch.testing.assert_close(lin(x), y, rtol=1e-5, atol=1e-5)
+    lin.use_kernels = True
+
+    q = Int8Linear.from_linear(lin)
+    assert q.activation == "gelu" and q.weight_q.dtype == torch.int8
+    yq = q(x)
+    q.use_kernels = False
+    assert torch.equal(q(x), yq)
+    assert ((yq - y).norm() / y.norm()).item() < 0.02  # 7-bit codes
+
+    f8 = FP8Linear.from_linear(lin)
+    assert f8.activation == "gelu"
+    y8 = f8(x)
+    f8.use_kernels = False
+    assert torch.equal(f8(x), y8)
+    assert ((y8 - y).norm() / y.norm()).item() < 0.05
+    x.requires_grad_()
+    f8.use_kernels = True
+    f8(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(f8.weight.grad).all()
