@@ -4,7 +4,7 @@
 # Builds the extension in place, prints build_info(), runs the CUDA tests (and
 # the rest of the suite), compute-sanitizer memcheck over a small CUDA test
 # run, the GPU benchmarks and the model demo on the GPU. Logs and the results JSON go
-# to OUTDIR. Knobs: TESTS=paths, SKIP_TESTS=1, SKIP_SANITIZER=1, SANITIZE_FAMILIES="quant
+# to OUTDIR. Knobs: TESTS=paths, PYTEST_ARGS (e.g. "-m cuda"), SKIP_TESTS=1, SKIP_SANITIZER=1, SANITIZE_FAMILIES="quant
 # moe gemm attention", SKIP_BENCH=1, QUANT_BENCH_ARGS=--ab (v1/v2 A/B only),
 # MOE_BENCH_ARGS (default --profile), SKIP_DEMO=1; DSK_DIGITS_CSV=digits.csv.gz where
 # scikit-learn is missing.
@@ -32,7 +32,7 @@ $PY -c "import json, deepseek_kernels as d; print(json.dumps(d.build_info(), ind
 
 step "tests (${TESTS:-tests}: CUDA and CPU)"
 if [ "${SKIP_TESTS:-0}" = 1 ]; then echo "skipped (SKIP_TESTS=1)"; else
-  $PY -m pytest ${TESTS:-tests} -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25
+  $PY -m pytest ${TESTS:-tests} ${PYTEST_ARGS:-} -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 
@@ -75,7 +75,7 @@ done
 
 step "model: the demo on the GPU"
 [ "${SKIP_DEMO:-0}" = 1 ] && { echo "skipped (SKIP_DEMO=1)"; exit $status; }
-$PY -m model.train --device cuda --out "$OUT/demo" --no-progress 2>&1 | tee "$OUT/demo.log" | tail -5
+$PY -m model.train --device cuda --precision bf16 --out "$OUT/demo" --no-progress 2>&1 | tee "$OUT/demo.log" | tail -5
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 step "done: status $status"
