@@ -642,7 +642,9 @@ def quantize_int8_rowwise(x: Tensor) -> Tuple[Tensor, Tensor]:
     finite = torch.isfinite(xf).all(dim=1)
     amax = torch.where(torch.isfinite(xf), xf.abs(), torch.zeros_like(xf)).amax(dim=1) \
         if xf.shape[1] > 0 else xf.new_zeros(xf.shape[0])
-    scales = amax / 127.0
+    # a tensor divisor: torch's CUDA division by a Python scalar multiplies by its
+    # reciprocal, which is not the correctly rounded quotient the kernels compute
+    scales = amax / _c(127.0, amax)
     scales = torch.where(scales == 0, torch.ones_like(scales), scales)
     scales = torch.where(finite, scales, torch.full_like(scales, float("nan")))
     q = torch.clamp(torch.round(xf / scales[:, None]), -127, 127)
@@ -677,7 +679,7 @@ def quantize_fp8(x: Tensor, block: Tuple[int, int] = (1, 128)) -> Tuple[Tensor, 
     tiles = pad.view(rb, br, cb, _FP8_BLOCK)
     finite = torch.isfinite(tiles).all(dim=3).all(dim=1)
     amax = torch.where(torch.isfinite(tiles), tiles.abs(), torch.zeros_like(tiles)).amax(dim=3).amax(dim=1)
-    scales = amax / 448.0
+    scales = amax / _c(448.0, amax)  # tensor divisor: see quantize_int8_rowwise
     scales = torch.where(scales == 0, torch.ones_like(scales), scales)
     scales = torch.where(finite, scales, torch.full_like(scales, float("nan")))
     full = scales.repeat_interleave(br, 0)[:m].repeat_interleave(_FP8_BLOCK, 1)[:, :k]

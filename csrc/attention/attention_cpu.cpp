@@ -19,7 +19,6 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -180,6 +179,13 @@ void accumulate_t(const S* c, int64_t nq, int64_t nk, const S* rows, int64_t D, 
   gemm(c, 1, kBlockK, rows, D, acc, D, nk, D, nq, false);
 }
 
+// C++17 (torch < 2.13 builds with it): no std::bit_cast; memcpy compiles to a move.
+inline float float_from_bits(int32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 // x[i] = 2^x[i] in place. fp32: x = n + f with n = rint(x) (the 1.5 * 2^23
 // trick) and |f| <= 1/2, 2^f by its degree-7 Taylor polynomial (truncation
 // < 1e-8 relative), 2^n through the exponent bits; x < -127 (and -inf) gives 0.
@@ -199,7 +205,7 @@ DSK_CPU_CLONES DSK_CPU_FMA void exp2_inplace(float* x, int64_t n) {
     p = p * f + 6.931471805599453e-01f;
     p = p * f + 1.0f;
     const int32_t e = static_cast<int32_t>(r) + 127;  // 0 for x <= -127: scale 0
-    x[i] = p * std::bit_cast<float>(e << 23);
+    x[i] = p * float_from_bits(e << 23);
   }
 }
 inline void exp2_inplace(double* x, int64_t n) {
