@@ -685,3 +685,20 @@ def test_modules_reference_switch_and_int8_linear(device):
     f8.use_kernels = True
     f8(x).sum().backward()
     assert x.grad is not None and torch.isfinite(f8.weight.grad).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gemm_inside_autocast_keeps_its_compute_dtype(device):
+    """Called under torch.autocast, the op's own inner matmuls must not be autocast:
+    the result equals the same call outside autocast, bitwise (a segfault once)."""
+    a = torch.randn(256, 16, 32, device=device, dtype=torch.bfloat16)
+    w = torch.randn(48, 32, device=device, dtype=torch.bfloat16)
+    b = torch.randn(48, device=device, dtype=torch.bfloat16)
+    x = torch.randn(100, 32, device=device, dtype=torch.bfloat16)
+    ws = torch.randn(3, 48, 32, device=device, dtype=torch.bfloat16)
+    offs = torch.tensor([0, 10, 10, 100], device=device, dtype=torch.int32)
+    expect = [dk.gemm(a, w), dk.gemm(a, w, b, activation="gelu"), dk.grouped_gemm(x, ws, offs)]
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = [dk.gemm(a, w), dk.gemm(a, w, b, activation="gelu"), dk.grouped_gemm(x, ws, offs)]
+    for e, g in zip(expect, got):
+        assert g.dtype == e.dtype and torch.equal(g, e)

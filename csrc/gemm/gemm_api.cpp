@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/accumulate.h>
 
@@ -117,6 +118,9 @@ void check_offsets_cpu(const char* op, const at::Tensor& offsets, int64_t rows) 
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                 const std::string& activation, std::optional<at::ScalarType> out_dtype) {
   const char* op = "gemm";
+  // Called under torch.autocast, the ATen matmuls inside would run at the autocast
+  // dtype, not the compute dtype chosen here (and the epilogue would misread them).
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_float_data(op, "a", a);
   check_float_data(op, "weight", weight);
   check_same_device(op, "weight", weight, "a", a);
@@ -172,6 +176,7 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& weight, const std::option
     return out;
   }
   const at::Tensor acc = at::mm(a2.to(cdt), weight.to(cdt).t()).contiguous();
+  TORCH_INTERNAL_ASSERT(acc.scalar_type() == cdt, "gemm: accumulator dtype ", acc.scalar_type());
   run_epilogue_cpu(acc, bias_c, out2, act);
   return out;
 }
@@ -179,6 +184,7 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& weight, const std::option
 at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& offsets,
                         std::optional<at::ScalarType> out_dtype) {
   const char* op = "grouped_gemm";
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // see gemm
   check_float_data(op, "x", x);
   check_float_data(op, "weights", weights);
   check_same_device(op, "weights", weights, "x", x);
@@ -261,6 +267,7 @@ at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& weights, const at
 at::Tensor grouped_gemm_wgrad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& offsets,
                               int64_t num_groups) {
   const char* op = "grouped_gemm_wgrad";
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // see gemm
   check_float_data(op, "dy", dy);
   check_float_data(op, "x", x);
   check_same_device(op, "dy", dy, "x", x);
