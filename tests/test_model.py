@@ -208,7 +208,7 @@ def test_ddp_gloo_with_and_without_int8_compression(tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("trained"))
-    train(parse_args(SMALL + ["--steps", "150", "--out", out, "--ckpt-every", "150",
+    train(parse_args(SMALL + ["--steps", "400", "--out", out, "--ckpt-every", "400",
                               "--lr", "5e-3"]))
     return out
 
