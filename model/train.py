@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--val-fraction", type=float, default=0.2)
     a("--balance-questions", action=argparse.BooleanOptionalAction, default=True,
       help="train on every question kind equally often (validation asks every question)")
-    a("--steps", type=int, default=1200, help="VQA optimizer steps")
+    a("--steps", type=int, default=3000, help="VQA optimizer steps")
     a("--align-steps", type=int, default=0, help="CLIP-style image-text alignment steps first")
     a("--batch-size", type=int, default=64, help="global batch (split across ranks)")
     a("--accum-steps", type=int, default=1, help="gradient accumulation micro-batches per step")
@@ -66,10 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--grad-compress", choices=["none", "int8", "int4", "topk"], default="none",
       help="DDP gradient compression hook (under torchrun)")
     a("--no-kernels", action="store_true", help="run the pure-PyTorch reference path")
-    a("--eval-every", type=int, default=200)
+    a("--eval-every", type=int, default=500)
     a("--val-limit", type=int, default=0, help="evaluate on this many validation pairs (0 = all)")
     a("--log-every", type=int, default=10)
-    a("--ckpt-every", type=int, default=200)
+    a("--ckpt-every", type=int, default=500)
     a("--keep-ckpts", type=int, default=3)
     a("--resume", default=None, help="'auto' (latest in OUT/checkpoints) or a checkpoint path")
     a("--stop-after", type=int, default=None, help="stop (as if interrupted) after this step")
