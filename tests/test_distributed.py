@@ -941,3 +941,75 @@ def test_topk_hook_single_process():
     expected[idx] = res[idx]
     assert torch.equal(topk_sparsify_hook(st, _FakeBucket(torch.zeros(1000))).wait(), expected)
     assert st.iter == 2 and st.compressed_buckets == 2
+
+
+# ---------------------------------------------------------------------------
+# NCCL (CUDA): one rank per visible GPU, against the same call on gloo (CPU)
+# ---------------------------------------------------------------------------
+
+
+def _nccl_worker(rank, world, port, out_path):
+    torch.cuda.set_device(rank)
+    res = {}
+    try:
+        # CUDA tensors go over NCCL, CPU tensors over gloo: one group, both backends.
+        dist.init_process_group("cpu:gloo,cuda:nccl", init_method=f"tcp://127.0.0.1:{port}",
+                                rank=rank, world_size=world, timeout=timedelta(seconds=60))
+        g = torch.Generator().manual_seed(1234 + rank)
+        for bits, stochastic, n in [(8, False, 100_003), (4, False, 100_003), (8, True, 4097),
+                                    (4, True, 1)]:
+            x = torch.randn(n, generator=g)
+            cpu, gpu = x.clone(), x.cuda()
+            compressed_all_reduce_(cpu, bits=bits, stochastic=stochastic, seed=5)
+            compressed_all_reduce_(gpu, bits=bits, stochastic=stochastic, seed=5)
+            res[(bits, stochastic, n)] = (cpu, gpu.cpu())
+        # the DDP hook on CUDA buckets over NCCL
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 1)).cuda()
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[rank])
+        state = CompressionState(bits=8, start_iter=0, min_numel=0)
+        ddp.register_comm_hook(state, compressed_allreduce_hook)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+        xs = torch.randn(256, 64, generator=g).cuda()
+        ys = xs[:, :1].sin()
+        losses = []
+        for _ in range(30):
+            opt.zero_grad()
+            loss = F.mse_loss(ddp(xs), ys)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        res["losses"] = losses
+        dist.destroy_process_group()
+    except Exception:
+        res["error"] = traceback.format_exc()
+    torch.save(res, out_path)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(),
+                    reason="needs a CUDA GPU and NCCL")
+def test_nccl_matches_gloo_and_ddp_hook_trains(tmp_path):
+    """On NCCL (one rank per GPU; one rank on a 1-GPU machine) the compressed all-reduce
+    gives the bits the gloo/CPU path gives, and the DDP hook trains on CUDA buckets."""
+    world = torch.cuda.device_count()
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    paths = [str(tmp_path / f"r{r}.pt") for r in range(world)]
+    procs = [ctx.Process(target=_nccl_worker, args=(r, world, port, paths[r]), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+        if p.is_alive():
+            p.kill()
+    for r in range(world):
+        assert os.path.exists(paths[r]), f"rank {r} wrote nothing (exit code {procs[r].exitcode})"
+        res = torch.load(paths[r], weights_only=False)
+        assert "error" not in res, res["error"]
+        for key, (cpu, gpu) in res.items():
+            if isinstance(key, tuple):
+                assert torch.equal(cpu.view(torch.int32), gpu.view(torch.int32)), key
+        losses = res["losses"]
+        assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.5 * losses[0], losses
