@@ -1008,8 +1008,9 @@ def test_nccl_matches_gloo_and_ddp_hook_trains(tmp_path):
         assert os.path.exists(paths[r]), f"rank {r} wrote nothing (exit code {procs[r].exitcode})"
         res = torch.load(paths[r], weights_only=False)
         assert "error" not in res, res["error"]
-        for key, (cpu, gpu) in res.items():
-            if isinstance(key, tuple):
-                assert torch.equal(cpu.view(torch.int32), gpu.view(torch.int32)), key
+        cases = {k: v for k, v in res.items() if isinstance(k, tuple)}
+        assert len(cases) == 4
+        for key, (cpu, gpu) in cases.items():
+            assert torch.equal(cpu.view(torch.int32), gpu.view(torch.int32)), key
         losses = res["losses"]
         assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.5 * losses[0], losses
