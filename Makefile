@@ -26,6 +26,8 @@ test: build
 bench: build
 	$(PYTHON) bench/bench_quant.py
 	$(PYTHON) bench/bench_moe.py
+	$(PYTHON) bench/bench_gemm.py
+	$(PYTHON) bench/bench_attention.py
 
 bench-comm: build
 	$(PYTHON) bench/bench_comm.py
