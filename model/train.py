@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--weight-decay", type=float, default=0.01)
     a("--optimizer", choices=["adamw", "lion"], default="adamw")
     a("--clip-grad", type=float, default=1.0, help="max grad norm, 0 = off")
-    a("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-      help="bf16: autocast; fp16: autocast + GradScaler (CUDA only)")
+    a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+      help="bf16: autocast; fp16: autocast + GradScaler (CUDA only); auto: bf16 on CUDA "
+           "(the CUDA attention kernels take fp16/bf16), fp32 on CPU")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     a("--out", default="runs/digits", help="output folder")
     a("--seed", type=int, default=0)
@@ -303,6 +304,8 @@ def train(args: argparse.Namespace) -> Dict:
     device = _resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.precision == "auto":
+        args.precision = "bf16" if device.type == "cuda" else "fp32"
     if args.precision == "fp16" and device.type != "cuda":
         raise SystemExit("--precision fp16 needs CUDA (GradScaler); use bf16 on CPU")
     main_rank = rank == 0

@@ -128,6 +128,15 @@ def test_missing_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(str(bad), str(tmp_path))
 
 
+def test_fp8_projections_train(tmp_path):
+    """--fp8: every projection an FP8Linear (block-scaled e4m3 forward, bf16 backward)."""
+    res, out = run(tmp_path, "fp8", "--fp8", steps=6)
+    assert res["finished"] and all(math.isfinite(l) for l in res["losses"])
+    model, _, _ = gen.load_model("auto", out, torch.device("cpu"))
+    from deepseek_kernels.nn import FP8Linear
+    assert isinstance(model.lm_head, FP8Linear)
+
+
 def test_bad_flags():
     with pytest.raises(SystemExit):
         parse_args(["--steps", "0"])
