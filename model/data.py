@@ -138,8 +138,9 @@ def read_grey_image(path: str, size: int) -> Tensor:
         from PIL import Image
 
         with Image.open(path) as im:
-            arr = torch.tensor(list(im.convert("L").getdata()), dtype=torch.float32)
-            img = arr.view(im.size[1], im.size[0]) / 255.0
+            g = im.convert("L")
+            arr = torch.frombuffer(bytearray(g.tobytes()), dtype=torch.uint8)
+            img = arr.view(g.size[1], g.size[0]).float() / 255.0
     except ImportError:
         import matplotlib.image as mpimg
 

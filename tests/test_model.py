@@ -110,6 +110,7 @@ def test_resume_is_exact(tmp_path):
     assert ck == ["step_0000020.pt", "step_0000030.pt", "step_0000040.pt"]
     assert os.path.exists(os.path.join(out, "summary.json"))
     assert os.path.exists(os.path.join(out, "training.png"))
+    assert any(f.startswith("events.") for f in os.listdir(os.path.join(out, "tb")))
     lines = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     assert lines[-1]["step"] == 40
 
@@ -135,6 +136,30 @@ def test_fp8_projections_train(tmp_path):
     model, _, _ = gen.load_model("auto", out, torch.device("cpu"))
     from deepseek_kernels.nn import FP8Linear
     assert isinstance(model.lm_head, FP8Linear)
+
+
+def test_own_folder_of_images(tmp_path):
+    """--data FOLDER: annotations.jsonl + image files of any size, split by image."""
+    from PIL import Image
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    lines = []
+    for i in range(12):
+        img = Image.new("L", (24, 20), color=0)
+        for x in range(24):  # a bright left or right half: the answer
+            for y in range(20):
+                if (x < 12) == (i % 2 == 0):
+                    img.putpixel((x, y), 255)
+        img.save(folder / f"img{i}.png")
+        lines.append(json.dumps({"image": f"img{i}.png", "question": "which side is bright ?",
+                                 "answer": "left" if i % 2 == 0 else "right"}))
+    (folder / "annotations.jsonl").write_text("\n".join(lines) + "\n")
+    res, out = run(tmp_path, "folder", "--data", str(folder), "--batch-size", "4", steps=5)
+    assert res["finished"] and all(math.isfinite(l) for l in res["losses"])
+    (folder / "annotations.jsonl").write_text('{"image": "img0.png"}\n')
+    with pytest.raises(ValueError, match="annotations.jsonl:1"):
+        run(tmp_path, "bad", "--data", str(folder), steps=1)
 
 
 def test_bad_flags():
