@@ -10,6 +10,9 @@
 //   cp.async store hit 8 distinct bank groups. Tail rows/columns/K chunks are
 //   zero-filled by cp.async (src-size 0) and masked in the epilogue.
 //   The epilogue adds bias and applies the activation in fp32 registers.
+//   v2 (opt-in, plain GEMMs; see mma_gemm_v2_kernel): 128 x 256 tiles, 8 warps
+//   of 64 x 64, 5-stage pipeline in dynamic shared memory, double-buffered
+//   fragments. Same K order per output element as v1, so the same results.
 // Grouped GEMM runs the same kernel: a CTA's row tile lies inside one group;
 //   the grid covers ceil(M / BM) + groups row tiles (an upper bound, so offsets stay
 //   on the device) and each CTA finds its group with a warp-wide prefix sum of
