@@ -20,6 +20,16 @@ matmul peak measured in the same run; medians.
                      (where available) and a bf16 matmul
 
 Results go to ``bench/results/gemm-<device_name>.json``.
+
+    python bench/bench_gemm.py --device cuda --ab   # our CUDA GEMM v1 vs v2 vs cuBLAS, < 30 s
+
+--ab times only the bf16 GEMM (4096^3 and 8192^3, plain and bias + gelu) with
+our two CUDA kernel generations and torch.matmul / F.gelu(F.linear) side by
+side in one process (the private op ``_gemm_cuda_kernel`` switches kernels
+between calls; DSK_GEMM_KERNEL sets the starting one). v2 is checked first:
+bitwise equal to v1 for the plain GEMM, and within 2x the peer's error against
+fp64 for both; a row that fails is not timed for v2. Results go to
+``<out>/<device_name>-gemm-ab.json``.
 """
 
 from __future__ import annotations
@@ -74,6 +84,98 @@ def _balanced_offsets(rows, experts, device):
                                                                                 dtype=torch.int32)
 
 
+AB_COLUMNS = ["op", "shape", "v1_ms", "v2_ms", "cublas_ms", "v2_vs_v1", "v2_vs_cublas",
+              "v1_vs_cublas", "v2_TFLOP/s", "%matmul_peak"]
+
+
+def set_kernel(version: int) -> int:
+    """Select our CUDA GEMM generation (1/2) for later calls, 0 only asks; returns the previous."""
+    return int(torch.ops.deepseek_kernels._gemm_cuda_kernel(version))
+
+
+def main_ab(args) -> int:
+    """--ab: v1 vs v2 vs cuBLAS at bf16 4096^3 and 8192^3, plain and bias + gelu."""
+    import datetime
+
+    import deepseek_kernels as dk
+    from deepseek_kernels import reference as ref
+
+    device = torch.device(args.device)
+    info = T.device_info(device)
+    print(f"device : {info['name']} ({info['model']}), torch {torch.__version__}")
+    peak = T.measure_matmul_tflops(device)
+    print(f"peak   : torch matmul {peak:,.1f} TFLOP/s (bf16 8192^3)", flush=True)
+    timing = dict(warmup=5, reps=20)
+    sizes = args.square or [4096, 8192]
+    start = set_kernel(0)
+    torch.manual_seed(0)
+    checks, rows = {}, []
+    try:
+        for s in sizes:
+            a = torch.randn(s, s, device=device).to(torch.bfloat16)
+            w = (torch.randn(s, s, device=device) * s ** -0.5).to(torch.bfloat16)
+            b = torch.randn(s, device=device).to(torch.bfloat16)
+            cases = [
+                ("gemm", None, "none", lambda: torch.matmul(a, w.t())),
+                ("gemm+bias+gelu", b, "gelu", lambda: F.gelu(F.linear(a, w, b))),
+            ]
+            for op, bias, act, peer in cases:
+                name = f"{op} {s}^3"
+                ours = {}
+                for v in (1, 2):
+                    set_kernel(v)
+                    ours[v] = dk.gemm(a, w, bias, activation=act)
+                want = ref.gemm(a, w, bias, activation=act, out_dtype=torch.float64)
+                _check(f"v2 {name}", ours[2], peer(), want, checks)
+                _check(f"v1 {name}", ours[1], peer(), want, checks)
+                del want
+                if act == "none":  # same mma sequence per element: bitwise equal
+                    checks[f"v2 == v1 {name}"] = bool(torch.equal(ours[1], ours[2]))
+                    print(f"check  : v2 == v1 bitwise {name} -> {checks[f'v2 == v1 {name}']}",
+                          flush=True)
+                ok = checks[f"v2 {name}"] and checks.get(f"v2 == v1 {name}", True)
+                del ours
+
+                def run(v, bias=bias, act=act):
+                    set_kernel(v)
+                    return lambda: dk.gemm(a, w, bias, activation=act)
+
+                r = {"op": op, "shape": f"{s}^3"}
+                r["v1_ms"] = T.time_fn(run(1), device, **timing)["median_ms"]
+                r["cublas_ms"] = T.time_fn(peer, device, **timing)["median_ms"]
+                r["v1_vs_cublas"] = r["cublas_ms"] / r["v1_ms"]
+                if ok:
+                    r["v2_ms"] = T.time_fn(run(2), device, **timing)["median_ms"]
+                    r["v2_vs_v1"] = r["v1_ms"] / r["v2_ms"]
+                    r["v2_vs_cublas"] = r["cublas_ms"] / r["v2_ms"]
+                    r["v2_TFLOP/s"] = 2.0 * s ** 3 / (r["v2_ms"] * 1e-3) / 1e12
+                    r["%matmul_peak"] = 100.0 * r["v2_TFLOP/s"] / peak
+                    print(f"  {name}: v1 {r['v1_ms']:.3f} ms, v2 {r['v2_ms']:.3f} ms, cuBLAS "
+                          f"{r['cublas_ms']:.3f} ms (v2 at {100 * r['v2_vs_cublas']:.1f}% of cuBLAS)",
+                          flush=True)
+                else:
+                    print(f"  {name}: v2 failed its check -- not timed", flush=True)
+                rows.append(r)
+            del a, w, b
+    finally:
+        set_kernel(start)
+
+    print()
+    T.print_table(rows, AB_COLUMNS)
+    path = T.write_results(Path(args.out) / f"{info['name']}-gemm-ab.json", dict(
+        benchmark="gemm-ab",
+        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=info, matmul_peak_tflops=peak, sizes=sizes, dtype="bf16", timing=timing,
+        checks=checks, columns=AB_COLUMNS, rows=rows,
+        notes={"cublas": "torch.matmul(a, w.t()) / F.gelu(F.linear(a, w, b)) at bf16",
+               "v1": "mma.sync, 128x128 (or 64x64) tiles, 3-stage cp.async",
+               "v2": "mma.sync, 128x256 tiles, 8 warps of 64x64, 5-stage cp.async, "
+                     "double-buffered fragments"},
+        torch=torch.__version__, build=dk.build_info()))
+    print(f"\nwrote {path}")
+    return 0 if all(checks.values()) else 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("--device", choices=["cpu", "cuda"],
@@ -84,7 +186,19 @@ def main(argv=None) -> int:
     ap.add_argument("--int8", type=int, nargs=3, metavar=("M", "N", "K"))
     ap.add_argument("--fp8", type=int, nargs=3, metavar=("M", "N", "K"))
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--ab", action="store_true",
+                    help="only bf16 4096^3 / 8192^3: our CUDA kernels v1 vs v2 vs cuBLAS")
     args = ap.parse_args(argv)
+    if args.ab:
+        if args.device != "cuda":
+            print("error: --ab compares CUDA kernels: use --device cuda", file=sys.stderr)
+            return 2
+        import deepseek_kernels  # noqa: F401  (registers the ops)
+        if not hasattr(torch.ops.deepseek_kernels, "_gemm_cuda_kernel"):
+            print("error: --ab needs a build with the _gemm_cuda_kernel op (rebuild)",
+                  file=sys.stderr)
+            return 2
+        return main_ab(args)
 
     import deepseek_kernels as dk
     from deepseek_kernels import reference as ref

@@ -8,6 +8,8 @@ output scale for fp32 accumulation noise. The INT8 ops are exact: bitwise
 equal to the reference, to an int64-accumulated product, and across devices.
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -421,6 +423,117 @@ def test_int8_bad_inputs(device):
 # ---------------------------------------------------------------------------
 # CPU vs CUDA
 # ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _gemm_kernel(version):
+    """Select the CUDA bf16/fp16 GEMM kernel generation for the block, then restore."""
+    old = torch.ops.deepseek_kernels._gemm_cuda_kernel(version)
+    try:
+        yield
+    finally:
+        torch.ops.deepseek_kernels._gemm_cuda_kernel(old)
+
+
+def test_gemm_cuda_kernel_op():
+    # A catch-all op: works (and is checked) on CPU-only builds too.
+    op = torch.ops.deepseek_kernels._gemm_cuda_kernel
+    start = op(0)
+    assert start in (1, 2)
+    with _gemm_kernel(2):
+        assert op(0) == 2
+        assert op(1) == 2 and op(0) == 1
+    assert op(0) == start
+    with pytest.raises(ValueError, match="0, 1 or 2"):
+        op(3)
+
+
+# (M, N, K): every tail of v2's 128 x 256 x 32 tiles; K = 17 is padded to 24 by the
+# glue; (4097, 264, 136) and (200, 4100, 72) span many CTAs in M and N.
+_VERSION_SHAPES = [(1, 17, 136), (17, 136, 1000), (136, 1000, 17), (1000, 1000, 136),
+                   (4097, 264, 136), (200, 4100, 72)]
+_CPU_CACHE = {}
+
+
+def _cpu_case(mnk, dtype):
+    """Inputs, fp64 references and CPU results of one problem, shared by the
+    kernel versions (the CPU work dominates this test). The CPU result is the CPU
+    kernel's arithmetic: one dk.gemm to fp32 (fp32 BLAS), then bias + activation
+    in fp32 and one rounding, per epilogue."""
+    key = (mnk, dtype)
+    if key not in _CPU_CACHE:
+        m, n, k = mnk
+        g = torch.Generator().manual_seed(m * 7919 + n * 31 + k)
+        a = torch.randn(m, k, generator=g).to(dtype)
+        w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype)
+        b = torch.randn(n, generator=g).to(dtype)
+        z = a.double() @ w.double().t()
+        z32 = dk.gemm(a, w, out_dtype=torch.float32)
+        cases = {}
+        for activation in ACTS:
+            for with_bias in (False, True):
+                want = ref._gemm_activation(z + b.double() if with_bias else z, activation)
+                cpu = ref._gemm_activation(z32 + b.float() if with_bias else z32, activation)
+                cases[activation, with_bias] = (want, cpu.to(dtype))
+        _CPU_CACHE[key] = (a, w, b, cases)
+    return _CPU_CACHE[key]
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("version", [1, 2], ids=["v1", "v2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cuda_kernel_versions_match_cpu(version, dtype):
+    """Each CUDA kernel generation against the CPU (fp32 BLAS + our epilogue) and
+    fp64: every activation, bias on/off, odd shapes. v2 must also equal v1
+    bitwise where the epilogue has no transcendental (same mma sequence per
+    output element: K in 32-wide tiles, 16 at a time, ascending)."""
+    eps = torch.finfo(dtype).eps
+    for mnk in _VERSION_SHAPES:
+        a, w, b, cases = _cpu_case(mnk, dtype)
+        ag, wg, bg = a.cuda(), w.cuda(), b.cuda()
+        for (activation, with_bias), (want, cpu) in cases.items():
+            name = f"v{version} {mnk} {dtype} {activation} bias={with_bias}"
+            with _gemm_kernel(version):
+                gpu = dk.gemm(ag, wg, bg if with_bias else None, activation=activation)
+            if version == 2 and activation in ("none", "relu"):
+                with _gemm_kernel(1):
+                    v1 = dk.gemm(ag, wg, bg if with_bias else None, activation=activation)
+                assert torch.equal(gpu, v1), name
+            gpu = gpu.cpu()
+            assert gpu.dtype == dtype, name
+            _check_close(gpu, cpu, want, name)
+            assert (gpu.float() - cpu.float()).abs().max() <= 2 * eps * \
+                max(want.abs().max().item(), 1.0), name
+    # fp32 output and leading batch dims through the same kernel.
+    a, w, b, cases = _cpu_case((1000, 1000, 136), dtype)
+    want, _ = cases["gelu", True]
+    with _gemm_kernel(version):
+        gpu = dk.gemm(a.cuda().view(10, 100, 136), w.cuda(), b.cuda(), activation="gelu",
+                      out_dtype=torch.float32)
+    assert gpu.shape == (10, 100, 1000) and gpu.dtype == torch.float32
+    cpu = dk.gemm(a, w, b, activation="gelu", out_dtype=torch.float32)
+    _check_close(gpu.cpu().view(1000, 1000), cpu, want, f"v{version} fp32 out")
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_kernel_v2_large_square():
+    """v2 at a full-wave size (512 CTAs of 128 x 256) against v1, bitwise, and a
+    bias + gelu spot check against fp64 on a block of rows."""
+    m = n = k = 2048
+    a = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(n, k, device="cuda") * k ** -0.5).to(torch.bfloat16)
+    b = torch.randn(n, device="cuda").to(torch.bfloat16)
+    with _gemm_kernel(1):
+        v1 = dk.gemm(a, w, b)
+    with _gemm_kernel(2):
+        v2 = dk.gemm(a, w, b)
+        v2g = dk.gemm(a, w, b, activation="gelu")
+    assert torch.equal(v1, v2)
+    rows = slice(1900, 2048)
+    want = ref.gemm(a[rows], w, b, activation="gelu", out_dtype=torch.float64)
+    _check_close(v2g[rows], _torch_peer(a[rows], w, b, "gelu"), want, "v2 2048^3 gelu")
 
 
 @requires_cuda

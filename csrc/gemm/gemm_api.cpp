@@ -8,7 +8,11 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/accumulate.h>
+#include <torch/library.h>
 
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -24,6 +28,31 @@
 
 namespace dsk::gemm {
 namespace {
+
+int gemm_kernel_from_env() {
+  const char* e = std::getenv("DSK_GEMM_KERNEL");
+  if (e == nullptr || *e == '\0') return 1;
+  if (std::strcmp(e, "v2") == 0 || std::strcmp(e, "2") == 0) return 2;
+  TORCH_CHECK_VALUE(std::strcmp(e, "v1") == 0 || std::strcmp(e, "1") == 0,
+                    "DSK_GEMM_KERNEL must be v1 or v2, got '", e, "'");
+  return 1;
+}
+
+// Read once (first use); atomic so a switch from another thread is well defined.
+std::atomic<int>& gemm_kernel_state() {
+  static std::atomic<int> v{gemm_kernel_from_env()};
+  return v;
+}
+
+// Private op for tests and the benchmark's A/B: version 1 or 2 selects the CUDA
+// bf16/fp16 GEMM kernel for later calls, 0 only asks. Returns the previous choice.
+int64_t gemm_cuda_kernel_op(int64_t version) {
+  TORCH_CHECK_VALUE(version == 0 || version == 1 || version == 2,
+                    "_gemm_cuda_kernel: argument 'version' must be 0, 1 or 2, got ", version);
+  const int old = gemm_cuda_kernel();
+  if (version != 0) set_gemm_cuda_kernel(static_cast<int>(version));
+  return old;
+}
 
 // |acc| <= 127 * 127 * K must fit in int32.
 constexpr int64_t kMaxInt8K = (int64_t{1} << 31) / (127 * 127) - 1;
@@ -115,6 +144,13 @@ void check_offsets_cpu(const char* op, const at::Tensor& offsets, int64_t rows) 
 
 }  // namespace
 
+int gemm_cuda_kernel() { return gemm_kernel_state().load(std::memory_order_relaxed); }
+
+void set_gemm_cuda_kernel(int version) {
+  TORCH_CHECK_VALUE(version == 1 || version == 2, "gemm CUDA kernel must be 1 or 2, got ", version);
+  gemm_kernel_state().store(version, std::memory_order_relaxed);
+}
+
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                 const std::string& activation, std::optional<at::ScalarType> out_dtype) {
   const char* op = "gemm";
@@ -165,6 +201,7 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& weight, const std::option
     p.n = n;
     p.k = ac.size(1);
     p.activation = act;
+    p.cuda_kernel = gemm_cuda_kernel();
     C10_CUDA_CHECK(static_cast<cudaError_t>(gemm_cuda(p, stream_of(a))));
 #endif
     return out;
@@ -461,3 +498,10 @@ at::Tensor fp8_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::T
 }
 
 }  // namespace dsk::gemm
+
+// A fragment here rather than in csrc/torch_bindings.cpp (as quant does): a
+// private knob of this family only, with no tensor arguments (a catch-all
+// kernel serves every device).
+TORCH_LIBRARY_FRAGMENT(deepseek_kernels, m) {
+  m.def("_gemm_cuda_kernel(int version=0) -> int", &dsk::gemm::gemm_cuda_kernel_op);
+}

@@ -10,6 +10,9 @@
 //   cp.async store hit 8 distinct bank groups. Tail rows/columns/K chunks are
 //   zero-filled by cp.async (src-size 0) and masked in the epilogue.
 //   The epilogue adds bias and applies the activation in fp32 registers.
+//   v2 (opt-in, plain GEMMs; see mma_gemm_v2_kernel): 128 x 256 tiles, 8 warps
+//   of 64 x 64, 5-stage pipeline in dynamic shared memory, double-buffered
+//   fragments. Same K order per output element as v1, so the same results.
 // Grouped GEMM runs the same kernel: a CTA's row tile lies inside one group;
 //   the grid covers ceil(M / BM) + groups row tiles (an upper bound, so offsets stay
 //   on the device) and each CTA finds its group with a warp-wide prefix sum of
@@ -21,6 +24,7 @@
 //   gemm_params.h step by step (bitwise equal to the CPU); no FP8 tensor cores yet.
 #include <cuda_fp8.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "common/cuda_utils.cuh"
@@ -126,6 +130,54 @@ __device__ __forceinline__ void store_pair(const GemmParams& p, int64_t row, int
   } else {
     if (col < p.n) store_out(p.out, p.out_dtype, idx, v0);
     if (col + 1 < p.n) store_out(p.out, p.out_dtype, idx + 1, v1);
+  }
+}
+
+// Epilogue shared by the tensor-core kernels: accumulator (mi, ni, r) of a
+// warp tile at (warp_row0, warp_n0) is row lane/4 (+8 for r >= 2), column
+// 2*(lane%4) + r%2 of its 16 x 8 mma tile. Bias and activation in registers
+// first (the activation switch hoisted out of the loops, so they unroll and acc
+// stays in registers), then the stores.
+template <int MI, int NI>
+__device__ __forceinline__ void mma_epilogue(const GemmParams& p, float (&acc)[MI][NI][4],
+                                             int64_t warp_row0, int64_t row_end,
+                                             int64_t warp_n0) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warp_col0 = warp_n0 + (lane & 3) * 2;
+  if (p.bias != nullptr) {
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni) {
+      const int64_t col = warp_col0 + ni * 8;
+      const float bias0 = col < p.n ? p.bias[col] : 0.0f;
+      const float bias1 = col + 1 < p.n ? p.bias[col + 1] : 0.0f;
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        acc[mi][ni][0] += bias0;
+        acc[mi][ni][1] += bias1;
+        acc[mi][ni][2] += bias0;
+        acc[mi][ni][3] += bias1;
+      }
+    }
+  }
+  switch (p.activation) {
+    case Activation::kRelu: activate_all<Activation::kRelu>(acc); break;
+    case Activation::kGelu: activate_all<Activation::kGelu>(acc); break;
+    case Activation::kGeluTanh: activate_all<Activation::kGeluTanh>(acc); break;
+    case Activation::kSilu: activate_all<Activation::kSilu>(acc); break;
+    default: break;
+  }
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t row = warp_row0 + mi * 16 + (lane >> 2) + half * 8;
+      if (row < row_end) {
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni) {
+          store_pair(p, row, warp_col0 + ni * 8, acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]);
+        }
+      }
+    }
   }
 }
 
@@ -306,45 +358,170 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32) mma_gemm_kernel(GemmPa
   }
   cp_async_wait<0>();
 
-  // Epilogue: accumulator (mi, ni, r) is row lane/4 (+8 for r >= 2), column 2*(lane%4) + r%2.
-  // Bias and activation in registers first (the activation switch hoisted out of
-  // the loops, so they unroll and acc stays in registers), then the stores.
-  const int64_t warp_col0 = n0 + warp_n * kWarpN + (lane & 3) * 2;
-  if (p.bias != nullptr) {
+  mma_epilogue(p, acc, tile.row_begin + warp_m * kWarpM, tile.row_end,
+               n0 + warp_n * kWarpN);
+}
+
+// ---------------------------------------------------------------------------
+// Tensor-core kernel v2 (bf16 / fp16, plain GEMMs; opt-in, see gemm_params.h)
+// ---------------------------------------------------------------------------
+// Differences from v1, all aimed at feeding the tensor cores:
+// - 128 x 256 CTA tile, 8 warps of 64 x 64: per 16-wide K step a warp issues
+//   8 ldmatrix.x4 for 32 mma (v1's 64 x 32 warp tile: 6 for 16), so shared
+//   memory bandwidth stops being the limit;
+// - kStagesV2-deep cp.async pipeline in dynamic shared memory (the copy of
+//   tile kt + kStagesV2 - 1 is issued at the top of iteration kt, so the
+//   global latency is hidden behind kStagesV2 - 1 tiles of math);
+// - register fragments double-buffered across K steps: the ldmatrix for step
+//   s + 1 is issued before the mma of step s, and the one barrier per tile sits
+//   between the last ldmatrix of a tile and the first of the next;
+// - 1 CTA per SM (__launch_bounds__(256, 1)): 128 accumulators + 64 fragment
+//   registers per thread.
+// Same swizzle (64-byte rows, BK = 32), zero-filled tails and epilogue as v1.
+constexpr int kStagesV2 = 5;  // 5 x (128 + 256) x 64 B = 120 KiB (fits sm_80's 163 KiB)
+constexpr int kV2BM = 128, kV2BN = 256, kV2WarpsM = 2, kV2WarpsN = 4;
+constexpr int kV2Threads = kV2WarpsM * kV2WarpsN * 32;
+constexpr int kV2SmemBytes = kStagesV2 * (kV2BM + kV2BN) * kBK * 2;
+
+template <typename T>
+__global__ void __launch_bounds__(kV2Threads, 1) mma_gemm_v2_kernel(GemmParams p) {
+  constexpr int BM = kV2BM, BN = kV2BN;
+  constexpr int kWarpM = BM / kV2WarpsM, kWarpN = BN / kV2WarpsN;  // 64 x 64
+  constexpr int MI = kWarpM / 16, NI = kWarpN / 8;                 // 4 x 8 mma tiles
+  constexpr int KSTEPS = kBK / 16;                                 // 2 mma K steps per tile
+  constexpr int kStageElems = (BM + BN) * kBK;                     // A rows, then B rows
+  constexpr int kAChunks = BM * kChunksPerRow / kV2Threads;        // 2 per thread
+  constexpr int kBChunks = BN * kChunksPerRow / kV2Threads;        // 4 per thread
+  static_assert(KSTEPS % 2 == 0, "fragment buffer index must restart at 0 every tile");
+  static_assert(kAChunks * kV2Threads == BM * kChunksPerRow &&
+                kBChunks * kV2Threads == BN * kChunksPerRow, "even copy split");
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+
+  int64_t m_tile, n_tile;
+  raster_order(blockIdx.x, (p.m + BM - 1) / BM, (p.n + BN - 1) / BN, m_tile, n_tile);
+  const int64_t m0 = m_tile * BM, n0 = n_tile * BN;
+  const T* __restrict__ a = static_cast<const T*>(p.a);
+  const T* __restrict__ b = static_cast<const T*>(p.b);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warp_m = warp / kV2WarpsN, warp_n = warp % kV2WarpsN;
+  const int64_t k_tiles = (p.k + kBK - 1) / kBK;
+
+  // Copy assignment: chunk c = tid + i * threads is row c / 4, 16-byte chunk c % 4,
+  // so a thread always copies the same chunk column, rows 64 apart.
+  const int copy_chunk = tid % kChunksPerRow, copy_row = tid / kChunksPerRow;
+  constexpr int kCopyRowStep = kV2Threads / kChunksPerRow;  // 64
+  const uint32_t smem_base = shared_addr(smem);
+
+  auto load_stage = [&](int stage, int64_t kt) {
+    const int64_t gk = kt * kBK + copy_chunk * 8;
+    const bool k_ok = gk < p.k;  // K % 8 == 0: whole chunks
+    const uint32_t stage_base = smem_base + stage * kStageElems * 2;
 #pragma unroll
-    for (int ni = 0; ni < NI; ++ni) {
-      const int64_t col = warp_col0 + ni * 8;
-      const float bias0 = col < p.n ? p.bias[col] : 0.0f;
-      const float bias1 = col + 1 < p.n ? p.bias[col + 1] : 0.0f;
-#pragma unroll
-      for (int mi = 0; mi < MI; ++mi) {
-        acc[mi][ni][0] += bias0;
-        acc[mi][ni][1] += bias1;
-        acc[mi][ni][2] += bias0;
-        acc[mi][ni][3] += bias1;
-      }
+    for (int i = 0; i < kAChunks; ++i) {
+      const int row = copy_row + i * kCopyRowStep;
+      const int64_t grow = m0 + row;
+      const bool valid = k_ok && grow < p.m;
+      cp_async_16(stage_base + swizzled(row, copy_chunk) * 2, valid ? a + grow * p.k + gk : a,
+                  valid);
     }
-  }
-  switch (p.activation) {
-    case Activation::kRelu: activate_all<Activation::kRelu>(acc); break;
-    case Activation::kGelu: activate_all<Activation::kGelu>(acc); break;
-    case Activation::kGeluTanh: activate_all<Activation::kGeluTanh>(acc); break;
-    case Activation::kSilu: activate_all<Activation::kSilu>(acc); break;
-    default: break;
-  }
 #pragma unroll
-  for (int mi = 0; mi < MI; ++mi) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int64_t row = tile.row_begin + warp_m * kWarpM + mi * 16 + (lane >> 2) + half * 8;
-      if (row < tile.row_end) {
-#pragma unroll
-        for (int ni = 0; ni < NI; ++ni) {
-          store_pair(p, row, warp_col0 + ni * 8, acc[mi][ni][2 * half], acc[mi][ni][2 * half + 1]);
-        }
-      }
+    for (int i = 0; i < kBChunks; ++i) {
+      const int row = copy_row + i * kCopyRowStep;
+      const int64_t gn = n0 + row;
+      const bool valid = k_ok && gn < p.n;
+      cp_async_16(stage_base + swizzled(BM + row, copy_chunk) * 2,
+                  valid ? b + gn * p.k + gk : b, valid);
     }
+  };
+
+  // ldmatrix source addresses (bytes, within a stage). Warp tile rows start at
+  // multiples of 16 and the swizzle only looks at row bits 1-2, so the XOR
+  // term depends on the lane alone.
+  // A, x4 per mi: lanes 0-15 rows 0-15 at k 0-7, lanes 16-31 the same rows at k 8-15.
+  const int a_row = warp_m * kWarpM + (lane & 15);
+  // B, x4 per pair of n8 tiles: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
+  const int b_row = BM + warp_n * kWarpN + (lane & 7) + ((lane >> 4) << 3);
+  uint32_t a_off[KSTEPS], b_off[KSTEPS];
+#pragma unroll
+  for (int s = 0; s < KSTEPS; ++s) {
+    a_off[s] = swizzled(a_row, s * 2 + (lane >> 4)) * 2;
+    b_off[s] = swizzled(b_row, s * 2 + ((lane >> 3) & 1)) * 2;
   }
+
+  uint32_t a_frag[2][MI][4], b_frag[2][NI][2];
+  auto load_frags = [&](int buf, int stage, int s) {
+    const uint32_t base = smem_base + stage * kStageElems * 2;
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+      ldmatrix_x4(a_frag[buf][mi], base + a_off[s] + mi * 16 * kBK * 2);
+#pragma unroll
+    for (int nj = 0; nj < NI / 2; ++nj) {
+      uint32_t r[4];
+      ldmatrix_x4(r, base + b_off[s] + nj * 16 * kBK * 2);
+      b_frag[buf][2 * nj][0] = r[0];
+      b_frag[buf][2 * nj][1] = r[1];
+      b_frag[buf][2 * nj + 1][0] = r[2];
+      b_frag[buf][2 * nj + 1][1] = r[3];
+    }
+  };
+
+  // Prologue: tiles 0..kStagesV2-2 in flight (one commit group each, possibly empty).
+#pragma unroll
+  for (int s = 0; s < kStagesV2 - 1; ++s) {
+    if (s < k_tiles) load_stage(s, s);
+    cp_async_commit();
+  }
+
+  float acc[MI][NI][4];
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+
+  // Tile 0 landed (at most kStagesV2 - 2 newer groups pending) and visible to all.
+  cp_async_wait<kStagesV2 - 2>();
+  __syncthreads();
+  load_frags(0, 0, 0);
+
+  int stage = 0;  // kt % kStagesV2
+  for (int64_t kt = 0; kt < k_tiles; ++kt) {
+    // Refill the slot of tile kt - 1: every warp read it last before the
+    // barrier that ended iteration kt - 1.
+    const int64_t next = kt + kStagesV2 - 1;
+    const int next_stage = stage == 0 ? kStagesV2 - 1 : stage - 1;
+    if (next < k_tiles) load_stage(next_stage, next);
+    cp_async_commit();
+    const int stage_after = stage + 1 == kStagesV2 ? 0 : stage + 1;
+#pragma unroll
+    for (int s = 0; s < KSTEPS; ++s) {
+      if (s == KSTEPS - 1) {
+        // Tile kt + 1 landed (groups up to kt + kStagesV2 - 1 committed); the
+        // barrier also retires this tile's slot for the refill above next time.
+        cp_async_wait<kStagesV2 - 2>();
+        __syncthreads();
+      }
+      // Fragments of the next K step (the next tile's first one at the end;
+      // past the last tile it reads stale shared memory that is never used).
+      if (s == KSTEPS - 1) {
+        load_frags((s + 1) & 1, stage_after, 0);
+      } else {
+        load_frags((s + 1) & 1, stage, s + 1);
+      }
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+          mma_16816<T>(acc[mi][ni], a_frag[s & 1][mi], b_frag[s & 1][ni]);
+    }
+    stage = stage_after;
+  }
+  cp_async_wait<0>();
+
+  mma_epilogue(p, acc, m0 + warp_m * kWarpM, p.m, n0 + warp_n * kWarpN);
 }
 
 // ---------------------------------------------------------------------------
@@ -620,11 +797,52 @@ void launch_mma_for_shape(const GemmParams& p, cudaStream_t stream) {
   }
 }
 
+// v2 needs more than the 48 KiB default of dynamic shared memory: opt in once
+// per device (the attribute is per device and function; idempotent, so a race
+// between threads only repeats it). Devices that cannot give kV2SmemBytes to one
+// block (sm_86/sm_89: 99 KiB) run v1: returns false without launching.
+template <typename T>
+bool launch_mma_v2(const GemmParams& p, cudaStream_t stream, cudaError_t& err) {
+  static std::atomic<uint64_t> checked{0}, usable{0};  // bit d: device d (< 64)
+  int device = 0;
+  err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return true;
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if (bit == 0 || (checked.load(std::memory_order_acquire) & bit) == 0) {
+    int optin = 0;
+    err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (err != cudaSuccess) return true;
+    if (optin < kV2SmemBytes) {
+      checked.fetch_or(bit, std::memory_order_release);
+      return false;
+    }
+    err = cudaFuncSetAttribute(mma_gemm_v2_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               kV2SmemBytes);
+    if (err != cudaSuccess) return true;
+    usable.fetch_or(bit, std::memory_order_relaxed);
+    checked.fetch_or(bit, std::memory_order_release);
+  } else if ((usable.load(std::memory_order_relaxed) & bit) == 0) {
+    return false;
+  }
+  const int64_t ctas = ((p.m + kV2BM - 1) / kV2BM) * ((p.n + kV2BN - 1) / kV2BN);
+  mma_gemm_v2_kernel<T><<<static_cast<unsigned>(ctas), kV2Threads, kV2SmemBytes, stream>>>(p);
+  err = cudaGetLastError();
+  return true;
+}
+
 }  // namespace
 
 int gemm_cuda(const GemmParams& p, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
   if (p.m == 0 || p.n == 0) return static_cast<int>(cudaSuccess);
+  // v2: plain bf16/fp16 GEMMs when selected; grouped GEMMs stay on v1.
+  if (p.cuda_kernel == 2 && p.offsets == nullptr) {
+    cudaError_t err = cudaSuccess;
+    if (p.ab_dtype == DType::kBFloat16 && launch_mma_v2<__nv_bfloat16>(p, s, err))
+      return static_cast<int>(err);
+    if (p.ab_dtype == DType::kFloat16 && launch_mma_v2<__half>(p, s, err))
+      return static_cast<int>(err);
+  }
   switch (p.ab_dtype) {
     case DType::kBFloat16: launch_mma_for_shape<__nv_bfloat16>(p, s); break;
     case DType::kFloat16: launch_mma_for_shape<__half>(p, s); break;
