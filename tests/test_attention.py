@@ -525,13 +525,12 @@ def _check_fwd_lse(shape, dtype, causal, masked, softmax_scale=None):
         mask[0, :] = True  # sample 0: every key is padding
         kw["key_padding_mask"] = mask
     out, lse = dk.cross_attention(q, k, v, return_lse=True, **kw)
-    r64, _ = _ref64(q, k, v, **kw)
+    mask = kw.get("key_padding_mask")
+    # One fp64 reference (on the GPU: the 1025 x 4097 cases stay fast) for out and lse.
+    r64, lse64 = ref.cross_attention(*(t.double() for t in (q, k, v)), return_lse=True, **kw)
     lowp = _lowp(q, k, v, **kw)
     _assert_close(out, r64, lowp, 2, dtype, "out")
-    mask = kw.get("key_padding_mask")
-    _, lse64 = ref._attention_math(*(t.double().cpu() for t in (q, k, v)), softmax_scale,
-                                   None if mask is None else mask.cpu(), causal, torch.float64)
-    lse, lse64 = lse.cpu().double(), lse64.reshape(lse.shape)
+    lse, lse64 = lse.cpu().double(), lse64.cpu()
     dead = torch.isneginf(lse64)
     assert torch.equal(torch.isneginf(lse), dead)
     torch.testing.assert_close(lse[~dead], lse64[~dead], atol=2e-2, rtol=1e-3)
