@@ -4,6 +4,7 @@
     python bench/bench_attention.py                 # CUDA if available, else CPU
     python bench/bench_attention.py --device cuda   # B=8 Hq=16 Lq=1024 Lk=4096 bf16, D=128 and 64, varlen
     python bench/bench_attention.py --device cpu    # fp32 and bf16 B=2 H=8 D=64 Lq=256 Lk=1024
+    python bench/bench_attention.py --ab            # CUDA forward v1 vs v2 vs SDPA flash, ~15 s
 
 Side by side in the same run: ours (deepseek_kernels.cross_attention /
 cross_attention_varlen) and torch.nn.functional.scaled_dot_product_attention
@@ -12,6 +13,12 @@ on the CPU its default). Both are checked against each other before timing.
 FLOPs: forward 4 * B * Hq * Lq * Lk * D, backward 2.5x that; varlen sums the
 samples. The peer for varlen is SDPA on the batch padded to the longest sample.
 Results go to ``bench/results/attention-<device_name>.json``.
+
+--ab times our two CUDA forward kernel generations (v1, the default, and v2;
+the private op ``_attention_cuda_kernel`` switches them between calls, the
+environment variable DSK_ATTENTION_KERNEL picks the starting one) next to SDPA's
+flash backend on the forward of B=8 Hq=16 Lq=1024 Lk=4096 bf16, D=128 and 64,
+after checking both against SDPA. Results: ``<device_name>-attention-ab.json``.
 """
 
 from __future__ import annotations
@@ -142,6 +149,95 @@ def run_case(case, device, timing, peak_tflops, dk):
     return rows, checks
 
 
+AB_CASES = [
+    dict(name="B8 H16 D128 Lq1024 Lk4096", B=8, Hq=16, Hkv=16, D=128, Lq=1024, Lk=4096, dtype="bf16"),
+    dict(name="B8 H16 D64 Lq1024 Lk4096", B=8, Hq=16, Hkv=16, D=64, Lq=1024, Lk=4096, dtype="bf16"),
+]
+AB_COLUMNS = ["case", "v1_ms", "v2_ms", "sdpa_ms", "v2_vs_v1", "v1_vs_sdpa", "v2_vs_sdpa",
+              "v1_TFLOP/s", "v2_TFLOP/s", "sdpa_TFLOP/s", "v2_%matmul_peak"]
+
+
+def set_kernel(version: int) -> int:
+    """Select our CUDA forward kernel generation (1 or 2; 0 only asks) for later
+    calls; returns the previous one."""
+    return int(torch.ops.deepseek_kernels._attention_cuda_kernel(version))
+
+
+def run_ab_case(case, device, timing, peak_tflops, dk):
+    """One --ab row: v1 and v2 checked against SDPA flash (and each other), then
+    the three forwards timed back to back on the same inputs."""
+    from torch.nn.attention import SDPBackend
+    dtype = DTYPES[case["dtype"]]
+    b, hq, hkv, d, lq, lk = (case[x] for x in ("B", "Hq", "Hkv", "D", "Lq", "Lk"))
+    torch.manual_seed(0)
+    q = torch.randn(b, lq, hq, d, device=device, dtype=dtype)
+    k = torch.randn(b, lk, hkv, d, device=device, dtype=dtype)
+    v = torch.randn(b, lk, hkv, d, device=device, dtype=dtype)
+    flops = 4.0 * b * hq * lq * lk * d
+    want = _sdpa(q, k, v, SDPBackend.FLASH_ATTENTION).float()
+    checks, outs = {}, {}
+    for ver in (1, 2):
+        set_kernel(ver)
+        outs[ver] = dk.cross_attention(q, k, v).float()
+        checks[f"{case['name']}: v{ver} close to SDPA flash"] = bool(
+            torch.allclose(outs[ver], want, atol=2e-2, rtol=2e-2))
+    checks[f"{case['name']}: v2 close to v1"] = bool(
+        torch.allclose(outs[2], outs[1], atol=2e-2, rtol=2e-2))
+    err = {ver: (outs[ver] - want).abs().max().item() for ver in (1, 2)}
+    del outs, want
+    row = {"case": case["name"]}
+    if not all(checks.values()):
+        print(f"  {case['name']}: check failed ({checks}, max err vs SDPA {err}) -- not timed",
+              flush=True)
+        return row, checks
+    for ver in (1, 2):
+        set_kernel(ver)
+        row[f"v{ver}_ms"] = T.time_fn(lambda: dk.cross_attention(q, k, v), device, **timing)["median_ms"]
+    row["sdpa_ms"] = T.time_fn(lambda: _sdpa(q, k, v, SDPBackend.FLASH_ATTENTION), device,
+                               **timing)["median_ms"]
+    row["v2_vs_v1"] = row["v1_ms"] / row["v2_ms"]
+    row["v1_vs_sdpa"] = row["sdpa_ms"] / row["v1_ms"]
+    row["v2_vs_sdpa"] = row["sdpa_ms"] / row["v2_ms"]
+    for who in ("v1", "v2", "sdpa"):
+        row[f"{who}_TFLOP/s"] = flops / (row[f"{who}_ms"] * 1e-3) / 1e12
+    row["v2_%matmul_peak"] = 100.0 * row["v2_TFLOP/s"] / peak_tflops
+    row["max_err_vs_sdpa"] = err
+    print(f"  {case['name']} fwd: v1 {row['v1_ms']:.3f} ms, v2 {row['v2_ms']:.3f} ms, "
+          f"sdpa flash {row['sdpa_ms']:.3f} ms (v2 x{row['v2_vs_sdpa']:.2f} vs sdpa)", flush=True)
+    return row, checks
+
+
+def main_ab(args, dk, info) -> int:
+    if not torch.cuda.is_available() or args.device != "cuda":
+        print("error: --ab compares CUDA kernels: needs --device cuda", file=sys.stderr)
+        return 2
+    if not hasattr(torch.ops.deepseek_kernels, "_attention_cuda_kernel"):
+        print("error: --ab needs a build with the _attention_cuda_kernel op (rebuild)",
+              file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    peak = T.measure_matmul_tflops(device)
+    print(f"matmul : {peak:,.1f} TFLOP/s (bf16 8192^3)", flush=True)
+    timing = dict(warmup=5, reps=30)
+    start = set_kernel(0)
+    rows, checks = [], {}
+    try:
+        for case in AB_CASES:
+            r, c = run_ab_case(case, device, timing, peak, dk)
+            rows.append(r)
+            checks.update(c)
+    finally:
+        set_kernel(start)
+    print("checks :", checks)
+    print()
+    T.print_table(rows, AB_COLUMNS)
+    path = T.write_results(Path(args.out) / f"{info['name']}-attention-ab.json", dict(
+        benchmark="attention-ab", device=info, matmul_tflops=peak, checks=checks, rows=rows,
+        cases=AB_CASES, timing=timing, torch=torch.__version__, build=dk.build_info()))
+    print(f"\nwrote {path}")
+    return 0 if all(checks.values()) else 1
+
+
 def _no_grad(fn):
     with torch.no_grad():
         return fn()
@@ -152,6 +248,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"],
                     default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="one small case (smoke test)")
+    ap.add_argument("--ab", action="store_true",
+                    help="CUDA forward: our kernel v1 vs v2 vs SDPA flash (D=128, 64)")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
 
@@ -164,6 +262,8 @@ def main(argv=None) -> int:
     info = T.device_info(device)
     print(f"device : {info['name']} ({info['model']}), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
+    if args.ab:
+        return main_ab(args, dk, info)
     peak = T.measure_matmul_tflops(device)
     print(f"matmul : {peak:,.1f} TFLOP/s ({'bf16 8192^3' if device.type == 'cuda' else 'fp32 2048^3'})",
           flush=True)

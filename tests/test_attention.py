@@ -486,3 +486,145 @@ def test_cuda_bad_inputs():
     q, k, v = _qkv(1, 4, 4, 2, 2, 64, torch.bfloat16, "cuda")
     with pytest.raises(ValueError, match="same device"):
         dk.cross_attention(q, k.cpu(), v)
+
+
+# ---------------------------------------------------------------------------
+# CUDA forward kernel generations: v1 (default) and v2 (D 64/128, opt-in via
+# DSK_ATTENTION_KERNEL or the private op; other D fall back to v1). Forward
+# only: the backward does not depend on the choice.
+
+def test_kernel_switch_op():
+    old = OPS._attention_cuda_kernel(0)
+    assert old in (1, 2)
+    try:
+        assert OPS._attention_cuda_kernel(2) == old
+        assert OPS._attention_cuda_kernel(0) == 2
+        assert OPS._attention_cuda_kernel(1) == 2
+        assert OPS._attention_cuda_kernel(0) == 1
+        with pytest.raises(ValueError, match="0, 1 or 2"):
+            OPS._attention_cuda_kernel(3)
+    finally:
+        OPS._attention_cuda_kernel(old)
+
+
+@pytest.fixture(params=[1, 2], ids=["v1", "v2"])
+def fwd_kernel(request):
+    old = OPS._attention_cuda_kernel(request.param)
+    yield request.param
+    OPS._attention_cuda_kernel(old)
+
+
+def _check_fwd_lse(shape, dtype, causal, masked, softmax_scale=None):
+    """Output against the fp64 reference (FlashAttention's criterion) and lse,
+    with -inf exactly where a row sees no key and zero output there."""
+    b, lq, lk, hq, hkv, d = shape
+    q, k, v = _qkv(b, lq, lk, hq, hkv, d, dtype, "cuda")
+    kw = dict(causal=causal, softmax_scale=softmax_scale)
+    if masked:
+        mask = torch.rand(b, lk, device="cuda") < 0.3
+        mask[0, :] = True  # sample 0: every key is padding
+        kw["key_padding_mask"] = mask
+    out, lse = dk.cross_attention(q, k, v, return_lse=True, **kw)
+    mask = kw.get("key_padding_mask")
+    # One fp64 reference (on the GPU: the 1025 x 4097 cases stay fast) for out and lse.
+    r64, lse64 = ref.cross_attention(*(t.double() for t in (q, k, v)), return_lse=True, **kw)
+    lowp = _lowp(q, k, v, **kw)
+    _assert_close(out, r64, lowp, 2, dtype, "out")
+    lse, lse64 = lse.cpu().double(), lse64.cpu()
+    dead = torch.isneginf(lse64)
+    assert torch.equal(torch.isneginf(lse), dead)
+    torch.testing.assert_close(lse[~dead], lse64[~dead], atol=2e-2, rtol=1e-3)
+    rows_dead = dead.transpose(1, 2).cpu()  # [B, Lq, Hq]
+    assert (out.cpu()[rows_dead] == 0).all()
+    return out, lse
+
+
+V2_SHAPES = [
+    # B, Lq, Lk, Hq, Hkv, D
+    (2, 1, 1, 2, 1, 64),
+    (2, 37, 129, 4, 2, 64),      # GQA, Lq < Lk
+    (2, 129, 37, 2, 2, 128),     # Lq > Lk: causal rows that see nothing
+    (1, 200, 333, 4, 1, 128),    # MQA, partial Q and K tiles
+    (1, 33, 17, 2, 2, 96),       # no v2 instance: falls back to v1
+]
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", V2_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("causal,masked", [(False, False), (True, False), (False, True), (True, True)])
+def test_cuda_fwd_kernels_match_reference(fwd_kernel, shape, dtype, causal, masked):
+    _check_fwd_lse(shape, dtype, causal, masked)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("lq,lk,causal,masked", [
+    (1025, 4097, False, False), (1025, 4097, True, True), (1, 4097, True, True),
+    (1025, 1, True, True), (1025, 129, False, True)], ids=lambda x: str(x))
+def test_cuda_fwd_kernels_long(fwd_kernel, lq, lk, causal, masked):
+    _check_fwd_lse((1, lq, lk, 2, 1, 128), torch.bfloat16, causal, masked)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_fwd_kernels_scale_and_d64_long(fwd_kernel):
+    # Negative and zero scales: masking must still give -inf (never NaN).
+    _check_fwd_lse((2, 130, 1000, 4, 2, 64), torch.bfloat16, True, True, softmax_scale=-0.3)
+    _check_fwd_lse((1, 40, 70, 2, 2, 128), torch.float16, False, True, softmax_scale=0.0)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_fwd_kernels_varlen(fwd_kernel, d, causal):
+    lens_q, lens_k = [5, 0, 1, 300, 3, 1, 129], [9, 4, 1, 700, 0, 130, 64]
+    q, k, v, cq, ck, mq, mk = _varlen_case(lens_q, lens_k, 4, 2, d, torch.bfloat16, "cuda")
+    q, k, v = (t.detach() for t in (q, k, v))
+    out, lse = dk.cross_attention_varlen(q, k, v, cq, ck, mq, mk, causal=causal, return_lse=True)
+    r = ref.cross_attention_varlen(*(t.double() for t in (q, k, v)), cq, ck, mq, mk, causal=causal)
+    bq, bk = cq.tolist(), ck.tolist()
+    lowp = torch.cat([
+        _lowp(q[None, bq[b]:bq[b + 1]], k[None, bk[b]:bk[b + 1]], v[None, bk[b]:bk[b + 1]],
+              causal=causal)[0]
+        for b in range(len(lens_q))])
+    _assert_close(out, r, lowp, 2, torch.bfloat16, "varlen out")
+    # Per sample through the padded op (same kernel generation): lse too.
+    for b in range(len(lens_q)):
+        qs, ks = slice(bq[b], bq[b + 1]), slice(bk[b], bk[b + 1])
+        ob, lb = dk.cross_attention(q[None, qs], k[None, ks], v[None, ks], causal=causal,
+                                    return_lse=True)
+        torch.testing.assert_close(out[qs], ob[0], atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(lse[:, qs], lb[0], atol=1e-3, rtol=1e-3)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cuda_fwd_v1_v2_agree_and_all_masked(d, dtype):
+    q, k, v = _qkv(3, 300, 517, 4, 2, d, dtype, "cuda")
+    mask = torch.rand(3, 517, device="cuda") < 0.2
+    mask[1] = True
+    res = {}
+    old = OPS._attention_cuda_kernel(0)
+    try:
+        for ver in (1, 2):
+            OPS._attention_cuda_kernel(ver)
+            for causal in (False, True):
+                res[ver, causal] = dk.cross_attention(q, k, v, key_padding_mask=mask,
+                                                      causal=causal, return_lse=True)
+            again = dk.cross_attention(q, k, v, key_padding_mask=mask, causal=True, return_lse=True)
+            assert all(torch.equal(a, b) for a, b in zip(again, res[ver, True]))  # deterministic
+    finally:
+        OPS._attention_cuda_kernel(old)
+    atol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    for causal in (False, True):
+        (o1, l1), (o2, l2) = res[1, causal], res[2, causal]
+        assert torch.equal(torch.isneginf(l1), torch.isneginf(l2))
+        assert torch.isneginf(l2[1]).all() and torch.equal(o2[1], torch.zeros_like(o2[1]))
+        torch.testing.assert_close(o2.float(), o1.float(), atol=atol, rtol=1e-2)
+        torch.testing.assert_close(l2.nan_to_num(neginf=0), l1.nan_to_num(neginf=0),
+                                   atol=1e-4, rtol=1e-4)

@@ -3,8 +3,12 @@
 // CUDA launchers. Kernels never see torch tensors.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <tuple>
 
@@ -21,6 +25,21 @@ namespace dsk::attention {
 namespace {
 
 constexpr int64_t kMaxHeadDimCpu = 256;
+
+int fwd_kernel_from_env() {
+  const char* e = std::getenv("DSK_ATTENTION_KERNEL");
+  if (e == nullptr || *e == '\0') return 1;
+  if (std::strcmp(e, "v2") == 0 || std::strcmp(e, "2") == 0) return 2;
+  TORCH_CHECK_VALUE(std::strcmp(e, "v1") == 0 || std::strcmp(e, "1") == 0,
+                    "DSK_ATTENTION_KERNEL must be v1 or v2, got '", e, "'");
+  return 1;
+}
+
+// Read once (first use); atomic so a switch from another thread is well defined.
+std::atomic<int>& fwd_kernel_state() {
+  static std::atomic<int> v{fwd_kernel_from_env()};
+  return v;
+}
 constexpr const char* kCudaHeadDims = "16, 32, 64, 96, 128, 256";
 
 // q, k, v: supported device and dtype, the same for all three, the given rank.
@@ -138,9 +157,10 @@ void* stream_of(const at::Tensor& t) {
 }
 #endif
 
-void run_fwd(const AttnParams& p, const at::Tensor& ref) {
+void run_fwd(AttnParams p, const at::Tensor& ref) {
   if (ref.is_cuda()) {
 #ifdef DSK_WITH_CUDA
+    p.fwd_kernel = cuda_fwd_kernel();
     C10_CUDA_CHECK(static_cast<cudaError_t>(attention_fwd_cuda(p, stream_of(ref))));
 #endif
   } else {
@@ -176,7 +196,25 @@ AttnParams base_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   return p;
 }
 
+// Private op for the benchmark's A/B and the tests: version 1 or 2 selects the
+// CUDA forward kernel for later calls, 0 only asks. Returns the previous choice.
+int64_t attention_cuda_kernel_op(int64_t version) {
+  TORCH_CHECK_VALUE(version == 0 || version == 1 || version == 2,
+                    "_attention_cuda_kernel: argument 'version' must be 0, 1 or 2, got ", version);
+  const int old = cuda_fwd_kernel();
+  if (version != 0) set_cuda_fwd_kernel(static_cast<int>(version));
+  return old;
+}
+
 }  // namespace
+
+int cuda_fwd_kernel() { return fwd_kernel_state().load(std::memory_order_relaxed); }
+
+void set_cuda_fwd_kernel(int version) {
+  TORCH_CHECK_VALUE(version == 1 || version == 2, "attention CUDA kernel must be 1 or 2, got ",
+                    version);
+  fwd_kernel_state().store(version, std::memory_order_relaxed);
+}
 
 std::tuple<at::Tensor, at::Tensor> cross_attention(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -329,3 +367,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_varlen_backward(
 }
 
 }  // namespace dsk::attention
+
+// A fragment here rather than in csrc/torch_bindings.cpp: a private knob of this
+// family only, with no tensor arguments (a catch-all kernel serves every device).
+TORCH_LIBRARY_FRAGMENT(deepseek_kernels, m) {
+  m.def("_attention_cuda_kernel(int version=0) -> int",
+        &dsk::attention::attention_cuda_kernel_op);
+}

@@ -13,6 +13,7 @@ bool cuda_head_dim_supported(int64_t d) {
 int attention_fwd_cuda(const AttnParams& p, void* stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (p.B == 0 || p.seqlen_q == 0 || p.Hq == 0) return cudaSuccess;
+  if (p.fwd_kernel == 2 && attention_fwd_v2_supported(p)) return attention_fwd_v2_cuda(p, stream);
   return p.dtype == DType::kFloat16 ? launch_fwd_any<__half>(p, s) : launch_fwd_bf16(p, s);
 }
 
