@@ -489,7 +489,7 @@ def test_cuda_bad_inputs():
 
 
 # ---------------------------------------------------------------------------
-# CUDA forward kernel generations: v1 (default) and v2 (D 64/128, opt-in via
+# CUDA forward kernel generations: v1 and v2 (D 64/128, the default; chosen with
 # DSK_ATTENTION_KERNEL or the private op; other D fall back to v1). Forward
 # only: the backward does not depend on the choice.
 

@@ -90,7 +90,7 @@ int64_t lse_offset(const AttnParams& p, int64_t b, int64_t h, const SeqRange& r,
 void attention_fwd_cpu(const AttnParams& p);
 void attention_bwd_cpu(const AttnParams& p);
 
-// The CUDA forward kernel generation new calls get: 1 (default) or 2. Starts
+// The CUDA forward kernel generation new calls get: 1 or 2 (default). Starts
 // from the environment variable DSK_ATTENTION_KERNEL (v1/1 or v2/2), read once;
 // set_cuda_fwd_kernel switches it at run time (the benchmark's A/B, the tests).
 int cuda_fwd_kernel();

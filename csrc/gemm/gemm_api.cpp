@@ -31,10 +31,10 @@ namespace {
 
 int gemm_kernel_from_env() {
   const char* e = std::getenv("DSK_GEMM_KERNEL");
-  if (e == nullptr || *e == '\0') return 1;
+  if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) return kGemmKernelAuto;
   if (std::strcmp(e, "v2") == 0 || std::strcmp(e, "2") == 0) return 2;
   TORCH_CHECK_VALUE(std::strcmp(e, "v1") == 0 || std::strcmp(e, "1") == 0,
-                    "DSK_GEMM_KERNEL must be v1 or v2, got '", e, "'");
+                    "DSK_GEMM_KERNEL must be auto, v1 or v2, got '", e, "'");
   return 1;
 }
 
@@ -44,11 +44,12 @@ std::atomic<int>& gemm_kernel_state() {
   return v;
 }
 
-// Private op for tests and the benchmark's A/B: version 1 or 2 selects the CUDA
-// bf16/fp16 GEMM kernel for later calls, 0 only asks. Returns the previous choice.
+// Private op for tests and the benchmark's A/B: version 1 or 2 forces that CUDA
+// bf16/fp16 GEMM kernel for later calls, 3 is auto (the default), 0 only asks.
+// Returns the previous choice.
 int64_t gemm_cuda_kernel_op(int64_t version) {
-  TORCH_CHECK_VALUE(version == 0 || version == 1 || version == 2,
-                    "_gemm_cuda_kernel: argument 'version' must be 0, 1 or 2, got ", version);
+  TORCH_CHECK_VALUE(version >= 0 && version <= 3,
+                    "_gemm_cuda_kernel: argument 'version' must be 0, 1, 2 or 3, got ", version);
   const int old = gemm_cuda_kernel();
   if (version != 0) set_gemm_cuda_kernel(static_cast<int>(version));
   return old;
@@ -147,7 +148,8 @@ void check_offsets_cpu(const char* op, const at::Tensor& offsets, int64_t rows) 
 int gemm_cuda_kernel() { return gemm_kernel_state().load(std::memory_order_relaxed); }
 
 void set_gemm_cuda_kernel(int version) {
-  TORCH_CHECK_VALUE(version == 1 || version == 2, "gemm CUDA kernel must be 1 or 2, got ", version);
+  TORCH_CHECK_VALUE(version == 1 || version == 2 || version == kGemmKernelAuto,
+                    "gemm CUDA kernel must be 1, 2 or ", kGemmKernelAuto, " (auto), got ", version);
   gemm_kernel_state().store(version, std::memory_order_relaxed);
 }
 

@@ -835,8 +835,12 @@ bool launch_mma_v2(const GemmParams& p, cudaStream_t stream, cudaError_t& err) {
 int gemm_cuda(const GemmParams& p, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
   if (p.m == 0 || p.n == 0) return static_cast<int>(cudaSuccess);
-  // v2: plain bf16/fp16 GEMMs when selected; grouped GEMMs stay on v1.
-  if (p.cuda_kernel == 2 && p.offsets == nullptr) {
+  // v2: plain bf16/fp16 GEMMs when forced, or (auto) when its 128 x 256 tiles fill
+  // a wave; grouped GEMMs stay on v1.
+  const bool v2 = p.cuda_kernel == 2 ||
+                  (p.cuda_kernel == kGemmKernelAuto &&
+                   row_tiles(p, 128) * ((p.n + 255) / 256) >= multiprocessor_count());
+  if (v2 && p.offsets == nullptr) {
     cudaError_t err = cudaSuccess;
     if (p.ab_dtype == DType::kBFloat16 && launch_mma_v2<__nv_bfloat16>(p, s, err))
       return static_cast<int>(err);
