@@ -15,6 +15,7 @@
 #include "attention/attention_api.h"
 #include "attention/attention_params.h"
 #include "common/checks.h"
+#include "common/kernel_choice.h"
 
 #ifdef DSK_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -26,20 +27,11 @@ namespace {
 
 constexpr int64_t kMaxHeadDimCpu = 256;
 
-int fwd_kernel_from_env() {
-  const char* e = std::getenv("DSK_ATTENTION_KERNEL");
-  // v2 by default: on an H100 it is 1.8-1.9x v1 (D = 64 and 128; other D use v1).
-  if (e == nullptr || *e == '\0') return 2;
-  if (std::strcmp(e, "v2") == 0 || std::strcmp(e, "2") == 0) return 2;
-  TORCH_CHECK_VALUE(std::strcmp(e, "v1") == 0 || std::strcmp(e, "1") == 0,
-                    "DSK_ATTENTION_KERNEL must be v1 or v2, got '", e, "'");
-  return 1;
-}
-
-// Read once (first use); atomic so a switch from another thread is well defined.
-std::atomic<int>& fwd_kernel_state() {
-  static std::atomic<int> v{fwd_kernel_from_env()};
-  return v;
+// DSK_ATTENTION_KERNEL: v1 or v2 (the default: on an H100 it is 1.8-1.9x v1 for
+// D = 64 and 128; other D use v1), read on first use.
+KernelChoice& fwd_kernel_choice() {
+  static KernelChoice choice("DSK_ATTENTION_KERNEL", 2, 2);
+  return choice;
 }
 constexpr const char* kCudaHeadDims = "16, 32, 64, 96, 128, 256";
 
@@ -161,7 +153,7 @@ void* stream_of(const at::Tensor& t) {
 void run_fwd(AttnParams p, const at::Tensor& ref) {
   if (ref.is_cuda()) {
 #ifdef DSK_WITH_CUDA
-    p.fwd_kernel = cuda_fwd_kernel();
+    p.fwd_kernel = fwd_kernel_choice().get();
     C10_CUDA_CHECK(static_cast<cudaError_t>(attention_fwd_cuda(p, stream_of(ref))));
 #endif
   } else {
@@ -200,22 +192,10 @@ AttnParams base_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 // Private op for the benchmark's A/B and the tests: version 1 or 2 selects the
 // CUDA forward kernel for later calls, 0 only asks. Returns the previous choice.
 int64_t attention_cuda_kernel_op(int64_t version) {
-  TORCH_CHECK_VALUE(version == 0 || version == 1 || version == 2,
-                    "_attention_cuda_kernel: argument 'version' must be 0, 1 or 2, got ", version);
-  const int old = cuda_fwd_kernel();
-  if (version != 0) set_cuda_fwd_kernel(static_cast<int>(version));
-  return old;
+  return fwd_kernel_choice().switch_to("_attention_cuda_kernel", version);
 }
 
 }  // namespace
-
-int cuda_fwd_kernel() { return fwd_kernel_state().load(std::memory_order_relaxed); }
-
-void set_cuda_fwd_kernel(int version) {
-  TORCH_CHECK_VALUE(version == 1 || version == 2, "attention CUDA kernel must be 1 or 2, got ",
-                    version);
-  fwd_kernel_state().store(version, std::memory_order_relaxed);
-}
 
 std::tuple<at::Tensor, at::Tensor> cross_attention(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -39,7 +39,7 @@ struct AttnParams {
   double softmax_scale = 1.0;  // the CUDA kernels round it to fp32
   bool causal = false;
   // CUDA forward kernel generation: 1, or 2 (attention_fwd_v2_kernel.cuh) where
-  // attention_fwd_v2_supported says so (v1 otherwise). Set from cuda_fwd_kernel().
+  // attention_fwd_v2_supported says so (v1 otherwise). Set from DSK_ATTENTION_KERNEL / _attention_cuda_kernel (attention_api.cpp).
   int fwd_kernel = 1;
 
   // Backward only.
@@ -90,11 +90,6 @@ int64_t lse_offset(const AttnParams& p, int64_t b, int64_t h, const SeqRange& r,
 void attention_fwd_cpu(const AttnParams& p);
 void attention_bwd_cpu(const AttnParams& p);
 
-// The CUDA forward kernel generation new calls get: 1 or 2 (default). Starts
-// from the environment variable DSK_ATTENTION_KERNEL (v1/1 or v2/2), read once;
-// set_cuda_fwd_kernel switches it at run time (the benchmark's A/B, the tests).
-int cuda_fwd_kernel();
-void set_cuda_fwd_kernel(int version);
 
 #ifdef DSK_WITH_CUDA
 // Whether the v2 forward covers p (fp16/bf16, D 64 or 128).

@@ -18,6 +18,7 @@
 #include <tuple>
 
 #include "common/checks.h"
+#include "common/kernel_choice.h"
 #include "gemm/gemm_api.h"
 #include "gemm/gemm_params.h"
 
@@ -29,30 +30,17 @@
 namespace dsk::gemm {
 namespace {
 
-int gemm_kernel_from_env() {
-  const char* e = std::getenv("DSK_GEMM_KERNEL");
-  if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) return kGemmKernelAuto;
-  if (std::strcmp(e, "v2") == 0 || std::strcmp(e, "2") == 0) return 2;
-  TORCH_CHECK_VALUE(std::strcmp(e, "v1") == 0 || std::strcmp(e, "1") == 0,
-                    "DSK_GEMM_KERNEL must be auto, v1 or v2, got '", e, "'");
-  return 1;
-}
-
-// Read once (first use); atomic so a switch from another thread is well defined.
-std::atomic<int>& gemm_kernel_state() {
-  static std::atomic<int> v{gemm_kernel_from_env()};
-  return v;
+// DSK_GEMM_KERNEL: auto (the default), v1 or v2, read on first use.
+KernelChoice& gemm_kernel_choice() {
+  static KernelChoice choice("DSK_GEMM_KERNEL", kGemmKernelAuto, 2, kGemmKernelAuto);
+  return choice;
 }
 
 // Private op for tests and the benchmark's A/B: version 1 or 2 forces that CUDA
 // bf16/fp16 GEMM kernel for later calls, 3 is auto (the default), 0 only asks.
 // Returns the previous choice.
 int64_t gemm_cuda_kernel_op(int64_t version) {
-  TORCH_CHECK_VALUE(version >= 0 && version <= 3,
-                    "_gemm_cuda_kernel: argument 'version' must be 0, 1, 2 or 3, got ", version);
-  const int old = gemm_cuda_kernel();
-  if (version != 0) set_gemm_cuda_kernel(static_cast<int>(version));
-  return old;
+  return gemm_kernel_choice().switch_to("_gemm_cuda_kernel", version);
 }
 
 // |acc| <= 127 * 127 * K must fit in int32.
@@ -145,14 +133,6 @@ void check_offsets_cpu(const char* op, const at::Tensor& offsets, int64_t rows) 
 
 }  // namespace
 
-int gemm_cuda_kernel() { return gemm_kernel_state().load(std::memory_order_relaxed); }
-
-void set_gemm_cuda_kernel(int version) {
-  TORCH_CHECK_VALUE(version == 1 || version == 2 || version == kGemmKernelAuto,
-                    "gemm CUDA kernel must be 1, 2 or ", kGemmKernelAuto, " (auto), got ", version);
-  gemm_kernel_state().store(version, std::memory_order_relaxed);
-}
-
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                 const std::string& activation, std::optional<at::ScalarType> out_dtype) {
   const char* op = "gemm";
@@ -203,7 +183,7 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& weight, const std::option
     p.n = n;
     p.k = ac.size(1);
     p.activation = act;
-    p.cuda_kernel = gemm_cuda_kernel();
+    p.cuda_kernel = gemm_kernel_choice().get();
     C10_CUDA_CHECK(static_cast<cudaError_t>(gemm_cuda(p, stream_of(a))));
 #endif
     return out;

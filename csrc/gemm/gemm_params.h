@@ -41,7 +41,7 @@ struct GemmParams {
   Activation activation = Activation::kNone;
   // CUDA bf16/fp16 kernel generation: 1 (default, mma.sync 128x128 / 64x64
   // tiles) or 2 (128x256 tiles, deeper pipeline; plain GEMMs only, grouped
-  // GEMMs always run v1). Filled by the glue from gemm_cuda_kernel().
+  // GEMMs always run v1). Filled by the glue (DSK_GEMM_KERNEL / _gemm_cuda_kernel).
   int cuda_kernel = 1;
 };
 
@@ -51,8 +51,6 @@ struct GemmParams {
 // variable DSK_GEMM_KERNEL (auto, v1/1 or v2/2), read once; the private op
 // _gemm_cuda_kernel switches it at run time (tests, the benchmark's A/B).
 constexpr int kGemmKernelAuto = 3;
-int gemm_cuda_kernel();
-void set_gemm_cuda_kernel(int version);
 
 // The CPU epilogue: out[m, n] = act(acc[m, n] + bias[n]) cast to out_dtype.
 // acc is fp32 (fp64 when ab_dtype is fp64), [M, N] contiguous.

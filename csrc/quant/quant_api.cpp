@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "common/checks.h"
+#include "common/kernel_choice.h"
 #include "common/rng.h"
 #include "quant/quant_api.h"
 #include "quant/quant_params.h"
@@ -25,19 +26,10 @@
 namespace dsk::quant {
 namespace {
 
-int kernel_from_env() {
-  const char* e = std::getenv("DSK_QUANT_KERNEL");
-  if (e == nullptr || *e == '\0') return 2;
-  if (std::strcmp(e, "v1") == 0 || std::strcmp(e, "1") == 0) return 1;
-  TORCH_CHECK_VALUE(std::strcmp(e, "v2") == 0 || std::strcmp(e, "2") == 0,
-                    "DSK_QUANT_KERNEL must be v1 or v2, got '", e, "'");
-  return 2;
-}
-
-// Read once (first use); atomic so a switch from another thread is well defined.
-std::atomic<int>& kernel_state() {
-  static std::atomic<int> v{kernel_from_env()};
-  return v;
+// DSK_QUANT_KERNEL: v1 or v2 (the default, bitwise equal results), read on first use.
+KernelChoice& cuda_kernel_choice() {
+  static KernelChoice choice("DSK_QUANT_KERNEL", 2, 2);
+  return choice;
 }
 
 // A seed for stochastic rounding when the caller gave none: drawn from torch's
@@ -93,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const char* op, const at
   p.bits = bits;
   p.stochastic = stochastic;
   p.seed_key = stochastic ? seed_key(seed ? static_cast<uint64_t>(*seed) : draw_seed()) : 0u;
-  p.cuda_kernel = cuda_kernel();
+  p.cuda_kernel = cuda_kernel_choice().get();
 
   if (xc.is_cuda()) {
 #ifdef DSK_WITH_CUDA
@@ -155,7 +147,7 @@ at::Tensor dequantize(const char* op, const at::Tensor& q, const at::Tensor& sca
   p.rows = rows;
   p.q_row_stride = row_bytes;
   p.bits = bits;
-  p.cuda_kernel = cuda_kernel();
+  p.cuda_kernel = cuda_kernel_choice().get();
 
   if (rows == 0) return out.zero_();
   if (qc.is_cuda()) {
@@ -172,22 +164,10 @@ at::Tensor dequantize(const char* op, const at::Tensor& q, const at::Tensor& sca
 // Private op for the benchmark's A/B: version 1 or 2 selects the CUDA kernels
 // for later calls, 0 only asks. Returns the previous choice.
 int64_t quant_cuda_kernel_op(int64_t version) {
-  TORCH_CHECK_VALUE(version == 0 || version == 1 || version == 2,
-                    "_quant_cuda_kernel: argument 'version' must be 0, 1 or 2, got ", version);
-  const int old = cuda_kernel();
-  if (version != 0) set_cuda_kernel(static_cast<int>(version));
-  return old;
+  return cuda_kernel_choice().switch_to("_quant_cuda_kernel", version);
 }
 
 }  // namespace
-
-int cuda_kernel() { return kernel_state().load(std::memory_order_relaxed); }
-
-void set_cuda_kernel(int version) {
-  TORCH_CHECK_VALUE(version == 1 || version == 2, "quant CUDA kernel must be 1 or 2, got ",
-                    version);
-  kernel_state().store(version, std::memory_order_relaxed);
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int8(const at::Tensor& x,
                                                              int64_t block_size, bool stochastic,

@@ -30,7 +30,8 @@ struct QuantizeParams {
   int bits = 8;
   bool stochastic = false;
   uint32_t seed_key = 0;
-  int cuda_kernel = 2;  // CUDA kernel generation: 1 original, 2 more loads in flight (A/B)
+  int cuda_kernel = 2;  // CUDA kernel generation: 1 original, 2 more loads in flight
+                        // (DSK_QUANT_KERNEL / _quant_cuda_kernel, quant_api.cpp)
 };
 
 // out[i] = sum over rows w of fp32(code[w][i]) * scales[w][i / block_size].
@@ -48,12 +49,6 @@ struct DequantizeParams {
   int bits = 8;
   int cuda_kernel = 2;             // as in QuantizeParams
 };
-
-// The CUDA kernel generation new params get: 1 or 2. Starts from the environment
-// variable DSK_QUANT_KERNEL (v1/1 or v2/2, default 2), read once; set_cuda_kernel
-// switches it at run time (the benchmark's A/B). Both give bitwise equal results.
-int cuda_kernel();
-void set_cuda_kernel(int version);
 
 void quantize_cpu(const QuantizeParams& p);
 void dequantize_cpu(const DequantizeParams& p);

@@ -1,0 +1,52 @@
+#include "common/kernel_choice.h"
+
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <string>
+
+namespace dsk {
+namespace {
+
+// "0, 1 or 2" for 0..2; with a prefix per value ("v1 or v2").
+std::string value_list(int first, int last, const char* prefix) {
+  std::string s;
+  for (int v = first; v <= last; ++v) {
+    if (v > first) s += v == last ? " or " : ", ";
+    s += prefix + std::to_string(v);
+  }
+  return s;
+}
+
+}  // namespace
+
+KernelChoice::KernelChoice(const char* env, int default_value, int max_version, int auto_value)
+    : max_version_(max_version), auto_value_(auto_value), value_(default_value) {
+  const char* e = std::getenv(env);
+  if (e == nullptr || *e == '\0') return;
+  const std::string s(e);
+  if (auto_value != 0 && s == "auto") {
+    value_.store(auto_value);
+    return;
+  }
+  for (int v = 1; v <= max_version; ++v) {
+    if (s == std::to_string(v) || s == "v" + std::to_string(v)) {
+      value_.store(v);
+      return;
+    }
+  }
+  TORCH_CHECK_VALUE(false, env, " must be ", auto_value != 0 ? "auto, " : "",
+                    value_list(1, max_version, "v"), ", got '", s, "'");
+}
+
+int64_t KernelChoice::switch_to(const char* op, int64_t version) {
+  TORCH_CHECK_VALUE(version >= 0 && version <= max_value() &&
+                        (version <= max_version_ || version == auto_value_),
+                    op, ": argument 'version' must be ", value_list(0, max_value(), ""),
+                    ", got ", version);
+  const int old = get();
+  if (version != 0) value_.store(static_cast<int>(version), std::memory_order_relaxed);
+  return old;
+}
+
+}  // namespace dsk

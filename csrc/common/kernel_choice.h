@@ -1,0 +1,32 @@
+#pragma once
+// The CUDA kernel generation new calls get, for op families that keep a first
+// kernel and a faster one side by side: taken from an environment variable on
+// first use, switched at run time by a private op (tests, the benchmarks' A/B).
+// The chosen value travels to the kernels in the family's params struct.
+
+#include <atomic>
+#include <cstdint>
+
+namespace dsk {
+
+class KernelChoice {
+ public:
+  // Values 1..max_version name a generation, spelled "v2" or "2" in the variable;
+  // auto_value, when not 0, is one more value, spelled "auto". An unset or empty
+  // variable gives default_value; anything else is an error naming the variable.
+  KernelChoice(const char* env, int default_value, int max_version, int auto_value = 0);
+
+  int get() const { return value_.load(std::memory_order_relaxed); }
+
+  // The private op: 0 only asks, another valid value selects it for later calls.
+  // Returns the previous choice.
+  int64_t switch_to(const char* op, int64_t version);
+
+ private:
+  int max_value() const { return auto_value_ > max_version_ ? auto_value_ : max_version_; }
+
+  int max_version_, auto_value_;
+  std::atomic<int> value_;  // atomic: a switch from another thread is well defined
+};
+
+}  // namespace dsk
