@@ -66,6 +66,9 @@ TORCH_LIBRARY(deepseek_kernels, m) {
   m.def(
       "fp8_gemm(Tensor a, Tensor a_scales, Tensor w, Tensor w_scales, *, "
       "ScalarType? out_dtype=None) -> Tensor");
+  m.def(
+      "fp8_grouped_gemm(Tensor a, Tensor a_scales, Tensor w, Tensor w_scales, Tensor offsets, *, "
+      "ScalarType? out_dtype=None) -> Tensor");
 }
 
 // The host glue branches on the tensors' device (one validation path for
@@ -95,7 +98,8 @@ TORCH_LIBRARY(deepseek_kernels, m) {
   m.impl("quantize_int8_rowwise", &dsk::gemm::quantize_int8_rowwise);       \
   m.impl("int8_gemm", &dsk::gemm::int8_gemm);                               \
   m.impl("quantize_fp8", &dsk::gemm::quantize_fp8);                         \
-  m.impl("fp8_gemm", &dsk::gemm::fp8_gemm);
+  m.impl("fp8_gemm", &dsk::gemm::fp8_gemm);                                 \
+  m.impl("fp8_grouped_gemm", &dsk::gemm::fp8_grouped_gemm);
 
 TORCH_LIBRARY_IMPL(deepseek_kernels, CPU, m) {
   DSK_REGISTER_QUANT(m)

@@ -37,6 +37,7 @@ from .ops import (  # noqa: E402
 )
 from .ops import (  # noqa: E402  (GEMMs)
     fp8_gemm,
+    fp8_grouped_gemm,
     gemm,
     grouped_gemm,
     int8_gemm,
@@ -78,6 +79,7 @@ __all__ = [
     "int8_gemm",
     "quantize_fp8",
     "fp8_gemm",
+    "fp8_grouped_gemm",
 ]
 
 

@@ -781,7 +781,7 @@ torch.library.register_autograd("deepseek_kernels::grouped_gemm", _grouped_backw
 
 # FP8 e4m3 block-scaled (DeepSeek-V3 recipe)
 
-__all__ += ["quantize_fp8", "fp8_gemm"]
+__all__ += ["quantize_fp8", "fp8_gemm", "fp8_grouped_gemm"]
 
 
 def quantize_fp8(x: Tensor, block: Tuple[int, int] = (1, 128)) -> Tuple[Tensor, Tensor]:
@@ -811,6 +811,21 @@ def fp8_gemm(a: Tensor, a_scales: Tensor, w: Tensor, w_scales: Tensor, *,
     return _ops.fp8_gemm(a, a_scales, w, w_scales, out_dtype=out_dtype)
 
 
+def fp8_grouped_gemm(a: Tensor, a_scales: Tensor, w: Tensor, w_scales: Tensor, offsets: Tensor, *,
+                     out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """FP8 block-scaled grouped GEMM for MoE experts: ``a e4m3 [S, K]`` packed by group (as
+    :func:`moe_permute` produces it) with ``a_scales [S, ceil(K/128)]`` (1 x 128 blocks),
+    ``w e4m3 [E, N, K]`` with ``w_scales [E, ceil(N/128), ceil(K/128)]`` (128 x 128 blocks
+    per expert, e.g. ``quantize_fp8`` of each ``w[e]``), ``offsets [E + 1]`` int32/int64 ->
+    ``[S, N]`` in ``out_dtype`` with ``out[offsets[e]:offsets[e+1]] =
+    fp8_gemm(a[offsets[e]:offsets[e+1]], ..., w[e], w_scales[e])``, bit for bit.
+
+    offsets are checked as in :func:`grouped_gemm` (on the CPU; on CUDA they stay on the
+    device). CPU and CUDA agree bitwise. Not differentiable.
+    """
+    return _ops.fp8_grouped_gemm(a, a_scales, w, w_scales, offsets, out_dtype=out_dtype)
+
+
 @torch.library.register_fake("deepseek_kernels::quantize_fp8")
 def _(x, block=(1, 128)):
     torch._check(x.dim() == 2, lambda: f"x must be 2-D [M, K], got {x.dim()}-D")
@@ -823,3 +838,9 @@ def _(x, block=(1, 128)):
 def _(a, a_scales, w, w_scales, *, out_dtype=None):
     torch._check(a.dim() == 2 and w.dim() == 2, lambda: "a must be [M, K], w [N, K]")
     return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype or torch.bfloat16)
+
+
+@torch.library.register_fake("deepseek_kernels::fp8_grouped_gemm")
+def _(a, a_scales, w, w_scales, offsets, *, out_dtype=None):
+    torch._check(a.dim() == 2 and w.dim() == 3, lambda: "a must be [S, K], w [E, N, K]")
+    return a.new_empty((a.shape[0], w.shape[1]), dtype=out_dtype or torch.bfloat16)

@@ -663,7 +663,7 @@ def int8_gemm(a: Tensor, a_scales: Tensor, w: Tensor, w_scales: Tensor, *,
     return out.to(out_dtype)
 
 
-__all__ += ["quantize_fp8", "fp8_gemm"]
+__all__ += ["quantize_fp8", "fp8_gemm", "fp8_grouped_gemm"]
 
 _FP8_BLOCK = 128
 
@@ -703,3 +703,14 @@ def fp8_gemm(a: Tensor, a_scales: Tensor, w: Tensor, w_scales: Tensor, *,
             part = part + af[:, kk, None] * wf[None, :, kk]
         acc = acc + (part * a_scales[:, kb, None]) * w_rows[None, :, kb]
     return acc.to(out_dtype)
+
+
+def fp8_grouped_gemm(a: Tensor, a_scales: Tensor, w: Tensor, w_scales: Tensor, offsets: Tensor, *,
+                     out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """fp8_gemm of each group's rows with its own weights and weight scales."""
+    bounds = offsets.tolist()
+    out = torch.zeros(a.shape[0], w.shape[1], dtype=out_dtype, device=a.device)
+    for e in range(w.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        out[lo:hi] = fp8_gemm(a[lo:hi], a_scales[lo:hi], w[e], w_scales[e], out_dtype=out_dtype)
+    return out

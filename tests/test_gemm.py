@@ -1,4 +1,4 @@
-"""GEMMs: gemm (fused bias + activation), grouped_gemm, row-wise INT8 W8A8.
+"""GEMMs: gemm (fused bias + activation), grouped_gemm, row-wise INT8 W8A8, FP8 block-scaled.
 
 Floating-point ops are checked against deepseek_kernels.reference computed in
 fp64, with a derived tolerance: our max error must be at most twice the error
@@ -734,6 +734,101 @@ def test_fp8_bad_inputs(device):
     with pytest.raises(TypeError, match="argument 'a' must have dtype"):
         dk.fp8_gemm(x, sx, qw, sw)
     assert dk.fp8_gemm(qx[:0], sx[:0], qw, sw).shape == (0, 8)
+
+
+def _fp8_grouped_problem(s, e, n, k, device, offsets_dtype=torch.int32):
+    """x [S, K] in 1x128 blocks, each expert's [N, K] weight in 128x128 blocks."""
+    x = _data((s, k), torch.float32, device, 3.0)
+    w = _data((e, n, k), torch.float32, device, k ** -0.5)
+    qx, sx = dk.quantize_fp8(x, (1, 128))
+    qw_sw = [dk.quantize_fp8(w[g], (128, 128)) for g in range(e)]
+    qw = torch.stack([q for q, _ in qw_sw]) if e else torch.empty(0, n, k, device=device).to(qx.dtype)
+    sw = torch.stack([sc for _, sc in qw_sw]) if e else torch.empty(0, -(-n // 128), -(-k // 128),
+                                                                   device=device)
+    offsets = _random_offsets(s, e, device, offsets_dtype)
+    return qx, sx, qw, sw, offsets
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(1, 1, 8, 128), (37, 3, 136, 200), (300, 7, 130, 256), (1025, 16, 40, 384)],
+                         ids=lambda s: "S{}xE{}xN{}xK{}".format(*s))
+@pytest.mark.parametrize("offsets_dtype", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+def test_fp8_grouped_gemm_bitwise(device, shape, offsets_dtype, out_dtype):
+    qx, sx, qw, sw, offsets = _fp8_grouped_problem(*shape, device, offsets_dtype)
+    out = dk.fp8_grouped_gemm(qx, sx, qw, sw, offsets, out_dtype=out_dtype)
+    assert out.dtype == out_dtype and out.shape == (shape[0], shape[2])
+    assert torch.equal(out, ref.fp8_grouped_gemm(qx, sx, qw, sw, offsets, out_dtype=out_dtype))
+    # Each group is exactly fp8_gemm of its rows (the contract in gemm_params.h).
+    bounds = offsets.tolist()
+    for g in range(shape[1]):
+        lo, hi = bounds[g], bounds[g + 1]
+        assert torch.equal(out[lo:hi], dk.fp8_gemm(qx[lo:hi], sx[lo:hi], qw[g], sw[g], out_dtype=out_dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_grouped_gemm_edge_cases(device):
+    qx, sx, qw, sw, _ = _fp8_grouped_problem(70, 4, 24, 256, device)
+    out = dk.fp8_grouped_gemm(qx[:0], sx[:0], qw, sw, torch.zeros(5, dtype=torch.int32, device=device))
+    assert out.shape == (0, 24) and out.dtype == torch.bfloat16
+    last = torch.tensor([0, 0, 0, 0, 70], device=device)  # every row in the last group
+    out = dk.fp8_grouped_gemm(qx, sx, qw, sw, last, out_dtype=torch.float32)
+    assert torch.equal(out, dk.fp8_gemm(qx, sx, qw[3], sw[3], out_dtype=torch.float32))
+    # No experts at all, no rows.
+    out = dk.fp8_grouped_gemm(qx[:0], sx[:0], qw[:0], sw[:0], torch.zeros(1, dtype=torch.int64, device=device))
+    assert out.shape == (0, 24)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_grouped_gemm_bad_inputs(device):
+    qx, sx, qw, sw, _ = _fp8_grouped_problem(10, 3, 8, 256, device)
+    good = torch.tensor([0, 3, 6, 10], device=device)
+    with pytest.raises(ValueError, match=r"'w' must have shape \[E, N, K\] with K = 256"):
+        dk.fp8_grouped_gemm(qx, sx, qw[:, :, :128], sw[:, :, :1], good)
+    with pytest.raises(ValueError, match=r"argument 'w' must be 3-D"):
+        dk.fp8_grouped_gemm(qx, sx, qw[0], sw[0], good)
+    with pytest.raises(ValueError, match=r"'w_scales' must have shape \[3, 1, 2\]"):
+        dk.fp8_grouped_gemm(qx, sx, qw, sw[:, :, :1], good)
+    with pytest.raises(ValueError, match=r"'a_scales' must have shape \[10, 2\]"):
+        dk.fp8_grouped_gemm(qx, sx[:, :1], qw, sw, good)
+    with pytest.raises(ValueError, match=r"'offsets' must have shape \[4\]"):
+        dk.fp8_grouped_gemm(qx, sx, qw, sw, good[:3])
+    with pytest.raises(TypeError, match="'offsets' must have dtype"):
+        dk.fp8_grouped_gemm(qx, sx, qw, sw, good.float())
+    with pytest.raises(TypeError, match="argument 'w' must have dtype"):
+        dk.fp8_grouped_gemm(qx, sx, qw.float(), sw, good)
+    with pytest.raises(TypeError, match="'out_dtype' must be one of Float, Half, BFloat16"):
+        dk.fp8_grouped_gemm(qx, sx, qw, sw, good, out_dtype=torch.int32)
+    if device == "cpu":  # values are checked where they live (no host sync on CUDA)
+        with pytest.raises(ValueError, match="must be non-decreasing"):
+            dk.fp8_grouped_gemm(qx, sx, qw, sw, torch.tensor([0, 6, 3, 10]))
+        with pytest.raises(ValueError, match="must end at a.size\\(0\\) = 10"):
+            dk.fp8_grouped_gemm(qx, sx, qw, sw, torch.tensor([0, 3, 6, 9]))
+
+
+def test_fp8_grouped_gemm_opcheck_and_compile():
+    qx, sx, qw, sw, offsets = _fp8_grouped_problem(20, 3, 16, 200, "cpu")
+    # test_schema left out, as for fp8_gemm (float8 multiplication on the CPU).
+    torch.library.opcheck(torch.ops.deepseek_kernels.fp8_grouped_gemm.default, (qx, sx, qw, sw, offsets),
+                          {"out_dtype": torch.float32},
+                          test_utils=("test_autograd_registration", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
+    compiled = torch.compile(dk.fp8_grouped_gemm, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(qx, sx, qw, sw, offsets), dk.fp8_grouped_gemm(qx, sx, qw, sw, offsets))
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_fp8_grouped_gemm_cuda_matches_cpu_and_stays_in_bounds():
+    for shape in [(1, 1, 8, 128), (300, 7, 130, 520), (2000, 32, 256, 1024)]:
+        qx, sx, qw, sw, offsets = _fp8_grouped_problem(*shape, "cpu")
+        out_cpu = dk.fp8_grouped_gemm(qx, sx, qw, sw, offsets)
+        out_gpu = dk.fp8_grouped_gemm(qx.cuda(), sx.cuda(), qw.cuda(), sw.cuda(), offsets.cuda())
+        assert torch.equal(out_gpu.cpu(), out_cpu)
+    qx, sx, qw, sw, _ = _fp8_grouped_problem(100, 3, 8, 256, "cuda")
+    for bad in ([0, 60, 30, 100], [-5, 3, 6, 1000], [0, 3, 6, 90]):
+        dk.fp8_grouped_gemm(qx, sx, qw, sw, torch.tensor(bad, device="cuda"))
+    torch.cuda.synchronize()  # no illegal address
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -117,7 +117,9 @@ void run_epilogue_cpu(const at::Tensor& acc, const at::Tensor& bias, at::Tensor&
   epilogue_cpu(e);
 }
 
-void check_offsets_cpu(const char* op, const at::Tensor& offsets, int64_t rows) {
+// `rows_name`: the packed operand whose row count the offsets must end at.
+void check_offsets_cpu(const char* op, const at::Tensor& offsets, int64_t rows,
+                       const char* rows_name = "x") {
   const at::Tensor o = offsets.to(at::kLong).contiguous();
   const int64_t* v = o.data_ptr<int64_t>();
   const int64_t n = o.numel();
@@ -127,8 +129,81 @@ void check_offsets_cpu(const char* op, const at::Tensor& offsets, int64_t rows) 
                       ": argument 'offsets' must be non-decreasing, got offsets[", g, "] = ", v[g],
                       " > offsets[", g + 1, "] = ", v[g + 1]);
   }
-  TORCH_CHECK_VALUE(v[n - 1] == rows, op, ": argument 'offsets' must end at x.size(0) = ", rows,
+  TORCH_CHECK_VALUE(v[n - 1] == rows, op, ": argument 'offsets' must end at ", rows_name, ".size(0) = ", rows,
                     ", got offsets[", n - 1, "] = ", v[n - 1]);
+}
+
+// The quantized GEMMs' shared checks: a [M, K] and w (`w_layout`, K last) hold
+// `code` values, the scales are fp32, everything is on a's device.
+void check_quantized_operands(const char* op, const at::Tensor& a, const at::Tensor& a_scales,
+                              const at::Tensor& w, const at::Tensor& w_scales, at::ScalarType code,
+                              const char* w_layout) {
+  check_supported_device(op, "a", a);
+  check_dtype(op, "a", a, {code});
+  check_dtype(op, "w", w, {code});
+  check_dtype(op, "a_scales", a_scales, {at::kFloat});
+  check_dtype(op, "w_scales", w_scales, {at::kFloat});
+  check_same_device(op, "a_scales", a_scales, "a", a);
+  check_same_device(op, "w", w, "a", a);
+  check_same_device(op, "w_scales", w_scales, "a", a);
+  check_dim(op, "a", a, 2);
+  const int64_t w_dim = w_layout[1] == 'E' ? 3 : 2;  // "[E, N, K]" or "[N, K]"
+  check_dim(op, "w", w, w_dim);
+  TORCH_CHECK_VALUE(w.size(-1) == a.size(1), op, ": argument 'w' must have shape ", w_layout,
+                    " with K = ", a.size(1), " (a's last dimension), got ", w.sizes());
+}
+
+// fp8_gemm (offsets empty) and fp8_grouped_gemm (w [E, N, K], offsets [E + 1]).
+at::Tensor run_fp8_gemm(const char* op, const at::Tensor& a, const at::Tensor& a_scales,
+                        const at::Tensor& w, const at::Tensor& w_scales,
+                        const std::optional<at::Tensor>& offsets,
+                        std::optional<at::ScalarType> out_dtype) {
+  const bool grouped = offsets.has_value();
+  check_quantized_operands(op, a, a_scales, w, w_scales, at::kFloat8_e4m3fn, grouped ? "[E, N, K]" : "[N, K]");
+  const int64_t m = a.size(0), k = a.size(1), n = w.size(-2), groups = grouped ? w.size(0) : 1;
+  const int64_t k_blocks = ceil_div(k, kFp8Block);
+  check_shape(op, "a_scales", a_scales, {m, k_blocks});  // (1, 128) blocks
+  if (grouped) {
+    check_shape(op, "w_scales", w_scales, {groups, ceil_div(n, kFp8Block), k_blocks});  // (128, 128) blocks
+    check_same_device(op, "offsets", *offsets, "a", a);
+    check_dtype(op, "offsets", *offsets, {at::kInt, at::kLong});
+    check_shape(op, "offsets", *offsets, {groups + 1});
+    // As grouped_gemm: checked on the CPU; CUDA offsets stay on the device, clamped by the kernel.
+    if (a.is_cpu()) check_offsets_cpu(op, *offsets, m, "a");
+  } else {
+    check_shape(op, "w_scales", w_scales, {ceil_div(n, kFp8Block), k_blocks});  // (128, 128) blocks
+  }
+  const at::ScalarType dtype = check_out_dtype(op, out_dtype, at::kBFloat16);
+  const c10::DeviceGuard guard(a.device());
+  at::Tensor out = at::empty({m, n}, a.options().dtype(dtype));
+  if (m == 0 || n == 0) return out;
+  const at::Tensor ac = contiguous_aligned(a), wc = contiguous_aligned(w);
+  const at::Tensor asc = a_scales.contiguous(), wsc = w_scales.contiguous();
+  const at::Tensor oc = grouped ? offsets->contiguous() : at::Tensor();
+  Fp8GemmParams p;
+  p.a = static_cast<const uint8_t*>(ac.data_ptr());
+  p.a_scales = asc.data_ptr<float>();
+  p.w = static_cast<const uint8_t*>(wc.data_ptr());
+  p.w_scales = wsc.data_ptr<float>();
+  p.out = out.data_ptr();
+  p.out_dtype = to_dsk_dtype(dtype);
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.k_blocks = k_blocks;
+  if (grouped) {
+    p.offsets = oc.data_ptr();
+    p.offsets_int64 = oc.scalar_type() == at::kLong;
+    p.groups = groups;
+  }
+  if (a.is_cuda()) {
+#ifdef DSK_WITH_CUDA
+    C10_CUDA_CHECK(static_cast<cudaError_t>(fp8_gemm_cuda(p, stream_of(a))));
+#endif
+  } else {
+    fp8_gemm_cpu(p);
+  }
+  return out;
 }
 
 }  // namespace
@@ -346,19 +421,8 @@ at::Tensor int8_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::
                      const at::Tensor& w_scales, const std::optional<at::Tensor>& bias,
                      std::optional<at::ScalarType> out_dtype) {
   const char* op = "int8_gemm";
-  check_supported_device(op, "a", a);
-  check_dtype(op, "a", a, {at::kChar});
-  check_dtype(op, "w", w, {at::kChar});
-  check_dtype(op, "a_scales", a_scales, {at::kFloat});
-  check_dtype(op, "w_scales", w_scales, {at::kFloat});
-  check_same_device(op, "a_scales", a_scales, "a", a);
-  check_same_device(op, "w", w, "a", a);
-  check_same_device(op, "w_scales", w_scales, "a", a);
-  check_dim(op, "a", a, 2);
-  check_dim(op, "w", w, 2);
+  check_quantized_operands(op, a, a_scales, w, w_scales, at::kChar, "[N, K]");
   const int64_t m = a.size(0), k = a.size(1), n = w.size(0);
-  TORCH_CHECK_VALUE(w.size(1) == k, op, ": argument 'w' must have shape [N, K] with K = ", k,
-                    " (a's last dimension), got ", w.sizes());
   TORCH_CHECK_VALUE(k <= kMaxInt8K, op, ": K = ", k, " exceeds ", kMaxInt8K,
                     " (the int32 accumulator could overflow)");
   check_shape(op, "a_scales", a_scales, {m});
@@ -368,9 +432,7 @@ at::Tensor int8_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::
     check_same_device(op, "bias", *bias, "a", a);
     check_shape(op, "bias", *bias, {n});
   }
-  const at::ScalarType dtype = out_dtype.value_or(at::kBFloat16);
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
-                   ": argument 'out_dtype' must be one of Float, Half, BFloat16, got ", dtype);
+  const at::ScalarType dtype = check_out_dtype(op, out_dtype, at::kBFloat16);
 
   const c10::DeviceGuard guard(a.device());
   at::Tensor out = at::empty({m, n}, a.options().dtype(dtype));
@@ -433,50 +495,13 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8(const at::Tensor& x, at::IntArra
 
 at::Tensor fp8_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& w,
                     const at::Tensor& w_scales, std::optional<at::ScalarType> out_dtype) {
-  const char* op = "fp8_gemm";
-  check_supported_device(op, "a", a);
-  check_dtype(op, "a", a, {at::kFloat8_e4m3fn});
-  check_dtype(op, "w", w, {at::kFloat8_e4m3fn});
-  check_dtype(op, "a_scales", a_scales, {at::kFloat});
-  check_dtype(op, "w_scales", w_scales, {at::kFloat});
-  check_same_device(op, "a_scales", a_scales, "a", a);
-  check_same_device(op, "w", w, "a", a);
-  check_same_device(op, "w_scales", w_scales, "a", a);
-  check_dim(op, "a", a, 2);
-  check_dim(op, "w", w, 2);
-  const int64_t m = a.size(0), k = a.size(1), n = w.size(0);
-  TORCH_CHECK_VALUE(w.size(1) == k, op, ": argument 'w' must have shape [N, K] with K = ", k,
-                    " (a's last dimension), got ", w.sizes());
-  const int64_t k_blocks = ceil_div(k, kFp8Block);
-  check_shape(op, "a_scales", a_scales, {m, k_blocks});  // (1, 128) blocks
-  check_shape(op, "w_scales", w_scales, {ceil_div(n, kFp8Block), k_blocks});  // (128, 128) blocks
-  const at::ScalarType dtype = out_dtype.value_or(at::kBFloat16);
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
-                   ": argument 'out_dtype' must be one of Float, Half, BFloat16, got ", dtype);
-  const c10::DeviceGuard guard(a.device());
-  at::Tensor out = at::empty({m, n}, a.options().dtype(dtype));
-  if (m == 0 || n == 0) return out;
-  const at::Tensor ac = contiguous_aligned(a), wc = contiguous_aligned(w);
-  const at::Tensor asc = a_scales.contiguous(), wsc = w_scales.contiguous();
-  Fp8GemmParams p;
-  p.a = static_cast<const uint8_t*>(ac.data_ptr());
-  p.a_scales = asc.data_ptr<float>();
-  p.w = static_cast<const uint8_t*>(wc.data_ptr());
-  p.w_scales = wsc.data_ptr<float>();
-  p.out = out.data_ptr();
-  p.out_dtype = to_dsk_dtype(dtype);
-  p.m = m;
-  p.n = n;
-  p.k = k;
-  p.k_blocks = k_blocks;
-  if (a.is_cuda()) {
-#ifdef DSK_WITH_CUDA
-    C10_CUDA_CHECK(static_cast<cudaError_t>(fp8_gemm_cuda(p, stream_of(a))));
-#endif
-  } else {
-    fp8_gemm_cpu(p);
-  }
-  return out;
+  return run_fp8_gemm("fp8_gemm", a, a_scales, w, w_scales, std::nullopt, out_dtype);
+}
+
+at::Tensor fp8_grouped_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& w,
+                            const at::Tensor& w_scales, const at::Tensor& offsets,
+                            std::optional<at::ScalarType> out_dtype) {
+  return run_fp8_gemm("fp8_grouped_gemm", a, a_scales, w, w_scales, offsets, out_dtype);
 }
 
 }  // namespace dsk::gemm

@@ -24,5 +24,8 @@ at::Tensor int8_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::
 std::tuple<at::Tensor, at::Tensor> quantize_fp8(const at::Tensor& x, at::IntArrayRef block);
 at::Tensor fp8_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& w,
                     const at::Tensor& w_scales, std::optional<at::ScalarType> out_dtype);
+at::Tensor fp8_grouped_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::Tensor& w,
+                            const at::Tensor& w_scales, const at::Tensor& offsets,
+                            std::optional<at::ScalarType> out_dtype);
 
 }  // namespace dsk::gemm

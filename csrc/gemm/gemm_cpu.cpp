@@ -169,17 +169,40 @@ void quantize_fp8_typed(const QuantizeFp8Params& p) {
   });
 }
 
+// Row blocks of at most `block_m` rows inside one group (a plain GEMM is one group).
+struct Fp8RowBlock {
+  int64_t m0 = 0, m1 = 0, group = 0;
+};
+
+std::vector<Fp8RowBlock> fp8_row_blocks(const Fp8GemmParams& p, int64_t block_m) {
+  auto offset = [&](int64_t g) {
+    return p.offsets_int64 ? static_cast<const int64_t*>(p.offsets)[g]
+                           : static_cast<int64_t>(static_cast<const int32_t*>(p.offsets)[g]);
+  };
+  std::vector<Fp8RowBlock> blocks;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t lo = p.offsets ? offset(g) : 0, hi = p.offsets ? offset(g + 1) : p.m;
+    for (int64_t m0 = lo; m0 < hi; m0 += block_m) blocks.push_back({m0, std::min(m0 + block_m, hi), g});
+  }
+  return blocks;
+}
+
 // Rows of a and w decoded to fp32 once per task; sums in the contract's order.
 void fp8_gemm_typed(const Fp8GemmParams& p) {
   constexpr int64_t kBlockM = 16, kBlockN = 64;
-  const int64_t mb = (p.m + kBlockM - 1) / kBlockM, nb = (p.n + kBlockN - 1) / kBlockN;
+  const std::vector<Fp8RowBlock> row_blocks = fp8_row_blocks(p, kBlockM);
+  const int64_t mb = static_cast<int64_t>(row_blocks.size()), nb = (p.n + kBlockN - 1) / kBlockN;
+  const int64_t w_scale_rows = (p.n + kFp8Block - 1) / kFp8Block;
   at::parallel_for(0, mb * nb, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> a_rows(static_cast<size_t>(kBlockM * p.k)), w_rows(static_cast<size_t>(kBlockN * p.k));
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t m0 = (t / nb) * kBlockM, n0 = (t % nb) * kBlockN;
-      const int64_t m1 = std::min(m0 + kBlockM, p.m), n1 = std::min(n0 + kBlockN, p.n);
+      const Fp8RowBlock& rb = row_blocks[t / nb];
+      const int64_t m0 = rb.m0, m1 = rb.m1, n0 = (t % nb) * kBlockN;
+      const int64_t n1 = std::min(n0 + kBlockN, p.n);
+      const uint8_t* w = p.w + rb.group * p.n * p.k;
+      const float* w_scales = p.w_scales + rb.group * w_scale_rows * p.k_blocks;
       for (int64_t i = 0; i < (m1 - m0) * p.k; ++i) a_rows[i] = fp8_to_float(p.a[m0 * p.k + i]);
-      for (int64_t i = 0; i < (n1 - n0) * p.k; ++i) w_rows[i] = fp8_to_float(p.w[n0 * p.k + i]);
+      for (int64_t i = 0; i < (n1 - n0) * p.k; ++i) w_rows[i] = fp8_to_float(w[n0 * p.k + i]);
       for (int64_t m = m0; m < m1; ++m) {
         const float* ar = a_rows.data() + (m - m0) * p.k;
         for (int64_t n = n0; n < n1; ++n) {
@@ -190,7 +213,7 @@ void fp8_gemm_typed(const Fp8GemmParams& p) {
             float part = 0.0f;
             for (int64_t k = kb * kFp8Block; k < k1; ++k) part = part + ar[k] * wr[k];
             const float scaled = (part * p.a_scales[m * p.k_blocks + kb]) *
-                                 p.w_scales[(n / kFp8Block) * p.k_blocks + kb];
+                                 w_scales[(n / kFp8Block) * p.k_blocks + kb];
             acc = acc + scaled;
           }
           store_any(p.out, p.out_dtype, m * p.n + n, acc);

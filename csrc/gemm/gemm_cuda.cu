@@ -22,6 +22,7 @@
 //   __fmul_rn/__fadd_rn so it rounds exactly as the CPU kernel.
 // FP8 (e4m3, block scales): SIMT kernels that follow the contract in
 //   gemm_params.h step by step (bitwise equal to the CPU); no FP8 tensor cores yet.
+//   The grouped FP8 GEMM locates its row tiles as the grouped GEMM above does.
 #include <cuda_fp8.h>
 
 #include <atomic>
@@ -189,7 +190,9 @@ struct RowTile {
   int64_t row_begin = 0, row_end = 0, group = 0;
 };
 
-__device__ __forceinline__ int64_t clamped_offset(const GemmParams& p, int64_t g) {
+// P is GemmParams or Fp8GemmParams (the same m / offsets / offsets_int64 / groups).
+template <typename P>
+__device__ __forceinline__ int64_t clamped_offset(const P& p, int64_t g) {
   const int64_t v = p.offsets_int64 ? static_cast<const int64_t*>(p.offsets)[g]
                                     : static_cast<const int32_t*>(p.offsets)[g];
   return v < 0 ? 0 : (v > p.m ? p.m : v);
@@ -197,8 +200,8 @@ __device__ __forceinline__ int64_t clamped_offset(const GemmParams& p, int64_t g
 
 // Row range and group of row tile `tile`; false when the tile is past the last
 // group's rows. Every thread of the CTA calls it (warp-collective).
-template <int BM>
-__device__ bool locate_row_tile(const GemmParams& p, int64_t tile, RowTile& out) {
+template <int BM, typename P>
+__device__ bool locate_row_tile(const P& p, int64_t tile, RowTile& out) {
   if (p.offsets == nullptr) {
     out.row_begin = tile * BM;
     out.row_end = min(out.row_begin + BM, p.m);
@@ -238,7 +241,8 @@ __device__ bool locate_row_tile(const GemmParams& p, int64_t tile, RowTile& out)
   return false;
 }
 
-__host__ __device__ __forceinline__ int64_t row_tiles(const GemmParams& p, int64_t bm) {
+template <typename P>
+__host__ __device__ __forceinline__ int64_t row_tiles(const P& p, int64_t bm) {
   // Grouped: each group's last tile may be partial, so at most ceil(M / BM) + groups tiles.
   return (p.m + bm - 1) / bm + (p.offsets != nullptr ? p.groups : 0);
 }
@@ -716,8 +720,12 @@ constexpr int kFp8Tile = 64, kFp8Step = 32;  // 64 x 64 outputs; K staged 32 at 
 __global__ void __launch_bounds__(256) fp8_gemm_kernel(Fp8GemmParams p) {
   __shared__ float sa[kFp8Step][kFp8Tile + 4];
   __shared__ float sb[kFp8Step][kFp8Tile + 4];
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kFp8Tile;
+  RowTile tile;
+  if (!locate_row_tile<kFp8Tile>(p, blockIdx.x, tile)) return;  // CTA-uniform
+  const int64_t m0 = tile.row_begin, m_end = tile.row_end;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kFp8Tile;
+  const uint8_t* __restrict__ w = p.w + tile.group * p.n * p.k;
+  const float* __restrict__ w_scales = p.w_scales + tile.group * ((p.n + kFp8Block - 1) / kFp8Block) * p.k_blocks;
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   float acc[4][4] = {};
   for (int64_t kb = 0; kb < p.k_blocks; ++kb) {
@@ -729,8 +737,8 @@ __global__ void __launch_bounds__(256) fp8_gemm_kernel(Fp8GemmParams p) {
         const int idx = tid + r * 256;
         const int row = idx / kFp8Step, kk = idx % kFp8Step;
         const int64_t gk = k0 + kk;
-        sa[kk][row] = (m0 + row < p.m && gk < k_end) ? fp8_to_float(p.a[(m0 + row) * p.k + gk]) : 0.0f;
-        sb[kk][row] = (n0 + row < p.n && gk < k_end) ? fp8_to_float(p.w[(n0 + row) * p.k + gk]) : 0.0f;
+        sa[kk][row] = (m0 + row < m_end && gk < k_end) ? fp8_to_float(p.a[(m0 + row) * p.k + gk]) : 0.0f;
+        sb[kk][row] = (n0 + row < p.n && gk < k_end) ? fp8_to_float(w[(n0 + row) * p.k + gk]) : 0.0f;
       }
       __syncthreads();
       // Only real K positions are summed (a zero-filled one could turn a -0 sum into +0).
@@ -751,12 +759,12 @@ __global__ void __launch_bounds__(256) fp8_gemm_kernel(Fp8GemmParams p) {
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int64_t row = min(m0 + ty + 16 * i, p.m - 1);  // clamped reads; stores are masked
+      const int64_t row = min(m0 + ty + 16 * i, m_end - 1);  // clamped reads; stores are masked
       const float a_scale = p.a_scales[row * p.k_blocks + kb];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int64_t col = min(n0 + tx + 16 * j, p.n - 1);
-        const float w_scale = p.w_scales[(col / kFp8Block) * p.k_blocks + kb];
+        const float w_scale = w_scales[(col / kFp8Block) * p.k_blocks + kb];
         acc[i][j] = __fadd_rn(acc[i][j], __fmul_rn(__fmul_rn(part[i][j], a_scale), w_scale));
       }
     }
@@ -764,7 +772,7 @@ __global__ void __launch_bounds__(256) fp8_gemm_kernel(Fp8GemmParams p) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int64_t row = m0 + ty + 16 * i;
-    if (row >= p.m) continue;
+    if (row >= m_end) continue;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int64_t col = n0 + tx + 16 * j;
@@ -894,7 +902,7 @@ int quantize_fp8_cuda(const QuantizeFp8Params& p, void* stream) {
 
 int fp8_gemm_cuda(const Fp8GemmParams& p, void* stream) {
   if (p.m == 0 || p.n == 0) return static_cast<int>(cudaSuccess);
-  const dim3 grid(static_cast<unsigned>((p.m + kFp8Tile - 1) / kFp8Tile),
+  const dim3 grid(static_cast<unsigned>(row_tiles(p, kFp8Tile)),
                   static_cast<unsigned>((p.n + kFp8Tile - 1) / kFp8Tile));
   fp8_gemm_kernel<<<grid, 256, 0, static_cast<cudaStream_t>(stream)>>>(p);
   return static_cast<int>(cudaGetLastError());

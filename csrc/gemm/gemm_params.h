@@ -105,14 +105,20 @@ struct QuantizeFp8Params {
   int64_t col_blocks = 0;
 };
 
+// Grouped (fp8_grouped_gemm): rows of a are packed by group as in GemmParams;
+// group g multiplies its rows by w[g] ([N, K]) scaled by w_scales[g].
 struct Fp8GemmParams {
   const uint8_t* a = nullptr;       // e4m3 [M, K]
   const float* a_scales = nullptr;  // [M, k_blocks]
-  const uint8_t* w = nullptr;       // e4m3 [N, K]
-  const float* w_scales = nullptr;  // [ceil(N / 128), k_blocks]
+  const uint8_t* w = nullptr;       // e4m3 [groups, N, K]
+  const float* w_scales = nullptr;  // [groups, ceil(N / 128), k_blocks]
   void* out = nullptr;              // [M, N], dtype out_dtype
   DType out_dtype = DType::kBFloat16;
   int64_t m = 0, n = 0, k = 0, k_blocks = 0;
+  // offsets [groups + 1] (int32 or int64) on the data's device; nullptr for one group.
+  const void* offsets = nullptr;
+  bool offsets_int64 = false;
+  int64_t groups = 1;
 };
 
 void quantize_fp8_cpu(const QuantizeFp8Params& p);
