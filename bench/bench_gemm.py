@@ -18,6 +18,8 @@ matmul peak measured in the same run; medians.
 
   fp8                dk.fp8_gemm (1x128 / 128x128 block scales) vs torch._scaled_mm row-wise
                      (where available) and a bf16 matmul
+  fp8 grouped        dk.fp8_grouped_gemm at the grouped shape vs our bf16 grouped_gemm and
+                     one matmul of the same total size
 
 Results go to ``bench/results/gemm-<device_name>.json``.
 
@@ -221,7 +223,8 @@ def main(argv=None) -> int:
     checks, rows = {}, []
 
     def row(op, shape, flops, ours, peer, peer2=None):
-        r = {"op": op, "shape": shape, "dtype": op if op in ("int8", "fp8") else cfg["dtype"]}
+        r = {"op": op, "shape": shape,
+             "dtype": op.split()[0] if op.split()[0] in ("int8", "fp8") else cfg["dtype"]}
         r["ours_ms"] = T.time_fn(ours, device, **timing)["median_ms"]
         r["peer_ms"] = T.time_fn(peer, device, **timing)["median_ms"]
         r["x_vs_peer"] = r["peer_ms"] / r["ours_ms"]
@@ -261,7 +264,28 @@ def main(argv=None) -> int:
     w0 = weights[0]
     row("grouped", f"S={rows_g} E={e} N={n} K={k}", 2.0 * rows_g * n * k,
         lambda: dk.grouped_gemm(x, weights, offsets), lambda: torch.matmul(x, w0.t()), loop)
-    del x, weights
+
+    # FP8 grouped: the same problem in e4m3 (1x128 activation blocks, 128x128 per expert).
+    qx, sx = dk.quantize_fp8(x, (1, 128))
+    qws = [dk.quantize_fp8(weights[i], (128, 128)) for i in range(e)]
+    qweights, sweights = torch.stack([q for q, _ in qws]), torch.stack([sc for _, sc in qws])
+    del qws
+    out = dk.fp8_grouped_gemm(qx, sx, qweights, sweights, offsets)
+    probe = [i for i in range(e) if bounds[i + 1] > bounds[i]][:2]  # per-group contract, two groups
+    checks["fp8_grouped_equals_fp8_gemm_per_group"] = all(bool(torch.equal(
+        out[bounds[i]:bounds[i + 1]],
+        dk.fp8_gemm(qx[bounds[i]:bounds[i + 1]], sx[bounds[i]:bounds[i + 1]], qweights[i], sweights[i])))
+        for i in probe)
+    i = probe[0]
+    want = x[bounds[i]:bounds[i + 1]].double() @ weights[i].double().t()
+    rel = ((out[bounds[i]:bounds[i + 1]].double() - want).norm() / want.norm()).item()
+    checks["fp8_grouped_rel_error_below_5e-2"] = rel < 5e-2
+    print(f"check  : fp8 grouped: equals fp8_gemm per group -> "
+          f"{checks['fp8_grouped_equals_fp8_gemm_per_group']}; relative error vs fp64 {rel:.3g}", flush=True)
+    row("fp8 grouped", f"S={rows_g} E={e} N={n} K={k}", 2.0 * rows_g * n * k,
+        lambda: dk.fp8_grouped_gemm(qx, sx, qweights, sweights, offsets),
+        lambda: dk.grouped_gemm(x, weights, offsets), lambda: torch.matmul(x, w0.t()))
+    del x, weights, qx, qweights, out, want
 
     m, n, k = cfg["int8"]
     a = torch.randn(m, k, device=device)
@@ -325,6 +349,7 @@ def main(argv=None) -> int:
     path = T.write_results(Path(args.out) / f"gemm-{info['name']}.json", dict(
         device=info, config=cfg, matmul_peak_tflops=peak, checks=checks, rows=rows,
         notes={"grouped": "peer = one matmul of the same total size; peer2 = per-expert loop",
+               "fp8 grouped": "peer = our bf16 grouped_gemm, peer2 = one bf16 matmul of the same size",
                "int8": "peer = torch._int_mm + scaling when available (peer2 = bf16 matmul)",
                "fp8": "peer = torch._scaled_mm row-wise when available, peer2 = bf16 matmul; "
                       "ours = exact SIMT kernel, not tensor cores"},

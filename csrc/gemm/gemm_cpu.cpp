@@ -9,6 +9,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -134,7 +135,14 @@ void int8_gemm_typed(const Int8GemmParams& p) {
 }
 
 inline float fp8_to_float(uint8_t bits) {
-  return static_cast<float>(c10::Float8_e4m3fn(bits, c10::Float8_e4m3fn::from_bits()));
+  // All 256 e4m3 values, decoded once (a table lookup per element in the GEMM).
+  static const auto table = [] {
+    std::array<float, 256> t{};
+    for (int b = 0; b < 256; ++b)
+      t[b] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(b), c10::Float8_e4m3fn::from_bits()));
+    return t;
+  }();
+  return table[bits];
 }
 
 template <typename T>
@@ -187,37 +195,44 @@ std::vector<Fp8RowBlock> fp8_row_blocks(const Fp8GemmParams& p, int64_t block_m)
   return blocks;
 }
 
-// Rows of a and w decoded to fp32 once per task; sums in the contract's order.
+// a's rows and w's tile decoded to fp32 once per task; w's tile is stored
+// transposed ([K][kBlockN]) so the innermost loop runs over 64 independent
+// output columns: it vectorizes while every sum keeps the contract's order.
 void fp8_gemm_typed(const Fp8GemmParams& p) {
   constexpr int64_t kBlockM = 16, kBlockN = 64;
   const std::vector<Fp8RowBlock> row_blocks = fp8_row_blocks(p, kBlockM);
   const int64_t mb = static_cast<int64_t>(row_blocks.size()), nb = (p.n + kBlockN - 1) / kBlockN;
   const int64_t w_scale_rows = (p.n + kFp8Block - 1) / kFp8Block;
   at::parallel_for(0, mb * nb, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> a_rows(static_cast<size_t>(kBlockM * p.k)), w_rows(static_cast<size_t>(kBlockN * p.k));
+    std::vector<float> a_rows(static_cast<size_t>(kBlockM * p.k)), w_t(static_cast<size_t>(p.k * kBlockN));
+    float w_scale[kBlockN], part[kBlockN], acc[kBlockN];
     for (int64_t t = t0; t < t1; ++t) {
       const Fp8RowBlock& rb = row_blocks[t / nb];
       const int64_t m0 = rb.m0, m1 = rb.m1, n0 = (t % nb) * kBlockN;
-      const int64_t n1 = std::min(n0 + kBlockN, p.n);
+      const int64_t cols = std::min(kBlockN, p.n - n0);
       const uint8_t* w = p.w + rb.group * p.n * p.k;
       const float* w_scales = p.w_scales + rb.group * w_scale_rows * p.k_blocks;
       for (int64_t i = 0; i < (m1 - m0) * p.k; ++i) a_rows[i] = fp8_to_float(p.a[m0 * p.k + i]);
-      for (int64_t i = 0; i < (n1 - n0) * p.k; ++i) w_rows[i] = fp8_to_float(w[n0 * p.k + i]);
+      std::fill(w_t.begin(), w_t.end(), 0.0f);  // columns past N stay 0 (never stored)
+      for (int64_t j = 0; j < cols; ++j)
+        for (int64_t k = 0; k < p.k; ++k) w_t[k * kBlockN + j] = fp8_to_float(w[(n0 + j) * p.k + k]);
       for (int64_t m = m0; m < m1; ++m) {
         const float* ar = a_rows.data() + (m - m0) * p.k;
-        for (int64_t n = n0; n < n1; ++n) {
-          const float* wr = w_rows.data() + (n - n0) * p.k;
-          float acc = 0.0f;
-          for (int64_t kb = 0; kb < p.k_blocks; ++kb) {
-            const int64_t k1 = std::min((kb + 1) * kFp8Block, p.k);
-            float part = 0.0f;
-            for (int64_t k = kb * kFp8Block; k < k1; ++k) part = part + ar[k] * wr[k];
-            const float scaled = (part * p.a_scales[m * p.k_blocks + kb]) *
-                                 w_scales[(n / kFp8Block) * p.k_blocks + kb];
-            acc = acc + scaled;
+        std::fill(acc, acc + kBlockN, 0.0f);
+        for (int64_t kb = 0; kb < p.k_blocks; ++kb) {
+          const int64_t k1 = std::min((kb + 1) * kFp8Block, p.k);
+          std::fill(part, part + kBlockN, 0.0f);
+          for (int64_t k = kb * kFp8Block; k < k1; ++k) {
+            const float av = ar[k];
+            const float* wk = w_t.data() + k * kBlockN;
+            for (int64_t j = 0; j < kBlockN; ++j) part[j] = part[j] + av * wk[j];
           }
-          store_any(p.out, p.out_dtype, m * p.n + n, acc);
+          const float a_scale = p.a_scales[m * p.k_blocks + kb];
+          for (int64_t j = 0; j < kBlockN; ++j)
+            w_scale[j] = w_scales[(std::min(n0 + j, p.n - 1) / kFp8Block) * p.k_blocks + kb];
+          for (int64_t j = 0; j < kBlockN; ++j) acc[j] = acc[j] + (part[j] * a_scale) * w_scale[j];
         }
+        for (int64_t j = 0; j < cols; ++j) store_any(p.out, p.out_dtype, m * p.n + n0 + j, acc[j]);
       }
     }
   });
