@@ -20,6 +20,8 @@ matmul peak measured in the same run; medians.
                      (where available) and a bf16 matmul
   fp8 grouped        dk.fp8_grouped_gemm at the grouped shape vs our bf16 grouped_gemm and
                      one matmul of the same total size
+  fp8 v2, fp8 grouped v2   (CUDA) the same with the FP8 tensor-core kernel (DSK_FP8_KERNEL=v2),
+                     after checking it against the exact kernel
 
 Results go to ``bench/results/gemm-<device_name>.json``.
 
@@ -285,6 +287,20 @@ def main(argv=None) -> int:
     row("fp8 grouped", f"S={rows_g} E={e} N={n} K={k}", 2.0 * rows_g * n * k,
         lambda: dk.fp8_grouped_gemm(qx, sx, qweights, sweights, offsets),
         lambda: dk.grouped_gemm(x, weights, offsets), lambda: torch.matmul(x, w0.t()))
+    if device.type == "cuda":
+        old = torch.ops.deepseek_kernels._fp8_cuda_kernel(2)
+        try:
+            tc = dk.fp8_grouped_gemm(qx, sx, qweights, sweights, offsets)
+            drift = ((tc.double() - out.double()).norm() / out.double().norm()).item()
+            checks["fp8_grouped_v2_close_to_v1"] = drift < 1e-3
+            print(f"check  : fp8 grouped v2 vs v1 relative difference {drift:.3g}", flush=True)
+            if checks["fp8_grouped_v2_close_to_v1"]:
+                row("fp8 grouped v2", f"S={rows_g} E={e} N={n} K={k}", 2.0 * rows_g * n * k,
+                    lambda: dk.fp8_grouped_gemm(qx, sx, qweights, sweights, offsets),
+                    lambda: dk.grouped_gemm(x, weights, offsets), lambda: torch.matmul(x, w0.t()))
+            del tc
+        finally:
+            torch.ops.deepseek_kernels._fp8_cuda_kernel(old)
     del x, weights, qx, qweights, out, want
 
     m, n, k = cfg["int8"]
@@ -342,7 +358,21 @@ def main(argv=None) -> int:
     except (RuntimeError, NotImplementedError):
         peer, peer2, note = (lambda: torch.matmul(abf, wbf.t())), None, "bf16 matmul (_scaled_mm unavailable)"
     row("fp8", f"{m}x{n}x{k}", 2.0 * m * n * k, lambda: dk.fp8_gemm(qa, sa, qw, sw), peer, peer2)
-    print(f"note   : fp8 peer is {note}; peer2 a bf16 matmul; ours is a SIMT kernel (no FP8 tensor cores yet)")
+    print(f"note   : fp8 peer is {note}; peer2 a bf16 matmul; ours is the exact SIMT kernel (v1)")
+    if device.type == "cuda":
+        # v2: FP8 tensor cores (opt-in; DSK_FP8_KERNEL=v2). Checked against v1 first.
+        old = torch.ops.deepseek_kernels._fp8_cuda_kernel(2)
+        try:
+            tc = dk.fp8_gemm(qa, sa, qw, sw)
+            drift = ((tc.double() - out.double()).norm() / out.double().norm()).item()
+            checks["fp8_v2_close_to_v1"] = drift < 1e-3
+            print(f"check  : fp8 v2 (tensor cores) vs v1 relative difference {drift:.3g} "
+                  f"-> {checks['fp8_v2_close_to_v1']}", flush=True)
+            if checks["fp8_v2_close_to_v1"]:
+                row("fp8 v2", f"{m}x{n}x{k}", 2.0 * m * n * k, lambda: dk.fp8_gemm(qa, sa, qw, sw), peer,
+                    lambda: torch.matmul(abf, wbf.t()))
+        finally:
+            torch.ops.deepseek_kernels._fp8_cuda_kernel(old)
 
     print()
     T.print_table(rows, COLUMNS)
@@ -352,7 +382,7 @@ def main(argv=None) -> int:
                "fp8 grouped": "peer = our bf16 grouped_gemm, peer2 = one bf16 matmul of the same size",
                "int8": "peer = torch._int_mm + scaling when available (peer2 = bf16 matmul)",
                "fp8": "peer = torch._scaled_mm row-wise when available, peer2 = bf16 matmul; "
-                      "ours = exact SIMT kernel, not tensor cores"},
+                      "ours = exact SIMT kernel (v1); 'fp8 v2' = FP8 tensor cores"},
         torch=torch.__version__, build=dk.build_info()))
     print(f"\nwrote {path}")
     return 0 if all(checks.values()) else 1

@@ -805,8 +805,11 @@ def fp8_gemm(a: Tensor, a_scales: Tensor, w: Tensor, w_scales: Tensor, *,
 
     Per 128-wide K block: an fp32 partial sum (k ascending), scaled by the two block
     scales and added to an fp32 accumulator in block order (DeepSeek-V3's promotion of
-    partial sums); one rounding at the end. CPU and CUDA agree bitwise (the CUDA kernel
-    is a SIMT kernel for now, not FP8 tensor cores). Not differentiable.
+    partial sums); one rounding at the end. CPU and CUDA agree bitwise with the default
+    CUDA kernel (v1, SIMT). ``DSK_FP8_KERNEL=v2`` (or the private op
+    ``torch.ops.deepseek_kernels._fp8_cuda_kernel(2)``) runs the block sums on FP8 tensor
+    cores instead (sm_89+, K % 16 == 0, else v1): the same scaling, each block summed in
+    the tensor cores' order, so close to v1 but not bitwise. Not differentiable.
     """
     return _ops.fp8_gemm(a, a_scales, w, w_scales, out_dtype=out_dtype)
 

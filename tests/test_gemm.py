@@ -831,6 +831,77 @@ def test_fp8_grouped_gemm_cuda_matches_cpu_and_stays_in_bounds():
     torch.cuda.synchronize()  # no illegal address
 
 
+@contextlib.contextmanager
+def _fp8_kernel(version):
+    """Select the CUDA FP8 GEMM kernel (1 exact SIMT, 2 tensor cores) for the block."""
+    old = torch.ops.deepseek_kernels._fp8_cuda_kernel(version)
+    try:
+        yield
+    finally:
+        torch.ops.deepseek_kernels._fp8_cuda_kernel(old)
+
+
+def test_fp8_cuda_kernel_op():
+    op = torch.ops.deepseek_kernels._fp8_cuda_kernel
+    start = op(0)
+    assert start == 1  # the exact SIMT kernel stays the default (see gemm_params.h)
+    with _fp8_kernel(2):
+        assert op(0) == 2
+    assert op(0) == start
+    with pytest.raises(ValueError, match="0, 1 or 2"):
+        op(3)
+
+
+def _fp8_summation_bound(qx, sx, qw, sw, offsets=None):
+    """What the tensor cores may differ from the exact kernel by: each 128-wide block
+    sum is re-associated (and, on Hopper, aligned to fewer bits while it builds up), so
+    per block |diff| <= 2^-10 * sum |products| (a generous multiple of the fp32 and
+    Hopper's ~2^-13 alignment error over 4 mma steps), times the two block scales."""
+    xs = qx.float().abs() * sx.repeat_interleave(128, 1)[:, :qx.shape[1]]
+    if offsets is None:
+        qw, sw, offsets = qw[None], sw[None], torch.tensor([0, qx.shape[0]])
+    bounds = offsets.tolist()
+    out = torch.zeros(qx.shape[0], qw.shape[1], dtype=torch.float64, device=qx.device)
+    for g in range(qw.shape[0]):
+        ws = qw[g].float().abs() * sw[g].repeat_interleave(128, 0)[:qw.shape[1]].repeat_interleave(
+            128, 1)[:, :qw.shape[2]]
+        out[bounds[g]:bounds[g + 1]] = xs[bounds[g]:bounds[g + 1]].double() @ ws.double().t()
+    return 2 ** -10 * out
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+def test_fp8_tensor_core_kernel_matches_exact(out_dtype):
+    """v2 (tensor cores) against v1 (exact, bitwise = CPU) on tails of its 128 x 128 x 64
+    tiles, K not a multiple of 128 (a short last block) or of 16 (v2 falls back to v1),
+    plain and grouped, every output dtype."""
+    eps = torch.finfo(out_dtype).eps
+    for m, n, k in [(1, 8, 128), (77, 300, 528), (256, 384, 1024), (1000, 136, 4096), (33, 40, 200)]:
+        x = torch.randn(m, k, device="cuda") * 3
+        w = torch.randn(n, k, device="cuda")
+        qx, sx = dk.quantize_fp8(x, (1, 128))
+        qw, sw = dk.quantize_fp8(w, (128, 128))
+        exact = dk.fp8_gemm(qx, sx, qw, sw, out_dtype=torch.float32)
+        with _fp8_kernel(2):
+            tc = dk.fp8_gemm(qx, sx, qw, sw, out_dtype=out_dtype)
+        bound = _fp8_summation_bound(qx, sx, qw, sw) + 2 * eps * exact.double().abs()
+        diff = (tc.double() - exact.double()).abs()
+        assert (diff <= bound).all(), ((m, n, k), (diff - bound).max().item())
+        if k % 16:  # fell back to the exact kernel
+            assert torch.equal(tc, dk.fp8_gemm(qx, sx, qw, sw, out_dtype=out_dtype))
+    for shape in [(300, 7, 130, 512), (2000, 32, 256, 1024)]:
+        qx, sx, qw, sw, offsets = _fp8_grouped_problem(*shape, "cuda")
+        exact = dk.fp8_grouped_gemm(qx, sx, qw, sw, offsets, out_dtype=torch.float32)
+        with _fp8_kernel(2):
+            tc = dk.fp8_grouped_gemm(qx, sx, qw, sw, offsets, out_dtype=out_dtype)
+        bound = _fp8_summation_bound(qx, sx, qw, sw, offsets.cpu()) + 2 * eps * exact.double().abs()
+        assert ((tc.double() - exact.double()).abs() <= bound).all(), shape
+    # Deterministic: the same bits twice.
+    with _fp8_kernel(2):
+        assert torch.equal(dk.fp8_gemm(qx, sx, qw[0], sw[0]), dk.fp8_gemm(qx, sx, qw[0], sw[0]))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_fp8_linear(device):
     base = torch.nn.Linear(256, 136, device=device)

@@ -43,6 +43,18 @@ int64_t gemm_cuda_kernel_op(int64_t version) {
   return gemm_kernel_choice().switch_to("_gemm_cuda_kernel", version);
 }
 
+// DSK_FP8_KERNEL: v1 (exact SIMT, the default) or v2 (tensor cores, sm_89+).
+KernelChoice& fp8_kernel_choice() {
+  static KernelChoice choice("DSK_FP8_KERNEL", 1, 2);
+  return choice;
+}
+
+// Private op: 1 or 2 selects the CUDA FP8 GEMM kernel for later calls, 0 only
+// asks. Returns the previous choice.
+int64_t fp8_cuda_kernel_op(int64_t version) {
+  return fp8_kernel_choice().switch_to("_fp8_cuda_kernel", version);
+}
+
 // |acc| <= 127 * 127 * K must fit in int32.
 constexpr int64_t kMaxInt8K = (int64_t{1} << 31) / (127 * 127) - 1;
 
@@ -191,6 +203,7 @@ at::Tensor run_fp8_gemm(const char* op, const at::Tensor& a, const at::Tensor& a
   p.n = n;
   p.k = k;
   p.k_blocks = k_blocks;
+  p.cuda_kernel = fp8_kernel_choice().get();
   if (grouped) {
     p.offsets = oc.data_ptr();
     p.offsets_int64 = oc.scalar_type() == at::kLong;
@@ -511,4 +524,5 @@ at::Tensor fp8_grouped_gemm(const at::Tensor& a, const at::Tensor& a_scales, con
 // kernel serves every device).
 TORCH_LIBRARY_FRAGMENT(deepseek_kernels, m) {
   m.def("_gemm_cuda_kernel(int version=0) -> int", &dsk::gemm::gemm_cuda_kernel_op);
+  m.def("_fp8_cuda_kernel(int version=0) -> int", &dsk::gemm::fp8_cuda_kernel_op);
 }

@@ -21,7 +21,9 @@
 // INT8: dp4a SIMT kernel with exact int32 accumulation; the scaling uses
 //   __fmul_rn/__fadd_rn so it rounds exactly as the CPU kernel.
 // FP8 (e4m3, block scales): SIMT kernels that follow the contract in
-//   gemm_params.h step by step (bitwise equal to the CPU); no FP8 tensor cores yet.
+//   gemm_params.h step by step (bitwise equal to the CPU; the default), and an
+//   opt-in tensor-core GEMM (v2, sm_89+: mma.sync m16n8k32 e4m3 on the v1 tiling,
+//   see fp8_mma_gemm_kernel).
 //   The grouped FP8 GEMM locates its row tiles as the grouped GEMM above does.
 #include <cuda_fp8.h>
 
@@ -91,6 +93,23 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t 
       "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// FP8 e4m3 runs the 16-bit kernels' tiling on pairs of codes (uint16_t): the byte
+// layout of m16n8k32's 8-bit A/B fragments is that of m16n8k16's 16-bit ones, so
+// the same ldmatrix addresses feed it, each step covering 32 codes of K.
+template <>
+__device__ __forceinline__ void mma_16816<uint16_t>(float (&d)[4], const uint32_t (&a)[4],
+                                                    const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  __trap();  // never launched: fp8_gemm_cuda checks the kernel was built for sm_89+
+#endif
 }
 
 // Element offset of 16-byte chunk `chunk` of shared row `row` (swizzled, see top).
@@ -265,28 +284,36 @@ __device__ __forceinline__ void raster_order(int64_t linear, int64_t m_tiles, in
 // Tensor-core kernel (bf16 / fp16)
 // ---------------------------------------------------------------------------
 
-template <typename T, int BM, int BN, int WARPS_M, int WARPS_N>
-__global__ void __launch_bounds__(WARPS_M * WARPS_N * 32) mma_gemm_kernel(GemmParams p) {
+template <int MI, int NI>
+__device__ __forceinline__ void zero_accumulators(float (&acc)[MI][NI][4]) {
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+}
+
+// v1 main loop: acc = a[rows of tile] @ b[n0, n0 + BN)^T over all of K, where k
+// and the row strides count elements of T. After the mma of k tile kt it calls
+// after_tile(kt): a no-op for bf16/fp16; the FP8 kernel folds its 128-wide
+// block sums into its scaled accumulator there.
+template <typename T, int BM, int BN, int WARPS_M, int WARPS_N, typename AfterTile>
+__device__ __forceinline__ void mma_mainloop(const T* __restrict__ a, const T* __restrict__ b,
+                                             int64_t k, const RowTile& tile, int64_t n0, int64_t n,
+                                             T (&smem_a)[kStages][BM * kBK],
+                                             T (&smem_b)[kStages][BN * kBK],
+                                             float (&acc)[BM / WARPS_M / 16][BN / WARPS_N / 8][4],
+                                             AfterTile after_tile) {
   constexpr int kThreads = WARPS_M * WARPS_N * 32;
   constexpr int kWarpM = BM / WARPS_M, kWarpN = BN / WARPS_N;  // warp tile
   constexpr int MI = kWarpM / 16, NI = kWarpN / 8;             // mma tiles per warp
   static_assert(MI >= 1 && NI >= 2 && NI % 2 == 0, "warp tile must be 16m x 16n multiples");
   static_assert((BM * kChunksPerRow) % kThreads == 0 && (BN * kChunksPerRow) % kThreads == 0,
                 "every thread copies the same number of chunks");
-  __shared__ __align__(128) T smem_a[kStages][BM * kBK];
-  __shared__ __align__(128) T smem_b[kStages][BN * kBK];
-
-  int64_t m_tile, n_tile;
-  raster_order(blockIdx.x, row_tiles(p, BM), (p.n + BN - 1) / BN, m_tile, n_tile);
-  RowTile tile;
-  if (!locate_row_tile<BM>(p, m_tile, tile)) return;  // CTA-uniform
-  const int64_t n0 = n_tile * BN;
-  const T* __restrict__ a = static_cast<const T*>(p.a);
-  const T* __restrict__ b = static_cast<const T*>(p.b) + tile.group * p.n * p.k;
-
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
-  const int64_t k_tiles = (p.k + kBK - 1) / kBK;
+  const int64_t k_tiles = (k + kBK - 1) / kBK;
 
   auto load_stage = [&](int stage, int64_t kt) {
     const int64_t k0 = kt * kBK;
@@ -294,17 +321,17 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32) mma_gemm_kernel(GemmPa
     for (int c = tid; c < BM * kChunksPerRow; c += kThreads) {
       const int row = c / kChunksPerRow, chunk = c % kChunksPerRow;
       const int64_t grow = tile.row_begin + row, gk = k0 + chunk * 8;
-      const bool valid = grow < tile.row_end && gk < p.k;  // K % 8 == 0: whole chunks
+      const bool valid = grow < tile.row_end && gk < k;  // K % 8 == 0: whole chunks
       cp_async_16(shared_addr(&smem_a[stage][swizzled(row, chunk)]),
-                  valid ? a + grow * p.k + gk : a, valid);
+                  valid ? a + grow * k + gk : a, valid);
     }
 #pragma unroll
     for (int c = tid; c < BN * kChunksPerRow; c += kThreads) {
       const int row = c / kChunksPerRow, chunk = c % kChunksPerRow;
       const int64_t gn = n0 + row, gk = k0 + chunk * 8;
-      const bool valid = gn < p.n && gk < p.k;
+      const bool valid = gn < n && gk < k;
       cp_async_16(shared_addr(&smem_b[stage][swizzled(row, chunk)]),
-                  valid ? b + gn * p.k + gk : b, valid);
+                  valid ? b + gn * k + gk : b, valid);
     }
   };
 
@@ -314,14 +341,7 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32) mma_gemm_kernel(GemmPa
     if (s < k_tiles) load_stage(s, s);
     cp_async_commit();
   }
-
-  float acc[MI][NI][4];
-#pragma unroll
-  for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+  zero_accumulators(acc);
 
   for (int64_t kt = 0; kt < k_tiles; ++kt) {
     // Tile kt has landed once at most kStages - 2 newer groups are pending; the
@@ -359,11 +379,31 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32) mma_gemm_kernel(GemmPa
 #pragma unroll
         for (int ni = 0; ni < NI; ++ni) mma_16816<T>(acc[mi][ni], a_frag[mi], b_frag[ni]);
     }
+    after_tile(kt);
   }
   cp_async_wait<0>();
+}
 
-  mma_epilogue(p, acc, tile.row_begin + warp_m * kWarpM, tile.row_end,
-               n0 + warp_n * kWarpN);
+template <typename T, int BM, int BN, int WARPS_M, int WARPS_N>
+__global__ void __launch_bounds__(WARPS_M * WARPS_N * 32) mma_gemm_kernel(GemmParams p) {
+  constexpr int kWarpM = BM / WARPS_M, kWarpN = BN / WARPS_N;
+  __shared__ __align__(128) T smem_a[kStages][BM * kBK];
+  __shared__ __align__(128) T smem_b[kStages][BN * kBK];
+
+  int64_t m_tile, n_tile;
+  raster_order(blockIdx.x, row_tiles(p, BM), (p.n + BN - 1) / BN, m_tile, n_tile);
+  RowTile tile;
+  if (!locate_row_tile<BM>(p, m_tile, tile)) return;  // CTA-uniform
+  const int64_t n0 = n_tile * BN;
+  const T* __restrict__ a = static_cast<const T*>(p.a);
+  const T* __restrict__ b = static_cast<const T*>(p.b) + tile.group * p.n * p.k;
+
+  float acc[kWarpM / 16][kWarpN / 8][4];
+  mma_mainloop<T, BM, BN, WARPS_M, WARPS_N>(a, b, p.k, tile, n0, p.n, smem_a, smem_b, acc,
+                                            [](int64_t) {});
+  const int warp = threadIdx.x >> 5;
+  mma_epilogue(p, acc, tile.row_begin + (warp / WARPS_N) * kWarpM, tile.row_end,
+               n0 + (warp % WARPS_N) * kWarpN);
 }
 
 // ---------------------------------------------------------------------------
@@ -479,12 +519,7 @@ __global__ void __launch_bounds__(kV2Threads, 1) mma_gemm_v2_kernel(GemmParams p
   }
 
   float acc[MI][NI][4];
-#pragma unroll
-  for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[mi][ni][r] = 0.0f;
+  zero_accumulators(acc);
 
   // Tile 0 landed (at most kStagesV2 - 2 newer groups pending) and visible to all.
   cp_async_wait<kStagesV2 - 2>();
@@ -781,6 +816,72 @@ __global__ void __launch_bounds__(256) fp8_gemm_kernel(Fp8GemmParams p) {
   }
 }
 
+// FP8 on tensor cores (v2, sm_89+; opt-in until it has run on a GPU, see
+// gemm_params.h): the v1 tiling on pairs of e4m3 codes, so a 64-byte shared row
+// holds 64 codes of K and a 128-wide scale block is two k tiles. Each 128-wide
+// block's sum builds up in `part` on the tensor cores, then is folded into the
+// fp32 accumulator as acc += (part * a_scale) * w_scale (DeepSeek-V3's promotion
+// of partial sums). Same per-block scaling as the SIMT kernel, but the tensor
+// cores sum each block in their own order: results agree with the SIMT/CPU
+// contract to within the rounding of those sums, not bitwise.
+template <int BM, int BN, int WARPS_M, int WARPS_N>
+__global__ void __launch_bounds__(WARPS_M * WARPS_N * 32) fp8_mma_gemm_kernel(Fp8GemmParams p) {
+  using Pair = uint16_t;
+  constexpr int kWarpM = BM / WARPS_M, kWarpN = BN / WARPS_N;
+  constexpr int MI = kWarpM / 16, NI = kWarpN / 8;
+  constexpr int kTilesPerBlock = kFp8Block / (2 * kBK);  // 2 k tiles of 64 codes
+  static_assert(kFp8Block % BN == 0, "a CTA's columns share one 128-row block of w scales");
+  __shared__ __align__(128) Pair smem_a[kStages][BM * kBK];
+  __shared__ __align__(128) Pair smem_b[kStages][BN * kBK];
+
+  int64_t m_tile, n_tile;
+  raster_order(blockIdx.x, row_tiles(p, BM), (p.n + BN - 1) / BN, m_tile, n_tile);
+  RowTile tile;
+  if (!locate_row_tile<BM>(p, m_tile, tile)) return;  // CTA-uniform
+  const int64_t n0 = n_tile * BN;
+  const int64_t k_pairs = p.k / 2;  // the launcher takes K % 16 == 0 only
+  const int64_t k_tiles = (k_pairs + kBK - 1) / kBK;
+  const Pair* __restrict__ a = reinterpret_cast<const Pair*>(p.a);
+  const Pair* __restrict__ b = reinterpret_cast<const Pair*>(p.w + tile.group * p.n * p.k);
+  const float* __restrict__ w_scales =
+      p.w_scales + (tile.group * ((p.n + kFp8Block - 1) / kFp8Block) + n0 / kFp8Block) * p.k_blocks;
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t warp_row0 = tile.row_begin + (warp / WARPS_N) * kWarpM;
+  float part[MI][NI][4], acc[MI][NI][4];
+  zero_accumulators(acc);
+  mma_mainloop<Pair, BM, BN, WARPS_M, WARPS_N>(
+      a, b, k_pairs, tile, n0, p.n, smem_a, smem_b, part, [&](int64_t kt) {
+        if ((kt + 1) % kTilesPerBlock != 0 && kt + 1 != k_tiles) return;
+        const int64_t kb = kt / kTilesPerBlock;
+        const float w_scale = w_scales[kb];
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            // Accumulators 2*half, 2*half+1 of tile (mi, *) are row lane/4 + 8*half.
+            const int64_t row = min(warp_row0 + mi * 16 + (lane >> 2) + half * 8, tile.row_end - 1);
+            const float a_scale = p.a_scales[row * p.k_blocks + kb];
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni) {
+#pragma unroll
+              for (int j = 2 * half; j < 2 * half + 2; ++j) {
+                acc[mi][ni][j] = __fadd_rn(acc[mi][ni][j],
+                                           __fmul_rn(__fmul_rn(part[mi][ni][j], a_scale), w_scale));
+                part[mi][ni][j] = 0.0f;
+              }
+            }
+          }
+        }
+      });
+  GemmParams out;  // the shared epilogue's view: plain stores, no bias or activation
+  out.out = p.out;
+  out.out_dtype = p.out_dtype;
+  out.m = p.m;
+  out.n = p.n;
+  mma_epilogue(out, acc, warp_row0, tile.row_end, n0 + (warp % WARPS_N) * kWarpN);
+}
+
 // ---------------------------------------------------------------------------
 // Launchers
 // ---------------------------------------------------------------------------
@@ -834,6 +935,38 @@ bool launch_mma_v2(const GemmParams& p, cudaStream_t stream, cudaError_t& err) {
   }
   const int64_t ctas = ((p.m + kV2BM - 1) / kV2BM) * ((p.n + kV2BN - 1) / kV2BN);
   mma_gemm_v2_kernel<T><<<static_cast<unsigned>(ctas), kV2Threads, kV2SmemBytes, stream>>>(p);
+  err = cudaGetLastError();
+  return true;
+}
+
+// FP8 tensor cores need a kernel built for sm_89+ (a compute_80 PTX build
+// JIT-compiled for a newer GPU has none): the kernel's PTX version, read once per
+// device, decides. Returns false (nothing launched) where they are missing.
+bool launch_fp8_mma(const Fp8GemmParams& p, cudaStream_t stream, cudaError_t& err) {
+  static std::atomic<uint64_t> checked{0}, usable{0};  // bit d: device d (< 64)
+  int device = 0;
+  err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return true;
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if (bit == 0 || (checked.load(std::memory_order_acquire) & bit) == 0) {
+    cudaFuncAttributes attr{};
+    err = cudaFuncGetAttributes(&attr, fp8_mma_gemm_kernel<128, 128, 2, 4>);
+    if (err != cudaSuccess) return true;
+    if (attr.ptxVersion >= 89) usable.fetch_or(bit, std::memory_order_relaxed);
+    checked.fetch_or(bit, std::memory_order_release);
+    if (attr.ptxVersion < 89) return false;
+  } else if ((usable.load(std::memory_order_relaxed) & bit) == 0) {
+    return false;
+  }
+  // 128 x 128 tiles (8 warps of 64 x 32) when they fill the GPU, else 64 x 64.
+  const bool big = row_tiles(p, 128) * ((p.n + 127) / 128) >= multiprocessor_count();
+  if (big) {
+    const int64_t ctas = row_tiles(p, 128) * ((p.n + 127) / 128);
+    fp8_mma_gemm_kernel<128, 128, 2, 4><<<static_cast<unsigned>(ctas), 256, 0, stream>>>(p);
+  } else {
+    const int64_t ctas = row_tiles(p, 64) * ((p.n + 63) / 64);
+    fp8_mma_gemm_kernel<64, 64, 2, 2><<<static_cast<unsigned>(ctas), 128, 0, stream>>>(p);
+  }
   err = cudaGetLastError();
   return true;
 }
@@ -902,6 +1035,11 @@ int quantize_fp8_cuda(const QuantizeFp8Params& p, void* stream) {
 
 int fp8_gemm_cuda(const Fp8GemmParams& p, void* stream) {
   if (p.m == 0 || p.n == 0) return static_cast<int>(cudaSuccess);
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (p.cuda_kernel == 2 && p.k % 16 == 0) {
+    cudaError_t err = cudaSuccess;
+    if (launch_fp8_mma(p, s, err)) return static_cast<int>(err);
+  }
   const dim3 grid(static_cast<unsigned>(row_tiles(p, kFp8Tile)),
                   static_cast<unsigned>((p.n + kFp8Tile - 1) / kFp8Tile));
   fp8_gemm_kernel<<<grid, 256, 0, static_cast<cudaStream_t>(stream)>>>(p);

@@ -119,6 +119,12 @@ struct Fp8GemmParams {
   const void* offsets = nullptr;
   bool offsets_int64 = false;
   int64_t groups = 1;
+  // CUDA kernel: 1 (default) the exact SIMT kernel of the contract above; 2 the
+  // tensor-core kernel (mma.sync e4m3, sm_89+, K % 16 == 0; elsewhere it runs
+  // 1). v2 sums each 128-wide block on the tensor cores, in their order: within
+  // that rounding of the contract, not bitwise. Filled by the glue
+  // (DSK_FP8_KERNEL / _fp8_cuda_kernel).
+  int cuda_kernel = 1;
 };
 
 void quantize_fp8_cpu(const QuantizeFp8Params& p);
@@ -135,7 +141,7 @@ void quantize_rows_int8_cpu(const QuantizeRowsParams& p);
 int gemm_cuda(const GemmParams& p, void* stream);
 int int8_gemm_cuda(const Int8GemmParams& p, void* stream);
 int quantize_rows_int8_cuda(const QuantizeRowsParams& p, void* stream);
-// FP8: exact SIMT kernels (any sm_80+; no FP8 tensor cores yet).
+// FP8: exact SIMT kernels (any sm_80+), or tensor cores (v2, opt-in, sm_89+).
 int quantize_fp8_cuda(const QuantizeFp8Params& p, void* stream);
 int fp8_gemm_cuda(const Fp8GemmParams& p, void* stream);
 #endif
