@@ -233,6 +233,25 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a / b if a is not None and b is not None and b > 0 else None
 
 
+def _check_ours(ours_fn, args, kwargs, want) -> Tuple[Optional[str], int]:
+    """Calls ours once: (None, bytes read + written) when it matches ``want``
+    bitwise; else (why not, as a row status, 0)."""
+    try:
+        got = ours_fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - report it as a failed row, keep going
+        return "ERROR: " + _short_error(e), 0
+    why = bitwise_mismatch(got, want)
+    if why is not None:
+        return "MISMATCH: " + why, 0
+    return None, tensor_bytes(args) + tensor_bytes(_as_tuple(got))  # inputs read + outputs written
+
+
+def _bandwidth(nbytes: int, ms: float, copy_gbps: float) -> Tuple[float, Optional[float]]:
+    """(GB/s, % of the measured copy bandwidth) of moving nbytes in ms."""
+    gbps = nbytes / (ms * 1e-3) / 1e9
+    return gbps, 100.0 * gbps / copy_gbps if copy_gbps > 0 else None
+
+
 def run_case(case: Case, ops, reference, device, timing: dict, use_compile: bool,
              copy_gbps: float) -> dict:
     args, kwargs = case.make()
@@ -246,19 +265,11 @@ def run_case(case: Case, ops, reference, device, timing: dict, use_compile: bool
 
     # Correctness first: never time a kernel that computes something else.
     want = ref_fn(*args, **kwargs)
-    try:
-        got = ours_fn(*args, **kwargs)
-    except Exception as e:  # noqa: BLE001 - report it as a failed row, keep going
-        row["status"] = "ERROR: " + _short_error(e)
+    failed, nbytes = _check_ours(ours_fn, args, kwargs, want)
+    if failed is not None:
+        row["status"] = failed
         return row
-    why = bitwise_mismatch(got, want)
-    if why is not None:
-        row["status"] = "MISMATCH: " + why
-        return row
-
-    nbytes = tensor_bytes(args) + tensor_bytes(_as_tuple(got))  # inputs read + outputs written
     row["bytes"] = nbytes
-    del got
 
     t_ours = T.time_fn(lambda: ours_fn(*args, **kwargs), device, **timing)
     t_ref = T.time_fn(lambda: ref_fn(*args, **kwargs), device, **timing)
@@ -279,7 +290,7 @@ def run_case(case: Case, ops, reference, device, timing: dict, use_compile: bool
     ours_ms = t_ours["median_ms"]
     ref_ms = t_ref["median_ms"]
     comp_ms = t_comp["median_ms"] if t_comp else None
-    gbps = nbytes / (ours_ms * 1e-3) / 1e9
+    gbps, pct_copy = _bandwidth(nbytes, ours_ms, copy_gbps)
     row.update({
         "ours_ms": ours_ms,
         "ref_ms": ref_ms,
@@ -287,7 +298,7 @@ def run_case(case: Case, ops, reference, device, timing: dict, use_compile: bool
         "speedup_vs_ref": _ratio(ref_ms, ours_ms),
         "speedup_vs_compiled": _ratio(comp_ms, ours_ms),
         "ours_GB/s": gbps,
-        "%copy_bw": 100.0 * gbps / copy_gbps if copy_gbps > 0 else None,
+        "%copy_bw": pct_copy,
         "timing": {"ours": t_ours, "ref": t_ref, "compiled": t_comp},
     })
     return row
@@ -309,17 +320,10 @@ def run_ab_case(case: Case, ops, reference, device, timing: dict, copy_gbps: flo
     nbytes = None
     for v in (1, 2):
         set_kernel(v)
-        try:
-            got = ours_fn(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - report it as a failed row, keep going
-            row["status"] = f"v{v} ERROR: " + _short_error(e)
+        failed, nbytes = _check_ours(ours_fn, args, kwargs, want)
+        if failed is not None:
+            row["status"] = f"v{v} " + failed
             return row
-        why = bitwise_mismatch(got, want)
-        if why is not None:
-            row["status"] = f"v{v} MISMATCH: " + why
-            return row
-        nbytes = tensor_bytes(args) + tensor_bytes(_as_tuple(got))
-        del got
     del want
     row["bytes"] = nbytes
     times = {}
@@ -328,9 +332,8 @@ def run_ab_case(case: Case, ops, reference, device, timing: dict, copy_gbps: flo
         times[v] = T.time_fn(lambda: ours_fn(*args, **kwargs), device, **timing)
     for v in (1, 2):
         ms = times[v]["median_ms"]
-        gbps = nbytes / (ms * 1e-3) / 1e9
         row[f"v{v}_ms"] = ms
-        row[f"v{v}_%copy_bw"] = 100.0 * gbps / copy_gbps if copy_gbps > 0 else None
+        row[f"v{v}_%copy_bw"] = _bandwidth(nbytes, ms, copy_gbps)[1]
     row["v2_speedup"] = _ratio(row["v1_ms"], row["v2_ms"])
     row["timing"] = {f"v{v}": times[v] for v in (1, 2)}
     return row
@@ -340,6 +343,47 @@ def _free(device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def run_rows(cases: Sequence[Case], device, run_one: Callable[[Case], dict],
+             summary: Callable[[dict], str]) -> List[dict]:
+    """Runs the cases in turn (``run_one`` makes a row), printing a line each:
+    ``summary(row)`` for a timed row, the status for one that was not."""
+    rows = []
+    for i, case in enumerate(cases, 1):
+        row = run_one(case)
+        _free(device)
+        rows.append(row)
+        head = f"[{i}/{len(cases)}] {case.label} {case.dtype} n={case.n:,}"
+        if row["status"] != "ok":
+            print(f"{head}: {row['status']} -- not timed", flush=True)
+            continue
+        print(f"{head}: {summary(row)}", flush=True)
+    return rows
+
+
+def save_results(path: Path, benchmark: str, run_info: dict, settings: dict,
+                  columns: List[str], rows: List[dict]) -> int:
+    """Writes the JSON results, then names the rows that were not timed (exit
+    status 1) if any."""
+    payload = {
+        "benchmark": benchmark,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **run_info,
+        "settings": settings,
+        "columns": columns,
+        "rows": rows,
+    }
+    path = T.write_results(path, payload)
+    print(f"\nwrote {path}")
+    bad = [r for r in rows if r["status"] != "ok"]
+    if bad:
+        print(f"\nerror: {len(bad)} case(s) failed or did not match the reference bitwise, "
+              "and were not timed:", file=sys.stderr)
+        for r in bad:
+            print(f"  {r['op']} {r['dtype']} n={r['n']:,}: {r['status']}", file=sys.stderr)
+        return 1
+    return 0
 
 
 # ---------------------------------------------------------------------------
@@ -457,22 +501,26 @@ def main(argv=None) -> int:
     _free(device)
 
     cases = build_cases(reference, args.ops, sizes, dtypes, args.block_size, device)
+    # What every results file starts with, after its name and time.
+    run_info = {
+        "device": info,
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "build_info": build,
+        "load_avg_1min_at_start": load,
+        "peaks": {"copy_GBps": copy_gbps, "matmul_TFLOPs": matmul_tflops, "matmul": mm},
+    }
     if args.ab:
-        return main_ab(args, cases, ops, reference, device, timing, copy_gbps, info, build, load,
-                       sizes, dtypes, matmul_tflops, mm)
-    rows = []
-    for i, case in enumerate(cases, 1):
-        row = run_case(case, ops, reference, device, timing, use_compile, copy_gbps)
-        _free(device)
-        rows.append(row)
-        head = f"[{i}/{len(cases)}] {case.label} {case.dtype} n={case.n:,}"
-        if row["status"] != "ok":
-            print(f"{head}: {row['status']} -- not timed", flush=True)
-            continue
+        return main_ab(args, cases, ops, reference, device, timing, copy_gbps, run_info, sizes,
+                       dtypes)
+
+    def summary(row: dict) -> str:
         comp = (f"{row['compiled_ms']:.4f} ms" if row["compiled_ms"] is not None
                 else "n/a" + (f" ({row['compiled_error']})" if "compiled_error" in row else ""))
-        print(f"{head}: ours {row['ours_ms']:.4f} ms, ref {row['ref_ms']:.4f} ms, "
-              f"compiled {comp}", flush=True)
+        return f"ours {row['ours_ms']:.4f} ms, ref {row['ref_ms']:.4f} ms, compiled {comp}"
+
+    rows = run_rows(cases, device, lambda case: run_case(case, ops, reference, device, timing,
+                                                         use_compile, copy_gbps), summary)
 
     print()
     T.print_table(rows, TABLE_COLUMNS)
@@ -484,83 +532,35 @@ def main(argv=None) -> int:
         print("\nnote: torch.compile(reference) is not bitwise equal to the eager reference "
               "for: " + ", ".join(f"{r['op']} {r['dtype']} n={r['n']:,}" for r in differs))
 
-    bad = [r for r in rows if r["status"] != "ok"]
-    payload = {
-        "benchmark": "quant",
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": info,
-        "torch_version": torch.__version__,
-        "cuda_version": torch.version.cuda,
-        "build_info": build,
-        "load_avg_1min_at_start": load,
-        "peaks": {"copy_GBps": copy_gbps, "matmul_TFLOPs": matmul_tflops, "matmul": mm},
-        "settings": {
-            "sizes": sizes, "dtypes": dtypes, "ops": args.ops, "block_size": args.block_size,
-            "quick": args.quick, "compile": use_compile, "timing_overrides": timing,
-            "stochastic_seed": SEED,
-        },
-        "columns": TABLE_COLUMNS,
-        "rows": rows,
+    settings = {
+        "sizes": sizes, "dtypes": dtypes, "ops": args.ops, "block_size": args.block_size,
+        "quick": args.quick, "compile": use_compile, "timing_overrides": timing,
+        "stochastic_seed": SEED,
     }
-    path = T.write_results(Path(args.out) / f"{info['name']}.json", payload)
-    print(f"\nwrote {path}")
-
-    if bad:
-        print(f"\nerror: {len(bad)} case(s) failed or did not match the reference bitwise, "
-              "and were not timed:", file=sys.stderr)
-        for r in bad:
-            print(f"  {r['op']} {r['dtype']} n={r['n']:,}: {r['status']}", file=sys.stderr)
-        return 1
-    return 0
+    return save_results(Path(args.out) / f"{info['name']}.json", "quant", run_info, settings,
+                        TABLE_COLUMNS, rows)
 
 
-def main_ab(args, cases, ops, reference, device, timing, copy_gbps, info, build, load, sizes,
-            dtypes, matmul_tflops, mm) -> int:
+def main_ab(args, cases, ops, reference, device, timing, copy_gbps, run_info, sizes,
+            dtypes) -> int:
     """--ab: v1 vs v2 of our CUDA kernels, row by row; leaves the starting choice set."""
     start = set_kernel(0)
-    rows = []
     try:
-        for i, case in enumerate(cases, 1):
-            row = run_ab_case(case, ops, reference, device, timing, copy_gbps)
-            _free(device)
-            rows.append(row)
-            head = f"[{i}/{len(cases)}] {case.label} {case.dtype} n={case.n:,}"
-            if row["status"] != "ok":
-                print(f"{head}: {row['status']} -- not timed", flush=True)
-                continue
-            print(f"{head}: v1 {row['v1_ms']:.4f} ms, v2 {row['v2_ms']:.4f} ms "
-                  f"(x{row['v2_speedup']:.3f})", flush=True)
+        rows = run_rows(cases, device,
+                        lambda case: run_ab_case(case, ops, reference, device, timing, copy_gbps),
+                        lambda row: (f"v1 {row['v1_ms']:.4f} ms, v2 {row['v2_ms']:.4f} ms "
+                                     f"(x{row['v2_speedup']:.3f})"))
     finally:
         set_kernel(start)
 
     print()
     T.print_table(rows, AB_COLUMNS)
-    bad = [r for r in rows if r["status"] != "ok"]
-    payload = {
-        "benchmark": "quant-ab",
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": info,
-        "torch_version": torch.__version__,
-        "cuda_version": torch.version.cuda,
-        "build_info": build,
-        "load_avg_1min_at_start": load,
-        "peaks": {"copy_GBps": copy_gbps, "matmul_TFLOPs": matmul_tflops, "matmul": mm},
-        "settings": {
-            "sizes": sizes, "dtypes": dtypes, "ops": args.ops, "block_size": args.block_size,
-            "timing_overrides": timing, "stochastic_seed": SEED,
-        },
-        "columns": AB_COLUMNS,
-        "rows": rows,
+    settings = {
+        "sizes": sizes, "dtypes": dtypes, "ops": args.ops, "block_size": args.block_size,
+        "timing_overrides": timing, "stochastic_seed": SEED,
     }
-    path = T.write_results(Path(args.out) / f"{info['name']}-ab.json", payload)
-    print(f"\nwrote {path}")
-    if bad:
-        print(f"\nerror: {len(bad)} case(s) failed or did not match the reference bitwise, "
-              "and were not timed:", file=sys.stderr)
-        for r in bad:
-            print(f"  {r['op']} {r['dtype']} n={r['n']:,}: {r['status']}", file=sys.stderr)
-        return 1
-    return 0
+    path = Path(args.out) / f"{run_info['device']['name']}-ab.json"
+    return save_results(path, "quant-ab", run_info, settings, AB_COLUMNS, rows)
 
 
 if __name__ == "__main__":

@@ -225,51 +225,83 @@ class CrossAttention(nn.Module):
 # GEMM modules
 # ---------------------------------------------------------------------------
 
-class Linear(nn.Module):
-    """Drop-in for :class:`torch.nn.Linear` (``weight [out, in]``, same init) running
-    :func:`deepseek_kernels.gemm`, with an optional activation fused into the epilogue
-    (``"none"``, ``"relu"``, ``"gelu"``, ``"gelu_tanh"``, ``"silu"``)."""
+class _GemmLinear(nn.Module):
+    """What :class:`Linear`, :class:`FP8Linear` and :class:`Int8Linear` share: the
+    activation check, the sizes, the float parameters (the first two), the copy
+    from another linear layer and the repr. Private: the three stay unrelated to
+    each other for ``isinstance`` (model/generate.py swaps Linear for Int8Linear)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 activation: str = "none", device=None, dtype=None):
+    def __init__(self, name: str, in_features: int, out_features: int, activation: str):
         super().__init__()
         if activation not in _ops.GEMM_ACTIVATIONS:
-            raise ValueError(f"Linear: activation must be one of {_ops.GEMM_ACTIVATIONS}, "
+            raise ValueError(f"{name}: activation must be one of {_ops.GEMM_ACTIVATIONS}, "
                              f"got {activation!r}")
-        fk = dict(device=device, dtype=dtype)
         self.in_features, self.out_features, self.activation = in_features, out_features, activation
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **fk))
-        self.bias = nn.Parameter(torch.empty(out_features, **fk)) if bias else None
-        # False: the same parameters through reference.py (pure PyTorch), for A/B runs
-        self.use_kernels = True
-        self.reset_parameters()
 
-    def reset_parameters(self) -> None:
+    def _make_parameters(self, bias: bool, device, dtype) -> None:
+        """``weight [out, in]`` and ``bias [out]`` (or None), uninitialised."""
+        fk = dict(device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, **fk))
+        self.bias = nn.Parameter(torch.empty(self.out_features, **fk)) if bias else None
+
+    def _init_parameters(self) -> None:
         # nn.Linear's initialisation, so swapping modules keeps training dynamics.
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
             nn.init.uniform_(self.bias, -bound, bound)
 
+    @staticmethod
+    def _activation_of(linear: nn.Module, activation: Optional[str]) -> str:
+        """``activation``, or for None ``linear``'s own (``"none"`` when it has none)."""
+        return getattr(linear, "activation", "none") if activation is None else activation
+
     @classmethod
-    def from_linear(cls, linear: nn.Linear, activation: str = "none") -> "Linear":
-        """A Linear sharing nothing with ``linear`` but holding copies of its parameters."""
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, activation,
-                device=linear.weight.device, dtype=linear.weight.dtype)
+    def _empty_like(cls, linear: nn.Module, activation: str, **kwargs):
+        """A ``cls`` with ``linear``'s sizes, bias or not, and device."""
+        return cls(linear.in_features, linear.out_features, linear.bias is not None, activation,
+                   device=linear.weight.device, **kwargs)
+
+    @classmethod
+    def _copy_of(cls, linear: nn.Module, activation: str):
+        """A ``cls`` with ``linear``'s dtype, holding copies of its parameters."""
+        m = cls._empty_like(linear, activation, dtype=linear.weight.dtype)
         with torch.no_grad():
             m.weight.copy_(linear.weight)
             if linear.bias is not None:
                 m.bias.copy_(linear.bias)
         return m
 
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, activation={self.activation!r}")
+
+
+class Linear(_GemmLinear):
+    """Drop-in for :class:`torch.nn.Linear` (``weight [out, in]``, same init) running
+    :func:`deepseek_kernels.gemm`, with an optional activation fused into the epilogue
+    (``"none"``, ``"relu"``, ``"gelu"``, ``"gelu_tanh"``, ``"silu"``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 activation: str = "none", device=None, dtype=None):
+        super().__init__("Linear", in_features, out_features, activation)
+        self._make_parameters(bias, device, dtype)
+        # False: the same parameters through reference.py (pure PyTorch), for A/B runs
+        self.use_kernels = True
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self._init_parameters()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, activation: str = "none") -> "Linear":
+        """A Linear sharing nothing with ``linear`` but holding copies of its parameters."""
+        return cls._copy_of(linear, activation)
+
     def forward(self, x: Tensor) -> Tensor:
         K = _ops if self.use_kernels else _reference
         x, w, b = _autocast(x, self.weight, self.bias)
         return K.gemm(x, w, b, activation=self.activation)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, activation={self.activation!r}")
 
 
 class _FP8LinearFunction(torch.autograd.Function):
@@ -305,7 +337,7 @@ class _FP8LinearFunction(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
-class FP8Linear(nn.Module):
+class FP8Linear(_GemmLinear):
     """Linear layer with an FP8 e4m3 forward (DeepSeek-V3 recipe): activations quantized
     per 1x128 block, the (fp32/bf16 master) weight per 128x128 block, on every forward;
     :func:`deepseek_kernels.fp8_gemm` accumulates per-block partial sums in fp32.
@@ -315,40 +347,22 @@ class FP8Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  activation: str = "none", device=None, dtype=None):
-        super().__init__()
-        if activation not in _ops.GEMM_ACTIVATIONS:
-            raise ValueError(f"FP8Linear: activation must be one of {_ops.GEMM_ACTIVATIONS}, "
-                             f"got {activation!r}")
-        fk = dict(device=device, dtype=dtype)
-        self.in_features, self.out_features, self.activation = in_features, out_features, activation
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **fk))
-        self.bias = nn.Parameter(torch.empty(out_features, **fk)) if bias else None
+        super().__init__("FP8Linear", in_features, out_features, activation)
+        self._make_parameters(bias, device, dtype)
         self.use_kernels = True  # False: reference.py's (bitwise equal) FP8 ops
-        Linear.reset_parameters(self)
+        self._init_parameters()
 
     @classmethod
     def from_linear(cls, linear: nn.Module, activation: Optional[str] = None) -> "FP8Linear":
-        if activation is None:
-            activation = getattr(linear, "activation", "none")
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, activation,
-                device=linear.weight.device, dtype=linear.weight.dtype)
-        with torch.no_grad():
-            m.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                m.bias.copy_(linear.bias)
-        return m
+        return cls._copy_of(linear, cls._activation_of(linear, activation))
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
         y = _FP8LinearFunction.apply(x2, self.weight, self.bias, self.activation, self.use_kernels)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, activation={self.activation!r}")
 
-
-class Int8Linear(nn.Module):
+class Int8Linear(_GemmLinear):
     """W8A8 inference Linear: the weight quantized per output row once
     (:func:`deepseek_kernels.quantize_int8_rowwise`), activations per row on every
     forward, :func:`deepseek_kernels.int8_gemm` (exact int32 accumulation, fp32
@@ -357,11 +371,7 @@ class Int8Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  activation: str = "none", device=None):
-        super().__init__()
-        if activation not in _ops.GEMM_ACTIVATIONS:
-            raise ValueError(f"Int8Linear: activation must be one of {_ops.GEMM_ACTIVATIONS}, "
-                             f"got {activation!r}")
-        self.in_features, self.out_features, self.activation = in_features, out_features, activation
+        super().__init__("Int8Linear", in_features, out_features, activation)
         self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8,
                                                      device=device))
         self.register_buffer("weight_scales", torch.ones(out_features, device=device))
@@ -370,10 +380,7 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, activation: Optional[str] = None) -> "Int8Linear":
-        if activation is None:
-            activation = getattr(linear, "activation", "none")
-        m = cls(linear.in_features, linear.out_features, linear.bias is not None, activation,
-                device=linear.weight.device)
+        m = cls._empty_like(linear, cls._activation_of(linear, activation))
         with torch.no_grad():
             w = linear.weight.detach()
             q, s = _ops.quantize_int8_rowwise(w if w.dtype != torch.float64 else w.float())
@@ -394,7 +401,3 @@ class Int8Linear(nn.Module):
         if self.activation != "none":
             y = _reference._gemm_activation(y, self.activation).to(out_dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, activation={self.activation!r}")

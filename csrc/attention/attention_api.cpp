@@ -195,79 +195,36 @@ int64_t attention_cuda_kernel_op(int64_t version) {
   return fwd_kernel_choice().switch_to("_attention_cuda_kernel", version);
 }
 
-}  // namespace
+// The dense path's sizes.
+struct DenseDims {
+  int64_t B, Lq, Hq, Lk;
+};
 
-std::tuple<at::Tensor, at::Tensor> cross_attention(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    std::optional<double> softmax_scale, const std::optional<at::Tensor>& key_padding_mask,
-    bool causal) {
-  const char* op = "cross_attention";
+// Shared by the dense forward and backward: the argument checks.
+DenseDims check_dense(const char* op, const at::Tensor& q, const at::Tensor& k,
+                      const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask) {
   check_qkv(op, q, k, v, 4);
-  const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), Lk = k.size(1);
-  TORCH_CHECK_VALUE(k.size(0) == B, op, ": arguments 'q' and 'k' must have the same batch size, got ",
-                    B, " and ", k.size(0));
-  check_mask(op, key_padding_mask, q, B, Lk);
-  const double scale = resolve_scale(op, softmax_scale, q.size(3));
-  const c10::DeviceGuard guard(q.device());
-  const at::Tensor qc = dense(q), kc = dense(k), vc = dense(v);
-  const at::Tensor mc = key_padding_mask ? key_padding_mask->contiguous() : at::Tensor();
-  at::Tensor out = at::empty_like(qc);
-  at::Tensor lse = at::empty({B, Hq, Lq}, qc.options().dtype(lse_dtype(qc)));
-  if (out.numel() == 0) return {out, lse};
-  AttnParams p = base_params(qc, kc, vc, scale, causal);
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr();
-  p.B = B;
-  p.seqlen_q = Lq;
-  p.seqlen_k = Lk;
-  p.total_q = B * Lq;
-  p.total_k = B * Lk;
-  p.key_padding_mask = mc.defined() ? mc.data_ptr<bool>() : nullptr;
-  run_fwd(p, qc);
-  return {out, lse};
+  const DenseDims d{q.size(0), q.size(1), q.size(2), k.size(1)};
+  TORCH_CHECK_VALUE(k.size(0) == d.B, op,
+                    ": arguments 'q' and 'k' must have the same batch size, got ", d.B, " and ",
+                    k.size(0));
+  check_mask(op, key_padding_mask, q, d.B, d.Lk);
+  return d;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, std::optional<double> softmax_scale,
-    const std::optional<at::Tensor>& key_padding_mask, bool causal) {
-  const char* op = "cross_attention_backward";
-  check_qkv(op, q, k, v, 4);
-  const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), Lk = k.size(1);
-  TORCH_CHECK_VALUE(k.size(0) == B, op, ": arguments 'q' and 'k' must have the same batch size, got ",
-                    B, " and ", k.size(0));
-  check_mask(op, key_padding_mask, q, B, Lk);
-  check_grad_inputs(op, dout, out, lse, q, {B, Hq, Lq});
-  const double scale = resolve_scale(op, softmax_scale, q.size(3));
-  const c10::DeviceGuard guard(q.device());
-  const at::Tensor qc = dense(q), kc = dense(k), vc = dense(v);
-  const at::Tensor oc = dense(out), gc = dense(dout), lc = lse.contiguous();
-  const at::Tensor mc = key_padding_mask ? key_padding_mask->contiguous() : at::Tensor();
-  at::Tensor dq = at::empty_like(qc), dk = at::empty_like(kc), dv = at::empty_like(vc);
-  if (dq.numel() == 0 || dk.numel() == 0) {  // nothing to attend to, or no query asks
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
-    return {dq, dk, dv};
-  }
-  AttnParams p = base_params(qc, kc, vc, scale, causal);
-  p.out = const_cast<void*>(oc.data_ptr());
-  p.lse = const_cast<void*>(lc.data_ptr());
-  p.dout = gc.data_ptr();
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.B = B;
-  p.seqlen_q = Lq;
-  p.seqlen_k = Lk;
-  p.total_q = B * Lq;
-  p.total_k = B * Lk;
+// Shared by the dense forward and backward: the length fields (mc: the contiguous
+// key_padding_mask, or undefined).
+AttnParams dense_params(const DenseDims& d, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& v, const at::Tensor& mc, double scale, bool causal) {
+  AttnParams p = base_params(q, k, v, scale, causal);
+  p.B = d.B;
+  p.seqlen_q = d.Lq;
+  p.seqlen_k = d.Lk;
+  p.total_q = d.B * d.Lq;
+  p.total_k = d.B * d.Lk;
   p.key_padding_mask = mc.defined() ? mc.data_ptr<bool>() : nullptr;
-  run_bwd(p, qc);
-  return {dq, dk, dv};
+  return p;
 }
-
-namespace {
 
 // Shared by the varlen forward and backward: checks and the length fields.
 AttnParams varlen_params(const char* op, const at::Tensor& q, const at::Tensor& k,
@@ -288,7 +245,63 @@ AttnParams varlen_params(const char* op, const at::Tensor& q, const at::Tensor& 
   return p;
 }
 
+// Shared by the dense and varlen backward: the backward's other tensors.
+void set_grad_pointers(AttnParams& p, const at::Tensor& out, const at::Tensor& lse,
+                       const at::Tensor& dout, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  p.out = const_cast<void*>(out.data_ptr());
+  p.lse = const_cast<void*>(lse.data_ptr());
+  p.dout = dout.data_ptr();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+}
+
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> cross_attention(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    std::optional<double> softmax_scale, const std::optional<at::Tensor>& key_padding_mask,
+    bool causal) {
+  const char* op = "cross_attention";
+  const DenseDims d = check_dense(op, q, k, v, key_padding_mask);
+  const double scale = resolve_scale(op, softmax_scale, q.size(3));
+  const c10::DeviceGuard guard(q.device());
+  const at::Tensor qc = dense(q), kc = dense(k), vc = dense(v);
+  const at::Tensor mc = key_padding_mask ? key_padding_mask->contiguous() : at::Tensor();
+  at::Tensor out = at::empty_like(qc);
+  at::Tensor lse = at::empty({d.B, d.Hq, d.Lq}, qc.options().dtype(lse_dtype(qc)));
+  if (out.numel() == 0) return {out, lse};
+  AttnParams p = dense_params(d, qc, kc, vc, mc, scale, causal);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr();
+  run_fwd(p, qc);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, std::optional<double> softmax_scale,
+    const std::optional<at::Tensor>& key_padding_mask, bool causal) {
+  const char* op = "cross_attention_backward";
+  const DenseDims d = check_dense(op, q, k, v, key_padding_mask);
+  check_grad_inputs(op, dout, out, lse, q, {d.B, d.Hq, d.Lq});
+  const double scale = resolve_scale(op, softmax_scale, q.size(3));
+  const c10::DeviceGuard guard(q.device());
+  const at::Tensor qc = dense(q), kc = dense(k), vc = dense(v);
+  const at::Tensor oc = dense(out), gc = dense(dout), lc = lse.contiguous();
+  const at::Tensor mc = key_padding_mask ? key_padding_mask->contiguous() : at::Tensor();
+  at::Tensor dq = at::empty_like(qc), dk = at::empty_like(kc), dv = at::empty_like(vc);
+  if (dq.numel() == 0 || dk.numel() == 0) {  // nothing to attend to, or no query asks
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  AttnParams p = dense_params(d, qc, kc, vc, mc, scale, causal);
+  set_grad_pointers(p, oc, lc, gc, dq, dk, dv);
+  run_bwd(p, qc);
+  return {dq, dk, dv};
+}
 
 std::tuple<at::Tensor, at::Tensor> cross_attention_varlen(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -326,23 +339,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_varlen_backward(
   check_grad_inputs(op, dout, out, lse, q, {p.Hq, p.total_q});
   const at::Tensor oc = dense(out), gc = dense(dout), lc = lse.contiguous();
   at::Tensor dq = at::empty_like(qc), dk = at::empty_like(kc), dv = at::empty_like(vc);
-  if (dq.numel() == 0 || dk.numel() == 0 || p.B == 0) {
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
-    return {dq, dk, dv};
-  }
-  // Rows outside every sample (cu_seqlens not covering the tensors is only
-  // caught on the CPU) are written by no kernel: their gradient is 0.
+  // Also when there is work: rows outside every sample (cu_seqlens not covering
+  // the tensors is only caught on the CPU) are written by no kernel: their gradient is 0.
   dq.zero_();
   dk.zero_();
   dv.zero_();
-  p.out = const_cast<void*>(oc.data_ptr());
-  p.lse = const_cast<void*>(lc.data_ptr());
-  p.dout = gc.data_ptr();
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
+  if (dq.numel() == 0 || dk.numel() == 0 || p.B == 0) return {dq, dk, dv};
+  set_grad_pointers(p, oc, lc, gc, dq, dk, dv);
   run_bwd(p, qc);
   return {dq, dk, dv};
 }
