@@ -788,7 +788,9 @@ def quantize_fp8(x: Tensor, block: Tuple[int, int] = (1, 128)) -> Tuple[Tensor, 
     """Block-scaled FP8 e4m3 quantization of ``x [M, K]`` (fp32/fp16/bf16) in one pass.
 
     ``block=(1, 128)`` (activations) gives ``scales [M, ceil(K/128)]``; ``(128, 128)``
-    (weights) gives ``scales [ceil(M/128), ceil(K/128)]``. scale = absmax / 448 in fp32
+    (weights) gives ``scales [ceil(M/128), ceil(K/128)]``. A 3-D ``x [E, M, K]`` (e.g.
+    the experts' weights for :func:`fp8_grouped_gemm`) quantizes each ``x[e]`` on its own
+    in the same launch: ``scales [E, ...]``. scale = absmax / 448 in fp32
     (1 for an all-zero block, NaN with codes 0 for a block holding NaN/Inf); code =
     e4m3(x / scale), round to nearest even. Returns ``(q float8_e4m3fn [M, K], scales fp32)``.
     Bitwise identical on CPU and GPU.
@@ -831,10 +833,10 @@ def fp8_grouped_gemm(a: Tensor, a_scales: Tensor, w: Tensor, w_scales: Tensor, o
 
 @torch.library.register_fake("deepseek_kernels::quantize_fp8")
 def _(x, block=(1, 128)):
-    torch._check(x.dim() == 2, lambda: f"x must be 2-D [M, K], got {x.dim()}-D")
-    rows = -(-x.shape[0] // block[0])
+    torch._check(x.dim() in (2, 3), lambda: f"x must be 2-D [M, K] or 3-D [E, M, K], got {x.dim()}-D")
+    rows = -(-x.shape[-2] // block[0])
     return (x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
-            x.new_empty((rows, -(-x.shape[1] // 128)), dtype=torch.float32))
+            x.new_empty((*x.shape[:-2], rows, -(-x.shape[-1] // 128)), dtype=torch.float32))
 
 
 @torch.library.register_fake("deepseek_kernels::fp8_gemm")

@@ -670,7 +670,13 @@ _FP8_BLOCK = 128
 
 def quantize_fp8(x: Tensor, block: Tuple[int, int] = (1, 128)) -> Tuple[Tensor, Tensor]:
     """Block absmax e4m3: scale = amax / 448 (fp32; 1 if 0; NaN for a non-finite block),
-    code = e4m3(clamp(x / scale, -448, 448)) rounded to nearest even."""
+    code = e4m3(clamp(x / scale, -448, 448)) rounded to nearest even. 3-D x: per matrix."""
+    if x.dim() == 3:
+        parts = [quantize_fp8(m, block) for m in x]
+        if not parts:
+            rows, cols = -(-x.shape[1] // block[0]), -(-x.shape[2] // _FP8_BLOCK)
+            return x.to(torch.float8_e4m3fn), x.new_empty((0, rows, cols), dtype=torch.float32)
+        return torch.stack([q for q, _ in parts]), torch.stack([sc for _, sc in parts])
     br = block[0]
     m, k = x.shape
     rb, cb = -(-m // br), -(-k // _FP8_BLOCK)

@@ -677,6 +677,27 @@ def test_quantize_fp8_bitwise(device, dtype, block, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block", [(1, 128), (128, 128)], ids=["1x128", "128x128"])
+@pytest.mark.parametrize("shape", [(1, 1, 8), (3, 130, 300), (5, 136, 128)], ids=lambda s: "x".join(map(str, s)))
+def test_quantize_fp8_batched(device, dtype, block, shape):
+    """A 3-D x [E, M, K] quantizes each x[e] on its own: equal to E 2-D calls."""
+    x = _data(shape, dtype, device, 5.0)
+    x[-1, 0, 0] = float("nan")  # one non-finite block in the last matrix only
+    q, s = dk.quantize_fp8(x, block)
+    assert s.shape == (shape[0], -(-shape[1] // block[0]), -(-shape[2] // 128))
+    for e in range(shape[0]):
+        qe, se = dk.quantize_fp8(x[e], block)
+        assert _same(q[e], qe) and _same(s[e], se)
+    rq, rs = ref.quantize_fp8(x, block)
+    assert _same(q, rq) and _same(s, rs)
+    q0, s0 = dk.quantize_fp8(x[:0], block)
+    assert q0.shape == (0, *shape[1:]) and s0.shape == (0, *s.shape[1:])
+    with pytest.raises(ValueError, match="must be 2-D \\[M, K\\] or 3-D \\[E, M, K\\], got 1-D"):
+        dk.quantize_fp8(x[0, 0], block)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mnk", [(1, 8, 128), (17, 136, 256), (33, 130, 200), (64, 256, 1024)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
@@ -710,6 +731,7 @@ def test_fp8_opcheck():
     x = torch.randn(9, 200)
     torch.library.opcheck(torch.ops.deepseek_kernels.quantize_fp8.default, (x, [1, 128]))
     torch.library.opcheck(torch.ops.deepseek_kernels.quantize_fp8.default, (x.bfloat16(), [128, 128]))
+    torch.library.opcheck(torch.ops.deepseek_kernels.quantize_fp8.default, (x.view(3, 3, 200), [128, 128]))
     qx, sx = dk.quantize_fp8(x, (1, 128))
     qw, sw = dk.quantize_fp8(torch.randn(20, 200), (128, 128))
     # test_schema is left out for fp8 inputs: its mutation check multiplies the
@@ -743,10 +765,7 @@ def _fp8_grouped_problem(s, e, n, k, device, offsets_dtype=torch.int32):
     x = _data((s, k), torch.float32, device, 3.0)
     w = _data((e, n, k), torch.float32, device, k ** -0.5)
     qx, sx = dk.quantize_fp8(x, (1, 128))
-    qw_sw = [dk.quantize_fp8(w[g], (128, 128)) for g in range(e)]
-    qw = torch.stack([q for q, _ in qw_sw]) if e else torch.empty(0, n, k, device=device).to(qx.dtype)
-    sw = torch.stack([sc for _, sc in qw_sw]) if e else torch.empty(0, -(-n // 128), -(-k // 128),
-                                                                   device=device)
+    qw, sw = dk.quantize_fp8(w, (128, 128))  # each expert's weight on its own
     offsets = _random_offsets(s, e, device, offsets_dtype)
     return qx, sx, qw, sw, offsets
 

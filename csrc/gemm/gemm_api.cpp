@@ -16,6 +16,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "common/checks.h"
 #include "common/kernel_choice.h"
@@ -478,19 +479,23 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8(const at::Tensor& x, at::IntArra
   const char* op = "quantize_fp8";
   check_supported_device(op, "x", x);
   check_dtype(op, "x", x, {at::kFloat, at::kHalf, at::kBFloat16});
-  check_dim(op, "x", x, 2);
+  TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, op,
+                    ": argument 'x' must be 2-D [M, K] or 3-D [E, M, K], got ", x.dim(), "-D");
   TORCH_CHECK_VALUE(block.size() == 2 && (block[0] == 1 || block[0] == kFp8Block) &&
                         block[1] == kFp8Block,
                     op, ": argument 'block' must be (1, 128) or (128, 128), got ", block);
   const c10::DeviceGuard guard(x.device());
   const at::Tensor xc = contiguous_aligned(x);
   QuantizeFp8Params p;
-  p.rows = x.size(0);
-  p.cols = x.size(1);
+  p.batch = x.dim() == 3 ? x.size(0) : 1;
+  p.rows = x.size(-2);
+  p.cols = x.size(-1);
   p.block_rows = block[0];
   p.col_blocks = ceil_div(p.cols, kFp8Block);
   at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kFloat8_e4m3fn));
-  at::Tensor scales = at::empty({ceil_div(p.rows, p.block_rows), p.col_blocks}, x.options().dtype(at::kFloat));
+  std::vector<int64_t> scale_shape{ceil_div(p.rows, p.block_rows), p.col_blocks};
+  if (x.dim() == 3) scale_shape.insert(scale_shape.begin(), p.batch);
+  at::Tensor scales = at::empty(scale_shape, x.options().dtype(at::kFloat));
   if (q.numel() == 0) return {q, scales};
   p.x = xc.data_ptr();
   p.x_dtype = to_dsk_dtype(x.scalar_type());

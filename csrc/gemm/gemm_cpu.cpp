@@ -149,10 +149,14 @@ template <typename T>
 void quantize_fp8_typed(const QuantizeFp8Params& p) {
   const T* x = static_cast<const T*>(p.x);
   const int64_t row_blocks = (p.rows + p.block_rows - 1) / p.block_rows;
-  at::parallel_for(0, row_blocks * p.col_blocks, 1, [&](int64_t b0, int64_t b1) {
+  const int64_t per_item = row_blocks * p.col_blocks;
+  at::parallel_for(0, p.batch * per_item, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = (b / p.col_blocks) * p.block_rows, c0 = (b % p.col_blocks) * kFp8Block;
-      const int64_t r1 = std::min(r0 + p.block_rows, p.rows), c1 = std::min(c0 + kFp8Block, p.cols);
+      // Block b: matrix b / per_item, then row-block-major; rows index the whole batch.
+      const int64_t first = (b / per_item) * p.rows, rb = (b % per_item) / p.col_blocks;
+      const int64_t r0 = first + rb * p.block_rows, c0 = (b % p.col_blocks) * kFp8Block;
+      const int64_t r1 = first + std::min((rb + 1) * p.block_rows, p.rows);
+      const int64_t c1 = std::min(c0 + kFp8Block, p.cols);
       float amax = 0.0f;
       bool finite = true;
       for (int64_t r = r0; r < r1; ++r) {
@@ -241,7 +245,7 @@ void fp8_gemm_typed(const Fp8GemmParams& p) {
 }  // namespace
 
 void quantize_fp8_cpu(const QuantizeFp8Params& p) {
-  if (p.rows == 0 || p.cols == 0) return;
+  if (p.batch == 0 || p.rows == 0 || p.cols == 0) return;
   switch (p.x_dtype) {
     case DType::kFloat16: quantize_fp8_typed<c10::Half>(p); break;
     case DType::kBFloat16: quantize_fp8_typed<c10::BFloat16>(p); break;

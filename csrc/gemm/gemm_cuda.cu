@@ -725,11 +725,14 @@ __global__ void __launch_bounds__(256) quantize_fp8_kernel(QuantizeFp8Params p) 
   const int lane = threadIdx.x & 31;
   const int64_t warps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   const int64_t row_blocks = (p.rows + p.block_rows - 1) / p.block_rows;
+  const int64_t per_item = row_blocks * p.col_blocks;
   const T* __restrict__ x = static_cast<const T*>(p.x);
   for (int64_t b = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-       b < row_blocks * p.col_blocks; b += warps) {
-    const int64_t r0 = b / p.col_blocks * p.block_rows, c0 = b % p.col_blocks * kFp8Block;
-    const int64_t r1 = min(r0 + p.block_rows, p.rows), c1 = min(c0 + kFp8Block, p.cols);
+       b < p.batch * per_item; b += warps) {
+    // Block b: matrix b / per_item, then row-block-major; rows index the whole batch.
+    const int64_t first = b / per_item * p.rows, rb = b % per_item / p.col_blocks;
+    const int64_t r0 = first + rb * p.block_rows, c0 = b % p.col_blocks * kFp8Block;
+    const int64_t r1 = first + min((rb + 1) * p.block_rows, p.rows), c1 = min(c0 + kFp8Block, p.cols);
     uint32_t amax = 0;  // bit pattern of |x|: NaN/Inf >= 0x7f800000
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t c = c0 + lane; c < c1; c += 32)
@@ -1021,7 +1024,7 @@ int quantize_rows_int8_cuda(const QuantizeRowsParams& p, void* stream) {
 }
 
 int quantize_fp8_cuda(const QuantizeFp8Params& p, void* stream) {
-  const int64_t blocks_total = (p.rows + p.block_rows - 1) / p.block_rows * p.col_blocks;
+  const int64_t blocks_total = p.batch * ((p.rows + p.block_rows - 1) / p.block_rows) * p.col_blocks;
   if (blocks_total == 0) return static_cast<int>(cudaSuccess);
   const auto s = static_cast<cudaStream_t>(stream);
   const unsigned blocks = static_cast<unsigned>(grid_size(blocks_total * 32, 256));

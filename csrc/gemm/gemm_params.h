@@ -96,10 +96,11 @@ struct QuantizeRowsParams {
 constexpr int64_t kFp8Block = 128;
 
 struct QuantizeFp8Params {
-  const void* x = nullptr;  // [rows, cols], dtype x_dtype
+  const void* x = nullptr;  // [batch, rows, cols], dtype x_dtype
   DType x_dtype = DType::kFloat32;
-  uint8_t* q = nullptr;     // e4m3 bit patterns, [rows, cols]
-  float* scales = nullptr;  // [ceil(rows / block_rows), ceil(cols / 128)]
+  uint8_t* q = nullptr;     // e4m3 bit patterns, [batch, rows, cols]
+  float* scales = nullptr;  // [batch, ceil(rows / block_rows), ceil(cols / 128)]
+  int64_t batch = 1;        // matrices quantized independently (e.g. experts' weights)
   int64_t rows = 0, cols = 0;
   int64_t block_rows = 1;   // 1 or 128
   int64_t col_blocks = 0;
