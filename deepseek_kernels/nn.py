@@ -28,6 +28,42 @@ def _autocast(*tensors: Optional[Tensor]):
     return tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
+class _FP8GroupedFunction(torch.autograd.Function):
+    """Grouped FP8 forward (rows in 1x128 blocks, each group's weight in 128x128 blocks);
+    straight-through backward in bf16, as :class:`FP8Linear`'s."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weights: Tensor, offsets: Tensor, use_kernels: bool) -> Tensor:
+        K = _ops if use_kernels else _reference
+        qx, sx = K.quantize_fp8(x, (1, 128))
+        qw, sw = K.quantize_fp8(weights, (128, 128))
+        out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float16) \
+            else torch.float32
+        ctx.save_for_backward(x, weights, offsets)
+        ctx.use_kernels = use_kernels
+        return K.fp8_grouped_gemm(qx, sx, qw, sw, offsets, out_dtype=out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, weights, offsets = ctx.saved_tensors
+        gb, xb, wb = dy.to(torch.bfloat16), x.to(torch.bfloat16), weights.to(torch.bfloat16)
+        dx = dw = None
+        if ctx.use_kernels:
+            if ctx.needs_input_grad[0]:
+                dx = _ops.grouped_gemm(gb, wb.transpose(1, 2).contiguous(), offsets)
+            if ctx.needs_input_grad[1]:
+                dw = torch.ops.deepseek_kernels.grouped_gemm_wgrad(gb.contiguous(), xb, offsets,
+                                                                    weights.shape[0])
+        else:
+            bounds = offsets.tolist()
+            if ctx.needs_input_grad[0]:
+                dx = _reference.grouped_gemm(gb, wb.transpose(1, 2), offsets, out_dtype=torch.bfloat16)
+            if ctx.needs_input_grad[1]:
+                dw = torch.stack([gb[lo:hi].t() @ xb[lo:hi] for lo, hi in zip(bounds, bounds[1:])])
+        return (None if dx is None else dx.to(x.dtype), None if dw is None else dw.to(weights.dtype),
+                None, None)
+
+
 class MoELayer(nn.Module):
     """Top-k routed SwiGLU experts plus optional always-on shared experts.
 
@@ -39,7 +75,10 @@ class MoELayer(nn.Module):
     ``[E, capacity, hidden]`` and runs one ``bmm`` per projection; dropless mode
     (``capacity_factor=None``) permutes into expert-contiguous rows and runs one
     :func:`deepseek_kernels.grouped_gemm` per projection (with ``use_kernels=False``,
-    one matmul per expert).
+    one matmul per expert). With ``fp8=True`` the experts' projections run FP8
+    block-scaled (:func:`deepseek_kernels.fp8_grouped_gemm` in both modes: the capacity
+    buffer is E groups of ``capacity`` rows), backward straight-through in bf16 as
+    :class:`FP8Linear`.
 
     After each forward, ``self.aux_loss`` holds ``aux_loss_alpha`` * the balancing
     loss + ``z_loss_coef`` * the router z-loss (0 when both are 0), and
@@ -55,7 +94,7 @@ class MoELayer(nn.Module):
                  drop_policy: str = "position", aux_loss_alpha: float = 0.0,
                  z_loss_coef: float = 0.0, bias_update_rate: float = 0.0,
                  use_correction_bias: Optional[bool] = None, jitter_eps: float = 0.0,
-                 device=None, dtype=None):
+                 fp8: bool = False, device=None, dtype=None):
         super().__init__()
         fk = dict(device=device, dtype=dtype)
         self.hidden, self.ffn_hidden, self.num_experts, self.k = hidden, ffn_hidden, num_experts, k
@@ -65,6 +104,7 @@ class MoELayer(nn.Module):
         self.drop_policy = drop_policy
         self.aux_loss_alpha, self.z_loss_coef = aux_loss_alpha, z_loss_coef
         self.bias_update_rate, self.jitter_eps = bias_update_rate, jitter_eps
+        self.fp8 = fp8
         self.router = nn.Linear(hidden, num_experts, bias=False, device=device, dtype=torch.float32)
         if use_correction_bias is None:
             use_correction_bias = bias_update_rate > 0
@@ -95,6 +135,13 @@ class MoELayer(nn.Module):
         g, u = h.chunk(2, dim=-1)
         return F.silu(g) * u
 
+    def _fp8_experts(self, rows: Tensor, offsets: Tensor) -> Tensor:
+        """SwiGLU experts on expert-contiguous ``rows`` with FP8 projections."""
+        # The expert weights are stored [E, in, out]; the grouped GEMMs take [E, out, in].
+        w1, w2 = self.w_gate_up.transpose(1, 2), self.w_down.transpose(1, 2)
+        h = self._swiglu(_FP8GroupedFunction.apply(rows, w1, offsets, self.use_kernels))
+        return _FP8GroupedFunction.apply(h, w2, offsets, self.use_kernels)
+
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.hidden)
@@ -113,12 +160,19 @@ class MoELayer(nn.Module):
             drop_policy=self.drop_policy))
         if cap is not None:
             d = K.moe_dispatch(x2, g.expert_ids, g.slots, self.num_experts, cap)
-            h = self._swiglu(torch.bmm(d, self.w_gate_up))
-            eo = torch.bmm(h, self.w_down)
+            if self.fp8:
+                rows = torch.arange(self.num_experts + 1, device=x2.device) * cap
+                eo = self._fp8_experts(d.reshape(-1, self.hidden), rows).reshape(
+                    self.num_experts, cap, self.hidden)
+            else:
+                h = self._swiglu(torch.bmm(d, self.w_gate_up))
+                eo = torch.bmm(h, self.w_down)
             y = K.moe_combine(eo, g.expert_ids, g.slots, g.weights)
         else:
             packed, offsets = K.moe_permute(x2, g.expert_ids, g.slots, g.expert_counts)
-            if self.use_kernels:
+            if self.fp8:
+                eo = self._fp8_experts(packed, offsets)
+            elif self.use_kernels:
                 # The expert weights are stored [E, in, out]; grouped_gemm takes [E, out, in].
                 packed, w1, w2 = _autocast(packed, self.w_gate_up.transpose(1, 2),
                                            self.w_down.transpose(1, 2))

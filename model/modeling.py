@@ -48,7 +48,7 @@ class ModelConfig:
     aux_loss_alpha: float = 0.01
     bias_update_rate: float = 0.0             # > 0: DeepSeek-V3 aux-loss-free balancing
     max_text_len: int = 32
-    fp8: bool = False              # FP8 block-scaled MLP/expert-free projections (sm_89+)
+    fp8: bool = False              # FP8 block-scaled projections and experts
 
     def to_dict(self) -> Dict:
         return asdict(self)
@@ -100,7 +100,7 @@ class TextBlock(nn.Module):
                                 num_shared_experts=cfg.num_shared_experts,
                                 capacity_factor=cfg.capacity_factor,
                                 aux_loss_alpha=cfg.aux_loss_alpha,
-                                bias_update_rate=cfg.bias_update_rate)
+                                bias_update_rate=cfg.bias_update_rate, fp8=cfg.fp8)
 
     def forward(self, x: Tensor, image: Tensor) -> Tensor:
         x = x + self.self_attn(self.norm1(x), causal=True)

@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--expert-hidden", type=int, default=64)
     a("--capacity-factor", type=float, default=None, help="None = dropless MoE")
     a("--bias-update-rate", type=float, default=0.0)
-    a("--fp8", action="store_true", help="FP8 block-scaled projections (CUDA sm_89+)")
+    a("--fp8", action="store_true", help="FP8 block-scaled projections and experts (e4m3, DeepSeek-V3 scaling)")
     return p
 
 

@@ -130,12 +130,13 @@ def test_missing_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_fp8_projections_train(tmp_path):
-    """--fp8: every projection an FP8Linear (block-scaled e4m3 forward, bf16 backward)."""
+    """--fp8: every projection an FP8Linear and the experts FP8 (block-scaled e4m3
+    forward, bf16 backward)."""
     res, out = run(tmp_path, "fp8", "--fp8", steps=6)
     assert res["finished"] and all(math.isfinite(l) for l in res["losses"])
     model, _, _ = gen.load_model("auto", out, torch.device("cpu"))
     from deepseek_kernels.nn import FP8Linear
-    assert isinstance(model.lm_head, FP8Linear)
+    assert isinstance(model.lm_head, FP8Linear) and model.text_blocks[0].moe.fp8
 
 
 def test_own_folder_of_images(tmp_path):
