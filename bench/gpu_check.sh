@@ -5,7 +5,8 @@
 # the rest of the suite), compute-sanitizer memcheck over a small CUDA test
 # run, the GPU benchmarks and the model demo on the GPU. Logs and the results JSON go
 # to OUTDIR. Knobs: TESTS=paths, PYTEST_ARGS (e.g. "-m cuda"), SKIP_TESTS=1, SKIP_SANITIZER=1, SANITIZE_FAMILIES="quant
-# moe gemm attention", SKIP_BENCH=1, QUANT_BENCH_ARGS=--ab (v1/v2 A/B only),
+# moe moe-v2 gemm gemm-v2 fp8-v2 attention attention-v2" (the *-v2 runs: that family's newer kernels),
+# SKIP_BENCH=1, QUANT_BENCH_ARGS=--ab (v1/v2 A/B only),
 # MOE_BENCH_ARGS (default --profile), SKIP_DEMO=1; DSK_DIGITS_CSV=digits.csv.gz where
 # scikit-learn is missing.
 set -uo pipefail
@@ -38,9 +39,9 @@ fi
 
 step "compute-sanitizer memcheck (small CUDA test runs)"
 # One small run per op family; SANITIZE_FAMILIES picks a subset.
-sanitize() {  # name, test file, -k expression
+sanitize() {  # name, test file, -k expression, then optional VAR=value (e.g. a forced kernel)
   if [ ! -f "$2" ]; then return; fi
-  timeout ${SANITIZER_TIMEOUT:-300} compute-sanitizer --tool memcheck --error-exitcode 9 --target-processes all \
+  timeout ${SANITIZER_TIMEOUT:-300} env "${@:4}" compute-sanitizer --tool memcheck --error-exitcode 9 --target-processes all \
     $PY -m pytest "$2" -q -p no:cacheprovider -m cuda -k "$3" >"$OUT/sanitizer-$1.log" 2>&1
   local rc=$?
   echo "$1: $(grep -E 'passed|failed' "$OUT/sanitizer-$1.log" | tail -1) | $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer-$1.log" | sort -u | tr '\n' ' ')"
@@ -48,12 +49,17 @@ sanitize() {  # name, test file, -k expression
 }
 if [ "${SKIP_SANITIZER:-0}" = 1 ]; then echo "skipped (SKIP_SANITIZER=1)"
 elif command -v compute-sanitizer >/dev/null; then
-  for fam in ${SANITIZE_FAMILIES:-quant moe gemm attention}; do
+  # The *-v2 runs force the newer kernel generation of a family for every test.
+  for fam in ${SANITIZE_FAMILIES:-quant moe moe-v2 gemm gemm-v2 fp8-v2 attention attention-v2}; do
     case $fam in
       quant) sanitize quant tests/test_quant.py "matches_reference and not 1024 or nonfinite or bad_inputs or agree" ;;
       moe) sanitize moe tests/test_moe.py "matches_reference or shapes or nonfinite or empty or agree" ;;
+      moe-v2) sanitize moe-v2 tests/test_moe.py "matches_reference or shapes or nonfinite or empty or agree" DSK_MOE_KERNEL=v2 ;;
       gemm) sanitize gemm tests/test_gemm.py "${SANITIZE_K_GEMM:-not 8192 and not large}" ;;
+      gemm-v2) sanitize gemm-v2 tests/test_gemm.py "${SANITIZE_K_GEMM:-not 8192 and not large} and not fp8" DSK_GEMM_KERNEL=v2 ;;
+      fp8-v2) sanitize fp8-v2 tests/test_gemm.py "tensor_core or fp8_grouped_gemm_cuda" ;;  # they select v2
       attention) sanitize attention tests/test_attention.py "${SANITIZE_K_ATTENTION:-not 4097 and not large}" ;;
+      attention-v2) sanitize attention-v2 tests/test_attention.py "${SANITIZE_K_ATTENTION:-not 4097 and not large}" DSK_ATTENTION_KERNEL=v2 ;;
     esac
   done
 else
