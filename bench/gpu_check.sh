@@ -6,7 +6,7 @@
 # run, the GPU benchmarks and the model demo on the GPU. Logs and the results JSON go
 # to OUTDIR. Knobs: TESTS=paths, PYTEST_ARGS (e.g. "-m cuda"), SKIP_TESTS=1, SKIP_SANITIZER=1, SANITIZE_FAMILIES="quant
 # moe moe-v2 gemm gemm-v2 fp8-v2 attention attention-v2" (the *-v2 runs: that family's newer kernels),
-# SKIP_BENCH=1, QUANT_BENCH_ARGS=--ab (v1/v2 A/B only),
+# SKIP_LARGE=1 (the past-2^31 tests), SKIP_BENCH=1, QUANT_BENCH_ARGS=--ab (v1/v2 A/B only),
 # MOE_BENCH_ARGS (default --profile), SKIP_DEMO=1; DSK_DIGITS_CSV=digits.csv.gz where
 # scikit-learn is missing.
 set -uo pipefail
@@ -34,6 +34,12 @@ $PY -c "import json, deepseek_kernels as d; print(json.dumps(d.build_info(), ind
 step "tests (${TESTS:-tests}: CUDA and CPU)"
 if [ "${SKIP_TESTS:-0}" = 1 ]; then echo "skipped (SKIP_TESTS=1)"; else
   $PY -m pytest ${TESTS:-tests} ${PYTEST_ARGS:-} -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+
+step "past 2^31 elements (CUDA cases of tests/test_large.py)"
+if [ "${SKIP_LARGE:-0}" = 1 ]; then echo "skipped (SKIP_LARGE=1)"; else
+  DSK_LARGE_TESTS=1 $PY -m pytest tests/test_large.py -q -rs -p no:cacheprovider -k cuda 2>&1 | tee "$OUT/tests-large.log" | tail -5
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 
