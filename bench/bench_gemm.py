@@ -22,6 +22,8 @@ matmul peak measured in the same run; medians.
                      one matmul of the same total size
   fp8 v2, fp8 grouped v2   (CUDA) the same with the FP8 tensor-core kernel (DSK_FP8_KERNEL=v2),
                      after checking it against the exact kernel
+  int8 v2            (CUDA) the INT8 tensor-core kernel (DSK_INT8_KERNEL=v2), after checking it
+                     bitwise against dp4a
 
 Results go to ``bench/results/gemm-<device_name>.json``.
 
@@ -326,6 +328,18 @@ def main(argv=None) -> int:
         (lambda: torch.matmul(abf, wbf.t())) if has_int_mm else None)
     print("note   : int8 peer is torch._int_mm + scaling" if has_int_mm
           else "note   : torch._int_mm unavailable here; int8 peer is a bf16 matmul")
+    if device.type == "cuda":
+        # v2: INT8 tensor cores (opt-in; DSK_INT8_KERNEL=v2), bitwise v1 when correct.
+        old = torch.ops.deepseek_kernels._int8_cuda_kernel(2)
+        try:
+            checks["int8_v2_bitwise_v1"] = bool(torch.equal(dk.int8_gemm(qa, sa, qw, sw), out))
+            print(f"check  : int8 v2 (tensor cores) bitwise v1 -> {checks['int8_v2_bitwise_v1']}")
+            if checks["int8_v2_bitwise_v1"]:
+                row("int8 v2", f"{m}x{n}x{k}", 2.0 * m * n * k, lambda: dk.int8_gemm(qa, sa, qw, sw),
+                    int_mm_peer if has_int_mm else (lambda: torch.matmul(abf, wbf.t())),
+                    (lambda: torch.matmul(abf, wbf.t())) if has_int_mm else None)
+        finally:
+            torch.ops.deepseek_kernels._int8_cuda_kernel(old)
 
     del a, w, qa, qw, abf, wbf
     m, n, k = cfg["fp8"]

@@ -360,6 +360,36 @@ def test_int8_gemm_bitwise(device, mnk, out_dtype, with_bias):
     assert out.dtype == out_dtype and torch.equal(out, want)
 
 
+def test_int8_cuda_kernel_op():
+    op = torch.ops.deepseek_kernels._int8_cuda_kernel
+    start = op(0)
+    assert op(2) == start and op(0) == 2
+    assert op(start) == 2 and op(0) == start
+    with pytest.raises(ValueError, match="0, 1 or 2"):
+        op(5)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+def test_int8_tensor_core_kernel_bitwise(out_dtype):
+    """v2 (mma.sync s8) gives the reference's bits: integer sums are exact in any
+    order. Tails of its 128 x 128 x 64 and 64 x 64 x 64 tiles, K with |acc| past 2^24
+    (rounded to fp32 the same way), K % 16 != 0 (falls back to dp4a), bias or not."""
+    op = torch.ops.deepseek_kernels._int8_cuda_kernel
+    old = op(2)
+    try:
+        for m, n, k in [(1, 8, 128), (17, 136, 1024), (300, 200, 528), (1000, 1000, 4096),
+                        (129, 257, 2048), (100, 72, 1030)]:
+            a, a_s, w, w_s = _int8_problem(m, n, k, "cuda")
+            for bias in (None, torch.randn(n, device="cuda")):
+                out = dk.int8_gemm(a, a_s, w, w_s, bias=bias, out_dtype=out_dtype)
+                want = ref.int8_gemm(a, a_s, w, w_s, bias=bias, out_dtype=out_dtype)
+                assert torch.equal(out, want), (m, n, k, bias is not None)
+    finally:
+        op(old)
+
+
 def test_int8_gemm_accumulation_is_exact():
     # Unit scales and fp32 out expose the raw int32 accumulator; K large enough
     # that |acc| passes 2^24 would be rounded identically, so keep it below.

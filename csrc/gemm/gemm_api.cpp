@@ -50,10 +50,20 @@ KernelChoice& fp8_kernel_choice() {
   return choice;
 }
 
-// Private op: 1 or 2 selects the CUDA FP8 GEMM kernel for later calls, 0 only
-// asks. Returns the previous choice.
+// Private ops: 1 or 2 selects the CUDA FP8 / INT8 GEMM kernel for later calls,
+// 0 only asks. Return the previous choice.
 int64_t fp8_cuda_kernel_op(int64_t version) {
   return fp8_kernel_choice().switch_to("_fp8_cuda_kernel", version);
+}
+
+// DSK_INT8_KERNEL: v1 (dp4a, the default) or v2 (tensor cores; the same bits).
+KernelChoice& int8_kernel_choice() {
+  static KernelChoice choice("DSK_INT8_KERNEL", 1, 2);
+  return choice;
+}
+
+int64_t int8_cuda_kernel_op(int64_t version) {
+  return int8_kernel_choice().switch_to("_int8_cuda_kernel", version);
 }
 
 // |acc| <= 127 * 127 * K must fit in int32.
@@ -465,6 +475,7 @@ at::Tensor int8_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::
   p.m = m;
   p.n = n;
   p.k = k;
+  p.cuda_kernel = int8_kernel_choice().get();
   if (a.is_cuda()) {
 #ifdef DSK_WITH_CUDA
     C10_CUDA_CHECK(static_cast<cudaError_t>(int8_gemm_cuda(p, stream_of(a))));
@@ -530,4 +541,5 @@ at::Tensor fp8_grouped_gemm(const at::Tensor& a, const at::Tensor& a_scales, con
 TORCH_LIBRARY_FRAGMENT(deepseek_kernels, m) {
   m.def("_gemm_cuda_kernel(int version=0) -> int", &dsk::gemm::gemm_cuda_kernel_op);
   m.def("_fp8_cuda_kernel(int version=0) -> int", &dsk::gemm::fp8_cuda_kernel_op);
+  m.def("_int8_cuda_kernel(int version=0) -> int", &dsk::gemm::int8_cuda_kernel_op);
 }

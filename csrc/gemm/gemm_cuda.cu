@@ -19,7 +19,8 @@
 //   the groups' tile counts; surplus CTAs exit.
 // fp32: a SIMT kernel (64 x 64 tiles, 4 x 4 outputs per thread), same tiling of rows.
 // INT8: dp4a SIMT kernel with exact int32 accumulation; the scaling uses
-//   __fmul_rn/__fadd_rn so it rounds exactly as the CPU kernel.
+//   __fmul_rn/__fadd_rn so it rounds exactly as the CPU kernel. An opt-in
+//   tensor-core kernel (v2, mma.sync m16n8k32 s8) gives the same bits.
 // FP8 (e4m3, block scales): SIMT kernels that follow the contract in
 //   gemm_params.h step by step (bitwise equal to the CPU; the default), and an
 //   opt-in tensor-core GEMM (v2, sm_89+: mma.sync m16n8k32 e4m3 on the v1 tiling,
@@ -95,12 +96,19 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// FP8 e4m3 runs the 16-bit kernels' tiling on pairs of codes (uint16_t): the byte
-// layout of m16n8k32's 8-bit A/B fragments is that of m16n8k16's 16-bit ones, so
-// the same ldmatrix addresses feed it, each step covering 32 codes of K.
+// 8-bit operands run the 16-bit kernels' tiling on pairs of codes: the byte layout
+// of m16n8k32's 8-bit A/B fragments is that of m16n8k16's 16-bit ones, so the same
+// ldmatrix addresses feed it, each step covering 32 codes of K.
+struct E4m3x2 {  // two FP8 e4m3 codes
+  uint16_t bits;
+};
+struct S8x2 {  // two int8 codes
+  uint16_t bits;
+};
+
 template <>
-__device__ __forceinline__ void mma_16816<uint16_t>(float (&d)[4], const uint32_t (&a)[4],
-                                                    const uint32_t (&b)[2]) {
+__device__ __forceinline__ void mma_16816<E4m3x2>(float (&d)[4], const uint32_t (&a)[4],
+                                                  const uint32_t (&b)[2]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
   asm volatile(
       "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, "
@@ -110,6 +118,24 @@ __device__ __forceinline__ void mma_16816<uint16_t>(float (&d)[4], const uint32_
 #else
   __trap();  // never launched: fp8_gemm_cuda checks the kernel was built for sm_89+
 #endif
+}
+
+// int32 accumulators (exact) carried in the float registers of the shared main
+// loop as their bit patterns; zero is the same bits in both.
+template <>
+__device__ __forceinline__ void mma_16816<S8x2>(float (&d)[4], const uint32_t (&a)[4],
+                                                const uint32_t (&b)[2]) {
+  uint32_t c0 = __float_as_uint(d[0]), c1 = __float_as_uint(d[1]);
+  uint32_t c2 = __float_as_uint(d[2]), c3 = __float_as_uint(d[3]);
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+r"(c0), "+r"(c1), "+r"(c2), "+r"(c3)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  d[0] = __uint_as_float(c0);
+  d[1] = __uint_as_float(c1);
+  d[2] = __uint_as_float(c2);
+  d[3] = __uint_as_float(c3);
 }
 
 // Element offset of 16-byte chunk `chunk` of shared row `row` (swizzled, see top).
@@ -829,7 +855,7 @@ __global__ void __launch_bounds__(256) fp8_gemm_kernel(Fp8GemmParams p) {
 // contract to within the rounding of those sums, not bitwise.
 template <int BM, int BN, int WARPS_M, int WARPS_N>
 __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32) fp8_mma_gemm_kernel(Fp8GemmParams p) {
-  using Pair = uint16_t;
+  using Pair = E4m3x2;
   constexpr int kWarpM = BM / WARPS_M, kWarpN = BN / WARPS_N;
   constexpr int MI = kWarpM / 16, NI = kWarpN / 8;
   constexpr int kTilesPerBlock = kFp8Block / (2 * kBK);  // 2 k tiles of 64 codes
@@ -883,6 +909,57 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32) fp8_mma_gemm_kernel(Fp
   out.m = p.m;
   out.n = p.n;
   mma_epilogue(out, acc, warp_row0, tile.row_end, n0 + (warp % WARPS_N) * kWarpN);
+}
+
+// INT8 on tensor cores (v2, opt-in until it has run on a GPU): mma.sync m16n8k32
+// s8 on the v1 tiling (pairs of codes, as FP8). Integer sums are exact in any
+// order, and the epilogue rounds as the dp4a kernel's, so the two agree bitwise.
+template <int BM, int BN, int WARPS_M, int WARPS_N>
+__global__ void __launch_bounds__(WARPS_M * WARPS_N * 32) int8_mma_gemm_kernel(Int8GemmParams p) {
+  constexpr int kWarpM = BM / WARPS_M, kWarpN = BN / WARPS_N;
+  constexpr int MI = kWarpM / 16, NI = kWarpN / 8;
+  __shared__ __align__(128) S8x2 smem_a[kStages][BM * kBK];
+  __shared__ __align__(128) S8x2 smem_b[kStages][BN * kBK];
+
+  int64_t m_tile, n_tile;
+  raster_order(blockIdx.x, (p.m + BM - 1) / BM, (p.n + BN - 1) / BN, m_tile, n_tile);
+  RowTile tile;
+  tile.row_begin = m_tile * BM;
+  tile.row_end = min(tile.row_begin + BM, p.m);
+  const int64_t n0 = n_tile * BN;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t warp_row0 = tile.row_begin + (warp / WARPS_N) * kWarpM;
+  const int64_t warp_n0 = n0 + (warp % WARPS_N) * kWarpN;
+  float acc[MI][NI][4];  // int32 bit patterns until the scaling below
+  mma_mainloop<S8x2, BM, BN, WARPS_M, WARPS_N>(reinterpret_cast<const S8x2*>(p.a),
+                                               reinterpret_cast<const S8x2*>(p.w), p.k / 2, tile, n0,
+                                               p.n, smem_a, smem_b, acc, [](int64_t) {});
+  // (float(acc) * a_scale[row]) * w_scale[col] in place (reads clamped, stores masked),
+  // then the shared epilogue adds the bias and stores.
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t row = min(warp_row0 + mi * 16 + (lane >> 2) + half * 8, p.m - 1);
+      const float a_scale = p.a_scales[row];
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int64_t col = min(warp_n0 + ni * 8 + (lane & 3) * 2 + j, p.n - 1);
+          float& v = acc[mi][ni][2 * half + j];
+          v = __fmul_rn(__fmul_rn(__int2float_rn(__float_as_int(v)), a_scale), p.w_scales[col]);
+        }
+      }
+    }
+  }
+  GemmParams out;  // the shared epilogue's view: bias, no activation
+  out.out = p.out;
+  out.out_dtype = p.out_dtype;
+  out.bias = p.bias;
+  out.m = p.m;
+  out.n = p.n;
+  mma_epilogue(out, acc, warp_row0, tile.row_end, warp_n0);
 }
 
 // ---------------------------------------------------------------------------
@@ -961,11 +1038,9 @@ bool launch_fp8_mma(const Fp8GemmParams& p, cudaStream_t stream, cudaError_t& er
   } else if ((usable.load(std::memory_order_relaxed) & bit) == 0) {
     return false;
   }
-  // 128 x 128 tiles (8 warps of 64 x 32) when they fill the GPU, else 64 x 64.
-  const bool big = row_tiles(p, 128) * ((p.n + 127) / 128) >= multiprocessor_count();
-  if (big) {
-    const int64_t ctas = row_tiles(p, 128) * ((p.n + 127) / 128);
-    fp8_mma_gemm_kernel<128, 128, 2, 4><<<static_cast<unsigned>(ctas), 256, 0, stream>>>(p);
+  const int64_t big_ctas = row_tiles(p, 128) * ((p.n + 127) / 128);
+  if (big_ctas >= multiprocessor_count()) {
+    fp8_mma_gemm_kernel<128, 128, 2, 4><<<static_cast<unsigned>(big_ctas), 256, 0, stream>>>(p);
   } else {
     const int64_t ctas = row_tiles(p, 64) * ((p.n + 63) / 64);
     fp8_mma_gemm_kernel<64, 64, 2, 2><<<static_cast<unsigned>(ctas), 128, 0, stream>>>(p);
@@ -1005,9 +1080,21 @@ int gemm_cuda(const GemmParams& p, void* stream) {
 
 int int8_gemm_cuda(const Int8GemmParams& p, void* stream) {
   if (p.m == 0 || p.n == 0) return static_cast<int>(cudaSuccess);
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (p.cuda_kernel == 2 && p.k % 16 == 0) {
+    // The quantized tensor-core kernels' tilings (as FP8): 128 x 128 when they fill the GPU.
+    const int64_t big_ctas = ((p.m + 127) / 128) * ((p.n + 127) / 128);
+    if (big_ctas >= multiprocessor_count()) {
+      int8_mma_gemm_kernel<128, 128, 2, 4><<<static_cast<unsigned>(big_ctas), 256, 0, s>>>(p);
+    } else {
+      const int64_t ctas = ((p.m + 63) / 64) * ((p.n + 63) / 64);
+      int8_mma_gemm_kernel<64, 64, 2, 2><<<static_cast<unsigned>(ctas), 128, 0, s>>>(p);
+    }
+    return static_cast<int>(cudaGetLastError());
+  }
   const dim3 grid(static_cast<unsigned>((p.m + kI8Tile - 1) / kI8Tile),
                   static_cast<unsigned>((p.n + kI8Tile - 1) / kI8Tile));
-  int8_gemm_kernel<<<grid, 256, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  int8_gemm_kernel<<<grid, 256, 0, s>>>(p);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -74,6 +74,9 @@ struct Int8GemmParams {
   void* out = nullptr;              // [M, N], dtype out_dtype
   DType out_dtype = DType::kBFloat16;
   int64_t m = 0, n = 0, k = 0;
+  // CUDA kernel: 1 (default) dp4a; 2 tensor cores (mma.sync s8, K % 16 == 0, else
+  // 1), bitwise the same results. Filled by the glue (DSK_INT8_KERNEL / _int8_cuda_kernel).
+  int cuda_kernel = 1;
 };
 
 struct QuantizeRowsParams {
