@@ -27,14 +27,14 @@ matmul peak measured in the same run; medians.
 
 Results go to ``bench/results/gemm-<device_name>.json``.
 
-    python bench/bench_gemm.py --device cuda --ab   # our CUDA GEMM v1 vs v2 vs cuBLAS, < 30 s
+    python bench/bench_gemm.py --device cuda --ab   # our CUDA GEMM v1 vs v2 vs v3 vs cuBLAS, < 30 s
 
 --ab times only the bf16 GEMM (4096^3 and 8192^3, plain and bias + gelu) with
-our two CUDA kernel generations and torch.matmul / F.gelu(F.linear) side by
+our three CUDA kernel generations and torch.matmul / F.gelu(F.linear) side by
 side in one process (the private op ``_gemm_cuda_kernel`` switches kernels
 between calls; DSK_GEMM_KERNEL sets the starting one). v2 is checked first:
 bitwise equal to v1 for the plain GEMM, and within 2x the peer's error against
-fp64 for both; a row that fails is not timed for v2. Results go to
+fp64 for both (v3, wgmma: that error criterion only); a kernel that fails is not timed. Results go to
 ``<out>/<device_name>-gemm-ab.json``.
 """
 
@@ -90,17 +90,18 @@ def _balanced_offsets(rows, experts, device):
                                                                                 dtype=torch.int32)
 
 
-AB_COLUMNS = ["op", "shape", "v1_ms", "v2_ms", "cublas_ms", "v2_vs_v1", "v2_vs_cublas",
-              "v1_vs_cublas", "v2_TFLOP/s", "%matmul_peak"]
+AB_COLUMNS = ["op", "shape", "v1_ms", "v2_ms", "v3_ms", "cublas_ms", "v2_vs_v1", "v2_vs_cublas",
+              "v3_vs_cublas", "v1_vs_cublas", "v2_TFLOP/s", "v3_TFLOP/s", "%matmul_peak"]
 
 
 def set_kernel(version: int) -> int:
-    """Select our CUDA GEMM generation (1/2) for later calls, 0 only asks; returns the previous."""
+    """Select our CUDA GEMM generation (1/2/3, 4 = auto) for later calls, 0 only asks; returns
+    the previous."""
     return int(torch.ops.deepseek_kernels._gemm_cuda_kernel(version))
 
 
 def main_ab(args) -> int:
-    """--ab: v1 vs v2 vs cuBLAS at bf16 4096^3 and 8192^3, plain and bias + gelu."""
+    """--ab: v1 vs v2 vs v3 vs cuBLAS at bf16 4096^3 and 8192^3, plain and bias + gelu."""
     import datetime
 
     import deepseek_kernels as dk
@@ -128,10 +129,11 @@ def main_ab(args) -> int:
             for op, bias, act, peer in cases:
                 name = f"{op} {s}^3"
                 ours = {}
-                for v in (1, 2):
+                for v in (1, 2, 3):
                     set_kernel(v)
                     ours[v] = dk.gemm(a, w, bias, activation=act)
                 want = ref.gemm(a, w, bias, activation=act, out_dtype=torch.float64)
+                _check(f"v3 {name}", ours[3], peer(), want, checks)
                 _check(f"v2 {name}", ours[2], peer(), want, checks)
                 _check(f"v1 {name}", ours[1], peer(), want, checks)
                 del want
@@ -161,6 +163,14 @@ def main_ab(args) -> int:
                           flush=True)
                 else:
                     print(f"  {name}: v2 failed its check -- not timed", flush=True)
+                if checks[f"v3 {name}"]:  # wgmma (v2 where sm_90a is missing)
+                    r["v3_ms"] = T.time_fn(run(3), device, **timing)["median_ms"]
+                    r["v3_vs_cublas"] = r["cublas_ms"] / r["v3_ms"]
+                    r["v3_TFLOP/s"] = 2.0 * s ** 3 / (r["v3_ms"] * 1e-3) / 1e12
+                    print(f"  {name}: v3 {r['v3_ms']:.3f} ms ({100 * r['v3_vs_cublas']:.1f}% of cuBLAS)",
+                          flush=True)
+                else:
+                    print(f"  {name}: v3 failed its check -- not timed", flush=True)
                 rows.append(r)
             del a, w, b
     finally:
@@ -176,7 +186,9 @@ def main_ab(args) -> int:
         notes={"cublas": "torch.matmul(a, w.t()) / F.gelu(F.linear(a, w, b)) at bf16",
                "v1": "mma.sync, 128x128 (or 64x64) tiles, 3-stage cp.async",
                "v2": "mma.sync, 128x256 tiles, 8 warps of 64x64, 5-stage cp.async, "
-                     "double-buffered fragments"},
+                     "double-buffered fragments",
+               "v3": "wgmma m64n256k16 (sm_90a; v2 elsewhere), 128x256 tiles, 2 warpgroups, "
+                     "4-stage cp.async into 128B-swizzled shared memory"},
         torch=torch.__version__, build=dk.build_info()))
     print(f"\nwrote {path}")
     return 0 if all(checks.values()) else 1

@@ -469,15 +469,17 @@ def test_gemm_cuda_kernel_op():
     # A catch-all op: works (and is checked) on CPU-only builds too.
     op = torch.ops.deepseek_kernels._gemm_cuda_kernel
     start = op(0)
-    assert start in (1, 2, 3)
+    assert start in (1, 2, 3, 4)
     with _gemm_kernel(2):
         assert op(0) == 2
         assert op(1) == 2 and op(0) == 1
     assert op(0) == start
     with _gemm_kernel(3):
         assert op(0) == 3
-    with pytest.raises(ValueError, match="0, 1, 2 or 3"):
-        op(4)
+    with _gemm_kernel(4):  # auto
+        assert op(0) == 4
+    with pytest.raises(ValueError, match="0, 1, 2, 3 or 4"):
+        op(5)
 
 
 # (M, N, K): every tail of v2's 128 x 256 x 32 tiles; K = 17 is padded to 24 by the
@@ -513,13 +515,14 @@ def _cpu_case(mnk, dtype):
 
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("version", [1, 2], ids=["v1", "v2"])
+@pytest.mark.parametrize("version", [1, 2, 3], ids=["v1", "v2", "v3"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_cuda_kernel_versions_match_cpu(version, dtype):
     """Each CUDA kernel generation against the CPU (fp32 BLAS + our epilogue) and
     fp64: every activation, bias on/off, odd shapes. v2 must also equal v1
     bitwise where the epilogue has no transcendental (same mma sequence per
-    output element: K in 32-wide tiles, 16 at a time, ascending)."""
+    output element: K in 32-wide tiles, 16 at a time, ascending). v3 (wgmma; v2
+    on GPUs without sm_90a) sums in the wgmma's order: the tolerances only."""
     eps = torch.finfo(dtype).eps
     for mnk in _VERSION_SHAPES:
         a, w, b, cases = _cpu_case(mnk, dtype)
@@ -566,6 +569,29 @@ def test_cuda_kernel_v2_large_square():
     rows = slice(1900, 2048)
     want = ref.gemm(a[rows], w, b, activation="gelu", out_dtype=torch.float64)
     _check_close(v2g[rows], _torch_peer(a[rows], w, b, "gelu"), want, "v2 2048^3 gelu")
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_kernel_v3_wgmma():
+    """v3 (wgmma) on full waves and every tail of its 128 x 256 x 64 tiles, against
+    fp64 with the usual 2x-of-PyTorch criterion, bf16 and fp16, and twice the same
+    bits (deterministic). On a GPU without sm_90a it runs v2 (still checked)."""
+    for dtype in (torch.bfloat16, torch.float16):
+        for m, n, k in [(2048, 2048, 2048), (4097, 300, 200), (129, 257, 72), (1, 8, 8), (300, 4100, 1000)]:
+            a = torch.randn(m, k, device="cuda").to(dtype)
+            w = (torch.randn(n, k, device="cuda") * k ** -0.5).to(dtype)
+            b = torch.randn(n, device="cuda").to(dtype)
+            with _gemm_kernel(3):
+                out = dk.gemm(a, w, b, activation="gelu")
+                again = dk.gemm(a, w, b, activation="gelu")
+            assert torch.equal(out, again)
+            rows = slice(max(0, m - 200), m)  # the last rows: the M tail
+            want = ref.gemm(a[rows], w, b, activation="gelu", out_dtype=torch.float64)
+            _check_close(out[rows], _torch_peer(a[rows], w, b, "gelu"), want, f"v3 {(m, n, k)} {dtype}")
+            rows = slice(0, min(m, 200))
+            want = ref.gemm(a[rows], w, b, activation="gelu", out_dtype=torch.float64)
+            _check_close(out[rows], _torch_peer(a[rows], w, b, "gelu"), want, f"v3 {(m, n, k)} {dtype}")
 
 
 @requires_cuda

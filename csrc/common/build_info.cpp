@@ -41,4 +41,9 @@ std::vector<std::pair<std::string, std::string>> build_info() {
   return info;
 }
 
+bool built_for_cuda_arch(const std::string& arch) {
+  const std::string archs = std::string(";") + DSK_CUDA_ARCHS + ";";
+  return archs.find(";" + arch + ";") != std::string::npos;
+}
+
 }  // namespace dsk

@@ -10,4 +10,8 @@ namespace dsk {
 // (key, value) pairs; values are strings, "true"/"false" for flags.
 std::vector<std::pair<std::string, std::string>> build_info();
 
+// Whether the CUDA kernels were compiled for `arch` (e.g. "sm_90a"): the names
+// build_info() lists under cuda_archs.
+bool built_for_cuda_arch(const std::string& arch);
+
 }  // namespace dsk

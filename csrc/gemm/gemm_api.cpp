@@ -18,6 +18,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/build_info.h"
 #include "common/checks.h"
 #include "common/kernel_choice.h"
 #include "gemm/gemm_api.h"
@@ -33,12 +34,12 @@ namespace {
 
 // DSK_GEMM_KERNEL: auto (the default), v1 or v2, read on first use.
 KernelChoice& gemm_kernel_choice() {
-  static KernelChoice choice("DSK_GEMM_KERNEL", kGemmKernelAuto, 2, kGemmKernelAuto);
+  static KernelChoice choice("DSK_GEMM_KERNEL", kGemmKernelAuto, 3, kGemmKernelAuto);
   return choice;
 }
 
-// Private op for tests and the benchmark's A/B: version 1 or 2 forces that CUDA
-// bf16/fp16 GEMM kernel for later calls, 3 is auto (the default), 0 only asks.
+// Private op for tests and the benchmark's A/B: version 1, 2 or 3 forces that CUDA
+// bf16/fp16 GEMM kernel for later calls, 4 is auto (the default), 0 only asks.
 // Returns the previous choice.
 int64_t gemm_cuda_kernel_op(int64_t version) {
   return gemm_kernel_choice().switch_to("_gemm_cuda_kernel", version);
@@ -283,6 +284,7 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& weight, const std::option
     p.k = ac.size(1);
     p.activation = act;
     p.cuda_kernel = gemm_kernel_choice().get();
+    p.built_sm90a = built_for_cuda_arch("sm_90a");
     C10_CUDA_CHECK(static_cast<cudaError_t>(gemm_cuda(p, stream_of(a))));
 #endif
     return out;

@@ -13,6 +13,8 @@
 //   v2 (opt-in, plain GEMMs; see mma_gemm_v2_kernel): 128 x 256 tiles, 8 warps
 //   of 64 x 64, 5-stage pipeline in dynamic shared memory, double-buffered
 //   fragments. Same K order per output element as v1, so the same results.
+//   v3 (opt-in, sm_90a, plain GEMMs; see wgmma_gemm_kernel): wgmma from swizzled
+//   shared memory, 128 x 256 tiles in two warpgroups, 4-stage cp.async.
 // Grouped GEMM runs the same kernel: a CTA's row tile lies inside one group;
 //   the grid covers ceil(M / BM) + groups row tiles (an upper bound, so offsets stay
 //   on the device) and each CTA finds its group with a warp-wide prefix sum of
@@ -590,6 +592,224 @@ __global__ void __launch_bounds__(kV2Threads, 1) mma_gemm_v2_kernel(GemmParams p
 }
 
 // ---------------------------------------------------------------------------
+// Tensor-core kernel v3 (bf16 / fp16 on sm_90a: wgmma; opt-in, plain GEMMs)
+// ---------------------------------------------------------------------------
+// Not yet run on a GPU: opt-in (DSK_GEMM_KERNEL=v3) until it has been.
+// - 128 x 256 CTA tile: two warpgroups, each 64 rows x 256 columns with one
+//   wgmma.m64n256k16 per 16 of K (128 fp32 accumulators per thread);
+// - A [BM][64] and B [BN][64] K-major in shared memory in the 128-byte swizzled
+//   layout wgmma reads through matrix descriptors: a row is 64 K values (128 B),
+//   16-byte chunk c of row r sits at chunk c ^ (r % 8), 8 rows form a 1024-byte
+//   atom (the descriptors' stride byte offset); K steps of 16 advance the
+//   descriptors' start address by 32 bytes;
+// - all 256 threads copy with cp.async, kStagesV3 deep; after a stage lands each
+//   thread fences the async proxy (wgmma reads shared memory through it) and a
+//   barrier publishes the stage; the four wgmma of a stage are waited for before
+//   the barrier that lets it be refilled;
+// - the accumulators' layout per warp is mma.sync's 16 x 8 one, so the shared
+//   epilogue stores them.
+constexpr int kV3BM = 128, kV3BN = 256, kV3BK = 64, kStagesV3 = 4, kV3Threads = 256;
+constexpr int kV3RowBytes = kV3BK * 2;                              // 128
+constexpr int kV3StageBytes = (kV3BM + kV3BN) * kV3RowBytes;        // 48 KiB
+constexpr int kV3SmemBytes = kStagesV3 * kV3StageBytes + 1024;      // + room to align to 1 KiB
+
+// The device helpers below are sm_90a instructions, compiled for that target
+// only; the kernel traps elsewhere (and is never launched there).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Matrix descriptor of a K-major, 128-byte-swizzled operand starting at `addr`:
+// start address >> 4 (bits 0-13), leading byte offset 16 B (unused for this
+// layout), stride byte offset 1024 B (bits 32-45), swizzle mode 1 = 128 B (bits 62-63).
+__device__ __forceinline__ uint64_t wgmma_desc(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | (uint64_t{16 >> 4} << 16) |
+         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_wait_all() {
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Keeps the compiler from moving accumulator reads/writes across the async wgmma.
+__device__ __forceinline__ void pin_accumulators(float (&d)[1][32][4]) {
+#pragma unroll
+  for (int i = 0; i < 32; ++i)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) asm volatile("" : "+f"(d[0][i][r])::"memory");
+}
+
+// D[64 x 256] += A[64 x 16] . B[256 x 16]^T, both from shared memory (K-major).
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[1][32][4], uint64_t desc_a, uint64_t desc_b);
+
+template <>
+__device__ __forceinline__ void wgmma_m64n256k16<__nv_bfloat16>(float (&d)[1][32][4], uint64_t desc_a,
+                                                         uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+      "%128, %129, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0][0][0]), "+f"(d[0][0][1]), "+f"(d[0][0][2]), "+f"(d[0][0][3]),
+        "+f"(d[0][1][0]), "+f"(d[0][1][1]), "+f"(d[0][1][2]), "+f"(d[0][1][3]),
+        "+f"(d[0][2][0]), "+f"(d[0][2][1]), "+f"(d[0][2][2]), "+f"(d[0][2][3]),
+        "+f"(d[0][3][0]), "+f"(d[0][3][1]), "+f"(d[0][3][2]), "+f"(d[0][3][3]),
+        "+f"(d[0][4][0]), "+f"(d[0][4][1]), "+f"(d[0][4][2]), "+f"(d[0][4][3]),
+        "+f"(d[0][5][0]), "+f"(d[0][5][1]), "+f"(d[0][5][2]), "+f"(d[0][5][3]),
+        "+f"(d[0][6][0]), "+f"(d[0][6][1]), "+f"(d[0][6][2]), "+f"(d[0][6][3]),
+        "+f"(d[0][7][0]), "+f"(d[0][7][1]), "+f"(d[0][7][2]), "+f"(d[0][7][3]),
+        "+f"(d[0][8][0]), "+f"(d[0][8][1]), "+f"(d[0][8][2]), "+f"(d[0][8][3]),
+        "+f"(d[0][9][0]), "+f"(d[0][9][1]), "+f"(d[0][9][2]), "+f"(d[0][9][3]),
+        "+f"(d[0][10][0]), "+f"(d[0][10][1]), "+f"(d[0][10][2]), "+f"(d[0][10][3]),
+        "+f"(d[0][11][0]), "+f"(d[0][11][1]), "+f"(d[0][11][2]), "+f"(d[0][11][3]),
+        "+f"(d[0][12][0]), "+f"(d[0][12][1]), "+f"(d[0][12][2]), "+f"(d[0][12][3]),
+        "+f"(d[0][13][0]), "+f"(d[0][13][1]), "+f"(d[0][13][2]), "+f"(d[0][13][3]),
+        "+f"(d[0][14][0]), "+f"(d[0][14][1]), "+f"(d[0][14][2]), "+f"(d[0][14][3]),
+        "+f"(d[0][15][0]), "+f"(d[0][15][1]), "+f"(d[0][15][2]), "+f"(d[0][15][3]),
+        "+f"(d[0][16][0]), "+f"(d[0][16][1]), "+f"(d[0][16][2]), "+f"(d[0][16][3]),
+        "+f"(d[0][17][0]), "+f"(d[0][17][1]), "+f"(d[0][17][2]), "+f"(d[0][17][3]),
+        "+f"(d[0][18][0]), "+f"(d[0][18][1]), "+f"(d[0][18][2]), "+f"(d[0][18][3]),
+        "+f"(d[0][19][0]), "+f"(d[0][19][1]), "+f"(d[0][19][2]), "+f"(d[0][19][3]),
+        "+f"(d[0][20][0]), "+f"(d[0][20][1]), "+f"(d[0][20][2]), "+f"(d[0][20][3]),
+        "+f"(d[0][21][0]), "+f"(d[0][21][1]), "+f"(d[0][21][2]), "+f"(d[0][21][3]),
+        "+f"(d[0][22][0]), "+f"(d[0][22][1]), "+f"(d[0][22][2]), "+f"(d[0][22][3]),
+        "+f"(d[0][23][0]), "+f"(d[0][23][1]), "+f"(d[0][23][2]), "+f"(d[0][23][3]),
+        "+f"(d[0][24][0]), "+f"(d[0][24][1]), "+f"(d[0][24][2]), "+f"(d[0][24][3]),
+        "+f"(d[0][25][0]), "+f"(d[0][25][1]), "+f"(d[0][25][2]), "+f"(d[0][25][3]),
+        "+f"(d[0][26][0]), "+f"(d[0][26][1]), "+f"(d[0][26][2]), "+f"(d[0][26][3]),
+        "+f"(d[0][27][0]), "+f"(d[0][27][1]), "+f"(d[0][27][2]), "+f"(d[0][27][3]),
+        "+f"(d[0][28][0]), "+f"(d[0][28][1]), "+f"(d[0][28][2]), "+f"(d[0][28][3]),
+        "+f"(d[0][29][0]), "+f"(d[0][29][1]), "+f"(d[0][29][2]), "+f"(d[0][29][3]),
+        "+f"(d[0][30][0]), "+f"(d[0][30][1]), "+f"(d[0][30][2]), "+f"(d[0][30][3]),
+        "+f"(d[0][31][0]), "+f"(d[0][31][1]), "+f"(d[0][31][2]), "+f"(d[0][31][3])
+      : "l"(desc_a), "l"(desc_b), "r"(1));
+}
+
+template <>
+__device__ __forceinline__ void wgmma_m64n256k16<__half>(float (&d)[1][32][4], uint64_t desc_a,
+                                                         uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+      "%128, %129, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0][0][0]), "+f"(d[0][0][1]), "+f"(d[0][0][2]), "+f"(d[0][0][3]),
+        "+f"(d[0][1][0]), "+f"(d[0][1][1]), "+f"(d[0][1][2]), "+f"(d[0][1][3]),
+        "+f"(d[0][2][0]), "+f"(d[0][2][1]), "+f"(d[0][2][2]), "+f"(d[0][2][3]),
+        "+f"(d[0][3][0]), "+f"(d[0][3][1]), "+f"(d[0][3][2]), "+f"(d[0][3][3]),
+        "+f"(d[0][4][0]), "+f"(d[0][4][1]), "+f"(d[0][4][2]), "+f"(d[0][4][3]),
+        "+f"(d[0][5][0]), "+f"(d[0][5][1]), "+f"(d[0][5][2]), "+f"(d[0][5][3]),
+        "+f"(d[0][6][0]), "+f"(d[0][6][1]), "+f"(d[0][6][2]), "+f"(d[0][6][3]),
+        "+f"(d[0][7][0]), "+f"(d[0][7][1]), "+f"(d[0][7][2]), "+f"(d[0][7][3]),
+        "+f"(d[0][8][0]), "+f"(d[0][8][1]), "+f"(d[0][8][2]), "+f"(d[0][8][3]),
+        "+f"(d[0][9][0]), "+f"(d[0][9][1]), "+f"(d[0][9][2]), "+f"(d[0][9][3]),
+        "+f"(d[0][10][0]), "+f"(d[0][10][1]), "+f"(d[0][10][2]), "+f"(d[0][10][3]),
+        "+f"(d[0][11][0]), "+f"(d[0][11][1]), "+f"(d[0][11][2]), "+f"(d[0][11][3]),
+        "+f"(d[0][12][0]), "+f"(d[0][12][1]), "+f"(d[0][12][2]), "+f"(d[0][12][3]),
+        "+f"(d[0][13][0]), "+f"(d[0][13][1]), "+f"(d[0][13][2]), "+f"(d[0][13][3]),
+        "+f"(d[0][14][0]), "+f"(d[0][14][1]), "+f"(d[0][14][2]), "+f"(d[0][14][3]),
+        "+f"(d[0][15][0]), "+f"(d[0][15][1]), "+f"(d[0][15][2]), "+f"(d[0][15][3]),
+        "+f"(d[0][16][0]), "+f"(d[0][16][1]), "+f"(d[0][16][2]), "+f"(d[0][16][3]),
+        "+f"(d[0][17][0]), "+f"(d[0][17][1]), "+f"(d[0][17][2]), "+f"(d[0][17][3]),
+        "+f"(d[0][18][0]), "+f"(d[0][18][1]), "+f"(d[0][18][2]), "+f"(d[0][18][3]),
+        "+f"(d[0][19][0]), "+f"(d[0][19][1]), "+f"(d[0][19][2]), "+f"(d[0][19][3]),
+        "+f"(d[0][20][0]), "+f"(d[0][20][1]), "+f"(d[0][20][2]), "+f"(d[0][20][3]),
+        "+f"(d[0][21][0]), "+f"(d[0][21][1]), "+f"(d[0][21][2]), "+f"(d[0][21][3]),
+        "+f"(d[0][22][0]), "+f"(d[0][22][1]), "+f"(d[0][22][2]), "+f"(d[0][22][3]),
+        "+f"(d[0][23][0]), "+f"(d[0][23][1]), "+f"(d[0][23][2]), "+f"(d[0][23][3]),
+        "+f"(d[0][24][0]), "+f"(d[0][24][1]), "+f"(d[0][24][2]), "+f"(d[0][24][3]),
+        "+f"(d[0][25][0]), "+f"(d[0][25][1]), "+f"(d[0][25][2]), "+f"(d[0][25][3]),
+        "+f"(d[0][26][0]), "+f"(d[0][26][1]), "+f"(d[0][26][2]), "+f"(d[0][26][3]),
+        "+f"(d[0][27][0]), "+f"(d[0][27][1]), "+f"(d[0][27][2]), "+f"(d[0][27][3]),
+        "+f"(d[0][28][0]), "+f"(d[0][28][1]), "+f"(d[0][28][2]), "+f"(d[0][28][3]),
+        "+f"(d[0][29][0]), "+f"(d[0][29][1]), "+f"(d[0][29][2]), "+f"(d[0][29][3]),
+        "+f"(d[0][30][0]), "+f"(d[0][30][1]), "+f"(d[0][30][2]), "+f"(d[0][30][3]),
+        "+f"(d[0][31][0]), "+f"(d[0][31][1]), "+f"(d[0][31][2]), "+f"(d[0][31][3])
+      : "l"(desc_a), "l"(desc_b), "r"(1));
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+template <typename T>
+__global__ void __launch_bounds__(kV3Threads, 1) wgmma_gemm_kernel(GemmParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const uint32_t smem_base = (shared_addr(smem_raw) + 1023u) & ~1023u;
+
+  int64_t m_tile, n_tile;
+  raster_order(blockIdx.x, (p.m + kV3BM - 1) / kV3BM, (p.n + kV3BN - 1) / kV3BN, m_tile, n_tile);
+  const int64_t m0 = m_tile * kV3BM, n0 = n_tile * kV3BN;
+  const T* __restrict__ a = static_cast<const T*>(p.a);
+  const T* __restrict__ b = static_cast<const T*>(p.b);
+  const int tid = threadIdx.x, warpgroup = tid / 128, warp_in_group = (tid % 128) / 32;
+  const int64_t k_tiles = (p.k + kV3BK - 1) / kV3BK;
+
+  // Chunk c of a stage's A (then B) rows: row c / 8, 16-byte chunk c % 8, swizzled.
+  auto load_stage = [&](int stage, int64_t kt) {
+    const uint32_t sa = smem_base + stage * kV3StageBytes, sb = sa + kV3BM * kV3RowBytes;
+    const int64_t k0 = kt * kV3BK;
+#pragma unroll
+    for (int c = tid; c < kV3BM * 8; c += kV3Threads) {
+      const int row = c >> 3, chunk = c & 7;
+      const int64_t grow = m0 + row, gk = k0 + chunk * 8;
+      const bool valid = grow < p.m && gk < p.k;  // K % 8 == 0: whole chunks
+      cp_async_16(sa + row * kV3RowBytes + ((chunk ^ (row & 7)) << 4), valid ? a + grow * p.k + gk : a,
+                  valid);
+    }
+#pragma unroll
+    for (int c = tid; c < kV3BN * 8; c += kV3Threads) {
+      const int row = c >> 3, chunk = c & 7;
+      const int64_t gn = n0 + row, gk = k0 + chunk * 8;
+      const bool valid = gn < p.n && gk < p.k;
+      cp_async_16(sb + row * kV3RowBytes + ((chunk ^ (row & 7)) << 4), valid ? b + gn * p.k + gk : b,
+                  valid);
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < kStagesV3 - 1; ++s) {
+    if (s < k_tiles) load_stage(s, s);
+    cp_async_commit();
+  }
+  float acc[1][kV3BN / 8][4];
+  zero_accumulators(acc);
+
+  for (int64_t kt = 0; kt < k_tiles; ++kt) {
+    // Tile kt landed (at most kStagesV3 - 2 newer groups pending); the fence
+    // hands this thread's copies to the async proxy, the barrier everyone's. The
+    // barrier also retires the stage read by the (completed) wgmma of kt - 1.
+    cp_async_wait<kStagesV3 - 2>();
+    fence_proxy_async();
+    __syncthreads();
+    const int64_t next = kt + kStagesV3 - 1;
+    if (next < k_tiles) load_stage(static_cast<int>(next % kStagesV3), next);
+    cp_async_commit();
+
+    const uint32_t stage = smem_base + static_cast<uint32_t>(kt % kStagesV3) * kV3StageBytes;
+    const uint32_t sa = stage + warpgroup * 64 * kV3RowBytes, sb = stage + kV3BM * kV3RowBytes;
+    pin_accumulators(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kV3BK / 16; ++ks)
+      wgmma_m64n256k16<T>(acc, wgmma_desc(sa + ks * 32), wgmma_desc(sb + ks * 32));
+    wgmma_commit();
+    wgmma_wait_all();
+    pin_accumulators(acc);
+  }
+  cp_async_wait<0>();
+
+  mma_epilogue(p, acc, m0 + warpgroup * 64 + warp_in_group * 16, p.m, n0);
+#else
+  __trap();  // never launched: launch_wgmma checks the kernel was built for sm_90a
+#endif
+}
+
+// ---------------------------------------------------------------------------
 // SIMT fp32 kernel
 // ---------------------------------------------------------------------------
 
@@ -1019,6 +1239,41 @@ bool launch_mma_v2(const GemmParams& p, cudaStream_t stream, cudaError_t& err) {
   return true;
 }
 
+// v3 needs the sm_90a build of its kernel on a compute capability 9.0 GPU (the
+// kernel's PTX version 90 and `built_sm90a`, from the build's architecture list),
+// and 193 KiB of dynamic shared memory. Returns false (nothing launched) elsewhere.
+template <typename T>
+bool launch_wgmma(const GemmParams& p, cudaStream_t stream, cudaError_t& err) {
+  static std::atomic<uint64_t> checked{0}, usable{0};  // bit d: device d (< 64)
+  int device = 0;
+  err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return true;
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if (bit == 0 || (checked.load(std::memory_order_acquire) & bit) == 0) {
+    cudaFuncAttributes attr{};
+    int major = 0, optin = 0;
+    err = cudaFuncGetAttributes(&attr, wgmma_gemm_kernel<T>);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (err != cudaSuccess) return true;
+    const bool ok = p.built_sm90a && major == 9 && attr.ptxVersion == 90 && optin >= kV3SmemBytes;
+    if (ok) {
+      err = cudaFuncSetAttribute(wgmma_gemm_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 kV3SmemBytes);
+      if (err != cudaSuccess) return true;
+      usable.fetch_or(bit, std::memory_order_relaxed);
+    }
+    checked.fetch_or(bit, std::memory_order_release);
+    if (!ok) return false;
+  } else if ((usable.load(std::memory_order_relaxed) & bit) == 0) {
+    return false;
+  }
+  const int64_t ctas = ((p.m + kV3BM - 1) / kV3BM) * ((p.n + kV3BN - 1) / kV3BN);
+  wgmma_gemm_kernel<T><<<static_cast<unsigned>(ctas), kV3Threads, kV3SmemBytes, stream>>>(p);
+  err = cudaGetLastError();
+  return true;
+}
+
 // FP8 tensor cores need a kernel built for sm_89+ (a compute_80 PTX build
 // JIT-compiled for a newer GPU has none): the kernel's PTX version, read once per
 // device, decides. Returns false (nothing launched) where they are missing.
@@ -1056,7 +1311,15 @@ int gemm_cuda(const GemmParams& p, void* stream) {
   if (p.m == 0 || p.n == 0) return static_cast<int>(cudaSuccess);
   // v2: plain bf16/fp16 GEMMs when forced, or (auto) when its 128 x 256 tiles fill
   // a wave; grouped GEMMs stay on v1.
-  const bool v2 = p.cuda_kernel == 2 ||
+  if (p.cuda_kernel == 3 && p.offsets == nullptr) {
+    cudaError_t err = cudaSuccess;
+    if (p.ab_dtype == DType::kBFloat16 && launch_wgmma<__nv_bfloat16>(p, s, err))
+      return static_cast<int>(err);
+    if (p.ab_dtype == DType::kFloat16 && launch_wgmma<__half>(p, s, err))
+      return static_cast<int>(err);
+  }
+  // v3 where it cannot run falls back to v2.
+  const bool v2 = p.cuda_kernel == 2 || p.cuda_kernel == 3 ||
                   (p.cuda_kernel == kGemmKernelAuto &&
                    row_tiles(p, 128) * ((p.n + 255) / 256) >= multiprocessor_count());
   if (v2 && p.offsets == nullptr) {

@@ -39,18 +39,22 @@ struct GemmParams {
   bool offsets_int64 = false;
   int64_t groups = 1;
   Activation activation = Activation::kNone;
-  // CUDA bf16/fp16 kernel generation: 1 (default, mma.sync 128x128 / 64x64
-  // tiles) or 2 (128x256 tiles, deeper pipeline; plain GEMMs only, grouped
-  // GEMMs always run v1). Filled by the glue (DSK_GEMM_KERNEL / _gemm_cuda_kernel).
+  // CUDA bf16/fp16 kernel generation: 1 (mma.sync 128x128 / 64x64 tiles), 2
+  // (128x256 tiles, deeper pipeline), 3 (wgmma, sm_90a; v2 where it cannot run)
+  // or kGemmKernelAuto; plain GEMMs only, grouped GEMMs always run v1. Filled by
+  // the glue (DSK_GEMM_KERNEL / _gemm_cuda_kernel).
   int cuda_kernel = 1;
+  // Whether the build holds sm_90a code (v3's wgmma): from the build's arch list.
+  bool built_sm90a = false;
 };
 
-// The generation new GEMM params get: 1 or 2 (forced), or kGemmKernelAuto (the
+// The generation new GEMM params get: 1, 2 or 3 (forced), or kGemmKernelAuto (the
 // default: v2 where its 128 x 256 tiles fill a wave of the GPU, v1 below; measured
-// on an H100, v2 is 1.8-2.1x v1 at 4096^3 and 8192^3). Starts from the environment
-// variable DSK_GEMM_KERNEL (auto, v1/1 or v2/2), read once; the private op
-// _gemm_cuda_kernel switches it at run time (tests, the benchmark's A/B).
-constexpr int kGemmKernelAuto = 3;
+// on an H100, v2 is 1.8-2.1x v1 at 4096^3 and 8192^3; v3 has not run on a GPU yet,
+// so auto never picks it). Starts from the environment variable DSK_GEMM_KERNEL
+// (auto, v1/1, v2/2 or v3/3), read once; the private op _gemm_cuda_kernel switches
+// it at run time (tests, the benchmark's A/B).
+constexpr int kGemmKernelAuto = 4;
 
 // The CPU epilogue: out[m, n] = act(acc[m, n] + bias[n]) cast to out_dtype.
 // acc is fp32 (fp64 when ab_dtype is fp64), [M, N] contiguous.
