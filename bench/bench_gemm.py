@@ -20,8 +20,8 @@ matmul peak measured in the same run; medians.
                      (where available) and a bf16 matmul
   fp8 grouped        dk.fp8_grouped_gemm at the grouped shape vs our bf16 grouped_gemm and
                      one matmul of the same total size
-  fp8 v2, fp8 grouped v2   (CUDA) the same with the FP8 tensor-core kernel (DSK_FP8_KERNEL=v2),
-                     after checking it against the exact kernel
+  fp8 v2/v3, fp8 grouped v2/v3   (CUDA) the same with the FP8 tensor-core kernels
+                     (DSK_FP8_KERNEL=v2: mma.sync, v3: wgmma), after checking them against v1
   int8 v2            (CUDA) the INT8 tensor-core kernel (DSK_INT8_KERNEL=v2), after checking it
                      bitwise against dp4a
 
@@ -302,17 +302,19 @@ def main(argv=None) -> int:
         lambda: dk.fp8_grouped_gemm(qx, sx, qweights, sweights, offsets),
         lambda: dk.grouped_gemm(x, weights, offsets), lambda: torch.matmul(x, w0.t()))
     if device.type == "cuda":
-        old = torch.ops.deepseek_kernels._fp8_cuda_kernel(2)
+        old = torch.ops.deepseek_kernels._fp8_cuda_kernel(0)
         try:
-            tc = dk.fp8_grouped_gemm(qx, sx, qweights, sweights, offsets)
-            drift = ((tc.double() - out.double()).norm() / out.double().norm()).item()
-            checks["fp8_grouped_v2_close_to_v1"] = drift < 1e-3
-            print(f"check  : fp8 grouped v2 vs v1 relative difference {drift:.3g}", flush=True)
-            if checks["fp8_grouped_v2_close_to_v1"]:
-                row("fp8 grouped v2", f"S={rows_g} E={e} N={n} K={k}", 2.0 * rows_g * n * k,
-                    lambda: dk.fp8_grouped_gemm(qx, sx, qweights, sweights, offsets),
-                    lambda: dk.grouped_gemm(x, weights, offsets), lambda: torch.matmul(x, w0.t()))
-            del tc
+            for v in (2, 3):
+                torch.ops.deepseek_kernels._fp8_cuda_kernel(v)
+                tc = dk.fp8_grouped_gemm(qx, sx, qweights, sweights, offsets)
+                drift = ((tc.double() - out.double()).norm() / out.double().norm()).item()
+                checks[f"fp8_grouped_v{v}_close_to_v1"] = drift < 1e-3
+                print(f"check  : fp8 grouped v{v} vs v1 relative difference {drift:.3g}", flush=True)
+                if checks[f"fp8_grouped_v{v}_close_to_v1"]:
+                    row(f"fp8 grouped v{v}", f"S={rows_g} E={e} N={n} K={k}", 2.0 * rows_g * n * k,
+                        lambda: dk.fp8_grouped_gemm(qx, sx, qweights, sweights, offsets),
+                        lambda: dk.grouped_gemm(x, weights, offsets), lambda: torch.matmul(x, w0.t()))
+                del tc
         finally:
             torch.ops.deepseek_kernels._fp8_cuda_kernel(old)
     del x, weights, qx, qweights, out, want
@@ -386,17 +388,20 @@ def main(argv=None) -> int:
     row("fp8", f"{m}x{n}x{k}", 2.0 * m * n * k, lambda: dk.fp8_gemm(qa, sa, qw, sw), peer, peer2)
     print(f"note   : fp8 peer is {note}; peer2 a bf16 matmul; ours is the exact SIMT kernel (v1)")
     if device.type == "cuda":
-        # v2: FP8 tensor cores (opt-in; DSK_FP8_KERNEL=v2). Checked against v1 first.
-        old = torch.ops.deepseek_kernels._fp8_cuda_kernel(2)
+        # v2 (mma.sync) and v3 (wgmma) FP8 tensor cores (opt-in; DSK_FP8_KERNEL), each
+        # checked against v1 first.
+        old = torch.ops.deepseek_kernels._fp8_cuda_kernel(0)
         try:
-            tc = dk.fp8_gemm(qa, sa, qw, sw)
-            drift = ((tc.double() - out.double()).norm() / out.double().norm()).item()
-            checks["fp8_v2_close_to_v1"] = drift < 1e-3
-            print(f"check  : fp8 v2 (tensor cores) vs v1 relative difference {drift:.3g} "
-                  f"-> {checks['fp8_v2_close_to_v1']}", flush=True)
-            if checks["fp8_v2_close_to_v1"]:
-                row("fp8 v2", f"{m}x{n}x{k}", 2.0 * m * n * k, lambda: dk.fp8_gemm(qa, sa, qw, sw), peer,
-                    lambda: torch.matmul(abf, wbf.t()))
+            for v in (2, 3):
+                torch.ops.deepseek_kernels._fp8_cuda_kernel(v)
+                tc = dk.fp8_gemm(qa, sa, qw, sw)
+                drift = ((tc.double() - out.double()).norm() / out.double().norm()).item()
+                checks[f"fp8_v{v}_close_to_v1"] = drift < 1e-3
+                print(f"check  : fp8 v{v} (tensor cores) vs v1 relative difference {drift:.3g} "
+                      f"-> {checks[f'fp8_v{v}_close_to_v1']}", flush=True)
+                if checks[f"fp8_v{v}_close_to_v1"]:
+                    row(f"fp8 v{v}", f"{m}x{n}x{k}", 2.0 * m * n * k, lambda: dk.fp8_gemm(qa, sa, qw, sw),
+                        peer, lambda: torch.matmul(abf, wbf.t()))
         finally:
             torch.ops.deepseek_kernels._fp8_cuda_kernel(old)
 

@@ -921,7 +921,7 @@ def test_fp8_grouped_gemm_cuda_matches_cpu_and_stays_in_bounds():
         out_gpu = dk.fp8_grouped_gemm(qx.cuda(), sx.cuda(), qw.cuda(), sw.cuda(), offsets.cuda())
         assert torch.equal(out_gpu.cpu(), out_cpu)
     qx, sx, qw, sw, _ = _fp8_grouped_problem(100, 3, 8, 256, "cuda")
-    for version in (1, 2):
+    for version in (1, 2, 3):
         with _fp8_kernel(version):
             for bad in ([0, 60, 30, 100], [-5, 3, 6, 1000], [0, 3, 6, 90]):
                 dk.fp8_grouped_gemm(qx, sx, qw, sw, torch.tensor(bad, device="cuda"))
@@ -934,9 +934,11 @@ def test_fp8_cuda_kernel_op():
     assert start == 1  # pinned by _exact_fp8_kernel (also the library's default)
     with _fp8_kernel(2):
         assert op(0) == 2
+    with _fp8_kernel(3):
+        assert op(0) == 3
     assert op(0) == start
-    with pytest.raises(ValueError, match="0, 1 or 2"):
-        op(3)
+    with pytest.raises(ValueError, match="0, 1, 2 or 3"):
+        op(4)
 
 
 def _fp8_summation_bound(qx, sx, qw, sw, offsets=None):
@@ -958,11 +960,12 @@ def _fp8_summation_bound(qx, sx, qw, sw, offsets=None):
 
 @requires_cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("version", [2, 3], ids=["v2", "v3"])
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
-def test_fp8_tensor_core_kernel_matches_exact(out_dtype):
-    """v2 (tensor cores) against v1 (exact, bitwise = CPU) on tails of its 128 x 128 x 64
-    tiles, K not a multiple of 128 (a short last block) or of 16 (v2 falls back to v1),
-    plain and grouped, every output dtype."""
+def test_fp8_tensor_core_kernel_matches_exact(version, out_dtype):
+    """v2 (mma.sync) and v3 (wgmma; v2 without sm_90a) against v1 (exact, bitwise =
+    CPU) on tails of their 128 x 128 tiles, K not a multiple of 128 (a short last
+    block) or of 16 (falls back to v1), plain and grouped, every output dtype."""
     eps = torch.finfo(out_dtype).eps
     for m, n, k in [(1, 8, 128), (77, 300, 528), (256, 384, 1024), (1000, 136, 4096), (33, 40, 200)]:
         x = torch.randn(m, k, device="cuda") * 3
@@ -970,7 +973,7 @@ def test_fp8_tensor_core_kernel_matches_exact(out_dtype):
         qx, sx = dk.quantize_fp8(x, (1, 128))
         qw, sw = dk.quantize_fp8(w, (128, 128))
         exact = dk.fp8_gemm(qx, sx, qw, sw, out_dtype=torch.float32)
-        with _fp8_kernel(2):
+        with _fp8_kernel(version):
             tc = dk.fp8_gemm(qx, sx, qw, sw, out_dtype=out_dtype)
         bound = _fp8_summation_bound(qx, sx, qw, sw) + 2 * eps * exact.double().abs()
         diff = (tc.double() - exact.double()).abs()
@@ -980,12 +983,12 @@ def test_fp8_tensor_core_kernel_matches_exact(out_dtype):
     for shape in [(300, 7, 130, 512), (2000, 32, 256, 1024)]:
         qx, sx, qw, sw, offsets = _fp8_grouped_problem(*shape, "cuda")
         exact = dk.fp8_grouped_gemm(qx, sx, qw, sw, offsets, out_dtype=torch.float32)
-        with _fp8_kernel(2):
+        with _fp8_kernel(version):
             tc = dk.fp8_grouped_gemm(qx, sx, qw, sw, offsets, out_dtype=out_dtype)
         bound = _fp8_summation_bound(qx, sx, qw, sw, offsets.cpu()) + 2 * eps * exact.double().abs()
         assert ((tc.double() - exact.double()).abs() <= bound).all(), shape
     # Deterministic: the same bits twice.
-    with _fp8_kernel(2):
+    with _fp8_kernel(version):
         assert torch.equal(dk.fp8_gemm(qx, sx, qw[0], sw[0]), dk.fp8_gemm(qx, sx, qw[0], sw[0]))
 
 

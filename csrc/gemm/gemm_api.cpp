@@ -45,9 +45,10 @@ int64_t gemm_cuda_kernel_op(int64_t version) {
   return gemm_kernel_choice().switch_to("_gemm_cuda_kernel", version);
 }
 
-// DSK_FP8_KERNEL: v1 (exact SIMT, the default) or v2 (tensor cores, sm_89+).
+// DSK_FP8_KERNEL: v1 (exact SIMT, the default), v2 (mma.sync tensor cores, sm_89+)
+// or v3 (wgmma, sm_90a).
 KernelChoice& fp8_kernel_choice() {
-  static KernelChoice choice("DSK_FP8_KERNEL", 1, 2);
+  static KernelChoice choice("DSK_FP8_KERNEL", 1, 3);
   return choice;
 }
 
@@ -216,6 +217,7 @@ at::Tensor run_fp8_gemm(const char* op, const at::Tensor& a, const at::Tensor& a
   p.k = k;
   p.k_blocks = k_blocks;
   p.cuda_kernel = fp8_kernel_choice().get();
+  p.built_sm90a = built_for_cuda_arch("sm_90a");
   if (grouped) {
     p.offsets = oc.data_ptr();
     p.offsets_int64 = oc.scalar_type() == at::kLong;

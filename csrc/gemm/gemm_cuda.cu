@@ -636,9 +636,10 @@ __device__ __forceinline__ void fence_proxy_async() {
 }
 
 // Keeps the compiler from moving accumulator reads/writes across the async wgmma.
-__device__ __forceinline__ void pin_accumulators(float (&d)[1][32][4]) {
+template <int NI>
+__device__ __forceinline__ void pin_accumulators(float (&d)[1][NI][4]) {
 #pragma unroll
-  for (int i = 0; i < 32; ++i)
+  for (int i = 0; i < NI; ++i)
 #pragma unroll
     for (int r = 0; r < 4; ++r) asm volatile("" : "+f"(d[0][i][r])::"memory");
 }
@@ -733,6 +734,35 @@ __device__ __forceinline__ void wgmma_m64n256k16<__half>(float (&d)[1][32][4], u
       : "l"(desc_a), "l"(desc_b), "r"(1));
 }
 
+
+// D[64 x 128] (+)= A[64 x 32] . B[128 x 32]^T in FP8 e4m3 (K-major, shared memory);
+// scale_d = 0 overwrites D (the first K step of a scale block).
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[1][16][4], uint64_t desc_a,
+                                                      uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p, 1, 1;\n}\n"
+      : "+f"(d[0][0][0]), "+f"(d[0][0][1]), "+f"(d[0][0][2]), "+f"(d[0][0][3]),
+        "+f"(d[0][1][0]), "+f"(d[0][1][1]), "+f"(d[0][1][2]), "+f"(d[0][1][3]),
+        "+f"(d[0][2][0]), "+f"(d[0][2][1]), "+f"(d[0][2][2]), "+f"(d[0][2][3]),
+        "+f"(d[0][3][0]), "+f"(d[0][3][1]), "+f"(d[0][3][2]), "+f"(d[0][3][3]),
+        "+f"(d[0][4][0]), "+f"(d[0][4][1]), "+f"(d[0][4][2]), "+f"(d[0][4][3]),
+        "+f"(d[0][5][0]), "+f"(d[0][5][1]), "+f"(d[0][5][2]), "+f"(d[0][5][3]),
+        "+f"(d[0][6][0]), "+f"(d[0][6][1]), "+f"(d[0][6][2]), "+f"(d[0][6][3]),
+        "+f"(d[0][7][0]), "+f"(d[0][7][1]), "+f"(d[0][7][2]), "+f"(d[0][7][3]),
+        "+f"(d[0][8][0]), "+f"(d[0][8][1]), "+f"(d[0][8][2]), "+f"(d[0][8][3]),
+        "+f"(d[0][9][0]), "+f"(d[0][9][1]), "+f"(d[0][9][2]), "+f"(d[0][9][3]),
+        "+f"(d[0][10][0]), "+f"(d[0][10][1]), "+f"(d[0][10][2]), "+f"(d[0][10][3]),
+        "+f"(d[0][11][0]), "+f"(d[0][11][1]), "+f"(d[0][11][2]), "+f"(d[0][11][3]),
+        "+f"(d[0][12][0]), "+f"(d[0][12][1]), "+f"(d[0][12][2]), "+f"(d[0][12][3]),
+        "+f"(d[0][13][0]), "+f"(d[0][13][1]), "+f"(d[0][13][2]), "+f"(d[0][13][3]),
+        "+f"(d[0][14][0]), "+f"(d[0][14][1]), "+f"(d[0][14][2]), "+f"(d[0][14][3]),
+        "+f"(d[0][15][0]), "+f"(d[0][15][1]), "+f"(d[0][15][2]), "+f"(d[0][15][3])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 template <typename T>
@@ -806,6 +836,110 @@ __global__ void __launch_bounds__(kV3Threads, 1) wgmma_gemm_kernel(GemmParams p)
   mma_epilogue(p, acc, m0 + warpgroup * 64 + warp_in_group * 16, p.m, n0);
 #else
   __trap();  // never launched: launch_wgmma checks the kernel was built for sm_90a
+#endif
+}
+
+// FP8 on Hopper tensor cores (v3, sm_90a; opt-in until it has run on a GPU):
+// wgmma.m64n128k32 e4m3, DeepSeek-V3's recipe as DeepGEMM runs it. A 128 x 128
+// CTA tile in two warpgroups (64 rows x 128 columns each); a stage is one
+// 128-wide scale block of K (a 128-byte row per operand row, the 128-byte
+// swizzle of v3 above), summed by 4 wgmma into `part` (the first overwrites it),
+// then folded into the fp32 accumulator as acc += (part * a_scale) * w_scale (the
+// CTA's 128 columns share one w scale). Grouped row tiles as the other kernels.
+constexpr int kF8BM = 128, kF8BN = 128, kStagesF8 = 5, kF8Threads = 256;
+constexpr int kF8RowBytes = 128;  // = kFp8Block codes
+constexpr int kF8StageBytes = (kF8BM + kF8BN) * kF8RowBytes;    // 32 KiB
+constexpr int kF8SmemBytes = kStagesF8 * kF8StageBytes + 1024;  // + room to align to 1 KiB
+
+__global__ void __launch_bounds__(kF8Threads, 1) fp8_wgmma_gemm_kernel(Fp8GemmParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const uint32_t smem_base = (shared_addr(smem_raw) + 1023u) & ~1023u;
+
+  int64_t m_tile, n_tile;
+  raster_order(blockIdx.x, row_tiles(p, kF8BM), (p.n + kF8BN - 1) / kF8BN, m_tile, n_tile);
+  RowTile tile;
+  if (!locate_row_tile<kF8BM>(p, m_tile, tile)) return;  // CTA-uniform
+  const int64_t n0 = n_tile * kF8BN;
+  const uint8_t* __restrict__ a = p.a;
+  const uint8_t* __restrict__ b = p.w + tile.group * p.n * p.k;
+  const float* __restrict__ w_scales =
+      p.w_scales + (tile.group * ((p.n + kFp8Block - 1) / kFp8Block) + n0 / kFp8Block) * p.k_blocks;
+  const int tid = threadIdx.x, warpgroup = tid / 128, lane = tid & 31;
+  const int64_t warp_row0 = tile.row_begin + warpgroup * 64 + ((tid % 128) / 32) * 16;
+
+  // Chunk c of a stage's A (then B) rows: row c / 8, 16 codes at chunk c % 8, swizzled.
+  auto load_stage = [&](int stage, int64_t kb) {
+    const uint32_t sa = smem_base + stage * kF8StageBytes, sb = sa + kF8BM * kF8RowBytes;
+    const int64_t k0 = kb * kFp8Block;
+#pragma unroll
+    for (int c = tid; c < kF8BM * 8; c += kF8Threads) {
+      const int row = c >> 3, chunk = c & 7;
+      const int64_t grow = tile.row_begin + row, gk = k0 + chunk * 16;
+      const bool valid = grow < tile.row_end && gk < p.k;  // K % 16 == 0: whole chunks
+      cp_async_16(sa + row * kF8RowBytes + ((chunk ^ (row & 7)) << 4), valid ? a + grow * p.k + gk : a,
+                  valid);
+    }
+#pragma unroll
+    for (int c = tid; c < kF8BN * 8; c += kF8Threads) {
+      const int row = c >> 3, chunk = c & 7;
+      const int64_t gn = n0 + row, gk = k0 + chunk * 16;
+      const bool valid = gn < p.n && gk < p.k;
+      cp_async_16(sb + row * kF8RowBytes + ((chunk ^ (row & 7)) << 4), valid ? b + gn * p.k + gk : b,
+                  valid);
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < kStagesF8 - 1; ++s) {
+    if (s < p.k_blocks) load_stage(s, s);
+    cp_async_commit();
+  }
+  float part[1][kF8BN / 8][4], acc[1][kF8BN / 8][4];
+  zero_accumulators(acc);
+  zero_accumulators(part);
+
+  for (int64_t kb = 0; kb < p.k_blocks; ++kb) {
+    cp_async_wait<kStagesF8 - 2>();  // as v3: block kb landed, handed to the async proxy
+    fence_proxy_async();
+    __syncthreads();
+    const int64_t next = kb + kStagesF8 - 1;
+    if (next < p.k_blocks) load_stage(static_cast<int>(next % kStagesF8), next);
+    cp_async_commit();
+
+    const uint32_t stage = smem_base + static_cast<uint32_t>(kb % kStagesF8) * kF8StageBytes;
+    const uint32_t sa = stage + warpgroup * 64 * kF8RowBytes, sb = stage + kF8BM * kF8RowBytes;
+    pin_accumulators(part);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kFp8Block / 32; ++ks)
+      wgmma_m64n128k32_e4m3(part, wgmma_desc(sa + ks * 32), wgmma_desc(sb + ks * 32), ks > 0);
+    wgmma_commit();
+    wgmma_wait_all();
+    pin_accumulators(part);
+
+    const float w_scale = w_scales[kb];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t row = min(warp_row0 + (lane >> 2) + half * 8, tile.row_end - 1);
+      const float a_scale = p.a_scales[row * p.k_blocks + kb];
+#pragma unroll
+      for (int ni = 0; ni < kF8BN / 8; ++ni)
+#pragma unroll
+        for (int j = 2 * half; j < 2 * half + 2; ++j)
+          acc[0][ni][j] = __fadd_rn(acc[0][ni][j], __fmul_rn(__fmul_rn(part[0][ni][j], a_scale), w_scale));
+    }
+  }
+  cp_async_wait<0>();
+
+  GemmParams out;  // the shared epilogue's view: plain stores
+  out.out = p.out;
+  out.out_dtype = p.out_dtype;
+  out.m = p.m;
+  out.n = p.n;
+  mma_epilogue(out, acc, warp_row0, tile.row_end, n0);
+#else
+  __trap();  // never launched: launch_fp8_wgmma checks the kernel was built for sm_90a
 #endif
 }
 
@@ -1242,34 +1376,53 @@ bool launch_mma_v2(const GemmParams& p, cudaStream_t stream, cudaError_t& err) {
 // v3 needs the sm_90a build of its kernel on a compute capability 9.0 GPU (the
 // kernel's PTX version 90 and `built_sm90a`, from the build's architecture list),
 // and 193 KiB of dynamic shared memory. Returns false (nothing launched) elsewhere.
-template <typename T>
-bool launch_wgmma(const GemmParams& p, cudaStream_t stream, cudaError_t& err) {
-  static std::atomic<uint64_t> checked{0}, usable{0};  // bit d: device d (< 64)
+// Whether `kernel` (a wgmma kernel taking `smem` bytes of dynamic shared memory)
+// can run on the current device, asked once per device and kernel (the cache is
+// the caller's, one per kernel); raises its shared-memory limit the first time.
+// `err` reports a failing CUDA call (then the answer is true: launch nothing,
+// return the error).
+template <typename Kernel>
+bool wgmma_usable(Kernel kernel, int smem, bool built_sm90a, std::atomic<uint64_t>& checked,
+                  std::atomic<uint64_t>& usable, cudaError_t& err) {
   int device = 0;
   err = cudaGetDevice(&device);
   if (err != cudaSuccess) return true;
   const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
-  if (bit == 0 || (checked.load(std::memory_order_acquire) & bit) == 0) {
-    cudaFuncAttributes attr{};
-    int major = 0, optin = 0;
-    err = cudaFuncGetAttributes(&attr, wgmma_gemm_kernel<T>);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (bit != 0 && (checked.load(std::memory_order_acquire) & bit) != 0)
+    return (usable.load(std::memory_order_relaxed) & bit) != 0;
+  cudaFuncAttributes attr{};
+  int major = 0, optin = 0;
+  err = cudaFuncGetAttributes(&attr, kernel);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return true;
+  const bool ok = built_sm90a && major == 9 && attr.ptxVersion == 90 && optin >= smem;
+  if (ok) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return true;
-    const bool ok = p.built_sm90a && major == 9 && attr.ptxVersion == 90 && optin >= kV3SmemBytes;
-    if (ok) {
-      err = cudaFuncSetAttribute(wgmma_gemm_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 kV3SmemBytes);
-      if (err != cudaSuccess) return true;
-      usable.fetch_or(bit, std::memory_order_relaxed);
-    }
-    checked.fetch_or(bit, std::memory_order_release);
-    if (!ok) return false;
-  } else if ((usable.load(std::memory_order_relaxed) & bit) == 0) {
-    return false;
+    usable.fetch_or(bit, std::memory_order_relaxed);
   }
+  checked.fetch_or(bit, std::memory_order_release);
+  return ok;
+}
+
+template <typename T>
+bool launch_wgmma(const GemmParams& p, cudaStream_t stream, cudaError_t& err) {
+  static std::atomic<uint64_t> checked{0}, usable{0};
+  if (!wgmma_usable(wgmma_gemm_kernel<T>, kV3SmemBytes, p.built_sm90a, checked, usable, err)) return false;
+  if (err != cudaSuccess) return true;
   const int64_t ctas = ((p.m + kV3BM - 1) / kV3BM) * ((p.n + kV3BN - 1) / kV3BN);
   wgmma_gemm_kernel<T><<<static_cast<unsigned>(ctas), kV3Threads, kV3SmemBytes, stream>>>(p);
+  err = cudaGetLastError();
+  return true;
+}
+
+bool launch_fp8_wgmma(const Fp8GemmParams& p, cudaStream_t stream, cudaError_t& err) {
+  static std::atomic<uint64_t> checked{0}, usable{0};
+  if (!wgmma_usable(fp8_wgmma_gemm_kernel, kF8SmemBytes, p.built_sm90a, checked, usable, err)) return false;
+  if (err != cudaSuccess) return true;
+  const int64_t ctas = row_tiles(p, kF8BM) * ((p.n + kF8BN - 1) / kF8BN);
+  fp8_wgmma_gemm_kernel<<<static_cast<unsigned>(ctas), kF8Threads, kF8SmemBytes, stream>>>(p);
   err = cudaGetLastError();
   return true;
 }
@@ -1389,7 +1542,11 @@ int quantize_fp8_cuda(const QuantizeFp8Params& p, void* stream) {
 int fp8_gemm_cuda(const Fp8GemmParams& p, void* stream) {
   if (p.m == 0 || p.n == 0) return static_cast<int>(cudaSuccess);
   const auto s = static_cast<cudaStream_t>(stream);
-  if (p.cuda_kernel == 2 && p.k % 16 == 0) {
+  if (p.cuda_kernel == 3 && p.k % 16 == 0) {
+    cudaError_t err = cudaSuccess;
+    if (launch_fp8_wgmma(p, s, err)) return static_cast<int>(err);
+  }
+  if (p.cuda_kernel >= 2 && p.k % 16 == 0) {  // v3 falls back to v2, then v1
     cudaError_t err = cudaSuccess;
     if (launch_fp8_mma(p, s, err)) return static_cast<int>(err);
   }

@@ -127,12 +127,14 @@ struct Fp8GemmParams {
   const void* offsets = nullptr;
   bool offsets_int64 = false;
   int64_t groups = 1;
-  // CUDA kernel: 1 (default) the exact SIMT kernel of the contract above; 2 the
-  // tensor-core kernel (mma.sync e4m3, sm_89+, K % 16 == 0; elsewhere it runs
-  // 1). v2 sums each 128-wide block on the tensor cores, in their order: within
-  // that rounding of the contract, not bitwise. Filled by the glue
-  // (DSK_FP8_KERNEL / _fp8_cuda_kernel).
+  // CUDA kernel: 1 (default) the exact SIMT kernel of the contract above; 2
+  // tensor cores with mma.sync e4m3 (sm_89+); 3 wgmma (sm_90a builds on cc 9.0).
+  // Both need K % 16 == 0; where one cannot run the next lower runs. v2/v3 sum
+  // each 128-wide block on the tensor cores, in their order: within that
+  // rounding of the contract, not bitwise. Filled by the glue (DSK_FP8_KERNEL /
+  // _fp8_cuda_kernel).
   int cuda_kernel = 1;
+  bool built_sm90a = false;  // whether the build holds sm_90a code (v3)
 };
 
 void quantize_fp8_cpu(const QuantizeFp8Params& p);
