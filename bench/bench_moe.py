@@ -13,7 +13,9 @@ Four implementations of the same capacity-mode step (drop_policy "position"):
 
 Every implementation is checked against ours before it is timed (ours bitwise
 against the reference; the DeepSpeed-style one to fp tolerance: its einsum sums
-in another order).
+in another order). On CUDA, ours and the compiled peer are also timed replayed
+from a CUDA graph (``*_graph_ms``): the device time without per-call host
+launch overhead, which a model under CUDA graphs or a busy stream pays.
 
     python bench/bench_moe.py                 # CUDA if available (H100 config), else CPU config
     python bench/bench_moe.py --device cpu    # T=4096 E=64 k=6 H=1024 fp32
@@ -56,7 +58,8 @@ CONFIGS = {
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COLUMNS = ["stage", "ours_ms", "ref_ms", "deepspeed_ms", "ds_compiled_ms", "x_vs_ref",
-           "x_vs_deepspeed", "x_vs_ds_compiled", "ours_GB/s", "%copy_bw"]
+           "x_vs_deepspeed", "x_vs_ds_compiled", "ours_GB/s", "%copy_bw", "ours_graph_ms",
+           "ds_compiled_graph_ms", "x_vs_ds_compiled_graph"]
 
 
 # ---------------------------------------------------------------------------
@@ -295,6 +298,18 @@ def main(argv=None) -> int:
             gbps = moved[stage] / (row["ours_ms"] * 1e-3) / 1e9
             row["ours_GB/s"] = gbps
             row["%copy_bw"] = 100.0 * gbps / copy_gbps
+        if device.type == "cuda":
+            # The same calls replayed from a CUDA graph: device time without the
+            # host's launch overhead (ours and the compiled peer alike).
+            for name, fn in (("ours_graph_ms", ours[stage]), ("ds_compiled_graph_ms", comp.get(stage))):
+                if fn is None:
+                    continue
+                try:
+                    row[name] = T.time_cuda_graph(fn)["median_ms"]
+                except Exception as exc:  # not capturable: reported, not fatal
+                    print(f"note   : {stage}: {name[:-3]} not capturable ({type(exc).__name__}: {exc})")
+            if row.get("ours_graph_ms") and row.get("ds_compiled_graph_ms"):
+                row["x_vs_ds_compiled_graph"] = row["ds_compiled_graph_ms"] / row["ours_graph_ms"]
         rows.append(row)
         print(f"  {stage}: ours {row['ours_ms']:.3f} ms", flush=True)
     print()
