@@ -6,7 +6,8 @@ Rows (ours vs the peer a PyTorch user would write):
   gemm               dk.gemm(a, w)                       vs torch.matmul(a, w.T)
   gemm+bias+gelu     dk.gemm(a, w, b, activation="gelu") vs F.gelu(F.linear(a, w, b))
   grouped            dk.grouped_gemm(x, W, offsets)      vs one torch.mm of the same total size
-                     (the issue's bar) and the per-expert loop of matmuls
+                     (the issue's bar) and the per-expert loop of matmuls; on CUDA also
+                     with the v2 and v3 kernels forced ("grouped v2", "grouped v3")
   int8               dk.int8_gemm (W8A8, bf16 out)       vs torch._int_mm + scaling (where available)
 
 Every implementation is checked against an fp64 reference before it is timed
@@ -280,6 +281,20 @@ def main(argv=None) -> int:
     w0 = weights[0]
     row("grouped", f"S={rows_g} E={e} N={n} K={k}", 2.0 * rows_g * n * k,
         lambda: dk.grouped_gemm(x, weights, offsets), lambda: torch.matmul(x, w0.t()), loop)
+    if device.type == "cuda":
+        # The grouped GEMM through the forced v2 (mma.sync 128x256) and v3 (wgmma)
+        # kernels: auto keeps grouped GEMMs on v1 until these have run on a GPU.
+        start = set_kernel(0)
+        try:
+            for v in (2, 3):
+                set_kernel(v)
+                _check(f"grouped v{v}", dk.grouped_gemm(x, weights, offsets), loop(),
+                       ref.grouped_gemm(x, weights, offsets, out_dtype=torch.float64), checks)
+                if checks[f"grouped v{v}"]:
+                    row(f"grouped v{v}", f"S={rows_g} E={e} N={n} K={k}", 2.0 * rows_g * n * k,
+                        lambda: dk.grouped_gemm(x, weights, offsets), lambda: torch.matmul(x, w0.t()), loop)
+        finally:
+            set_kernel(start)
 
     # FP8 grouped: the same problem in e4m3 (1x128 activation blocks, 128x128 per expert).
     qx, sx = dk.quantize_fp8(x, (1, 128))

@@ -573,6 +573,34 @@ def test_cuda_kernel_v2_large_square():
 
 @requires_cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("version", [1, 2, 3], ids=["v1", "v2", "v3"])
+def test_grouped_gemm_cuda_kernel_versions(version):
+    """Grouped GEMMs through each forced generation (v2/v3 locate their row tiles in
+    the groups as v1 does; auto keeps grouped GEMMs on v1): empty groups, groups
+    shorter than a tile, many tiles; v2 bitwise v1 (same mma order), v3 within
+    the fp64 criterion. Bad offsets stay in bounds."""
+    for s_rows, e, n, k in [(1000, 16, 136, 1032), (5000, 7, 300, 200), (3, 4, 8, 16)]:
+        x = _data((s_rows, k), torch.bfloat16, "cuda")
+        weights = _data((e, n, k), torch.bfloat16, "cuda", k ** -0.5)
+        offsets = _random_offsets(s_rows, e, "cuda")
+        with _gemm_kernel(version):
+            ours = dk.grouped_gemm(x, weights, offsets)
+        with _gemm_kernel(1):
+            v1 = dk.grouped_gemm(x, weights, offsets)
+        if version == 2:
+            assert torch.equal(ours, v1)
+        want = ref.grouped_gemm(x, weights, offsets, out_dtype=torch.float64)
+        bounds = offsets.tolist()
+        peer = torch.cat([x[bounds[g]:bounds[g + 1]] @ weights[g].t() for g in range(e)])
+        _check_close(ours, peer, want, f"v{version} grouped {(s_rows, e, n, k)}")
+    with _gemm_kernel(version):
+        for bad in ([0, 60, 30, 100], [-5, 3, 6, 1000], [0, 3, 6, 90]):
+            dk.grouped_gemm(x[:100], weights[:3], torch.tensor(bad, device="cuda"))
+    torch.cuda.synchronize()
+
+
+@requires_cuda
+@pytest.mark.cuda
 def test_cuda_kernel_v3_wgmma():
     """v3 (wgmma) on full waves and every tail of its 128 x 256 x 64 tiles, against
     fp64 with the usual 2x-of-PyTorch criterion, bf16 and fp16, and twice the same

@@ -10,12 +10,12 @@
 //   cp.async store hit 8 distinct bank groups. Tail rows/columns/K chunks are
 //   zero-filled by cp.async (src-size 0) and masked in the epilogue.
 //   The epilogue adds bias and applies the activation in fp32 registers.
-//   v2 (opt-in, plain GEMMs; see mma_gemm_v2_kernel): 128 x 256 tiles, 8 warps
-//   of 64 x 64, 5-stage pipeline in dynamic shared memory, double-buffered
-//   fragments. Same K order per output element as v1, so the same results.
-//   v3 (opt-in, sm_90a, plain GEMMs; see wgmma_gemm_kernel): wgmma from swizzled
-//   shared memory, 128 x 256 tiles in two warpgroups, 4-stage cp.async.
-// Grouped GEMM runs the same kernel: a CTA's row tile lies inside one group;
+//   v2 (see mma_gemm_v2_kernel): 128 x 256 tiles, 8 warps of 64 x 64, 5-stage
+//   pipeline in dynamic shared memory, double-buffered fragments. Same K order
+//   per output element as v1, so the same results.
+//   v3 (opt-in, sm_90a; see wgmma_gemm_kernel): wgmma from swizzled shared
+//   memory, 128 x 256 tiles in two warpgroups, 4-stage cp.async.
+// Grouped GEMM runs the same kernels: a CTA's row tile lies inside one group;
 //   the grid covers ceil(M / BM) + groups row tiles (an upper bound, so offsets stay
 //   on the device) and each CTA finds its group with a warp-wide prefix sum of
 //   the groups' tile counts; surplus CTAs exit.
@@ -471,10 +471,12 @@ __global__ void __launch_bounds__(kV2Threads, 1) mma_gemm_v2_kernel(GemmParams p
   T* smem = reinterpret_cast<T*>(smem_raw);
 
   int64_t m_tile, n_tile;
-  raster_order(blockIdx.x, (p.m + BM - 1) / BM, (p.n + BN - 1) / BN, m_tile, n_tile);
-  const int64_t m0 = m_tile * BM, n0 = n_tile * BN;
+  raster_order(blockIdx.x, row_tiles(p, BM), (p.n + BN - 1) / BN, m_tile, n_tile);
+  RowTile tile;
+  if (!locate_row_tile<BM>(p, m_tile, tile)) return;  // CTA-uniform
+  const int64_t m0 = tile.row_begin, n0 = n_tile * BN;
   const T* __restrict__ a = static_cast<const T*>(p.a);
-  const T* __restrict__ b = static_cast<const T*>(p.b);
+  const T* __restrict__ b = static_cast<const T*>(p.b) + tile.group * p.n * p.k;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp / kV2WarpsN, warp_n = warp % kV2WarpsN;
@@ -494,7 +496,7 @@ __global__ void __launch_bounds__(kV2Threads, 1) mma_gemm_v2_kernel(GemmParams p
     for (int i = 0; i < kAChunks; ++i) {
       const int row = copy_row + i * kCopyRowStep;
       const int64_t grow = m0 + row;
-      const bool valid = k_ok && grow < p.m;
+      const bool valid = k_ok && grow < tile.row_end;
       cp_async_16(stage_base + swizzled(row, copy_chunk) * 2, valid ? a + grow * p.k + gk : a,
                   valid);
     }
@@ -588,7 +590,7 @@ __global__ void __launch_bounds__(kV2Threads, 1) mma_gemm_v2_kernel(GemmParams p
   }
   cp_async_wait<0>();
 
-  mma_epilogue(p, acc, m0 + warp_m * kWarpM, p.m, n0 + warp_n * kWarpN);
+  mma_epilogue(p, acc, m0 + warp_m * kWarpM, tile.row_end, n0 + warp_n * kWarpN);
 }
 
 // ---------------------------------------------------------------------------
@@ -772,10 +774,12 @@ __global__ void __launch_bounds__(kV3Threads, 1) wgmma_gemm_kernel(GemmParams p)
   const uint32_t smem_base = (shared_addr(smem_raw) + 1023u) & ~1023u;
 
   int64_t m_tile, n_tile;
-  raster_order(blockIdx.x, (p.m + kV3BM - 1) / kV3BM, (p.n + kV3BN - 1) / kV3BN, m_tile, n_tile);
-  const int64_t m0 = m_tile * kV3BM, n0 = n_tile * kV3BN;
+  raster_order(blockIdx.x, row_tiles(p, kV3BM), (p.n + kV3BN - 1) / kV3BN, m_tile, n_tile);
+  RowTile tile;
+  if (!locate_row_tile<kV3BM>(p, m_tile, tile)) return;  // CTA-uniform
+  const int64_t m0 = tile.row_begin, n0 = n_tile * kV3BN;
   const T* __restrict__ a = static_cast<const T*>(p.a);
-  const T* __restrict__ b = static_cast<const T*>(p.b);
+  const T* __restrict__ b = static_cast<const T*>(p.b) + tile.group * p.n * p.k;
   const int tid = threadIdx.x, warpgroup = tid / 128, warp_in_group = (tid % 128) / 32;
   const int64_t k_tiles = (p.k + kV3BK - 1) / kV3BK;
 
@@ -787,7 +791,7 @@ __global__ void __launch_bounds__(kV3Threads, 1) wgmma_gemm_kernel(GemmParams p)
     for (int c = tid; c < kV3BM * 8; c += kV3Threads) {
       const int row = c >> 3, chunk = c & 7;
       const int64_t grow = m0 + row, gk = k0 + chunk * 8;
-      const bool valid = grow < p.m && gk < p.k;  // K % 8 == 0: whole chunks
+      const bool valid = grow < tile.row_end && gk < p.k;  // K % 8 == 0: whole chunks
       cp_async_16(sa + row * kV3RowBytes + ((chunk ^ (row & 7)) << 4), valid ? a + grow * p.k + gk : a,
                   valid);
     }
@@ -833,7 +837,7 @@ __global__ void __launch_bounds__(kV3Threads, 1) wgmma_gemm_kernel(GemmParams p)
   }
   cp_async_wait<0>();
 
-  mma_epilogue(p, acc, m0 + warpgroup * 64 + warp_in_group * 16, p.m, n0);
+  mma_epilogue(p, acc, m0 + warpgroup * 64 + warp_in_group * 16, tile.row_end, n0);
 #else
   __trap();  // never launched: launch_wgmma checks the kernel was built for sm_90a
 #endif
@@ -1367,7 +1371,7 @@ bool launch_mma_v2(const GemmParams& p, cudaStream_t stream, cudaError_t& err) {
   } else if ((usable.load(std::memory_order_relaxed) & bit) == 0) {
     return false;
   }
-  const int64_t ctas = ((p.m + kV2BM - 1) / kV2BM) * ((p.n + kV2BN - 1) / kV2BN);
+  const int64_t ctas = row_tiles(p, kV2BM) * ((p.n + kV2BN - 1) / kV2BN);
   mma_gemm_v2_kernel<T><<<static_cast<unsigned>(ctas), kV2Threads, kV2SmemBytes, stream>>>(p);
   err = cudaGetLastError();
   return true;
@@ -1411,7 +1415,7 @@ bool launch_wgmma(const GemmParams& p, cudaStream_t stream, cudaError_t& err) {
   static std::atomic<uint64_t> checked{0}, usable{0};
   if (!wgmma_usable(wgmma_gemm_kernel<T>, kV3SmemBytes, p.built_sm90a, checked, usable, err)) return false;
   if (err != cudaSuccess) return true;
-  const int64_t ctas = ((p.m + kV3BM - 1) / kV3BM) * ((p.n + kV3BN - 1) / kV3BN);
+  const int64_t ctas = row_tiles(p, kV3BM) * ((p.n + kV3BN - 1) / kV3BN);
   wgmma_gemm_kernel<T><<<static_cast<unsigned>(ctas), kV3Threads, kV3SmemBytes, stream>>>(p);
   err = cudaGetLastError();
   return true;
@@ -1462,9 +1466,10 @@ bool launch_fp8_mma(const Fp8GemmParams& p, cudaStream_t stream, cudaError_t& er
 int gemm_cuda(const GemmParams& p, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
   if (p.m == 0 || p.n == 0) return static_cast<int>(cudaSuccess);
-  // v2: plain bf16/fp16 GEMMs when forced, or (auto) when its 128 x 256 tiles fill
-  // a wave; grouped GEMMs stay on v1.
-  if (p.cuda_kernel == 3 && p.offsets == nullptr) {
+  // v3 / v2 when forced (plain or grouped); auto picks v2 for plain GEMMs whose
+  // 128 x 256 tiles fill a wave (grouped ones stay on v1 until v2's grouped row
+  // tiles have run on a GPU).
+  if (p.cuda_kernel == 3) {
     cudaError_t err = cudaSuccess;
     if (p.ab_dtype == DType::kBFloat16 && launch_wgmma<__nv_bfloat16>(p, s, err))
       return static_cast<int>(err);
@@ -1473,9 +1478,9 @@ int gemm_cuda(const GemmParams& p, void* stream) {
   }
   // v3 where it cannot run falls back to v2.
   const bool v2 = p.cuda_kernel == 2 || p.cuda_kernel == 3 ||
-                  (p.cuda_kernel == kGemmKernelAuto &&
+                  (p.cuda_kernel == kGemmKernelAuto && p.offsets == nullptr &&
                    row_tiles(p, 128) * ((p.n + 255) / 256) >= multiprocessor_count());
-  if (v2 && p.offsets == nullptr) {
+  if (v2) {
     cudaError_t err = cudaSuccess;
     if (p.ab_dtype == DType::kBFloat16 && launch_mma_v2<__nv_bfloat16>(p, s, err))
       return static_cast<int>(err);

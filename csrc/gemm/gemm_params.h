@@ -41,8 +41,8 @@ struct GemmParams {
   Activation activation = Activation::kNone;
   // CUDA bf16/fp16 kernel generation: 1 (mma.sync 128x128 / 64x64 tiles), 2
   // (128x256 tiles, deeper pipeline), 3 (wgmma, sm_90a; v2 where it cannot run)
-  // or kGemmKernelAuto; plain GEMMs only, grouped GEMMs always run v1. Filled by
-  // the glue (DSK_GEMM_KERNEL / _gemm_cuda_kernel).
+  // or kGemmKernelAuto (never v3; v1 for grouped GEMMs: their v2/v3 row tiles
+  // have not run on a GPU yet). Filled by the glue (DSK_GEMM_KERNEL / _gemm_cuda_kernel).
   int cuda_kernel = 1;
   // Whether the build holds sm_90a code (v3's wgmma): from the build's arch list.
   bool built_sm90a = false;
