@@ -5,6 +5,11 @@ torch's own softmax/sigmoid; the kernels are checked bitwise against the
 reference (the gating contract fixes every fp32 operation and its order).
 """
 
+import contextlib
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -610,6 +615,51 @@ def test_cpu_and_cuda_agree_bitwise_bench_config(policy):
     kw = dict(n_group=8, topk_group=4, capacity=320, drop_policy=policy)
     _assert_bitwise(dk.moe_topk_gating(logits, 8, **kw), dk.moe_topk_gating(logits.cuda(), 8, **kw),
                     GATING_NAMES)
+
+
+# ---------------------------------------------------------------------------
+# CUDA gating kernel generations: v1 (the default) and v2 (opt-in: DSK_MOE_KERNEL
+# or the private _moe_cuda_kernel op). v2 must give v1's bits, hence the CPU's.
+# ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _moe_kernel(version):
+    """Select the CUDA gating kernel generation for the block, then restore."""
+    old = torch.ops.deepseek_kernels._moe_cuda_kernel(version)
+    try:
+        yield
+    finally:
+        torch.ops.deepseek_kernels._moe_cuda_kernel(old)
+
+
+def test_moe_cuda_kernel_op():
+    # A catch-all op: works (and is checked) on CPU-only builds too.
+    op = torch.ops.deepseek_kernels._moe_cuda_kernel
+    start = op(0)
+    assert start in (1, 2)
+    with _moe_kernel(2):
+        assert op(0) == 2
+        assert op(1) == 2 and op(0) == 1
+    assert op(0) == start
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match="0, 1 or 2"):
+            op(bad)
+    assert op(0) == start
+
+
+@pytest.mark.parametrize("value,want", [("v2", "2"), ("1", "1"), ("", "1"),
+                                        ("v3", "ValueError: DSK_MOE_KERNEL must be v1 or v2")])
+def test_moe_kernel_env_var(value, want):
+    """DSK_MOE_KERNEL is read once, on first use (a fresh process per value)."""
+    code = ("import torch, deepseek_kernels\n"
+            "try:\n    print(torch.ops.deepseek_kernels._moe_cuda_kernel(0))\n"
+            "except ValueError as e:\n    print('ValueError:', e)\n")
+    env = dict(os.environ, DSK_MOE_KERNEL=value)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip().startswith(want), out.stdout + out.stderr
 
 
 # ---------------------------------------------------------------------------
