@@ -5,6 +5,11 @@ torch's own softmax/sigmoid; the kernels are checked bitwise against the
 reference (the gating contract fixes every fp32 operation and its order).
 """
 
+import contextlib
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -610,6 +615,196 @@ def test_cpu_and_cuda_agree_bitwise_bench_config(policy):
     kw = dict(n_group=8, topk_group=4, capacity=320, drop_policy=policy)
     _assert_bitwise(dk.moe_topk_gating(logits, 8, **kw), dk.moe_topk_gating(logits.cuda(), 8, **kw),
                     GATING_NAMES)
+
+
+# ---------------------------------------------------------------------------
+# CUDA gating kernel generations: v1 (the default) and v2 (opt-in: DSK_MOE_KERNEL
+# or the private _moe_cuda_kernel op). v2 must give v1's bits, hence the CPU's.
+# ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _moe_kernel(version):
+    """Select the CUDA gating kernel generation for the block, then restore."""
+    old = torch.ops.deepseek_kernels._moe_cuda_kernel(version)
+    try:
+        yield
+    finally:
+        torch.ops.deepseek_kernels._moe_cuda_kernel(old)
+
+
+def test_moe_cuda_kernel_op():
+    # A catch-all op: works (and is checked) on CPU-only builds too.
+    op = torch.ops.deepseek_kernels._moe_cuda_kernel
+    start = op(0)
+    assert start in (1, 2)
+    with _moe_kernel(2):
+        assert op(0) == 2
+        assert op(1) == 2 and op(0) == 1
+    assert op(0) == start
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match="0, 1 or 2"):
+            op(bad)
+    assert op(0) == start
+
+
+@pytest.mark.parametrize("value,want", [("v2", "2"), ("1", "1"), ("", "1"),
+                                        ("v3", "ValueError: DSK_MOE_KERNEL must be v1 or v2")])
+def test_moe_kernel_env_var(value, want):
+    """DSK_MOE_KERNEL is read once, on first use (a fresh process per value)."""
+    code = ("import torch, deepseek_kernels\n"
+            "try:\n    print(torch.ops.deepseek_kernels._moe_cuda_kernel(0))\n"
+            "except ValueError as e:\n    print('ValueError:', e)\n")
+    env = dict(os.environ, DSK_MOE_KERNEL=value)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip().startswith(want), out.stdout + out.stderr
+
+
+@pytest.fixture
+def moe_v2():
+    with _moe_kernel(2):
+        yield
+
+
+# The existing CUDA gating cases (against the bitwise reference), with v2 forced.
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("cfg", GATING_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_gating_v2_matches_reference(moe_v2, scoring, dtype, cfg):
+    test_gating_matches_reference("cuda", scoring, dtype, cfg)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_gating_v2_existing_cuda_cases(moe_v2):
+    for shape in [(0, 8, 2, 1, 1), (1, 1, 1, 1, 1), (300, 256, 8, 8, 4), (33, 1024, 16, 16, 5),
+                  (5, 1000, 16, 1, 1), (65, 96, 7, 3, 2), (17, 40, 5, 40, 40), (2500, 32, 4, 4, 2),
+                  (9000, 64, 6, 4, 2), (40, 300, 6, 10, 3), (50, 512, 8, 128, 40)]:
+        test_gating_shapes("cuda", *shape)
+    test_gating_deterministic("cuda")
+    for scoring in ("softmax", "sigmoid"):
+        test_gating_nonfinite_rows_are_not_routed("cuda", scoring)
+    for policy in ("position", "probability"):
+        test_cpu_and_cuda_agree_bitwise_bench_config(policy)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_gating_v2_cpu_and_cuda_agree_bitwise(moe_v2, dtype, scoring):
+    test_cpu_and_cuda_agree_bitwise(dtype, scoring)
+
+
+def _assert_v2_v1_cpu(logits, k, bias=None, **kw):
+    """CUDA v2, CUDA v1 and the CPU: the same bits, for every capacity mode."""
+    lc = logits.cuda()
+    bc = None if bias is None else bias.cuda()
+    modes = [dict(capacity=None)]
+    if logits.shape[0] > 0:
+        cap = max(1, logits.shape[0] * k // logits.shape[1])
+        modes += [dict(capacity=cap, drop_policy="position"),
+                  dict(capacity=cap, drop_policy="probability"), dict(capacity=0)]
+    for mode in modes:
+        args = dict(kw, **mode)
+        cpu = dk.moe_topk_gating(logits, k, correction_bias=bias, **args)
+        with _moe_kernel(1):
+            v1 = dk.moe_topk_gating(lc, k, correction_bias=bc, **args)
+        with _moe_kernel(2):
+            v2 = dk.moe_topk_gating(lc, k, correction_bias=bc, **args)
+        _assert_bitwise(v2, v1, GATING_NAMES)
+        _assert_bitwise(v2, cpu, GATING_NAMES)
+
+
+# (T, E, k, n_group, topk_group): v2's register group path needs a group of
+# 32 R experts (R registers per lane); other group sizes take the shared-memory path.
+V2_SHAPES = [
+    (0, 256, 8, 8, 4), (1, 256, 8, 8, 4), (37, 256, 8, 8, 4),  # T = 0, 1, 37
+    (300, 256, 8, 8, 4),      # DeepSeek-V3: group i = register i (R = 1)
+    (77, 512, 16, 8, 3),      # R = 2
+    (40, 1024, 16, 4, 2),     # R = 8, the largest E and k
+    (33, 1024, 16, 16, 5),    # R = 2, 32 registers per lane
+    (65, 96, 7, 3, 2),        # R = 1 and a register past the groups (E < 32 * 4)
+    (50, 64, 6, 2, 1),        # R = 1, 2 registers per lane
+    (45, 64, 4, 4, 2),        # group of 16: shared memory
+    (40, 300, 6, 10, 3),      # group of 30: shared memory, E not a multiple of 32
+    (50, 512, 8, 128, 40),    # group of 4: more groups than lanes
+    (37, 40, 5, 40, 39),      # group of 1
+    (17, 40, 5, 40, 40),      # topk_group = n_group: not group-limited
+    (5, 1000, 16, 1, 1), (37, 1, 1, 1, 1), (37, 33, 16, 1, 1), (2500, 32, 4, 4, 2),
+    (9000, 256, 8, 8, 4),     # more chunks than blocks: the grid-stride loop
+    (9000, 64, 6, 4, 2),
+]
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("scoring,with_bias", [("softmax", False), ("softmax", True),
+                                               ("sigmoid", True), ("sigmoid", False)])
+@pytest.mark.parametrize("shape", V2_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gating_v2_matches_v1_and_cpu(shape, scoring, with_bias):
+    t, e, k, ng, tg = shape
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+        logits = _logits(t, e, dtype)
+        bias = torch.randn(e) * 0.05 if with_bias else None
+        _assert_v2_v1_cpu(logits, k, bias, scoring=scoring, n_group=ng, topk_group=tg,
+                          routed_scaling_factor=2.5)
+    _assert_v2_v1_cpu(_logits(t, e, torch.float32), k, None, scoring=scoring, n_group=ng,
+                      topk_group=tg, renormalize=False)
+
+
+def _adversarial_rows(e, t=96):
+    """Rows that stress v2's top-k and group selection: every expert tied; one
+    lane (experts l, l + 32, ...) holding all the best, distinct or tied; ties
+    across lanes and inside a lane; groups tied; then random bf16-rounded rows."""
+    x = torch.randn(t, e).bfloat16().float()
+    x[0] = 0.0
+    x[1] = 1.0
+    for r in range(2, 34):
+        lane = r - 2
+        n = len(range(lane, e, 32))
+        x[r] = -4.0
+        if n:
+            x[r, lane::32] = (3.0 - 0.25 * torch.arange(n)) if r % 2 else 3.0
+    for r in range(34, 50):
+        x[r, 7] = x[r, 9] = x[r, 7 + 32 * ((e - 8) // 32)] = 5.0  # across and inside lanes
+    if e >= 64:
+        for r in range(50, 60):
+            x[r] = x[r, : e // 2].repeat(2)  # the two halves equal: groups tie pairwise
+    return x
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("e,k,ng,tg", [(256, 8, 8, 4), (256, 16, 1, 1), (512, 16, 8, 3), (1024, 16, 8, 2),
+                                       (96, 7, 3, 2), (64, 6, 4, 2), (300, 6, 10, 3), (32, 4, 1, 1),
+                                       (128, 16, 2, 1)])
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_gating_v2_ties_and_one_lane_wins(e, k, ng, tg, scoring):
+    x = _adversarial_rows(e)
+    bias = torch.zeros(e) if scoring == "sigmoid" else None
+    for dtype in (torch.float32, torch.bfloat16):
+        _assert_v2_v1_cpu(x.to(dtype), k, bias, scoring=scoring, n_group=ng, topk_group=tg)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_gating_v2_nonfinite(scoring):
+    for e, ng, tg in [(256, 8, 4), (64, 4, 2), (40, 1, 1)]:
+        x = _logits(37, e, torch.float32)
+        x[3, 5] = float("nan")
+        x[7, 0] = float("inf")
+        x[11, e - 1] = float("-inf")
+        x[36, :] = float("nan")  # the last token of the last (partial) chunk
+        _assert_v2_v1_cpu(x, 4, None, scoring=scoring, n_group=ng, topk_group=tg)
+        bias = torch.zeros(e)
+        bias[1] = float("inf")  # a non-finite bias routes nothing
+        _assert_v2_v1_cpu(x, 4, bias, scoring=scoring, n_group=ng, topk_group=tg)
 
 
 # ---------------------------------------------------------------------------

@@ -2,12 +2,14 @@
 // params structs and call the CPU or CUDA launchers.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
 
 #include <optional>
 #include <string>
 #include <tuple>
 
 #include "common/checks.h"
+#include "common/kernel_choice.h"
 #include "moe/moe_api.h"
 #include "moe/moe_params.h"
 
@@ -21,6 +23,19 @@ namespace {
 
 constexpr int64_t kMaxExperts = 1024;
 constexpr int64_t kMaxK = 16;
+
+// DSK_MOE_KERNEL: v1 (the default) or v2 (opt-in until it has run on a GPU) for
+// the CUDA gating kernels, read on first use.
+KernelChoice& gating_kernel_choice() {
+  static KernelChoice choice("DSK_MOE_KERNEL", 1, 2);
+  return choice;
+}
+
+// Private op for tests and the benchmark's A/B: version 1 or 2 selects the CUDA
+// gating kernels for later calls, 0 only asks. Returns the previous choice.
+int64_t moe_cuda_kernel_op(int64_t version) {
+  return gating_kernel_choice().switch_to("_moe_cuda_kernel", version);
+}
 
 void check_data_dtype(const char* op, const char* name, const at::Tensor& t) {
   check_dtype(op, name, t, {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
@@ -184,6 +199,7 @@ moe_topk_gating(const at::Tensor& logits, int64_t k,
 #ifdef DSK_WITH_CUDA
     at::Tensor ws = at::empty({gating_workspace_bytes(T, E, k)}, opts.dtype(at::kByte));
     p.workspace = ws.data_ptr();
+    p.cuda_kernel = gating_kernel_choice().get();
     C10_CUDA_CHECK(static_cast<cudaError_t>(gating_cuda(p, stream_of(lc))));
 #endif
   } else {
@@ -355,3 +371,9 @@ at::Tensor moe_rows_dot(const at::Tensor& rows, const at::Tensor& other,
 }
 
 }  // namespace dsk::moe
+
+// A fragment here rather than in csrc/torch_bindings.cpp: a private knob of this
+// family only, with no tensor arguments (a catch-all kernel serves every device).
+TORCH_LIBRARY_FRAGMENT(deepseek_kernels, m) {
+  m.def("_moe_cuda_kernel(int version=0) -> int", &dsk::moe::moe_cuda_kernel_op);
+}

@@ -434,6 +434,499 @@ __global__ void __launch_bounds__(kDropThreads) probability_drop_kernel(GatingPa
   }
 }
 
+// ---------------------------------------------------------------------------
+// Gating v2: DSK_MOE_KERNEL=v2 or _moe_cuda_kernel(2); opt-in, NOT YET RUN ON A
+// GPU. Every fp32 operation, its operands and order are v1's (so the results
+// are v1's bits); what changes is how many instructions a token costs:
+//   - selection scores become order keys once; a lane's candidates are its
+//     registers with a nonzero key (0 lies below every float's key).
+//   - group scores: when a group is whole registers (size 32 R: lane l holds
+//     experts l + 32 i, so register i is in group i / R in every lane) a group's
+//     top-2 is two redux.sync and a ballot instead of one lane scanning it in
+//     shared memory, and the kept groups come from redux.sync rounds over lane
+//     g = group g. Other group sizes keep v1's shared-memory path.
+//   - top-k: each lane keeps its best and second best candidate; a round is two
+//     redux.sync and only the winning lane moves on (to its second best, or on
+//     its second win to a rescan below the one it gave up) instead of every
+//     lane rescanning all its registers in every round.
+//   - chunk: a token publishes its choices as one bit mask per lane; after one
+//     barrier, counts and ranks inside the chunk are bit tests (no shared
+//     atomics or zeroing, no loop over earlier tokens' choice lists; one
+//     barrier per chunk instead of three, two when the block has another
+//     chunk); score sums as in v1.
+//   - sigmoid: one fdiv per score (v1 runs both sides of a branch with one each).
+//   - scan: one block per 2 experts (v1: 8, so 4x the SMs), warp-shuffle scans
+//     and one barrier instead of ~20; the same integer results and the same
+//     mean-score summation tree.
+// ---------------------------------------------------------------------------
+
+constexpr unsigned kFull = 0xffffffffu;
+
+// The float of an order_key (its inverse; a -0 comes back as +0).
+__device__ __forceinline__ float key_float(uint32_t key) {
+  return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+// moe_math.h's sigmoid_score with the same operations and operands, but one
+// fdiv of a selected numerator (1 or t) instead of two fdivs on the two sides
+// of a branch (lanes with scores of both signs would run both).
+__device__ __forceinline__ float sigmoid_one_div(float x) {
+  const float t = exp_nonpos(x >= 0.0f ? -x : x);
+  return fdiv(x >= 0.0f ? 1.0f : t, fadd(1.0f, t));
+}
+
+// v2's group path: registers when a group is a multiple of 32 experts, else
+// v1's shared-memory one (host and device decide alike).
+__host__ __device__ inline bool v2_smem_groups(int E, int G, int topk_group) {
+  return G > 1 && topk_group < G && (E / G) % kWarp != 0;
+}
+
+// Dynamic shared memory of the v2 rows kernel (one chunk per block at a time).
+// Score rows have 32 NPL slots (padding included): a lane stores its registers
+// without a bounds check, at fixed offsets.
+struct RowsSmemV2 {
+  float* p;          // [8][32 NPL] scores, for the chunk's score sums
+  int32_t* ids;      // [8][kMaxK] the chunk's choices (-1: not routed)
+  uint32_t* chosen;  // [8][32] bit i of lane l: the token chose expert l + 32 i
+  int32_t* routed;   // [8]
+  // shared-memory group path only:
+  float* sel;              // [8][E] selection scores
+  uint16_t* grp_of;        // [E]
+  float* gscore;           // [8][G]
+  unsigned char* allowed;  // [8][G]
+};
+
+__host__ __device__ inline int64_t rows_v2_smem_bytes(int npl, int64_t E, int64_t G, bool smem_groups) {
+  int64_t b = align16(kChunkWarps * kWarp * npl * 4) + align16(kChunkWarps * kMaxK * 4) +
+              align16(kChunkWarps * kWarp * 4) + align16(kChunkWarps * 4);
+  if (smem_groups)
+    b += align16(kChunkWarps * E * 4) + align16(E * 2) + align16(kChunkWarps * G * 4) +
+         align16(kChunkWarps * G);
+  return b;
+}
+
+__device__ inline RowsSmemV2 carve_rows_v2_smem(unsigned char* base, int npl, int64_t E, int64_t G,
+                                                bool smem_groups) {
+  RowsSmemV2 s{};
+  s.p = reinterpret_cast<float*>(base);
+  base += align16(kChunkWarps * kWarp * npl * 4);
+  s.ids = reinterpret_cast<int32_t*>(base);
+  base += align16(kChunkWarps * kMaxK * 4);
+  s.chosen = reinterpret_cast<uint32_t*>(base);
+  base += align16(kChunkWarps * kWarp * 4);
+  s.routed = reinterpret_cast<int32_t*>(base);
+  base += align16(kChunkWarps * 4);
+  if (smem_groups) {
+    s.sel = reinterpret_cast<float*>(base);
+    base += align16(kChunkWarps * E * 4);
+    s.grp_of = reinterpret_cast<uint16_t*>(base);
+    base += align16(E * 2);
+    s.gscore = reinterpret_cast<float*>(base);
+    base += align16(kChunkWarps * G * 4);
+    s.allowed = base;
+  }
+  return s;
+}
+
+// Group-limited routing when a group is R whole registers (R = group size / 32).
+// Returns the registers of the topk_group kept groups as a bit mask.
+template <int NPL>
+__device__ __forceinline__ uint32_t kept_group_registers(const uint32_t (&key)[NPL], int R, int G,
+                                                        int topk_group, int lane) {
+  // Group score = best + second best selection score as a multiset: each lane's
+  // top-2 keys over the group's registers, then the warp's. m1 = the best key;
+  // the second is m1 again when two lanes hold it, else the best of the holder's
+  // own second (which covers a tie inside that lane) and the other lanes' best.
+  uint32_t g1 = 0u, g2 = 0u;  // lane g < G: group g's top-2
+  uint32_t b1 = 0u, b2 = 0u;  // this lane's top-2 in the current group
+  int fill = 0, grp = 0;      // warp-uniform
+#pragma unroll
+  for (int i = 0; i < NPL; ++i) {
+    if (grp < G) {  // registers from G R on hold no expert (E < 32 NPL)
+      const uint32_t v = key[i];
+      if (v > b1) { b2 = b1; b1 = v; }
+      else if (v > b2) { b2 = v; }
+      if (++fill == R) {
+        const uint32_t m1 = __reduce_max_sync(kFull, b1);
+        const bool holder = b1 == m1;
+        uint32_t m2 = __reduce_max_sync(kFull, holder ? b2 : b1);
+        if (__popc(__ballot_sync(kFull, holder)) > 1) m2 = m1;
+        if (lane == grp) { g1 = m1; g2 = m2; }
+        b1 = b2 = 0u;
+        fill = 0;
+        ++grp;
+      }
+    }
+  }
+  // Lane g: its group's score (v1's fadd(best, second); group size >= 32) as a
+  // key (real scores are never NaN: keys > 0). topk_group rounds: the best key,
+  // ties to the lower group; the winner retires.
+  uint32_t gkey = lane < G ? order_key(fadd(key_float(g1), key_float(g2))) : 0u;
+  uint32_t keep = 0u;
+  for (int r = 0; r < topk_group; ++r) {
+    const uint32_t best = __reduce_max_sync(kFull, gkey);
+    const uint32_t who = __reduce_min_sync(kFull, gkey == best ? static_cast<uint32_t>(lane) : kFull);
+    if (static_cast<uint32_t>(lane) == who) gkey = 0u;
+    keep |= ((1u << R) - 1u) << (who * R);  // G >= 2: R <= 16 and (who + 1) R <= 32
+  }
+  return keep;
+}
+
+// A lane's best and second best candidate (key, register; key 0: none) among
+// all its registers, or (BOUNDED) among those ranked below (bound_key,
+// bound_reg). Rank: key descending, then register ascending (in a lane, the
+// lower register is the lower expert).
+template <int NPL, bool BOUNDED>
+__device__ __forceinline__ void lane_top2(const uint32_t (&key)[NPL], uint32_t bound_key,
+                                          int bound_reg, uint32_t& k1, int& r1, uint32_t& k2,
+                                          int& r2) {
+  k1 = k2 = 0u;
+  r1 = r2 = 0;
+#pragma unroll
+  for (int i = 0; i < NPL; ++i) {
+    const uint32_t v = key[i];
+    const bool below = !BOUNDED || v < bound_key || (v == bound_key && i > bound_reg);
+    if (below && v > k1) { k2 = k1; r2 = r1; k1 = v; r1 = i; }
+    else if (below && v > k2) { k2 = v; r2 = i; }
+  }
+}
+
+// Top-k of the warp's candidates, descending, ties to the lower expert: lane
+// j < k gets choice j in wid, and bit i of `chosen` marks expert lane + 32 i.
+template <int NPL>
+__device__ __forceinline__ void warp_topk(const uint32_t (&key)[NPL], int k, int lane, int& wid,
+                                          uint32_t& chosen) {
+  uint32_t hk, sk;  // the lane's best remaining candidate and the next one
+  int hr, sr;
+  lane_top2<NPL, false>(key, 0u, 0, hk, hr, sk, sr);
+  bool have_second = true;  // sk is the best below hk (false after a promotion)
+  for (int j = 0; j < k; ++j) {
+    const uint32_t best = __reduce_max_sync(kFull, hk);
+    const uint32_t mine = (hk != 0u && hk == best) ? static_cast<uint32_t>(lane + kWarp * hr) : kFull;
+    const uint32_t who = __reduce_min_sync(kFull, mine);  // the lowest expert with the best key
+    if (lane == j) wid = who == kFull ? -1 : static_cast<int>(who);
+    if (who != kFull && mine == who) {  // one lane: it gives up its best
+      chosen |= 1u << hr;
+      if (have_second) {
+        hk = sk;
+        hr = sr;
+        have_second = false;
+      } else {
+        const uint32_t bk = hk;
+        const int br = hr;
+        lane_top2<NPL, true>(key, bk, br, hk, hr, sk, sr);
+        have_second = true;
+      }
+    }
+  }
+}
+
+// Blocks per SM the v2 rows kernel is compiled for (registers: 40 up to 8 experts
+// per lane, then 64 and 128). Without the hint ptxas picked 32 registers for
+// NPL <= 4 and spilled the flags that live across fdiv's slow-path calls.
+constexpr int rows_v2_min_blocks(int npl) { return npl <= 8 ? 6 : (npl <= 16 ? 4 : 2); }
+
+// NPL = experts per lane (E <= 32 * NPL): the row lives in registers.
+template <typename T, int NPL>
+__global__ void __launch_bounds__(kChunkThreads, rows_v2_min_blocks(NPL))
+    gating_rows_v2_kernel(GatingParams g, Workspace ws, int64_t nchunks) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  // E <= 1024 and k <= 16 (moe_api.cpp): in-block indices fit in int.
+  const int E = static_cast<int>(g.E), G = static_cast<int>(g.n_group), gsize = E / G;
+  const int k = static_cast<int>(g.k), topk_group = static_cast<int>(g.topk_group);
+  const bool group_limited = G > 1 && topk_group < G;
+  const bool smem_groups = v2_smem_groups(E, G, topk_group);
+  const RowsSmemV2 sm = carve_rows_v2_smem(smem_raw, NPL, E, G, smem_groups);
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const T* logits = static_cast<const T*>(g.logits);
+  const float* bias = static_cast<const float*>(g.bias);
+  float* weights = static_cast<float*>(g.weights);
+  const float scale = static_cast<float>(g.routed_scaling_factor);
+  constexpr int kRow = kWarp * NPL;  // score row stride in shared memory
+  float* psm = sm.p + warp * kRow;
+
+  bool bias_ok = true;
+  if (bias)
+    for (int e = lane; e < E; e += kWarp) bias_ok = bias_ok && isfinite(bias[e]);
+  bias_ok = __all_sync(kFull, bias_ok);
+  if (smem_groups) {
+    for (int e = threadIdx.x; e < E; e += kChunkThreads) sm.grp_of[e] = static_cast<uint16_t>(e / gsize);
+    __syncthreads();
+  }
+
+  for (int64_t c = blockIdx.x; c < nchunks; c += gridDim.x) {
+    const int64_t t = c * kScoreSumChunk + warp;
+    // A token past T (last chunk) or with a non-finite logit is not routed.
+    bool routed = t < g.T;
+    if (routed) {
+      const T* x = logits + t * E;
+      bool finite = bias_ok;
+      float m = -INFINITY;
+      float p[NPL];
+#pragma unroll
+      for (int i = 0; i < NPL; ++i) {
+        const int e = lane + kWarp * i;
+        const float v = e < E ? to_float(x[e]) : 0.0f;
+        p[i] = v;
+        finite = finite && isfinite(v);
+        if (e < E) m = fmaxf(m, v);
+      }
+      routed = __all_sync(kFull, finite);
+      if (routed) {
+        // Scores: v1's operations in v1's order (moe_params.h).
+        if (g.softmax) {
+#pragma unroll
+          for (int off = 16; off >= 1; off >>= 1) m = fmaxf(m, __shfl_xor_sync(kFull, m, off));
+          float acc = 0.0f;
+#pragma unroll
+          for (int i = 0; i < NPL; ++i) {
+            // Padding registers (e >= E) compute a value nobody reads; only the
+            // sum is guarded (a small predicated add rather than a branch).
+            p[i] = exp_nonpos(fsub(p[i], m));
+            if (lane + kWarp * i < E) acc = fadd(acc, p[i]);
+          }
+#pragma unroll
+          for (int off = 16; off >= 1; off >>= 1) acc = fadd(acc, __shfl_xor_sync(kFull, acc, off));
+#pragma unroll
+          for (int i = 0; i < NPL; ++i) p[i] = fdiv(p[i], acc);
+        } else {
+#pragma unroll
+          for (int i = 0; i < NPL; ++i) p[i] = sigmoid_one_div(p[i]);
+        }
+        // Selection scores as keys (padding registers: 0, no candidate), one
+        // loop per bias case so that each is a few predicated instructions per
+        // register and p dies as its keys are made.
+        uint32_t key[NPL];
+        float* selsm = smem_groups ? sm.sel + warp * E : nullptr;  // shared-memory group path
+        if (bias) {
+#pragma unroll
+          for (int i = 0; i < NPL; ++i) {
+            const int e = lane + kWarp * i;
+            psm[e] = p[i];
+            key[i] = 0u;
+            if (e < E) {
+              const float sel = fadd(p[i], bias[e]);
+              if (smem_groups) selsm[e] = sel;
+              key[i] = order_key(sel);
+            }
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < NPL; ++i) {
+            const int e = lane + kWarp * i;
+            psm[e] = p[i];
+            if (smem_groups && e < E) selsm[e] = p[i];
+            key[i] = e < E ? order_key(p[i]) : 0u;
+          }
+        }
+        if (group_limited) {
+          if (!smem_groups) {
+            const uint32_t keep = kept_group_registers<NPL>(key, gsize / kWarp, G, topk_group, lane);
+#pragma unroll
+            for (int i = 0; i < NPL; ++i)
+              if (!((keep >> i) & 1u)) key[i] = 0u;
+          } else {
+            // v1's path: one lane per group scans it in shared memory, then
+            // topk_group warp argmax rounds (ties: lower group).
+            float* gscore = sm.gscore + warp * G;
+            unsigned char* allowed = sm.allowed + warp * G;
+            __syncwarp();
+            for (int grp = lane; grp < G; grp += kWarp) {
+              float b1 = -INFINITY, b2 = -INFINITY;
+              for (int e = grp * gsize; e < (grp + 1) * gsize; ++e) {
+                const float v = selsm[e];
+                if (v > b1) { b2 = b1; b1 = v; }
+                else if (v > b2) { b2 = v; }
+              }
+              gscore[grp] = gsize >= 2 ? fadd(b1, b2) : b1;
+              allowed[grp] = 0;
+            }
+            __syncwarp();
+            for (int r = 0; r < topk_group; ++r) {
+              float bv = -INFINITY;
+              int bi = -1;
+              for (int grp = lane; grp < G; grp += kWarp)
+                if (!allowed[grp] && (bi < 0 || gscore[grp] > bv)) {
+                  bv = gscore[grp];
+                  bi = grp;
+                }
+              warp_argmax(bv, bi);
+              if (lane == 0) allowed[bi] = 1;
+              __syncwarp();
+            }
+#pragma unroll
+            for (int i = 0; i < NPL; ++i) {
+              const int e = lane + kWarp * i;
+              if (e < E && !allowed[sm.grp_of[e]]) key[i] = 0u;
+            }
+          }
+        }
+        uint32_t chosen = 0;  // bit i: this lane's expert lane + 32 i was chosen
+        int wid = -1;         // lane j < k: choice j
+        warp_topk<NPL>(key, k, lane, wid, chosen);
+        // Published before the weights: less state lives across fdiv's slow-path calls.
+        sm.chosen[warp * kWarp + lane] = chosen;
+        if (lane < k) {
+          sm.ids[warp * kMaxK + lane] = wid;
+          g.expert_ids[t * k + lane] = wid;
+        }
+        __syncwarp();  // psm of every lane
+        float wsel = 0.0f;
+        if (lane < k && wid >= 0) wsel = psm[wid];
+        // weights: sequential sum over the choices in order (as v1)
+        float sum = 0.0f;
+        for (int j = 0; j < k; ++j) sum = fadd(sum, __shfl_sync(kFull, wsel, j));
+        if (lane < k) {
+          float w = wsel;
+          if (g.renormalize && sum > 0.0f) w = fdiv(w, sum);
+          weights[t * k + lane] = fmul(w, scale);
+        }
+      } else if (lane < k) {
+        g.expert_ids[t * k + lane] = -1;
+        weights[t * k + lane] = 0.0f;
+      }
+    }
+    if (!routed) {
+      sm.chosen[warp * kWarp + lane] = 0u;
+      if (lane < k) sm.ids[warp * kMaxK + lane] = -1;
+    }
+    if (lane == 0) sm.routed[warp] = routed ? 1 : 0;
+    __syncthreads();
+
+    // Chunk, from the choice bits: rank of (token tl, choice j) = earlier tokens
+    // of the chunk that chose its expert (a token chooses an expert at most once).
+    // Thread tl * kMaxK + j (no division by k).
+    if (threadIdx.x < kChunkWarps * kMaxK) {
+      const int tl = static_cast<int>(threadIdx.x) / kMaxK, j = static_cast<int>(threadIdx.x) % kMaxK;
+      const int32_t e = j < k ? sm.ids[tl * kMaxK + j] : -1;
+      if (e >= 0) {
+        const uint32_t* col = sm.chosen + (e % kWarp);
+        const int bit = e / kWarp;
+        int32_t r = 0;
+#pragma unroll
+        for (int w = 0; w < kChunkWarps - 1; ++w)
+          if (w < tl) r += static_cast<int32_t>((col[w * kWarp] >> bit) & 1u);
+        ws.local_rank[(c * kScoreSumChunk + tl) * k + j] = r;
+      }
+    }
+    // Per expert: the chunk's count, and its score sum over the routed tokens in
+    // token order (v1's order).
+    for (int e = threadIdx.x; e < E; e += kChunkThreads) {
+      const uint32_t* col = sm.chosen + (e % kWarp);
+      const int bit = e / kWarp;
+      float acc = 0.0f;
+      int32_t n = 0;
+#pragma unroll
+      for (int w = 0; w < kChunkWarps; ++w) {
+        if (sm.routed[w]) acc = fadd(acc, sm.p[w * kRow + e]);
+        n += static_cast<int32_t>((col[w * kWarp] >> bit) & 1u);
+      }
+      ws.partial[c * E + e] = acc;
+      ws.chunk_counts[c * E + e] = n;
+    }
+    if (c + gridDim.x < nchunks) __syncthreads();  // smem is reused by the next chunk
+  }
+}
+
+// Scan v2: one block per kScanV2Experts experts, kScanV2Ranges contiguous chunk
+// ranges per expert (thread (q, ex) = threadIdx q * kScanV2Experts + ex). Chunk
+// bases: each range's total, scanned over q by warp shuffles and the warps'
+// totals (integers: exact in any order). Mean scores in v1's order: thread q
+// owns mean lanes q and q + 128 (sequential sums over chunks m, m + 256, ...),
+// adds them (the tree's first level); warp 0 finishes the tree: levels 64, 32,
+// 16 inside each lane (it holds lanes m, m + 16, ..., m + 112), then 8, 4, 2, 1
+// by shuffles.
+constexpr int kScanV2Experts = 2;
+constexpr int kScanV2Threads = 256;
+constexpr int kScanV2Warps = kScanV2Threads / kWarp;
+constexpr int kScanV2Ranges = kScanV2Threads / kScanV2Experts;
+static_assert(kMeanLanes == 2 * kScanV2Ranges, "thread q owns mean lanes q and q + 128");
+static_assert(kScanV2Ranges == 8 * 16, "warp 0 finishes the tree with 16 lanes per expert");
+
+__global__ void __launch_bounds__(kScanV2Threads)
+    gating_scan_v2_kernel(GatingParams g, Workspace ws, int64_t nchunks) {
+  __shared__ int32_t warp_total[kScanV2Warps][kScanV2Experts];
+  __shared__ float half_lanes[kScanV2Ranges][kScanV2Experts];  // mean lanes after the first level
+  const int ex = threadIdx.x % kScanV2Experts, q = threadIdx.x / kScanV2Experts;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int64_t E = g.E;
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * kScanV2Experts + ex;
+  const bool on = e < E;
+  const int64_t per = (nchunks + kScanV2Ranges - 1) / kScanV2Ranges;
+  const int64_t c0 = min(nchunks, q * per), c1 = min(nchunks, c0 + per);
+  int32_t mine = 0;
+  float lo = 0.0f, hi = 0.0f;  // mean lanes q and q + 128
+  if (on) {
+#pragma unroll 4
+    for (int64_t c = c0; c < c1; ++c) mine += ws.chunk_counts[c * E + e];
+    // (unrolled: the loads go out together; the adds stay in order)
+#pragma unroll 4
+    for (int64_t c = q; c < nchunks; c += kMeanLanes) lo = fadd(lo, ws.partial[c * E + e]);
+#pragma unroll 4
+    for (int64_t c = q + kScanV2Ranges; c < nchunks; c += kMeanLanes) hi = fadd(hi, ws.partial[c * E + e]);
+  }
+  half_lanes[q][ex] = fadd(lo, hi);
+  // Inclusive scan over the warp's q (lanes of one expert are kScanV2Experts apart).
+  int32_t incl = mine;
+#pragma unroll
+  for (int d = kScanV2Experts; d < kWarp; d <<= 1) {
+    const int32_t v = __shfl_up_sync(kFull, incl, d);
+    if (lane >= d) incl += v;
+  }
+  if (lane >= kWarp - kScanV2Experts) warp_total[warp][ex] = incl;
+  __syncthreads();
+  int32_t before = 0, total = 0;
+#pragma unroll
+  for (int w = 0; w < kScanV2Warps; ++w) {
+    const int32_t v = warp_total[w][ex];
+    before += w < warp ? v : 0;
+    total += v;
+  }
+  if (warp == 0) {
+    const int m = lane / kScanV2Experts;  // 0..15; ex = lane % kScanV2Experts
+    float v[8];
+#pragma unroll
+    for (int r = 0; r < 8; ++r) v[r] = half_lanes[m + 16 * r][ex];
+#pragma unroll
+    for (int half = 4; half >= 1; half >>= 1)  // levels 64, 32, 16
+#pragma unroll
+      for (int r = 0; r < half; ++r) v[r] = fadd(v[r], v[r + half]);
+    float acc = v[0];
+#pragma unroll
+    for (int half = 8; half >= 1; half >>= 1)  // levels 8, 4, 2, 1
+      acc = fadd(acc, __shfl_down_sync(kFull, acc, half * kScanV2Experts));
+    if (on && q == 0) {
+      g.routed_counts[e] = total;
+      g.expert_counts[e] = (g.capacity < 0 || total < g.capacity) ? total : static_cast<int32_t>(g.capacity);
+      static_cast<float*>(g.mean_scores)[e] = fdiv(acc, static_cast<float>(g.T > 0 ? g.T : 1));
+    }
+  }
+  if (!on) return;
+  int32_t run = before + incl - mine;  // exclusive
+  for (int64_t c = c0; c < c1; ++c) {
+    const int32_t n = ws.chunk_counts[c * E + e];
+    ws.chunk_counts[c * E + e] = run;
+    run += n;
+  }
+}
+
+template <typename T, int NPL>
+cudaError_t launch_gating_rows_v2(const GatingParams& g, const Workspace& ws, int64_t nchunks,
+                                  cudaStream_t stream) {
+  const size_t smem = static_cast<size_t>(
+      rows_v2_smem_bytes(NPL, g.E, g.n_group,
+                         v2_smem_groups(static_cast<int>(g.E), static_cast<int>(g.n_group),
+                                        static_cast<int>(g.topk_group))));
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        gating_rows_v2_kernel<T, NPL>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  const int64_t blocks = grid_size(nchunks * kChunkThreads, kChunkThreads, 8);
+  gating_rows_v2_kernel<T, NPL><<<blocks, kChunkThreads, smem, stream>>>(g, ws, nchunks);
+  return cudaGetLastError();
+}
+
 template <typename T, int NPL>
 cudaError_t launch_gating_rows(const GatingParams& g, const Workspace& ws, int64_t nchunks,
                                cudaStream_t stream) {
@@ -448,22 +941,35 @@ cudaError_t launch_gating_rows(const GatingParams& g, const Workspace& ws, int64
   return cudaGetLastError();
 }
 
+// The rows kernel of the chosen generation (GatingParams::cuda_kernel).
+template <typename T, int NPL>
+cudaError_t launch_gating_rows_any(const GatingParams& g, const Workspace& ws, int64_t nchunks,
+                                   cudaStream_t stream) {
+  return g.cuda_kernel == 2 ? launch_gating_rows_v2<T, NPL>(g, ws, nchunks, stream)
+                            : launch_gating_rows<T, NPL>(g, ws, nchunks, stream);
+}
+
 template <typename T>
 cudaError_t launch_gating(const GatingParams& g, cudaStream_t stream) {
   const int64_t nchunks = (g.T + kScoreSumChunk - 1) / kScoreSumChunk;
   Workspace ws = carve(g.workspace, g.T, g.E, g.k);
+  const bool v2 = g.cuda_kernel == 2;
   if (nchunks > 0) {
     cudaError_t err;
-    if (g.E <= 32) err = launch_gating_rows<T, 1>(g, ws, nchunks, stream);
-    else if (g.E <= 64) err = launch_gating_rows<T, 2>(g, ws, nchunks, stream);
-    else if (g.E <= 128) err = launch_gating_rows<T, 4>(g, ws, nchunks, stream);
-    else if (g.E <= 256) err = launch_gating_rows<T, 8>(g, ws, nchunks, stream);
-    else if (g.E <= 512) err = launch_gating_rows<T, 16>(g, ws, nchunks, stream);
-    else if (g.E <= 1024) err = launch_gating_rows<T, 32>(g, ws, nchunks, stream);
+    if (g.E <= 32) err = launch_gating_rows_any<T, 1>(g, ws, nchunks, stream);
+    else if (g.E <= 64) err = launch_gating_rows_any<T, 2>(g, ws, nchunks, stream);
+    else if (g.E <= 128) err = launch_gating_rows_any<T, 4>(g, ws, nchunks, stream);
+    else if (g.E <= 256) err = launch_gating_rows_any<T, 8>(g, ws, nchunks, stream);
+    else if (g.E <= 512) err = launch_gating_rows_any<T, 16>(g, ws, nchunks, stream);
+    else if (g.E <= 1024) err = launch_gating_rows_any<T, 32>(g, ws, nchunks, stream);
     else err = cudaErrorInvalidValue;  // moe_api.cpp enforces E <= 1024
     if (err != cudaSuccess) return err;
   }
-  gating_scan_kernel<<<(g.E + kScanTile - 1) / kScanTile, kScanThreads, 0, stream>>>(g, ws, nchunks);
+  if (v2)
+    gating_scan_v2_kernel<<<(g.E + kScanV2Experts - 1) / kScanV2Experts, kScanV2Threads, 0, stream>>>(
+        g, ws, nchunks);
+  else
+    gating_scan_kernel<<<(g.E + kScanTile - 1) / kScanTile, kScanThreads, 0, stream>>>(g, ws, nchunks);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const bool prob = g.drop_probability && g.capacity >= 0;
