@@ -80,11 +80,19 @@ $PY bench/bench_quant.py --device cuda ${QUANT_BENCH_ARGS:-} --out "$OUT" 2>&1 |
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 $PY bench/bench_moe.py --device cuda ${MOE_BENCH_ARGS:---profile} --out "$OUT" 2>&1 | tee "$OUT/bench-moe.log" | tail -20
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
+# The opt-in MoE gating v2 kernel, timed the same way (its own results file).
+mkdir -p "$OUT/moe-v2"
+DSK_MOE_KERNEL=v2 $PY bench/bench_moe.py --device cuda ${MOE_BENCH_ARGS:---profile} --out "$OUT/moe-v2" 2>&1 \
+  | tee "$OUT/bench-moe-v2.log" | tail -20
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
 for b in gemm attention; do
   [ -f bench/bench_$b.py ] || continue
   $PY bench/bench_$b.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench-$b.log" | tail -40
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done
+# bf16 GEMM v1 / v2 / v3 (wgmma) / cuBLAS side by side.
+$PY bench/bench_gemm.py --device cuda --ab --out "$OUT" 2>&1 | tee "$OUT/bench-gemm-ab.log" | tail -20
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 step "model: the demo on the GPU"
 [ "${SKIP_DEMO:-0}" = 1 ] && { echo "skipped (SKIP_DEMO=1)"; exit $status; }
