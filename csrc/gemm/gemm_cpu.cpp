@@ -1,7 +1,7 @@
-// CPU kernels of the GEMM family. The floating-point inner products run in
-// ATen's BLAS (called by the glue, in fp32/fp64); here: the fused epilogue,
-// the exact INT8 GEMM and row-wise INT8 quantization, all OpenMP-parallel
-// through at::parallel_for. Compiled with -ffp-contract=off so the INT8
+// CPU kernels of the GEMM family. The floating-point inner products and their
+// epilogue run in ATen (BLAS and its vectorized elementwise kernels, called by
+// the glue in fp32/fp64); here: the exact INT8 and FP8 GEMMs and their
+// quantization, all OpenMP-parallel through at::parallel_for. Compiled with -ffp-contract=off so the INT8
 // scaling rounds exactly as on the GPU.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -21,20 +21,6 @@
 namespace dsk::gemm {
 namespace {
 
-template <typename T>
-inline double load_as_double(const void* p, int64_t i) {
-  return static_cast<double>(static_cast<const T*>(p)[i]);
-}
-
-inline double load_any(const void* p, DType t, int64_t i) {
-  switch (t) {
-    case DType::kFloat16: return load_as_double<c10::Half>(p, i);
-    case DType::kBFloat16: return load_as_double<c10::BFloat16>(p, i);
-    case DType::kFloat64: return load_as_double<double>(p, i);
-    default: return load_as_double<float>(p, i);
-  }
-}
-
 template <typename T, typename F>
 inline void store_as(void* p, int64_t i, F v) {
   static_cast<T*>(p)[i] = static_cast<T>(v);
@@ -48,27 +34,6 @@ inline void store_any(void* p, DType t, int64_t i, F v) {
     case DType::kFloat64: store_as<double>(p, i, v); break;
     default: store_as<float>(p, i, static_cast<float>(v)); break;
   }
-}
-
-// F is the accumulator type (float, or double for fp64 inputs).
-template <typename F>
-void epilogue_typed(const EpilogueParams& p) {
-  const F* acc = static_cast<const F*>(p.acc);
-  // Bias converted once to the accumulator type.
-  std::vector<F> bias(p.bias ? p.n : 0);
-  for (int64_t j = 0; j < static_cast<int64_t>(bias.size()); ++j)
-    bias[j] = static_cast<F>(load_any(p.bias, p.bias_dtype, j));
-  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(p.n, 1));
-  at::parallel_for(0, p.m, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const F* row = acc + r * p.n;
-      for (int64_t j = 0; j < p.n; ++j) {
-        F v = row[j];
-        if (p.bias) v += bias[j];
-        store_any(p.out, p.out_dtype, r * p.n + j, apply_activation(v, p.activation));
-      }
-    }
-  });
 }
 
 // Round half to even for |v| <= 2^22 (exactly rintf on that range; see quant_cpu.cpp).
@@ -256,15 +221,6 @@ void quantize_fp8_cpu(const QuantizeFp8Params& p) {
 void fp8_gemm_cpu(const Fp8GemmParams& p) {
   if (p.m == 0 || p.n == 0) return;
   fp8_gemm_typed(p);
-}
-
-void epilogue_cpu(const EpilogueParams& p) {
-  if (p.m == 0 || p.n == 0) return;
-  if (p.acc_double) {
-    epilogue_typed<double>(p);
-  } else {
-    epilogue_typed<float>(p);
-  }
 }
 
 void int8_gemm_cpu(const Int8GemmParams& p) {

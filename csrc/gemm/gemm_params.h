@@ -56,19 +56,6 @@ struct GemmParams {
 // it at run time (tests, the benchmark's A/B).
 constexpr int kGemmKernelAuto = 4;
 
-// The CPU epilogue: out[m, n] = act(acc[m, n] + bias[n]) cast to out_dtype.
-// acc is fp32 (fp64 when ab_dtype is fp64), [M, N] contiguous.
-struct EpilogueParams {
-  const void* acc = nullptr;
-  bool acc_double = false;
-  const void* bias = nullptr;  // dtype bias_dtype, or nullptr
-  DType bias_dtype = DType::kFloat32;
-  void* out = nullptr;
-  DType out_dtype = DType::kFloat32;
-  int64_t m = 0, n = 0;
-  Activation activation = Activation::kNone;
-};
-
 struct Int8GemmParams {
   const int8_t* a = nullptr;        // [M, K]
   const float* a_scales = nullptr;  // [M]
@@ -140,7 +127,6 @@ struct Fp8GemmParams {
 void quantize_fp8_cpu(const QuantizeFp8Params& p);
 void fp8_gemm_cpu(const Fp8GemmParams& p);
 
-void epilogue_cpu(const EpilogueParams& p);
 void int8_gemm_cpu(const Int8GemmParams& p);
 void quantize_rows_int8_cpu(const QuantizeRowsParams& p);
 
