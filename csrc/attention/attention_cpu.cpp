@@ -446,21 +446,26 @@ void fwd(const AttnParams& p) {
 // ---------------------------------------------------------------------------
 // Backward, with the queries along the vector lanes.
 //
-// A work item is one (sample b, kv head hk): the keys of the sample and every
-// query of the query heads that read hk. Per query head, block of up to
+// A work item is one (sample b, kv head hk, chunk of keys): those keys and
+// every query of the query heads that read hk. Per query head, block of up to
 // kBwdBlockQ queries (strips of W as in the forward: qt = q^T scaled by
 // softmax_scale * log2(e), dot = dout^T) and block of nk <= kBwdBlockK keys:
 //   P[nk][.]  = 2^(K_blk . qt - lse2)        strip by strip, 0 where hidden
 //   DS[nk][.] = P * (V_blk . dot - delta)    (delta_i = <dout_i, out_i>)
 //   dqt      += K_blk^T . DS                 the strip's dq, transposed
 //   dv[keys] += P . dout,  dk[keys] += DS . q   over the block's queries
-// Five products per pair of blocks and no recomputation; dq of a query block
-// is complete (and written) once its keys are done, dk and dv of the item's
-// keys accumulate in fp32 scratch over the query heads and blocks, in order.
+// Five products per pair of blocks and no recomputation. dk and dv of the
+// item's keys accumulate in fp32 scratch over the query heads and blocks, in
+// order. With one chunk (the keys of the sample) dq of a query block is
+// complete once its keys are done and is written at once; when B * Hkv is
+// too small to keep the cores busy the keys are split into chunks, each adds
+// its part of dq into an fp32 copy of its own, and the copies are summed in
+// chunk order at the end. The chunk count depends on the shapes only.
 // ---------------------------------------------------------------------------
 
 constexpr int64_t kBwdBlockQ = 64;
 constexpr int64_t kBwdBlockK = 64;
+constexpr int64_t kBwdMinItems = 16;  // split the keys while B * Hkv is below this
 static_assert(kBwdBlockQ % Vec<float>::kTile == 0 && kBwdBlockQ % Vec<double>::kTile == 0,
               "a query block is whole strips");
 
@@ -510,7 +515,7 @@ DSK_INLINE void grad_step(S* P, S* DS, int64_t ld, int64_t nk, const S* shift, c
 // Per-thread buffers of the backward: a query block's strips (qt, dot, dqt)
 // and per-column shift and delta, its q and dout rows as S (unused when T is
 // S), P and DS of a block pair (row stride kBwdBlockQ), a K and V block as S,
-// and fp32 dk, dv of all the item's keys.
+// and fp32 dk, dv of the item's keys.
 template <typename S>
 struct BwdScratch {
   std::vector<S> qt, dot, dqt, shift, delta, qrows, drows, P, DS, kbuf, vbuf, dk, dv;
@@ -521,11 +526,13 @@ struct BwdScratch {
         vbuf(kBwdBlockK * p.D), dk(p.seqlen_k * p.D), dv(p.seqlen_k * p.D) {}
 };
 
-// Queries [i0, i0 + nq) of (sample b, head h) against every key they see:
-// writes their dq and adds to w.dk / w.dv (rows = the sample's keys).
+// Queries [i0, i0 + nq) of (sample b, head h) against the keys in
+// [k_lo, k_hi) they see: adds to w.dk / w.dv (row j - k_lo for key j) and
+// writes their dq (scaled, as T), or their part of it to dq_part (as S).
 template <typename T, typename S>
 DSK_CPU_CLONES DSK_CPU_FMA void bwd_block(const AttnParams& p, int64_t b, int64_t h, int64_t i0,
-                                          int64_t nq, BwdScratch<S>& w) {
+                                          int64_t nq, int64_t k_lo, int64_t k_hi, S* dq_part,
+                                          BwdScratch<S>& w) {
   constexpr int64_t W = Vec<S>::kTile, ldp = kBwdBlockQ;
   constexpr S inf = std::numeric_limits<S>::infinity();
   const int64_t D = p.D, hk = h / (p.Hq / p.Hkv);
@@ -534,6 +541,9 @@ DSK_CPU_CLONES DSK_CPU_FMA void bwd_block(const AttnParams& p, int64_t b, int64_
   const SeqRange r = seq_range(p, b);
   S *qt = w.qt.data(), *dot = w.dot.data(), *dqt = w.dqt.data(), *P = w.P.data(), *DS = w.DS.data();
   S *shift = w.shift.data(), *delta = w.delta.data();
+
+  const int64_t kend = std::min(k_hi, key_limit(p, r, i0 + nq - 1));
+  if (dq_part && kend <= k_lo) return;  // no key here: its part of dq stays 0
 
   const int64_t qoff = ((r.q_start + i0) * p.Hq + h) * D;
   const T* q = static_cast<const T*>(p.q) + qoff;
@@ -567,8 +577,7 @@ DSK_CPU_CLONES DSK_CPU_FMA void bwd_block(const AttnParams& p, int64_t b, int64_
     qr = w.qrows.data(), dr = w.drows.data(), row_stride = D;
   }
 
-  const int64_t kend = key_limit(p, r, i0 + nq - 1);
-  for (int64_t j0 = 0; j0 < kend; j0 += kBwdBlockK) {
+  for (int64_t j0 = k_lo; j0 < kend; j0 += kBwdBlockK) {
     const int64_t nk = std::min(kBwdBlockK, kend - j0);
     const int64_t koff = ((r.k_start + j0) * p.Hkv + hk) * D;
     const T* kb = static_cast<const T*>(p.k) + koff;
@@ -582,6 +591,7 @@ DSK_CPU_CLONES DSK_CPU_FMA void bwd_block(const AttnParams& p, int64_t b, int64_
       load_rows(vb, k_stride, nk, D, w.vbuf.data());
       kr = w.kbuf.data(), vr = w.vbuf.data(), kv_stride = D;
     }
+    S *dk = w.dk.data() + (j0 - k_lo) * D, *dv = w.dv.data() + (j0 - k_lo) * D;
     // Causally, the block's first key is seen from query j0 + q_len - k_len
     // on (key_limit solved for i): the strips before see nothing of it.
     const int64_t first = p.causal ? std::max<int64_t>(0, j0 + r.q_len - r.k_len - i0) / W : 0;
@@ -603,36 +613,61 @@ DSK_CPU_CLONES DSK_CPU_FMA void bwd_block(const AttnParams& p, int64_t b, int64_
     // dv[j][:] += sum_i P[j][i] * dout[i][:] and dk[j][:] += sum_i DS[j][i] * q[i][:]
     // over the queries from the first strip on.
     const int64_t c0 = first * W;
-    product(P + c0, ldp, int64_t(1), dr + c0 * row_stride, row_stride, w.dv.data() + j0 * D, D, nk,
-            D, nq - c0, true);
-    product(DS + c0, ldp, int64_t(1), qr + c0 * row_stride, row_stride, w.dk.data() + j0 * D, D,
-            nk, D, nq - c0, true);
+    product(P + c0, ldp, int64_t(1), dr + c0 * row_stride, row_stride, dv, D, nk, D, nq - c0, true);
+    product(DS + c0, ldp, int64_t(1), qr + c0 * row_stride, row_stride, dk, D, nk, D, nq - c0, true);
   }
-  store_strips(dqt, nq, D, W, static_cast<S>(p.softmax_scale), static_cast<T*>(p.dq) + qoff, q_stride);
+  if (dq_part)
+    store_strips(dqt, nq, D, W, S(1), dq_part + qoff, q_stride);
+  else
+    store_strips(dqt, nq, D, W, static_cast<S>(p.softmax_scale), static_cast<T*>(p.dq) + qoff, q_stride);
 }
 
 template <typename T>
 void bwd(const AttnParams& p) {
   using S = typename ComputeOf<T>::type;
-  const int64_t group = p.Hq / p.Hkv, D = p.D, k_stride = p.Hkv * D;
+  const int64_t group = p.Hq / p.Hkv, D = p.D, q_stride = p.Hq * D, k_stride = p.Hkv * D;
   const S scale = static_cast<S>(p.softmax_scale);
-  parallel_items<BwdScratch<S>>(p.B * p.Hkv, p, [&](int64_t item, BwdScratch<S>& w) {
-    const int64_t hk = item % p.Hkv, b = item / p.Hkv;
+  // Key chunks: whole key blocks, as many as B * Hkv needs to reach
+  // kBwdMinItems items (one chunk, the whole sample, from there on).
+  const int64_t key_blocks = std::max<int64_t>((p.seqlen_k + kBwdBlockK - 1) / kBwdBlockK, 1);
+  const int64_t bh = std::max<int64_t>(p.B * p.Hkv, 1);
+  const int64_t want = std::clamp<int64_t>((kBwdMinItems + bh - 1) / bh, 1, key_blocks);
+  const int64_t chunk = (key_blocks + want - 1) / want * kBwdBlockK;  // keys per chunk
+  const int64_t chunks = std::max<int64_t>((p.seqlen_k + chunk - 1) / chunk, 1);
+  const int64_t q_numel = (p.cu_seqlens_q ? p.total_q : p.B * p.seqlen_q) * q_stride;
+  std::vector<S> dq_part(chunks > 1 ? chunks * q_numel : 0);
+
+  parallel_items<BwdScratch<S>>(p.B * p.Hkv * chunks, p, [&](int64_t item, BwdScratch<S>& w) {
+    const int64_t kc = item % chunks, hk = (item / chunks) % p.Hkv, b = item / (chunks * p.Hkv);
     const SeqRange r = seq_range(p, b);
-    std::fill(w.dk.begin(), w.dk.begin() + r.k_len * D, S(0));
-    std::fill(w.dv.begin(), w.dv.begin() + r.k_len * D, S(0));
+    const int64_t k_lo = kc * chunk, k_hi = std::min(r.k_len, k_lo + chunk);
+    if (chunks > 1 && k_lo >= k_hi) return;
+    S* part = chunks > 1 ? dq_part.data() + kc * q_numel : nullptr;
+    std::fill(w.dk.begin(), w.dk.begin() + (k_hi - k_lo) * D, S(0));
+    std::fill(w.dv.begin(), w.dv.begin() + (k_hi - k_lo) * D, S(0));
     for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
       for (int64_t i0 = 0; i0 < r.q_len; i0 += kBwdBlockQ)
-        bwd_block<T, S>(p, b, h, i0, std::min(kBwdBlockQ, r.q_len - i0), w);
-    const int64_t koff = (r.k_start * p.Hkv + hk) * D;
+        bwd_block<T, S>(p, b, h, i0, std::min(kBwdBlockQ, r.q_len - i0), k_lo, k_hi, part, w);
+    const int64_t koff = ((r.k_start + k_lo) * p.Hkv + hk) * D;
     T* dk = static_cast<T*>(p.dk) + koff;
     T* dv = static_cast<T*>(p.dv) + koff;
-    for (int64_t j = 0; j < r.k_len; ++j)
+    for (int64_t j = 0; j < k_hi - k_lo; ++j)
       for (int64_t c = 0; c < D; ++c) {
         dk[j * k_stride + c] = static_cast<T>(w.dk[j * D + c] * scale);
         dv[j * k_stride + c] = static_cast<T>(w.dv[j * D + c]);
       }
   });
+
+  if (chunks > 1) {  // dq = scale * (sum of the chunks' parts, in chunk order)
+    T* dq = static_cast<T*>(p.dq);
+    at::parallel_for(0, q_numel, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t x = begin; x < end; ++x) {
+        S sum = dq_part[x];
+        for (int64_t kc = 1; kc < chunks; ++kc) sum += dq_part[kc * q_numel + x];
+        dq[x] = static_cast<T>(sum * scale);
+      }
+    });
+  }
 }
 
 template <template <typename> class F>
