@@ -10,7 +10,8 @@
 // Forward: one work item per (sample, query head, block of kFwdBlockQ
 // queries); each block of kFwdBlockK keys is scored and folded into a running
 // max / sum / output (online softmax in base 2). Nothing of size Lq x Lk is
-// ever stored.
+// ever stored. Blocks of fewer than kFwdRowQ queries (decoding) go one query
+// at a time with the head dims along the lanes instead of padding a strip.
 //
 // Backward: one work item per (sample, kv head), which owns dk and dv of its
 // keys and dq of the queries of its query heads; p is recomputed from the
@@ -299,6 +300,7 @@ void parallel_items(int64_t n, const AttnParams& p, const Fn& fn) {
 
 constexpr int64_t kFwdBlockQ = 128;
 constexpr int64_t kFwdBlockK = 64;
+constexpr int64_t kFwdRowQ = 6;  // shorter query blocks go one query at a time (fwd_rows)
 static_assert(kFwdBlockQ % Vec<float>::kTile == 0 && kFwdBlockQ % Vec<double>::kTile == 0,
               "a query block is whole strips");
 
@@ -432,6 +434,143 @@ DSK_CPU_CLONES DSK_CPU_FMA void fwd_block(const AttnParams& p, int64_t b, int64_
   }
 }
 
+// <x, y> over D elements: a vector of products along D, the tail added to
+// the first lanes in order, then the lanes summed pairwise (a fixed order).
+template <typename S>
+DSK_INLINE S dot_lanes(const S* x, const S* y, int64_t D) {
+  constexpr int64_t L = Vec<S>::kLanes;
+  typename Vec<S>::type acc{};
+  int64_t c = 0;
+  for (; c + L <= D; c += L) acc += vload(x + c) * vload(y + c);
+  S part[L];
+  std::memcpy(part, &acc, sizeof part);
+  for (int64_t t = 0; c + t < D; ++t) part[t] += x[c + t] * y[c + t];
+  for (int64_t w = L / 2; w >= 1; w /= 2)
+    for (int64_t t = 0; t < w; ++t) part[t] += part[t + w];
+  return part[0];
+}
+
+// o[0, D) += sum_{j < nk} p[j] * v[j][0, D) (rows of v at stride ld), j in
+// order; 8 vectors of o stay in registers across the keys.
+template <typename S>
+DSK_INLINE void row_accumulate(const S* pj, int64_t nk, const S* v, int64_t ld, S* o, int64_t D) {
+  using V = typename Vec<S>::type;
+  constexpr int64_t L = Vec<S>::kLanes, kVecs = 8;
+  int64_t c0 = 0;
+  for (; c0 + kVecs * L <= D; c0 += kVecs * L) {
+    V acc[kVecs];
+    for (int64_t t = 0; t < kVecs; ++t) acc[t] = vload(o + c0 + t * L);
+    for (int64_t j = 0; j < nk; ++j)
+      for (int64_t t = 0; t < kVecs; ++t) acc[t] += pj[j] * vload(v + j * ld + c0 + t * L);
+    for (int64_t t = 0; t < kVecs; ++t) DSK_VSTORE(o + c0 + t * L, acc[t]);
+  }
+  for (; c0 + L <= D; c0 += L) {
+    V acc = vload(o + c0);
+    for (int64_t j = 0; j < nk; ++j) acc += pj[j] * vload(v + j * ld + c0);
+    DSK_VSTORE(o + c0, acc);
+  }
+  for (; c0 < D; ++c0) {
+    S acc = o[c0];
+    for (int64_t j = 0; j < nk; ++j) acc += pj[j] * v[j * ld + c0];
+    o[c0] = acc;
+  }
+}
+
+// s[0, nk) = 2^(s - shift) (s <= shift); returns their sum, in a fixed order.
+template <typename S>
+DSK_INLINE S exp2_sum(S* s, int64_t nk, S shift) {
+  if constexpr (std::is_same_v<S, float>) {
+    using V = Vec<float>::type;
+    constexpr int64_t L = Vec<float>::kLanes;
+    // Pad to whole vectors with -inf (2^-inf = 0); s has room (kFwdBlockK * kTile).
+    std::fill(s + nk, s + (nk + L - 1) / L * L, -std::numeric_limits<float>::infinity());
+    V sum{};
+    for (int64_t j = 0; j < nk; j += L) {
+      V x = vload(s + j) - shift;
+      exp2_vec(x);
+      DSK_VSTORE(s + j, x);
+      sum += x;
+    }
+    float part[L];
+    std::memcpy(part, &sum, sizeof part);
+    for (int64_t w = L / 2; w >= 1; w /= 2)
+      for (int64_t t = 0; t < w; ++t) part[t] += part[t + w];
+    return part[0];
+  } else {
+    S sum = 0;
+    for (int64_t j = 0; j < nk; ++j) sum += (s[j] = std::exp2(s[j] - shift));
+    return sum;
+  }
+}
+
+// The forward of a block of fewer than kFwdRowQ queries (decoding: Lq = 1),
+// where a strip would be mostly padding: one query at a time, with the head
+// dims along the lanes (scores as dot products, P.V as row updates of o) and
+// the same online softmax per key block. qt holds the queries as rows here,
+// ot the outputs; s one query's scores.
+template <typename T, typename S>
+DSK_CPU_CLONES DSK_CPU_FMA void fwd_rows(const AttnParams& p, int64_t b, int64_t h, int64_t i0,
+                                         int64_t nq, FwdScratch<S>& w) {
+  constexpr S inf = std::numeric_limits<S>::infinity();
+  const int64_t D = p.D, hk = h / (p.Hq / p.Hkv);
+  const int64_t q_stride = p.Hq * D, k_stride = p.Hkv * D;
+  const SeqRange r = seq_range(p, b);
+  S *qs = w.qt.data(), *o = w.ot.data(), *s = w.s.data(), *m = w.m.data(), *l = w.l.data();
+
+  const int64_t qoff = ((r.q_start + i0) * p.Hq + h) * D;
+  const T* q = static_cast<const T*>(p.q) + qoff;
+  const S scale2 = static_cast<S>(p.softmax_scale * kLog2e);
+  for (int64_t i = 0; i < nq; ++i)
+    for (int64_t c = 0; c < D; ++c) qs[i * D + c] = static_cast<S>(q[i * q_stride + c]) * scale2;
+  std::fill(o, o + nq * D, S(0));
+  std::fill(m, m + nq, -inf);
+  std::fill(l, l + nq, S(0));
+  const bool* pad = p.key_padding_mask ? p.key_padding_mask + b * p.seqlen_k : nullptr;
+
+  const int64_t kend = key_limit(p, r, i0 + nq - 1);
+  for (int64_t j0 = 0; j0 < kend; j0 += kFwdBlockK) {
+    const int64_t nk = std::min(kFwdBlockK, kend - j0);
+    const int64_t koff = ((r.k_start + j0) * p.Hkv + hk) * D;
+    const T* kb = static_cast<const T*>(p.k) + koff;
+    const T* vb = static_cast<const T*>(p.v) + koff;
+    const S *kr, *vr;
+    int64_t kv_stride;
+    if constexpr (std::is_same_v<T, S>) {
+      kr = kb, vr = vb, kv_stride = k_stride;
+    } else {
+      load_rows(kb, k_stride, nk, D, w.kbuf.data());
+      load_rows(vb, k_stride, nk, D, w.vbuf.data());
+      kr = w.kbuf.data(), vr = w.vbuf.data(), kv_stride = D;
+    }
+    for (int64_t i = 0; i < nq; ++i) {
+      const int64_t lim = key_limit(p, r, i0 + i) - j0;  // keys j < lim causally visible
+      S bm = -inf;
+      for (int64_t j = 0; j < nk; ++j) {
+        const bool visible = j < lim && !(pad && pad[j0 + j]);
+        s[j] = visible ? dot_lanes(qs + i * D, kr + j * kv_stride, D) : -inf;
+        bm = std::max(bm, s[j]);
+      }
+      if (bm == -inf) continue;  // sees nothing of the block: p = 0, alpha = 1
+      const S m_new = std::max(m[i], bm);
+      const S alpha = std::exp2(m[i] - m_new);  // 0 for the first visible block
+      l[i] = l[i] * alpha + exp2_sum(s, nk, m_new);
+      m[i] = m_new;
+      S* oi = o + i * D;
+      for (int64_t c = 0; c < D; ++c) oi[c] *= alpha;
+      row_accumulate(s, nk, vr, kv_stride, oi, D);
+    }
+  }
+
+  T* out = static_cast<T*>(p.out) + qoff;
+  S* lse = static_cast<S*>(p.lse);
+  for (int64_t i = 0; i < nq; ++i) {
+    const S inv = l[i] > S(0) ? S(1) / l[i] : S(0);
+    for (int64_t c = 0; c < D; ++c) out[i * q_stride + c] = static_cast<T>(o[i * D + c] * inv);
+    lse[lse_offset(p, b, h, r, i0 + i)] =
+        l[i] > S(0) ? (m[i] + std::log2(l[i])) * static_cast<S>(kLn2) : -inf;
+  }
+}
+
 template <typename T>
 void fwd(const AttnParams& p) {
   using S = typename ComputeOf<T>::type;
@@ -439,7 +578,11 @@ void fwd(const AttnParams& p) {
   parallel_items<FwdScratch<S>>(p.B * p.Hq * nqb, p, [&](int64_t item, FwdScratch<S>& w) {
     const int64_t qb = item % nqb, h = (item / nqb) % p.Hq, b = item / (nqb * p.Hq);
     const int64_t i0 = qb * kFwdBlockQ, q_len = seq_range(p, b).q_len;
-    if (i0 < q_len) fwd_block<T, S>(p, b, h, i0, std::min(kFwdBlockQ, q_len - i0), w);
+    const int64_t nq = std::min(kFwdBlockQ, q_len - i0);
+    if (nq >= kFwdRowQ)
+      fwd_block<T, S>(p, b, h, i0, nq, w);
+    else if (nq > 0)
+      fwd_rows<T, S>(p, b, h, i0, nq, w);
   });
 }
 
@@ -483,11 +626,13 @@ S row_dot(const T* a, const T* b, int64_t D) {
   return part[0];
 }
 
-// For one strip (row stride ld): P = 2^(s - shift) and DS = P * (DS - delta),
-// per column. shift is lse2 (never -inf: see bwd_block), so a hidden score
-// (-inf) gives P = 0 exactly and so DS = 0.
+// For one strip (row stride ld): P = 2^(s - shift) and
+// DS = P * (DS - delta) * scale, per column (softmax_scale folded in here
+// serves both dq and dk). shift is lse2 (never -inf: see bwd_block), so a
+// hidden score (-inf) gives P = 0 exactly and so DS = 0.
 template <typename S>
-DSK_INLINE void grad_step(S* P, S* DS, int64_t ld, int64_t nk, const S* shift, const S* delta) {
+DSK_INLINE void grad_step(S* P, S* DS, int64_t ld, int64_t nk, const S* shift, const S* delta,
+                          S scale) {
   if constexpr (std::is_same_v<S, float>) {
     using V = Vec<float>::type;
     constexpr int64_t L = Vec<float>::kLanes;
@@ -499,7 +644,7 @@ DSK_INLINE void grad_step(S* P, S* DS, int64_t ld, int64_t nk, const S* shift, c
         x = x < hi ? x : hi;
         exp2_vec(x);
         DSK_VSTORE(P + j * ld + h * L, x);
-        DSK_VSTORE(DS + j * ld + h * L, x * (vload(DS + j * ld + h * L) - dl));
+        DSK_VSTORE(DS + j * ld + h * L, x * ((vload(DS + j * ld + h * L) - dl) * scale));
       }
     }
   } else {  // fp64 (gradcheck): plain loops and std::exp2
@@ -507,7 +652,7 @@ DSK_INLINE void grad_step(S* P, S* DS, int64_t ld, int64_t nk, const S* shift, c
       for (int64_t c = 0; c < Vec<S>::kTile; ++c) {
         const S x = std::exp2(P[j * ld + c] - shift[c]);
         P[j * ld + c] = x;
-        DS[j * ld + c] = x * (DS[j * ld + c] - delta[c]);
+        DS[j * ld + c] = x * ((DS[j * ld + c] - delta[c]) * scale);
       }
   }
 }
@@ -515,24 +660,29 @@ DSK_INLINE void grad_step(S* P, S* DS, int64_t ld, int64_t nk, const S* shift, c
 // Per-thread buffers of the backward: a query block's strips (qt, dot, dqt)
 // and per-column shift and delta, its q and dout rows as S (unused when T is
 // S), P and DS of a block pair (row stride kBwdBlockQ), a K and V block as S,
-// and fp32 dk, dv of the item's keys.
-template <typename S>
+// and dk, dv of the item's keys as S (unused when T is S: the outputs
+// themselves accumulate).
+template <typename T, typename S>
 struct BwdScratch {
+  static constexpr bool kConvert = !std::is_same_v<T, S>;
   std::vector<S> qt, dot, dqt, shift, delta, qrows, drows, P, DS, kbuf, vbuf, dk, dv;
   explicit BwdScratch(const AttnParams& p)
       : qt(kBwdBlockQ * p.D), dot(kBwdBlockQ * p.D), dqt(kBwdBlockQ * p.D), shift(kBwdBlockQ),
-        delta(kBwdBlockQ), qrows(kBwdBlockQ * p.D), drows(kBwdBlockQ * p.D),
-        P(kBwdBlockK * kBwdBlockQ), DS(kBwdBlockK * kBwdBlockQ), kbuf(kBwdBlockK * p.D),
-        vbuf(kBwdBlockK * p.D), dk(p.seqlen_k * p.D), dv(p.seqlen_k * p.D) {}
+        delta(kBwdBlockQ), qrows(kConvert ? kBwdBlockQ * p.D : 0),
+        drows(kConvert ? kBwdBlockQ * p.D : 0), P(kBwdBlockK * kBwdBlockQ),
+        DS(kBwdBlockK * kBwdBlockQ), kbuf(kConvert ? kBwdBlockK * p.D : 0),
+        vbuf(kConvert ? kBwdBlockK * p.D : 0), dk(kConvert ? p.seqlen_k * p.D : 0),
+        dv(kConvert ? p.seqlen_k * p.D : 0) {}
 };
 
 // Queries [i0, i0 + nq) of (sample b, head h) against the keys in
-// [k_lo, k_hi) they see: adds to w.dk / w.dv (row j - k_lo for key j) and
-// writes their dq (scaled, as T), or their part of it to dq_part (as S).
+// [k_lo, k_hi) they see: adds to dk and dv (key k_lo + j at row j, row
+// stride ld_kv) and writes their dq (as T), or their part of it to dq_part
+// (as S).
 template <typename T, typename S>
 DSK_CPU_CLONES DSK_CPU_FMA void bwd_block(const AttnParams& p, int64_t b, int64_t h, int64_t i0,
-                                          int64_t nq, int64_t k_lo, int64_t k_hi, S* dq_part,
-                                          BwdScratch<S>& w) {
+                                          int64_t nq, int64_t k_lo, int64_t k_hi, S* dk, S* dv,
+                                          int64_t ld_kv, S* dq_part, BwdScratch<T, S>& w) {
   constexpr int64_t W = Vec<S>::kTile, ldp = kBwdBlockQ;
   constexpr S inf = std::numeric_limits<S>::infinity();
   const int64_t D = p.D, hk = h / (p.Hq / p.Hkv);
@@ -591,7 +741,7 @@ DSK_CPU_CLONES DSK_CPU_FMA void bwd_block(const AttnParams& p, int64_t b, int64_
       load_rows(vb, k_stride, nk, D, w.vbuf.data());
       kr = w.kbuf.data(), vr = w.vbuf.data(), kv_stride = D;
     }
-    S *dk = w.dk.data() + (j0 - k_lo) * D, *dv = w.dv.data() + (j0 - k_lo) * D;
+    S *dk_rows = dk + (j0 - k_lo) * ld_kv, *dv_rows = dv + (j0 - k_lo) * ld_kv;
     // Causally, the block's first key is seen from query j0 + q_len - k_len
     // on (key_limit solved for i): the strips before see nothing of it.
     const int64_t first = p.causal ? std::max<int64_t>(0, j0 + r.q_len - r.k_len - i0) / W : 0;
@@ -605,7 +755,7 @@ DSK_CPU_CLONES DSK_CPU_FMA void bwd_block(const AttnParams& p, int64_t b, int64_
       // DSs[j][:] = sum_c V[j][c] * dot[c][:]
       strip_product(vr, kv_stride, int64_t(1), dot + st * D * W, W, DSs, ldp, nk, D, false,
                     static_cast<const S*>(nullptr));
-      grad_step(Ps, DSs, ldp, nk, shift + c0, delta + c0);
+      grad_step(Ps, DSs, ldp, nk, shift + c0, delta + c0, static_cast<S>(p.softmax_scale));
       // dqs[c][:] += sum_j K[j][c] * DSs[j][:]
       strip_product(kr, int64_t(1), kv_stride, DSs, ldp, dqs, W, D, nk, true,
                     static_cast<const S*>(nullptr));
@@ -613,20 +763,21 @@ DSK_CPU_CLONES DSK_CPU_FMA void bwd_block(const AttnParams& p, int64_t b, int64_
     // dv[j][:] += sum_i P[j][i] * dout[i][:] and dk[j][:] += sum_i DS[j][i] * q[i][:]
     // over the queries from the first strip on.
     const int64_t c0 = first * W;
-    product(P + c0, ldp, int64_t(1), dr + c0 * row_stride, row_stride, dv, D, nk, D, nq - c0, true);
-    product(DS + c0, ldp, int64_t(1), qr + c0 * row_stride, row_stride, dk, D, nk, D, nq - c0, true);
+    product(P + c0, ldp, int64_t(1), dr + c0 * row_stride, row_stride, dv_rows, ld_kv, nk, D,
+            nq - c0, true);
+    product(DS + c0, ldp, int64_t(1), qr + c0 * row_stride, row_stride, dk_rows, ld_kv, nk, D,
+            nq - c0, true);
   }
   if (dq_part)
     store_strips(dqt, nq, D, W, S(1), dq_part + qoff, q_stride);
   else
-    store_strips(dqt, nq, D, W, static_cast<S>(p.softmax_scale), static_cast<T*>(p.dq) + qoff, q_stride);
+    store_strips(dqt, nq, D, W, S(1), static_cast<T*>(p.dq) + qoff, q_stride);
 }
 
 template <typename T>
 void bwd(const AttnParams& p) {
   using S = typename ComputeOf<T>::type;
   const int64_t group = p.Hq / p.Hkv, D = p.D, q_stride = p.Hq * D, k_stride = p.Hkv * D;
-  const S scale = static_cast<S>(p.softmax_scale);
   // Key chunks: whole key blocks, as many as B * Hkv needs to reach
   // kBwdMinItems items (one chunk, the whole sample, from there on).
   const int64_t key_blocks = std::max<int64_t>((p.seqlen_k + kBwdBlockK - 1) / kBwdBlockK, 1);
@@ -637,34 +788,47 @@ void bwd(const AttnParams& p) {
   const int64_t q_numel = (p.cu_seqlens_q ? p.total_q : p.B * p.seqlen_q) * q_stride;
   std::vector<S> dq_part(chunks > 1 ? chunks * q_numel : 0);
 
-  parallel_items<BwdScratch<S>>(p.B * p.Hkv * chunks, p, [&](int64_t item, BwdScratch<S>& w) {
+  parallel_items<BwdScratch<T, S>>(p.B * p.Hkv * chunks, p, [&](int64_t item, BwdScratch<T, S>& w) {
     const int64_t kc = item % chunks, hk = (item / chunks) % p.Hkv, b = item / (chunks * p.Hkv);
     const SeqRange r = seq_range(p, b);
     const int64_t k_lo = kc * chunk, k_hi = std::min(r.k_len, k_lo + chunk);
     if (chunks > 1 && k_lo >= k_hi) return;
     S* part = chunks > 1 ? dq_part.data() + kc * q_numel : nullptr;
-    std::fill(w.dk.begin(), w.dk.begin() + (k_hi - k_lo) * D, S(0));
-    std::fill(w.dv.begin(), w.dv.begin() + (k_hi - k_lo) * D, S(0));
-    for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
-      for (int64_t i0 = 0; i0 < r.q_len; i0 += kBwdBlockQ)
-        bwd_block<T, S>(p, b, h, i0, std::min(kBwdBlockQ, r.q_len - i0), k_lo, k_hi, part, w);
+    // dk and dv accumulate in the outputs when they are S, else in scratch.
     const int64_t koff = ((r.k_start + k_lo) * p.Hkv + hk) * D;
     T* dk = static_cast<T*>(p.dk) + koff;
     T* dv = static_cast<T*>(p.dv) + koff;
-    for (int64_t j = 0; j < k_hi - k_lo; ++j)
-      for (int64_t c = 0; c < D; ++c) {
-        dk[j * k_stride + c] = static_cast<T>(w.dk[j * D + c] * scale);
-        dv[j * k_stride + c] = static_cast<T>(w.dv[j * D + c]);
-      }
+    S *dk_acc, *dv_acc;
+    int64_t ld_kv;
+    if constexpr (std::is_same_v<T, S>) {
+      dk_acc = dk, dv_acc = dv, ld_kv = k_stride;
+    } else {
+      dk_acc = w.dk.data(), dv_acc = w.dv.data(), ld_kv = D;
+    }
+    for (int64_t j = 0; j < k_hi - k_lo; ++j) {
+      std::fill(dk_acc + j * ld_kv, dk_acc + j * ld_kv + D, S(0));
+      std::fill(dv_acc + j * ld_kv, dv_acc + j * ld_kv + D, S(0));
+    }
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
+      for (int64_t i0 = 0; i0 < r.q_len; i0 += kBwdBlockQ)
+        bwd_block<T, S>(p, b, h, i0, std::min(kBwdBlockQ, r.q_len - i0), k_lo, k_hi, dk_acc, dv_acc,
+                        ld_kv, part, w);
+    if constexpr (!std::is_same_v<T, S>) {
+      for (int64_t j = 0; j < k_hi - k_lo; ++j)
+        for (int64_t c = 0; c < D; ++c) {
+          dk[j * k_stride + c] = static_cast<T>(dk_acc[j * D + c]);
+          dv[j * k_stride + c] = static_cast<T>(dv_acc[j * D + c]);
+        }
+    }
   });
 
-  if (chunks > 1) {  // dq = scale * (sum of the chunks' parts, in chunk order)
+  if (chunks > 1) {  // dq = the sum of the chunks' parts, in chunk order
     T* dq = static_cast<T*>(p.dq);
     at::parallel_for(0, q_numel, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t x = begin; x < end; ++x) {
         S sum = dq_part[x];
         for (int64_t kc = 1; kc < chunks; ++kc) sum += dq_part[kc * q_numel + x];
-        dq[x] = static_cast<T>(sum * scale);
+        dq[x] = static_cast<T>(sum);
       }
     });
   }
