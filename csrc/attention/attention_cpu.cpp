@@ -76,7 +76,8 @@ void load_strips(const T* src, int64_t stride, int64_t n, int64_t D, int64_t W, 
   const int64_t cols = (n + W - 1) / W * W;
   for (int64_t i = 0; i < cols; ++i) {
     S* col = dst + (i / W) * D * W + i % W;
-    for (int64_t c = 0; c < D; ++c) col[c * W] = i < n ? static_cast<S>(src[i * stride + c]) * scale : S(0);
+    for (int64_t c = 0; c < D; ++c)
+      col[c * W] = i < n ? static_cast<S>(src[i * stride + c]) * scale : S(0);
   }
 }
 
@@ -203,7 +204,8 @@ DSK_INLINE void product(const S* a, int64_t a_rs, int64_t a_ks, const S* b, int6
   constexpr int64_t W = Vec<S>::kTile;
   const int64_t n_vec = N / W * W;
   for (int64_t n0 = 0; n0 < n_vec; n0 += W)
-    strip_product(a, a_rs, a_ks, b + n0, ldb, c + n0, ldc, M, K, load, static_cast<const S*>(nullptr));
+    strip_product(a, a_rs, a_ks, b + n0, ldb, c + n0, ldc, M, K, load,
+                  static_cast<const S*>(nullptr));
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = n_vec; n < N; ++n) {
       S v = load ? c[m * ldc + n] : S(0);
@@ -594,16 +596,19 @@ void fwd(const AttnParams& p) {
 // kBwdBlockQ queries (strips of W as in the forward: qt = q^T scaled by
 // softmax_scale * log2(e), dot = dout^T) and block of nk <= kBwdBlockK keys:
 //   P[nk][.]  = 2^(K_blk . qt - lse2)        strip by strip, 0 where hidden
-//   DS[nk][.] = P * (V_blk . dot - delta)    (delta_i = <dout_i, out_i>)
+//   DS[nk][.] = P * (V_blk . dot - delta) * softmax_scale
+//                                            (delta_i = <dout_i, out_i>)
 //   dqt      += K_blk^T . DS                 the strip's dq, transposed
 //   dv[keys] += P . dout,  dk[keys] += DS . q   over the block's queries
 // Five products per pair of blocks and no recomputation. dk and dv of the
-// item's keys accumulate in fp32 scratch over the query heads and blocks, in
-// order. With one chunk (the keys of the sample) dq of a query block is
-// complete once its keys are done and is written at once; when B * Hkv is
-// too small to keep the cores busy the keys are split into chunks, each adds
-// its part of dq into an fp32 copy of its own, and the copies are summed in
-// chunk order at the end. The chunk count depends on the shapes only.
+// item's keys (rows no other item writes) accumulate over the query heads
+// and blocks, in order, in the output rows themselves (fp32, fp64) or in
+// fp32 scratch (bf16, fp16). With one chunk (the keys of the sample), dq of
+// a query block is complete once its keys are done and is written at once;
+// when B * Hkv is too small to keep the cores busy, the keys are split into
+// chunks, each adds its part of dq into an fp32 copy of its own, and the
+// copies are summed in chunk order at the end. The chunk count depends on
+// the shapes only.
 // ---------------------------------------------------------------------------
 
 constexpr int64_t kBwdBlockQ = 64;
