@@ -671,7 +671,9 @@ def int8_gemm(a: Tensor, a_scales: Tensor, w: Tensor, w_scales: Tensor, *,
     fp32 [N]``, optional fp32 ``bias [N]`` -> ``[M, N]`` in ``out_dtype``.
 
     acc = exact int32 sum of products; out = (float(acc) * a_scales[m]) * w_scales[n]
-    (+ bias[n]) in fp32, then one rounding. Bitwise identical on CPU and GPU.
+    (+ bias[n]) in fp32, then one rounding. Bitwise identical on CPU and GPU, with the
+    default dp4a CUDA kernel and with the opt-in tensor-core one (``DSK_INT8_KERNEL=v2``,
+    K % 16 == 0; not yet run on a GPU).
     Not differentiable (inference).
     """
     return _ops.int8_gemm(a, a_scales, w, w_scales, bias, out_dtype=out_dtype)
@@ -808,10 +810,11 @@ def fp8_gemm(a: Tensor, a_scales: Tensor, w: Tensor, w_scales: Tensor, *,
     Per 128-wide K block: an fp32 partial sum (k ascending), scaled by the two block
     scales and added to an fp32 accumulator in block order (DeepSeek-V3's promotion of
     partial sums); one rounding at the end. CPU and CUDA agree bitwise with the default
-    CUDA kernel (v1, SIMT). ``DSK_FP8_KERNEL=v2`` (or the private op
-    ``torch.ops.deepseek_kernels._fp8_cuda_kernel(2)``) runs the block sums on FP8 tensor
-    cores instead (sm_89+, K % 16 == 0, else v1): the same scaling, each block summed in
-    the tensor cores' order, so close to v1 but not bitwise. Not differentiable.
+    CUDA kernel (v1, SIMT). ``DSK_FP8_KERNEL=v2`` (mma.sync, sm_89+) or ``v3`` (wgmma,
+    sm_90a), also the private op ``torch.ops.deepseek_kernels._fp8_cuda_kernel``, run
+    the block sums on FP8 tensor cores instead (K % 16 == 0; where one cannot run the
+    next lower does): the same scaling, each block summed in the tensor cores' order,
+    so close to v1 but not bitwise (not yet run on a GPU). Not differentiable.
     """
     return _ops.fp8_gemm(a, a_scales, w, w_scales, out_dtype=out_dtype)
 
