@@ -435,7 +435,7 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32) mma_gemm_kernel(GemmPa
 }
 
 // ---------------------------------------------------------------------------
-// Tensor-core kernel v2 (bf16 / fp16, plain GEMMs; opt-in, see gemm_params.h)
+// Tensor-core kernel v2 (bf16 / fp16; see gemm_params.h for when it runs)
 // ---------------------------------------------------------------------------
 // Differences from v1, all aimed at feeding the tensor cores:
 // - 128 x 256 CTA tile, 8 warps of 64 x 64: per 16-wide K step a warp issues
