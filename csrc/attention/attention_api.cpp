@@ -15,12 +15,8 @@
 #include "attention/attention_api.h"
 #include "attention/attention_params.h"
 #include "common/checks.h"
+#include "common/cuda_host.h"
 #include "common/kernel_choice.h"
-
-#ifdef DSK_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#endif
 
 namespace dsk::attention {
 namespace {
@@ -144,11 +140,6 @@ void check_grad_inputs(const char* op, const at::Tensor& dout, const at::Tensor&
   check_shape(op, "lse", lse, lse_shape);
 }
 
-#ifdef DSK_WITH_CUDA
-void* stream_of(const at::Tensor& t) {
-  return at::cuda::getCurrentCUDAStream(t.get_device()).stream();
-}
-#endif
 
 void run_fwd(AttnParams p, const at::Tensor& ref) {
   if (ref.is_cuda()) {

@@ -20,14 +20,10 @@
 
 #include "common/build_info.h"
 #include "common/checks.h"
+#include "common/cuda_host.h"
 #include "common/kernel_choice.h"
 #include "gemm/gemm_api.h"
 #include "gemm/gemm_params.h"
-
-#ifdef DSK_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#endif
 
 namespace dsk::gemm {
 namespace {
@@ -117,9 +113,6 @@ at::Tensor pad_k_for_tensor_cores(const at::Tensor& t) {
   return at::constant_pad_nd(t, {0, 8 - k % 8}, 0).contiguous();
 }
 
-void* stream_of(const at::Tensor& t) {
-  return at::cuda::getCurrentCUDAStream(t.get_device()).stream();
-}
 #endif
 
 at::ScalarType compute_dtype(const at::Tensor& t) {

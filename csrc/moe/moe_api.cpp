@@ -9,14 +9,10 @@
 #include <tuple>
 
 #include "common/checks.h"
+#include "common/cuda_host.h"
 #include "common/kernel_choice.h"
 #include "moe/moe_api.h"
 #include "moe/moe_params.h"
-
-#ifdef DSK_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#endif
 
 namespace dsk::moe {
 namespace {
@@ -80,11 +76,6 @@ void raise_bad_choice(const char* op, int64_t bad, int64_t k) {
 
 void* opt_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
-#ifdef DSK_WITH_CUDA
-void* stream_of(const at::Tensor& t) {
-  return at::cuda::getCurrentCUDAStream(t.get_device()).stream();
-}
-#endif
 
 int64_t run_scatter(RowsParams p, const at::Tensor& ref) {
   if (ref.is_cuda()) {

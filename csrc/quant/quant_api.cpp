@@ -13,15 +13,11 @@
 #include <tuple>
 
 #include "common/checks.h"
+#include "common/cuda_host.h"
 #include "common/kernel_choice.h"
 #include "common/rng.h"
 #include "quant/quant_api.h"
 #include "quant/quant_params.h"
-
-#ifdef DSK_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#endif
 
 namespace dsk::quant {
 namespace {
@@ -89,8 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize(const char* op, const at
 
   if (xc.is_cuda()) {
 #ifdef DSK_WITH_CUDA
-    C10_CUDA_CHECK(static_cast<cudaError_t>(
-        quantize_cuda(p, at::cuda::getCurrentCUDAStream(xc.get_device()).stream())));
+    C10_CUDA_CHECK(static_cast<cudaError_t>(quantize_cuda(p, stream_of(xc))));
 #endif
   } else {
     quantize_cpu(p);
@@ -152,8 +147,7 @@ at::Tensor dequantize(const char* op, const at::Tensor& q, const at::Tensor& sca
   if (rows == 0) return out.zero_();
   if (qc.is_cuda()) {
 #ifdef DSK_WITH_CUDA
-    C10_CUDA_CHECK(static_cast<cudaError_t>(
-        dequantize_cuda(p, at::cuda::getCurrentCUDAStream(qc.get_device()).stream())));
+    C10_CUDA_CHECK(static_cast<cudaError_t>(dequantize_cuda(p, stream_of(qc))));
 #endif
   } else {
     dequantize_cpu(p);
