@@ -1,3 +1,4 @@
+import contextlib
 import zlib
 
 import pytest
@@ -19,6 +20,19 @@ DEVICES = [
     pytest.param("cpu", id="cpu"),
     pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, requires_cuda]),
 ]
+
+
+@contextlib.contextmanager
+def kernel_choice(op_name, version):
+    """Select a family's CUDA kernel generation for the block through its private
+    op (``torch.ops.deepseek_kernels.<op_name>``; 0 only asks), then restore the
+    previous one. The ops are catch-alls: they work on CPU-only builds too."""
+    op = getattr(torch.ops.deepseek_kernels, op_name)
+    old = op(version)
+    try:
+        yield
+    finally:
+        op(old)
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ import deepseek_kernels as dk
 from deepseek_kernels import reference as ref
 from deepseek_kernels.nn import CrossAttention
 
-from .conftest import DEVICES, requires_cuda
+from .conftest import DEVICES, kernel_choice, requires_cuda
 
 OPS = torch.ops.deepseek_kernels
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
@@ -509,9 +509,8 @@ def test_kernel_switch_op():
 
 @pytest.fixture(params=[1, 2], ids=["v1", "v2"])
 def fwd_kernel(request):
-    old = OPS._attention_cuda_kernel(request.param)
-    yield request.param
-    OPS._attention_cuda_kernel(old)
+    with kernel_choice("_attention_cuda_kernel", request.param):
+        yield request.param
 
 
 def _check_fwd_lse(shape, dtype, causal, masked, softmax_scale=None):
@@ -609,17 +608,13 @@ def test_cuda_fwd_v1_v2_agree_and_all_masked(d, dtype):
     mask = torch.rand(3, 517, device="cuda") < 0.2
     mask[1] = True
     res = {}
-    old = OPS._attention_cuda_kernel(0)
-    try:
-        for ver in (1, 2):
-            OPS._attention_cuda_kernel(ver)
+    for ver in (1, 2):
+        with kernel_choice("_attention_cuda_kernel", ver):
             for causal in (False, True):
                 res[ver, causal] = dk.cross_attention(q, k, v, key_padding_mask=mask,
                                                       causal=causal, return_lse=True)
             again = dk.cross_attention(q, k, v, key_padding_mask=mask, causal=True, return_lse=True)
             assert all(torch.equal(a, b) for a, b in zip(again, res[ver, True]))  # deterministic
-    finally:
-        OPS._attention_cuda_kernel(old)
     atol = 1e-2 if dtype == torch.bfloat16 else 2e-3
     for causal in (False, True):
         (o1, l1), (o2, l2) = res[1, causal], res[2, causal]

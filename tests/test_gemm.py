@@ -8,7 +8,7 @@ output scale for fp32 accumulation noise. The INT8 ops are exact: bitwise
 equal to the reference, to an int64-accumulated product, and across devices.
 """
 
-import contextlib
+import functools
 
 import pytest
 import torch
@@ -18,7 +18,7 @@ import deepseek_kernels as dk
 from deepseek_kernels import reference as ref
 from deepseek_kernels.nn import Linear, MoELayer
 
-from .conftest import DEVICES, requires_cuda
+from .conftest import DEVICES, kernel_choice, requires_cuda
 
 ACTS = ["none", "relu", "gelu", "gelu_tanh", "silu"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -376,9 +376,7 @@ def test_int8_tensor_core_kernel_bitwise(out_dtype):
     """v2 (mma.sync s8) gives the reference's bits: integer sums are exact in any
     order. Tails of its 128 x 128 x 64 and 64 x 64 x 64 tiles, K with |acc| past 2^24
     (rounded to fp32 the same way), K % 16 != 0 (falls back to dp4a), bias or not."""
-    op = torch.ops.deepseek_kernels._int8_cuda_kernel
-    old = op(2)
-    try:
+    with kernel_choice("_int8_cuda_kernel", 2):
         for m, n, k in [(1, 8, 128), (17, 136, 1024), (300, 200, 528), (1000, 1000, 4096),
                         (129, 257, 2048), (100, 72, 1030)]:
             a, a_s, w, w_s = _int8_problem(m, n, k, "cuda")
@@ -386,8 +384,6 @@ def test_int8_tensor_core_kernel_bitwise(out_dtype):
                 out = dk.int8_gemm(a, a_s, w, w_s, bias=bias, out_dtype=out_dtype)
                 want = ref.int8_gemm(a, a_s, w, w_s, bias=bias, out_dtype=out_dtype)
                 assert torch.equal(out, want), (m, n, k, bias is not None)
-    finally:
-        op(old)
 
 
 def test_int8_gemm_accumulation_is_exact():
@@ -455,14 +451,8 @@ def test_int8_bad_inputs(device):
 # ---------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _gemm_kernel(version):
-    """Select the CUDA bf16/fp16 GEMM kernel generation for the block, then restore."""
-    old = torch.ops.deepseek_kernels._gemm_cuda_kernel(version)
-    try:
-        yield
-    finally:
-        torch.ops.deepseek_kernels._gemm_cuda_kernel(old)
+# The CUDA bf16/fp16 GEMM kernel generation for a block (4 = auto).
+_gemm_kernel = functools.partial(kernel_choice, "_gemm_cuda_kernel")
 
 
 def test_gemm_cuda_kernel_op():
@@ -732,14 +722,8 @@ def test_bench_gemm_smoke(tmp_path):
 from deepseek_kernels.nn import FP8Linear  # noqa: E402
 
 
-@contextlib.contextmanager
-def _fp8_kernel(version):
-    """Select the CUDA FP8 GEMM kernel (1 exact SIMT, 2 tensor cores) for the block."""
-    old = torch.ops.deepseek_kernels._fp8_cuda_kernel(version)
-    try:
-        yield
-    finally:
-        torch.ops.deepseek_kernels._fp8_cuda_kernel(old)
+# The CUDA FP8 GEMM kernel for a block (1 exact SIMT, 2 mma.sync, 3 wgmma).
+_fp8_kernel = functools.partial(kernel_choice, "_fp8_cuda_kernel")
 
 
 @pytest.fixture(autouse=True)

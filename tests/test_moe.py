@@ -5,7 +5,7 @@ torch's own softmax/sigmoid; the kernels are checked bitwise against the
 reference (the gating contract fixes every fp32 operation and its order).
 """
 
-import contextlib
+import functools
 import os
 import subprocess
 import sys
@@ -124,7 +124,7 @@ def test_reference_weights_and_mean_scores():
 # ---------------------------------------------------------------------------
 
 import deepseek_kernels as dk  # noqa: E402
-from tests.conftest import DEVICES, requires_cuda  # noqa: E402
+from tests.conftest import DEVICES, kernel_choice, requires_cuda  # noqa: E402
 
 GATING_NAMES = ("weights", "expert_ids", "slots", "expert_counts", "routed_counts", "mean_scores")
 
@@ -623,14 +623,8 @@ def test_cpu_and_cuda_agree_bitwise_bench_config(policy):
 # ---------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _moe_kernel(version):
-    """Select the CUDA gating kernel generation for the block, then restore."""
-    old = torch.ops.deepseek_kernels._moe_cuda_kernel(version)
-    try:
-        yield
-    finally:
-        torch.ops.deepseek_kernels._moe_cuda_kernel(old)
+# The CUDA gating kernel generation for a block.
+_moe_kernel = functools.partial(kernel_choice, "_moe_cuda_kernel")
 
 
 def test_moe_cuda_kernel_op():

@@ -12,7 +12,7 @@ import torch
 
 import deepseek_kernels as dk
 from deepseek_kernels import reference as ref
-from tests.conftest import DEVICES, requires_cuda
+from tests.conftest import DEVICES, kernel_choice, requires_cuda
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 QMAX = {8: 127, 4: 7}
@@ -130,9 +130,8 @@ def _set_kernel(version):
 
 @pytest.fixture
 def restore_kernel():
-    start = _set_kernel(0)
-    yield
-    _set_kernel(start)
+    with kernel_choice("_quant_cuda_kernel", 0):  # restores the choice the test found
+        yield
 
 
 def test_kernel_switch(restore_kernel):
