@@ -221,6 +221,7 @@ def main(argv=None) -> int:
 
     import deepseek_kernels as dk
     from deepseek_kernels import reference as ref
+    from deepseek_kernels.ops import cuda_kernel_choice
 
     device = torch.device(args.device)
     cfg = dict(CONFIGS[device.type])
@@ -253,6 +254,22 @@ def main(argv=None) -> int:
         rows.append(r)
         print(f"  {op} {shape}: ours {r['ours_ms']:.3f} ms, peer {r['peer_ms']:.3f} ms", flush=True)
 
+    def fp8_tensor_core_rows(op, shape, flops, call, exact, peer, peer2):
+        """Rows for the opt-in FP8 tensor-core kernels (v2 mma.sync, v3 wgmma): each is
+        checked against `exact` (the exact kernel's result of `call`) first, and timed
+        only when it passes."""
+        for v in (2, 3):
+            with cuda_kernel_choice("_fp8_cuda_kernel", v):
+                tc = call()
+                drift = ((tc.double() - exact.double()).norm() / exact.double().norm()).item()
+                name = f"{op.replace(' ', '_')}_v{v}_close_to_v1"
+                checks[name] = drift < 1e-3
+                print(f"check  : {op} v{v} (tensor cores) vs v1 relative difference {drift:.3g} "
+                      f"-> {checks[name]}", flush=True)
+                del tc
+                if checks[name]:
+                    row(f"{op} v{v}", shape, flops, call, peer, peer2)
+
     for s in cfg["square"]:
         a = torch.randn(s, s, device=device).to(dtype)
         w = (torch.randn(s, s, device=device) * s ** -0.5).to(dtype)
@@ -284,23 +301,17 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         # The grouped GEMM through the forced v2 (mma.sync 128x256) and v3 (wgmma)
         # kernels: auto keeps grouped GEMMs on v1 until these have run on a GPU.
-        start = set_kernel(0)
-        try:
-            for v in (2, 3):
-                set_kernel(v)
+        for v in (2, 3):
+            with cuda_kernel_choice("_gemm_cuda_kernel", v):
                 _check(f"grouped v{v}", dk.grouped_gemm(x, weights, offsets), loop(),
                        ref.grouped_gemm(x, weights, offsets, out_dtype=torch.float64), checks)
                 if checks[f"grouped v{v}"]:
                     row(f"grouped v{v}", f"S={rows_g} E={e} N={n} K={k}", 2.0 * rows_g * n * k,
                         lambda: dk.grouped_gemm(x, weights, offsets), lambda: torch.matmul(x, w0.t()), loop)
-        finally:
-            set_kernel(start)
 
     # FP8 grouped: the same problem in e4m3 (1x128 activation blocks, 128x128 per expert).
     qx, sx = dk.quantize_fp8(x, (1, 128))
-    qws = [dk.quantize_fp8(weights[i], (128, 128)) for i in range(e)]
-    qweights, sweights = torch.stack([q for q, _ in qws]), torch.stack([sc for _, sc in qws])
-    del qws
+    qweights, sweights = dk.quantize_fp8(weights, (128, 128))  # each expert's on its own
     out = dk.fp8_grouped_gemm(qx, sx, qweights, sweights, offsets)
     probe = [i for i in range(e) if bounds[i + 1] > bounds[i]][:2]  # per-group contract, two groups
     checks["fp8_grouped_equals_fp8_gemm_per_group"] = all(bool(torch.equal(
@@ -317,21 +328,9 @@ def main(argv=None) -> int:
         lambda: dk.fp8_grouped_gemm(qx, sx, qweights, sweights, offsets),
         lambda: dk.grouped_gemm(x, weights, offsets), lambda: torch.matmul(x, w0.t()))
     if device.type == "cuda":
-        old = torch.ops.deepseek_kernels._fp8_cuda_kernel(0)
-        try:
-            for v in (2, 3):
-                torch.ops.deepseek_kernels._fp8_cuda_kernel(v)
-                tc = dk.fp8_grouped_gemm(qx, sx, qweights, sweights, offsets)
-                drift = ((tc.double() - out.double()).norm() / out.double().norm()).item()
-                checks[f"fp8_grouped_v{v}_close_to_v1"] = drift < 1e-3
-                print(f"check  : fp8 grouped v{v} vs v1 relative difference {drift:.3g}", flush=True)
-                if checks[f"fp8_grouped_v{v}_close_to_v1"]:
-                    row(f"fp8 grouped v{v}", f"S={rows_g} E={e} N={n} K={k}", 2.0 * rows_g * n * k,
-                        lambda: dk.fp8_grouped_gemm(qx, sx, qweights, sweights, offsets),
-                        lambda: dk.grouped_gemm(x, weights, offsets), lambda: torch.matmul(x, w0.t()))
-                del tc
-        finally:
-            torch.ops.deepseek_kernels._fp8_cuda_kernel(old)
+        fp8_tensor_core_rows("fp8 grouped", f"S={rows_g} E={e} N={n} K={k}", 2.0 * rows_g * n * k,
+                             lambda: dk.fp8_grouped_gemm(qx, sx, qweights, sweights, offsets), out,
+                             lambda: dk.grouped_gemm(x, weights, offsets), lambda: torch.matmul(x, w0.t()))
     del x, weights, qx, qweights, out, want
 
     m, n, k = cfg["int8"]
@@ -359,16 +358,13 @@ def main(argv=None) -> int:
           else "note   : torch._int_mm unavailable here; int8 peer is a bf16 matmul")
     if device.type == "cuda":
         # v2: INT8 tensor cores (opt-in; DSK_INT8_KERNEL=v2), bitwise v1 when correct.
-        old = torch.ops.deepseek_kernels._int8_cuda_kernel(2)
-        try:
+        with cuda_kernel_choice("_int8_cuda_kernel", 2):
             checks["int8_v2_bitwise_v1"] = bool(torch.equal(dk.int8_gemm(qa, sa, qw, sw), out))
             print(f"check  : int8 v2 (tensor cores) bitwise v1 -> {checks['int8_v2_bitwise_v1']}")
             if checks["int8_v2_bitwise_v1"]:
                 row("int8 v2", f"{m}x{n}x{k}", 2.0 * m * n * k, lambda: dk.int8_gemm(qa, sa, qw, sw),
                     int_mm_peer if has_int_mm else (lambda: torch.matmul(abf, wbf.t())),
                     (lambda: torch.matmul(abf, wbf.t())) if has_int_mm else None)
-        finally:
-            torch.ops.deepseek_kernels._int8_cuda_kernel(old)
 
     del a, w, qa, qw, abf, wbf
     m, n, k = cfg["fp8"]
@@ -403,22 +399,8 @@ def main(argv=None) -> int:
     row("fp8", f"{m}x{n}x{k}", 2.0 * m * n * k, lambda: dk.fp8_gemm(qa, sa, qw, sw), peer, peer2)
     print(f"note   : fp8 peer is {note}; peer2 a bf16 matmul; ours is the exact SIMT kernel (v1)")
     if device.type == "cuda":
-        # v2 (mma.sync) and v3 (wgmma) FP8 tensor cores (opt-in; DSK_FP8_KERNEL), each
-        # checked against v1 first.
-        old = torch.ops.deepseek_kernels._fp8_cuda_kernel(0)
-        try:
-            for v in (2, 3):
-                torch.ops.deepseek_kernels._fp8_cuda_kernel(v)
-                tc = dk.fp8_gemm(qa, sa, qw, sw)
-                drift = ((tc.double() - out.double()).norm() / out.double().norm()).item()
-                checks[f"fp8_v{v}_close_to_v1"] = drift < 1e-3
-                print(f"check  : fp8 v{v} (tensor cores) vs v1 relative difference {drift:.3g} "
-                      f"-> {checks[f'fp8_v{v}_close_to_v1']}", flush=True)
-                if checks[f"fp8_v{v}_close_to_v1"]:
-                    row(f"fp8 v{v}", f"{m}x{n}x{k}", 2.0 * m * n * k, lambda: dk.fp8_gemm(qa, sa, qw, sw),
-                        peer, lambda: torch.matmul(abf, wbf.t()))
-        finally:
-            torch.ops.deepseek_kernels._fp8_cuda_kernel(old)
+        fp8_tensor_core_rows("fp8", f"{m}x{n}x{k}", 2.0 * m * n * k, lambda: dk.fp8_gemm(qa, sa, qw, sw), out,
+                             peer, lambda: torch.matmul(abf, wbf.t()))
 
     print()
     T.print_table(rows, COLUMNS)

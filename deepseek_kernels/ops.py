@@ -7,8 +7,9 @@ C++ host glue (``csrc/``), in one place for every caller.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -852,3 +853,24 @@ def _(a, a_scales, w, w_scales, *, out_dtype=None):
 def _(a, a_scales, w, w_scales, offsets, *, out_dtype=None):
     torch._check(a.dim() == 2 and w.dim() == 3, lambda: "a must be [S, K], w [E, N, K]")
     return a.new_empty((a.shape[0], w.shape[1]), dtype=out_dtype or torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------
+# CUDA kernel generations (A/B runs)
+# ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def cuda_kernel_choice(op_name: str, version: int) -> Iterator[None]:
+    """Select a family's CUDA kernel generation for the block through its private op
+    (``"_quant_cuda_kernel"``, ``"_moe_cuda_kernel"``, ``"_gemm_cuda_kernel"``,
+    ``"_fp8_cuda_kernel"``, ``"_int8_cuda_kernel"``, ``"_attention_cuda_kernel"``;
+    version 0 only asks), then restore the previous choice. The environment variables
+    (README, "CUDA kernel generations") set the starting one. The ops are catch-alls:
+    this works on CPU-only builds too."""
+    op = getattr(torch.ops.deepseek_kernels, op_name)
+    old = op(version)
+    try:
+        yield
+    finally:
+        op(old)

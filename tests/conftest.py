@@ -1,10 +1,10 @@
-import contextlib
 import zlib
 
 import pytest
 import torch
 
 import deepseek_kernels  # noqa: F401  (loads the ops)
+from deepseek_kernels.ops import cuda_kernel_choice as kernel_choice  # noqa: F401  (for the tests)
 
 HAS_CUDA = torch.cuda.is_available() and deepseek_kernels.build_info()["cuda_kernels"]
 _NO_CUDA_REASON = (
@@ -20,19 +20,6 @@ DEVICES = [
     pytest.param("cpu", id="cpu"),
     pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, requires_cuda]),
 ]
-
-
-@contextlib.contextmanager
-def kernel_choice(op_name, version):
-    """Select a family's CUDA kernel generation for the block through its private
-    op (``torch.ops.deepseek_kernels.<op_name>``; 0 only asks), then restore the
-    previous one. The ops are catch-alls: they work on CPU-only builds too."""
-    op = getattr(torch.ops.deepseek_kernels, op_name)
-    old = op(version)
-    try:
-        yield
-    finally:
-        op(old)
 
 
 @pytest.fixture(autouse=True)
