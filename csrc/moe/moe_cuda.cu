@@ -910,34 +910,18 @@ __global__ void __launch_bounds__(kScanV2Threads)
   }
 }
 
-template <typename T, int NPL>
-cudaError_t launch_gating_rows_v2(const GatingParams& g, const Workspace& ws, int64_t nchunks,
-                                  cudaStream_t stream) {
-  const size_t smem = static_cast<size_t>(
-      rows_v2_smem_bytes(NPL, g.E, g.n_group,
-                         v2_smem_groups(static_cast<int>(g.E), static_cast<int>(g.n_group),
-                                        static_cast<int>(g.topk_group))));
+// A rows kernel over the chunks with `smem` bytes of dynamic shared memory
+// (its limit raised past the 48 KiB default when needed).
+template <typename Kernel>
+cudaError_t launch_rows_kernel(Kernel kernel, int64_t smem, const GatingParams& g, const Workspace& ws,
+                               int64_t nchunks, cudaStream_t stream) {
   if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(
-        gating_rows_v2_kernel<T, NPL>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
   const int64_t blocks = grid_size(nchunks * kChunkThreads, kChunkThreads, 8);
-  gating_rows_v2_kernel<T, NPL><<<blocks, kChunkThreads, smem, stream>>>(g, ws, nchunks);
-  return cudaGetLastError();
-}
-
-template <typename T, int NPL>
-cudaError_t launch_gating_rows(const GatingParams& g, const Workspace& ws, int64_t nchunks,
-                               cudaStream_t stream) {
-  const size_t smem = static_cast<size_t>(rows_smem_bytes(g.E, g.n_group));
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(
-        gating_rows_kernel<T, NPL>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
-  const int64_t blocks = grid_size(nchunks * kChunkThreads, kChunkThreads, 8);
-  gating_rows_kernel<T, NPL><<<blocks, kChunkThreads, smem, stream>>>(g, ws, nchunks);
+  kernel<<<blocks, kChunkThreads, static_cast<size_t>(smem), stream>>>(g, ws, nchunks);
   return cudaGetLastError();
 }
 
@@ -945,8 +929,14 @@ cudaError_t launch_gating_rows(const GatingParams& g, const Workspace& ws, int64
 template <typename T, int NPL>
 cudaError_t launch_gating_rows_any(const GatingParams& g, const Workspace& ws, int64_t nchunks,
                                    cudaStream_t stream) {
-  return g.cuda_kernel == 2 ? launch_gating_rows_v2<T, NPL>(g, ws, nchunks, stream)
-                            : launch_gating_rows<T, NPL>(g, ws, nchunks, stream);
+  if (g.cuda_kernel == 2) {
+    const bool smem_groups = v2_smem_groups(static_cast<int>(g.E), static_cast<int>(g.n_group),
+                                            static_cast<int>(g.topk_group));
+    return launch_rows_kernel(gating_rows_v2_kernel<T, NPL>,
+                              rows_v2_smem_bytes(NPL, g.E, g.n_group, smem_groups), g, ws, nchunks, stream);
+  }
+  return launch_rows_kernel(gating_rows_kernel<T, NPL>, rows_smem_bytes(g.E, g.n_group), g, ws, nchunks,
+                            stream);
 }
 
 template <typename T>
