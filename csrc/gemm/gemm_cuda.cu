@@ -615,6 +615,24 @@ constexpr int kV3RowBytes = kV3BK * 2;                              // 128
 constexpr int kV3StageBytes = (kV3BM + kV3BN) * kV3RowBytes;        // 48 KiB
 constexpr int kV3SmemBytes = kStagesV3 * kV3StageBytes + 1024;      // + room to align to 1 KiB
 
+// Copies one stage of ROWS rows x 128 bytes of K-contiguous data (row r of it is
+// row row0 + r of `src`, whose rows are k_bytes long; bytes [k0, k0 + 128)) into
+// the 128-byte swizzled layout at shared address `dst`: 16-byte chunk c of row r
+// at chunk c ^ (r % 8). Rows past row_end and chunks past k_bytes are zero-filled.
+template <int ROWS, int THREADS>
+__device__ __forceinline__ void load_swizzled_rows(uint32_t dst, const void* src, int64_t row0,
+                                                   int64_t row_end, int64_t k0, int64_t k_bytes) {
+  const unsigned char* bytes = static_cast<const unsigned char*>(src);
+#pragma unroll
+  for (int c = threadIdx.x; c < ROWS * 8; c += THREADS) {
+    const int row = c >> 3, chunk = c & 7;
+    const int64_t grow = row0 + row, gk = k0 + chunk * 16;
+    const bool valid = grow < row_end && gk < k_bytes;
+    cp_async_16(dst + row * 128 + ((chunk ^ (row & 7)) << 4), valid ? bytes + grow * k_bytes + gk : bytes,
+                valid);
+  }
+}
+
 // The device helpers below are sm_90a instructions, compiled for that target
 // only; the kernel traps elsewhere (and is never launched there).
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -719,26 +737,11 @@ __global__ void __launch_bounds__(kV3Threads, 1) wgmma_gemm_kernel(GemmParams p)
   const int tid = threadIdx.x, warpgroup = tid / 128, warp_in_group = (tid % 128) / 32;
   const int64_t k_tiles = (p.k + kV3BK - 1) / kV3BK;
 
-  // Chunk c of a stage's A (then B) rows: row c / 8, 16-byte chunk c % 8, swizzled.
-  auto load_stage = [&](int stage, int64_t kt) {
+  auto load_stage = [&](int stage, int64_t kt) {  // K % 8 == 0: whole chunks
     const uint32_t sa = smem_base + stage * kV3StageBytes, sb = sa + kV3BM * kV3RowBytes;
-    const int64_t k0 = kt * kV3BK;
-#pragma unroll
-    for (int c = tid; c < kV3BM * 8; c += kV3Threads) {
-      const int row = c >> 3, chunk = c & 7;
-      const int64_t grow = m0 + row, gk = k0 + chunk * 8;
-      const bool valid = grow < tile.row_end && gk < p.k;  // K % 8 == 0: whole chunks
-      cp_async_16(sa + row * kV3RowBytes + ((chunk ^ (row & 7)) << 4), valid ? a + grow * p.k + gk : a,
-                  valid);
-    }
-#pragma unroll
-    for (int c = tid; c < kV3BN * 8; c += kV3Threads) {
-      const int row = c >> 3, chunk = c & 7;
-      const int64_t gn = n0 + row, gk = k0 + chunk * 8;
-      const bool valid = gn < p.n && gk < p.k;
-      cp_async_16(sb + row * kV3RowBytes + ((chunk ^ (row & 7)) << 4), valid ? b + gn * p.k + gk : b,
-                  valid);
-    }
+    const int64_t k_bytes = p.k * 2, k0 = kt * kV3RowBytes;
+    load_swizzled_rows<kV3BM, kV3Threads>(sa, a, m0, tile.row_end, k0, k_bytes);
+    load_swizzled_rows<kV3BN, kV3Threads>(sb, b, n0, p.n, k0, k_bytes);
   };
 
 #pragma unroll
@@ -808,26 +811,10 @@ __global__ void __launch_bounds__(kF8Threads, 1) fp8_wgmma_gemm_kernel(Fp8GemmPa
   const int tid = threadIdx.x, warpgroup = tid / 128, lane = tid & 31;
   const int64_t warp_row0 = tile.row_begin + warpgroup * 64 + ((tid % 128) / 32) * 16;
 
-  // Chunk c of a stage's A (then B) rows: row c / 8, 16 codes at chunk c % 8, swizzled.
-  auto load_stage = [&](int stage, int64_t kb) {
+  auto load_stage = [&](int stage, int64_t kb) {  // K % 16 == 0: whole chunks
     const uint32_t sa = smem_base + stage * kF8StageBytes, sb = sa + kF8BM * kF8RowBytes;
-    const int64_t k0 = kb * kFp8Block;
-#pragma unroll
-    for (int c = tid; c < kF8BM * 8; c += kF8Threads) {
-      const int row = c >> 3, chunk = c & 7;
-      const int64_t grow = tile.row_begin + row, gk = k0 + chunk * 16;
-      const bool valid = grow < tile.row_end && gk < p.k;  // K % 16 == 0: whole chunks
-      cp_async_16(sa + row * kF8RowBytes + ((chunk ^ (row & 7)) << 4), valid ? a + grow * p.k + gk : a,
-                  valid);
-    }
-#pragma unroll
-    for (int c = tid; c < kF8BN * 8; c += kF8Threads) {
-      const int row = c >> 3, chunk = c & 7;
-      const int64_t gn = n0 + row, gk = k0 + chunk * 16;
-      const bool valid = gn < p.n && gk < p.k;
-      cp_async_16(sb + row * kF8RowBytes + ((chunk ^ (row & 7)) << 4), valid ? b + gn * p.k + gk : b,
-                  valid);
-    }
+    load_swizzled_rows<kF8BM, kF8Threads>(sa, a, tile.row_begin, tile.row_end, kb * kFp8Block, p.k);
+    load_swizzled_rows<kF8BN, kF8Threads>(sb, b, n0, p.n, kb * kFp8Block, p.k);
   };
 
 #pragma unroll
