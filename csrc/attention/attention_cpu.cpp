@@ -68,6 +68,29 @@ void load_rows(const T* src, int64_t stride, int64_t n, int64_t D, S* dst) {
   }
 }
 
+// A block of n K and V rows starting at element offset `koff` (row stride
+// `stride`), as S rows: fp32/fp64 in place, other dtypes converted into kbuf and
+// vbuf (then with row stride D).
+template <typename S>
+struct KvRows {
+  const S* k;
+  const S* v;
+  int64_t stride;
+};
+
+template <typename T, typename S>
+KvRows<S> kv_rows(const AttnParams& p, int64_t koff, int64_t stride, int64_t n, S* kbuf, S* vbuf) {
+  const T* kb = static_cast<const T*>(p.k) + koff;
+  const T* vb = static_cast<const T*>(p.v) + koff;
+  if constexpr (std::is_same_v<T, S>) {
+    return {kb, vb, stride};
+  } else {
+    load_rows(kb, stride, n, p.D, kbuf);
+    load_rows(vb, stride, n, p.D, vbuf);
+    return {kbuf, vbuf, p.D};
+  }
+}
+
 // Rows [0, n) of D elements (row stride `stride`) as the columns of strips of
 // W: dst[(i / W) * D * W + c * W + i % W] = src[i][c] * scale, and columns
 // [n, round_up(n, W)) zero.
@@ -398,18 +421,10 @@ DSK_CPU_CLONES DSK_CPU_FMA void fwd_block(const AttnParams& p, int64_t b, int64_
   for (int64_t j0 = 0; j0 < kend; j0 += kFwdBlockK) {
     const int64_t nk = std::min(kFwdBlockK, kend - j0);
     const int64_t koff = ((r.k_start + j0) * p.Hkv + hk) * D;
-    const T* kb = static_cast<const T*>(p.k) + koff;
-    const T* vb = static_cast<const T*>(p.v) + koff;
     // The block's K and V rows as S, row stride kv_stride.
-    const S *kr, *vr;
-    int64_t kv_stride;
-    if constexpr (std::is_same_v<T, S>) {
-      kr = kb, vr = vb, kv_stride = k_stride;
-    } else {
-      load_rows(kb, k_stride, nk, D, w.kbuf.data());
-      load_rows(vb, k_stride, nk, D, w.vbuf.data());
-      kr = w.kbuf.data(), vr = w.vbuf.data(), kv_stride = D;
-    }
+    const KvRows<S> kv = kv_rows<T>(p, koff, k_stride, nk, w.kbuf.data(), w.vbuf.data());
+    const S *kr = kv.k, *vr = kv.v;
+    const int64_t kv_stride = kv.stride;
     for (int64_t st = 0; st < strips; ++st) {
       const int64_t c0 = st * W;
       // s[j][:] = sum_c K[j][c] * qt[c][:]
@@ -533,17 +548,10 @@ DSK_CPU_CLONES DSK_CPU_FMA void fwd_rows(const AttnParams& p, int64_t b, int64_t
   for (int64_t j0 = 0; j0 < kend; j0 += kFwdBlockK) {
     const int64_t nk = std::min(kFwdBlockK, kend - j0);
     const int64_t koff = ((r.k_start + j0) * p.Hkv + hk) * D;
-    const T* kb = static_cast<const T*>(p.k) + koff;
-    const T* vb = static_cast<const T*>(p.v) + koff;
-    const S *kr, *vr;
-    int64_t kv_stride;
-    if constexpr (std::is_same_v<T, S>) {
-      kr = kb, vr = vb, kv_stride = k_stride;
-    } else {
-      load_rows(kb, k_stride, nk, D, w.kbuf.data());
-      load_rows(vb, k_stride, nk, D, w.vbuf.data());
-      kr = w.kbuf.data(), vr = w.vbuf.data(), kv_stride = D;
-    }
+    // The block's K and V rows as S, row stride kv_stride.
+    const KvRows<S> kv = kv_rows<T>(p, koff, k_stride, nk, w.kbuf.data(), w.vbuf.data());
+    const S *kr = kv.k, *vr = kv.v;
+    const int64_t kv_stride = kv.stride;
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t lim = key_limit(p, r, i0 + i) - j0;  // keys j < lim causally visible
       S bm = -inf;
@@ -735,17 +743,10 @@ DSK_CPU_CLONES DSK_CPU_FMA void bwd_block(const AttnParams& p, int64_t b, int64_
   for (int64_t j0 = k_lo; j0 < kend; j0 += kBwdBlockK) {
     const int64_t nk = std::min(kBwdBlockK, kend - j0);
     const int64_t koff = ((r.k_start + j0) * p.Hkv + hk) * D;
-    const T* kb = static_cast<const T*>(p.k) + koff;
-    const T* vb = static_cast<const T*>(p.v) + koff;
-    const S *kr, *vr;
-    int64_t kv_stride;
-    if constexpr (std::is_same_v<T, S>) {
-      kr = kb, vr = vb, kv_stride = k_stride;
-    } else {
-      load_rows(kb, k_stride, nk, D, w.kbuf.data());
-      load_rows(vb, k_stride, nk, D, w.vbuf.data());
-      kr = w.kbuf.data(), vr = w.vbuf.data(), kv_stride = D;
-    }
+    // The block's K and V rows as S, row stride kv_stride.
+    const KvRows<S> kv = kv_rows<T>(p, koff, k_stride, nk, w.kbuf.data(), w.vbuf.data());
+    const S *kr = kv.k, *vr = kv.v;
+    const int64_t kv_stride = kv.stride;
     S *dk_rows = dk + (j0 - k_lo) * ld_kv, *dv_rows = dv + (j0 - k_lo) * ld_kv;
     // Causally, the block's first key is seen from query j0 + q_len - k_len
     // on (key_limit solved for i): the strips before see nothing of it.
