@@ -4,7 +4,7 @@
     python bench/bench_attention.py                 # CUDA if available, else CPU
     python bench/bench_attention.py --device cuda   # B=8 Hq=16 Lq=1024 Lk=4096 bf16, D=128 and 64, varlen
     python bench/bench_attention.py --device cpu    # fp32 and bf16 B=2 H=8 D=64 Lq=256 Lk=1024
-    python bench/bench_attention.py --ab            # CUDA forward v1 vs v2 vs SDPA flash, ~15 s
+    python bench/bench_attention.py --ab            # CUDA fwd and bwd v1 vs v2 vs SDPA flash, ~30 s
 
 Side by side in the same run: ours (deepseek_kernels.cross_attention /
 cross_attention_varlen) and torch.nn.functional.scaled_dot_product_attention
@@ -14,11 +14,13 @@ FLOPs: forward 4 * B * Hq * Lq * Lk * D, backward 2.5x that; varlen sums the
 samples. The peer for varlen is SDPA on the batch padded to the longest sample.
 Results go to ``bench/results/attention-<device_name>.json``.
 
---ab times our two CUDA forward kernel generations (v1, the default, and v2;
+--ab times our two CUDA forward kernel generations (v1 and v2, the default;
 the private op ``_attention_cuda_kernel`` switches them between calls, the
 environment variable DSK_ATTENTION_KERNEL picks the starting one) next to SDPA's
 flash backend on the forward of B=8 Hq=16 Lq=1024 Lk=4096 bf16, D=128 and 64,
-after checking both against SDPA. Results: ``<device_name>-attention-ab.json``.
+after checking both against SDPA; then the two backward generations (v1, the
+default, and v2; ``_attention_cuda_bwd_kernel``, DSK_ATTENTION_BWD_KERNEL) next
+to SDPA flash's backward. Results: ``<device_name>-attention-ab.json``.
 """
 
 from __future__ import annotations
@@ -207,33 +209,94 @@ def run_ab_case(case, device, timing, peak_tflops, dk):
     return row, checks
 
 
+AB_BWD_COLUMNS = ["case", "bwd_v1_ms", "bwd_v2_ms", "sdpa_bwd_ms", "v2_vs_v1", "v1_vs_sdpa",
+                  "v2_vs_sdpa", "v2_TFLOP/s", "sdpa_TFLOP/s"]
+
+
+def set_bwd_kernel(version: int) -> int:
+    """The same for the backward kernel generation (private op _attention_cuda_bwd_kernel)."""
+    return int(torch.ops.deepseek_kernels._attention_cuda_bwd_kernel(version))
+
+
+def run_ab_bwd_case(case, device, timing, dk):
+    """One backward --ab row: the gradients of v1 and v2 checked against SDPA
+    flash's, then the three backwards timed on the same forward outputs."""
+    from torch.nn.attention import SDPBackend
+    dtype = DTYPES[case["dtype"]]
+    b, hq, hkv, d, lq, lk = (case[x] for x in ("B", "Hq", "Hkv", "D", "Lq", "Lk"))
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(b, n, h, d, device=device, dtype=dtype, requires_grad=True)
+               for n, h in ((lq, hq), (lk, hkv), (lk, hkv)))
+    out = dk.cross_attention(q, k, v)
+    pout = _sdpa(q, k, v, SDPBackend.FLASH_ATTENTION)
+    g = torch.randn_like(out)
+    want = torch.autograd.grad(pout, (q, k, v), g, retain_graph=True)
+    checks, grads = {}, {}
+    for ver in (1, 2):
+        set_bwd_kernel(ver)
+        grads[ver] = torch.autograd.grad(out, (q, k, v), g, retain_graph=True)
+        # Relative to each gradient's scale: bf16 gradients summed over 4096 keys.
+        ok = all(torch.allclose(a.float(), w.float(), atol=5e-2 * w.float().abs().max().item(),
+                                rtol=5e-2) for a, w in zip(grads[ver], want))
+        checks[f"{case['name']}: bwd v{ver} close to SDPA flash"] = bool(ok)
+    del grads, want
+    row = {"case": case["name"]}
+    if not all(checks.values()):
+        print(f"  {case['name']}: backward check failed ({checks}) -- not timed", flush=True)
+        return row, checks
+    for ver in (1, 2):
+        set_bwd_kernel(ver)
+        row[f"bwd_v{ver}_ms"] = T.time_fn(
+            lambda: torch.autograd.grad(out, (q, k, v), g, retain_graph=True), device,
+            **timing)["median_ms"]
+    row["sdpa_bwd_ms"] = T.time_fn(
+        lambda: torch.autograd.grad(pout, (q, k, v), g, retain_graph=True), device,
+        **timing)["median_ms"]
+    row["v2_vs_v1"] = row["bwd_v1_ms"] / row["bwd_v2_ms"]
+    row["v1_vs_sdpa"] = row["sdpa_bwd_ms"] / row["bwd_v1_ms"]
+    row["v2_vs_sdpa"] = row["sdpa_bwd_ms"] / row["bwd_v2_ms"]
+    flops = 2.5 * 4.0 * b * hq * lq * lk * d
+    row["v2_TFLOP/s"] = flops / (row["bwd_v2_ms"] * 1e-3) / 1e12
+    row["sdpa_TFLOP/s"] = flops / (row["sdpa_bwd_ms"] * 1e-3) / 1e12
+    print(f"  {case['name']} bwd: v1 {row['bwd_v1_ms']:.3f} ms, v2 {row['bwd_v2_ms']:.3f} ms, "
+          f"sdpa flash {row['sdpa_bwd_ms']:.3f} ms (v2 x{row['v2_vs_sdpa']:.2f} vs sdpa)", flush=True)
+    return row, checks
+
+
 def main_ab(args, dk, info) -> int:
     if not torch.cuda.is_available() or args.device != "cuda":
         print("error: --ab compares CUDA kernels: needs --device cuda", file=sys.stderr)
         return 2
-    if not hasattr(torch.ops.deepseek_kernels, "_attention_cuda_kernel"):
-        print("error: --ab needs a build with the _attention_cuda_kernel op (rebuild)",
+    if not hasattr(torch.ops.deepseek_kernels, "_attention_cuda_bwd_kernel"):
+        print("error: --ab needs a build with the _attention_cuda_bwd_kernel op (rebuild)",
               file=sys.stderr)
         return 2
     device = torch.device("cuda")
     peak = T.measure_matmul_tflops(device)
     print(f"matmul : {peak:,.1f} TFLOP/s (bf16 8192^3)", flush=True)
     timing = dict(warmup=5, reps=30)
-    start = set_kernel(0)
-    rows, checks = [], {}
+    start, start_bwd = set_kernel(0), set_bwd_kernel(0)
+    rows, bwd_rows, checks = [], [], {}
     try:
         for case in AB_CASES:
             r, c = run_ab_case(case, device, timing, peak, dk)
             rows.append(r)
             checks.update(c)
+            r, c = run_ab_bwd_case(case, device, timing, dk)
+            bwd_rows.append(r)
+            checks.update(c)
     finally:
         set_kernel(start)
+        set_bwd_kernel(start_bwd)
     print("checks :", checks)
     print()
     T.print_table(rows, AB_COLUMNS)
+    print()
+    T.print_table(bwd_rows, AB_BWD_COLUMNS)
     path = T.write_results(Path(args.out) / f"{info['name']}-attention-ab.json", dict(
         benchmark="attention-ab", device=info, matmul_tflops=peak, checks=checks, rows=rows,
-        cases=AB_CASES, timing=timing, torch=torch.__version__, build=dk.build_info()))
+        bwd_rows=bwd_rows, cases=AB_CASES, timing=timing, torch=torch.__version__,
+        build=dk.build_info()))
     print(f"\nwrote {path}")
     return 0 if all(checks.values()) else 1
 
@@ -249,7 +312,7 @@ def main(argv=None) -> int:
                     default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="one small case (smoke test)")
     ap.add_argument("--ab", action="store_true",
-                    help="CUDA forward: our kernel v1 vs v2 vs SDPA flash (D=128, 64)")
+                    help="CUDA forward and backward: our kernels v1 vs v2 vs SDPA flash (D=128, 64)")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
 

@@ -623,3 +623,118 @@ def test_cuda_fwd_v1_v2_agree_and_all_masked(d, dtype):
         torch.testing.assert_close(o2.float(), o1.float(), atol=atol, rtol=1e-2)
         torch.testing.assert_close(l2.nan_to_num(neginf=0), l1.nan_to_num(neginf=0),
                                    atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# CUDA backward kernel generations: v1 (the default) and v2 (D 64/128: dq added
+# in key-tile turns from the dK/dV kernel, no second pass; chosen with
+# DSK_ATTENTION_BWD_KERNEL or the private op; other D fall back to v1).
+
+def test_bwd_kernel_switch_op():
+    old = OPS._attention_cuda_bwd_kernel(0)
+    assert old in (1, 2)
+    try:
+        assert OPS._attention_cuda_bwd_kernel(2) == old
+        assert OPS._attention_cuda_bwd_kernel(0) == 2
+        assert OPS._attention_cuda_bwd_kernel(1) == 2
+        assert OPS._attention_cuda_bwd_kernel(0) == 1
+        with pytest.raises(ValueError, match="0, 1 or 2"):
+            OPS._attention_cuda_bwd_kernel(3)
+    finally:
+        OPS._attention_cuda_bwd_kernel(old)
+
+
+@pytest.fixture(params=[1, 2], ids=["bwd_v1", "bwd_v2"])
+def bwd_kernel(request):
+    with kernel_choice("_attention_cuda_bwd_kernel", request.param):
+        yield request.param
+
+
+BWD_V2_SHAPES = [
+    # B, Lq, Lk, Hq, Hkv, D
+    (2, 1, 1, 2, 1, 64),
+    (2, 37, 129, 4, 2, 64),      # GQA, a partial second key tile
+    (2, 129, 37, 2, 2, 128),     # Lq > Lk: causal rows that see nothing, zero dq there
+    (1, 200, 333, 4, 1, 128),    # MQA: 4 heads' turns per key tile
+    (1, 300, 1100, 2, 2, 64),    # 9 key tiles take turns on every query tile
+    (1, 33, 17, 2, 2, 96),       # no v2 instance: falls back to v1
+]
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", BWD_V2_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("causal,masked", [(False, False), (True, False), (False, True), (True, True)])
+def test_cuda_bwd_kernels_match_reference(bwd_kernel, shape, dtype, causal, masked):
+    _check_fwd_bwd(shape, dtype, causal, masked, device="cuda")
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_bwd_kernels_varlen_deterministic(bwd_kernel, d, causal):
+    # Empty and length-1 samples; a sample with 11 key tiles; the surplus key
+    # tiles of short samples (max_seqlen_k is long) must not hold up anyone's turn.
+    lens_q, lens_k = [5, 0, 1, 700, 3, 1, 129], [9, 4, 1, 1333, 0, 130, 64]
+    q, k, v, cq, ck, mq, mk = _varlen_case(lens_q, lens_k, 4, 2, d, torch.bfloat16, "cuda")
+    out = dk.cross_attention_varlen(q, k, v, cq, ck, mq, mk, causal=causal)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    bq, bk = cq.tolist(), ck.tolist()
+    for b in range(len(lens_q)):
+        qs, ks = slice(bq[b], bq[b + 1]), slice(bk[b], bk[b + 1])
+        qb, kb, vb = (t.detach()[None, s].requires_grad_() for t, s in ((q, qs), (k, ks), (v, ks)))
+        ob = dk.cross_attention(qb, kb, vb, causal=causal)
+        gb = torch.autograd.grad(ob, (qb, kb, vb), g[None, qs])
+        r64, l64 = _ref64(qb, kb, vb, causal=causal)
+        g64 = torch.autograd.grad(r64, l64, g[None, qs].double().cpu())
+        lowp = _lowp(qb, kb, vb, causal=causal)
+        glowp = torch.autograd.grad(lowp, (qb, kb, vb), g[None, qs])
+        for name, a, want, lp, whole in zip("qkv", gb, g64, glowp, grads):
+            _assert_close(a, want, lp, 3, torch.bfloat16, f"sample {b} d{name}")
+            # The varlen gradient of this sample is the padded op's (same kernels).
+            rows = whole[qs] if name == "q" else whole[ks]
+            torch.testing.assert_close(rows.float(), a[0].float(), atol=2e-2, rtol=2e-2)
+    grads2 = torch.autograd.grad(dk.cross_attention_varlen(q, k, v, cq, ck, mq, mk, causal=causal),
+                                 (q, k, v), g)
+    for a, b in zip(grads, grads2):
+        assert torch.equal(a, b)  # the same bits, run to run
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cuda_bwd_v1_v2_agree_and_all_masked(d, dtype):
+    q, k, v = _qkv(3, 300, 517, 4, 2, d, dtype, "cuda", grad=True)
+    mask = torch.rand(3, 517, device="cuda") < 0.2
+    mask[1] = True  # sample 1 sees no key: zero, finite gradients
+    g = torch.randn(3, 300, 4, d, dtype=dtype, device="cuda")
+    res = {}
+    for ver in (1, 2):
+        with kernel_choice("_attention_cuda_bwd_kernel", ver):
+            for causal in (False, True):
+                out = dk.cross_attention(q, k, v, key_padding_mask=mask, causal=causal)
+                res[ver, causal] = torch.autograd.grad(out, (q, k, v), g)
+                again = torch.autograd.grad(
+                    dk.cross_attention(q, k, v, key_padding_mask=mask, causal=causal), (q, k, v), g)
+                assert all(torch.equal(a, b) for a, b in zip(again, res[ver, causal]))
+    atol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    for causal in (False, True):
+        for a1, a2 in zip(res[1, causal], res[2, causal]):
+            assert torch.isfinite(a2).all()
+            torch.testing.assert_close(a2.float(), a1.float(), atol=atol, rtol=2e-2)
+        dq2, dk2, dv2 = res[2, causal]
+        assert (dq2[1] == 0).all() and (dk2[1] == 0).all() and (dv2[1] == 0).all()
+        assert (dk2[mask.nonzero(as_tuple=True)] == 0).all()  # padding keys get no gradient
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("lq,lk,causal,masked", [
+    (1025, 4097, False, False), (1025, 4097, True, True), (1, 4097, True, True),
+    (1025, 1, True, True)], ids=lambda x: str(x))
+def test_cuda_bwd_kernels_long(bwd_kernel, lq, lk, causal, masked):
+    _check_fwd_bwd((1, lq, lk, 2, 1, 128), torch.bfloat16, causal, masked, device="cuda")

@@ -29,6 +29,12 @@ KernelChoice& fwd_kernel_choice() {
   static KernelChoice choice("DSK_ATTENTION_KERNEL", 2, 2);
   return choice;
 }
+// DSK_ATTENTION_BWD_KERNEL: v1 (the default) or v2 (D 64/128: one pass over the
+// scores, attention_bwd_v2_kernel.cuh; other cases use v1), read on first use.
+KernelChoice& bwd_kernel_choice() {
+  static KernelChoice choice("DSK_ATTENTION_BWD_KERNEL", 1, 2);
+  return choice;
+}
 constexpr const char* kCudaHeadDims = "16, 32, 64, 96, 128, 256";
 
 // q, k, v: supported device and dtype, the same for all three, the given rank.
@@ -158,6 +164,14 @@ void run_bwd(AttnParams p, const at::Tensor& ref) {
     const int64_t lse_numel = p.cu_seqlens_q ? p.Hq * p.total_q : p.B * p.Hq * p.seqlen_q;
     const at::Tensor delta = at::empty({lse_numel}, ref.options().dtype(at::kFloat));
     p.delta = delta.data_ptr<float>();
+    at::Tensor dq_accum, semaphores;  // v2's workspace, zeroed (see AttnParams)
+    if (bwd_kernel_choice().get() == 2 && attention_bwd_v2_supported(p)) {
+      const int64_t q_rows = p.cu_seqlens_q ? p.total_q : p.B * p.seqlen_q;
+      dq_accum = at::zeros({q_rows * p.Hq * p.D}, ref.options().dtype(at::kFloat));
+      semaphores = at::zeros({attention_bwd_v2_semaphores(p)}, ref.options().dtype(at::kInt));
+      p.dq_accum = dq_accum.data_ptr<float>();
+      p.dq_semaphores = semaphores.data_ptr<int32_t>();
+    }
     C10_CUDA_CHECK(static_cast<cudaError_t>(attention_bwd_cuda(p, stream_of(ref))));
 #endif
   } else {
@@ -184,6 +198,11 @@ AttnParams base_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 // CUDA forward kernel for later calls, 0 only asks. Returns the previous choice.
 int64_t attention_cuda_kernel_op(int64_t version) {
   return fwd_kernel_choice().switch_to("_attention_cuda_kernel", version);
+}
+
+// The same for the CUDA backward kernel (1 or 2).
+int64_t attention_cuda_bwd_kernel_op(int64_t version) {
+  return bwd_kernel_choice().switch_to("_attention_cuda_bwd_kernel", version);
 }
 
 // The dense path's sizes.
@@ -348,4 +367,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_varlen_backward(
 TORCH_LIBRARY_FRAGMENT(deepseek_kernels, m) {
   m.def("_attention_cuda_kernel(int version=0) -> int",
         &dsk::attention::attention_cuda_kernel_op);
+  m.def("_attention_cuda_bwd_kernel(int version=0) -> int",
+        &dsk::attention::attention_cuda_bwd_kernel_op);
 }

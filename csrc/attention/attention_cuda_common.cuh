@@ -89,13 +89,13 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 }
 
 // rows x D tile of T at `src` (row stride `stride` elements) into shared memory
-// (row stride LD elements) with 128 threads; rows >= valid_rows are zero-filled
+// (row stride LD elements) with THREADS threads; rows >= valid_rows are zero-filled
 // so padding never injects NaN/Inf garbage into the mma.
-template <typename T, int D, int LD>
+template <typename T, int D, int LD, int THREADS = 128>
 __device__ __forceinline__ void load_tile_async(T* dst, const T* src, int64_t stride, int rows,
                                                 int64_t valid_rows, int tid) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
-  for (int c = tid; c < rows * kChunks; c += 128) {
+  for (int c = tid; c < rows * kChunks; c += THREADS) {
     const int row = c / kChunks, col = (c % kChunks) * 8;
     const bool ok = row < valid_rows;
     cp_async16(dst + row * LD + col, ok ? src + row * stride + col : src, ok);
@@ -122,6 +122,15 @@ template <typename T, int LD>
 __device__ __forceinline__ void load_b_frags_kn(uint32_t (&b)[4], const T* tile, int k0, int n0,
                                                 int lane) {
   ldmatrix_x4_trans(b, tile + (k0 + ((lane / 8) % 2) * 8 + lane % 8) * LD + n0 + (lane / 16) * 8);
+}
+
+// A fragment of rows [r0, r0 + 16) x cols [c0, c0 + 16) of a matrix stored
+// transposed ([col][row], e.g. dS kept as dS^T): matrix m of the x4 load is
+// (rows + (m % 2) * 8, cols + (m / 2) * 8), read from stored rows c0 + (m / 2) * 8.
+template <typename T, int LD>
+__device__ __forceinline__ void load_a_frag_trans(uint32_t (&a)[4], const T* tile_t, int r0, int c0,
+                                                  int lane) {
+  ldmatrix_x4_trans(a, tile_t + (c0 + (lane / 16) * 8 + lane % 8) * LD + r0 + ((lane / 8) % 2) * 8);
 }
 
 // The A fragment of a k = 16 step from two fp32 C tiles (see the layout note).

@@ -48,6 +48,11 @@ struct AttnParams {
   void* dk = nullptr;          // like k
   void* dv = nullptr;          // like v
   float* delta = nullptr;      // CUDA workspace: rowsum(dout * out), laid out like lse
+  // CUDA backward v2 only (attention_bwd_v2_kernel.cuh), allocated zeroed by the
+  // glue when that kernel runs (null otherwise: v1 runs): an fp32 accumulator laid
+  // out like dq, and attention_bwd_v2_semaphores(p) counters.
+  float* dq_accum = nullptr;
+  int32_t* dq_semaphores = nullptr;
 };
 
 // Sample b's first row and length; the padded layout is varlen with fixed lengths.
@@ -95,6 +100,11 @@ void attention_bwd_cpu(const AttnParams& p);
 // Whether the v2 forward covers p (fp16/bf16, D 64 or 128).
 bool attention_fwd_v2_supported(const AttnParams& p);
 int attention_fwd_v2_cuda(const AttnParams& p, void* stream);
+// Whether the v2 backward covers p (fp16/bf16, D 64 or 128, its shared memory
+// fits the current device), and how many int32 counters it needs.
+bool attention_bwd_v2_supported(const AttnParams& p);
+int64_t attention_bwd_v2_semaphores(const AttnParams& p);
+int attention_bwd_v2_cuda(const AttnParams& p, void* stream);
 // Head dims the CUDA kernels are compiled for.
 bool cuda_head_dim_supported(int64_t d);
 // Launch on `stream` (a cudaStream_t); return the cudaError_t as int.

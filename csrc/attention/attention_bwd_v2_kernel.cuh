@@ -1,0 +1,309 @@
+// FlashAttention-2 backward, generation 2 (sm_80+), for D = 64 and 128; opt-in
+// at run time (attention_api.cpp: DSK_ATTENTION_BWD_KERNEL /
+// _attention_cuda_bwd_kernel); every other case runs v1 (attention_bwd_kernel.cuh).
+// Same math, masking and rounding points as v1; what changes:
+//
+// - One pass over the scores instead of two. v1 recomputes S and dP in a
+//   separate dq kernel (7 tile products per query tile x key tile); here the
+//   dK/dV kernel, once it has dS^T for its keys, stages dS (rounded to T, the
+//   value its dK product used) in shared memory and adds dS.K for the query
+//   tile into an fp32 buffer, dq_accum, with red.global.add: 5 products.
+// - Still deterministic. The key-tile CTAs adding into the same query tile take
+//   turns in key-tile order, through one counter per (sample, head, query tile):
+//   key tile j waits until the counter reads j, adds, then sets j + 1. So every
+//   dq element is ((0 + c_0) + c_1) + ... in key order: the same bits every run
+//   (not v1's bits: v1 sums each query row's keys in one accumulator). Causal
+//   masks keep this a prefix (the key tiles that see a query tile are 0..j_max)
+//   and varlen's surplus key tiles come after every real one. CTAs take their
+//   key tile from a ticket counter, so a CTA's predecessor has always started:
+//   no deadlock, whatever order the hardware schedules CTAs in.
+//   The turns cost little: the CTAs of one head run the same loop, so after the
+//   first add each finds its predecessor one add (not one product) ahead.
+// - 128 keys per CTA (8 warps of 16 keys, as v1's warps) so that the dq_accum
+//   traffic per FLOP is half what 64-key CTAs would make.
+// - A last elementwise kernel writes dq = T(dq_accum * softmax_scale).
+// The delta kernel (rowsum(dout * out)) is v1's.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "attention/attention_bwd_kernel.cuh"
+
+namespace dsk::attention::bwd_v2 {
+
+constexpr int kBlockN = 128;                  // keys per CTA
+constexpr int kBlockM = 64;                   // queries per step (v1's kBlockM: delta is v1's)
+constexpr int kWarps = kBlockN / 16;          // 16 keys per warp
+constexpr int kThreads = kWarps * kWarpSize;  // 256
+constexpr int kLdS = kBlockM + 8;             // dS^T rows: 144 bytes, ldmatrix conflict-free
+static_assert(kBlockM == dsk::attention::kBlockM, "the delta kernel's tiles");
+
+// K, V [kBlockN][D + 8]; Q, dO [2 stages][kBlockM][D + 8]; dS^T [kBlockN][kLdS];
+// lse2, delta [2 stages][kBlockM] fp32.
+template <typename T, int D>
+constexpr size_t smem_bytes() {
+  return static_cast<size_t>(2 * kBlockN + 4 * kBlockM) * (D + 8) * sizeof(T) +
+         static_cast<size_t>(kBlockN) * kLdS * sizeof(T) + 4 * kBlockM * sizeof(float);
+}
+
+// Counter slots: [0] is the ticket counter, then one per (sample, query head, query tile).
+inline int64_t semaphore_count(const AttnParams& p) {
+  return 1 + p.B * p.Hq * ((p.seqlen_q + kBlockM - 1) / kBlockM);
+}
+
+__device__ __forceinline__ int load_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void store_release(int* p, int v) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1) dkdv_dq_kernel(const AttnParams p, float scale_log2) {
+  constexpr int BM = kBlockM, BN = kBlockN, LD = D + 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);  // [BN][LD]
+  T* sV = sK + BN * LD;                     // [BN][LD]
+  T* sQ = sV + BN * LD;                     // [2][BM][LD]
+  T* sdO = sQ + 2 * BM * LD;                // [2][BM][LD]
+  T* sdS = sdO + 2 * BM * LD;               // [BN][kLdS]: dS^T, keys x queries
+  float* sLse = reinterpret_cast<float*>(sdS + BN * kLdS);  // [2][BM]
+  float* sDelta = sLse + 2 * BM;                              // [2][BM]
+  __shared__ int s_ticket;
+
+  const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
+  int* const ticket_counter = p.dq_semaphores;
+  if (tid == 0) s_ticket = atomicAdd(ticket_counter, 1);
+  __syncthreads();
+  // Ticket -> (key tile, kv head, sample), key tile fastest: a CTA's
+  // predecessor in the dq turns has a smaller ticket, so it has started.
+  const int64_t key_tiles = (p.seqlen_k + BN - 1) / BN;
+  const int64_t ticket = s_ticket;
+  const int64_t jt = ticket % key_tiles, hk = (ticket / key_tiles) % p.Hkv,
+                b = ticket / (key_tiles * p.Hkv);
+  const SeqRange r = seq_range(p, b);
+  const int64_t n0 = jt * BN;
+  if (n0 >= r.k_len) return;  // varlen: no turn of anyone's waits on these
+  const int64_t group = p.Hq / p.Hkv;
+  const int64_t q_stride = p.Hq * D, k_stride = p.Hkv * D;
+  const int64_t keys = r.k_len - n0 < BN ? r.k_len - n0 : BN;
+  const int64_t shift = r.k_len - r.q_len;
+  const int64_t koff = ((r.k_start + n0) * p.Hkv + hk) * D;
+  const bool* pad = p.key_padding_mask ? p.key_padding_mask + b * p.seqlen_k : nullptr;
+  int* const sems = p.dq_semaphores + 1;
+  const int64_t q_tiles_max = (p.seqlen_q + BM - 1) / BM;
+
+  load_tile_async<T, D, LD, kThreads>(sK, static_cast<const T*>(p.k) + koff, k_stride, BN, keys, tid);
+  load_tile_async<T, D, LD, kThreads>(sV, static_cast<const T*>(p.v) + koff, k_stride, BN, keys, tid);
+  cp_async_commit();
+
+  // Causal: the first query that sees key n0 is n0 - shift (as v1).
+  int64_t qt_begin = 0;
+  if (p.causal && n0 - shift > 0) qt_begin = (n0 - shift) / BM;
+  const int64_t q_tiles = (r.q_len + BM - 1) / BM;
+  const int64_t per_head = q_tiles > qt_begin ? q_tiles - qt_begin : 0;
+  const int64_t n_iter = per_head * group;
+
+  auto load_q = [&](int64_t it, int st) {
+    const int64_t h = hk * group + it / per_head, i0 = (qt_begin + it % per_head) * BM;
+    const int64_t off = ((r.q_start + i0) * p.Hq + h) * D;
+    load_tile_async<T, D, LD, kThreads>(sQ + st * BM * LD, static_cast<const T*>(p.q) + off,
+                                        q_stride, BM, r.q_len - i0, tid);
+    load_tile_async<T, D, LD, kThreads>(sdO + st * BM * LD, static_cast<const T*>(p.dout) + off,
+                                        q_stride, BM, r.q_len - i0, tid);
+    if (tid < BM) {
+      sLse[st * BM + tid] = lse2_of(p, b, h, r, i0 + tid);
+      sDelta[st * BM + tid] = i0 + tid < r.q_len ? p.delta[lse_offset(p, b, h, r, i0 + tid)] : 0.f;
+    }
+  };
+  if (n_iter > 0) load_q(0, 0);
+  cp_async_commit();
+
+  float acc_v[D / 8][4], acc_k[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) {
+    acc_v[i][0] = acc_v[i][1] = acc_v[i][2] = acc_v[i][3] = 0.f;
+    acc_k[i][0] = acc_k[i][1] = acc_k[i][2] = acc_k[i][3] = 0.f;
+  }
+  // This thread's two keys (relative to the sample).
+  const int64_t kj0 = n0 + warp * 16 + lane / 4, kj1 = kj0 + 8;
+  const bool key_ok0 = kj0 < r.k_len && !(pad && pad[kj0]);
+  const bool key_ok1 = kj1 < r.k_len && !(pad && pad[kj1]);
+  // dq part: this warp's 16 query rows of the tile x half of D.
+  constexpr int kDqCols = D / 2, kDqChunk = 32;
+  const int dq_row = (warp % 4) * 16, dq_col = (warp / 4) * kDqCols;
+
+  for (int64_t it = 0; it < n_iter; ++it) {
+    const int st = static_cast<int>(it & 1);
+    if (it + 1 < n_iter) load_q(it + 1, st ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const T* tQ = sQ + st * BM * LD;
+    const T* tdO = sdO + st * BM * LD;
+    const float* tLse = sLse + st * BM;
+    const float* tDelta = sDelta + st * BM;
+    const int64_t h = hk * group + it / per_head, qt = qt_begin + it % per_head, i0 = qt * BM;
+
+    // P^T for this warp's 16 keys x BM queries (masked entries 0), then dV, dS^T, dK (as v1).
+    float pt[BM / 8][4];
+    tile_scores<T, D, BM, LD>(pt, sK, warp * 16, tQ, lane);
+#pragma unroll
+    for (int nt = 0; nt < BM / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int qc = nt * 8 + (lane % 4) * 2 + (e & 1);
+        const int64_t j = e < 2 ? kj0 : kj1;
+        const bool ok = (e < 2 ? key_ok0 : key_ok1) && (!p.causal || j <= i0 + qc + shift);
+        pt[nt][e] = ok ? fast_exp2(pt[nt][e] * scale_log2 - tLse[qc]) : 0.f;
+      }
+    }
+    tile_accumulate<T, D, BM, LD>(acc_v, pt, tdO, lane);
+    float dst[BM / 8][4];
+    tile_scores<T, D, BM, LD>(dst, sV, warp * 16, tdO, lane);
+#pragma unroll
+    for (int nt = 0; nt < BM / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int qc = nt * 8 + (lane % 4) * 2 + (e & 1);
+        dst[nt][e] = pt[nt][e] * (dst[nt][e] - tDelta[qc]);
+      }
+    }
+    tile_accumulate<T, D, BM, LD>(acc_k, dst, tQ, lane);
+
+    // dS^T of the warp's keys into sdS, rounded to T as the dK product used it.
+#pragma unroll
+    for (int nt = 0; nt < BM / 8; ++nt) {
+      const int col = nt * 8 + (lane % 4) * 2;
+      *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + lane / 4) * kLdS + col) =
+          pack2<T>(dst[nt][0], dst[nt][1]);
+      *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + lane / 4 + 8) * kLdS + col) =
+          pack2<T>(dst[nt][2], dst[nt][3]);
+    }
+    __syncthreads();
+
+    // dq_accum[tile rows] += dS . K over this CTA's keys, in 32-column chunks;
+    // the first chunk is computed before waiting for this tile's turn.
+    int* const sem = sems + (b * p.Hq + h) * q_tiles_max + qt;
+    const int64_t qi0 = i0 + dq_row + lane / 4, qi1 = qi0 + 8;
+    float* const dq0 = p.dq_accum + ((r.q_start + qi0) * p.Hq + h) * D;
+    float* const dq1 = p.dq_accum + ((r.q_start + qi1) * p.Hq + h) * D;
+#pragma unroll
+    for (int c = 0; c < kDqCols / kDqChunk; ++c) {
+      float part[kDqChunk / 8][4];
+#pragma unroll
+      for (int i = 0; i < kDqChunk / 8; ++i) part[i][0] = part[i][1] = part[i][2] = part[i][3] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < BN / 16; ++ks) {
+        uint32_t a[4];
+        load_a_frag_trans<T, kLdS>(a, sdS, dq_row, ks * 16, lane);
+#pragma unroll
+        for (int n2 = 0; n2 < kDqChunk / 16; ++n2) {
+          uint32_t bf[4];
+          load_b_frags_kn<T, LD>(bf, sK, ks * 16, dq_col + c * kDqChunk + n2 * 16, lane);
+          mma16816<T>(part[2 * n2], a, bf[0], bf[1]);
+          mma16816<T>(part[2 * n2 + 1], a, bf[2], bf[3]);
+        }
+      }
+      if (c == 0) {
+        if (tid == 0) {
+          while (load_acquire(sem) != static_cast<int>(jt)) {
+          }
+        }
+        __syncthreads();
+      }
+#pragma unroll
+      for (int nt = 0; nt < kDqChunk / 8; ++nt) {
+        const int col = dq_col + c * kDqChunk + nt * 8 + (lane % 4) * 2;
+        if (qi0 < r.q_len) {
+          atomicAdd(dq0 + col, part[nt][0]);
+          atomicAdd(dq0 + col + 1, part[nt][1]);
+        }
+        if (qi1 < r.q_len) {
+          atomicAdd(dq1 + col, part[nt][2]);
+          atomicAdd(dq1 + col + 1, part[nt][3]);
+        }
+      }
+    }
+    // Every add of this CTA is issued; the release (after a GPU-scope fence, as
+    // cooperative groups' grid sync does it) hands the tile to key tile jt + 1.
+    // The barrier also frees this stage and sdS for the next step.
+    __syncthreads();
+    if (tid == 0) {
+      __threadfence();
+      store_release(sem, static_cast<int>(jt) + 1);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  const int64_t valid = keys - warp * 16;
+  T* dk = static_cast<T*>(p.dk) + koff + warp * 16 * k_stride;
+  T* dv = static_cast<T*>(p.dv) + koff + warp * 16 * k_stride;
+  store_rows<T, D, LD>(acc_v, 1.f, sV + warp * 16 * LD, dv, k_stride, valid, lane);
+  store_rows<T, D, LD>(acc_k, static_cast<float>(p.softmax_scale), sK + warp * 16 * LD, dk,
+                       k_stride, valid, lane);
+}
+
+// dq = T(dq_accum * scale), four elements per thread (n is a multiple of 64).
+template <typename T>
+__global__ void dq_convert_kernel(const float* __restrict__ acc, T* __restrict__ dq, int64_t n,
+                                  float scale) {
+  const int64_t n4 = n / 4;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n4;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float4 v = reinterpret_cast<const float4*>(acc)[i];
+    uint2 o;
+    o.x = pack2<T>(v.x * scale, v.y * scale);
+    o.y = pack2<T>(v.z * scale, v.w * scale);
+    reinterpret_cast<uint2*>(dq)[i] = o;
+  }
+}
+
+// p.dq_accum (zeroed, like dq) and p.dq_semaphores (zeroed, semaphore_count(p)
+// slots) come from the host glue.
+template <typename T, int D>
+int launch(const AttnParams& p, cudaStream_t stream) {
+  const float scale_log2 = static_cast<float>(p.softmax_scale * 1.4426950408889634);
+  if (p.seqlen_q > 0) {
+    const dim3 q_grid(static_cast<unsigned>((p.seqlen_q + kBlockM - 1) / kBlockM),
+                      static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B));
+    attention_delta_kernel<T, D><<<q_grid, dsk::attention::kThreads, 0, stream>>>(p);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  if (p.seqlen_k > 0) {
+    constexpr size_t smem = smem_bytes<T, D>();
+    cudaError_t err = allow_smem(dkdv_dq_kernel<T, D>, smem);
+    if (err != cudaSuccess) return err;
+    const int64_t ctas = (p.seqlen_k + kBlockN - 1) / kBlockN * p.Hkv * p.B;
+    dkdv_dq_kernel<T, D><<<static_cast<unsigned>(ctas), kThreads, smem, stream>>>(p, scale_log2);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  const int64_t rows = p.cu_seqlens_q ? p.total_q : p.B * p.seqlen_q;
+  const int64_t n = rows * p.Hq * D;
+  if (n > 0) {
+    constexpr int kConvertThreads = 256;
+    const int64_t blocks = (n / 4 + kConvertThreads - 1) / kConvertThreads;
+    dq_convert_kernel<T><<<static_cast<unsigned>(blocks < 65536 ? blocks : 65536), kConvertThreads,
+                           0, stream>>>(p.dq_accum, static_cast<T*>(p.dq), n,
+                                        static_cast<float>(p.softmax_scale));
+    return cudaGetLastError();
+  }
+  return cudaSuccess;
+}
+
+template <typename T>
+int launch_any(const AttnParams& p, cudaStream_t stream) {
+  switch (p.D) {
+    case 64: return launch<T, 64>(p, stream);
+    case 128: return launch<T, 128>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace dsk::attention::bwd_v2
