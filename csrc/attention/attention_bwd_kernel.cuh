@@ -117,6 +117,55 @@ __device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], float s
   }
 }
 
+// The dK/dV kernels' per-step inputs for query tile i0 of head h into stage
+// buffers: Q and dO rows (cp.async, rows past q_len zero-filled), lse2 and delta.
+template <typename T, int D, int LD, int THREADS>
+__device__ __forceinline__ void load_q_step(const AttnParams& p, int64_t b, int64_t h,
+                                            const SeqRange& r, int64_t i0, T* sQ, T* sdO,
+                                            float* sLse, float* sDelta, int tid) {
+  const int64_t off = ((r.q_start + i0) * p.Hq + h) * D, q_stride = p.Hq * D;
+  load_tile_async<T, D, LD, THREADS>(sQ, static_cast<const T*>(p.q) + off, q_stride, kBlockM,
+                                     r.q_len - i0, tid);
+  load_tile_async<T, D, LD, THREADS>(sdO, static_cast<const T*>(p.dout) + off, q_stride, kBlockM,
+                                     r.q_len - i0, tid);
+  if (tid < kBlockM) {
+    sLse[tid] = lse2_of(p, b, h, r, i0 + tid);
+    sDelta[tid] = i0 + tid < r.q_len ? p.delta[lse_offset(p, b, h, r, i0 + tid)] : 0.f;
+  }
+}
+
+// A warp's scores S^T (its 16 keys x the step's kBlockM queries) -> P^T in place;
+// entries of masked keys (key_ok) or past the causal limit are 0.
+__device__ __forceinline__ void probs_t(float (&pt)[kBlockM / 8][4], const AttnParams& p,
+                                        int64_t kj0, bool key_ok0, bool key_ok1, int64_t i0,
+                                        int64_t shift, float scale_log2, const float* tLse,
+                                        int lane) {
+#pragma unroll
+  for (int nt = 0; nt < kBlockM / 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int qc = nt * 8 + (lane % 4) * 2 + (e & 1);
+      const int64_t j = e < 2 ? kj0 : kj0 + 8;
+      const bool ok = (e < 2 ? key_ok0 : key_ok1) && (!p.causal || j <= i0 + qc + shift);
+      pt[nt][e] = ok ? fast_exp2(pt[nt][e] * scale_log2 - tLse[qc]) : 0.f;
+    }
+  }
+}
+
+// dP^T -> dS^T = P^T (dP^T - delta) in place.
+__device__ __forceinline__ void dscores_t(float (&dpt)[kBlockM / 8][4],
+                                          const float (&pt)[kBlockM / 8][4], const float* tDelta,
+                                          int lane) {
+#pragma unroll
+  for (int nt = 0; nt < kBlockM / 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int qc = nt * 8 + (lane % 4) * 2 + (e & 1);
+      dpt[nt][e] = pt[nt][e] * (dpt[nt][e] - tDelta[qc]);
+    }
+  }
+}
+
 template <typename T, int D>
 constexpr size_t dkdv_smem_bytes() {
   return static_cast<size_t>(2 * kBlockM + 2 * bwd_stages<D>() * kBlockM) * (D + 8) * sizeof(T) +
@@ -143,7 +192,7 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const AttnPara
   if (n0 >= r.k_len) return;
   const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
   const int64_t group = p.Hq / p.Hkv;
-  const int64_t q_stride = p.Hq * D, k_stride = p.Hkv * D;
+  const int64_t k_stride = p.Hkv * D;
   const int64_t keys = r.k_len - n0 < BN ? r.k_len - n0 : BN;
   const int64_t shift = r.k_len - r.q_len;
   const int64_t koff = ((r.k_start + n0) * p.Hkv + hk) * D;
@@ -162,17 +211,9 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const AttnPara
   const int64_t n_iter = per_head * group;
 
   auto load_q = [&](int64_t it, int st) {
-    const int64_t h = hk * group + it / per_head, i0 = (qt_begin + it % per_head) * BM;
-    const int64_t off = ((r.q_start + i0) * p.Hq + h) * D;
-    load_tile_async<T, D, LD>(sQ + st * BM * LD, static_cast<const T*>(p.q) + off, q_stride, BM,
-                              r.q_len - i0, tid);
-    load_tile_async<T, D, LD>(sdO + st * BM * LD, static_cast<const T*>(p.dout) + off, q_stride,
-                              BM, r.q_len - i0, tid);
-    if (tid < BM) {
-      sLse[st * BM + tid] = lse2_of(p, b, h, r, i0 + tid);
-      sDelta[st * BM + tid] =
-          i0 + tid < r.q_len ? p.delta[lse_offset(p, b, h, r, i0 + tid)] : 0.f;
-    }
+    load_q_step<T, D, LD, kThreads>(p, b, hk * group + it / per_head, r,
+                                    (qt_begin + it % per_head) * BM, sQ + st * BM * LD,
+                                    sdO + st * BM * LD, sLse + st * BM, sDelta + st * BM, tid);
   };
   if (kStages == 2 && n_iter > 0) load_q(0, 0);
   cp_async_commit();
@@ -210,28 +251,12 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const AttnPara
     // P^T for this warp's 16 keys x BM queries (masked entries 0).
     float pt[BM / 8][4];
     tile_scores<T, D, BM, LD>(pt, sK, warp * 16, tQ, lane);
-#pragma unroll
-    for (int nt = 0; nt < BM / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int qc = nt * 8 + (lane % 4) * 2 + (e & 1);
-        const int64_t j = e < 2 ? kj0 : kj1;
-        const bool ok = (e < 2 ? key_ok0 : key_ok1) && (!p.causal || j <= i0 + qc + shift);
-        pt[nt][e] = ok ? fast_exp2(pt[nt][e] * scale_log2 - tLse[qc]) : 0.f;
-      }
-    }
+    probs_t(pt, p, kj0, key_ok0, key_ok1, i0, shift, scale_log2, tLse, lane);
     if (do_dv) tile_accumulate<T, D, BM, LD>(acc_a, pt, tdO, lane);
     if (do_dk) {
       float dpt[BM / 8][4];
       tile_scores<T, D, BM, LD>(dpt, sV, warp * 16, tdO, lane);
-#pragma unroll
-      for (int nt = 0; nt < BM / 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int qc = nt * 8 + (lane % 4) * 2 + (e & 1);
-          dpt[nt][e] = pt[nt][e] * (dpt[nt][e] - tDelta[qc]);
-        }
-      }
+      dscores_t(dpt, pt, tDelta, lane);
       if constexpr (kSplit) {
         tile_accumulate<T, D, BM, LD>(acc_a, dpt, tQ, lane);
       } else {

@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_dq_kernel(const AttnParams p
   const int64_t n0 = jt * BN;
   if (n0 >= r.k_len) return;  // varlen: no turn of anyone's waits on these
   const int64_t group = p.Hq / p.Hkv;
-  const int64_t q_stride = p.Hq * D, k_stride = p.Hkv * D;
+  const int64_t k_stride = p.Hkv * D;
   const int64_t keys = r.k_len - n0 < BN ? r.k_len - n0 : BN;
   const int64_t shift = r.k_len - r.q_len;
   const int64_t koff = ((r.k_start + n0) * p.Hkv + hk) * D;
@@ -108,16 +108,9 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_dq_kernel(const AttnParams p
   const int64_t n_iter = per_head * group;
 
   auto load_q = [&](int64_t it, int st) {
-    const int64_t h = hk * group + it / per_head, i0 = (qt_begin + it % per_head) * BM;
-    const int64_t off = ((r.q_start + i0) * p.Hq + h) * D;
-    load_tile_async<T, D, LD, kThreads>(sQ + st * BM * LD, static_cast<const T*>(p.q) + off,
-                                        q_stride, BM, r.q_len - i0, tid);
-    load_tile_async<T, D, LD, kThreads>(sdO + st * BM * LD, static_cast<const T*>(p.dout) + off,
-                                        q_stride, BM, r.q_len - i0, tid);
-    if (tid < BM) {
-      sLse[st * BM + tid] = lse2_of(p, b, h, r, i0 + tid);
-      sDelta[st * BM + tid] = i0 + tid < r.q_len ? p.delta[lse_offset(p, b, h, r, i0 + tid)] : 0.f;
-    }
+    load_q_step<T, D, LD, kThreads>(p, b, hk * group + it / per_head, r,
+                                    (qt_begin + it % per_head) * BM, sQ + st * BM * LD,
+                                    sdO + st * BM * LD, sLse + st * BM, sDelta + st * BM, tid);
   };
   if (n_iter > 0) load_q(0, 0);
   cp_async_commit();
@@ -151,27 +144,11 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_dq_kernel(const AttnParams p
     // P^T for this warp's 16 keys x BM queries (masked entries 0), then dV, dS^T, dK (as v1).
     float pt[BM / 8][4];
     tile_scores<T, D, BM, LD>(pt, sK, warp * 16, tQ, lane);
-#pragma unroll
-    for (int nt = 0; nt < BM / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int qc = nt * 8 + (lane % 4) * 2 + (e & 1);
-        const int64_t j = e < 2 ? kj0 : kj1;
-        const bool ok = (e < 2 ? key_ok0 : key_ok1) && (!p.causal || j <= i0 + qc + shift);
-        pt[nt][e] = ok ? fast_exp2(pt[nt][e] * scale_log2 - tLse[qc]) : 0.f;
-      }
-    }
+    probs_t(pt, p, kj0, key_ok0, key_ok1, i0, shift, scale_log2, tLse, lane);
     tile_accumulate<T, D, BM, LD>(acc_v, pt, tdO, lane);
     float dst[BM / 8][4];
     tile_scores<T, D, BM, LD>(dst, sV, warp * 16, tdO, lane);
-#pragma unroll
-    for (int nt = 0; nt < BM / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int qc = nt * 8 + (lane % 4) * 2 + (e & 1);
-        dst[nt][e] = pt[nt][e] * (dst[nt][e] - tDelta[qc]);
-      }
-    }
+    dscores_t(dst, pt, tDelta, lane);
     tile_accumulate<T, D, BM, LD>(acc_k, dst, tQ, lane);
 
     // dS^T of the warp's keys into sdS, rounded to T as the dK product used it.
