@@ -680,10 +680,11 @@ __global__ void __launch_bounds__(kChunkThreads, rows_v2_min_blocks(NPL))
           float acc = 0.0f;
 #pragma unroll
           for (int i = 0; i < NPL; ++i) {
-            // Padding registers (e >= E) compute a value nobody reads; only the
-            // sum is guarded (a small predicated add rather than a branch).
-            p[i] = exp_nonpos(fsub(p[i], m));
-            if (lane + kWarp * i < E) acc = fadd(acc, p[i]);
+            // Padding registers (e >= E) hold 0, not a logit: exp of -inf keeps
+            // them inside exp_nonpos's domain (0 - m may be positive and huge).
+            const bool real = lane + kWarp * i < E;
+            p[i] = exp_nonpos(real ? fsub(p[i], m) : -INFINITY);
+            if (real) acc = fadd(acc, p[i]);
           }
 #pragma unroll
           for (int off = 16; off >= 1; off >>= 1) acc = fadd(acc, __shfl_xor_sync(kFull, acc, off));
