@@ -8,7 +8,13 @@
 # moe moe-v2 gemm gemm-v2 fp8-v2 int8-v2 attention attention-v2 attention-bwd-v2" (the *-v2 runs: that family's newer kernels),
 # SKIP_LARGE=1 (the past-2^31 tests), SKIP_BENCH=1, QUANT_BENCH_ARGS=--ab (v1/v2 A/B only),
 # MOE_BENCH_ARGS (default --profile), SKIP_DEMO=1; DSK_DIGITS_CSV=digits.csv.gz where
-# scikit-learn is missing.
+# scikit-learn is missing; SKIP_BUILD=1 reuses the extension the previous call built.
+#
+# One call does not fit a 10-minute device command. Three that do (same OUT):
+#   1. SKIP_SANITIZER=1 SKIP_BENCH=1 SKIP_LARGE=1 PYTEST_ARGS="-m cuda" bash bench/gpu_check.sh OUT
+#   2. SKIP_BUILD=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_BENCH=1 SANITIZE_FAMILIES="..." bash bench/gpu_check.sh OUT
+#      (the opt-in kernels first: gemm-v2 fp8-v2 int8-v2 moe-v2 attention-bwd-v2)
+#   3. SKIP_BUILD=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 bash bench/gpu_check.sh OUT
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -26,7 +32,8 @@ if [ -n "${DSK_CXX:-}" ]; then export CXX=$DSK_CXX
 elif [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++; fi
 echo "CXX=${CXX:-c++} ($(${CXX:-c++} --version | head -1))"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-if ! DSK_FORCE_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+if [ "${SKIP_BUILD:-0}" = 1 ]; then echo "build skipped (SKIP_BUILD=1)"
+elif ! DSK_FORCE_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
   tail -50 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
 fi
 $PY -c "import json, deepseek_kernels as d; print(json.dumps(d.build_info(), indent=1))" | tee "$OUT/build_info.json"
