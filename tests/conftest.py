@@ -14,6 +14,21 @@ _NO_CUDA_REASON = (
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason=_NO_CUDA_REASON)
 
+
+def kernel_ran(family: str) -> int:
+    """The CUDA kernel generation the family's last launch ran, after fallbacks
+    ("gemm", "fp8_gemm", "int8_gemm", "attention_fwd", "attention_bwd"): a forced
+    generation that cannot run falls back silently, so the tests that force one
+    check it really ran where it should."""
+    return int(torch.ops.deepseek_kernels._cuda_kernel_ran(family))
+
+
+def hopper_build() -> bool:
+    """An H100/H200 (sm_90) and a build with sm_90a code: the wgmma kernels (GEMM and
+    FP8 v3) and FP8 mma.sync (v2) must run when forced."""
+    return (HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
+            and "sm_90a" in deepseek_kernels.build_info()["cuda_archs"])
+
 # Parametrize over this to run a test on every device; CUDA cases carry the
 # `cuda` marker (`pytest -m cuda`) and skip with a visible reason without a GPU.
 DEVICES = [

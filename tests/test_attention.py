@@ -15,7 +15,7 @@ import deepseek_kernels as dk
 from deepseek_kernels import reference as ref
 from deepseek_kernels.nn import CrossAttention
 
-from .conftest import DEVICES, kernel_choice, requires_cuda
+from .conftest import DEVICES, kernel_choice, kernel_ran, requires_cuda
 
 OPS = torch.ops.deepseek_kernels
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
@@ -524,6 +524,7 @@ def _check_fwd_lse(shape, dtype, causal, masked, softmax_scale=None):
         mask[0, :] = True  # sample 0: every key is padding
         kw["key_padding_mask"] = mask
     out, lse = dk.cross_attention(q, k, v, return_lse=True, **kw)
+    assert kernel_ran("attention_fwd") == (OPS._attention_cuda_kernel(0) if d in (64, 128) else 1)
     mask = kw.get("key_padding_mask")
     # One fp64 reference (on the GPU: the 1025 x 4097 cases stay fast) for out and lse.
     r64, lse64 = ref.cross_attention(*(t.double() for t in (q, k, v)), return_lse=True, **kw)
@@ -668,6 +669,19 @@ BWD_V2_SHAPES = [
 @pytest.mark.parametrize("causal,masked", [(False, False), (True, False), (False, True), (True, True)])
 def test_cuda_bwd_kernels_match_reference(bwd_kernel, shape, dtype, causal, masked):
     _check_fwd_bwd(shape, dtype, causal, masked, device="cuda")
+    if shape[1] and shape[2]:  # the kernels ran (not the empty-input shortcut)
+        assert kernel_ran("attention_bwd") == _bwd_expected(bwd_kernel, shape[5])
+
+
+def _bwd_expected(version, d):
+    """The backward generation that runs for a forced one: v2 covers D 64 and 128
+    where a block may have 159 KB of shared memory (not sm_86/89 at D = 128)."""
+    if version == 1 or d not in (64, 128):
+        return 1
+    optin = getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", None)
+    if optin is None:  # older torch: the data-center parts (x.0) have >= 163 KB
+        optin = 163 * 1024 if torch.cuda.get_device_capability()[1] == 0 else 99 * 1024
+    return 2 if d == 64 or optin >= 160 * 1024 else 1
 
 
 @requires_cuda

@@ -45,3 +45,17 @@ def test_cpu_kernels_use_openmp_when_torch_does():
     # the CPU kernels would silently run on one thread.
     if "parallel backend: OpenMP" in torch.__config__.parallel_info():
         assert deepseek_kernels.build_info()["openmp"] is True
+
+
+def test_cuda_kernel_ran_op():
+    # Which generation a family's last CUDA launch ran (0 before any; the CPU never sets it).
+    import pytest
+
+    op = torch.ops.deepseek_kernels._cuda_kernel_ran
+    for family in ("gemm", "fp8_gemm", "int8_gemm", "attention_fwd", "attention_bwd"):
+        assert op(family) in (0, 1, 2, 3)
+    before = op("gemm")
+    deepseek_kernels.gemm(torch.randn(3, 8), torch.randn(5, 8))  # CPU: not a CUDA launch
+    assert op("gemm") == before
+    with pytest.raises(ValueError, match="'gemm', 'fp8_gemm'.*got 'gemmm'"):
+        op("gemmm")

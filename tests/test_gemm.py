@@ -18,7 +18,7 @@ import deepseek_kernels as dk
 from deepseek_kernels import reference as ref
 from deepseek_kernels.nn import Linear, MoELayer
 
-from .conftest import DEVICES, kernel_choice, requires_cuda
+from .conftest import DEVICES, hopper_build, kernel_choice, kernel_ran, requires_cuda
 
 ACTS = ["none", "relu", "gelu", "gelu_tanh", "silu"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -382,6 +382,7 @@ def test_int8_tensor_core_kernel_bitwise(out_dtype):
             a, a_s, w, w_s = _int8_problem(m, n, k, "cuda")
             for bias in (None, torch.randn(n, device="cuda")):
                 out = dk.int8_gemm(a, a_s, w, w_s, bias=bias, out_dtype=out_dtype)
+                assert kernel_ran("int8_gemm") == (2 if k % 16 == 0 else 1), (m, n, k)
                 want = ref.int8_gemm(a, a_s, w, w_s, bias=bias, out_dtype=out_dtype)
                 assert torch.equal(out, want), (m, n, k, bias is not None)
 
@@ -521,6 +522,8 @@ def test_cuda_kernel_versions_match_cpu(version, dtype):
             name = f"v{version} {mnk} {dtype} {activation} bias={with_bias}"
             with _gemm_kernel(version):
                 gpu = dk.gemm(ag, wg, bg if with_bias else None, activation=activation)
+            if hopper_build():  # where every generation must run, not fall back
+                assert kernel_ran("gemm") == version, name
             if version == 2 and activation in ("none", "relu"):
                 with _gemm_kernel(1):
                     v1 = dk.gemm(ag, wg, bg if with_bias else None, activation=activation)
@@ -575,6 +578,8 @@ def test_grouped_gemm_cuda_kernel_versions(version):
         offsets = _random_offsets(s_rows, e, "cuda")
         with _gemm_kernel(version):
             ours = dk.grouped_gemm(x, weights, offsets)
+        if hopper_build():
+            assert kernel_ran("gemm") == version
         with _gemm_kernel(1):
             v1 = dk.grouped_gemm(x, weights, offsets)
         if version == 2:
@@ -603,6 +608,8 @@ def test_cuda_kernel_v3_wgmma():
             with _gemm_kernel(3):
                 out = dk.gemm(a, w, b, activation="gelu")
                 again = dk.gemm(a, w, b, activation="gelu")
+            if hopper_build():
+                assert kernel_ran("gemm") == 3  # v3 itself, not the v2 fallback
             assert torch.equal(out, again)
             rows = slice(max(0, m - 200), m)  # the last rows: the M tail
             want = ref.gemm(a[rows], w, b, activation="gelu", out_dtype=torch.float64)
@@ -987,6 +994,8 @@ def test_fp8_tensor_core_kernel_matches_exact(version, out_dtype):
         exact = dk.fp8_gemm(qx, sx, qw, sw, out_dtype=torch.float32)
         with _fp8_kernel(version):
             tc = dk.fp8_gemm(qx, sx, qw, sw, out_dtype=out_dtype)
+        if hopper_build():  # where both tensor-core kernels must run
+            assert kernel_ran("fp8_gemm") == (version if k % 16 == 0 else 1), (m, n, k)
         bound = _fp8_summation_bound(qx, sx, qw, sw) + 2 * eps * exact.double().abs()
         diff = (tc.double() - exact.double()).abs()
         assert (diff <= bound).all(), ((m, n, k), (diff - bound).max().item())

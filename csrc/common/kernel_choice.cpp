@@ -1,7 +1,9 @@
 #include "common/kernel_choice.h"
 
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
+#include <array>
 #include <cstdlib>
 #include <string>
 
@@ -18,7 +20,32 @@ std::string value_list(int first, int last, const char* prefix) {
   return s;
 }
 
+std::array<std::atomic<int>, static_cast<size_t>(LaunchedFamily::kCount)> g_kernel_ran{};
+
+// The private op's family names, in LaunchedFamily order.
+constexpr std::array<const char*, static_cast<size_t>(LaunchedFamily::kCount)> kFamilyNames = {
+    "gemm", "fp8_gemm", "int8_gemm", "attention_fwd", "attention_bwd"};
+
+int64_t cuda_kernel_ran_op(c10::string_view family) {
+  std::string names;
+  for (size_t i = 0; i < kFamilyNames.size(); ++i) {
+    if (family == kFamilyNames[i]) return g_kernel_ran[i].load(std::memory_order_relaxed);
+    names += (i ? ", '" : "'") + std::string(kFamilyNames[i]) + "'";
+  }
+  TORCH_CHECK_VALUE(false, "_cuda_kernel_ran: argument 'family' must be one of ", names, ", got '",
+                    std::string(family), "'");
+  return 0;
+}
+
 }  // namespace
+
+void note_kernel_ran(LaunchedFamily family, int generation) {
+  g_kernel_ran[static_cast<size_t>(family)].store(generation, std::memory_order_relaxed);
+}
+
+int kernel_ran(LaunchedFamily family) {
+  return g_kernel_ran[static_cast<size_t>(family)].load(std::memory_order_relaxed);
+}
 
 KernelChoice::KernelChoice(const char* env, int default_value, int max_version, int auto_value)
     : max_version_(max_version), auto_value_(auto_value), value_(default_value) {
@@ -50,3 +77,8 @@ int64_t KernelChoice::switch_to(const char* op, int64_t version) {
 }
 
 }  // namespace dsk
+
+// A private knob with no tensor arguments (a catch-all kernel serves every device).
+TORCH_LIBRARY_FRAGMENT(deepseek_kernels, m) {
+  m.def("_cuda_kernel_ran(str family) -> int", &dsk::cuda_kernel_ran_op);
+}

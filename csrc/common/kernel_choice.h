@@ -29,4 +29,12 @@ class KernelChoice {
   std::atomic<int> value_;  // atomic: a switch from another thread is well defined
 };
 
+// The CUDA kernel generation a family's last launch ran, after fallbacks (a
+// forced generation that cannot run on the GPU at hand runs an older one
+// without a word): noted by the launchers, read through the private op
+// _cuda_kernel_ran(family) by the tests and benchmarks. 0 before any launch.
+enum class LaunchedFamily : int { kGemm = 0, kFp8Gemm, kInt8Gemm, kAttentionFwd, kAttentionBwd, kCount };
+void note_kernel_ran(LaunchedFamily family, int generation);
+int kernel_ran(LaunchedFamily family);
+
 }  // namespace dsk

@@ -34,6 +34,7 @@
 #include <cstdint>
 
 #include "common/cuda_utils.cuh"
+#include "common/kernel_choice.h"
 #include "gemm/gemm_math.h"
 #include "gemm/gemm_params.h"
 
@@ -594,7 +595,7 @@ __global__ void __launch_bounds__(kV2Threads, 1) mma_gemm_v2_kernel(GemmParams p
 }
 
 // ---------------------------------------------------------------------------
-// Tensor-core kernel v3 (bf16 / fp16 on sm_90a: wgmma; opt-in, plain GEMMs)
+// Tensor-core kernel v3 (bf16 / fp16 on sm_90a: wgmma; opt-in, plain and grouped GEMMs)
 // ---------------------------------------------------------------------------
 // Not yet run on a GPU: opt-in (DSK_GEMM_KERNEL=v3) until it has been.
 // - 128 x 256 CTA tile: two warpgroups, each 64 rows x 256 columns with one
@@ -604,16 +605,23 @@ __global__ void __launch_bounds__(kV2Threads, 1) mma_gemm_v2_kernel(GemmParams p
 //   16-byte chunk c of row r sits at chunk c ^ (r % 8), 8 rows form a 1024-byte
 //   atom (the descriptors' stride byte offset); K steps of 16 advance the
 //   descriptors' start address by 32 bytes;
-// - all 256 threads copy with cp.async, kStagesV3 deep; after a stage lands each
-//   thread fences the async proxy (wgmma reads shared memory through it) and a
-//   barrier publishes the stage; the four wgmma of a stage are waited for before
-//   the barrier that lets it be refilled;
+// - all 256 threads copy with cp.async, kStagesV3 stages, two tiles ahead;
+//   after a stage lands each thread fences the async proxy (wgmma reads shared
+//   memory through it) and a barrier publishes the stage; a tile's four wgmma
+//   stay in flight while the next tile's are issued (wait_group 1), so the
+//   tensor cores are not idle across the barrier; a stage is refilled two
+//   tiles after its wgmma were issued, when every warpgroup has waited for them;
 // - the accumulators' layout per warp is mma.sync's 16 x 8 one, so the shared
 //   epilogue stores them.
 constexpr int kV3BM = 128, kV3BN = 256, kV3BK = 64, kStagesV3 = 4, kV3Threads = 256;
 constexpr int kV3RowBytes = kV3BK * 2;                              // 128
 constexpr int kV3StageBytes = (kV3BM + kV3BN) * kV3RowBytes;        // 48 KiB
 constexpr int kV3SmemBytes = kStagesV3 * kV3StageBytes + 1024;      // + room to align to 1 KiB
+// The descriptors assume every operand tile starts a 128-byte swizzle atom
+// (1 KiB aligned, base offset 0) and a K step stays inside its 128-byte row.
+static_assert(kV3RowBytes == 128 && kV3StageBytes % 1024 == 0 && (64 * kV3RowBytes) % 1024 == 0 &&
+              (kV3BM * kV3RowBytes) % 1024 == 0, "v3 tiles must sit on 1 KiB swizzle atoms");
+static_assert(kV3SmemBytes <= 227 * 1024, "v3 shared memory exceeds sm_90's per-block limit");
 
 // Copies one stage of ROWS rows x 128 bytes of K-contiguous data (row r of it is
 // row row0 + r of `src`, whose rows are k_bytes long; bytes [k0, k0 + 128)) into
@@ -648,8 +656,10 @@ __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.a
 __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
-__device__ __forceinline__ void wgmma_wait_all() {
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+// Until at most N committed wgmma groups of this warpgroup are pending.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -744,8 +754,12 @@ __global__ void __launch_bounds__(kV3Threads, 1) wgmma_gemm_kernel(GemmParams p)
     load_swizzled_rows<kV3BN, kV3Threads>(sb, b, n0, p.n, k0, k_bytes);
   };
 
+  // Copies run kV3Prefetch tiles ahead; the wgmma of a tile stays in flight
+  // while the next tile's are issued (wait_group 1), so the stage being
+  // refilled is the one read two tiles ago.
+  constexpr int kV3Prefetch = kStagesV3 - 2;
 #pragma unroll
-  for (int s = 0; s < kStagesV3 - 1; ++s) {
+  for (int s = 0; s < kV3Prefetch; ++s) {
     if (s < k_tiles) load_stage(s, s);
     cp_async_commit();
   }
@@ -753,15 +767,13 @@ __global__ void __launch_bounds__(kV3Threads, 1) wgmma_gemm_kernel(GemmParams p)
   zero_accumulators(acc);
 
   for (int64_t kt = 0; kt < k_tiles; ++kt) {
-    // Tile kt landed (at most kStagesV3 - 2 newer groups pending); the fence
-    // hands this thread's copies to the async proxy, the barrier everyone's. The
-    // barrier also retires the stage read by the (completed) wgmma of kt - 1.
-    cp_async_wait<kStagesV3 - 2>();
+    // Tile kt landed (at most kV3Prefetch - 1 newer groups pending); the fence
+    // hands this thread's copies to the async proxy, the barrier everyone's.
+    // Every warpgroup passed wait_group 1 of tile kt - 1 before this barrier,
+    // so the wgmma of tile kt - 2 are done and its stage can be refilled.
+    cp_async_wait<kV3Prefetch - 1>();
     fence_proxy_async();
     __syncthreads();
-    const int64_t next = kt + kStagesV3 - 1;
-    if (next < k_tiles) load_stage(static_cast<int>(next % kStagesV3), next);
-    cp_async_commit();
 
     const uint32_t stage = smem_base + static_cast<uint32_t>(kt % kStagesV3) * kV3StageBytes;
     const uint32_t sa = stage + warpgroup * 64 * kV3RowBytes, sb = stage + kV3BM * kV3RowBytes;
@@ -771,9 +783,16 @@ __global__ void __launch_bounds__(kV3Threads, 1) wgmma_gemm_kernel(GemmParams p)
     for (int ks = 0; ks < kV3BK / 16; ++ks)
       wgmma_m64n256k16<T>(acc, wgmma_desc(sa + ks * 32), wgmma_desc(sb + ks * 32));
     wgmma_commit();
-    wgmma_wait_all();
+    // The copies are issued while this tile's wgmma run (the stage they refill
+    // is not read by any wgmma in flight).
+    const int64_t next = kt + kV3Prefetch;
+    if (next < k_tiles) load_stage(static_cast<int>(next % kStagesV3), next);
+    cp_async_commit();
+    wgmma_wait<1>();
     pin_accumulators(acc);
   }
+  wgmma_wait<0>();
+  pin_accumulators(acc);
   cp_async_wait<0>();
 
   mma_epilogue(p, acc, m0 + warpgroup * 64 + warp_in_group * 16, tile.row_end, n0);
@@ -793,6 +812,9 @@ constexpr int kF8BM = 128, kF8BN = 128, kStagesF8 = 5, kF8Threads = 256;
 constexpr int kF8RowBytes = 128;  // = kFp8Block codes
 constexpr int kF8StageBytes = (kF8BM + kF8BN) * kF8RowBytes;    // 32 KiB
 constexpr int kF8SmemBytes = kStagesF8 * kF8StageBytes + 1024;  // + room to align to 1 KiB
+static_assert(kF8RowBytes == 128 && kF8StageBytes % 1024 == 0 && (64 * kF8RowBytes) % 1024 == 0 &&
+              (kF8BM * kF8RowBytes) % 1024 == 0, "FP8 v3 tiles must sit on 1 KiB swizzle atoms");
+static_assert(kF8SmemBytes <= 227 * 1024, "FP8 v3 shared memory exceeds sm_90's per-block limit");
 
 __global__ void __launch_bounds__(kF8Threads, 1) fp8_wgmma_gemm_kernel(Fp8GemmParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -830,9 +852,12 @@ __global__ void __launch_bounds__(kF8Threads, 1) fp8_wgmma_gemm_kernel(Fp8GemmPa
     cp_async_wait<kStagesF8 - 2>();  // as v3: block kb landed, handed to the async proxy
     fence_proxy_async();
     __syncthreads();
-    const int64_t next = kb + kStagesF8 - 1;
-    if (next < p.k_blocks) load_stage(static_cast<int>(next % kStagesF8), next);
-    cp_async_commit();
+    // Block kb's scales, requested before its wgmma so their latency hides behind it.
+    const float w_scale = w_scales[kb];
+    float a_scales[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+      a_scales[half] = p.a_scales[min(warp_row0 + (lane >> 2) + half * 8, tile.row_end - 1) * p.k_blocks + kb];
 
     const uint32_t stage = smem_base + static_cast<uint32_t>(kb % kStagesF8) * kF8StageBytes;
     const uint32_t sa = stage + warpgroup * 64 * kF8RowBytes, sb = stage + kF8BM * kF8RowBytes;
@@ -842,14 +867,17 @@ __global__ void __launch_bounds__(kF8Threads, 1) fp8_wgmma_gemm_kernel(Fp8GemmPa
     for (int ks = 0; ks < kFp8Block / 32; ++ks)
       wgmma_m64n128k32_e4m3(part, wgmma_desc(sa + ks * 32), wgmma_desc(sb + ks * 32), ks > 0);
     wgmma_commit();
-    wgmma_wait_all();
+    // The refill of block kb - 1's stage (its wgmma completed before the barrier)
+    // is issued while block kb's wgmma run.
+    const int64_t next = kb + kStagesF8 - 1;
+    if (next < p.k_blocks) load_stage(static_cast<int>(next % kStagesF8), next);
+    cp_async_commit();
+    wgmma_wait<0>();
     pin_accumulators(part);
 
-    const float w_scale = w_scales[kb];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int64_t row = min(warp_row0 + (lane >> 2) + half * 8, tile.row_end - 1);
-      const float a_scale = p.a_scales[row * p.k_blocks + kb];
+      const float a_scale = a_scales[half];
 #pragma unroll
       for (int ni = 0; ni < kF8BN / 8; ++ni)
 #pragma unroll
@@ -1394,10 +1422,11 @@ int gemm_cuda(const GemmParams& p, void* stream) {
   // tiles have run on a GPU).
   if (p.cuda_kernel == 3) {
     cudaError_t err = cudaSuccess;
-    if (p.ab_dtype == DType::kBFloat16 && launch_wgmma<__nv_bfloat16>(p, s, err))
+    if ((p.ab_dtype == DType::kBFloat16 && launch_wgmma<__nv_bfloat16>(p, s, err)) ||
+        (p.ab_dtype == DType::kFloat16 && launch_wgmma<__half>(p, s, err))) {
+      note_kernel_ran(LaunchedFamily::kGemm, 3);
       return static_cast<int>(err);
-    if (p.ab_dtype == DType::kFloat16 && launch_wgmma<__half>(p, s, err))
-      return static_cast<int>(err);
+    }
   }
   // v3 where it cannot run falls back to v2.
   const bool v2 = p.cuda_kernel == 2 || p.cuda_kernel == 3 ||
@@ -1405,11 +1434,13 @@ int gemm_cuda(const GemmParams& p, void* stream) {
                    row_tiles(p, 128) * ((p.n + 255) / 256) >= multiprocessor_count());
   if (v2) {
     cudaError_t err = cudaSuccess;
-    if (p.ab_dtype == DType::kBFloat16 && launch_mma_v2<__nv_bfloat16>(p, s, err))
+    if ((p.ab_dtype == DType::kBFloat16 && launch_mma_v2<__nv_bfloat16>(p, s, err)) ||
+        (p.ab_dtype == DType::kFloat16 && launch_mma_v2<__half>(p, s, err))) {
+      note_kernel_ran(LaunchedFamily::kGemm, 2);
       return static_cast<int>(err);
-    if (p.ab_dtype == DType::kFloat16 && launch_mma_v2<__half>(p, s, err))
-      return static_cast<int>(err);
+    }
   }
+  note_kernel_ran(LaunchedFamily::kGemm, 1);
   switch (p.ab_dtype) {
     case DType::kBFloat16: launch_mma_for_shape<__nv_bfloat16>(p, s); break;
     case DType::kFloat16: launch_mma_for_shape<__half>(p, s); break;
@@ -1425,6 +1456,7 @@ int gemm_cuda(const GemmParams& p, void* stream) {
 int int8_gemm_cuda(const Int8GemmParams& p, void* stream) {
   if (p.m == 0 || p.n == 0) return static_cast<int>(cudaSuccess);
   const auto s = static_cast<cudaStream_t>(stream);
+  note_kernel_ran(LaunchedFamily::kInt8Gemm, p.cuda_kernel == 2 && p.k % 16 == 0 ? 2 : 1);
   if (p.cuda_kernel == 2 && p.k % 16 == 0) {
     // The quantized tensor-core kernels' tilings (as FP8): 128 x 128 when they fill the GPU.
     const int64_t big_ctas = ((p.m + 127) / 128) * ((p.n + 127) / 128);
@@ -1472,12 +1504,19 @@ int fp8_gemm_cuda(const Fp8GemmParams& p, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
   if (p.cuda_kernel == 3 && p.k % 16 == 0) {
     cudaError_t err = cudaSuccess;
-    if (launch_fp8_wgmma(p, s, err)) return static_cast<int>(err);
+    if (launch_fp8_wgmma(p, s, err)) {
+      note_kernel_ran(LaunchedFamily::kFp8Gemm, 3);
+      return static_cast<int>(err);
+    }
   }
   if (p.cuda_kernel >= 2 && p.k % 16 == 0) {  // v3 falls back to v2, then v1
     cudaError_t err = cudaSuccess;
-    if (launch_fp8_mma(p, s, err)) return static_cast<int>(err);
+    if (launch_fp8_mma(p, s, err)) {
+      note_kernel_ran(LaunchedFamily::kFp8Gemm, 2);
+      return static_cast<int>(err);
+    }
   }
+  note_kernel_ran(LaunchedFamily::kFp8Gemm, 1);
   const dim3 grid(static_cast<unsigned>(row_tiles(p, kFp8Tile)),
                   static_cast<unsigned>((p.n + kFp8Tile - 1) / kFp8Tile));
   fp8_gemm_kernel<<<grid, 256, 0, static_cast<cudaStream_t>(stream)>>>(p);
