@@ -5,7 +5,7 @@
 # the rest of the suite), compute-sanitizer memcheck over a small CUDA test
 # run, the GPU benchmarks and the model demo on the GPU. Logs and the results JSON go
 # to OUTDIR. Knobs: TESTS=paths, PYTEST_ARGS (e.g. "-m cuda"), SKIP_TESTS=1, SKIP_SANITIZER=1, SANITIZE_FAMILIES="quant
-# moe moe-v2 gemm gemm-v2 fp8-v2 int8-v2 attention attention-v2 attention-bwd-v2" (the *-v2 runs: that family's newer kernels),
+# moe moe-v2 gemm gemm-v2 gemm-v3 fp8-v2 int8-v2 attention attention-v2 attention-bwd-v2" (the *-v2/v3 runs: that family's newer kernels),
 # SKIP_LARGE=1 (the past-2^31 tests), SKIP_BENCH=1, QUANT_BENCH_ARGS=--ab (v1/v2 A/B only),
 # MOE_BENCH_ARGS (default --profile), SKIP_DEMO=1; DSK_DIGITS_CSV=digits.csv.gz where
 # scikit-learn is missing; SKIP_BUILD=1 reuses the extension the previous call built.
@@ -13,7 +13,7 @@
 # One call does not fit a 10-minute device command. Three that do (same OUT):
 #   1. SKIP_SANITIZER=1 SKIP_BENCH=1 SKIP_LARGE=1 PYTEST_ARGS="-m cuda" bash bench/gpu_check.sh OUT
 #   2. SKIP_BUILD=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_BENCH=1 SANITIZE_FAMILIES="..." bash bench/gpu_check.sh OUT
-#      (the opt-in kernels first: gemm-v2 fp8-v2 int8-v2 moe-v2 attention-bwd-v2)
+#      (the opt-in kernels first: gemm-v3 gemm-v2 fp8-v2 int8-v2 moe-v2 attention-bwd-v2)
 #   3. SKIP_BUILD=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 bash bench/gpu_check.sh OUT
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
@@ -44,6 +44,13 @@ if [ "${SKIP_TESTS:-0}" = 1 ]; then echo "skipped (SKIP_TESTS=1)"; else
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 
+step "GEMM v3 with cp.async copies instead of TMA (DSK_GEMM_TMA=0)"
+if [ "${SKIP_TESTS:-0}" = 1 ]; then echo "skipped (SKIP_TESTS=1)"; else
+  DSK_GEMM_TMA=0 $PY -m pytest tests/test_gemm.py -m cuda -q -p no:cacheprovider -k "v3 or versions" 2>&1 \
+    | tee "$OUT/tests-v3-cp-async.log" | tail -3
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+
 step "past 2^31 elements (CUDA cases of tests/test_large.py)"
 if [ "${SKIP_LARGE:-0}" = 1 ]; then echo "skipped (SKIP_LARGE=1)"; else
   DSK_LARGE_TESTS=1 $PY -m pytest tests/test_large.py -q -rs -p no:cacheprovider -k cuda 2>&1 | tee "$OUT/tests-large.log" | tail -5
@@ -63,12 +70,13 @@ sanitize() {  # name, test file, -k expression, then optional VAR=value (e.g. a 
 if [ "${SKIP_SANITIZER:-0}" = 1 ]; then echo "skipped (SKIP_SANITIZER=1)"
 elif command -v compute-sanitizer >/dev/null; then
   # The *-v2 runs force the newer kernel generation of a family for every test.
-  for fam in ${SANITIZE_FAMILIES:-quant moe moe-v2 gemm gemm-v2 fp8-v2 int8-v2 attention attention-v2 attention-bwd-v2}; do
+  for fam in ${SANITIZE_FAMILIES:-quant moe moe-v2 gemm gemm-v2 gemm-v3 fp8-v2 int8-v2 attention attention-v2 attention-bwd-v2}; do
     case $fam in
       quant) sanitize quant tests/test_quant.py "matches_reference and not 1024 or nonfinite or bad_inputs or agree" ;;
       moe) sanitize moe tests/test_moe.py "matches_reference or shapes or nonfinite or empty or agree" ;;
       moe-v2) sanitize moe-v2 tests/test_moe.py "matches_reference or shapes or nonfinite or empty or agree" DSK_MOE_KERNEL=v2 ;;
       gemm) sanitize gemm tests/test_gemm.py "${SANITIZE_K_GEMM:-not 8192 and not large}" ;;
+      gemm-v3) sanitize gemm-v3 tests/test_gemm.py "v3 or versions" ;;  # TMA and wgmma (forced by the tests)
       gemm-v2) sanitize gemm-v2 tests/test_gemm.py "${SANITIZE_K_GEMM:-not 8192 and not large} and not fp8" DSK_GEMM_KERNEL=v2 ;;
       fp8-v2) sanitize fp8-v2 tests/test_gemm.py "tensor_core or fp8_grouped_gemm_cuda" ;;  # they select v2
       int8-v2) sanitize int8-v2 tests/test_gemm.py "int8" DSK_INT8_KERNEL=v2 ;;

@@ -19,8 +19,9 @@ bool attention_bwd_v2_supported(const AttnParams& p) {
       cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
     return false;
   const size_t need = p.D == 64 ? bwd_v2::smem_bytes<__half, 64>() : bwd_v2::smem_bytes<__half, 128>();
-  // + the ticket's static shared int; e.g. false on sm_86/89 (99 KB) at D = 128.
-  return static_cast<size_t>(optin) >= need + sizeof(int);
+  // + the kernel's static shared memory (the ticket int: ptxas reserves 16 bytes);
+  // e.g. false on sm_86/89 (99 KB) at D = 128.
+  return static_cast<size_t>(optin) >= need + 16;
 }
 
 int64_t attention_bwd_v2_semaphores(const AttnParams& p) { return bwd_v2::semaphore_count(p); }

@@ -9,16 +9,17 @@
 //   value its dK product used) in shared memory and adds dS.K for the query
 //   tile into an fp32 buffer, dq_accum, with red.global.add: 5 products.
 // - Still deterministic. The key-tile CTAs adding into the same query tile take
-//   turns in key-tile order, through one counter per (sample, head, query tile):
-//   key tile j waits until the counter reads j, adds, then sets j + 1. So every
-//   dq element is ((0 + c_0) + c_1) + ... in key order: the same bits every run
-//   (not v1's bits: v1 sums each query row's keys in one accumulator). Causal
-//   masks keep this a prefix (the key tiles that see a query tile are 0..j_max)
-//   and varlen's surplus key tiles come after every real one. CTAs take their
-//   key tile from a ticket counter, so a CTA's predecessor has always started:
-//   no deadlock, whatever order the hardware schedules CTAs in.
-//   The turns cost little: the CTAs of one head run the same loop, so after the
-//   first add each finds its predecessor one add (not one product) ahead.
+//   turns, through one counter per (sample, head, query tile). The key tiles
+//   that see query tile qt are 0..j_last(qt) (causal masks keep it a prefix;
+//   varlen's surplus key tiles see nothing); they add from j_last down to 0:
+//   key tile j waits until the counter reads j_last - j, adds, then bumps it. So
+//   every dq element is ((0 + c_jlast) + ...) + c_0: the same bits every run
+//   (not v1's bits: v1 sums each query row's keys in one accumulator). Highest
+//   key tile first puts the tile at the causal diagonal first, so no CTA waits
+//   for its predecessor to walk down the diagonal. CTAs take their key tile
+//   from a ticket counter, highest tile first, so a CTA's predecessor (tile
+//   j + 1) has always started: no deadlock, whatever order the hardware
+//   schedules CTAs in.
 // - 128 keys per CTA (8 warps of 16 keys, as v1's warps) so that the dq_accum
 //   traffic per FLOP is half what 64-key CTAs would make.
 // - A last elementwise kernel writes dq = T(dq_accum * softmax_scale).
@@ -78,23 +79,25 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_dq_kernel(const AttnParams p
   int* const ticket_counter = p.dq_semaphores;
   if (tid == 0) s_ticket = atomicAdd(ticket_counter, 1);
   __syncthreads();
-  // Ticket -> (key tile, kv head, sample), key tile fastest: a CTA's
-  // predecessor in the dq turns has a smaller ticket, so it has started.
+  // Ticket -> (key tile, kv head, sample), key tile fastest and from the last
+  // tile down: a CTA's predecessor in the dq turns (key tile jt + 1) has a
+  // smaller ticket, so it has started.
   const int64_t key_tiles = (p.seqlen_k + BN - 1) / BN;
   const int64_t ticket = s_ticket;
-  const int64_t jt = ticket % key_tiles, hk = (ticket / key_tiles) % p.Hkv,
+  const int64_t jt = key_tiles - 1 - ticket % key_tiles, hk = (ticket / key_tiles) % p.Hkv,
                 b = ticket / (key_tiles * p.Hkv);
   const SeqRange r = seq_range(p, b);
   const int64_t n0 = jt * BN;
   if (n0 >= r.k_len) return;  // varlen: no turn of anyone's waits on these
   const int64_t group = p.Hq / p.Hkv;
-  const int64_t k_stride = p.Hkv * D;
+  const int64_t q_stride = p.Hq * D, k_stride = p.Hkv * D;
   const int64_t keys = r.k_len - n0 < BN ? r.k_len - n0 : BN;
   const int64_t shift = r.k_len - r.q_len;
   const int64_t koff = ((r.k_start + n0) * p.Hkv + hk) * D;
   const bool* pad = p.key_padding_mask ? p.key_padding_mask + b * p.seqlen_k : nullptr;
   int* const sems = p.dq_semaphores + 1;
   const int64_t q_tiles_max = (p.seqlen_q + BM - 1) / BM;
+  const int64_t last_key_tile = (r.k_len + BN - 1) / BN - 1;  // of this sample
 
   load_tile_async<T, D, LD, kThreads>(sK, static_cast<const T*>(p.k) + koff, k_stride, BN, keys, tid);
   load_tile_async<T, D, LD, kThreads>(sV, static_cast<const T*>(p.v) + koff, k_stride, BN, keys, tid);
@@ -162,12 +165,27 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_dq_kernel(const AttnParams p
     }
     __syncthreads();
 
+    // A sample longer than max_seqlen_q (not checked on CUDA) has no counters
+    // past q_tiles_max: as in v1, whose dq grid ends there, those rows get no dq.
+    if (qt >= q_tiles_max) {
+      __syncthreads();
+      continue;
+    }
     // dq_accum[tile rows] += dS . K over this CTA's keys, in 32-column chunks;
-    // the first chunk is computed before waiting for this tile's turn.
+    // the first chunk is computed before waiting for this tile's turn. The key
+    // tiles that see query tile qt are 0..j_last (the largest j whose qt_begin
+    // is <= qt; its quotient is >= jt >= 0 here): this tile's turn is j_last - jt.
+    int64_t j_last = last_key_tile;
+    if (p.causal) {
+      const int64_t diag = ((qt + 1) * BM - 1 + shift) / BN;
+      j_last = diag < j_last ? diag : j_last;
+    }
+    const int turn = static_cast<int>(j_last - jt);
     int* const sem = sems + (b * p.Hq + h) * q_tiles_max + qt;
-    const int64_t qi0 = i0 + dq_row + lane / 4, qi1 = qi0 + 8;
-    float* const dq0 = p.dq_accum + ((r.q_start + qi0) * p.Hq + h) * D;
-    float* const dq1 = p.dq_accum + ((r.q_start + qi1) * p.Hq + h) * D;
+    // This thread's rows qi and qi + 8 of the tile; row i of the sample's head h
+    // is dq_head + i * Hq * D.
+    const int64_t qi = i0 + dq_row + lane / 4;
+    float* const dq_head = p.dq_accum + (r.q_start * p.Hq + h) * D;
 #pragma unroll
     for (int c = 0; c < kDqCols / kDqChunk; ++c) {
       float part[kDqChunk / 8][4];
@@ -187,7 +205,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_dq_kernel(const AttnParams p
       }
       if (c == 0) {
         if (tid == 0) {
-          while (load_acquire(sem) != static_cast<int>(jt)) {
+          while (load_acquire(sem) != turn) {
           }
         }
         __syncthreads();
@@ -195,23 +213,25 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_dq_kernel(const AttnParams p
 #pragma unroll
       for (int nt = 0; nt < kDqChunk / 8; ++nt) {
         const int col = dq_col + c * kDqChunk + nt * 8 + (lane % 4) * 2;
-        if (qi0 < r.q_len) {
-          atomicAdd(dq0 + col, part[nt][0]);
-          atomicAdd(dq0 + col + 1, part[nt][1]);
+        if (qi < r.q_len) {
+          float* const dq = dq_head + qi * q_stride + col;
+          atomicAdd(dq, part[nt][0]);
+          atomicAdd(dq + 1, part[nt][1]);
         }
-        if (qi1 < r.q_len) {
-          atomicAdd(dq1 + col, part[nt][2]);
-          atomicAdd(dq1 + col + 1, part[nt][3]);
+        if (qi + 8 < r.q_len) {
+          float* const dq = dq_head + (qi + 8) * q_stride + col;
+          atomicAdd(dq, part[nt][2]);
+          atomicAdd(dq + 1, part[nt][3]);
         }
       }
     }
-    // Every add of this CTA is issued; the release (after a GPU-scope fence, as
-    // cooperative groups' grid sync does it) hands the tile to key tile jt + 1.
-    // The barrier also frees this stage and sdS for the next step.
+    // The barrier orders every thread's adds before thread 0's fence and
+    // release (cooperative groups' grid sync: bar.sync, fence, release), which
+    // hands the tile to key tile jt - 1.
     __syncthreads();
     if (tid == 0) {
       __threadfence();
-      store_release(sem, static_cast<int>(jt) + 1);
+      store_release(sem, turn + 1);
     }
   }
   cp_async_wait<0>();

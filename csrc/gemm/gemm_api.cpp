@@ -34,6 +34,21 @@ KernelChoice& gemm_kernel_choice() {
   return choice;
 }
 
+#ifdef DSK_WITH_CUDA
+// The CUDA bf16/fp16 kernel choice every GemmParams gets (plain and grouped).
+// DSK_GEMM_TMA=0 makes v3 copy its tiles with cp.async instead of TMA (A/B runs,
+// debugging); read once.
+void set_cuda_kernel(GemmParams& p) {
+  static const bool tma = [] {
+    const char* e = std::getenv("DSK_GEMM_TMA");
+    return e == nullptr || std::string(e) != "0";
+  }();
+  p.cuda_kernel = gemm_kernel_choice().get();
+  p.built_sm90a = built_for_cuda_arch("sm_90a");
+  p.v3_tma = tma;
+}
+#endif
+
 // Private op for tests and the benchmark's A/B: version 1, 2 or 3 forces that CUDA
 // bf16/fp16 GEMM kernel for later calls, 4 is auto (the default), 0 only asks.
 // Returns the previous choice.
@@ -278,8 +293,7 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& weight, const std::option
     p.n = n;
     p.k = ac.size(1);
     p.activation = act;
-    p.cuda_kernel = gemm_kernel_choice().get();
-    p.built_sm90a = built_for_cuda_arch("sm_90a");
+    set_cuda_kernel(p);
     C10_CUDA_CHECK(static_cast<cudaError_t>(gemm_cuda(p, stream_of(a))));
 #endif
     return out;
@@ -345,6 +359,7 @@ at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& weights, const at
     p.offsets = oc.data_ptr();
     p.offsets_int64 = oc.scalar_type() == at::kLong;
     p.groups = groups;
+    set_cuda_kernel(p);  // auto keeps grouped GEMMs on v1; v2/v3 when forced
     C10_CUDA_CHECK(static_cast<cudaError_t>(gemm_cuda(p, stream_of(x))));
 #endif
     return out;

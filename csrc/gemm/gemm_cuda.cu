@@ -28,6 +28,8 @@
 //   opt-in tensor-core GEMM (v2, sm_89+: mma.sync m16n8k32 e4m3 on the v1 tiling,
 //   see fp8_mma_gemm_kernel).
 //   The grouped FP8 GEMM locates its row tiles as the grouped GEMM above does.
+#include <cuda.h>  // CUtensorMap (types only: the encoder comes through the runtime)
+#include <cudaTypedefs.h>
 #include <cuda_fp8.h>
 
 #include <atomic>
@@ -665,6 +667,38 @@ __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// TMA: a 2-D tile of `map` at element coordinates (inner, outer) into shared
+// memory at `dst`, completing `bytes` of the transaction count of mbarrier `bar`.
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void fence_mbar_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (done == 0);
+}
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int32_t inner,
+                                            int32_t outer, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(inner), "r"(outer), "r"(bar)
+      : "memory");
+}
+
 // Keeps the compiler from moving accumulator reads/writes across the async wgmma.
 template <int NI>
 __device__ __forceinline__ void pin_accumulators(float (&d)[1][NI][4]) {
@@ -731,10 +765,19 @@ __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[1][16][4], uint
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-template <typename T>
-__global__ void __launch_bounds__(kV3Threads, 1) wgmma_gemm_kernel(GemmParams p) {
+// kTma: the stages are filled by TMA (thread 0 issues two 2-D tile loads per
+// stage; tensor maps of a [M, K] and b [groups * N, K] with 64 x rows boxes in
+// the 128-byte swizzle, so shared memory holds exactly the layout above; rows and
+// K past the tensors are zero-filled; a grouped tile's rows past its group read
+// the next group's rows, which the epilogue never stores) and each stage's
+// mbarrier says when it landed. Otherwise all threads copy with cp.async.
+template <typename T, bool kTma>
+__global__ void __launch_bounds__(kV3Threads, 1)
+    wgmma_gemm_kernel(GemmParams p, const __grid_constant__ CUtensorMap tma_a,
+                      const __grid_constant__ CUtensorMap tma_b) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(128) unsigned char smem_raw[];
+  __shared__ __align__(8) uint64_t stage_full[kStagesV3];  // TMA only
   const uint32_t smem_base = (shared_addr(smem_raw) + 1023u) & ~1023u;
 
   int64_t m_tile, n_tile;
@@ -747,12 +790,29 @@ __global__ void __launch_bounds__(kV3Threads, 1) wgmma_gemm_kernel(GemmParams p)
   const int tid = threadIdx.x, warpgroup = tid / 128, warp_in_group = (tid % 128) / 32;
   const int64_t k_tiles = (p.k + kV3BK - 1) / kV3BK;
 
-  auto load_stage = [&](int stage, int64_t kt) {  // K % 8 == 0: whole chunks
+  // Stage `stage` <- K tile kt: cp.async by every thread (K % 8 == 0: whole
+  // chunks), or TMA by thread 0 (the caller), completing the stage's mbarrier.
+  auto load_stage = [&](int stage, int64_t kt) {
     const uint32_t sa = smem_base + stage * kV3StageBytes, sb = sa + kV3BM * kV3RowBytes;
-    const int64_t k_bytes = p.k * 2, k0 = kt * kV3RowBytes;
-    load_swizzled_rows<kV3BM, kV3Threads>(sa, a, m0, tile.row_end, k0, k_bytes);
-    load_swizzled_rows<kV3BN, kV3Threads>(sb, b, n0, p.n, k0, k_bytes);
+    if constexpr (kTma) {
+      const uint32_t bar = shared_addr(&stage_full[stage]);
+      mbar_arrive_expect_tx(bar, kV3StageBytes);
+      const int32_t k0 = static_cast<int32_t>(kt * kV3BK);
+      tma_load_2d(sa, &tma_a, k0, static_cast<int32_t>(m0), bar);
+      tma_load_2d(sb, &tma_b, k0, static_cast<int32_t>(tile.group * p.n + n0), bar);
+    } else {
+      const int64_t k_bytes = p.k * 2, k0 = kt * kV3RowBytes;
+      load_swizzled_rows<kV3BM, kV3Threads>(sa, a, m0, tile.row_end, k0, k_bytes);
+      load_swizzled_rows<kV3BN, kV3Threads>(sb, b, n0, p.n, k0, k_bytes);
+    }
   };
+  if constexpr (kTma) {
+    if (tid == 0) {
+      for (int s = 0; s < kStagesV3; ++s) mbar_init(shared_addr(&stage_full[s]), 1);
+      fence_mbar_init();  // visible to the async proxy (TMA's complete_tx)
+    }
+    __syncthreads();
+  }
 
   // Copies run kV3Prefetch tiles ahead; the wgmma of a tile stays in flight
   // while the next tile's are issued (wait_group 1), so the stage being
@@ -760,20 +820,35 @@ __global__ void __launch_bounds__(kV3Threads, 1) wgmma_gemm_kernel(GemmParams p)
   constexpr int kV3Prefetch = kStagesV3 - 2;
 #pragma unroll
   for (int s = 0; s < kV3Prefetch; ++s) {
-    if (s < k_tiles) load_stage(s, s);
-    cp_async_commit();
+    if constexpr (kTma) {
+      if (tid == 0 && s < k_tiles) load_stage(s, s);
+    } else {
+      if (s < k_tiles) load_stage(s, s);
+      cp_async_commit();
+    }
   }
   float acc[1][kV3BN / 8][4];
   zero_accumulators(acc);
 
   for (int64_t kt = 0; kt < k_tiles; ++kt) {
-    // Tile kt landed (at most kV3Prefetch - 1 newer groups pending); the fence
-    // hands this thread's copies to the async proxy, the barrier everyone's.
-    // Every warpgroup passed wait_group 1 of tile kt - 1 before this barrier,
-    // so the wgmma of tile kt - 2 are done and its stage can be refilled.
-    cp_async_wait<kV3Prefetch - 1>();
-    fence_proxy_async();
-    __syncthreads();
+    if constexpr (kTma) {
+      // Every warpgroup passed wait_group 1 of tile kt - 1 before this barrier,
+      // so the wgmma of tile kt - 2 are done and its stage can be refilled;
+      // tile kt is there once its stage's mbarrier completes phase kt / kStagesV3.
+      __syncthreads();
+      if (tid == 0 && kt + kV3Prefetch < k_tiles)
+        load_stage(static_cast<int>((kt + kV3Prefetch) % kStagesV3), kt + kV3Prefetch);
+      mbar_wait(shared_addr(&stage_full[kt % kStagesV3]),
+                static_cast<uint32_t>((kt / kStagesV3) & 1));
+    } else {
+      // Tile kt landed (at most kV3Prefetch - 1 newer groups pending); the fence
+      // hands this thread's copies to the async proxy, the barrier everyone's.
+      // Every warpgroup passed wait_group 1 of tile kt - 1 before this barrier,
+      // so the wgmma of tile kt - 2 are done and its stage can be refilled.
+      cp_async_wait<kV3Prefetch - 1>();
+      fence_proxy_async();
+      __syncthreads();
+    }
 
     const uint32_t stage = smem_base + static_cast<uint32_t>(kt % kStagesV3) * kV3StageBytes;
     const uint32_t sa = stage + warpgroup * 64 * kV3RowBytes, sb = stage + kV3BM * kV3RowBytes;
@@ -783,17 +858,19 @@ __global__ void __launch_bounds__(kV3Threads, 1) wgmma_gemm_kernel(GemmParams p)
     for (int ks = 0; ks < kV3BK / 16; ++ks)
       wgmma_m64n256k16<T>(acc, wgmma_desc(sa + ks * 32), wgmma_desc(sb + ks * 32));
     wgmma_commit();
-    // The copies are issued while this tile's wgmma run (the stage they refill
-    // is not read by any wgmma in flight).
-    const int64_t next = kt + kV3Prefetch;
-    if (next < k_tiles) load_stage(static_cast<int>(next % kStagesV3), next);
-    cp_async_commit();
+    if constexpr (!kTma) {
+      // The copies are issued while this tile's wgmma run (the stage they refill
+      // is not read by any wgmma in flight).
+      const int64_t next = kt + kV3Prefetch;
+      if (next < k_tiles) load_stage(static_cast<int>(next % kStagesV3), next);
+      cp_async_commit();
+    }
     wgmma_wait<1>();
     pin_accumulators(acc);
   }
   wgmma_wait<0>();
   pin_accumulators(acc);
-  cp_async_wait<0>();
+  if constexpr (!kTma) cp_async_wait<0>();
 
   mma_epilogue(p, acc, m0 + warpgroup * 64 + warp_in_group * 16, tile.row_end, n0);
 #else
@@ -1361,15 +1438,69 @@ bool wgmma_usable(Kernel kernel, int smem, bool built_sm90a, std::atomic<uint64_
   return ok;
 }
 
-template <typename T>
-bool launch_wgmma(const GemmParams& p, cudaStream_t stream, cudaError_t& err) {
+// cuTensorMapEncodeTiled from the driver, through the runtime (no link to
+// libcuda); null where the driver does not have it.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+#if CUDART_VERSION >= 12050
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000,
+                                                             cudaEnableDefault, &found);
+#else
+    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &found);
+#endif
+    if (err != cudaSuccess || found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();  // not sticky: clear it
+      f = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// Tensor map of `rows` K-contiguous rows of k 16-bit values, read in boxes of
+// 64 x box_rows with the 128-byte swizzle; false where TMA cannot describe it.
+bool encode_operand_map(CUtensorMap& map, const void* base, DType dtype, int64_t k, int64_t rows,
+                        uint32_t box_rows) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  constexpr int64_t kMaxCoord = (int64_t{1} << 31) - 1;  // the kernel's int32 coordinates
+  if (encode == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0 || (k * 2) % 16 != 0 ||
+      k > kMaxCoord || rows > kMaxCoord)
+    return false;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(k * 2)};  // bytes, dims 1..
+  const cuuint32_t box[2] = {kV3BK, box_rows};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUtensorMapDataType type =
+      dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return encode(&map, type, 2, const_cast<void*>(base), dims, strides, box, elem_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <typename T, bool kTma>
+bool launch_wgmma_variant(const GemmParams& p, const CUtensorMap& map_a, const CUtensorMap& map_b,
+                          cudaStream_t stream, cudaError_t& err) {
   static std::atomic<uint64_t> checked{0}, usable{0};
-  if (!wgmma_usable(wgmma_gemm_kernel<T>, kV3SmemBytes, p.built_sm90a, checked, usable, err)) return false;
+  if (!wgmma_usable(wgmma_gemm_kernel<T, kTma>, kV3SmemBytes, p.built_sm90a, checked, usable, err))
+    return false;
   if (err != cudaSuccess) return true;
   const int64_t ctas = row_tiles(p, kV3BM) * ((p.n + kV3BN - 1) / kV3BN);
-  wgmma_gemm_kernel<T><<<static_cast<unsigned>(ctas), kV3Threads, kV3SmemBytes, stream>>>(p);
+  wgmma_gemm_kernel<T, kTma><<<static_cast<unsigned>(ctas), kV3Threads, kV3SmemBytes, stream>>>(
+      p, map_a, map_b);
   err = cudaGetLastError();
   return true;
+}
+
+// v3 with TMA where both tensor maps can be made (p.v3_tma), else with cp.async.
+template <typename T>
+bool launch_wgmma(const GemmParams& p, cudaStream_t stream, cudaError_t& err) {
+  CUtensorMap map_a{}, map_b{};
+  if (p.v3_tma && encode_operand_map(map_a, p.a, p.ab_dtype, p.k, p.m, kV3BM) &&
+      encode_operand_map(map_b, p.b, p.ab_dtype, p.k, p.groups * p.n, kV3BN))
+    return launch_wgmma_variant<T, true>(p, map_a, map_b, stream, err);
+  return launch_wgmma_variant<T, false>(p, map_a, map_b, stream, err);
 }
 
 bool launch_fp8_wgmma(const Fp8GemmParams& p, cudaStream_t stream, cudaError_t& err) {

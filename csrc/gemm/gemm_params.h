@@ -46,6 +46,9 @@ struct GemmParams {
   int cuda_kernel = 1;
   // Whether the build holds sm_90a code (v3's wgmma): from the build's arch list.
   bool built_sm90a = false;
+  // v3 loads its tiles with TMA (tensor maps made per call; cp.async where one
+  // cannot be made): the glue's default, DSK_GEMM_TMA=0 turns it off.
+  bool v3_tma = true;
 };
 
 // The generation new GEMM params get: 1, 2 or 3 (forced), or kGemmKernelAuto (the
