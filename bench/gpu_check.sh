@@ -106,8 +106,12 @@ for b in gemm attention; do
   $PY bench/bench_$b.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench-$b.log" | tail -40
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 done
-# bf16 GEMM v1 / v2 / v3 (wgmma) / cuBLAS side by side.
+# bf16 GEMM v1 / v2 / v3 (wgmma + TMA) / cuBLAS side by side; then v3 with cp.async copies.
 $PY bench/bench_gemm.py --device cuda --ab --out "$OUT" 2>&1 | tee "$OUT/bench-gemm-ab.log" | tail -20
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+mkdir -p "$OUT/gemm-v3-cp-async"
+DSK_GEMM_TMA=0 $PY bench/bench_gemm.py --device cuda --ab --out "$OUT/gemm-v3-cp-async" 2>&1 \
+  | tee "$OUT/bench-gemm-ab-cp-async.log" | tail -8
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 # Attention forward and backward v1 / v2 / SDPA flash side by side.
 $PY bench/bench_attention.py --device cuda --ab --out "$OUT" 2>&1 | tee "$OUT/bench-attention-ab.log" | tail -20
