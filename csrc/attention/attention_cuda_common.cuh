@@ -1,7 +1,7 @@
 // Warp-level building blocks of the attention kernels (sm_80+): tensor-core
 // mma.sync m16n8k16 with fp32 accumulators, ldmatrix fragment loads from
-// shared memory, cp.async 16-byte copies with zero fill, and a 64 x D tile
-// loader. No torch headers.
+// shared memory, and a 64 x D tile loader over cp.async (common/cuda_utils.cuh).
+// No torch headers.
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16 .f16/.bf16; g = lane / 4, t = lane % 4):
 //   A 16x16 (row-major): a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)
@@ -41,32 +41,17 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
   }
 }
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 // Four 8x8 b16 matrices; lanes 8m..8m+7 give the row addresses of matrix m.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(row)));
+               : "r"(shared_addr(row)));
 }
 
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(row)));
-}
-
-// 16 bytes global -> shared, bypassing L1; zero-filled when !valid (nothing is read).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
-               "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+               : "r"(shared_addr(row)));
 }
 
 // 2^x with the hardware approximation (relative error ~2^-22); 2^-inf = 0.
@@ -98,7 +83,7 @@ __device__ __forceinline__ void load_tile_async(T* dst, const T* src, int64_t st
   for (int c = tid; c < rows * kChunks; c += THREADS) {
     const int row = c / kChunks, col = (c % kChunks) * 8;
     const bool ok = row < valid_rows;
-    cp_async16(dst + row * LD + col, ok ? src + row * stride + col : src, ok);
+    cp_async_16(shared_addr(dst + row * LD + col), ok ? src + row * stride + col : src, ok);
   }
 }
 

@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(const AttnParams p, fl
 #pragma unroll
     for (int i = 0; i < kPasses; ++i) {
       const bool ok = i * kRowStep < left;
-      cp_async16(dst + i * kRowStep * LD, ok ? src : base, ok);
+      cp_async_16(shared_addr(dst + i * kRowStep * LD), ok ? src : base, ok);
       src += kRowStep * k_stride;
     }
   };

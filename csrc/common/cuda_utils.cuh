@@ -1,5 +1,5 @@
-// CUDA helpers for .cu files (no torch headers): vector types, warp
-// reductions, grid sizing.
+// CUDA helpers for .cu files (no torch headers): vector types, cp.async,
+// warp reductions, grid sizing.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -26,6 +26,26 @@ template <> __device__ __forceinline__ float from_float<float>(float x) { return
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
+}
+
+__device__ __forceinline__ uint32_t shared_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy global -> shared (sm_80+), bypassing L1; with valid == false
+// the destination is zero-filled and nothing is read (src must still be mapped).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Until at most PENDING of this thread's committed copy groups are in flight.
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
 }
 
 __device__ __forceinline__ uint32_t warp_max(uint32_t v) {

@@ -28,8 +28,7 @@
 //   opt-in tensor-core GEMM (v2, sm_89+: mma.sync m16n8k32 e4m3 on the v1 tiling,
 //   see fp8_mma_gemm_kernel).
 //   The grouped FP8 GEMM locates its row tiles as the grouped GEMM above does.
-#include <cuda.h>  // CUtensorMap (types only: the encoder comes through the runtime)
-#include <cudaTypedefs.h>
+#include <cudaTypedefs.h>  // the tensor-map encoder's type (it comes through the runtime)
 #include <cuda_fp8.h>
 
 #include <atomic>
@@ -37,6 +36,7 @@
 
 #include "common/cuda_utils.cuh"
 #include "common/kernel_choice.h"
+#include "common/sm90.cuh"
 #include "gemm/gemm_math.h"
 #include "gemm/gemm_params.h"
 
@@ -52,24 +52,6 @@ constexpr int kStages = 3;              // 3 x (128 + 128) x 64 B = 48 KiB of st
 // PTX wrappers
 // ---------------------------------------------------------------------------
 
-__device__ __forceinline__ uint32_t shared_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte async copy; with valid == false the destination is zero-filled and
-// nothing is read (src must still be a mapped address).
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int PENDING>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
-}
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -625,145 +607,6 @@ static_assert(kV3RowBytes == 128 && kV3StageBytes % 1024 == 0 && (64 * kV3RowByt
               (kV3BM * kV3RowBytes) % 1024 == 0, "v3 tiles must sit on 1 KiB swizzle atoms");
 static_assert(kV3SmemBytes <= 227 * 1024, "v3 shared memory exceeds sm_90's per-block limit");
 
-// Copies one stage of ROWS rows x 128 bytes of K-contiguous data (row r of it is
-// row row0 + r of `src`, whose rows are k_bytes long; bytes [k0, k0 + 128)) into
-// the 128-byte swizzled layout at shared address `dst`: 16-byte chunk c of row r
-// at chunk c ^ (r % 8). Rows past row_end and chunks past k_bytes are zero-filled.
-template <int ROWS, int THREADS>
-__device__ __forceinline__ void load_swizzled_rows(uint32_t dst, const void* src, int64_t row0,
-                                                   int64_t row_end, int64_t k0, int64_t k_bytes) {
-  const unsigned char* bytes = static_cast<const unsigned char*>(src);
-#pragma unroll
-  for (int c = threadIdx.x; c < ROWS * 8; c += THREADS) {
-    const int row = c >> 3, chunk = c & 7;
-    const int64_t grow = row0 + row, gk = k0 + chunk * 16;
-    const bool valid = grow < row_end && gk < k_bytes;
-    cp_async_16(dst + row * 128 + ((chunk ^ (row & 7)) << 4), valid ? bytes + grow * k_bytes + gk : bytes,
-                valid);
-  }
-}
-
-// The device helpers below are sm_90a instructions, compiled for that target
-// only; the kernel traps elsewhere (and is never launched there).
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// Matrix descriptor of a K-major, 128-byte-swizzled operand starting at `addr`:
-// start address >> 4 (bits 0-13), leading byte offset 16 B (unused for this
-// layout), stride byte offset 1024 B (bits 32-45), swizzle mode 1 = 128 B (bits 62-63).
-__device__ __forceinline__ uint64_t wgmma_desc(uint32_t addr) {
-  return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | (uint64_t{16 >> 4} << 16) |
-         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() {
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-// Until at most N committed wgmma groups of this warpgroup are pending.
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
-// TMA: a 2-D tile of `map` at element coordinates (inner, outer) into shared
-// memory at `dst`, completing `bytes` of the transaction count of mbarrier `bar`.
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void fence_mbar_init() {
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-}
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (done == 0);
-}
-__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int32_t inner,
-                                            int32_t outer, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(inner), "r"(outer), "r"(bar)
-      : "memory");
-}
-
-// Keeps the compiler from moving accumulator reads/writes across the async wgmma.
-template <int NI>
-__device__ __forceinline__ void pin_accumulators(float (&d)[1][NI][4]) {
-#pragma unroll
-  for (int i = 0; i < NI; ++i)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) asm volatile("" : "+f"(d[0][i][r])::"memory");
-}
-
-// D[64 x 256] += A[64 x 16] . B[256 x 16]^T, both from shared memory (K-major).
-// wgmma's fp32 accumulator operands d[0][i][0..3], i = 0 .. N/8 - 1 in register
-// order, and the matching "%n" lists of the instruction's first operand.
-#define DSK_ACC4(i) "+f"(d[0][i][0]), "+f"(d[0][i][1]), "+f"(d[0][i][2]), "+f"(d[0][i][3])
-#define DSK_ACC16(i) DSK_ACC4(i), DSK_ACC4(i + 1), DSK_ACC4(i + 2), DSK_ACC4(i + 3)
-#define DSK_ACC_N128 DSK_ACC16(0), DSK_ACC16(4), DSK_ACC16(8), DSK_ACC16(12)
-#define DSK_ACC_N256 DSK_ACC_N128, DSK_ACC16(16), DSK_ACC16(20), DSK_ACC16(24), DSK_ACC16(28)
-#define DSK_REGS_N128 \
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-#define DSK_REGS_N256 \
-  DSK_REGS_N128 ", %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
-
-// D[64 x 256] += A[64 x 16] . B[256 x 16]^T, both from shared memory (K-major);
-// PTX_TYPE is the 16-bit input type's name, "bf16" or "f16".
-#define DSK_WGMMA_M64N256K16(PTX_TYPE)                                                    \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                              \
-               "wgmma.mma_async.sync.aligned.m64n256k16.f32." PTX_TYPE "." PTX_TYPE " {" \
-               DSK_REGS_N256 "}, %128, %129, p, 1, 1, 0, 0;\n}\n"                        \
-               : DSK_ACC_N256                                                             \
-               : "l"(desc_a), "l"(desc_b), "r"(1))
-
-template <typename T>
-__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[1][32][4], uint64_t desc_a, uint64_t desc_b);
-
-template <>
-__device__ __forceinline__ void wgmma_m64n256k16<__nv_bfloat16>(float (&d)[1][32][4], uint64_t desc_a,
-                                                                uint64_t desc_b) {
-  DSK_WGMMA_M64N256K16("bf16");
-}
-
-template <>
-__device__ __forceinline__ void wgmma_m64n256k16<__half>(float (&d)[1][32][4], uint64_t desc_a,
-                                                         uint64_t desc_b) {
-  DSK_WGMMA_M64N256K16("f16");
-}
-
-// D[64 x 128] (+)= A[64 x 32] . B[128 x 32]^T in FP8 e4m3 (K-major, shared memory);
-// scale_d = 0 overwrites D (the first K step of a scale block).
-__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[1][16][4], uint64_t desc_a,
-                                                      uint64_t desc_b, int scale_d) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {" DSK_REGS_N128
-               "}, %64, %65, p, 1, 1;\n}\n"
-               : DSK_ACC_N128
-               : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-}
-
-#undef DSK_WGMMA_M64N256K16
-#undef DSK_REGS_N256
-#undef DSK_REGS_N128
-#undef DSK_ACC_N256
-#undef DSK_ACC_N128
-#undef DSK_ACC16
-#undef DSK_ACC4
-
-#endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 // kTma: the stages are filled by TMA (thread 0 issues two 2-D tile loads per
 // stage; tensor maps of a [M, K] and b [groups * N, K] with 64 x rows boxes in
@@ -802,8 +645,8 @@ __global__ void __launch_bounds__(kV3Threads, 1)
       tma_load_2d(sb, &tma_b, k0, static_cast<int32_t>(tile.group * p.n + n0), bar);
     } else {
       const int64_t k_bytes = p.k * 2, k0 = kt * kV3RowBytes;
-      load_swizzled_rows<kV3BM, kV3Threads>(sa, a, m0, tile.row_end, k0, k_bytes);
-      load_swizzled_rows<kV3BN, kV3Threads>(sb, b, n0, p.n, k0, k_bytes);
+      load_swizzled_rows<kV3BM, kV3Threads>(sa, a, m0, tile.row_end, k0, k_bytes, k_bytes);
+      load_swizzled_rows<kV3BN, kV3Threads>(sb, b, n0, p.n, k0, k_bytes, k_bytes);
     }
   };
   if constexpr (kTma) {
@@ -912,8 +755,8 @@ __global__ void __launch_bounds__(kF8Threads, 1) fp8_wgmma_gemm_kernel(Fp8GemmPa
 
   auto load_stage = [&](int stage, int64_t kb) {  // K % 16 == 0: whole chunks
     const uint32_t sa = smem_base + stage * kF8StageBytes, sb = sa + kF8BM * kF8RowBytes;
-    load_swizzled_rows<kF8BM, kF8Threads>(sa, a, tile.row_begin, tile.row_end, kb * kFp8Block, p.k);
-    load_swizzled_rows<kF8BN, kF8Threads>(sb, b, n0, p.n, kb * kFp8Block, p.k);
+    load_swizzled_rows<kF8BM, kF8Threads>(sa, a, tile.row_begin, tile.row_end, kb * kFp8Block, p.k, p.k);
+    load_swizzled_rows<kF8BN, kF8Threads>(sb, b, n0, p.n, kb * kFp8Block, p.k, p.k);
   };
 
 #pragma unroll
