@@ -84,6 +84,10 @@ def _want_cuda() -> bool:
               f"(nvcc: {nvcc}, torch CUDA: {torch_cuda})", file=sys.stderr)
         return False
     t_major, t_minor = (int(v) for v in torch_cuda.split(".")[:2])
+    if nvcc[0] < 12:
+        sys.exit(f"deepseek_kernels: the CUDA kernels need CUDA >= 12.0 (Hopper tensor maps / "
+                 f"TMA); nvcc at {CUDA_HOME} is {nvcc[0]}.{nvcc[1]}. Build CPU-only with "
+                 "DSK_DISABLE_CUDA=1.")
     if nvcc[0] != t_major:
         sys.exit(
             f"CUDA version mismatch: nvcc at {CUDA_HOME} is {nvcc[0]}.{nvcc[1]} but torch "

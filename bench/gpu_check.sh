@@ -40,7 +40,8 @@ $PY -c "import json, deepseek_kernels as d; print(json.dumps(d.build_info(), ind
 
 step "tests (${TESTS:-tests}: CUDA and CPU)"
 if [ "${SKIP_TESTS:-0}" = 1 ]; then echo "skipped (SKIP_TESTS=1)"; else
-  $PY -m pytest ${TESTS:-tests} ${PYTEST_ARGS:-} -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25
+  # A bounded run: a kernel that hangs (e.g. a new one waiting on a barrier) fails the step.
+  timeout ${TEST_TIMEOUT:-540} $PY -m pytest ${TESTS:-tests} ${PYTEST_ARGS:-} -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 

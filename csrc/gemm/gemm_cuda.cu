@@ -1309,7 +1309,7 @@ bool encode_operand_map(CUtensorMap& map, const void* base, DType dtype, int64_t
   const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
   constexpr int64_t kMaxCoord = (int64_t{1} << 31) - 1;  // the kernel's int32 coordinates
   if (encode == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0 || (k * 2) % 16 != 0 ||
-      k > kMaxCoord || rows > kMaxCoord)
+      k <= 0 || rows <= 0 || k > kMaxCoord || rows > kMaxCoord)
     return false;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(rows)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(k * 2)};  // bytes, dims 1..
