@@ -14,11 +14,12 @@ FLOPs: forward 4 * B * Hq * Lq * Lk * D, backward 2.5x that; varlen sums the
 samples. The peer for varlen is SDPA on the batch padded to the longest sample.
 Results go to ``bench/results/attention-<device_name>.json``.
 
---ab times our two CUDA forward kernel generations (v1 and v2, the default;
+--ab times our three CUDA forward kernel generations (v1, v2, the default, and
+v3, wgmma on sm_90a, which falls back to v2 elsewhere: the row says which ran;
 the private op ``_attention_cuda_kernel`` switches them between calls, the
 environment variable DSK_ATTENTION_KERNEL picks the starting one) next to SDPA's
 flash backend on the forward of B=8 Hq=16 Lq=1024 Lk=4096 bf16, D=128 and 64,
-after checking both against SDPA; then the two backward generations (v1, the
+after checking each against SDPA; then the two backward generations (v1, the
 default, and v2; ``_attention_cuda_bwd_kernel``, DSK_ATTENTION_BWD_KERNEL) next
 to SDPA flash's backward. Results: ``<device_name>-attention-ab.json``.
 """
@@ -155,12 +156,13 @@ AB_CASES = [
     dict(name="B8 H16 D128 Lq1024 Lk4096", B=8, Hq=16, Hkv=16, D=128, Lq=1024, Lk=4096, dtype="bf16"),
     dict(name="B8 H16 D64 Lq1024 Lk4096", B=8, Hq=16, Hkv=16, D=64, Lq=1024, Lk=4096, dtype="bf16"),
 ]
-AB_COLUMNS = ["case", "v1_ms", "v2_ms", "sdpa_ms", "v2_vs_v1", "v1_vs_sdpa", "v2_vs_sdpa",
-              "v1_TFLOP/s", "v2_TFLOP/s", "sdpa_TFLOP/s", "v2_%matmul_peak"]
+AB_COLUMNS = ["case", "v1_ms", "v2_ms", "v3_ms", "sdpa_ms", "v2_vs_v1", "v1_vs_sdpa", "v2_vs_sdpa",
+              "v3_vs_sdpa", "v2_TFLOP/s", "v3_TFLOP/s", "sdpa_TFLOP/s", "v2_%matmul_peak",
+              "v3_%matmul_peak", "v3_ran"]
 
 
 def set_kernel(version: int) -> int:
-    """Select our CUDA forward kernel generation (1 or 2; 0 only asks) for later
+    """Select our CUDA forward kernel generation (1, 2 or 3; 0 only asks) for later
     calls; returns the previous one."""
     return int(torch.ops.deepseek_kernels._attention_cuda_kernel(version))
 
@@ -178,21 +180,23 @@ def run_ab_case(case, device, timing, peak_tflops, dk):
     flops = 4.0 * b * hq * lq * lk * d
     want = _sdpa(q, k, v, SDPBackend.FLASH_ATTENTION).float()
     checks, outs = {}, {}
-    for ver in (1, 2):
+    for ver in (1, 2, 3):
         set_kernel(ver)
         outs[ver] = dk.cross_attention(q, k, v).float()
         checks[f"{case['name']}: v{ver} close to SDPA flash"] = bool(
             torch.allclose(outs[ver], want, atol=2e-2, rtol=2e-2))
+    # v3 (wgmma) falls back to v2 where it cannot run: say which one was timed.
+    v3_ran = int(torch.ops.deepseek_kernels._cuda_kernel_ran("attention_fwd"))
     checks[f"{case['name']}: v2 close to v1"] = bool(
         torch.allclose(outs[2], outs[1], atol=2e-2, rtol=2e-2))
-    err = {ver: (outs[ver] - want).abs().max().item() for ver in (1, 2)}
+    err = {ver: (outs[ver] - want).abs().max().item() for ver in (1, 2, 3)}
     del outs, want
-    row = {"case": case["name"]}
+    row = {"case": case["name"], "v3_ran": v3_ran}
     if not all(checks.values()):
         print(f"  {case['name']}: check failed ({checks}, max err vs SDPA {err}) -- not timed",
               flush=True)
         return row, checks
-    for ver in (1, 2):
+    for ver in (1, 2, 3):
         set_kernel(ver)
         row[f"v{ver}_ms"] = T.time_fn(lambda: dk.cross_attention(q, k, v), device, **timing)["median_ms"]
     row["sdpa_ms"] = T.time_fn(lambda: _sdpa(q, k, v, SDPBackend.FLASH_ATTENTION), device,
@@ -200,12 +204,15 @@ def run_ab_case(case, device, timing, peak_tflops, dk):
     row["v2_vs_v1"] = row["v1_ms"] / row["v2_ms"]
     row["v1_vs_sdpa"] = row["sdpa_ms"] / row["v1_ms"]
     row["v2_vs_sdpa"] = row["sdpa_ms"] / row["v2_ms"]
-    for who in ("v1", "v2", "sdpa"):
+    row["v3_vs_sdpa"] = row["sdpa_ms"] / row["v3_ms"]
+    for who in ("v1", "v2", "v3", "sdpa"):
         row[f"{who}_TFLOP/s"] = flops / (row[f"{who}_ms"] * 1e-3) / 1e12
     row["v2_%matmul_peak"] = 100.0 * row["v2_TFLOP/s"] / peak_tflops
+    row["v3_%matmul_peak"] = 100.0 * row["v3_TFLOP/s"] / peak_tflops
     row["max_err_vs_sdpa"] = err
     print(f"  {case['name']} fwd: v1 {row['v1_ms']:.3f} ms, v2 {row['v2_ms']:.3f} ms, "
-          f"sdpa flash {row['sdpa_ms']:.3f} ms (v2 x{row['v2_vs_sdpa']:.2f} vs sdpa)", flush=True)
+          f"v3 {row['v3_ms']:.3f} ms (ran v{v3_ran}), sdpa flash {row['sdpa_ms']:.3f} ms "
+          f"(v2 x{row['v2_vs_sdpa']:.2f}, v3 x{row['v3_vs_sdpa']:.2f} vs sdpa)", flush=True)
     return row, checks
 
 

@@ -5,7 +5,8 @@
 # the rest of the suite), compute-sanitizer memcheck over a small CUDA test
 # run, the GPU benchmarks and the model demo on the GPU. Logs and the results JSON go
 # to OUTDIR. Knobs: TESTS=paths, PYTEST_ARGS (e.g. "-m cuda"), SKIP_TESTS=1, SKIP_SANITIZER=1, SANITIZE_FAMILIES="quant
-# moe moe-v2 gemm gemm-v2 gemm-v3 fp8-v2 int8-v2 attention attention-v2 attention-bwd-v2" (the *-v2/v3 runs: that family's newer kernels),
+# moe moe-v2 gemm gemm-v2 gemm-v3 fp8-v2 int8-v2 attention attention-v2 attention-v3 attention-bwd-v2"
+# (the *-v2/v3 runs: that family's newer kernels),
 # SKIP_LARGE=1 (the past-2^31 tests), SKIP_BENCH=1, QUANT_BENCH_ARGS=--ab (v1/v2 A/B only),
 # MOE_BENCH_ARGS (default --profile), SKIP_DEMO=1; DSK_DIGITS_CSV=digits.csv.gz where
 # scikit-learn is missing; SKIP_BUILD=1 reuses the extension the previous call built.
@@ -13,7 +14,7 @@
 # One call does not fit a 10-minute device command. Three that do (same OUT):
 #   1. SKIP_SANITIZER=1 SKIP_BENCH=1 SKIP_LARGE=1 PYTEST_ARGS="-m cuda" bash bench/gpu_check.sh OUT
 #   2. SKIP_BUILD=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_BENCH=1 SANITIZE_FAMILIES="..." bash bench/gpu_check.sh OUT
-#      (the opt-in kernels first: gemm-v3 gemm-v2 fp8-v2 int8-v2 moe-v2 attention-bwd-v2)
+#      (the opt-in kernels first: gemm-v3 gemm-v2 fp8-v2 int8-v2 moe-v2 attention-v3 attention-bwd-v2)
 #   3. SKIP_BUILD=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 bash bench/gpu_check.sh OUT
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
@@ -71,7 +72,7 @@ sanitize() {  # name, test file, -k expression, then optional VAR=value (e.g. a 
 if [ "${SKIP_SANITIZER:-0}" = 1 ]; then echo "skipped (SKIP_SANITIZER=1)"
 elif command -v compute-sanitizer >/dev/null; then
   # The *-v2 runs force the newer kernel generation of a family for every test.
-  for fam in ${SANITIZE_FAMILIES:-quant moe moe-v2 gemm gemm-v2 gemm-v3 fp8-v2 int8-v2 attention attention-v2 attention-bwd-v2}; do
+  for fam in ${SANITIZE_FAMILIES:-quant moe moe-v2 gemm gemm-v2 gemm-v3 fp8-v2 int8-v2 attention attention-v2 attention-v3 attention-bwd-v2}; do
     case $fam in
       quant) sanitize quant tests/test_quant.py "matches_reference and not 1024 or nonfinite or bad_inputs or agree" ;;
       moe) sanitize moe tests/test_moe.py "matches_reference or shapes or nonfinite or empty or agree" ;;
@@ -83,6 +84,7 @@ elif command -v compute-sanitizer >/dev/null; then
       int8-v2) sanitize int8-v2 tests/test_gemm.py "int8" DSK_INT8_KERNEL=v2 ;;
       attention) sanitize attention tests/test_attention.py "${SANITIZE_K_ATTENTION:-not 4097 and not large}" ;;
       attention-v2) sanitize attention-v2 tests/test_attention.py "${SANITIZE_K_ATTENTION:-not 4097 and not large}" DSK_ATTENTION_KERNEL=v2 ;;
+      attention-v3) sanitize attention-v3 tests/test_attention.py "${SANITIZE_K_ATTENTION:-not 4097 and not large}" DSK_ATTENTION_KERNEL=v3 ;;
       attention-bwd-v2) sanitize attention-bwd-v2 tests/test_attention.py "${SANITIZE_K_ATTENTION:-not 4097 and not large}" DSK_ATTENTION_BWD_KERNEL=v2 ;;
     esac
   done

@@ -15,7 +15,7 @@ import deepseek_kernels as dk
 from deepseek_kernels import reference as ref
 from deepseek_kernels.nn import CrossAttention
 
-from .conftest import DEVICES, kernel_choice, kernel_ran, requires_cuda
+from .conftest import DEVICES, hopper_build, kernel_choice, kernel_ran, requires_cuda
 
 OPS = torch.ops.deepseek_kernels
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
@@ -489,9 +489,10 @@ def test_cuda_bad_inputs():
 
 
 # ---------------------------------------------------------------------------
-# CUDA forward kernel generations: v1 and v2 (D 64/128, the default; chosen with
-# DSK_ATTENTION_KERNEL or the private op; other D fall back to v1). Forward
-# only: the backward does not depend on the choice.
+# CUDA forward kernel generations: v1, v2 (D 64/128, the default) and v3 (wgmma,
+# D 64/128 on an sm_90a build and GPU, else v2); chosen with DSK_ATTENTION_KERNEL
+# or the private op; other D fall back to v1. Forward only: the backward has its
+# own choice (below).
 
 def test_kernel_switch_op():
     old = OPS._attention_cuda_kernel(0)
@@ -501,13 +502,15 @@ def test_kernel_switch_op():
         assert OPS._attention_cuda_kernel(0) == 2
         assert OPS._attention_cuda_kernel(1) == 2
         assert OPS._attention_cuda_kernel(0) == 1
-        with pytest.raises(ValueError, match="0, 1 or 2"):
-            OPS._attention_cuda_kernel(3)
+        assert OPS._attention_cuda_kernel(3) == 1
+        assert OPS._attention_cuda_kernel(0) == 3
+        with pytest.raises(ValueError, match="0, 1, 2 or 3"):
+            OPS._attention_cuda_kernel(4)
     finally:
         OPS._attention_cuda_kernel(old)
 
 
-@pytest.fixture(params=[1, 2], ids=["v1", "v2"])
+@pytest.fixture(params=[1, 2, 3], ids=["v1", "v2", "v3"])
 def fwd_kernel(request):
     with kernel_choice("_attention_cuda_kernel", request.param):
         yield request.param
@@ -524,7 +527,7 @@ def _check_fwd_lse(shape, dtype, causal, masked, softmax_scale=None):
         mask[0, :] = True  # sample 0: every key is padding
         kw["key_padding_mask"] = mask
     out, lse = dk.cross_attention(q, k, v, return_lse=True, **kw)
-    assert kernel_ran("attention_fwd") == (OPS._attention_cuda_kernel(0) if d in (64, 128) else 1)
+    assert kernel_ran("attention_fwd") == _fwd_expected(OPS._attention_cuda_kernel(0), d)
     mask = kw.get("key_padding_mask")
     # One fp64 reference (on the GPU: the 1025 x 4097 cases stay fast) for out and lse.
     r64, lse64 = ref.cross_attention(*(t.double() for t in (q, k, v)), return_lse=True, **kw)
@@ -537,6 +540,14 @@ def _check_fwd_lse(shape, dtype, causal, masked, softmax_scale=None):
     rows_dead = dead.transpose(1, 2).cpu()  # [B, Lq, Hq]
     assert (out.cpu()[rows_dead] == 0).all()
     return out, lse
+
+
+def _fwd_expected(version, d):
+    """The forward generation that runs for a chosen one: v2 and v3 cover D 64 and
+    128; v3 needs an sm_90a build on an H100/H200 (else v2)."""
+    if d not in (64, 128) or version == 1:
+        return 1
+    return 3 if version == 3 and hopper_build() else 2
 
 
 V2_SHAPES = [
@@ -604,12 +615,12 @@ def test_cuda_fwd_kernels_varlen(fwd_kernel, d, causal):
 @pytest.mark.cuda
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_cuda_fwd_v1_v2_agree_and_all_masked(d, dtype):
+def test_cuda_fwd_generations_agree_and_all_masked(d, dtype):
     q, k, v = _qkv(3, 300, 517, 4, 2, d, dtype, "cuda")
     mask = torch.rand(3, 517, device="cuda") < 0.2
     mask[1] = True
     res = {}
-    for ver in (1, 2):
+    for ver in (1, 2, 3):
         with kernel_choice("_attention_cuda_kernel", ver):
             for causal in (False, True):
                 res[ver, causal] = dk.cross_attention(q, k, v, key_padding_mask=mask,
@@ -618,12 +629,13 @@ def test_cuda_fwd_v1_v2_agree_and_all_masked(d, dtype):
             assert all(torch.equal(a, b) for a, b in zip(again, res[ver, True]))  # deterministic
     atol = 1e-2 if dtype == torch.bfloat16 else 2e-3
     for causal in (False, True):
-        (o1, l1), (o2, l2) = res[1, causal], res[2, causal]
-        assert torch.equal(torch.isneginf(l1), torch.isneginf(l2))
-        assert torch.isneginf(l2[1]).all() and torch.equal(o2[1], torch.zeros_like(o2[1]))
-        torch.testing.assert_close(o2.float(), o1.float(), atol=atol, rtol=1e-2)
-        torch.testing.assert_close(l2.nan_to_num(neginf=0), l1.nan_to_num(neginf=0),
-                                   atol=1e-4, rtol=1e-4)
+        for ver in (2, 3):
+            (o1, l1), (o2, l2) = res[1, causal], res[ver, causal]
+            assert torch.equal(torch.isneginf(l1), torch.isneginf(l2))
+            assert torch.isneginf(l2[1]).all() and torch.equal(o2[1], torch.zeros_like(o2[1]))
+            torch.testing.assert_close(o2.float(), o1.float(), atol=atol, rtol=1e-2)
+            torch.testing.assert_close(l2.nan_to_num(neginf=0), l1.nan_to_num(neginf=0),
+                                       atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@
 
 #include "attention/attention_api.h"
 #include "attention/attention_params.h"
+#include "common/build_info.h"
 #include "common/checks.h"
 #include "common/cuda_host.h"
 #include "common/kernel_choice.h"
@@ -23,10 +24,11 @@ namespace {
 
 constexpr int64_t kMaxHeadDimCpu = 256;
 
-// DSK_ATTENTION_KERNEL: v1 or v2 (the default: on an H100 it is 1.8-1.9x v1 for
-// D = 64 and 128; other D use v1), read on first use.
+// DSK_ATTENTION_KERNEL: v1, v2 (the default: on an H100 it is 1.8-1.9x v1 for
+// D = 64 and 128; other D use v1) or v3 (wgmma, sm_90a; not yet run on a GPU),
+// read on first use.
 KernelChoice& fwd_kernel_choice() {
-  static KernelChoice choice("DSK_ATTENTION_KERNEL", 2, 2);
+  static KernelChoice choice("DSK_ATTENTION_KERNEL", 2, 3);
   return choice;
 }
 // DSK_ATTENTION_BWD_KERNEL: v1 (the default) or v2 (D 64/128: one pass over the
@@ -151,6 +153,7 @@ void run_fwd(AttnParams p, const at::Tensor& ref) {
   if (ref.is_cuda()) {
 #ifdef DSK_WITH_CUDA
     p.fwd_kernel = fwd_kernel_choice().get();
+    p.built_sm90a = built_for_cuda_arch("sm_90a");
     C10_CUDA_CHECK(static_cast<cudaError_t>(attention_fwd_cuda(p, stream_of(ref))));
 #endif
   } else {
@@ -194,7 +197,7 @@ AttnParams base_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   return p;
 }
 
-// Private op for the benchmark's A/B and the tests: version 1 or 2 selects the
+// Private op for the benchmark's A/B and the tests: version 1, 2 or 3 selects the
 // CUDA forward kernel for later calls, 0 only asks. Returns the previous choice.
 int64_t attention_cuda_kernel_op(int64_t version) {
   return fwd_kernel_choice().switch_to("_attention_cuda_kernel", version);

@@ -38,9 +38,13 @@ struct AttnParams {
 
   double softmax_scale = 1.0;  // the CUDA kernels round it to fp32
   bool causal = false;
-  // CUDA forward kernel generation: 1, or 2 (attention_fwd_v2_kernel.cuh) where
-  // attention_fwd_v2_supported says so (v1 otherwise). Set from DSK_ATTENTION_KERNEL / _attention_cuda_kernel (attention_api.cpp).
+  // CUDA forward kernel generation: 1, 2 (attention_fwd_v2_kernel.cuh) where
+  // attention_fwd_v2_supported says so, or 3 (attention_fwd_v3_kernel.cuh, wgmma)
+  // where it can run (else 2, else 1). Set from DSK_ATTENTION_KERNEL /
+  // _attention_cuda_kernel (attention_api.cpp).
   int fwd_kernel = 1;
+  // Whether the build holds sm_90a code (v3's wgmma): from the build's arch list.
+  bool built_sm90a = false;
 
   // Backward only.
   const void* dout = nullptr;  // like out
@@ -100,6 +104,9 @@ void attention_bwd_cpu(const AttnParams& p);
 // Whether the v2 forward covers p (fp16/bf16, D 64 or 128).
 bool attention_fwd_v2_supported(const AttnParams& p);
 int attention_fwd_v2_cuda(const AttnParams& p, void* stream);
+// v3 (sm_90a wgmma, fp16/bf16, D 64 or 128): false, with nothing launched, where
+// it cannot run (dtype, D, build or GPU); else the launch's cudaError_t in err.
+bool attention_fwd_v3_cuda(const AttnParams& p, void* stream, int& err);
 // Whether the v2 backward covers p (fp16/bf16, D 64 or 128, its shared memory
 // fits the current device), and how many int32 counters it needs.
 bool attention_bwd_v2_supported(const AttnParams& p);

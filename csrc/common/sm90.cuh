@@ -10,6 +10,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "common/cuda_utils.cuh"
@@ -44,6 +45,18 @@ __device__ __forceinline__ void load_swizzled_rows(uint32_t dst, const void* src
 // layout), stride byte offset 1024 B (bits 32-45), swizzle mode 1 = 128 B (bits 62-63).
 __device__ __forceinline__ uint64_t wgmma_desc(uint32_t addr) {
   return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | (uint64_t{16 >> 4} << 16) |
+         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+
+// Matrix descriptor of an MN-major (N contiguous), 128-byte-swizzled B operand
+// at `addr`, used with imm-trans-b = 1 (16-bit types only): the same bytes as a
+// K-major tile whose rows are the K index (8-row, 1024-byte atoms, the stride
+// byte offset, one per 8 of K) and whose 64-element column blocks lie
+// n_block_bytes apart (the leading byte offset, one per 64 of N). A K step of 16
+// advances `addr` by 2048 bytes.
+__device__ __forceinline__ uint64_t wgmma_desc_mn(uint32_t addr, uint32_t n_block_bytes) {
+  return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) |
+         (static_cast<uint64_t>((n_block_bytes & 0x3FFFFu) >> 4) << 16) |
          (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
 }
 
@@ -101,13 +114,25 @@ __device__ __forceinline__ void pin_accumulators(float (&d)[1][NI][4]) {
     for (int r = 0; r < 4; ++r) asm volatile("" : "+f"(d[0][i][r])::"memory");
 }
 
-// D[64 x 256] += A[64 x 16] . B[256 x 16]^T, both from shared memory (K-major).
+// The same for registers that feed a wgmma as its A operand (they must stay
+// unchanged until the wgmma_wait that covers it).
+template <int NK>
+__device__ __forceinline__ void pin_fragments(uint32_t (&a)[NK][4]) {
+#pragma unroll
+  for (int i = 0; i < NK; ++i)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(a[i][r])::"memory");
+}
+
 // wgmma's fp32 accumulator operands d[0][i][0..3], i = 0 .. N/8 - 1 in register
 // order, and the matching "%n" lists of the instruction's first operand.
 #define DSK_ACC4(i) "+f"(d[0][i][0]), "+f"(d[0][i][1]), "+f"(d[0][i][2]), "+f"(d[0][i][3])
 #define DSK_ACC16(i) DSK_ACC4(i), DSK_ACC4(i + 1), DSK_ACC4(i + 2), DSK_ACC4(i + 3)
-#define DSK_ACC_N128 DSK_ACC16(0), DSK_ACC16(4), DSK_ACC16(8), DSK_ACC16(12)
+#define DSK_ACC_N64 DSK_ACC16(0), DSK_ACC16(4)
+#define DSK_ACC_N128 DSK_ACC_N64, DSK_ACC16(8), DSK_ACC16(12)
 #define DSK_ACC_N256 DSK_ACC_N128, DSK_ACC16(16), DSK_ACC16(20), DSK_ACC16(24), DSK_ACC16(28)
+#define DSK_REGS_N64 \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
 #define DSK_REGS_N128 \
   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
 #define DSK_REGS_N256 \
@@ -148,14 +173,118 @@ __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[1][16][4], uint
                : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
+// S[64 x 128] (+)= A[64 x 16] . B[128 x 16]^T, both K-major in shared memory;
+// scale_d = 0 overwrites S (the first K step).
+#define DSK_WGMMA_M64N128K16_SS(PTX_TYPE)                                                 \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                               \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX_TYPE "." PTX_TYPE " {" \
+               DSK_REGS_N128 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"                          \
+               : DSK_ACC_N128                                                             \
+               : "l"(desc_a), "l"(desc_b), "r"(scale_d))
+
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n128k16_ss(float (&d)[1][16][4], uint64_t desc_a,
+                                                    uint64_t desc_b, int scale_d);
+template <>
+__device__ __forceinline__ void wgmma_m64n128k16_ss<__nv_bfloat16>(float (&d)[1][16][4],
+                                                                   uint64_t desc_a, uint64_t desc_b,
+                                                                   int scale_d) {
+  DSK_WGMMA_M64N128K16_SS("bf16");
+}
+template <>
+__device__ __forceinline__ void wgmma_m64n128k16_ss<__half>(float (&d)[1][16][4], uint64_t desc_a,
+                                                            uint64_t desc_b, int scale_d) {
+  DSK_WGMMA_M64N128K16_SS("f16");
+}
+
+// O[64 x N] += A[64 x 16] . B[16 x N], A from registers (per warp, mma.sync
+// m16n8k16's A fragment of its 16 rows: 4 registers of T pairs, the lower k in
+// the low half), B MN-major in shared memory (imm-trans-b = 1).
+#define DSK_WGMMA_M64N128K16_RS(PTX_TYPE)                                                \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                              \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX_TYPE "." PTX_TYPE " {" \
+               DSK_REGS_N128 "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"            \
+               : DSK_ACC_N128                                                             \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
+#define DSK_WGMMA_M64N64K16_RS(PTX_TYPE)                                                 \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                              \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX_TYPE "." PTX_TYPE " {"  \
+               DSK_REGS_N64 "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"             \
+               : DSK_ACC_N64                                                              \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
+
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_m64nNk16_rs(float (&d)[1][N / 8][4], const uint32_t (&a)[4],
+                                                  uint64_t desc_b);
+template <>
+__device__ __forceinline__ void wgmma_m64nNk16_rs<__nv_bfloat16, 128>(float (&d)[1][16][4],
+                                                                      const uint32_t (&a)[4],
+                                                                      uint64_t desc_b) {
+  DSK_WGMMA_M64N128K16_RS("bf16");
+}
+template <>
+__device__ __forceinline__ void wgmma_m64nNk16_rs<__half, 128>(float (&d)[1][16][4],
+                                                               const uint32_t (&a)[4], uint64_t desc_b) {
+  DSK_WGMMA_M64N128K16_RS("f16");
+}
+template <>
+__device__ __forceinline__ void wgmma_m64nNk16_rs<__nv_bfloat16, 64>(float (&d)[1][8][4],
+                                                                     const uint32_t (&a)[4],
+                                                                     uint64_t desc_b) {
+  DSK_WGMMA_M64N64K16_RS("bf16");
+}
+template <>
+__device__ __forceinline__ void wgmma_m64nNk16_rs<__half, 64>(float (&d)[1][8][4],
+                                                              const uint32_t (&a)[4], uint64_t desc_b) {
+  DSK_WGMMA_M64N64K16_RS("f16");
+}
+
+#undef DSK_WGMMA_M64N64K16_RS
+#undef DSK_WGMMA_M64N128K16_RS
+#undef DSK_WGMMA_M64N128K16_SS
 #undef DSK_WGMMA_M64N256K16
 #undef DSK_REGS_N256
 #undef DSK_REGS_N128
+#undef DSK_REGS_N64
 #undef DSK_ACC_N256
 #undef DSK_ACC_N128
+#undef DSK_ACC_N64
 #undef DSK_ACC16
 #undef DSK_ACC4
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+// Host side: whether `kernel` (a wgmma kernel taking `smem` bytes of dynamic
+// shared memory) can run on the current device: the build holds sm_90a code
+// (built_sm90a, from the build's architecture list), the device is compute
+// capability 9.x and the kernel the driver picked is that code (PTX version 90).
+// Asked once per device (< 64) and kernel (the cache, checked / usable, is the
+// caller's); raises the kernel's shared-memory limit the first time. `err`
+// reports a failing CUDA call (then the answer is true: launch nothing, return
+// the error).
+template <typename Kernel>
+bool wgmma_usable(Kernel kernel, int smem, bool built_sm90a, std::atomic<uint64_t>& checked,
+                  std::atomic<uint64_t>& usable, cudaError_t& err) {
+  int device = 0;
+  err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return true;
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if (bit != 0 && (checked.load(std::memory_order_acquire) & bit) != 0)
+    return (usable.load(std::memory_order_relaxed) & bit) != 0;
+  cudaFuncAttributes attr{};
+  int major = 0, optin = 0;
+  err = cudaFuncGetAttributes(&attr, kernel);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return true;
+  const bool ok = built_sm90a && major == 9 && attr.ptxVersion == 90 && optin >= smem;
+  if (ok) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return true;
+    usable.fetch_or(bit, std::memory_order_relaxed);
+  }
+  checked.fetch_or(bit, std::memory_order_release);
+  return ok;
+}
 
 }  // namespace dsk

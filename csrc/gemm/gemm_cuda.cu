@@ -1248,38 +1248,9 @@ bool launch_mma_v2(const GemmParams& p, cudaStream_t stream, cudaError_t& err) {
   return true;
 }
 
-// v3 needs the sm_90a build of its kernel on a compute capability 9.0 GPU (the
-// kernel's PTX version 90 and `built_sm90a`, from the build's architecture list),
-// and 193 KiB of dynamic shared memory. Returns false (nothing launched) elsewhere.
-// Whether `kernel` (a wgmma kernel taking `smem` bytes of dynamic shared memory)
-// can run on the current device, asked once per device and kernel (the cache is
-// the caller's, one per kernel); raises its shared-memory limit the first time.
-// `err` reports a failing CUDA call (then the answer is true: launch nothing,
-// return the error).
-template <typename Kernel>
-bool wgmma_usable(Kernel kernel, int smem, bool built_sm90a, std::atomic<uint64_t>& checked,
-                  std::atomic<uint64_t>& usable, cudaError_t& err) {
-  int device = 0;
-  err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return true;
-  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
-  if (bit != 0 && (checked.load(std::memory_order_acquire) & bit) != 0)
-    return (usable.load(std::memory_order_relaxed) & bit) != 0;
-  cudaFuncAttributes attr{};
-  int major = 0, optin = 0;
-  err = cudaFuncGetAttributes(&attr, kernel);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err != cudaSuccess) return true;
-  const bool ok = built_sm90a && major == 9 && attr.ptxVersion == 90 && optin >= smem;
-  if (ok) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return true;
-    usable.fetch_or(bit, std::memory_order_relaxed);
-  }
-  checked.fetch_or(bit, std::memory_order_release);
-  return ok;
-}
+// v3 needs the sm_90a build of its kernel on a compute capability 9.0 GPU and
+// 193 KiB of dynamic shared memory (wgmma_usable, common/sm90.cuh); its launchers
+// return false (nothing launched) elsewhere.
 
 // cuTensorMapEncodeTiled from the driver, through the runtime (no link to
 // libcuda); null where the driver does not have it.

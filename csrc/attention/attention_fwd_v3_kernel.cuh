@@ -1,0 +1,270 @@
+// FlashAttention forward, generation 3: Hopper tensor cores (wgmma, sm_90a) for
+// D = 64 and 128; opt-in at run time (DSK_ATTENTION_KERNEL=v3 /
+// _attention_cuda_kernel(3)); where it cannot run (no sm_90a build or GPU,
+// other D) v2 runs, then v1. Same semantics and numerics as v1/v2 (fp32
+// accumulation, P rounded to T for P.V, base-2 online softmax, the same
+// masking rules); what changes is the matrix unit:
+//
+// - 128 query rows per CTA in two warpgroups of 64 rows. S = Q.K^T is one
+//   wgmma m64n128k16 per 16 of D with both operands read from shared memory
+//   (Q and K in the 128-byte swizzled K-major layout of common/sm90.cuh, D = 128
+//   as two 64-column blocks); O += P.V is one wgmma m64n{D}k16 per 16 keys
+//   with P taken from registers (the S accumulators' layout per warp is
+//   mma.sync's, so the softmax and the C-to-A repacking are v2's) and V read
+//   as an MN-major operand: V's tile is copied exactly like K's (keys as rows),
+//   the descriptor and imm-trans-b = 1 make wgmma read it transposed.
+// - K and V tiles of 128 keys, double-buffered: the copies of tile t + 1
+//   (cp.async, zero-filled past the last key) run during tile t's math. One
+//   barrier per tile publishes a stage (after each thread's fence.proxy.async:
+//   wgmma reads shared memory through the async proxy) and, because every
+//   warpgroup waited for its wgmma of tile t - 1, frees the other stage.
+// - Q once per CTA; output staged through the (then free) K stages for
+//   16-byte coalesced stores; lse as v2.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+
+#include "attention/attention_cuda_common.cuh"
+#include "attention/attention_params.h"
+#include "common/sm90.cuh"
+
+namespace dsk::attention::fwd_v3 {
+
+constexpr int kBlockM = 128;  // query rows per CTA: two warpgroups of 64
+constexpr int kBlockN = 128;  // keys per tile
+constexpr int kThreads = 256;
+constexpr int kStages = 2;
+
+// A [rows][D] tile in D / 64 column blocks of rows x 128 bytes.
+template <int D> constexpr int tile_bytes(int rows) { return rows * D * 2; }
+// Q, then K[2], then V[2], each 1 KiB aligned; + 1 KiB to align the base.
+template <int D> constexpr int smem_bytes() {
+  return tile_bytes<D>(kBlockM) + 2 * kStages * tile_bytes<D>(kBlockN) + 1024;
+}
+static_assert(tile_bytes<64>(kBlockN) % 1024 == 0 && smem_bytes<128>() <= 227 * 1024,
+              "fwd v3 tiles must sit on 1 KiB swizzle atoms and fit an sm_90 CTA");
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, float scale_log2) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int BN = kBlockN, NT = BN / 8, DT = D / 8, KS = D / 16;
+  constexpr int kTile = tile_bytes<D>(BN);
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const uint32_t base = (shared_addr(smem_raw) + 1023u) & ~1023u;
+  const uint32_t sQ = base, sK = sQ + tile_bytes<D>(kBlockM), sV = sK + kStages * kTile;
+
+  const int64_t b = blockIdx.z, h = blockIdx.y;
+  const SeqRange r = seq_range(p, b);
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
+  if (m0 >= r.q_len) return;  // varlen: this sample is shorter than max_seqlen_q
+  const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
+  const int64_t hk = h / (p.Hq / p.Hkv);
+  const int64_t q_stride = p.Hq * D, k_stride = p.Hkv * D;
+  const T* q = static_cast<const T*>(p.q) + ((r.q_start + m0) * p.Hq + h) * D;
+  const T* k = static_cast<const T*>(p.k) + (r.k_start * p.Hkv + hk) * D;
+  const T* v = static_cast<const T*>(p.v) + (r.k_start * p.Hkv + hk) * D;
+  const bool* pad = p.key_padding_mask ? p.key_padding_mask + b * p.seqlen_k : nullptr;
+
+  const int64_t rows = r.q_len - m0 < kBlockM ? r.q_len - m0 : kBlockM;
+  const int64_t shift = r.k_len - r.q_len;  // causal: query i sees j <= i + shift
+  int64_t kend = r.k_len;  // keys past the causal limit of the block's last row are never loaded
+  if (p.causal) {
+    kend = m0 + rows + shift < kend ? m0 + rows + shift : kend;
+    kend = kend < 0 ? 0 : kend;
+  }
+  const int n_tiles = static_cast<int>((kend + BN - 1) / BN);
+
+  // ROWS rows of `src` (row stride in elements), valid_rows of them real, into
+  // the swizzled column blocks at `dst`.
+  auto load_tile = [&](uint32_t dst, const T* src, int64_t stride, int64_t valid_rows) {
+#pragma unroll
+    for (int cb = 0; cb < D / 64; ++cb)
+      load_swizzled_rows<kBlockN, kThreads>(dst + cb * kBlockN * 128, src, 0, valid_rows, cb * 128,
+                                            D * 2, stride * 2);
+  };
+  static_assert(kBlockM == kBlockN, "load_tile serves Q and K/V tiles alike");
+  auto load_kv = [&](int t, int stage) {
+    const int64_t j0 = static_cast<int64_t>(t) * BN;
+    load_tile(sK + stage * kTile, k + j0 * k_stride, k_stride, kend - j0);
+    load_tile(sV + stage * kTile, v + j0 * k_stride, k_stride, kend - j0);
+  };
+  load_tile(sQ, q, q_stride, rows);
+  if (n_tiles > 0) load_kv(0, 0);
+  cp_async_commit();
+
+  // This thread's rows of the tile: warpgroup wg, warp, lane / 4 (+ 8).
+  const int wrow = wg * 64 + warp * 16;
+  auto qrow = [&](int rr) -> int64_t { return m0 + wrow + lane / 4 + rr * 8; };
+  float o[1][DT][4], s[1][NT][4];  // wgmma accumulators (S is overwritten by its first step)
+#pragma unroll
+  for (int i = 0; i < DT; ++i) o[0][i][0] = o[0][i][1] = o[0][i][2] = o[0][i][3] = 0.f;
+#pragma unroll
+  for (int i = 0; i < NT; ++i) s[0][i][0] = s[0][i][1] = s[0][i][2] = s[0][i][3] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+
+  for (int t = 0; t < n_tiles; ++t) {
+    const int stage = t % kStages;
+    // K(t), V(t) (and Q) landed for every thread; the fence hands each thread's
+    // copies to the async proxy and the barrier everyone's. Every warpgroup
+    // waited for its wgmma of tile t - 1 before it: the other stage is free.
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+    if (t + 1 < n_tiles) load_kv(t + 1, stage ^ 1);
+    cp_async_commit();
+
+    // S = Q.K^T (this warpgroup's 64 rows x 128 keys), D / 16 steps.
+    const uint32_t q_base = sQ + wg * 64 * 128, k_base = sK + stage * kTile;
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      const uint32_t off = (ks / 4) * kBlockN * 128 + (ks % 4) * 32;  // column block, 16 of K
+      wgmma_m64n128k16_ss<T>(s, wgmma_desc(q_base + off), wgmma_desc(k_base + off), ks > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin_accumulators(s);
+
+    // Scale into base-2 units, then mask (as v2) only tiles that reach past the
+    // last key, touch padding, or cross the causal diagonal of the block's first row.
+    const int64_t j0 = static_cast<int64_t>(t) * BN;
+    const bool need_mask = pad || j0 + BN > r.k_len || (p.causal && j0 + BN - 1 > m0 + shift);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[0][nt][e] *= scale_log2;
+    if (need_mask) {
+      const int k_lim = r.k_len - j0 < BN ? static_cast<int>(r.k_len - j0) : BN;
+      int c_lim[2];
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const int64_t cl = p.causal ? qrow(rr) + shift - j0 : BN;
+        c_lim[rr] = cl < -1 ? -1 : (cl > BN ? BN : static_cast<int>(cl));
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int jl = nt * 8 + (lane % 4) * 2 + c;
+          const bool col_ok = jl < k_lim && !(pad && pad[j0 + jl]);
+#pragma unroll
+          for (int rr = 0; rr < 2; ++rr)
+            if (!col_ok || jl > c_lim[rr]) s[0][nt][2 * rr + c] = -INFINITY;
+        }
+    }
+
+    // Online softmax of the thread's 2 rows (the quad's 4 lanes hold a row).
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[0][nt][2 * rr], s[0][nt][2 * rr + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(row_max[rr], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no key seen yet: p = 0
+      const float alpha = fast_exp2(row_max[rr] - m_use);
+      row_max[rr] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        s[0][nt][2 * rr] = fast_exp2(s[0][nt][2 * rr] - m_use);
+        s[0][nt][2 * rr + 1] = fast_exp2(s[0][nt][2 * rr + 1] - m_use);
+        sum += s[0][nt][2 * rr] + s[0][nt][2 * rr + 1];
+      }
+      row_sum[rr] = row_sum[rr] * alpha + sum;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        o[0][dt][2 * rr] *= alpha;
+        o[0][dt][2 * rr + 1] *= alpha;
+      }
+    }
+
+    // O += P.V: P packed from the S accumulators (all of it before the first
+    // wgmma, kept unchanged until the wait), V(t) as an MN-major operand whose
+    // 64-column blocks lie kBlockN * 128 bytes apart; 16 keys = 2048 bytes.
+    uint32_t pf[BN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) c_to_a<T>(pf[kk], s[0][2 * kk], s[0][2 * kk + 1]);
+    const uint32_t v_base = sV + stage * kTile;
+    pin_accumulators(o);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+      wgmma_m64nNk16_rs<T, D>(o, pf[kk], wgmma_desc_mn(v_base + kk * 2048, kBlockN * 128));
+    wgmma_commit();
+    wgmma_wait<0>();
+    pin_accumulators(o);
+    pin_fragments(pf);
+  }
+  cp_async_wait<0>();  // the last (empty) group, or Q's when there was no key tile
+  __syncthreads();     // every warpgroup is done with the K stages: they stage the output
+
+  // Epilogue: normalise, stage the warp's 16 rows (row stride D + 8) in the K
+  // stages, then 16-byte coalesced stores; lse = (max + log2(sum)) * ln 2.
+  constexpr int LD = D + 8;
+  T* const staged = reinterpret_cast<T*>(smem_raw + (sK - shared_addr(smem_raw))) + wrow * LD;
+  float inv[2], lse[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float l = row_sum[rr];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    inv[rr] = l > 0.f ? 1.f / l : 0.f;
+    lse[rr] = l > 0.f ? (row_max[rr] + log2f(l)) * 0.69314718055994531f : -INFINITY;
+  }
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt) {
+    const int col = dt * 8 + (lane % 4) * 2;
+    *reinterpret_cast<uint32_t*>(staged + (lane / 4) * LD + col) =
+        pack2<T>(o[0][dt][0] * inv[0], o[0][dt][1] * inv[0]);
+    *reinterpret_cast<uint32_t*>(staged + (lane / 4 + 8) * LD + col) =
+        pack2<T>(o[0][dt][2] * inv[1], o[0][dt][3] * inv[1]);
+  }
+  if (lane % 4 == 0) {
+    float* lse_out = static_cast<float*>(p.lse);
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr)
+      if (qrow(rr) < r.q_len) lse_out[lse_offset(p, b, h, r, qrow(rr))] = lse[rr];
+  }
+  __syncwarp();
+  T* out = static_cast<T*>(p.out) + ((r.q_start + m0 + wrow) * p.Hq + h) * D;
+  constexpr int kChunks = D / 8;
+  for (int c = lane; c < 16 * kChunks; c += kWarpSize) {
+    const int row = c / kChunks, col = (c % kChunks) * 8;
+    if (m0 + wrow + row < r.q_len)
+      *reinterpret_cast<uint4*>(out + row * q_stride + col) =
+          *reinterpret_cast<const uint4*>(staged + row * LD + col);
+  }
+#else
+  __trap();  // never launched: the launcher checks the kernel was built for sm_90a
+#endif
+}
+
+// False (nothing launched) where the kernel cannot run on this device / build.
+template <typename T, int D>
+bool launch(const AttnParams& p, cudaStream_t stream, cudaError_t& err) {
+  static std::atomic<uint64_t> checked{0}, usable{0};
+  constexpr int smem = smem_bytes<D>();
+  if (!wgmma_usable(fwd_kernel<T, D>, smem, p.built_sm90a, checked, usable, err)) return false;
+  if (err != cudaSuccess) return true;
+  const dim3 grid(static_cast<unsigned>((p.seqlen_q + kBlockM - 1) / kBlockM),
+                  static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B));
+  const float scale_log2 = static_cast<float>(p.softmax_scale * 1.4426950408889634);
+  fwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(p, scale_log2);
+  err = cudaGetLastError();
+  return true;
+}
+
+template <typename T>
+bool launch_any(const AttnParams& p, cudaStream_t stream, cudaError_t& err) {
+  switch (p.D) {
+    case 64: return launch<T, 64>(p, stream, err);
+    case 128: return launch<T, 128>(p, stream, err);
+    default: return false;
+  }
+}
+
+}  // namespace dsk::attention::fwd_v3
