@@ -14,7 +14,8 @@
 //   as an MN-major operand: V's tile is copied exactly like K's (keys as rows),
 //   the descriptor and imm-trans-b = 1 make wgmma read it transposed.
 // - K and V tiles of 128 keys, double-buffered: the copies of tile t + 1
-//   (cp.async, zero-filled past the last key) run during tile t's math. One
+//   (cp.async, zero-filled past the last key), issued right after tile t's
+//   Q.K^T wgmma, run during tile t's math. The last query block goes first. One
 //   barrier per tile publishes a stage (after each thread's fence.proxy.async:
 //   wgmma reads shared memory through the async proxy) and, because every
 //   warpgroup waited for its wgmma of tile t - 1, frees the other stage.
@@ -57,7 +58,8 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, fl
 
   const int64_t b = blockIdx.z, h = blockIdx.y;
   const SeqRange r = seq_range(p, b);
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
+  // Last query block first: with a causal mask it has the most keys to visit.
+  const int64_t m0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM;
   if (m0 >= r.q_len) return;  // varlen: this sample is shorter than max_seqlen_q
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
   const int64_t hk = h / (p.Hq / p.Hkv);
@@ -112,10 +114,9 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, fl
     cp_async_wait<0>();
     fence_proxy_async();
     __syncthreads();
-    if (t + 1 < n_tiles) load_kv(t + 1, stage ^ 1);
-    cp_async_commit();
 
-    // S = Q.K^T (this warpgroup's 64 rows x 128 keys), D / 16 steps.
+    // S = Q.K^T (this warpgroup's 64 rows x 128 keys), D / 16 steps; the copies
+    // of tile t + 1 are issued while they run.
     const uint32_t q_base = sQ + wg * 64 * 128, k_base = sK + stage * kTile;
     wgmma_fence();
 #pragma unroll
@@ -124,6 +125,8 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, fl
       wgmma_m64n128k16_ss<T>(s, wgmma_desc(q_base + off), wgmma_desc(k_base + off), ks > 0);
     }
     wgmma_commit();
+    if (t + 1 < n_tiles) load_kv(t + 1, stage ^ 1);
+    cp_async_commit();
     wgmma_wait<0>();
     pin_accumulators(s);
 
@@ -189,6 +192,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, fl
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) c_to_a<T>(pf[kk], s[0][2 * kk], s[0][2 * kk + 1]);
     const uint32_t v_base = sV + stage * kTile;
+    pin_fragments(pf);  // written before the fence
     pin_accumulators(o);
     wgmma_fence();
 #pragma unroll
