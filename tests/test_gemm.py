@@ -619,6 +619,55 @@ def test_cuda_kernel_v3_wgmma():
             _check_close(out[rows], _torch_peer(a[rows], w, b, "gelu"), want, f"v3 {(m, n, k)} {dtype}")
 
 
+_V3_COPY_SCRIPT = """
+import sys, torch, deepseek_kernels as dk
+cases = torch.load(sys.argv[1])
+prev = torch.ops.deepseek_kernels._gemm_cuda_kernel(3)
+outs = []
+for c in cases:
+    if "offsets" in c:
+        outs.append(dk.grouped_gemm(c["a"], c["w"], c["offsets"]))
+    else:
+        outs.append(dk.gemm(c["a"], c["w"], c["b"], activation="gelu"))
+assert torch.ops.deepseek_kernels._cuda_kernel_ran("gemm") == 3
+torch.save(outs, sys.argv[2])
+"""
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.skipif(not hopper_build(), reason="v3 (wgmma) needs an H100/H200 and an sm_90a build")
+def test_cuda_v3_tma_and_cp_async_same_bits(tmp_path):
+    """v3 filled by TMA (the default) and by cp.async (DSK_GEMM_TMA=0, read once per
+    process: a subprocess) feed the same operands to the same wgmma in the same K
+    order: the outputs must be the same bits, on tails of K (TMA zero-fills past K
+    and past the last row), M, N and grouped tiles (offsets not multiples of 128)."""
+    import os
+    import subprocess
+    import sys
+
+    cases = []
+    for m, n, k in [(1, 260, 8), (127, 260, 56), (129, 260, 64), (300, 520, 72), (1000, 300, 136)]:
+        cases.append(dict(a=_data((m, k), torch.bfloat16, "cuda"),
+                          w=_data((n, k), torch.bfloat16, "cuda", k ** -0.5),
+                          b=_data((n,), torch.bfloat16, "cuda")))
+    for s_rows, e, n, k in [(1000, 7, 136, 200), (300, 4, 264, 64)]:
+        cases.append(dict(a=_data((s_rows, k), torch.bfloat16, "cuda"),
+                          w=_data((e, n, k), torch.bfloat16, "cuda", k ** -0.5),
+                          offsets=_random_offsets(s_rows, e, "cuda")))
+    with _gemm_kernel(3):
+        ours = [dk.grouped_gemm(c["a"], c["w"], c["offsets"]) if "offsets" in c
+                else dk.gemm(c["a"], c["w"], c["b"], activation="gelu") for c in cases]
+        assert kernel_ran("gemm") == 3
+    torch.save(cases, tmp_path / "cases.pt")
+    env = dict(os.environ, DSK_GEMM_TMA="0")
+    subprocess.run([sys.executable, "-c", _V3_COPY_SCRIPT, str(tmp_path / "cases.pt"),
+                    str(tmp_path / "outs.pt")], env=env, check=True, timeout=300)
+    theirs = torch.load(tmp_path / "outs.pt")
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert torch.equal(a, b), i
+
+
 @requires_cuda
 @pytest.mark.cuda
 def test_cuda_matches_cpu():
