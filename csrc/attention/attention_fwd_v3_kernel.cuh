@@ -13,9 +13,12 @@
 //   mma.sync's, so the softmax and the C-to-A repacking are v2's) and V read
 //   as an MN-major operand: V's tile is copied exactly like K's (keys as rows),
 //   the descriptor and imm-trans-b = 1 make wgmma read it transposed.
-// - K and V tiles of 128 keys, double-buffered: the copies of tile t + 1
+// - K and V tiles of 128 keys in three stages: the copies of tile t + 1
 //   (cp.async, zero-filled past the last key), issued right after tile t's
-//   Q.K^T wgmma, run during tile t's math. The last query block goes first. One
+//   Q.K^T wgmma, run during tile t's math; tile t's P.V is not waited for
+//   until tile t + 1's Q.K^T is issued, so the tensor cores run it across the
+//   barrier (its stage is refilled only two tiles later, and P's registers
+//   stay untouched until that wait). The last query block goes first. One
 //   barrier per tile publishes a stage (after each thread's fence.proxy.async:
 //   wgmma reads shared memory through the async proxy) and, because every
 //   warpgroup waited for its wgmma of tile t - 1, frees the other stage.
@@ -36,11 +39,11 @@ namespace dsk::attention::fwd_v3 {
 constexpr int kBlockM = 128;  // query rows per CTA: two warpgroups of 64
 constexpr int kBlockN = 128;  // keys per tile
 constexpr int kThreads = 256;
-constexpr int kStages = 2;
+constexpr int kStages = 3;  // tile t + 1 loads while t computes and t - 1's P.V may still run
 
 // A [rows][D] tile in D / 64 column blocks of rows x 128 bytes.
 template <int D> constexpr int tile_bytes(int rows) { return rows * D * 2; }
-// Q, then K[2], then V[2], each 1 KiB aligned; + 1 KiB to align the base.
+// Q, then K[kStages], then V[kStages], each 1 KiB aligned; + 1 KiB to align the base.
 template <int D> constexpr int smem_bytes() {
   return tile_bytes<D>(kBlockM) + 2 * kStages * tile_bytes<D>(kBlockN) + 1024;
 }
@@ -105,12 +108,14 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, fl
 #pragma unroll
   for (int i = 0; i < NT; ++i) s[0][i][0] = s[0][i][1] = s[0][i][2] = s[0][i][3] = 0.f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  uint32_t pf[BN / 16][4];  // P of the tile whose P.V may be in flight
 
   for (int t = 0; t < n_tiles; ++t) {
     const int stage = t % kStages;
     // K(t), V(t) (and Q) landed for every thread; the fence hands each thread's
     // copies to the async proxy and the barrier everyone's. Every warpgroup
-    // waited for its wgmma of tile t - 1 before it: the other stage is free.
+    // waited for its wgmma up to tile t - 2's P.V before it: stage (t + 1) % 3,
+    // last read by tile t - 2, is free.
     cp_async_wait<0>();
     fence_proxy_async();
     __syncthreads();
@@ -125,9 +130,11 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, fl
       wgmma_m64n128k16_ss<T>(s, wgmma_desc(q_base + off), wgmma_desc(k_base + off), ks > 0);
     }
     wgmma_commit();
-    if (t + 1 < n_tiles) load_kv(t + 1, stage ^ 1);
+    if (t + 1 < n_tiles) load_kv(t + 1, (t + 1) % kStages);
     cp_async_commit();
-    wgmma_wait<0>();
+    wgmma_wait<0>();  // this Q.K^T and tile t - 1's P.V: O and P are free again
+    pin_accumulators(o);
+    pin_fragments(pf);
     pin_accumulators(s);
 
     // Scale into base-2 units, then mask (as v2) only tiles that reach past the
@@ -188,7 +195,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, fl
     // O += P.V: P packed from the S accumulators (all of it before the first
     // wgmma, kept unchanged until the wait), V(t) as an MN-major operand whose
     // 64-column blocks lie kBlockN * 128 bytes apart; 16 keys = 2048 bytes.
-    uint32_t pf[BN / 16][4];
+    // Waited for at the next tile's Q.K^T (or after the loop).
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) c_to_a<T>(pf[kk], s[0][2 * kk], s[0][2 * kk + 1]);
     const uint32_t v_base = sV + stage * kTile;
@@ -199,10 +206,12 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, fl
     for (int kk = 0; kk < BN / 16; ++kk)
       wgmma_m64nNk16_rs<T, D>(o, pf[kk], wgmma_desc_mn(v_base + kk * 2048, kBlockN * 128));
     wgmma_commit();
-    wgmma_wait<0>();
     pin_accumulators(o);
     pin_fragments(pf);
   }
+  wgmma_wait<0>();  // the last tile's P.V
+  pin_accumulators(o);
+  pin_fragments(pf);
   cp_async_wait<0>();  // the last (empty) group, or Q's when there was no key tile
   __syncthreads();     // every warpgroup is done with the K stages: they stage the output
 
