@@ -11,11 +11,15 @@
 # MOE_BENCH_ARGS (default --profile), SKIP_DEMO=1; DSK_DIGITS_CSV=digits.csv.gz where
 # scikit-learn is missing; SKIP_BUILD=1 reuses the extension the previous call built.
 #
-# One call does not fit a 10-minute device command. Three that do (same OUT):
-#   1. SKIP_SANITIZER=1 SKIP_BENCH=1 SKIP_LARGE=1 PYTEST_ARGS="-m cuda" bash bench/gpu_check.sh OUT
-#   2. SKIP_BUILD=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_BENCH=1 SANITIZE_FAMILIES="..." bash bench/gpu_check.sh OUT
-#      (the opt-in kernels first: gemm-v3 gemm-v2 fp8-v2 int8-v2 moe-v2 attention-v3 attention-bwd-v2)
-#   3. SKIP_BUILD=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 bash bench/gpu_check.sh OUT
+# One call does not fit a 10-minute device command. Calls that do (each its own OUT):
+#   1. build + the kernels that have never run (fast feedback; the rest of the steps skipped):
+#      SKIP_SANITIZER=1 SKIP_BENCH=1 SKIP_LARGE=1 PYTEST_ARGS="-m cuda -k 'v2 or v3 or bwd_kernel
+#      or tensor_core or generations or tma or int8'" bash bench/gpu_check.sh OUT
+#   2. SKIP_BUILD=1 SKIP_SANITIZER=1 SKIP_BENCH=1 PYTEST_ARGS="-m cuda" (every CUDA test, past 2^31)
+#   3. SKIP_BUILD=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_BENCH=1 SANITIZE_FAMILIES="..." (memcheck;
+#      the opt-in kernels first: gemm-v3 gemm-v2 fp8-v2 int8-v2 moe-v2 attention-v3 attention-bwd-v2)
+#   4. SKIP_BUILD=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 (benchmarks, A/B runs, demo)
+# A machine kept warm between calls keeps the build (ignored build outputs stay).
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
