@@ -4,7 +4,7 @@
 # Builds the extension in place, prints build_info(), runs the CUDA tests (and
 # the rest of the suite), compute-sanitizer memcheck over a small CUDA test
 # run, the GPU benchmarks and the model demo on the GPU. Logs and the results JSON go
-# to OUTDIR. Knobs: TESTS=paths, PYTEST_ARGS (e.g. "-m cuda"), SKIP_TESTS=1, SKIP_SANITIZER=1, SANITIZE_FAMILIES="quant
+# to OUTDIR. Knobs: TESTS=paths, PYTEST_ARGS (e.g. "-m cuda"), PYTEST_K (a -k expression), SKIP_TESTS=1, SKIP_SANITIZER=1, SANITIZE_FAMILIES="quant
 # moe moe-v2 gemm gemm-v2 gemm-v3 fp8-v2 int8-v2 attention attention-v2 attention-v3 attention-bwd-v2"
 # (the *-v2/v3 runs: that family's newer kernels),
 # SKIP_LARGE=1 (the past-2^31 tests), SKIP_BENCH=1, QUANT_BENCH_ARGS=--ab (v1/v2 A/B only),
@@ -13,8 +13,8 @@
 #
 # One call does not fit a 10-minute device command. Calls that do (each its own OUT):
 #   1. build + the kernels that have never run (fast feedback; the rest of the steps skipped):
-#      SKIP_SANITIZER=1 SKIP_BENCH=1 SKIP_LARGE=1 PYTEST_ARGS="-m cuda -k 'v2 or v3 or bwd_kernel
-#      or tensor_core or generations or tma or int8'" bash bench/gpu_check.sh OUT
+#      SKIP_SANITIZER=1 SKIP_BENCH=1 SKIP_LARGE=1 PYTEST_ARGS="-m cuda" PYTEST_K="v2 or v3 or
+#      bwd_kernel or tensor_core or generations or tma or int8" bash bench/gpu_check.sh OUT
 #   2. SKIP_BUILD=1 SKIP_SANITIZER=1 SKIP_BENCH=1 PYTEST_ARGS="-m cuda" (every CUDA test, past 2^31)
 #   3. SKIP_BUILD=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_BENCH=1 SANITIZE_FAMILIES="..." (memcheck;
 #      the opt-in kernels first: gemm-v3 gemm-v2 fp8-v2 int8-v2 moe-v2 attention-v3 attention-bwd-v2)
@@ -46,7 +46,8 @@ $PY -c "import json, deepseek_kernels as d; print(json.dumps(d.build_info(), ind
 step "tests (${TESTS:-tests}: CUDA and CPU)"
 if [ "${SKIP_TESTS:-0}" = 1 ]; then echo "skipped (SKIP_TESTS=1)"; else
   # A bounded run: a kernel that hangs (e.g. a new one waiting on a barrier) fails the step.
-  timeout ${TEST_TIMEOUT:-540} $PY -m pytest ${TESTS:-tests} ${PYTEST_ARGS:-} -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25
+  timeout ${TEST_TIMEOUT:-540} $PY -m pytest ${TESTS:-tests} ${PYTEST_ARGS:-} ${PYTEST_K:+-k "$PYTEST_K"} \
+    -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 
