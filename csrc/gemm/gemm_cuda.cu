@@ -1143,8 +1143,10 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32) fp8_mma_gemm_kernel(Fp
 // INT8 on tensor cores (v2, opt-in until it has run on a GPU): mma.sync m16n8k32
 // s8 on the v1 tiling (pairs of codes, as FP8). Integer sums are exact in any
 // order, and the epilogue rounds as the dp4a kernel's, so the two agree bitwise.
+// Two CTAs per SM: ptxas then fits the 128 x 128 tile in 128 registers instead of
+// ~178 (one CTA per SM) without spills on sm_90a (4 bytes on sm_80).
 template <int BM, int BN, int WARPS_M, int WARPS_N>
-__global__ void __launch_bounds__(WARPS_M * WARPS_N * 32) int8_mma_gemm_kernel(Int8GemmParams p) {
+__global__ void __launch_bounds__(WARPS_M * WARPS_N * 32, 2) int8_mma_gemm_kernel(Int8GemmParams p) {
   constexpr int kWarpM = BM / WARPS_M, kWarpN = BN / WARPS_N;
   constexpr int MI = kWarpM / 16, NI = kWarpN / 8;
   __shared__ __align__(128) S8x2 smem_a[kStages][BM * kBK];
