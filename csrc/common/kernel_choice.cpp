@@ -43,10 +43,6 @@ void note_kernel_ran(LaunchedFamily family, int generation) {
   g_kernel_ran[static_cast<size_t>(family)].store(generation, std::memory_order_relaxed);
 }
 
-int kernel_ran(LaunchedFamily family) {
-  return g_kernel_ran[static_cast<size_t>(family)].load(std::memory_order_relaxed);
-}
-
 KernelChoice::KernelChoice(const char* env, int default_value, int max_version, int auto_value)
     : max_version_(max_version), auto_value_(auto_value), value_(default_value) {
   const char* e = std::getenv(env);

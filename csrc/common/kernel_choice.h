@@ -35,6 +35,5 @@ class KernelChoice {
 // _cuda_kernel_ran(family) by the tests and benchmarks. 0 before any launch.
 enum class LaunchedFamily : int { kGemm = 0, kFp8Gemm, kInt8Gemm, kAttentionFwd, kAttentionBwd, kCount };
 void note_kernel_ran(LaunchedFamily family, int generation);
-int kernel_ran(LaunchedFamily family);
 
 }  // namespace dsk
