@@ -21,7 +21,8 @@
 //   stay untouched until that wait). The last query block goes first. One
 //   barrier per tile publishes a stage (after each thread's fence.proxy.async:
 //   wgmma reads shared memory through the async proxy) and, because every
-//   warpgroup waited for its wgmma of tile t - 1, frees the other stage.
+//   warpgroup waited for its wgmma up to tile t - 2's P.V before it, frees
+//   stage (t + 1) % 3 for tile t + 1's copies.
 // - Q once per CTA; output staged through the (then free) K stages for
 //   16-byte coalesced stores; lse as v2.
 #pragma once
