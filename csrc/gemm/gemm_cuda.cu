@@ -725,11 +725,9 @@ __global__ void __launch_bounds__(kV3Threads, 1)
 // wgmma.m64n128k32 e4m3, DeepSeek-V3's recipe as DeepGEMM runs it. A 128 x 128
 // CTA tile in two warpgroups (64 rows x 128 columns each); a stage is one
 // 128-wide scale block of K (a 128-byte row per operand row, the 128-byte
-// swizzle of v3 above), summed by 4 wgmma into one of two `part` buffers (the
-// first overwrites it), then folded into the fp32 accumulator as acc +=
-// part * (a_scale * w_scale) with one FMA while the next block's wgmma run
-// (wait_group 1); the CTA's 128 columns share one w scale. Grouped row tiles as
-// the other kernels.
+// swizzle of v3 above), summed by 4 wgmma into `part` (the first overwrites it),
+// then folded into the fp32 accumulator as acc += (part * a_scale) * w_scale (the
+// CTA's 128 columns share one w scale). Grouped row tiles as the other kernels.
 constexpr int kF8BM = 128, kF8BN = 128, kStagesF8 = 5, kF8Threads = 256;
 constexpr int kF8RowBytes = 128;  // = kFp8Block codes
 constexpr int kF8StageBytes = (kF8BM + kF8BN) * kF8RowBytes;    // 32 KiB
@@ -766,21 +764,21 @@ __global__ void __launch_bounds__(kF8Threads, 1) fp8_wgmma_gemm_kernel(Fp8GemmPa
     if (s < p.k_blocks) load_stage(s, s);
     cp_async_commit();
   }
-  // Two block sums: block kb + 1's wgmma run while block kb's sum is folded in.
-  float part0[1][kF8BN / 8][4], part1[1][kF8BN / 8][4], acc[1][kF8BN / 8][4];
-  float scale0[2], scale1[2];  // each sum's a_scale * w_scale for the thread's two rows
+  float part[1][kF8BN / 8][4], acc[1][kF8BN / 8][4];
   zero_accumulators(acc);
-  zero_accumulators(part0);
-  zero_accumulators(part1);
+  zero_accumulators(part);
 
-  // Block kb's 4 wgmma into `part` (the first overwrites it), and its scales
-  // (requested now, used one step later).
-  auto issue = [&](float (&part)[1][kF8BN / 8][4], float (&scale)[2], int64_t kb) {
+  for (int64_t kb = 0; kb < p.k_blocks; ++kb) {
+    cp_async_wait<kStagesF8 - 2>();  // as v3: block kb landed, handed to the async proxy
+    fence_proxy_async();
+    __syncthreads();
+    // Block kb's scales, requested before its wgmma so their latency hides behind it.
     const float w_scale = w_scales[kb];
+    float a_scales[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half)
-      scale[half] = __fmul_rn(
-          p.a_scales[min(warp_row0 + (lane >> 2) + half * 8, tile.row_end - 1) * p.k_blocks + kb], w_scale);
+      a_scales[half] = p.a_scales[min(warp_row0 + (lane >> 2) + half * 8, tile.row_end - 1) * p.k_blocks + kb];
+
     const uint32_t stage = smem_base + static_cast<uint32_t>(kb % kStagesF8) * kF8StageBytes;
     const uint32_t sa = stage + warpgroup * 64 * kF8RowBytes, sb = stage + kF8BM * kF8RowBytes;
     pin_accumulators(part);
@@ -789,44 +787,23 @@ __global__ void __launch_bounds__(kF8Threads, 1) fp8_wgmma_gemm_kernel(Fp8GemmPa
     for (int ks = 0; ks < kFp8Block / 32; ++ks)
       wgmma_m64n128k32_e4m3(part, wgmma_desc(sa + ks * 32), wgmma_desc(sb + ks * 32), ks > 0);
     wgmma_commit();
-  };
-  // Step kb: block kb's wgmma are in flight (in `cur`); issue block kb + 1's into
-  // `next`, then fold block kb's sum into acc: acc += part * (a_scale * w_scale)
-  // with one FMA (the tensor cores' block sums are not v1's bits anyway; the
-  // tests bound the difference).
-  auto step = [&](float (&cur)[1][kF8BN / 8][4], const float (&cur_scale)[2],
-                  float (&next)[1][kF8BN / 8][4], float (&next_scale)[2], int64_t kb) {
-    if (kb + 1 < p.k_blocks) {
-      // Block kb + 1 landed (at most kStagesF8 - 3 newer copy groups pending);
-      // fence and barrier publish it. Every warpgroup passed step kb - 1's
-      // wait_group 1 (block kb - 1's wgmma done): its stage takes block kb + 4.
-      cp_async_wait<kStagesF8 - 3>();
-      fence_proxy_async();
-      __syncthreads();
-      const int64_t refill = kb + kStagesF8 - 1;
-      if (refill < p.k_blocks) load_stage(static_cast<int>(refill % kStagesF8), refill);
-      cp_async_commit();
-      issue(next, next_scale, kb + 1);
-      wgmma_wait<1>();  // block kb's wgmma done; kb + 1's may run on
-    } else {
-      wgmma_wait<0>();
-    }
-    pin_accumulators(cur);
-#pragma unroll
-    for (int ni = 0; ni < kF8BN / 8; ++ni)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[0][ni][j] = __fmaf_rn(cur[0][ni][j], cur_scale[j / 2], acc[0][ni][j]);
-  };
+    // The refill of block kb - 1's stage (its wgmma completed before the barrier)
+    // is issued while block kb's wgmma run.
+    const int64_t next = kb + kStagesF8 - 1;
+    if (next < p.k_blocks) load_stage(static_cast<int>(next % kStagesF8), next);
+    cp_async_commit();
+    wgmma_wait<0>();
+    pin_accumulators(part);
 
-  if (p.k_blocks > 0) {
-    cp_async_wait<kStagesF8 - 2>();  // block 0 landed
-    fence_proxy_async();
-    __syncthreads();
-    issue(part0, scale0, 0);
-  }
-  for (int64_t kb = 0; kb < p.k_blocks; kb += 2) {
-    step(part0, scale0, part1, scale1, kb);
-    if (kb + 1 < p.k_blocks) step(part1, scale1, part0, scale0, kb + 1);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float a_scale = a_scales[half];
+#pragma unroll
+      for (int ni = 0; ni < kF8BN / 8; ++ni)
+#pragma unroll
+        for (int j = 2 * half; j < 2 * half + 2; ++j)
+          acc[0][ni][j] = __fadd_rn(acc[0][ni][j], __fmul_rn(__fmul_rn(part[0][ni][j], a_scale), w_scale));
+    }
   }
   cp_async_wait<0>();
 
