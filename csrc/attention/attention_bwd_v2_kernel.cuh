@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_dq_kernel(const AttnParams p
                 b = ticket / (key_tiles * p.Hkv);
   const SeqRange r = seq_range(p, b);
   const int64_t n0 = jt * BN;
-  if (n0 >= r.k_len) return;  // varlen: no turn of anyone's waits on these
+  if (n0 >= r.k_len) return;  // varlen: past this sample's keys; no turn waits for it
   const int64_t group = p.Hq / p.Hkv;
   const int64_t q_stride = p.Hq * D, k_stride = p.Hkv * D;
   const int64_t keys = r.k_len - n0 < BN ? r.k_len - n0 : BN;
@@ -97,7 +97,11 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_dq_kernel(const AttnParams p
   const bool* pad = p.key_padding_mask ? p.key_padding_mask + b * p.seqlen_k : nullptr;
   int* const sems = p.dq_semaphores + 1;
   const int64_t q_tiles_max = (p.seqlen_q + BM - 1) / BM;
-  const int64_t last_key_tile = (r.k_len + BN - 1) / BN - 1;  // of this sample
+  // This sample's last key tile that has a CTA: a sample longer than
+  // max_seqlen_k (not checked on CUDA) gets no CTA past key_tiles, and the
+  // turns must not wait for one.
+  const int64_t sample_tiles = (r.k_len + BN - 1) / BN;
+  const int64_t last_key_tile = (sample_tiles < key_tiles ? sample_tiles : key_tiles) - 1;
 
   load_tile_async<T, D, LD, kThreads>(sK, static_cast<const T*>(p.k) + koff, k_stride, BN, keys, tid);
   load_tile_async<T, D, LD, kThreads>(sV, static_cast<const T*>(p.v) + koff, k_stride, BN, keys, tid);
