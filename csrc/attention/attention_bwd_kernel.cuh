@@ -203,9 +203,9 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(const AttnPara
   load_tile_async<T, D, LD>(sV, static_cast<const T*>(p.v) + koff, k_stride, BN, keys, tid);
   cp_async_commit();
 
-  // Causal: the first query that sees key n0 is n0 - shift.
-  int64_t qt_begin = 0;
-  if (p.causal && n0 - shift > 0) qt_begin = (n0 - shift) / BM;
+  // The first query tile that sees key n0.
+  const int64_t first_q = first_query_seeing(p, r, n0);
+  const int64_t qt_begin = first_q > 0 ? first_q / BM : 0;
   const int64_t q_tiles = (r.q_len + BM - 1) / BM;
   const int64_t per_head = q_tiles > qt_begin ? q_tiles - qt_begin : 0;
   const int64_t n_iter = per_head * group;
@@ -310,11 +310,7 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(const AttnParams
 
   const int64_t rows = r.q_len - m0 < kBlockM ? r.q_len - m0 : kBlockM;
   const int64_t shift = r.k_len - r.q_len;
-  int64_t kend = r.k_len;
-  if (p.causal) {
-    kend = m0 + rows + shift < kend ? m0 + rows + shift : kend;
-    kend = kend < 0 ? 0 : kend;
-  }
+  const int64_t kend = key_limit(p, r, m0 + rows - 1);  // keys the block can see
   const int n_tiles = static_cast<int>((kend + BN - 1) / BN);
 
   load_tile_async<T, D, LD>(sQ, static_cast<const T*>(p.q) + qoff, q_stride, kBlockM, rows, tid);

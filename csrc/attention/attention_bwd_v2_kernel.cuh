@@ -107,9 +107,9 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_dq_kernel(const AttnParams p
   load_tile_async<T, D, LD, kThreads>(sV, static_cast<const T*>(p.v) + koff, k_stride, BN, keys, tid);
   cp_async_commit();
 
-  // Causal: the first query that sees key n0 is n0 - shift (as v1).
-  int64_t qt_begin = 0;
-  if (p.causal && n0 - shift > 0) qt_begin = (n0 - shift) / BM;
+  // The first query tile that sees key n0.
+  const int64_t first_q = first_query_seeing(p, r, n0);
+  const int64_t qt_begin = first_q > 0 ? first_q / BM : 0;
   const int64_t q_tiles = (r.q_len + BM - 1) / BM;
   const int64_t per_head = q_tiles > qt_begin ? q_tiles - qt_begin : 0;
   const int64_t n_iter = per_head * group;
@@ -177,13 +177,11 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_dq_kernel(const AttnParams p
     }
     // dq_accum[tile rows] += dS . K over this CTA's keys, in 32-column chunks;
     // the first chunk is computed before waiting for this tile's turn. The key
-    // tiles that see query tile qt are 0..j_last (the largest j whose qt_begin
-    // is <= qt; its quotient is >= jt >= 0 here): this tile's turn is j_last - jt.
-    int64_t j_last = last_key_tile;
-    if (p.causal) {
-      const int64_t diag = ((qt + 1) * BM - 1 + shift) / BN;
-      j_last = diag < j_last ? diag : j_last;
-    }
+    // tiles that see query tile qt are 0..j_last, j_last holding the last key its
+    // last row sees (this CTA's keys are among them: key_limit >= 1 here): this
+    // tile's turn is j_last - jt.
+    int64_t j_last = (key_limit(p, r, (qt + 1) * BM - 1) - 1) / BN;
+    j_last = j_last < last_key_tile ? j_last : last_key_tile;
     const int turn = static_cast<int>(j_last - jt);
     int* const sem = sems + (b * p.Hq + h) * q_tiles_max + qt;
     // This thread's rows qi and qi + 8 of the tile; row i of the sample's head h

@@ -52,12 +52,6 @@ constexpr double kLn2 = 0.6931471805599453;
 template <typename T> struct ComputeOf { using type = float; };
 template <> struct ComputeOf<double> { using type = double; };
 
-// Keys [0, limit) are causally visible to query i (before the padding mask).
-inline int64_t key_limit(const AttnParams& p, const SeqRange& r, int64_t i) {
-  if (!p.causal) return r.k_len;
-  return std::clamp<int64_t>(i + r.k_len - r.q_len + 1, 0, r.k_len);
-}
-
 // n rows of D elements (row stride `stride` elements) -> dst[n][D] as S.
 template <typename T, typename S>
 void load_rows(const T* src, int64_t stride, int64_t n, int64_t D, S* dst) {
@@ -279,7 +273,7 @@ bool mask_scores_t(const AttnParams& p, int64_t b, const SeqRange& r, int64_t i0
   for (int64_t j = 0; j < nk; ++j) {
     // Key j0 + j is causally visible to queries i >= j0 + j + q_len - k_len
     // (key_limit solved for i); a padding key to none.
-    int64_t first = p.causal ? j0 + j + r.q_len - r.k_len - i0 : 0;
+    int64_t first = first_query_seeing(p, r, j0 + j) - i0;
     if (pad && pad[j]) first = nq;
     first = std::clamp<int64_t>(first, 0, nq);
     std::fill(s + j * ld, s + j * ld + first, -std::numeric_limits<S>::infinity());

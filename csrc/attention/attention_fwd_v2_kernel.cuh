@@ -82,11 +82,7 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(const AttnParams p, fl
   const int64_t rows = r.q_len - m0 < kBlockM ? r.q_len - m0 : kBlockM;
   const int64_t shift = r.k_len - r.q_len;  // causal: query i sees j <= i + shift
   // Keys past the causal limit of the block's last row are never loaded.
-  int64_t kend = r.k_len;
-  if (p.causal) {
-    kend = m0 + rows + shift < kend ? m0 + rows + shift : kend;
-    kend = kend < 0 ? 0 : kend;
-  }
+  const int64_t kend = key_limit(p, r, m0 + rows - 1);
   const int n_tiles = static_cast<int>((kend + BN - 1) / BN);
 
   // K / V tile loader: thread tid copies 16-byte chunk (tid % kChunks) of rows

@@ -75,11 +75,8 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, fl
 
   const int64_t rows = r.q_len - m0 < kBlockM ? r.q_len - m0 : kBlockM;
   const int64_t shift = r.k_len - r.q_len;  // causal: query i sees j <= i + shift
-  int64_t kend = r.k_len;  // keys past the causal limit of the block's last row are never loaded
-  if (p.causal) {
-    kend = m0 + rows + shift < kend ? m0 + rows + shift : kend;
-    kend = kend < 0 ? 0 : kend;
-  }
+  // Keys past the causal limit of the block's last row are never loaded.
+  const int64_t kend = key_limit(p, r, m0 + rows - 1);
   const int n_tiles = static_cast<int>((kend + BN - 1) / BN);
 
   // ROWS rows of `src` (row stride in elements), valid_rows of them real, into

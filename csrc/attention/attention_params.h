@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "common/dtype.h"
+#include "common/host_device.h"
 
 namespace dsk::attention {
 
@@ -64,12 +65,7 @@ struct SeqRange {
   int64_t q_start, q_len, k_start, k_len;
 };
 
-#if defined(__CUDACC__)
-__host__ __device__ __forceinline__
-#else
-inline
-#endif
-SeqRange seq_range(const AttnParams& p, int64_t b) {
+DSK_HOST_DEVICE SeqRange seq_range(const AttnParams& p, int64_t b) {
   SeqRange r;
   if (p.cu_seqlens_q) {
     r.q_start = p.cu_seqlens_q[b];
@@ -86,13 +82,22 @@ SeqRange seq_range(const AttnParams& p, int64_t b) {
 }
 
 // Element offset of query row i (of sample b, head h) in lse.
-#if defined(__CUDACC__)
-__host__ __device__ __forceinline__
-#else
-inline
-#endif
-int64_t lse_offset(const AttnParams& p, int64_t b, int64_t h, const SeqRange& r, int64_t i) {
+DSK_HOST_DEVICE int64_t lse_offset(const AttnParams& p, int64_t b, int64_t h, const SeqRange& r, int64_t i) {
   return p.cu_seqlens_q ? h * p.total_q + r.q_start + i : (b * p.Hq + h) * p.seqlen_q + i;
+}
+
+// Keys [0, key_limit) of the sample are visible to its query i under the causal
+// mask (bottom-right aligned); all k_len of them without it. Before the padding mask.
+DSK_HOST_DEVICE int64_t key_limit(const AttnParams& p, const SeqRange& r, int64_t i) {
+  if (!p.causal) return r.k_len;
+  const int64_t lim = i + r.k_len - r.q_len + 1;
+  return lim < 0 ? 0 : (lim > r.k_len ? r.k_len : lim);
+}
+
+// The first query of the sample that sees key j under the causal mask (key_limit
+// solved for i; may lie before the first query or past the last); 0 without it.
+DSK_HOST_DEVICE int64_t first_query_seeing(const AttnParams& p, const SeqRange& r, int64_t j) {
+  return p.causal ? j + r.q_len - r.k_len : 0;
 }
 
 // CPU (fp32, fp16, bf16 and fp64 data).
