@@ -494,20 +494,25 @@ def test_cuda_bad_inputs():
 # or the private op; other D fall back to v1. Forward only: the backward has its
 # own choice (below).
 
-def test_kernel_switch_op():
-    old = OPS._attention_cuda_kernel(0)
+@pytest.mark.parametrize("op_name,versions", [("_attention_cuda_kernel", 3),
+                                              ("_attention_cuda_bwd_kernel", 2)])
+def test_kernel_switch_ops(op_name, versions):
+    # The forward and backward choices: each switch returns the previous choice,
+    # 0 only asks, anything past the last generation is refused by name.
+    op = getattr(OPS, op_name)
+    old = op(0)
     assert old in (1, 2)
     try:
-        assert OPS._attention_cuda_kernel(2) == old
-        assert OPS._attention_cuda_kernel(0) == 2
-        assert OPS._attention_cuda_kernel(1) == 2
-        assert OPS._attention_cuda_kernel(0) == 1
-        assert OPS._attention_cuda_kernel(3) == 1
-        assert OPS._attention_cuda_kernel(0) == 3
-        with pytest.raises(ValueError, match="0, 1, 2 or 3"):
-            OPS._attention_cuda_kernel(4)
+        prev = old
+        for v in [2, 1] + list(range(3, versions + 1)):
+            assert op(v) == prev
+            assert op(0) == v
+            prev = v
+        allowed = ", ".join(str(v) for v in range(versions)) + f" or {versions}"
+        with pytest.raises(ValueError, match=allowed):
+            op(versions + 1)
     finally:
-        OPS._attention_cuda_kernel(old)
+        op(old)
 
 
 @pytest.fixture(params=[1, 2, 3], ids=["v1", "v2", "v3"])
@@ -641,21 +646,8 @@ def test_cuda_fwd_generations_agree_and_all_masked(d, dtype):
 # ---------------------------------------------------------------------------
 # CUDA backward kernel generations: v1 (the default) and v2 (D 64/128: dq added
 # in key-tile turns from the dK/dV kernel, no second pass; chosen with
-# DSK_ATTENTION_BWD_KERNEL or the private op; other D fall back to v1).
-
-def test_bwd_kernel_switch_op():
-    old = OPS._attention_cuda_bwd_kernel(0)
-    assert old in (1, 2)
-    try:
-        assert OPS._attention_cuda_bwd_kernel(2) == old
-        assert OPS._attention_cuda_bwd_kernel(0) == 2
-        assert OPS._attention_cuda_bwd_kernel(1) == 2
-        assert OPS._attention_cuda_bwd_kernel(0) == 1
-        with pytest.raises(ValueError, match="0, 1 or 2"):
-            OPS._attention_cuda_bwd_kernel(3)
-    finally:
-        OPS._attention_cuda_bwd_kernel(old)
-
+# DSK_ATTENTION_BWD_KERNEL or the private op (tested with the forward's above);
+# other D fall back to v1).
 
 @pytest.fixture(params=[1, 2], ids=["bwd_v1", "bwd_v2"])
 def bwd_kernel(request):
