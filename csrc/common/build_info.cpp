@@ -41,9 +41,15 @@ std::vector<std::pair<std::string, std::string>> build_info() {
   return info;
 }
 
-bool built_for_cuda_arch(const std::string& arch) {
-  const std::string archs = std::string(";") + DSK_CUDA_ARCHS + ";";
-  return archs.find(";" + arch + ";") != std::string::npos;
+bool built_for_cuda_arch(std::string_view arch) {
+  std::string_view archs = DSK_CUDA_ARCHS;  // "sm_80;sm_90a;compute_80"
+  while (!archs.empty()) {
+    const size_t end = archs.find(';');
+    if (archs.substr(0, end) == arch) return true;
+    if (end == std::string_view::npos) break;
+    archs.remove_prefix(end + 1);
+  }
+  return false;
 }
 
 }  // namespace dsk

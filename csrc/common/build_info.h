@@ -2,6 +2,7 @@
 #pragma once
 
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -11,7 +12,7 @@ namespace dsk {
 std::vector<std::pair<std::string, std::string>> build_info();
 
 // Whether the CUDA kernels were compiled for `arch` (e.g. "sm_90a"): the names
-// build_info() lists under cuda_archs.
-bool built_for_cuda_arch(const std::string& arch);
+// build_info() lists under cuda_archs. No allocation: the ops ask on every call.
+bool built_for_cuda_arch(std::string_view arch);
 
 }  // namespace dsk
