@@ -1,24 +1,31 @@
 #!/usr/bin/env bash
 # The project's GPU check, for a machine with a CUDA GPU, torch installed and
 # no internet:  bash bench/gpu_check.sh OUTDIR   (or: make gpu-check OUT=OUTDIR)
-# Builds the extension in place, prints build_info(), runs the CUDA tests (and
-# the rest of the suite), compute-sanitizer memcheck over a small CUDA test
-# run, the GPU benchmarks and the model demo on the GPU. Logs and the results JSON go
-# to OUTDIR. Knobs: TESTS=paths, PYTEST_ARGS (e.g. "-m cuda"), PYTEST_K (a -k expression), SKIP_TESTS=1, SKIP_SANITIZER=1, SANITIZE_FAMILIES="quant
-# moe moe-v2 gemm gemm-v2 gemm-v3 fp8-v2 int8-v2 attention attention-v2 attention-v3 attention-bwd-v2"
-# (the *-v2/v3 runs: that family's newer kernels),
-# SKIP_LARGE=1 (the past-2^31 tests), SKIP_BENCH=1, QUANT_BENCH_ARGS=--ab (v1/v2 A/B only),
-# MOE_BENCH_ARGS (default --profile), SKIP_DEMO=1; DSK_DIGITS_CSV=digits.csv.gz where
-# scikit-learn is missing; SKIP_BUILD=1 reuses the extension the previous call built.
+# Builds the extension in place, prints build_info(), runs the CUDA tests by family
+# (each family in its own process), the rest of the suite, the past-2^31 tests,
+# compute-sanitizer memcheck over small CUDA test runs, the GPU benchmarks and the
+# model demo on the GPU. Logs and the results JSON go to OUTDIR.
+# Knobs: SKIP_BUILD=1 (reuse the extension the previous call built), SKIP_SMOKE=1,
+# SMOKE_FAMILIES, SMOKE_JOBS (default 4), SMOKE_TIMEOUT (s, per family), SKIP_TESTS=1,
+# TESTS=paths, TEST_MARK (default "not cuda" after the family runs), PYTEST_ARGS,
+# PYTEST_K (a -k expression), SKIP_LARGE=1, SKIP_SANITIZER=1, SANITIZE_FAMILIES="quant
+# moe moe-v2 gemm gemm-v2 gemm-v3 fp8-v2 int8-v2 attention attention-v2 attention-v3
+# attention-bwd-v2" (the *-v2/v3 runs: that family's newer kernels), SKIP_BENCH=1,
+# QUANT_BENCH_ARGS=--ab (v1/v2 A/B only), MOE_BENCH_ARGS (default --profile),
+# SKIP_DEMO=1; DSK_DIGITS_CSV=digits.csv.gz where scikit-learn is missing.
 #
 # One call does not fit a 10-minute device command. Calls that do (each its own OUT):
-#   1. build + the kernels that have never run (fast feedback; the rest of the steps skipped):
-#      SKIP_SANITIZER=1 SKIP_BENCH=1 SKIP_LARGE=1 PYTEST_ARGS="-m cuda" PYTEST_K="v2 or v3 or
-#      bwd_kernel or tensor_core or generations or tma or int8" bash bench/gpu_check.sh OUT
-#   2. SKIP_BUILD=1 SKIP_SANITIZER=1 SKIP_BENCH=1 PYTEST_ARGS="-m cuda" (every CUDA test, past 2^31)
-#   3. SKIP_BUILD=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_BENCH=1 SANITIZE_FAMILIES="..." (memcheck;
-#      the opt-in kernels first: gemm-v3 gemm-v2 fp8-v2 int8-v2 moe-v2 attention-v3 attention-bwd-v2)
-#   4. SKIP_BUILD=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 (benchmarks, A/B runs, demo)
+#   1. build + the CUDA tests split into families, each in its own process (a kernel
+#      that faults poisons its process's CUDA context, one that hangs stalls it), SMOKE_JOBS
+#      at a time, so one broken kernel cannot hide the others' results:
+#      SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 SKIP_BENCH=1 bash bench/gpu_check.sh OUT
+#   2. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_BENCH=1 SANITIZE_FAMILIES="..." (past 2^31
+#      and memcheck; the opt-in kernels first: gemm-v3 gemm-v2 fp8-v2 int8-v2 moe-v2
+#      attention-v3 attention-bwd-v2)
+#   3. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 (benchmarks,
+#      A/B runs, demo)
+# SMOKE_FAMILIES picks families of step 1 (default: all, listed in smoke_family below);
+# the whole suite in one process (CPU tests too) is the tests step (SKIP_TESTS=0).
 # A machine kept warm between calls keeps the build (ignored build outputs stay).
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
@@ -43,18 +50,70 @@ elif ! DSK_FORCE_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e . >
 fi
 $PY -c "import json, deepseek_kernels as d; print(json.dumps(d.build_info(), indent=1))" | tee "$OUT/build_info.json"
 
-step "tests (${TESTS:-tests}: CUDA and CPU)"
-if [ "${SKIP_TESTS:-0}" = 1 ]; then echo "skipped (SKIP_TESTS=1)"; else
-  # A bounded run: a kernel that hangs (e.g. a new one waiting on a barrier) fails the step.
-  timeout ${TEST_TIMEOUT:-540} $PY -m pytest ${TESTS:-tests} ${PYTEST_ARGS:-} ${PYTEST_K:+-k "$PYTEST_K"} \
-    -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25
-  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+step "CUDA tests by family, each in its own process (${SMOKE_JOBS:-4} at a time)"
+# family -> test file, -k expression, optional VAR=value (a forced kernel). Together
+# the families hold every `-m cuda` test but tests/test_large.py (its own step);
+# the newest kernels' families come first.
+smoke_family() {
+  case $1 in
+    attention-fwd-v3) echo "tests/test_attention.py|v3|" ;;
+    attention-bwd-v2) echo "tests/test_attention.py|bwd_v2 or bwd_v1_v2|" ;;
+    attention) echo "tests/test_attention.py|not v3 and not bwd_v2 and not bwd_v1_v2|" ;;
+    gemm-v3) echo "tests/test_gemm.py|v3|" ;;
+    gemm-tc) echo "tests/test_gemm.py|(tensor_core or int8 or versions or fp8_grouped_gemm_cuda) and not v3|" ;;
+    gemm-v3-cp-async) echo "tests/test_gemm.py|v3 or versions|DSK_GEMM_TMA=0" ;;
+    gemm) echo "tests/test_gemm.py|not v3 and not tensor_core and not int8 and not versions and not fp8_grouped_gemm_cuda|" ;;
+    moe-v2) echo "tests/test_moe.py|v2|" ;;
+    moe) echo "tests/test_moe.py|not v2|" ;;
+    quant) echo "tests/test_quant.py||" ;;
+    rest) echo "tests/test_model.py tests/test_distributed.py tests/test_build.py||" ;;
+    *) return 1 ;;
+  esac
+}
+SMOKE_ALL="attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 attention gemm moe quant rest gemm-v3-cp-async"
+smoke_run() {  # one family, in the background's own process; its summary line goes to smoke-NAME.sum
+  local spec files kexpr envs
+  spec=$(smoke_family "$1") || { echo "$1: unknown family" >"$OUT/smoke-$1.sum"; return; }
+  IFS='|' read -r files kexpr envs <<<"$spec"
+  local t0=$SECONDS
+  # shellcheck disable=SC2086
+  # CPU threads shared out: the fp64 references run on the host, SMOKE_JOBS processes at once.
+  timeout ${SMOKE_TIMEOUT:-420} env OMP_NUM_THREADS=$(( $(nproc) / ${SMOKE_JOBS:-4} > 0 ? $(nproc) / ${SMOKE_JOBS:-4} : 1 )) \
+    $envs $PY -m pytest $files -m cuda ${kexpr:+-k "$kexpr"} -q -rfEs -p no:cacheprovider \
+    --maxfail=${SMOKE_MAXFAIL:-10} >"$OUT/smoke-$1.log" 2>&1
+  local rc=$?
+  local verdict=ok
+  case $rc in
+    0) ;;
+    5) verdict="ok (no tests selected)" ;;
+    124) verdict="TIMED OUT (a hang?)" ;;
+    *) verdict="FAILED (rc $rc)" ;;
+  esac
+  echo "$1: $verdict in $((SECONDS - t0)) s | $(grep -E '[0-9]+ (passed|failed|error|skipped)' "$OUT/smoke-$1.log" | tail -1)" \
+    >"$OUT/smoke-$1.sum"
+}
+if [ "${SKIP_SMOKE:-0}" = 1 ]; then echo "skipped (SKIP_SMOKE=1)"; else
+  fams=${SMOKE_FAMILIES:-$SMOKE_ALL}
+  running=0
+  for fam in $fams; do
+    smoke_run "$fam" &
+    running=$((running + 1))
+    if [ $running -ge ${SMOKE_JOBS:-4} ]; then wait -n; running=$((running - 1)); fi
+  done
+  wait
+  for fam in $fams; do
+    cat "$OUT/smoke-$fam.sum" | tee -a "$OUT/smoke.log"
+    grep -q ": ok" "$OUT/smoke-$fam.sum" || { status=1; grep -E "^(FAILED|ERROR)|Error|error:" "$OUT/smoke-$fam.log" | head -5; }
+  done
 fi
 
-step "GEMM v3 with cp.async copies instead of TMA (DSK_GEMM_TMA=0)"
+step "tests (${TESTS:-tests}, in one process)"
 if [ "${SKIP_TESTS:-0}" = 1 ]; then echo "skipped (SKIP_TESTS=1)"; else
-  DSK_GEMM_TMA=0 $PY -m pytest tests/test_gemm.py -m cuda -q -p no:cacheprovider -k "v3 or versions" 2>&1 \
-    | tee "$OUT/tests-v3-cp-async.log" | tail -3
+  # A bounded run: a kernel that hangs (e.g. a new one waiting on a barrier) fails the step.
+  # After the family runs, the CPU tests (TEST_MARK overrides, "" for everything).
+  [ "${SKIP_SMOKE:-0}" = 1 ] && mark=${TEST_MARK-} || mark=${TEST_MARK-not cuda}
+  timeout ${TEST_TIMEOUT:-540} $PY -m pytest ${TESTS:-tests} ${mark:+-m "$mark"} ${PYTEST_ARGS:-} \
+    ${PYTEST_K:+-k "$PYTEST_K"} -q -rfEs -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 
