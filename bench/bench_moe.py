@@ -15,7 +15,9 @@ Every implementation is checked against ours before it is timed (ours bitwise
 against the reference; the DeepSpeed-style one to fp tolerance: its einsum sums
 in another order). On CUDA, ours and the compiled peer are also timed replayed
 from a CUDA graph (``*_graph_ms``): the device time without per-call host
-launch overhead, which a model under CUDA graphs or a busy stream pays.
+launch overhead, which a model under CUDA graphs or a busy stream pays; and
+``ours_host_us`` is what one eager call of ours costs the host (Python, checks,
+allocations, launches): ``ours_ms`` is host-bound where it exceeds the device time.
 
     python bench/bench_moe.py                 # CUDA if available (H100 config), else CPU config
     python bench/bench_moe.py --device cpu    # T=4096 E=64 k=6 H=1024 fp32
@@ -59,7 +61,7 @@ CONFIGS = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COLUMNS = ["stage", "ours_ms", "ref_ms", "deepspeed_ms", "ds_compiled_ms", "x_vs_ref",
            "x_vs_deepspeed", "x_vs_ds_compiled", "ours_GB/s", "%copy_bw", "ours_graph_ms",
-           "ds_compiled_graph_ms", "x_vs_ds_compiled_graph"]
+           "ds_compiled_graph_ms", "x_vs_ds_compiled_graph", "ours_host_us"]
 
 
 # ---------------------------------------------------------------------------
@@ -310,6 +312,8 @@ def main(argv=None) -> int:
                     print(f"note   : {stage}: {name[:-3]} not capturable ({type(exc).__name__}: {exc})")
             if row.get("ours_graph_ms") and row.get("ds_compiled_graph_ms"):
                 row["x_vs_ds_compiled_graph"] = row["ds_compiled_graph_ms"] / row["ours_graph_ms"]
+            # What one eager call costs the host (ours_ms is host-bound where this is larger).
+            row["ours_host_us"] = 1e3 * T.time_host_cuda(ours[stage])["median_ms"]
         rows.append(row)
         print(f"  {stage}: ours {row['ours_ms']:.3f} ms", flush=True)
     print()

@@ -27,6 +27,7 @@ import torch
 __all__ = [
     "time_cuda",
     "time_cpu",
+    "time_host_cuda",
     "time_fn",
     "measure_copy_bandwidth",
     "measure_matmul_tflops",
@@ -131,6 +132,27 @@ def time_cuda_graph(
     with torch.cuda.graph(graph):
         fn()
     return time_cuda(graph.replay, warmup=warmup, reps=reps, flush_l2=flush_l2)
+
+
+def time_host_cuda(fn: Callable[[], object], *, warmup: int = 10, reps: int = 200,
+                   sync_every: int = 10) -> Dict[str, float]:
+    """Host time of one ``fn()`` call on CUDA: what it costs the CPU to enqueue
+    its work (Python, dispatch, argument checks, allocations, launches), without
+    waiting for the device. Where it exceeds the device time, eager calls run at
+    the host's pace, whatever the kernels do. The device is synchronized every
+    ``sync_every`` calls (untimed), so the launch queue never fills."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times_ms: List[float] = []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times_ms.append((time.perf_counter() - t0) * 1e3)
+        if (i + 1) % sync_every == 0:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    return _summarize(times_ms)
 
 
 def time_cpu(

@@ -16,6 +16,22 @@ from torch import Tensor
 
 _ops = torch.ops.deepseek_kernels
 
+# The Python autograd layer that torch.library.register_autograd puts in front of
+# an op costs ~10 us per call even when no gradient can flow (where it only
+# redispatches below autograd): measured on the CPU, that layer is about half the
+# host time of a small moe_topk_gating. The wrappers of the differentiable ops
+# skip it then. torch.compile traces the op as is.
+_below_autograd = getattr(torch._C, "_AutoDispatchBelowADInplaceOrView", None)
+
+
+def _call_differentiable(op, *args, **kwargs):
+    """``op(*args, **kwargs)``, below the autograd layer when no input needs a gradient."""
+    if (_below_autograd is None or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args, **kwargs))):
+        return op(*args, **kwargs)
+    with _below_autograd():
+        return op(*args, **kwargs)
+
 __all__ = [
     "QuantizedTensor",
     "quantize_int8",
@@ -233,8 +249,8 @@ def moe_topk_gating(
     (expert_ids -1, weights 0, slots -1). Differentiable in ``logits`` through
     ``weights`` and ``mean_scores``.
     """
-    return MoeGating(*_ops.moe_topk_gating(
-        logits, k, correction_bias, scoring=scoring, n_group=n_group,
+    return MoeGating(*_call_differentiable(
+        _ops.moe_topk_gating, logits, k, correction_bias, scoring=scoring, n_group=n_group,
         topk_group=topk_group, renormalize=renormalize,
         routed_scaling_factor=routed_scaling_factor, capacity=capacity, drop_policy=drop_policy))
 
@@ -243,14 +259,14 @@ def moe_dispatch(x: Tensor, expert_ids: Tensor, slots: Tensor, num_experts: int,
                  weights: Optional[Tensor] = None) -> Tensor:
     """Capacity mode: ``x [T, H] -> [num_experts, capacity, H]``; row (e, slot) holds its
     token's row (times its weight, in fp32, when ``weights`` is given); unfilled rows are 0."""
-    return _ops.moe_dispatch(x, expert_ids, slots, num_experts, capacity, weights)
+    return _call_differentiable(_ops.moe_dispatch, x, expert_ids, slots, num_experts, capacity, weights)
 
 
 def moe_combine(expert_out: Tensor, expert_ids: Tensor, slots: Tensor,
                 weights: Optional[Tensor] = None) -> Tensor:
     """``expert_out [E, C, H] -> [T, H]``: y[t] = sum over the token's kept choices
     (j = 0..k-1, in fp32) of weight * expert_out[e, slot]; dropped choices add nothing."""
-    return _ops.moe_combine(expert_out, expert_ids, slots, weights)
+    return _call_differentiable(_ops.moe_combine, expert_out, expert_ids, slots, weights)
 
 
 def moe_permute(x: Tensor, expert_ids: Tensor, slots: Tensor, expert_counts: Tensor,
@@ -267,7 +283,8 @@ def moe_permute(x: Tensor, expert_ids: Tensor, slots: Tensor, expert_counts: Ten
     every out-of-range choice there.
     """
     if num_rows is None:
-        packed, offsets = _ops.moe_permute(x, expert_ids, slots, expert_counts, weights)
+        packed, offsets = _call_differentiable(_ops.moe_permute, x, expert_ids, slots, expert_counts,
+                                                weights)
         return packed, offsets
     if num_rows < 0:
         raise ValueError(f"moe_permute: argument 'num_rows' must be non-negative, got {num_rows}")
@@ -275,7 +292,8 @@ def moe_permute(x: Tensor, expert_ids: Tensor, slots: Tensor, expert_counts: Ten
         if t.dtype != torch.int32:
             raise TypeError(f"moe_permute: argument '{name}' must be int32, got {t.dtype}")
     if not x.is_cuda:
-        packed, offsets = _ops.moe_permute(x, expert_ids, slots, expert_counts, weights)
+        packed, offsets = _call_differentiable(_ops.moe_permute, x, expert_ids, slots, expert_counts,
+                                                weights)
         if packed.shape[0] > num_rows:
             raise ValueError(f"moe_permute: argument 'num_rows'={num_rows} is smaller than "
                              f"sum(expert_counts)={packed.shape[0]}")
@@ -292,7 +310,8 @@ def moe_permute(x: Tensor, expert_ids: Tensor, slots: Tensor, expert_counts: Ten
     ok = ok & (slots.long() < expert_counts.long()[idc]) if e > 0 else ok & False
     rows = torch.where(ok, offsets[:-1][idc] + slots.long() if e > 0 else slots.long(), -1).int()
     one = torch.where(ok, 0, -1).int()
-    packed = _ops.moe_dispatch(x, one, rows, 1, num_rows, weights).view(num_rows, x.shape[1])
+    packed = _call_differentiable(_ops.moe_dispatch, x, one, rows, 1, num_rows, weights).view(
+        num_rows, x.shape[1])
     return packed, offsets.int()
 
 
@@ -300,7 +319,7 @@ def moe_unpermute(packed: Tensor, expert_ids: Tensor, slots: Tensor, offsets: Te
                   weights: Optional[Tensor] = None) -> Tensor:
     """Inverse of :func:`moe_permute` with weights: y[t] = sum over kept choices of
     weight * packed[offsets[e] + slot] (fp32, choice order)."""
-    return _ops.moe_unpermute(packed, expert_ids, slots, offsets, weights)
+    return _call_differentiable(_ops.moe_unpermute, packed, expert_ids, slots, offsets, weights)
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -531,7 +550,8 @@ def cross_attention(
     A query that sees no key (all masked) gets output 0, lse ``-inf`` and zero
     gradients. Differentiable in q, k and v.
     """
-    out, lse = _ops.cross_attention(q, k, v, softmax_scale, key_padding_mask, causal)
+    out, lse = _call_differentiable(_ops.cross_attention, q, k, v, softmax_scale, key_padding_mask,
+                                    causal)
     return (out, lse) if return_lse else out
 
 
@@ -549,8 +569,8 @@ def cross_attention_varlen(
     CUDA the check would need a host sync). ``causal`` aligns bottom-right per sample.
     lse is fp32 ``[Hq, total_q]``.
     """
-    out, lse = _ops.cross_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                           max_seqlen_k, softmax_scale, causal)
+    out, lse = _call_differentiable(_ops.cross_attention_varlen, q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                    max_seqlen_q, max_seqlen_k, softmax_scale, causal)
     return (out, lse) if return_lse else out
 
 
@@ -641,7 +661,7 @@ def gemm(a: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, activation
     fp32 accumulator before the single rounding to ``out_dtype`` (default: a's dtype).
     Differentiable in a, weight and bias (the backward recomputes the pre-activation).
     """
-    return _ops.gemm(a, weight, bias, activation=activation, out_dtype=out_dtype)
+    return _call_differentiable(_ops.gemm, a, weight, bias, activation=activation, out_dtype=out_dtype)
 
 
 def grouped_gemm(x: Tensor, weights: Tensor, offsets: Tensor, *,
@@ -654,7 +674,7 @@ def grouped_gemm(x: Tensor, weights: Tensor, offsets: Tensor, *,
     they stay on the device, unchecked, and bad values give an unspecified result but
     never an out-of-bounds access). Differentiable in x and weights.
     """
-    return _ops.grouped_gemm(x, weights, offsets, out_dtype=out_dtype)
+    return _call_differentiable(_ops.grouped_gemm, x, weights, offsets, out_dtype=out_dtype)
 
 
 def quantize_int8_rowwise(x: Tensor) -> Tuple[Tensor, Tensor]:

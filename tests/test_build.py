@@ -59,3 +59,52 @@ def test_cuda_kernel_ran_op():
     assert op("gemm") == before
     with pytest.raises(ValueError, match="'gemm', 'fp8_gemm'.*got 'gemmm'"):
         op("gemmm")
+
+
+def test_wrappers_skip_the_autograd_layer_only_when_no_gradient_can_flow(monkeypatch):
+    """The differentiable ops' wrappers call below the Python autograd layer when no
+    input needs a gradient (same results), and through it otherwise (gradients flow)."""
+    import contextlib
+
+    from deepseek_kernels import ops as O
+
+    entered = []
+
+    @contextlib.contextmanager
+    def counting_guard():
+        entered.append(1)
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            yield
+
+    monkeypatch.setattr(O, "_below_autograd", counting_guard)
+    torch.manual_seed(0)
+    a, w = torch.randn(37, 24), torch.randn(9, 24)
+    logits = torch.randn(37, 8)
+    q, k = torch.randn(2, 5, 4, 32), torch.randn(2, 7, 2, 32)
+
+    def calls():
+        g = O.moe_topk_gating(logits, 2)
+        return [O.gemm(a, w, activation="gelu"), O.cross_attention(q, k, k),
+                O.moe_dispatch(a, g.expert_ids, g.slots, 8, 74), *g]
+
+    fast = calls()
+    assert len(entered) == 4
+    with torch.inference_mode():  # the autograd layer is off anyway: the same results
+        want = [torch.ops.deepseek_kernels.gemm(a, w, None, activation="gelu")]
+    torch.testing.assert_close(fast[0], want[0], rtol=0, atol=0)
+    assert not any(t.requires_grad for t in fast)
+
+    entered.clear()
+    for t in (a, logits, q):
+        t.requires_grad_(True)
+    slow = calls()
+    assert entered == []
+    for f, s in zip(fast, slow):
+        torch.testing.assert_close(f, s.detach(), rtol=0, atol=0)
+    (slow[0].sum() + slow[1].sum() + slow[2].sum() + slow[3].sum()).backward()
+    assert a.grad is not None and q.grad is not None and logits.grad is not None
+
+    entered.clear()
+    with torch.no_grad():  # inputs need gradients, grad mode is off: the fast path
+        out = O.gemm(a, w)
+    assert entered == [1] and not out.requires_grad
