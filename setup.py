@@ -120,6 +120,13 @@ def _cuda_arch_flags():
         if ptx:
             flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
             names.append(f"compute_{num}")
+    if "sm_90a" in names and "sm_90" in names:
+        # Both run on the same GPUs (compute capability 9.0), and nothing says which
+        # one the driver loads; from sm_90 the wgmma kernels would trap. sm_90a only.
+        print("deepseek_kernels: note: TORCH_CUDA_ARCH_LIST has 9.0 and 9.0a: no sm_90 code "
+              "(sm_90a runs on the same GPUs)", file=sys.stderr)
+        flags.remove("-gencode=arch=compute_90,code=sm_90")
+        names.remove("sm_90")
     return flags, names
 
 

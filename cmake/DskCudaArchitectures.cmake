@@ -87,3 +87,22 @@ if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES AND "$ENV{CUDAARCHS}" STREQUAL "")
   set(CMAKE_CUDA_ARCHITECTURES "${_dsk_archs}" CACHE STRING
       "CUDA architectures to compile for (${_dsk_archs_doc})")
 endif()
+
+# sm_90 and sm_90a code run on the same GPUs (compute capability 9.0) and nothing
+# says which one the driver loads; from sm_90 the wgmma kernels would trap. As
+# setup.py: with 90a listed, plain 90 keeps only its PTX ("90" -> "90-virtual").
+if(CMAKE_CUDA_ARCHITECTURES MATCHES "(^|;)90a")
+  set(_dsk_filtered "")
+  foreach(_arch IN LISTS CMAKE_CUDA_ARCHITECTURES)
+    if(_arch STREQUAL "90")
+      list(APPEND _dsk_filtered "90-virtual")
+    elseif(NOT _arch STREQUAL "90-real")
+      list(APPEND _dsk_filtered "${_arch}")
+    endif()
+  endforeach()
+  if(NOT _dsk_filtered STREQUAL CMAKE_CUDA_ARCHITECTURES)
+    message(WARNING "deepseek_kernels: CMAKE_CUDA_ARCHITECTURES=${CMAKE_CUDA_ARCHITECTURES} has "
+                    "90 and 90a: building ${_dsk_filtered} (sm_90a code only)")
+    set(CMAKE_CUDA_ARCHITECTURES "${_dsk_filtered}" CACHE STRING "CUDA architectures to compile for" FORCE)
+  endif()
+endif()

@@ -486,6 +486,12 @@ def test_cuda_bad_inputs():
     q, k, v = _qkv(1, 4, 4, 2, 2, 64, torch.bfloat16, "cuda")
     with pytest.raises(ValueError, match="same device"):
         dk.cross_attention(q, k.cpu(), v)
+    # More samples than a grid's y/z dimension holds: a clear error, not a failed launch.
+    b = 65536
+    q = torch.randn(b, 1, 64, device="cuda", dtype=torch.bfloat16)
+    cu = torch.arange(b + 1, device="cuda", dtype=torch.int32)
+    with pytest.raises(ValueError, match="at most 65535 samples"):
+        dk.cross_attention_varlen(q, q, q, cu, cu, 1, 1)
 
 
 # ---------------------------------------------------------------------------

@@ -149,9 +149,20 @@ void check_grad_inputs(const char* op, const at::Tensor& dout, const at::Tensor&
 }
 
 
-void run_fwd(AttnParams p, const at::Tensor& ref) {
+#ifdef DSK_WITH_CUDA
+// The CUDA kernels' grids put the query heads and the samples on y and z.
+void check_cuda_grid(const char* op, const AttnParams& p) {
+  constexpr int64_t kMaxGridYZ = 65535;
+  TORCH_CHECK_VALUE(p.B <= kMaxGridYZ && p.Hq <= kMaxGridYZ, op, ": the CUDA kernels take at most ",
+                    kMaxGridYZ, " samples and ", kMaxGridYZ, " query heads per call, got ", p.B,
+                    " samples and ", p.Hq, " heads (split the batch)");
+}
+#endif
+
+void run_fwd(const char* op, AttnParams p, const at::Tensor& ref) {
   if (ref.is_cuda()) {
 #ifdef DSK_WITH_CUDA
+    check_cuda_grid(op, p);
     p.fwd_kernel = fwd_kernel_choice().get();
     p.built_sm90a = built_for_cuda_arch("sm_90a");
     C10_CUDA_CHECK(static_cast<cudaError_t>(attention_fwd_cuda(p, stream_of(ref))));
@@ -161,9 +172,10 @@ void run_fwd(AttnParams p, const at::Tensor& ref) {
   }
 }
 
-void run_bwd(AttnParams p, const at::Tensor& ref) {
+void run_bwd(const char* op, AttnParams p, const at::Tensor& ref) {
   if (ref.is_cuda()) {
 #ifdef DSK_WITH_CUDA
+    check_cuda_grid(op, p);
     const int64_t lse_numel = p.cu_seqlens_q ? p.Hq * p.total_q : p.B * p.Hq * p.seqlen_q;
     const at::Tensor delta = at::empty({lse_numel}, ref.options().dtype(at::kFloat));
     p.delta = delta.data_ptr<float>();
@@ -287,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor> cross_attention(
   AttnParams p = dense_params(d, qc, kc, vc, mc, scale, causal);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr();
-  run_fwd(p, qc);
+  run_fwd(op, p, qc);
   return {out, lse};
 }
 
@@ -312,7 +324,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward(
   }
   AttnParams p = dense_params(d, qc, kc, vc, mc, scale, causal);
   set_grad_pointers(p, oc, lc, gc, dq, dk, dv);
-  run_bwd(p, qc);
+  run_bwd(op, p, qc);
   return {dq, dk, dv};
 }
 
@@ -334,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_varlen(
   if (out.numel() == 0 || p.B == 0) return {out, lse};
   p.out = out.data_ptr();
   p.lse = lse.data_ptr();
-  run_fwd(p, qc);
+  run_fwd(op, p, qc);
   return {out, lse};
 }
 
@@ -359,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_varlen_backward(
   dv.zero_();
   if (dq.numel() == 0 || dk.numel() == 0 || p.B == 0) return {dq, dk, dv};
   set_grad_pointers(p, oc, lc, gc, dq, dk, dv);
-  run_bwd(p, qc);
+  run_bwd(op, p, qc);
   return {dq, dk, dv};
 }
 
