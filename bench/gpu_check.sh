@@ -66,11 +66,12 @@ smoke_family() {
     moe-v2) echo "tests/test_moe.py|v2|" ;;
     moe) echo "tests/test_moe.py|not v2|" ;;
     quant) echo "tests/test_quant.py||" ;;
+    graphs) echo "tests/test_cuda_graphs.py||" ;;
     rest) echo "tests/test_model.py tests/test_distributed.py tests/test_build.py||" ;;
     *) return 1 ;;
   esac
 }
-SMOKE_ALL="attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 attention gemm moe quant rest gemm-v3-cp-async"
+SMOKE_ALL="attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 graphs attention gemm moe quant rest gemm-v3-cp-async"
 smoke_run() {  # one family, in the background's own process; its summary line goes to smoke-NAME.sum
   local spec files kexpr envs
   spec=$(smoke_family "$1") || { echo "$1: unknown family" >"$OUT/smoke-$1.sum"; return; }
