@@ -79,7 +79,8 @@ def quantize_int8(
         stochastic: round stochastically (unbiased) instead of half to even.
         seed: seed of the counter-based generator used by stochastic rounding;
             results depend only on (seed, element index), identical on CPU and
-            GPU. ``None`` draws a seed from torch's default CPU generator.
+            GPU. ``None`` draws a seed from torch's default CPU generator (on the
+            host: a CUDA graph keeps the seed drawn at capture for every replay).
 
     Returns:
         ``QuantizedTensor(q int8 [n], scales fp32 [ceil(n / block_size)],
