@@ -32,6 +32,7 @@ def _call_differentiable(op, *args, **kwargs):
     with _below_autograd():
         return op(*args, **kwargs)
 
+
 __all__ = [
     "QuantizedTensor",
     "quantize_int8",
