@@ -77,9 +77,10 @@ smoke_run() {  # one family, in the background's own process; its summary line g
   spec=$(smoke_family "$1") || { echo "$1: unknown family" >"$OUT/smoke-$1.sum"; return; }
   IFS='|' read -r files kexpr envs <<<"$spec"
   local t0=$SECONDS
-  # shellcheck disable=SC2086
+  rm -f "$OUT/smoke-$1.sum"
   # CPU threads shared out: the fp64 references run on the host, SMOKE_JOBS processes at once.
-  timeout ${SMOKE_TIMEOUT:-420} env OMP_NUM_THREADS=$(( $(nproc) / ${SMOKE_JOBS:-4} > 0 ? $(nproc) / ${SMOKE_JOBS:-4} : 1 )) \
+  # shellcheck disable=SC2086
+  timeout -k 10 ${SMOKE_TIMEOUT:-420} env OMP_NUM_THREADS=$(( $(nproc) / ${SMOKE_JOBS:-4} > 0 ? $(nproc) / ${SMOKE_JOBS:-4} : 1 )) \
     $envs $PY -m pytest $files -m cuda ${kexpr:+-k "$kexpr"} -q -rfEs -p no:cacheprovider \
     --maxfail=${SMOKE_MAXFAIL:-10} >"$OUT/smoke-$1.log" 2>&1
   local rc=$?
@@ -103,8 +104,9 @@ if [ "${SKIP_SMOKE:-0}" = 1 ]; then echo "skipped (SKIP_SMOKE=1)"; else
   done
   wait
   for fam in $fams; do
-    cat "$OUT/smoke-$fam.sum" | tee -a "$OUT/smoke.log"
-    grep -q ": ok" "$OUT/smoke-$fam.sum" || { status=1; grep -E "^(FAILED|ERROR)|Error|error:" "$OUT/smoke-$fam.log" | head -5; }
+    [ -f "$OUT/smoke-$fam.sum" ] || echo "$fam: no result (killed?)" >"$OUT/smoke-$fam.sum"
+    tee -a "$OUT/smoke.log" <"$OUT/smoke-$fam.sum"
+    grep -q ": ok" "$OUT/smoke-$fam.sum" || { status=1; grep -E "^(FAILED|ERROR)|Error|error:" "$OUT/smoke-$fam.log" 2>/dev/null | head -5; }
   done
 fi
 
