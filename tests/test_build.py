@@ -90,8 +90,8 @@ def test_wrappers_skip_the_autograd_layer_only_when_no_gradient_can_flow(monkeyp
     fast = calls()
     assert len(entered) == 4
     with torch.inference_mode():  # the autograd layer is off anyway: the same results
-        want = [torch.ops.deepseek_kernels.gemm(a, w, None, activation="gelu")]
-    torch.testing.assert_close(fast[0], want[0], rtol=0, atol=0)
+        want = torch.ops.deepseek_kernels.gemm(a, w, None, activation="gelu")
+    torch.testing.assert_close(fast[0], want, rtol=0, atol=0)
     assert not any(t.requires_grad for t in fast)
 
     entered.clear()
