@@ -22,9 +22,10 @@ matmul peak measured in the same run; medians.
   fp8 grouped        dk.fp8_grouped_gemm at the grouped shape vs our bf16 grouped_gemm and
                      one matmul of the same total size
   fp8 v2/v3, fp8 grouped v2/v3   (CUDA) the same with the FP8 tensor-core kernels
-                     (DSK_FP8_KERNEL=v2: mma.sync, v3: wgmma), after checking them against v1
-  int8 v2            (CUDA) the INT8 tensor-core kernel (DSK_INT8_KERNEL=v2), after checking it
-                     bitwise against dp4a
+                     (v2: mma.sync, v3: wgmma, the default), after checking them against
+                     the exact kernel (v1) the "fp8" rows time
+  int8 v2            (CUDA) the INT8 tensor-core kernel (the default), after checking it
+                     bitwise against dp4a (v1, the "int8" row)
 
 Results go to ``bench/results/gemm-<device_name>.json``.
 
@@ -300,7 +301,7 @@ def main(argv=None) -> int:
         lambda: dk.grouped_gemm(x, weights, offsets), lambda: torch.matmul(x, w0.t()), loop)
     if device.type == "cuda":
         # The grouped GEMM through the forced v2 (mma.sync 128x256) and v3 (wgmma)
-        # kernels: auto keeps grouped GEMMs on v1 until these have run on a GPU.
+        # kernels (auto, the row above, runs v3 here where it can).
         for v in (2, 3):
             with cuda_kernel_choice("_gemm_cuda_kernel", v):
                 _check(f"grouped v{v}", dk.grouped_gemm(x, weights, offsets), loop(),
@@ -308,6 +309,10 @@ def main(argv=None) -> int:
                 if checks[f"grouped v{v}"]:
                     row(f"grouped v{v}", f"S={rows_g} E={e} N={n} K={k}", 2.0 * rows_g * n * k,
                         lambda: dk.grouped_gemm(x, weights, offsets), lambda: torch.matmul(x, w0.t()), loop)
+
+    # The "fp8" and "fp8 grouped" rows time the exact SIMT kernel (v1, bitwise the CPU),
+    # the reference the tensor-core rows (v2, v3: the CUDA default) are checked against.
+    fp8_default = torch.ops.deepseek_kernels._fp8_cuda_kernel(1)
 
     # FP8 grouped: the same problem in e4m3 (1x128 activation blocks, 128x128 per expert).
     qx, sx = dk.quantize_fp8(x, (1, 128))
@@ -333,6 +338,8 @@ def main(argv=None) -> int:
                              lambda: dk.grouped_gemm(x, weights, offsets), lambda: torch.matmul(x, w0.t()))
     del x, weights, qx, qweights, out, want
 
+    # The "int8" row times dp4a (v1); "int8 v2" the tensor cores (the CUDA default).
+    int8_default = torch.ops.deepseek_kernels._int8_cuda_kernel(1)
     m, n, k = cfg["int8"]
     a = torch.randn(m, k, device=device)
     w = torch.randn(n, k, device=device) * 0.05
@@ -357,7 +364,7 @@ def main(argv=None) -> int:
     print("note   : int8 peer is torch._int_mm + scaling" if has_int_mm
           else "note   : torch._int_mm unavailable here; int8 peer is a bf16 matmul")
     if device.type == "cuda":
-        # v2: INT8 tensor cores (opt-in; DSK_INT8_KERNEL=v2), bitwise v1 when correct.
+        # v2: INT8 tensor cores (the default), bitwise v1 when correct.
         with cuda_kernel_choice("_int8_cuda_kernel", 2):
             checks["int8_v2_bitwise_v1"] = bool(torch.equal(dk.int8_gemm(qa, sa, qw, sw), out))
             print(f"check  : int8 v2 (tensor cores) bitwise v1 -> {checks['int8_v2_bitwise_v1']}")
@@ -365,6 +372,7 @@ def main(argv=None) -> int:
                 row("int8 v2", f"{m}x{n}x{k}", 2.0 * m * n * k, lambda: dk.int8_gemm(qa, sa, qw, sw),
                     int_mm_peer if has_int_mm else (lambda: torch.matmul(abf, wbf.t())),
                     (lambda: torch.matmul(abf, wbf.t())) if has_int_mm else None)
+    torch.ops.deepseek_kernels._int8_cuda_kernel(int8_default)
 
     del a, w, qa, qw, abf, wbf
     m, n, k = cfg["fp8"]
@@ -401,6 +409,7 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         fp8_tensor_core_rows("fp8", f"{m}x{n}x{k}", 2.0 * m * n * k, lambda: dk.fp8_gemm(qa, sa, qw, sw), out,
                              peer, lambda: torch.matmul(abf, wbf.t()))
+    torch.ops.deepseek_kernels._fp8_cuda_kernel(fp8_default)
 
     print()
     T.print_table(rows, COLUMNS)
@@ -410,7 +419,9 @@ def main(argv=None) -> int:
                "fp8 grouped": "peer = our bf16 grouped_gemm, peer2 = one bf16 matmul of the same size",
                "int8": "peer = torch._int_mm + scaling when available (peer2 = bf16 matmul)",
                "fp8": "peer = torch._scaled_mm row-wise when available, peer2 = bf16 matmul; "
-                      "ours = exact SIMT kernel (v1); 'fp8 v2' = FP8 tensor cores"},
+                      "ours = exact SIMT kernel (v1); 'fp8 v2'/'fp8 v3' = FP8 tensor cores "
+                      "(v3: the CUDA default)",
+               "int8 v2": "INT8 tensor cores (the CUDA default), bitwise the 'int8' row (dp4a)"},
         torch=torch.__version__, build=dk.build_info()))
     print(f"\nwrote {path}")
     return 0 if all(checks.values()) else 1

@@ -695,8 +695,8 @@ def int8_gemm(a: Tensor, a_scales: Tensor, w: Tensor, w_scales: Tensor, *,
 
     acc = exact int32 sum of products; out = (float(acc) * a_scales[m]) * w_scales[n]
     (+ bias[n]) in fp32, then one rounding. Bitwise identical on CPU and GPU, with the
-    default dp4a CUDA kernel and with the opt-in tensor-core one (``DSK_INT8_KERNEL=v2``,
-    K % 16 == 0; not yet run on a GPU).
+    default tensor-core CUDA kernel (v2, K % 16 == 0) and with the dp4a one it falls
+    back to (v1, ``DSK_INT8_KERNEL=v1``).
     Not differentiable (inference).
     """
     return _ops.int8_gemm(a, a_scales, w, w_scales, bias, out_dtype=out_dtype)
@@ -832,12 +832,12 @@ def fp8_gemm(a: Tensor, a_scales: Tensor, w: Tensor, w_scales: Tensor, *,
 
     Per 128-wide K block: an fp32 partial sum (k ascending), scaled by the two block
     scales and added to an fp32 accumulator in block order (DeepSeek-V3's promotion of
-    partial sums); one rounding at the end. CPU and CUDA agree bitwise with the default
-    CUDA kernel (v1, SIMT). ``DSK_FP8_KERNEL=v2`` (mma.sync, sm_89+) or ``v3`` (wgmma,
-    sm_90a), also the private op ``torch.ops.deepseek_kernels._fp8_cuda_kernel``, run
-    the block sums on FP8 tensor cores instead (K % 16 == 0; where one cannot run the
-    next lower does): the same scaling, each block summed in the tensor cores' order,
-    so close to v1 but not bitwise (not yet run on a GPU). Not differentiable.
+    partial sums); one rounding at the end. The default CUDA kernel (v3: wgmma, sm_90a;
+    else v2: mma.sync, sm_89+; K % 16 == 0, else v1) sums each block on the FP8 tensor
+    cores, in their order: the same scaling, close to the contract but not bitwise
+    (on an H100 at 4096x7168x16384: 2.3 ms). ``DSK_FP8_KERNEL=v1`` (or the private op
+    ``torch.ops.deepseek_kernels._fp8_cuda_kernel``) selects the exact SIMT kernel,
+    bitwise the CPU's and reference.py's (96 ms there). Not differentiable.
     """
     return _ops.fp8_gemm(a, a_scales, w, w_scales, out_dtype=out_dtype)
 
@@ -852,7 +852,8 @@ def fp8_grouped_gemm(a: Tensor, a_scales: Tensor, w: Tensor, w_scales: Tensor, o
     fp8_gemm(a[offsets[e]:offsets[e+1]], ..., w[e], w_scales[e])``, bit for bit.
 
     offsets are checked as in :func:`grouped_gemm` (on the CPU; on CUDA they stay on the
-    device). CPU and CUDA agree bitwise. Not differentiable.
+    device). CPU and CUDA agree bitwise with ``DSK_FP8_KERNEL=v1``; the default CUDA
+    kernel is the tensor-core one of :func:`fp8_gemm`. Not differentiable.
     """
     return _ops.fp8_grouped_gemm(a, a_scales, w, w_scales, offsets, out_dtype=out_dtype)
 

@@ -495,19 +495,20 @@ def test_cuda_bad_inputs():
 
 
 # ---------------------------------------------------------------------------
-# CUDA forward kernel generations: v1, v2 (D 64/128, the default) and v3 (wgmma,
-# D 64/128 on an sm_90a build and GPU, else v2); chosen with DSK_ATTENTION_KERNEL
-# or the private op; other D fall back to v1. Forward only: the backward has its
+# CUDA forward kernel generations: v1, v2 (D 64/128) and v3 (wgmma, D 64/128 on
+# an sm_90a build and GPU, else v2), and auto (4, the default: v3 for D 128, v2
+# for D 64); chosen with DSK_ATTENTION_KERNEL or the private op; other D fall
+# back to v1. Forward only: the backward has its
 # own choice (below).
 
-@pytest.mark.parametrize("op_name,versions", [("_attention_cuda_kernel", 3),
+@pytest.mark.parametrize("op_name,versions", [("_attention_cuda_kernel", 4),
                                               ("_attention_cuda_bwd_kernel", 2)])
 def test_kernel_switch_ops(op_name, versions):
     # The forward and backward choices: each switch returns the previous choice,
-    # 0 only asks, anything past the last generation is refused by name.
+    # 0 only asks, anything past the last generation (or auto) is refused by name.
     op = getattr(OPS, op_name)
     old = op(0)
-    assert old in (1, 2)
+    assert old in range(1, versions + 1)
     try:
         prev = old
         for v in [2, 1] + list(range(3, versions + 1)):
@@ -555,10 +556,12 @@ def _check_fwd_lse(shape, dtype, causal, masked, softmax_scale=None):
 
 def _fwd_expected(version, d):
     """The forward generation that runs for a chosen one: v2 and v3 cover D 64 and
-    128; v3 needs an sm_90a build on an H100/H200 (else v2)."""
+    128; v3 needs an sm_90a build on an H100/H200 (else v2); auto (4) is v3 for D
+    128, v2 for D 64."""
     if d not in (64, 128) or version == 1:
         return 1
-    return 3 if version == 3 and hopper_build() else 2
+    wants_v3 = version == 3 or (version == 4 and d == 128)
+    return 3 if wants_v3 and hopper_build() else 2
 
 
 V2_SHAPES = [

@@ -473,6 +473,31 @@ def test_gemm_cuda_kernel_op():
         op(5)
 
 
+@requires_cuda
+@pytest.mark.cuda
+def test_gemm_auto_choice():
+    """auto (the default): v3 (v2 without sm_90a) where 128 x 256 tiles fill a wave
+    of the GPU, plain or grouped; v1's smaller tiles below. Each result within the
+    fp64 criterion."""
+    rows = 128 * torch.cuda.get_device_properties(0).multi_processor_count  # a wave at N = 256
+    big = 3 if hopper_build() else 2
+    x = _data((rows, 264), torch.bfloat16, "cuda")
+    w = _data((4, 256, 264), torch.bfloat16, "cuda", 264 ** -0.5)
+    offsets = _random_offsets(rows, 4, "cuda")
+    with _gemm_kernel(4):
+        for m, want_ran in [(17, 1), (rows, big)]:
+            ours = dk.gemm(x[:m], w[0])
+            assert kernel_ran("gemm") == want_ran, m
+            want = ref.gemm(x[:m], w[0], out_dtype=torch.float64)
+            _check_close(ours, x[:m] @ w[0].t(), want, f"auto gemm m={m}")
+        ours = dk.grouped_gemm(x, w, offsets)
+        assert kernel_ran("gemm") == big
+        bounds = offsets.tolist()
+        peer = torch.cat([x[bounds[g]:bounds[g + 1]] @ w[g].t() for g in range(4)])
+        _check_close(ours, peer, ref.grouped_gemm(x, w, offsets, out_dtype=torch.float64),
+                     "auto grouped")
+
+
 # (M, N, K): every tail of v2's 128 x 256 x 32 tiles; K = 17 is padded to 24 by the
 # glue; (4097, 264, 136) and (200, 4100, 72) span many CTAs in M and N.
 _VERSION_SHAPES = [(1, 17, 136), (17, 136, 1000), (136, 1000, 17), (1000, 1000, 136),
@@ -569,7 +594,7 @@ def test_cuda_kernel_v2_large_square():
 @pytest.mark.parametrize("version", [1, 2, 3], ids=["v1", "v2", "v3"])
 def test_grouped_gemm_cuda_kernel_versions(version):
     """Grouped GEMMs through each forced generation (v2/v3 locate their row tiles in
-    the groups as v1 does; auto keeps grouped GEMMs on v1): empty groups, groups
+    the groups as v1 does; auto picks v3 where its tiles fill a wave): empty groups, groups
     shorter than a tile, many tiles; v2 bitwise v1 (same mma order), v3 within
     the fp64 criterion. Bad offsets stay in bounds."""
     for s_rows, e, n, k in [(1000, 16, 136, 1032), (5000, 7, 300, 200), (3, 4, 8, 16)]:
@@ -999,7 +1024,7 @@ def test_fp8_grouped_gemm_cuda_matches_cpu_and_stays_in_bounds():
 def test_fp8_cuda_kernel_op():
     op = torch.ops.deepseek_kernels._fp8_cuda_kernel
     start = op(0)
-    assert start == 1  # pinned by _exact_fp8_kernel (also the library's default)
+    assert start == 1  # pinned by _exact_fp8_kernel (the library's default is 3)
     with _fp8_kernel(2):
         assert op(0) == 2
     with _fp8_kernel(3):

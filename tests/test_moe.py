@@ -618,8 +618,9 @@ def test_cpu_and_cuda_agree_bitwise_bench_config(policy):
 
 
 # ---------------------------------------------------------------------------
-# CUDA gating kernel generations: v1 (the default) and v2 (opt-in: DSK_MOE_KERNEL
-# or the private _moe_cuda_kernel op). v2 must give v1's bits, hence the CPU's.
+# CUDA gating kernel generations: v1 and v2 (the default), chosen with
+# DSK_MOE_KERNEL or the private _moe_cuda_kernel op. v2 must give v1's bits,
+# hence the CPU's.
 # ---------------------------------------------------------------------------
 
 
@@ -642,7 +643,7 @@ def test_moe_cuda_kernel_op():
     assert op(0) == start
 
 
-@pytest.mark.parametrize("value,want", [("v2", "2"), ("1", "1"), ("", "1"),
+@pytest.mark.parametrize("value,want", [("v2", "2"), ("1", "1"), ("", "2"),
                                         ("v3", "ValueError: DSK_MOE_KERNEL must be v1 or v2")])
 def test_moe_kernel_env_var(value, want):
     """DSK_MOE_KERNEL is read once, on first use (a fresh process per value)."""

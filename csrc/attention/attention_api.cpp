@@ -24,11 +24,11 @@ namespace {
 
 constexpr int64_t kMaxHeadDimCpu = 256;
 
-// DSK_ATTENTION_KERNEL: v1, v2 (the default: on an H100 it is 1.8-1.9x v1 for
-// D = 64 and 128; other D use v1) or v3 (wgmma, sm_90a; not yet run on a GPU),
+// DSK_ATTENTION_KERNEL: auto (the default, kAttentionFwdAuto), v1, v2 (on an
+// H100 1.8-1.9x v1 for D = 64 and 128; other D use v1) or v3 (wgmma, sm_90a),
 // read on first use.
 KernelChoice& fwd_kernel_choice() {
-  static KernelChoice choice("DSK_ATTENTION_KERNEL", 2, 3);
+  static KernelChoice choice("DSK_ATTENTION_KERNEL", kAttentionFwdAuto, 3, kAttentionFwdAuto);
   return choice;
 }
 // DSK_ATTENTION_BWD_KERNEL: v1 (the default) or v2 (D 64/128: one pass over the
@@ -210,7 +210,8 @@ AttnParams base_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 }
 
 // Private op for the benchmark's A/B and the tests: version 1, 2 or 3 selects the
-// CUDA forward kernel for later calls, 0 only asks. Returns the previous choice.
+// CUDA forward kernel for later calls, 4 auto (the default), 0 only asks.
+// Returns the previous choice.
 int64_t attention_cuda_kernel_op(int64_t version) {
   return fwd_kernel_choice().switch_to("_attention_cuda_kernel", version);
 }

@@ -1,6 +1,6 @@
-// FlashAttention-2 forward, generation 2 (sm_80+), for D = 64 and 128; opt-in
-// at run time (attention_api.cpp: DSK_ATTENTION_KERNEL / _attention_cuda_kernel),
-// every other case runs v1 (attention_fwd_kernel.cuh). Same semantics and
+// FlashAttention-2 forward, generation 2 (sm_80+), for D = 64 and 128; the
+// default for D = 64, and for D = 128 where v3 cannot run (attention_api.cpp:
+// DSK_ATTENTION_KERNEL / _attention_cuda_kernel); every other case runs v1 (attention_fwd_kernel.cuh). Same semantics and
 // numerics as v1 (fp32 accumulation, P rounded to T for the P.V mma, base-2
 // online softmax, the same masking rules); what changes is the work split:
 //

@@ -1,7 +1,7 @@
 // FlashAttention forward, generation 3: Hopper tensor cores (wgmma, sm_90a) for
-// D = 64 and 128; opt-in at run time (DSK_ATTENTION_KERNEL=v3 /
-// _attention_cuda_kernel(3)); where it cannot run (no sm_90a build or GPU,
-// other D) v2 runs, then v1. Same semantics and numerics as v1/v2 (fp32
+// D = 64 and 128; the default for D = 128 (kAttentionFwdAuto), forced with
+// DSK_ATTENTION_KERNEL=v3 / _attention_cuda_kernel(3); where it cannot run (no
+// sm_90a build or GPU, other D) v2 runs, then v1. Same semantics and numerics as v1/v2 (fp32
 // accumulation, P rounded to T for P.V, base-2 online softmax, the same
 // masking rules); what changes is the matrix unit:
 //

@@ -22,6 +22,11 @@
 
 namespace dsk::attention {
 
+// The default forward generation: v3 for D = 128 (on an H100, B=8 H=16 Lq=1024
+// Lk=4096: v3 0.75 ms, v2 0.81, SDPA flash 0.77), v2 for D = 64 (v2 0.44 ms, v3
+// 0.54), each falling back as fwd_kernel says; v1 for other D.
+constexpr int kAttentionFwdAuto = 4;
+
 struct AttnParams {
   DType dtype = DType::kFloat32;  // of q, k, v, out and the gradients
   const void* q = nullptr;
@@ -40,9 +45,9 @@ struct AttnParams {
   double softmax_scale = 1.0;  // the CUDA kernels round it to fp32
   bool causal = false;
   // CUDA forward kernel generation: 1, 2 (attention_fwd_v2_kernel.cuh) where
-  // attention_fwd_v2_supported says so, or 3 (attention_fwd_v3_kernel.cuh, wgmma)
-  // where it can run (else 2, else 1). Set from DSK_ATTENTION_KERNEL /
-  // _attention_cuda_kernel (attention_api.cpp).
+  // attention_fwd_v2_supported says so, 3 (attention_fwd_v3_kernel.cuh, wgmma)
+  // where it can run (else 2, else 1), or kAttentionFwdAuto. Set from
+  // DSK_ATTENTION_KERNEL / _attention_cuda_kernel (attention_api.cpp).
   int fwd_kernel = 1;
   // Whether the build holds sm_90a code (v3's wgmma): from the build's arch list.
   bool built_sm90a = false;

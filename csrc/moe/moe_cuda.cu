@@ -836,8 +836,11 @@ __global__ void __launch_bounds__(kChunkThreads, rows_v2_min_blocks(NPL))
 // owns mean lanes q and q + 128 (sequential sums over chunks m, m + 256, ...),
 // adds them (the tree's first level); warp 0 finishes the tree: levels 64, 32,
 // 16 inside each lane (it holds lanes m, m + 16, ..., m + 112), then 8, 4, 2, 1
-// by shuffles.
+// by shuffles. A thread keeps its first kScanV2Cached chunk counts in registers
+// (T <= 16384 needs no more), so the rewrite to bases only stores: the reads were
+// a chain of load-store round trips (an H100 took 13 us at T = 8192, E = 256).
 constexpr int kScanV2Experts = 2;
+constexpr int kScanV2Cached = 16;
 constexpr int kScanV2Threads = 256;
 constexpr int kScanV2Warps = kScanV2Threads / kWarp;
 constexpr int kScanV2Ranges = kScanV2Threads / kScanV2Experts;
@@ -855,11 +858,16 @@ __global__ void __launch_bounds__(kScanV2Threads)
   const bool on = e < E;
   const int64_t per = (nchunks + kScanV2Ranges - 1) / kScanV2Ranges;
   const int64_t c0 = min(nchunks, q * per), c1 = min(nchunks, c0 + per);
-  int32_t mine = 0;
+  int32_t mine = 0, cached[kScanV2Cached];
   float lo = 0.0f, hi = 0.0f;  // mean lanes q and q + 128
+#pragma unroll
+  for (int i = 0; i < kScanV2Cached; ++i) {  // predicated loads, all in flight at once
+    cached[i] = on && c0 + i < c1 ? ws.chunk_counts[(c0 + i) * E + e] : 0;
+    mine += cached[i];
+  }
   if (on) {
 #pragma unroll 4
-    for (int64_t c = c0; c < c1; ++c) mine += ws.chunk_counts[c * E + e];
+    for (int64_t c = c0 + kScanV2Cached; c < c1; ++c) mine += ws.chunk_counts[c * E + e];
     // (unrolled: the loads go out together; the adds stay in order)
 #pragma unroll 4
     for (int64_t c = q; c < nchunks; c += kMeanLanes) lo = fadd(lo, ws.partial[c * E + e]);
@@ -904,7 +912,12 @@ __global__ void __launch_bounds__(kScanV2Threads)
   }
   if (!on) return;
   int32_t run = before + incl - mine;  // exclusive
-  for (int64_t c = c0; c < c1; ++c) {
+#pragma unroll
+  for (int i = 0; i < kScanV2Cached; ++i) {
+    if (c0 + i < c1) ws.chunk_counts[(c0 + i) * E + e] = run;
+    run += cached[i];  // 0 past c1
+  }
+  for (int64_t c = c0 + kScanV2Cached; c < c1; ++c) {
     const int32_t n = ws.chunk_counts[c * E + e];
     ws.chunk_counts[c * E + e] = run;
     run += n;

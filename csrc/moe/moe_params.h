@@ -48,8 +48,8 @@ struct GatingParams {
   int32_t* routed_counts = nullptr;  // [E]
   void* mean_scores = nullptr;       // [E]
   void* workspace = nullptr;         // CUDA only: gating_workspace_bytes(T, E, k) bytes
-  // CUDA kernel generation: 1 (default) or 2 (opt-in, not yet run on a GPU; fewer
-  // instructions per token, bitwise the same results). Filled by the glue from
+  // CUDA kernel generation: 1 or 2 (the default: fewer instructions per token,
+  // bitwise the same results). Filled by the glue from
   // DSK_MOE_KERNEL (v1/1 or v2/2, read once) or the private op _moe_cuda_kernel.
   int cuda_kernel = 1;
 };
