@@ -9,8 +9,8 @@
 # SMOKE_FAMILIES, SMOKE_JOBS (default 4), SMOKE_TIMEOUT (s, per family), SKIP_TESTS=1,
 # TESTS=paths, TEST_MARK (default "not cuda" after the family runs), PYTEST_ARGS,
 # PYTEST_K (a -k expression), SKIP_LARGE=1, SKIP_SANITIZER=1, SANITIZE_FAMILIES="quant
-# moe moe-v2 gemm gemm-v2 gemm-v3 fp8-v2 int8-v2 attention attention-v2 attention-v3
-# attention-bwd-v2" (the *-v2/v3 runs: that family's newer kernels), SKIP_BENCH=1,
+# moe moe-v1 gemm gemm-v2 gemm-v3 fp8-v2 int8-v1 attention attention-v2 attention-v3
+# attention-bwd-v2" (the -vN runs: that generation forced), SKIP_BENCH=1,
 # QUANT_BENCH_ARGS=--ab (v1/v2 A/B only), MOE_BENCH_ARGS (default --profile),
 # SKIP_DEMO=1; DSK_DIGITS_CSV=digits.csv.gz where scikit-learn is missing.
 #
@@ -20,7 +20,7 @@
 #      at a time, so one broken kernel cannot hide the others' results:
 #      SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 SKIP_BENCH=1 bash bench/gpu_check.sh OUT
 #   2. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_BENCH=1 SANITIZE_FAMILIES="..." (past 2^31
-#      and memcheck; the opt-in kernels first: gemm-v3 gemm-v2 fp8-v2 int8-v2 moe-v2
+#      and memcheck; the newest kernels first: gemm-v3 gemm-v2 fp8-v2 int8-v1 moe-v1
 #      attention-v3 attention-bwd-v2)
 #   3. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 (benchmarks,
 #      A/B runs, demo)
@@ -139,16 +139,16 @@ sanitize() {  # name, test file, -k expression, then optional VAR=value (e.g. a 
 if [ "${SKIP_SANITIZER:-0}" = 1 ]; then echo "skipped (SKIP_SANITIZER=1)"
 elif command -v compute-sanitizer >/dev/null; then
   # The *-v2 runs force the newer kernel generation of a family for every test.
-  for fam in ${SANITIZE_FAMILIES:-quant moe moe-v2 gemm gemm-v2 gemm-v3 fp8-v2 int8-v2 attention attention-v2 attention-v3 attention-bwd-v2}; do
+  for fam in ${SANITIZE_FAMILIES:-quant moe moe-v1 gemm gemm-v2 gemm-v3 fp8-v2 int8-v1 attention attention-v2 attention-v3 attention-bwd-v2}; do
     case $fam in
       quant) sanitize quant tests/test_quant.py "matches_reference and not 1024 or nonfinite or bad_inputs or agree" ;;
       moe) sanitize moe tests/test_moe.py "matches_reference or shapes or nonfinite or empty or agree" ;;
-      moe-v2) sanitize moe-v2 tests/test_moe.py "matches_reference or shapes or nonfinite or empty or agree" DSK_MOE_KERNEL=v2 ;;
+      moe-v1) sanitize moe-v1 tests/test_moe.py "matches_reference or shapes or nonfinite or empty or agree" DSK_MOE_KERNEL=v1 ;;
       gemm) sanitize gemm tests/test_gemm.py "${SANITIZE_K_GEMM:-not 8192 and not large}" ;;
       gemm-v3) sanitize gemm-v3 tests/test_gemm.py "v3 or versions" ;;  # TMA and wgmma (forced by the tests)
       gemm-v2) sanitize gemm-v2 tests/test_gemm.py "${SANITIZE_K_GEMM:-not 8192 and not large} and not fp8" DSK_GEMM_KERNEL=v2 ;;
       fp8-v2) sanitize fp8-v2 tests/test_gemm.py "tensor_core or fp8_grouped_gemm_cuda" ;;  # they select v2
-      int8-v2) sanitize int8-v2 tests/test_gemm.py "int8" DSK_INT8_KERNEL=v2 ;;
+      int8-v1) sanitize int8-v1 tests/test_gemm.py "int8" DSK_INT8_KERNEL=v1 ;;
       attention) sanitize attention tests/test_attention.py "${SANITIZE_K_ATTENTION:-not 4097 and not large}" ;;
       attention-v2) sanitize attention-v2 tests/test_attention.py "${SANITIZE_K_ATTENTION:-not 4097 and not large}" DSK_ATTENTION_KERNEL=v2 ;;
       attention-v3) sanitize attention-v3 tests/test_attention.py "${SANITIZE_K_ATTENTION:-not 4097 and not large}" DSK_ATTENTION_KERNEL=v3 ;;
@@ -166,10 +166,10 @@ $PY bench/bench_quant.py --device cuda ${QUANT_BENCH_ARGS:-} --out "$OUT" 2>&1 |
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 $PY bench/bench_moe.py --device cuda ${MOE_BENCH_ARGS:---profile} --out "$OUT" 2>&1 | tee "$OUT/bench-moe.log" | tail -20
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
-# The opt-in MoE gating v2 kernel, timed the same way (its own results file).
-mkdir -p "$OUT/moe-v2"
-DSK_MOE_KERNEL=v2 $PY bench/bench_moe.py --device cuda ${MOE_BENCH_ARGS:---profile} --out "$OUT/moe-v2" 2>&1 \
-  | tee "$OUT/bench-moe-v2.log" | tail -20
+# The first MoE gating kernels (v1; v2 is the default), timed the same way (own results file).
+mkdir -p "$OUT/moe-v1"
+DSK_MOE_KERNEL=v1 $PY bench/bench_moe.py --device cuda ${MOE_BENCH_ARGS:---profile} --out "$OUT/moe-v1" 2>&1 \
+  | tee "$OUT/bench-moe-v1.log" | tail -20
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 for b in gemm attention; do
   [ -f bench/bench_$b.py ] || continue

@@ -435,8 +435,8 @@ __global__ void __launch_bounds__(kDropThreads) probability_drop_kernel(GatingPa
 }
 
 // ---------------------------------------------------------------------------
-// Gating v2: DSK_MOE_KERNEL=v2 or _moe_cuda_kernel(2); opt-in, NOT YET RUN ON A
-// GPU. Every fp32 operation, its operands and order are v1's (so the results
+// Gating v2: the default (DSK_MOE_KERNEL / _moe_cuda_kernel select v1 or v2).
+// Every fp32 operation, its operands and order are v1's (so the results
 // are v1's bits); what changes is how many instructions a token costs:
 //   - selection scores become order keys once; a lane's candidates are its
 //     registers with a nonzero key (0 lies below every float's key).
