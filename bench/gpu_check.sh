@@ -9,7 +9,7 @@
 # SMOKE_FAMILIES, SMOKE_JOBS (default 4), SMOKE_TIMEOUT (s, per family), SKIP_TESTS=1,
 # TESTS=paths, TEST_MARK (default "not cuda" after the family runs), PYTEST_ARGS,
 # PYTEST_K (a -k expression), SKIP_LARGE=1, SKIP_SANITIZER=1, SANITIZE_FAMILIES="quant
-# moe moe-v1 gemm gemm-v2 gemm-v3 fp8-v2 int8-v1 attention attention-v2 attention-v3
+# moe moe-v1 gemm gemm-v2 gemm-v3 fp8-v2 fp8-tma int8-v1 attention attention-v2 attention-v3
 # attention-bwd-v2" (the -vN runs: that generation forced), SKIP_BENCH=1,
 # QUANT_BENCH_ARGS=--ab (v1/v2 A/B only), MOE_BENCH_ARGS (default --profile),
 # SKIP_DEMO=1; DSK_DIGITS_CSV=digits.csv.gz where scikit-learn is missing.
@@ -20,7 +20,7 @@
 #      at a time, so one broken kernel cannot hide the others' results:
 #      SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 SKIP_BENCH=1 bash bench/gpu_check.sh OUT
 #   2. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_BENCH=1 SANITIZE_FAMILIES="..." (past 2^31
-#      and memcheck; the newest kernels first: gemm-v3 gemm-v2 fp8-v2 int8-v1 moe-v1
+#      and memcheck; the newest kernels first: fp8-tma gemm-v3 gemm-v2 fp8-v2 int8-v1 moe-v1
 #      attention-v3 attention-bwd-v2)
 #   3. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 (benchmarks,
 #      A/B runs, demo)
@@ -62,6 +62,7 @@ smoke_family() {
     gemm-v3) echo "tests/test_gemm.py|v3|" ;;
     gemm-tc) echo "tests/test_gemm.py|(tensor_core or int8 or versions or fp8_grouped_gemm_cuda) and not v3|" ;;
     gemm-v3-cp-async) echo "tests/test_gemm.py|v3 or versions|DSK_GEMM_TMA=0" ;;
+    fp8-tma) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_TMA=1" ;;
     gemm) echo "tests/test_gemm.py|not v3 and not tensor_core and not int8 and not versions and not fp8_grouped_gemm_cuda|" ;;
     moe-v2) echo "tests/test_moe.py|v2|" ;;
     moe) echo "tests/test_moe.py|not v2|" ;;
@@ -71,7 +72,7 @@ smoke_family() {
     *) return 1 ;;
   esac
 }
-SMOKE_ALL="attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 graphs attention gemm moe quant rest gemm-v3-cp-async"
+SMOKE_ALL="fp8-tma attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 graphs attention gemm moe quant rest gemm-v3-cp-async"
 smoke_run() {  # one family, in the background's own process; its summary line goes to smoke-NAME.sum
   local spec files kexpr envs
   spec=$(smoke_family "$1") || { echo "$1: unknown family" >"$OUT/smoke-$1.sum"; return; }
@@ -139,7 +140,7 @@ sanitize() {  # name, test file, -k expression, then optional VAR=value (e.g. a 
 if [ "${SKIP_SANITIZER:-0}" = 1 ]; then echo "skipped (SKIP_SANITIZER=1)"
 elif command -v compute-sanitizer >/dev/null; then
   # The *-v2 runs force the newer kernel generation of a family for every test.
-  for fam in ${SANITIZE_FAMILIES:-quant moe moe-v1 gemm gemm-v2 gemm-v3 fp8-v2 int8-v1 attention attention-v2 attention-v3 attention-bwd-v2}; do
+  for fam in ${SANITIZE_FAMILIES:-fp8-tma quant moe moe-v1 gemm gemm-v2 gemm-v3 fp8-v2 int8-v1 attention attention-v2 attention-v3 attention-bwd-v2}; do
     case $fam in
       quant) sanitize quant tests/test_quant.py "matches_reference and not 1024 or nonfinite or bad_inputs or agree" ;;
       moe) sanitize moe tests/test_moe.py "matches_reference or shapes or nonfinite or empty or agree" ;;
@@ -148,6 +149,7 @@ elif command -v compute-sanitizer >/dev/null; then
       gemm-v3) sanitize gemm-v3 tests/test_gemm.py "v3 or versions" ;;  # TMA and wgmma (forced by the tests)
       gemm-v2) sanitize gemm-v2 tests/test_gemm.py "${SANITIZE_K_GEMM:-not 8192 and not large} and not fp8" DSK_GEMM_KERNEL=v2 ;;
       fp8-v2) sanitize fp8-v2 tests/test_gemm.py "tensor_core or fp8_grouped_gemm_cuda" ;;  # they select v2
+      fp8-tma) sanitize fp8-tma tests/test_gemm.py "tensor_core or fp8_grouped_gemm_cuda" DSK_FP8_TMA=1 ;;
       int8-v1) sanitize int8-v1 tests/test_gemm.py "int8" DSK_INT8_KERNEL=v1 ;;
       attention) sanitize attention tests/test_attention.py "${SANITIZE_K_ATTENTION:-not 4097 and not large}" ;;
       attention-v2) sanitize attention-v2 tests/test_attention.py "${SANITIZE_K_ATTENTION:-not 4097 and not large}" DSK_ATTENTION_KERNEL=v2 ;;
@@ -178,6 +180,11 @@ for b in gemm attention; do
 done
 # bf16 GEMM v1 / v2 / v3 (wgmma + TMA) / cuBLAS side by side; then v3 with cp.async copies.
 $PY bench/bench_gemm.py --device cuda --ab --out "$OUT" 2>&1 | tee "$OUT/bench-gemm-ab.log" | tail -20
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+# FP8 v3 with TMA loads (opt-in, DSK_FP8_TMA=1): its rows, small bf16/int8 shapes.
+mkdir -p "$OUT/fp8-tma"
+DSK_FP8_TMA=1 $PY bench/bench_gemm.py --device cuda --square 1024 --int8 1024 1024 1024 --out "$OUT/fp8-tma" 2>&1 \
+  | tee "$OUT/bench-gemm-fp8-tma.log" | grep "fp8" | tail -8
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 mkdir -p "$OUT/gemm-v3-cp-async"
 DSK_GEMM_TMA=0 $PY bench/bench_gemm.py --device cuda --ab --out "$OUT/gemm-v3-cp-async" 2>&1 \

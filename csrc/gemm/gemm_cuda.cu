@@ -736,9 +736,18 @@ static_assert(kF8RowBytes == 128 && kF8StageBytes % 1024 == 0 && (64 * kF8RowByt
               (kF8BM * kF8RowBytes) % 1024 == 0, "FP8 v3 tiles must sit on 1 KiB swizzle atoms");
 static_assert(kF8SmemBytes <= 227 * 1024, "FP8 v3 shared memory exceeds sm_90's per-block limit");
 
-__global__ void __launch_bounds__(kF8Threads, 1) fp8_wgmma_gemm_kernel(Fp8GemmParams p) {
+// kTma: the stages are filled by TMA as in v3 (thread 0 issues both tile loads of
+// a stage, 128-byte boxes of codes in the 128-byte swizzle, and the stage's
+// mbarrier says when they landed; rows past the tensors are zero-filled, a
+// grouped tile's rows past its group read the next group's, never stored).
+// Otherwise every thread copies with cp.async.
+template <bool kTma>
+__global__ void __launch_bounds__(kF8Threads, 1)
+    fp8_wgmma_gemm_kernel(Fp8GemmParams p, const __grid_constant__ CUtensorMap tma_a,
+                          const __grid_constant__ CUtensorMap tma_b) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(128) unsigned char smem_raw[];
+  __shared__ __align__(8) uint64_t stage_full[kStagesF8];  // TMA only
   const uint32_t smem_base = (shared_addr(smem_raw) + 1023u) & ~1023u;
 
   int64_t m_tile, n_tile;
@@ -753,25 +762,56 @@ __global__ void __launch_bounds__(kF8Threads, 1) fp8_wgmma_gemm_kernel(Fp8GemmPa
   const int tid = threadIdx.x, warpgroup = tid / 128, lane = tid & 31;
   const int64_t warp_row0 = tile.row_begin + warpgroup * 64 + ((tid % 128) / 32) * 16;
 
-  auto load_stage = [&](int stage, int64_t kb) {  // K % 16 == 0: whole chunks
+  // Stage `stage` <- K block kb: cp.async by every thread (K % 16 == 0: whole
+  // chunks), or TMA by thread 0 (the caller), completing the stage's mbarrier.
+  auto load_stage = [&](int stage, int64_t kb) {
     const uint32_t sa = smem_base + stage * kF8StageBytes, sb = sa + kF8BM * kF8RowBytes;
-    load_swizzled_rows<kF8BM, kF8Threads>(sa, a, tile.row_begin, tile.row_end, kb * kFp8Block, p.k, p.k);
-    load_swizzled_rows<kF8BN, kF8Threads>(sb, b, n0, p.n, kb * kFp8Block, p.k, p.k);
+    if constexpr (kTma) {
+      const uint32_t bar = shared_addr(&stage_full[stage]);
+      mbar_arrive_expect_tx(bar, kF8StageBytes);
+      const int32_t k0 = static_cast<int32_t>(kb * kFp8Block);
+      tma_load_2d(sa, &tma_a, k0, static_cast<int32_t>(tile.row_begin), bar);
+      tma_load_2d(sb, &tma_b, k0, static_cast<int32_t>(tile.group * p.n + n0), bar);
+    } else {
+      load_swizzled_rows<kF8BM, kF8Threads>(sa, a, tile.row_begin, tile.row_end, kb * kFp8Block, p.k, p.k);
+      load_swizzled_rows<kF8BN, kF8Threads>(sb, b, n0, p.n, kb * kFp8Block, p.k, p.k);
+    }
   };
+  if constexpr (kTma) {
+    if (tid == 0) {
+      for (int s = 0; s < kStagesF8; ++s) mbar_init(shared_addr(&stage_full[s]), 1);
+      fence_mbar_init();  // visible to the async proxy (TMA's complete_tx)
+    }
+    __syncthreads();
+  }
 
 #pragma unroll
   for (int s = 0; s < kStagesF8 - 1; ++s) {
-    if (s < p.k_blocks) load_stage(s, s);
-    cp_async_commit();
+    if constexpr (kTma) {
+      if (tid == 0 && s < p.k_blocks) load_stage(s, s);
+    } else {
+      if (s < p.k_blocks) load_stage(s, s);
+      cp_async_commit();
+    }
   }
   float part[1][kF8BN / 8][4], acc[1][kF8BN / 8][4];
   zero_accumulators(acc);
   zero_accumulators(part);
 
   for (int64_t kb = 0; kb < p.k_blocks; ++kb) {
-    cp_async_wait<kStagesF8 - 2>();  // as v3: block kb landed, handed to the async proxy
-    fence_proxy_async();
-    __syncthreads();
+    const int64_t next = kb + kStagesF8 - 1;  // refills block kb - 1's stage
+    if constexpr (kTma) {
+      // Every warpgroup waited for block kb - 1's wgmma before this barrier, so its
+      // stage can be refilled; block kb is there once its stage's mbarrier
+      // completes phase kb / kStagesF8.
+      __syncthreads();
+      if (tid == 0 && next < p.k_blocks) load_stage(static_cast<int>(next % kStagesF8), next);
+      mbar_wait(shared_addr(&stage_full[kb % kStagesF8]), static_cast<uint32_t>((kb / kStagesF8) & 1));
+    } else {
+      cp_async_wait<kStagesF8 - 2>();  // as v3: block kb landed, handed to the async proxy
+      fence_proxy_async();
+      __syncthreads();
+    }
     // Block kb's scales, requested before its wgmma so their latency hides behind it.
     const float w_scale = w_scales[kb];
     float a_scales[2];
@@ -787,11 +827,12 @@ __global__ void __launch_bounds__(kF8Threads, 1) fp8_wgmma_gemm_kernel(Fp8GemmPa
     for (int ks = 0; ks < kFp8Block / 32; ++ks)
       wgmma_m64n128k32_e4m3(part, wgmma_desc(sa + ks * 32), wgmma_desc(sb + ks * 32), ks > 0);
     wgmma_commit();
-    // The refill of block kb - 1's stage (its wgmma completed before the barrier)
-    // is issued while block kb's wgmma run.
-    const int64_t next = kb + kStagesF8 - 1;
-    if (next < p.k_blocks) load_stage(static_cast<int>(next % kStagesF8), next);
-    cp_async_commit();
+    if constexpr (!kTma) {
+      // The refill of block kb - 1's stage (its wgmma completed before the barrier)
+      // is issued while block kb's wgmma run.
+      if (next < p.k_blocks) load_stage(static_cast<int>(next % kStagesF8), next);
+      cp_async_commit();
+    }
     wgmma_wait<0>();
     pin_accumulators(part);
 
@@ -805,7 +846,7 @@ __global__ void __launch_bounds__(kF8Threads, 1) fp8_wgmma_gemm_kernel(Fp8GemmPa
           acc[0][ni][j] = __fadd_rn(acc[0][ni][j], __fmul_rn(__fmul_rn(part[0][ni][j], a_scale), w_scale));
     }
   }
-  cp_async_wait<0>();
+  if constexpr (!kTma) cp_async_wait<0>();
 
   GemmParams out;  // the shared epilogue's view: plain stores
   out.out = p.out;
@@ -1275,21 +1316,20 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-// Tensor map of `rows` K-contiguous rows of k 16-bit values, read in boxes of
-// 64 x box_rows with the 128-byte swizzle; false where TMA cannot describe it.
-bool encode_operand_map(CUtensorMap& map, const void* base, DType dtype, int64_t k, int64_t rows,
-                        uint32_t box_rows) {
+// Tensor map of `rows` K-contiguous rows of k values of `elem` bytes (bf16/fp16,
+// or FP8 codes as uint8), read in boxes of 128 bytes x box_rows with the 128-byte
+// swizzle; false where TMA cannot describe it.
+bool encode_operand_map(CUtensorMap& map, const void* base, CUtensorMapDataType type, int64_t elem,
+                        int64_t k, int64_t rows, uint32_t box_rows) {
   const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
   constexpr int64_t kMaxCoord = (int64_t{1} << 31) - 1;  // the kernel's int32 coordinates
-  if (encode == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0 || (k * 2) % 16 != 0 ||
+  if (encode == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0 || (k * elem) % 16 != 0 ||
       k <= 0 || rows <= 0 || k > kMaxCoord || rows > kMaxCoord)
     return false;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(k * 2)};  // bytes, dims 1..
-  const cuuint32_t box[2] = {kV3BK, box_rows};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(k * elem)};  // bytes, dims 1..
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(128 / elem), box_rows};
   const cuuint32_t elem_strides[2] = {1, 1};
-  const CUtensorMapDataType type =
-      dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   return encode(&map, type, 2, const_cast<void*>(base), dims, strides, box, elem_strides,
                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
@@ -1313,20 +1353,35 @@ bool launch_wgmma_variant(const GemmParams& p, const CUtensorMap& map_a, const C
 template <typename T>
 bool launch_wgmma(const GemmParams& p, cudaStream_t stream, cudaError_t& err) {
   CUtensorMap map_a{}, map_b{};
-  if (p.v3_tma && encode_operand_map(map_a, p.a, p.ab_dtype, p.k, p.m, kV3BM) &&
-      encode_operand_map(map_b, p.b, p.ab_dtype, p.k, p.groups * p.n, kV3BN))
+  const CUtensorMapDataType type =
+      p.ab_dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  if (p.v3_tma && encode_operand_map(map_a, p.a, type, 2, p.k, p.m, kV3BM) &&
+      encode_operand_map(map_b, p.b, type, 2, p.k, p.groups * p.n, kV3BN))
     return launch_wgmma_variant<T, true>(p, map_a, map_b, stream, err);
   return launch_wgmma_variant<T, false>(p, map_a, map_b, stream, err);
 }
 
-bool launch_fp8_wgmma(const Fp8GemmParams& p, cudaStream_t stream, cudaError_t& err) {
+template <bool kTma>
+bool launch_fp8_wgmma_variant(const Fp8GemmParams& p, const CUtensorMap& map_a, const CUtensorMap& map_b,
+                              cudaStream_t stream, cudaError_t& err) {
   static std::atomic<uint64_t> checked{0}, usable{0};
-  if (!wgmma_usable(fp8_wgmma_gemm_kernel, kF8SmemBytes, p.built_sm90a, checked, usable, err)) return false;
+  if (!wgmma_usable(fp8_wgmma_gemm_kernel<kTma>, kF8SmemBytes, p.built_sm90a, checked, usable, err))
+    return false;
   if (err != cudaSuccess) return true;
   const int64_t ctas = row_tiles(p, kF8BM) * ((p.n + kF8BN - 1) / kF8BN);
-  fp8_wgmma_gemm_kernel<<<static_cast<unsigned>(ctas), kF8Threads, kF8SmemBytes, stream>>>(p);
+  fp8_wgmma_gemm_kernel<kTma><<<static_cast<unsigned>(ctas), kF8Threads, kF8SmemBytes, stream>>>(
+      p, map_a, map_b);
   err = cudaGetLastError();
   return true;
+}
+
+// FP8 v3 with TMA where both tensor maps can be made (p.v3_tma), else with cp.async.
+bool launch_fp8_wgmma(const Fp8GemmParams& p, cudaStream_t stream, cudaError_t& err) {
+  CUtensorMap map_a{}, map_b{};
+  if (p.v3_tma && encode_operand_map(map_a, p.a, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, p.m, kF8BM) &&
+      encode_operand_map(map_b, p.w, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, p.groups * p.n, kF8BN))
+    return launch_fp8_wgmma_variant<true>(p, map_a, map_b, stream, err);
+  return launch_fp8_wgmma_variant<false>(p, map_a, map_b, stream, err);
 }
 
 // FP8 tensor cores need a kernel built for sm_89+ (a compute_80 PTX build

@@ -125,6 +125,10 @@ struct Fp8GemmParams {
   // _fp8_cuda_kernel).
   int cuda_kernel = 1;
   bool built_sm90a = false;  // whether the build holds sm_90a code (v3)
+  // v3 loads its stages with TMA (tensor maps made per call; cp.async where one
+  // cannot be made) instead of cp.async: opt-in with DSK_FP8_TMA=1 until it has
+  // run on a GPU (bf16 v3 with TMA runs 1.5x its cp.async variant on an H100).
+  bool v3_tma = false;
 };
 
 void quantize_fp8_cpu(const QuantizeFp8Params& p);
