@@ -181,6 +181,12 @@ done
 # bf16 GEMM v1 / v2 / v3 (wgmma + TMA) / cuBLAS side by side; then v3 with cp.async copies.
 $PY bench/bench_gemm.py --device cuda --ab --out "$OUT" 2>&1 | tee "$OUT/bench-gemm-ab.log" | tail -20
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
+# Below a wave of v3's 128x256 tiles (1024^3: a quarter wave on an H100, 2048^3 about one),
+# where auto runs v1: the data for auto's threshold.
+mkdir -p "$OUT/gemm-ab-small"
+$PY bench/bench_gemm.py --device cuda --ab --square 1024 2048 --out "$OUT/gemm-ab-small" 2>&1 \
+  | tee "$OUT/bench-gemm-ab-small.log" | tail -8
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
 # FP8 v3 with TMA loads (opt-in, DSK_FP8_TMA=1): its rows, small bf16/int8 shapes.
 mkdir -p "$OUT/fp8-tma"
 DSK_FP8_TMA=1 $PY bench/bench_gemm.py --device cuda --square 1024 --int8 1024 1024 1024 --out "$OUT/fp8-tma" 2>&1 \
