@@ -190,7 +190,7 @@ def main_ab(args) -> int:
                "v2": "mma.sync, 128x256 tiles, 8 warps of 64x64, 5-stage cp.async, "
                      "double-buffered fragments",
                "v3": "wgmma m64n256k16 (sm_90a; v2 elsewhere), 128x256 tiles, 2 warpgroups, "
-                     "4-stage cp.async into 128B-swizzled shared memory"},
+                     "4 stages filled by TMA (cp.async with DSK_GEMM_TMA=0) in the 128B swizzle"},
         torch=torch.__version__, build=dk.build_info()))
     print(f"\nwrote {path}")
     return 0 if all(checks.values()) else 1
