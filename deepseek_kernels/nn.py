@@ -19,13 +19,15 @@ __all__ = ["MoELayer", "CrossAttention", "Linear", "FP8Linear", "Int8Linear"]
 
 def _autocast(*tensors: Optional[Tensor]):
     """Our ops are not autocast-aware: under torch.autocast, cast the floating inputs
-    to the autocast dtype here, as torch.nn.Linear's matmul would be."""
+    to the autocast dtype here, as torch.nn.Linear's matmul would be. The casts come
+    out contiguous (one pass over a transposed weight, which the ops would copy again)."""
     t0 = tensors[0]
     dev = t0.device.type
     if not torch.is_autocast_enabled(dev):
         return tensors
     dt = torch.get_autocast_dtype(dev)
-    return tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors)
+    return tuple(t.to(dt, memory_format=torch.contiguous_format)
+                 if t is not None and t.is_floating_point() else t for t in tensors)
 
 
 class _FP8GroupedFunction(torch.autograd.Function):
