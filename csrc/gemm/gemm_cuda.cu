@@ -785,8 +785,19 @@ __global__ void __launch_bounds__(kF8Threads, 1)
     __syncthreads();
   }
 
+  // Two partial-sum buffers: block kb's wgmma run into one while block kb - 1's
+  // sums (the other, complete after wait_group 1) are scaled into acc; the
+  // promotion order (kb ascending) is unchanged. part0 holds the even blocks,
+  // part1 the odd ones, and every loop iteration starts and ends with part0's
+  // wgmma in flight: ptxas keeps the wgmma asynchronous only when the in-flight
+  // set is the same around the loop (a loop body that alternates it is
+  // serialized: C7514). A stage is refilled kF8Prefetch blocks ahead, two blocks
+  // after its wgmma were issued, when every warpgroup has waited for them.
+  // (On an H100 with cp.async loads this ran as fast as waiting for each block's
+  // wgmma before its promotion: the loads bound that variant.)
+  constexpr int kF8Prefetch = kStagesF8 - 2;
 #pragma unroll
-  for (int s = 0; s < kStagesF8 - 1; ++s) {
+  for (int s = 0; s < kF8Prefetch; ++s) {
     if constexpr (kTma) {
       if (tid == 0 && s < p.k_blocks) load_stage(s, s);
     } else {
@@ -794,31 +805,31 @@ __global__ void __launch_bounds__(kF8Threads, 1)
       cp_async_commit();
     }
   }
-  float part[1][kF8BN / 8][4], acc[1][kF8BN / 8][4];
+  // part0/part1 need no zeroing: a block's first wgmma overwrites them (scale-d 0).
+  float part0[1][kF8BN / 8][4], part1[1][kF8BN / 8][4], acc[1][kF8BN / 8][4];
   zero_accumulators(acc);
-  zero_accumulators(part);
+  float scale0[3], scale1[3];  // a scales of the thread's two rows, then the w scale
 
-  for (int64_t kb = 0; kb < p.k_blocks; ++kb) {
-    const int64_t next = kb + kStagesF8 - 1;  // refills block kb - 1's stage
+  // Block kb: wait for its stage, read its scales, issue its wgmma into `part`,
+  // and refill block kb - 2's stage while they run.
+  auto begin_block = [&](int64_t kb, float (&part)[1][kF8BN / 8][4], float (&scale)[3]) {
+    const int64_t next = kb + kF8Prefetch;
     if constexpr (kTma) {
-      // Every warpgroup waited for block kb - 1's wgmma before this barrier, so its
-      // stage can be refilled; block kb is there once its stage's mbarrier
-      // completes phase kb / kStagesF8.
+      // Every warpgroup waited for block kb - 2's wgmma before this barrier; block
+      // kb is there once its stage's mbarrier completes phase kb / kStagesF8.
       __syncthreads();
       if (tid == 0 && next < p.k_blocks) load_stage(static_cast<int>(next % kStagesF8), next);
       mbar_wait(shared_addr(&stage_full[kb % kStagesF8]), static_cast<uint32_t>((kb / kStagesF8) & 1));
     } else {
-      cp_async_wait<kStagesF8 - 2>();  // as v3: block kb landed, handed to the async proxy
+      cp_async_wait<kF8Prefetch - 1>();  // as v3: block kb landed, handed to the async proxy
       fence_proxy_async();
       __syncthreads();
     }
-    // Block kb's scales, requested before its wgmma so their latency hides behind it.
-    const float w_scale = w_scales[kb];
-    float a_scales[2];
+    // Requested before the wgmma so their latency hides behind them.
+    scale[2] = w_scales[kb];
 #pragma unroll
     for (int half = 0; half < 2; ++half)
-      a_scales[half] = p.a_scales[min(warp_row0 + (lane >> 2) + half * 8, tile.row_end - 1) * p.k_blocks + kb];
-
+      scale[half] = p.a_scales[min(warp_row0 + (lane >> 2) + half * 8, tile.row_end - 1) * p.k_blocks + kb];
     const uint32_t stage = smem_base + static_cast<uint32_t>(kb % kStagesF8) * kF8StageBytes;
     const uint32_t sa = stage + warpgroup * 64 * kF8RowBytes, sb = stage + kF8BM * kF8RowBytes;
     pin_accumulators(part);
@@ -828,22 +839,40 @@ __global__ void __launch_bounds__(kF8Threads, 1)
       wgmma_m64n128k32_e4m3(part, wgmma_desc(sa + ks * 32), wgmma_desc(sb + ks * 32), ks > 0);
     wgmma_commit();
     if constexpr (!kTma) {
-      // The refill of block kb - 1's stage (its wgmma completed before the barrier)
-      // is issued while block kb's wgmma run.
       if (next < p.k_blocks) load_stage(static_cast<int>(next % kStagesF8), next);
       cp_async_commit();
     }
-    wgmma_wait<0>();
+  };
+  // acc += (part * a_scale) * w_scale once `part`'s wgmma are done (`wait` may
+  // leave the newer block's pending).
+  auto promote = [&](auto wait, float (&part)[1][kF8BN / 8][4], const float (&scale)[3]) {
+    wait();
     pin_accumulators(part);
-
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const float a_scale = a_scales[half];
+    for (int half = 0; half < 2; ++half)
 #pragma unroll
       for (int ni = 0; ni < kF8BN / 8; ++ni)
 #pragma unroll
         for (int j = 2 * half; j < 2 * half + 2; ++j)
-          acc[0][ni][j] = __fadd_rn(acc[0][ni][j], __fmul_rn(__fmul_rn(part[0][ni][j], a_scale), w_scale));
+          acc[0][ni][j] = __fadd_rn(acc[0][ni][j], __fmul_rn(__fmul_rn(part[0][ni][j], scale[half]), scale[2]));
+  };
+  const auto wait_older = [] { wgmma_wait<1>(); };
+  const auto wait_all = [] { wgmma_wait<0>(); };
+  if (p.k_blocks > 0) {
+    begin_block(0, part0, scale0);
+    int64_t kb = 1;
+    for (; kb + 1 < p.k_blocks; kb += 2) {
+      begin_block(kb, part1, scale1);
+      promote(wait_older, part0, scale0);
+      begin_block(kb + 1, part0, scale0);
+      promote(wait_older, part1, scale1);
+    }
+    if (kb < p.k_blocks) {  // an even number of blocks: the last is odd
+      begin_block(kb, part1, scale1);
+      promote(wait_older, part0, scale0);
+      promote(wait_all, part1, scale1);
+    } else {
+      promote(wait_all, part0, scale0);
     }
   }
   if constexpr (!kTma) cp_async_wait<0>();
