@@ -63,6 +63,7 @@ smoke_family() {
     gemm-tc) echo "tests/test_gemm.py|(tensor_core or int8 or versions or fp8_grouped_gemm_cuda) and not v3|" ;;
     gemm-v3-cp-async) echo "tests/test_gemm.py|v3 or versions|DSK_GEMM_TMA=0" ;;
     fp8-tma) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_TMA=1" ;;
+    attention-bwd-unordered) echo "tests/test_attention.py|bwd_kernels_match_reference and bwd_v2|DSK_ATTENTION_BWD_UNORDERED=1" ;;
     gemm) echo "tests/test_gemm.py|not v3 and not tensor_core and not int8 and not versions and not fp8_grouped_gemm_cuda|" ;;
     moe-v2) echo "tests/test_moe.py|v2|" ;;
     moe) echo "tests/test_moe.py|not v2|" ;;
@@ -72,7 +73,7 @@ smoke_family() {
     *) return 1 ;;
   esac
 }
-SMOKE_ALL="fp8-tma attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 graphs attention gemm moe quant rest gemm-v3-cp-async"
+SMOKE_ALL="fp8-tma attention-bwd-unordered attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 graphs attention gemm moe quant rest gemm-v3-cp-async"
 smoke_run() {  # one family, in the background's own process; its summary line goes to smoke-NAME.sum
   local spec files kexpr envs
   spec=$(smoke_family "$1") || { echo "$1: unknown family" >"$OUT/smoke-$1.sum"; return; }
@@ -198,6 +199,12 @@ DSK_GEMM_TMA=0 $PY bench/bench_gemm.py --device cuda --ab --out "$OUT/gemm-v3-cp
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 # Attention forward and backward v1 / v2 / SDPA flash side by side.
 $PY bench/bench_attention.py --device cuda --ab --out "$OUT" 2>&1 | tee "$OUT/bench-attention-ab.log" | tail -20
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+# Backward v2 with its dq adds in any order (DSK_ATTENTION_BWD_UNORDERED=1, not
+# deterministic): what the deterministic turns cost.
+mkdir -p "$OUT/attention-bwd-unordered"
+DSK_ATTENTION_BWD_UNORDERED=1 $PY bench/bench_attention.py --device cuda --ab \
+  --out "$OUT/attention-bwd-unordered" 2>&1 | tee "$OUT/bench-attention-ab-unordered.log" | tail -6
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 
 step "model: the demo on the GPU"

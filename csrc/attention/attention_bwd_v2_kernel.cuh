@@ -205,7 +205,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_dq_kernel(const AttnParams p
           mma16816<T>(part[2 * n2 + 1], a, bf[2], bf[3]);
         }
       }
-      if (c == 0) {
+      if (c == 0 && p.dq_in_turns) {
         if (tid == 0) {
           while (load_acquire(sem) != turn) {
           }
@@ -231,7 +231,7 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_dq_kernel(const AttnParams p
     // release (cooperative groups' grid sync: bar.sync, fence, release), which
     // hands the tile to key tile jt - 1.
     __syncthreads();
-    if (tid == 0) {
+    if (tid == 0 && p.dq_in_turns) {
       __threadfence();
       store_release(sem, turn + 1);
     }

@@ -63,6 +63,11 @@ struct AttnParams {
   // out like dq, and attention_bwd_v2_semaphores(p) counters.
   float* dq_accum = nullptr;
   int32_t* dq_semaphores = nullptr;
+  // v2's key tiles add into dq_accum in turns (deterministic). false (the
+  // environment variable DSK_ATTENTION_BWD_UNORDERED=1, read once): in any order,
+  // as FlashAttention-2's atomics do, so the bits may change from run to run; a
+  // measurement knob (what the turns cost), not an option of the ops.
+  bool dq_in_turns = true;
 };
 
 // Sample b's first row and length; the padded layout is varlen with fixed lengths.
