@@ -20,6 +20,9 @@
 //   from a ticket counter, highest tile first, so a CTA's predecessor (tile
 //   j + 1) has always started: no deadlock, whatever order the hardware
 //   schedules CTAs in.
+//   AttnParams::dq_in_turns false (DSK_ATTENTION_BWD_UNORDERED=1) skips the
+//   turns: the adds land in any order, as FlashAttention-2's atomics (a knob
+//   to measure what the turns cost; the bits then change from run to run).
 // - 128 keys per CTA (8 warps of 16 keys, as v1's warps) so that the dq_accum
 //   traffic per FLOP is half what 64-key CTAs would make.
 // - A last elementwise kernel writes dq = T(dq_accum * softmax_scale).
