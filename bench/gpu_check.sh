@@ -63,6 +63,7 @@ smoke_family() {
     gemm-tc) echo "tests/test_gemm.py|(tensor_core or int8 or versions or fp8_grouped_gemm_cuda) and not v3|" ;;
     gemm-v3-cp-async) echo "tests/test_gemm.py|v3 or versions|DSK_GEMM_TMA=0" ;;
     fp8-tma) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_TMA=1" ;;
+    moe-pdl) echo "tests/test_moe.py tests/test_cuda_graphs.py|gating or moe|DSK_MOE_PDL=1" ;;
     attention-bwd-unordered) echo "tests/test_attention.py|bwd_kernels_match_reference and bwd_v2|DSK_ATTENTION_BWD_UNORDERED=1" ;;
     gemm) echo "tests/test_gemm.py|not v3 and not tensor_core and not int8 and not versions and not fp8_grouped_gemm_cuda|" ;;
     moe-v2) echo "tests/test_moe.py|v2|" ;;
@@ -73,7 +74,7 @@ smoke_family() {
     *) return 1 ;;
   esac
 }
-SMOKE_ALL="fp8-tma attention-bwd-unordered attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 graphs attention gemm moe quant rest gemm-v3-cp-async"
+SMOKE_ALL="fp8-tma moe-pdl attention-bwd-unordered attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 graphs attention gemm moe quant rest gemm-v3-cp-async"
 smoke_run() {  # one family, in the background's own process; its summary line goes to smoke-NAME.sum
   local spec files kexpr envs
   spec=$(smoke_family "$1") || { echo "$1: unknown family" >"$OUT/smoke-$1.sum"; return; }
@@ -141,10 +142,11 @@ sanitize() {  # name, test file, -k expression, then optional VAR=value (e.g. a 
 if [ "${SKIP_SANITIZER:-0}" = 1 ]; then echo "skipped (SKIP_SANITIZER=1)"
 elif command -v compute-sanitizer >/dev/null; then
   # The *-v2 runs force the newer kernel generation of a family for every test.
-  for fam in ${SANITIZE_FAMILIES:-fp8-tma quant moe moe-v1 gemm gemm-v2 gemm-v3 fp8-v2 int8-v1 attention attention-v2 attention-v3 attention-bwd-v2}; do
+  for fam in ${SANITIZE_FAMILIES:-fp8-tma moe-pdl quant moe moe-v1 gemm gemm-v2 gemm-v3 fp8-v2 int8-v1 attention attention-v2 attention-v3 attention-bwd-v2}; do
     case $fam in
       quant) sanitize quant tests/test_quant.py "matches_reference and not 1024 or nonfinite or bad_inputs or agree" ;;
       moe) sanitize moe tests/test_moe.py "matches_reference or shapes or nonfinite or empty or agree" ;;
+      moe-pdl) sanitize moe-pdl tests/test_moe.py "matches_reference or shapes or nonfinite or empty or agree" DSK_MOE_PDL=1 ;;
       moe-v1) sanitize moe-v1 tests/test_moe.py "matches_reference or shapes or nonfinite or empty or agree" DSK_MOE_KERNEL=v1 ;;
       gemm) sanitize gemm tests/test_gemm.py "${SANITIZE_K_GEMM:-not 8192 and not large}" ;;
       gemm-v3) sanitize gemm-v3 tests/test_gemm.py "v3 or versions" ;;  # TMA and wgmma (forced by the tests)
@@ -168,6 +170,11 @@ step "benchmarks"
 $PY bench/bench_quant.py --device cuda ${QUANT_BENCH_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 $PY bench/bench_moe.py --device cuda ${MOE_BENCH_ARGS:---profile} --out "$OUT" 2>&1 | tee "$OUT/bench-moe.log" | tail -20
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+# Gating with its later kernels as programmatic dependent launches (DSK_MOE_PDL=1, opt-in).
+mkdir -p "$OUT/moe-pdl"
+DSK_MOE_PDL=1 $PY bench/bench_moe.py --device cuda --profile --no-ref --no-compile --out "$OUT/moe-pdl" 2>&1 \
+  | tee "$OUT/bench-moe-pdl.log" | grep -A6 "^stage"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 # The first MoE gating kernels (v1; v2 is the default), timed the same way (own results file).
 mkdir -p "$OUT/moe-v1"

@@ -17,4 +17,17 @@ int multiprocessor_count() {
   return cached[device];
 }
 
+bool device_has_dependent_launch() {
+  constexpr int kMaxDevices = 64;
+  static int cached[kMaxDevices] = {0};  // 0 unknown, 1 no, 2 yes
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return false;
+  if (cached[device] == 0) {
+    int major = 0;
+    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess;
+    cached[device] = ok && major >= 9 ? 2 : 1;  // benign race, as above
+  }
+  return cached[device] == 2;
+}
+
 }  // namespace dsk

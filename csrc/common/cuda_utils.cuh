@@ -59,6 +59,37 @@ __device__ __forceinline__ uint32_t warp_max(uint32_t v) {
 // Number of multiprocessors of the current device, cached per device.
 int multiprocessor_count();
 
+// Programmatic dependent launch (sm_90+): a kernel launched by launch_dependent
+// with `dependent` true may start while the stream's previous kernel finishes
+// (its launch overlaps the other's tail). Such a kernel must call
+// wait_for_preceding_grid() before its first global memory access: it returns
+// once the previous kernel has completed and its writes are visible (at once for
+// a kernel launched the usual way, and below sm_90).
+__device__ __forceinline__ void wait_for_preceding_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// Whether the current device can launch dependent kernels early (cc 9.0+), cached.
+bool device_has_dependent_launch();
+
+template <typename... Params, typename... Args>
+cudaError_t launch_dependent(bool dependent, void (*kernel)(Params...), dim3 grid, dim3 block,
+                             size_t smem, cudaStream_t stream, Args... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = dependent ? attr : nullptr;
+  config.numAttrs = dependent ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+}
+
 // A grid of at most `waves` blocks per multiprocessor (kernels use grid-stride
 // loops), and at least one block.
 inline int64_t grid_size(int64_t work_items, int64_t threads_per_block, int64_t waves = 16) {

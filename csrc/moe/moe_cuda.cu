@@ -313,6 +313,7 @@ constexpr int kScanGroups = kScanThreads / kScanTile;  // 128 chunk ranges per e
 
 __global__ void __launch_bounds__(kScanThreads) gating_scan_kernel(GatingParams g, Workspace ws,
                                                                    int64_t nchunks) {
+  wait_for_preceding_grid();  // may be a dependent launch (launch_gating)
   __shared__ int32_t scan[kScanGroups][kScanTile];
   __shared__ float lanes[kMeanLanes][kScanTile];
   const int ex = threadIdx.x % kScanTile, q = threadIdx.x / kScanTile;
@@ -362,6 +363,7 @@ __global__ void __launch_bounds__(kScanThreads) gating_scan_kernel(GatingParams 
 constexpr int kOffsetsThreads = 1024;
 
 __global__ void __launch_bounds__(kOffsetsThreads) offsets_kernel(GatingParams g, Workspace ws) {
+  wait_for_preceding_grid();  // may be a dependent launch (launch_gating)
   __shared__ int32_t scan[kOffsetsThreads];
   const int i = threadIdx.x;
   const int32_t mine = i < g.E ? g.routed_counts[i] : 0;
@@ -378,6 +380,7 @@ __global__ void __launch_bounds__(kOffsetsThreads) offsets_kernel(GatingParams g
 }
 
 __global__ void gating_slots_kernel(GatingParams g, Workspace ws) {
+  wait_for_preceding_grid();  // may be a dependent launch (launch_gating)
   const int64_t n = g.T * g.k;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
@@ -396,6 +399,7 @@ __global__ void gating_slots_kernel(GatingParams g, Workspace ws) {
 constexpr int kDropThreads = 256;
 
 __global__ void __launch_bounds__(kDropThreads) probability_drop_kernel(GatingParams g, Workspace ws) {
+  wait_for_preceding_grid();  // may be a dependent launch (launch_gating)
   __shared__ int32_t scan[kDropThreads];
   __shared__ int32_t carry;
   const int64_t e = blockIdx.x;
@@ -849,6 +853,7 @@ static_assert(kScanV2Ranges == 8 * 16, "warp 0 finishes the tree with 16 lanes p
 
 __global__ void __launch_bounds__(kScanV2Threads)
     gating_scan_v2_kernel(GatingParams g, Workspace ws, int64_t nchunks) {
+  wait_for_preceding_grid();  // may be a dependent launch (launch_gating)
   __shared__ int32_t warp_total[kScanV2Warps][kScanV2Experts];
   __shared__ float half_lanes[kScanV2Ranges][kScanV2Experts];  // mean lanes after the first level
   const int ex = threadIdx.x % kScanV2Experts, q = threadIdx.x / kScanV2Experts;
@@ -969,22 +974,29 @@ cudaError_t launch_gating(const GatingParams& g, cudaStream_t stream) {
     else err = cudaErrorInvalidValue;  // moe_api.cpp enforces E <= 1024
     if (err != cudaSuccess) return err;
   }
-  if (v2)
-    gating_scan_v2_kernel<<<(g.E + kScanV2Experts - 1) / kScanV2Experts, kScanV2Threads, 0, stream>>>(
-        g, ws, nchunks);
-  else
-    gating_scan_kernel<<<(g.E + kScanTile - 1) / kScanTile, kScanThreads, 0, stream>>>(g, ws, nchunks);
-  cudaError_t err = cudaGetLastError();
+  // The kernels after the first wait for their predecessor in the stream
+  // (wait_for_preceding_grid); as dependent launches they start during its tail.
+  const bool dep = g.dependent_launch && device_has_dependent_launch();
+  const unsigned scan_blocks = static_cast<unsigned>(
+      v2 ? (g.E + kScanV2Experts - 1) / kScanV2Experts : (g.E + kScanTile - 1) / kScanTile);
+  cudaError_t err = v2 ? launch_dependent(dep, gating_scan_v2_kernel, scan_blocks, kScanV2Threads, 0,
+                                          stream, g, ws, nchunks)
+                       : launch_dependent(dep, gating_scan_kernel, scan_blocks, kScanThreads, 0, stream,
+                                          g, ws, nchunks);
   if (err != cudaSuccess) return err;
   const bool prob = g.drop_probability && g.capacity >= 0;
-  if (prob) {
-    offsets_kernel<<<1, kOffsetsThreads, 0, stream>>>(g, ws);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  }
+  if (prob && (err = launch_dependent(dep, offsets_kernel, 1, kOffsetsThreads, 0, stream, g, ws)) !=
+                  cudaSuccess)
+    return err;
   if (g.T > 0) {
-    gating_slots_kernel<<<grid_size(g.T * g.k, 256), 256, 0, stream>>>(g, ws);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    if (prob) probability_drop_kernel<<<g.E, kDropThreads, 0, stream>>>(g, ws);
+    const unsigned slot_blocks = static_cast<unsigned>(grid_size(g.T * g.k, 256));
+    if ((err = launch_dependent(dep, gating_slots_kernel, slot_blocks, 256, 0, stream, g, ws)) !=
+        cudaSuccess)
+      return err;
+    if (prob &&
+        (err = launch_dependent(dep, probability_drop_kernel, static_cast<unsigned>(g.E), kDropThreads,
+                                0, stream, g, ws)) != cudaSuccess)
+      return err;
   }
   return cudaGetLastError();
 }

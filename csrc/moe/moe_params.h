@@ -52,6 +52,10 @@ struct GatingParams {
   // bitwise the same results). Filled by the glue from
   // DSK_MOE_KERNEL (v1/1 or v2/2, read once) or the private op _moe_cuda_kernel.
   int cuda_kernel = 1;
+  // CUDA: launch the kernels after the first as programmatic dependent launches
+  // (sm_90+; cuda_utils.cuh), so each one's launch overlaps the previous one's
+  // tail. Opt-in (DSK_MOE_PDL=1, read once by the glue): not yet run on a GPU.
+  bool dependent_launch = false;
 };
 
 // Rows of expert-major buffers: choice (t, j) with expert e and slot s >= 0 is
