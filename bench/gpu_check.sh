@@ -14,16 +14,19 @@
 # QUANT_BENCH_ARGS=--ab (v1/v2 A/B only), MOE_BENCH_ARGS (default --profile),
 # SKIP_DEMO=1; DSK_DIGITS_CSV=digits.csv.gz where scikit-learn is missing.
 #
-# One call does not fit a 10-minute device command. Calls that do (each its own OUT):
+# One call does not fit a 10-minute device command. Calls that do (each its own OUT;
+# session 6 on an H100: 1. took 2.2 min without the demo, 2. ran out at 9.4 min with two
+# memcheck families left, 3. took 8 min with the demo):
 #   1. build + the CUDA tests split into families, each in its own process (a kernel
 #      that faults poisons its process's CUDA context, one that hangs stalls it), SMOKE_JOBS
-#      at a time, so one broken kernel cannot hide the others' results:
+#      at a time, so one broken kernel cannot hide the others' results, + the demo:
 #      SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 SKIP_BENCH=1 bash bench/gpu_check.sh OUT
-#   2. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_BENCH=1 SANITIZE_FAMILIES="..." (past 2^31
-#      and memcheck; the newest kernels first: fp8-tma gemm-v3 gemm-v2 fp8-v2 int8-v1 moe-v1
-#      attention-v3 attention-bwd-v2)
-#   3. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 (benchmarks,
-#      A/B runs, demo)
+#   2. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_BENCH=1 SKIP_DEMO=1 SANITIZE_FAMILIES="..."
+#      (past 2^31 and memcheck; the newest kernels first: fp8-tma moe-pdl gemm-v3 gemm-v2
+#      fp8-v2 int8-v1 moe-v1 attention-v3 attention-bwd-v2)
+#   3. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 SKIP_DEMO=1
+#      (benchmarks and A/B runs)
+# The device tool returns few files: tar OUT.
 # SMOKE_FAMILIES picks families of step 1 (default: all, listed in smoke_family below);
 # the whole suite in one process (CPU tests too) is the tests step (SKIP_TESTS=0).
 # A machine kept warm between calls keeps the build (ignored build outputs stay).
@@ -165,59 +168,61 @@ else
 fi
 
 step "benchmarks"
-[ "${SKIP_BENCH:-0}" = 1 ] && { echo "skipped (SKIP_BENCH=1)"; exit $status; }
+if [ "${SKIP_BENCH:-0}" = 1 ]; then echo "skipped (SKIP_BENCH=1)"; else
 
-$PY bench/bench_quant.py --device cuda ${QUANT_BENCH_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
-$PY bench/bench_moe.py --device cuda ${MOE_BENCH_ARGS:---profile} --out "$OUT" 2>&1 | tee "$OUT/bench-moe.log" | tail -20
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
-# Gating with its later kernels as programmatic dependent launches (DSK_MOE_PDL=1, opt-in).
-mkdir -p "$OUT/moe-pdl"
-DSK_MOE_PDL=1 $PY bench/bench_moe.py --device cuda --profile --no-ref --no-compile --out "$OUT/moe-pdl" 2>&1 \
-  | tee "$OUT/bench-moe-pdl.log" | grep -A6 "^stage"
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
-# The first MoE gating kernels (v1; v2 is the default), timed the same way (own results file).
-mkdir -p "$OUT/moe-v1"
-DSK_MOE_KERNEL=v1 $PY bench/bench_moe.py --device cuda ${MOE_BENCH_ARGS:---profile} --out "$OUT/moe-v1" 2>&1 \
-  | tee "$OUT/bench-moe-v1.log" | tail -20
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
-for b in gemm attention; do
-  [ -f bench/bench_$b.py ] || continue
-  $PY bench/bench_$b.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench-$b.log" | tail -40
+  $PY bench/bench_quant.py --device cuda ${QUANT_BENCH_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
-done
-# bf16 GEMM v1 / v2 / v3 (wgmma + TMA) / cuBLAS side by side; then v3 with cp.async copies.
-$PY bench/bench_gemm.py --device cuda --ab --out "$OUT" 2>&1 | tee "$OUT/bench-gemm-ab.log" | tail -20
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
-# Below a wave of v3's 128x256 tiles (1024^3: a quarter wave on an H100, 2048^3 about one),
-# where auto runs v1: the data for auto's threshold.
-mkdir -p "$OUT/gemm-ab-small"
-$PY bench/bench_gemm.py --device cuda --ab --square 1024 2048 --out "$OUT/gemm-ab-small" 2>&1 \
-  | tee "$OUT/bench-gemm-ab-small.log" | tail -8
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
-# FP8 v3 with TMA loads (opt-in, DSK_FP8_TMA=1): its rows, small bf16/int8 shapes.
-mkdir -p "$OUT/fp8-tma"
-DSK_FP8_TMA=1 $PY bench/bench_gemm.py --device cuda --square 1024 --int8 1024 1024 1024 --out "$OUT/fp8-tma" 2>&1 \
-  | tee "$OUT/bench-gemm-fp8-tma.log" | grep "fp8" | tail -8
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
-mkdir -p "$OUT/gemm-v3-cp-async"
-DSK_GEMM_TMA=0 $PY bench/bench_gemm.py --device cuda --ab --out "$OUT/gemm-v3-cp-async" 2>&1 \
-  | tee "$OUT/bench-gemm-ab-cp-async.log" | tail -8
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
-# Attention forward and backward v1 / v2 / SDPA flash side by side.
-$PY bench/bench_attention.py --device cuda --ab --out "$OUT" 2>&1 | tee "$OUT/bench-attention-ab.log" | tail -20
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
-# Backward v2 with its dq adds in any order (DSK_ATTENTION_BWD_UNORDERED=1, not
-# deterministic): what the deterministic turns cost.
-mkdir -p "$OUT/attention-bwd-unordered"
-DSK_ATTENTION_BWD_UNORDERED=1 $PY bench/bench_attention.py --device cuda --ab \
-  --out "$OUT/attention-bwd-unordered" 2>&1 | tee "$OUT/bench-attention-ab-unordered.log" | tail -6
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
+  $PY bench/bench_moe.py --device cuda ${MOE_BENCH_ARGS:---profile} --out "$OUT" 2>&1 | tee "$OUT/bench-moe.log" | tail -20
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  # Gating with its later kernels as programmatic dependent launches (DSK_MOE_PDL=1, opt-in).
+  mkdir -p "$OUT/moe-pdl"
+  DSK_MOE_PDL=1 $PY bench/bench_moe.py --device cuda --profile --no-ref --no-compile --out "$OUT/moe-pdl" 2>&1 \
+    | tee "$OUT/bench-moe-pdl.log" | grep -A6 "^stage"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  # The first MoE gating kernels (v1; v2 is the default), timed the same way (own results file).
+  mkdir -p "$OUT/moe-v1"
+  DSK_MOE_KERNEL=v1 $PY bench/bench_moe.py --device cuda ${MOE_BENCH_ARGS:---profile} --out "$OUT/moe-v1" 2>&1 \
+    | tee "$OUT/bench-moe-v1.log" | tail -20
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  for b in gemm attention; do
+    [ -f bench/bench_$b.py ] || continue
+    $PY bench/bench_$b.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench-$b.log" | tail -40
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  done
+  # bf16 GEMM v1 / v2 / v3 (wgmma + TMA) / cuBLAS side by side; then v3 with cp.async copies.
+  $PY bench/bench_gemm.py --device cuda --ab --out "$OUT" 2>&1 | tee "$OUT/bench-gemm-ab.log" | tail -20
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  # Below a wave of v3's 128x256 tiles (1024^3: a quarter wave on an H100, 2048^3 about one),
+  # where auto runs v1: the data for auto's threshold.
+  mkdir -p "$OUT/gemm-ab-small"
+  $PY bench/bench_gemm.py --device cuda --ab --square 1024 2048 --out "$OUT/gemm-ab-small" 2>&1 \
+    | tee "$OUT/bench-gemm-ab-small.log" | tail -8
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  # FP8 v3 with TMA loads (opt-in, DSK_FP8_TMA=1): its rows, small bf16/int8 shapes.
+  mkdir -p "$OUT/fp8-tma"
+  DSK_FP8_TMA=1 $PY bench/bench_gemm.py --device cuda --square 1024 --int8 1024 1024 1024 --out "$OUT/fp8-tma" 2>&1 \
+    | tee "$OUT/bench-gemm-fp8-tma.log" | grep "fp8" | tail -8
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  mkdir -p "$OUT/gemm-v3-cp-async"
+  DSK_GEMM_TMA=0 $PY bench/bench_gemm.py --device cuda --ab --out "$OUT/gemm-v3-cp-async" 2>&1 \
+    | tee "$OUT/bench-gemm-ab-cp-async.log" | tail -8
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  # Attention forward and backward v1 / v2 / SDPA flash side by side.
+  $PY bench/bench_attention.py --device cuda --ab --out "$OUT" 2>&1 | tee "$OUT/bench-attention-ab.log" | tail -20
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  # Backward v2 with its dq adds in any order (DSK_ATTENTION_BWD_UNORDERED=1, not
+  # deterministic): what the deterministic turns cost.
+  mkdir -p "$OUT/attention-bwd-unordered"
+  DSK_ATTENTION_BWD_UNORDERED=1 $PY bench/bench_attention.py --device cuda --ab \
+    --out "$OUT/attention-bwd-unordered" 2>&1 | tee "$OUT/bench-attention-ab-unordered.log" | tail -6
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
 
 step "model: the demo on the GPU"
-[ "${SKIP_DEMO:-0}" = 1 ] && { echo "skipped (SKIP_DEMO=1)"; exit $status; }
-$PY -m model.train --device cuda --precision bf16 --out "$OUT/demo" --no-progress 2>&1 | tee "$OUT/demo.log" | tail -5
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
+if [ "${SKIP_DEMO:-0}" = 1 ]; then echo "skipped (SKIP_DEMO=1)"; else
+  $PY -m model.train --device cuda --precision bf16 --out "$OUT/demo" --no-progress 2>&1 | tee "$OUT/demo.log" | tail -5
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
 
 step "done: status $status"
 exit $status
