@@ -12,7 +12,8 @@
 # moe moe-v1 gemm gemm-v2 gemm-v3 fp8-v2 fp8-tma int8-v1 attention attention-v2 attention-v3
 # attention-bwd-v2" (the -vN runs: that generation forced), SKIP_BENCH=1,
 # QUANT_BENCH_ARGS=--ab (v1/v2 A/B only), MOE_BENCH_ARGS (default --profile),
-# SKIP_DEMO=1; DSK_DIGITS_CSV=digits.csv.gz where scikit-learn is missing.
+# SKIP_DEMO=1, PROFILE=1 (ncu, PROFILE_TARGETS); DSK_DIGITS_CSV=digits.csv.gz where
+# scikit-learn is missing.
 #
 # One call does not fit a 10-minute device command. Calls that do (each its own OUT;
 # session 6 on an H100: 1. took 2.2 min without the demo, 2. ran out at 9.4 min with two
@@ -26,6 +27,8 @@
 #      fp8-v2 int8-v1 moe-v1 attention-v3 attention-bwd-v2)
 #   3. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 SKIP_DEMO=1
 #      (benchmarks and A/B runs)
+#   4. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 SKIP_BENCH=1
+#      SKIP_DEMO=1 PROFILE=1 (ncu over bench/profile_targets.py; PROFILE_TARGETS picks)
 # The device tool returns few files: tar OUT.
 # SMOKE_FAMILIES picks families of step 1 (default: all, listed in smoke_family below);
 # the whole suite in one process (CPU tests too) is the tests step (SKIP_TESTS=0).
@@ -216,6 +219,25 @@ if [ "${SKIP_BENCH:-0}" = 1 ]; then echo "skipped (SKIP_BENCH=1)"; else
   DSK_ATTENTION_BWD_UNORDERED=1 $PY bench/bench_attention.py --device cuda --ab \
     --out "$OUT/attention-bwd-unordered" 2>&1 | tee "$OUT/bench-attention-ab-unordered.log" | tail -6
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+
+step "Nsight Compute profiles of the kernels short of their targets (PROFILE=1)"
+# One call of each target (bench/profile_targets.py) under ncu, clocks left alone;
+# the full sections go to ncu*.csv, a summary per kernel to the log.
+if [ "${PROFILE:-0}" != 1 ]; then echo "skipped (PROFILE=1 runs it)"
+elif ! command -v ncu >/dev/null; then echo "ncu not found: skipped"
+else
+  NCU="ncu --clock-control none --nvtx --nvtx-include profile/ --section SpeedOfLight --section Occupancy
+       --section LaunchStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --csv --page details"
+  # shellcheck disable=SC2086
+  timeout ${PROFILE_TIMEOUT:-420} $NCU $PY bench/profile_targets.py ${PROFILE_TARGETS:+--targets $PROFILE_TARGETS} \
+    >"$OUT/ncu.csv" 2>"$OUT/ncu.err" || { echo "ncu run failed (rc $?)"; tail -5 "$OUT/ncu.err"; status=1; }
+  # shellcheck disable=SC2086
+  DSK_FP8_TMA=1 timeout ${PROFILE_TIMEOUT:-420} $NCU $PY bench/profile_targets.py --targets fp8 \
+    >"$OUT/ncu-fp8-tma.csv" 2>"$OUT/ncu-fp8-tma.err" || { echo "ncu run (FP8 TMA) failed"; status=1; }
+  for f in ncu ncu-fp8-tma; do
+    echo "-- $f"; $PY bench/profile_targets.py --summarize "$OUT/$f.csv" | tee "$OUT/$f-summary.txt"
+  done
 fi
 
 step "model: the demo on the GPU"

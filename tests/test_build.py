@@ -108,3 +108,42 @@ def test_wrappers_skip_the_autograd_layer_only_when_no_gradient_can_flow(monkeyp
     with torch.no_grad():  # inputs need gradients, grad mode is off: the fast path
         out = O.gemm(a, w)
     assert entered == [1] and not out.requires_grad
+
+
+def test_profile_targets_summary(tmp_path):
+    """bench/profile_targets.py --summarize reads ncu's --csv --page details output
+    (log lines mixed in) into one row per kernel launch; a CSV without those
+    metrics says so instead of printing an empty table."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "profile_targets.py"
+    spec = importlib.util.spec_from_file_location("profile_targets", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    header = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream",'
+              '"Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit",'
+              '"Metric Value"\n')
+
+    def line(i, kernel, section, metric, unit, value):
+        return (f'"{i}","1","python3","h","{kernel}","1","7","(256, 1, 1)","(512, 1, 1)","0","9.0",'
+                f'"{section}","{metric}","{unit}","{value}"\n')
+
+    csv_text = ("==PROF== Connected to process 1\n" + header
+                + line(0, "wgmma_gemm_kernel", "GPU Speed Of Light Throughput", "Duration", "us", "203.1")
+                + line(0, "wgmma_gemm_kernel", "GPU Speed Of Light Throughput", "Compute (SM) Throughput", "%", "88.2")
+                + line(0, "wgmma_gemm_kernel", "GPU Speed Of Light Throughput", "Elapsed Cycles", "cycle", "1")
+                + line(1, "gating_rows_v2_kernel", "Occupancy", "Achieved Occupancy", "%", "61.5")
+                + "==PROF== Disconnected from process 1\n")
+    (tmp_path / "ncu.csv").write_text(csv_text)
+    table = mod.summarize(str(tmp_path / "ncu.csv")).splitlines()
+    assert len(table) == 2
+    assert "wgmma_gemm_kernel" in table[0] and "time: 203.1 us" in table[0] and "SM %: 88.2 %" in table[0]
+    assert "Elapsed" not in table[0] and "occupancy %: -" in table[0]
+    assert "gating_rows_v2_kernel" in table[1] and "occupancy %: 61.5 %" in table[1]
+    (tmp_path / "empty.csv").write_text(header)
+    assert "no kernel metrics" in mod.summarize(str(tmp_path / "empty.csv"))
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown target"):
+        mod._target("nope")
