@@ -77,6 +77,10 @@ bool device_has_dependent_launch();
 template <typename... Params, typename... Args>
 cudaError_t launch_dependent(bool dependent, void (*kernel)(Params...), dim3 grid, dim3 block,
                              size_t smem, cudaStream_t stream, Args... args) {
+  if (!dependent) {  // the usual launch
+    kernel<<<grid, block, smem, stream>>>(static_cast<Params>(args)...);
+    return cudaGetLastError();
+  }
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
@@ -85,8 +89,8 @@ cudaError_t launch_dependent(bool dependent, void (*kernel)(Params...), dim3 gri
   config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  config.attrs = dependent ? attr : nullptr;
-  config.numAttrs = dependent ? 1 : 0;
+  config.attrs = attr;
+  config.numAttrs = 1;
   return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
 }
 
