@@ -43,9 +43,14 @@ void set_cuda_kernel(GemmParams& p) {
     const char* e = std::getenv("DSK_GEMM_TMA");
     return e == nullptr || std::string(e) != "0";
   }();
+  static const bool skip_empty_rows = [] {
+    const char* e = std::getenv("DSK_GEMM_SKIP_EMPTY_ROWS");
+    return e != nullptr && std::string(e) == "1";
+  }();
   p.cuda_kernel = gemm_kernel_choice().get();
   p.built_sm90a = built_for_cuda_arch("sm_90a");
   p.v3_tma = tma;
+  p.v3_skip_empty_rows = skip_empty_rows;
 }
 #endif
 

@@ -632,6 +632,10 @@ __global__ void __launch_bounds__(kV3Threads, 1)
   const T* __restrict__ b = static_cast<const T*>(p.b) + tile.group * p.n * p.k;
   const int tid = threadIdx.x, warpgroup = tid / 128, warp_in_group = (tid % 128) / 32;
   const int64_t k_tiles = (p.k + kV3BK - 1) / kV3BK;
+  // A warpgroup whose 64 rows all lie past the tile's rows (a group's short last
+  // tile) issues no wgmma with p.v3_skip_empty_rows: the other one then has the
+  // tensor cores to itself. Warpgroup-uniform; it still copies and synchronizes.
+  const bool wg_rows = !p.v3_skip_empty_rows || m0 + warpgroup * 64 < tile.row_end;
 
   // Stage `stage` <- K tile kt: cp.async by every thread (K % 8 == 0: whole
   // chunks), or TMA by thread 0 (the caller), completing the stage's mbarrier.
@@ -695,12 +699,14 @@ __global__ void __launch_bounds__(kV3Threads, 1)
 
     const uint32_t stage = smem_base + static_cast<uint32_t>(kt % kStagesV3) * kV3StageBytes;
     const uint32_t sa = stage + warpgroup * 64 * kV3RowBytes, sb = stage + kV3BM * kV3RowBytes;
-    pin_accumulators(acc);
-    wgmma_fence();
+    if (wg_rows) {
+      pin_accumulators(acc);
+      wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < kV3BK / 16; ++ks)
-      wgmma_m64n256k16<T>(acc, wgmma_desc(sa + ks * 32), wgmma_desc(sb + ks * 32));
-    wgmma_commit();
+      for (int ks = 0; ks < kV3BK / 16; ++ks)
+        wgmma_m64n256k16<T>(acc, wgmma_desc(sa + ks * 32), wgmma_desc(sb + ks * 32));
+      wgmma_commit();
+    }
     if constexpr (!kTma) {
       // The copies are issued while this tile's wgmma run (the stage they refill
       // is not read by any wgmma in flight).

@@ -49,6 +49,10 @@ struct GemmParams {
   // v3 loads its tiles with TMA (tensor maps made per call; cp.async where one
   // cannot be made): the glue's default, DSK_GEMM_TMA=0 turns it off.
   bool v3_tma = true;
+  // v3 skips the wgmma of a warpgroup with no rows in its tile (a group's last
+  // tile of at most 64 rows: about half the groups at DeepSeek-V3 expert shapes).
+  // Opt-in (DSK_GEMM_SKIP_EMPTY_ROWS=1, read once): not yet run on a GPU.
+  bool v3_skip_empty_rows = false;
 };
 
 // The generation new GEMM params get: 1, 2 or 3 (forced), or kGemmKernelAuto (the
