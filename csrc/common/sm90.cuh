@@ -105,6 +105,24 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
+// A TMA pipeline's stage barriers: thread 0 makes one mbarrier per stage (one
+// arrival each: the thread that arms it with the stage's expect_tx) and fences
+// them for the async proxy, then the CTA synchronizes.
+template <int kStages>
+__device__ __forceinline__ void init_stage_barriers(uint64_t (&full)[kStages], int tid) {
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) mbar_init(shared_addr(&full[s]), 1);
+    fence_mbar_init();  // visible to the async proxy (TMA's complete_tx)
+  }
+  __syncthreads();
+}
+
+// Until the stage of tile t (t % kStages) holds it: phase t / kStages of its mbarrier.
+template <int kStages>
+__device__ __forceinline__ void wait_stage(uint64_t (&full)[kStages], int64_t t) {
+  mbar_wait(shared_addr(&full[t % kStages]), static_cast<uint32_t>((t / kStages) & 1));
+}
+
 // Keeps the compiler from moving accumulator reads/writes across the async wgmma.
 template <int NI>
 __device__ __forceinline__ void pin_accumulators(float (&d)[1][NI][4]) {

@@ -653,13 +653,7 @@ __global__ void __launch_bounds__(kV3Threads, 1)
       load_swizzled_rows<kV3BN, kV3Threads>(sb, b, n0, p.n, k0, k_bytes, k_bytes);
     }
   };
-  if constexpr (kTma) {
-    if (tid == 0) {
-      for (int s = 0; s < kStagesV3; ++s) mbar_init(shared_addr(&stage_full[s]), 1);
-      fence_mbar_init();  // visible to the async proxy (TMA's complete_tx)
-    }
-    __syncthreads();
-  }
+  if constexpr (kTma) init_stage_barriers(stage_full, tid);
 
   // Copies run kV3Prefetch tiles ahead; the wgmma of a tile stays in flight
   // while the next tile's are issued (wait_group 1), so the stage being
@@ -685,8 +679,7 @@ __global__ void __launch_bounds__(kV3Threads, 1)
       __syncthreads();
       if (tid == 0 && kt + kV3Prefetch < k_tiles)
         load_stage(static_cast<int>((kt + kV3Prefetch) % kStagesV3), kt + kV3Prefetch);
-      mbar_wait(shared_addr(&stage_full[kt % kStagesV3]),
-                static_cast<uint32_t>((kt / kStagesV3) & 1));
+      wait_stage(stage_full, kt);
     } else {
       // Tile kt landed (at most kV3Prefetch - 1 newer groups pending); the fence
       // hands this thread's copies to the async proxy, the barrier everyone's.
@@ -783,13 +776,7 @@ __global__ void __launch_bounds__(kF8Threads, 1)
       load_swizzled_rows<kF8BN, kF8Threads>(sb, b, n0, p.n, kb * kFp8Block, p.k, p.k);
     }
   };
-  if constexpr (kTma) {
-    if (tid == 0) {
-      for (int s = 0; s < kStagesF8; ++s) mbar_init(shared_addr(&stage_full[s]), 1);
-      fence_mbar_init();  // visible to the async proxy (TMA's complete_tx)
-    }
-    __syncthreads();
-  }
+  if constexpr (kTma) init_stage_barriers(stage_full, tid);
 
   // Two partial-sum buffers: block kb's wgmma run into one while block kb - 1's
   // sums (the other, complete after wait_group 1) are scaled into acc; the
@@ -825,7 +812,7 @@ __global__ void __launch_bounds__(kF8Threads, 1)
       // kb is there once its stage's mbarrier completes phase kb / kStagesF8.
       __syncthreads();
       if (tid == 0 && next < p.k_blocks) load_stage(static_cast<int>(next % kStagesF8), next);
-      mbar_wait(shared_addr(&stage_full[kb % kStagesF8]), static_cast<uint32_t>((kb / kStagesF8) & 1));
+      wait_stage(stage_full, kb);
     } else {
       cp_async_wait<kF8Prefetch - 1>();  // as v3: block kb landed, handed to the async proxy
       fence_proxy_async();
