@@ -370,19 +370,12 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(const AttnParams
                        rows - warp * 16, lane);
 }
 
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, size_t bytes) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(bytes));
-}
-
 template <typename T, int D>
 int launch_bwd(const AttnParams& p, cudaStream_t stream) {
-  const float scale_log2 = static_cast<float>(p.softmax_scale * 1.4426950408889634);
-  const unsigned Hq = static_cast<unsigned>(p.Hq), Hkv = static_cast<unsigned>(p.Hkv),
-                 B = static_cast<unsigned>(p.B);
-  const dim3 q_grid(static_cast<unsigned>((p.seqlen_q + kBlockM - 1) / kBlockM), Hq, B);
-  const dim3 k_grid(static_cast<unsigned>((p.seqlen_k + kBlockM - 1) / kBlockM), Hkv, B);
+  const float scale_log2 = softmax_scale_log2(p);
+  const dim3 q_grid = query_tile_grid(p, kBlockM);
+  const dim3 k_grid(static_cast<unsigned>((p.seqlen_k + kBlockM - 1) / kBlockM),
+                    static_cast<unsigned>(p.Hkv), static_cast<unsigned>(p.B));
   if (p.seqlen_q > 0) {
     attention_delta_kernel<T, D><<<q_grid, kThreads, 0, stream>>>(p);
     cudaError_t err = cudaGetLastError();

@@ -269,11 +269,8 @@ __global__ void dq_convert_kernel(const float* __restrict__ acc, T* __restrict__
 // slots) come from the host glue.
 template <typename T, int D>
 int launch(const AttnParams& p, cudaStream_t stream) {
-  const float scale_log2 = static_cast<float>(p.softmax_scale * 1.4426950408889634);
   if (p.seqlen_q > 0) {
-    const dim3 q_grid(static_cast<unsigned>((p.seqlen_q + kBlockM - 1) / kBlockM),
-                      static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B));
-    attention_delta_kernel<T, D><<<q_grid, dsk::attention::kThreads, 0, stream>>>(p);
+    attention_delta_kernel<T, D><<<query_tile_grid(p, kBlockM), dsk::attention::kThreads, 0, stream>>>(p);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -282,7 +279,7 @@ int launch(const AttnParams& p, cudaStream_t stream) {
     cudaError_t err = allow_smem(dkdv_dq_kernel<T, D>, smem);
     if (err != cudaSuccess) return err;
     const int64_t ctas = (p.seqlen_k + kBlockN - 1) / kBlockN * p.Hkv * p.B;
-    dkdv_dq_kernel<T, D><<<static_cast<unsigned>(ctas), kThreads, smem, stream>>>(p, scale_log2);
+    dkdv_dq_kernel<T, D><<<static_cast<unsigned>(ctas), kThreads, smem, stream>>>(p, softmax_scale_log2(p));
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

@@ -17,9 +17,30 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "attention/attention_params.h"
 #include "common/cuda_utils.cuh"
 
 namespace dsk::attention {
+
+// Host side of the launchers.
+
+// The scale the kernels multiply scores by before exp2: softmax_scale * log2(e), in fp32.
+inline float softmax_scale_log2(const AttnParams& p) {
+  return static_cast<float>(p.softmax_scale * 1.4426950408889634);
+}
+
+// One CTA per (query tile of block_m rows, query head, sample).
+inline dim3 query_tile_grid(const AttnParams& p, int64_t block_m) {
+  return dim3(static_cast<unsigned>((p.seqlen_q + block_m - 1) / block_m), static_cast<unsigned>(p.Hq),
+              static_cast<unsigned>(p.B));
+}
+
+// Raises a kernel's dynamic shared memory limit to `bytes`.
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(bytes));
+}
 
 constexpr int kWarpSize = 32;
 

@@ -220,13 +220,9 @@ template <typename T, int D>
 int launch_fwd(const AttnParams& p, cudaStream_t stream) {
   constexpr size_t smem = fwd_smem_bytes<T, D>();
   auto kernel = attention_fwd_kernel<T, D>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
+  const cudaError_t err = allow_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>((p.seqlen_q + kBlockM - 1) / kBlockM),
-                  static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B));
-  const float scale_log2 = static_cast<float>(p.softmax_scale * 1.4426950408889634);
-  kernel<<<grid, kThreads, smem, stream>>>(p, scale_log2);
+  kernel<<<query_tile_grid(p, kBlockM), kThreads, smem, stream>>>(p, softmax_scale_log2(p));
   return cudaGetLastError();
 }
 

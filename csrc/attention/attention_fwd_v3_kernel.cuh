@@ -261,10 +261,7 @@ bool launch(const AttnParams& p, cudaStream_t stream, cudaError_t& err) {
   constexpr int smem = smem_bytes<D>();
   if (!wgmma_usable(fwd_kernel<T, D>, smem, p.built_sm90a, checked, usable, err)) return false;
   if (err != cudaSuccess) return true;
-  const dim3 grid(static_cast<unsigned>((p.seqlen_q + kBlockM - 1) / kBlockM),
-                  static_cast<unsigned>(p.Hq), static_cast<unsigned>(p.B));
-  const float scale_log2 = static_cast<float>(p.softmax_scale * 1.4426950408889634);
-  fwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(p, scale_log2);
+  fwd_kernel<T, D><<<query_tile_grid(p, kBlockM), kThreads, smem, stream>>>(p, softmax_scale_log2(p));
   err = cudaGetLastError();
   return true;
 }
