@@ -403,15 +403,7 @@ int launch_bwd(const AttnParams& p, cudaStream_t stream) {
 
 template <typename T>
 int launch_bwd_any(const AttnParams& p, cudaStream_t stream) {
-  switch (p.D) {
-    case 16: return launch_bwd<T, 16>(p, stream);
-    case 32: return launch_bwd<T, 32>(p, stream);
-    case 64: return launch_bwd<T, 64>(p, stream);
-    case 96: return launch_bwd<T, 96>(p, stream);
-    case 128: return launch_bwd<T, 128>(p, stream);
-    case 256: return launch_bwd<T, 256>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_cuda_head_dim(p.D, [&](auto d) { return launch_bwd<T, decltype(d)::value>(p, stream); });
 }
 
 }  // namespace dsk::attention

@@ -35,6 +35,21 @@ inline dim3 query_tile_grid(const AttnParams& p, int64_t block_m) {
               static_cast<unsigned>(p.B));
 }
 
+// f(std::integral_constant<int, D>{}) for the head dim D = d of the v1 kernels (16,
+// 32, 64, 96, 128 or 256: cuda_head_dim_supported); cudaErrorInvalidValue otherwise.
+template <typename F>
+int with_cuda_head_dim(int64_t d, F&& f) {
+  switch (d) {
+    case 16: return f(std::integral_constant<int, 16>{});
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 96: return f(std::integral_constant<int, 96>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    case 256: return f(std::integral_constant<int, 256>{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 // Raises a kernel's dynamic shared memory limit to `bytes`.
 template <typename Kernel>
 cudaError_t allow_smem(Kernel kernel, size_t bytes) {

@@ -229,15 +229,7 @@ int launch_fwd(const AttnParams& p, cudaStream_t stream) {
 // Every supported head dim for one dtype.
 template <typename T>
 int launch_fwd_any(const AttnParams& p, cudaStream_t stream) {
-  switch (p.D) {
-    case 16: return launch_fwd<T, 16>(p, stream);
-    case 32: return launch_fwd<T, 32>(p, stream);
-    case 64: return launch_fwd<T, 64>(p, stream);
-    case 96: return launch_fwd<T, 96>(p, stream);
-    case 128: return launch_fwd<T, 128>(p, stream);
-    case 256: return launch_fwd<T, 256>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_cuda_head_dim(p.D, [&](auto d) { return launch_fwd<T, decltype(d)::value>(p, stream); });
 }
 
 }  // namespace dsk::attention
