@@ -10,7 +10,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
-#include <string>
 #include <tuple>
 
 #include "attention/attention_api.h"
@@ -187,10 +186,7 @@ void run_bwd(const char* op, AttnParams p, const at::Tensor& ref) {
       semaphores = at::zeros({attention_bwd_v2_semaphores(p)}, ref.options().dtype(at::kInt));
       p.dq_accum = dq_accum.data_ptr<float>();
       p.dq_semaphores = semaphores.data_ptr<int32_t>();
-      static const bool unordered = [] {
-        const char* e = std::getenv("DSK_ATTENTION_BWD_UNORDERED");
-        return e != nullptr && std::string(e) == "1";
-      }();
+      static const bool unordered = env_equals("DSK_ATTENTION_BWD_UNORDERED", "1");
       p.dq_in_turns = !unordered;
     }
     C10_CUDA_CHECK(static_cast<cudaError_t>(attention_bwd_cuda(p, stream_of(ref))));

@@ -5,6 +5,7 @@
 
 #include <array>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 namespace dsk {
@@ -38,6 +39,11 @@ int64_t cuda_kernel_ran_op(c10::string_view family) {
 }
 
 }  // namespace
+
+bool env_equals(const char* name, const char* value) {
+  const char* e = std::getenv(name);
+  return e != nullptr && std::strcmp(e, value) == 0;
+}
 
 void note_kernel_ran(LaunchedFamily family, int generation) {
   g_kernel_ran[static_cast<size_t>(family)].store(generation, std::memory_order_relaxed);

@@ -29,6 +29,10 @@ class KernelChoice {
   std::atomic<int> value_;  // atomic: a switch from another thread is well defined
 };
 
+// Whether environment variable `name` is set to exactly `value` (the on/off knobs
+// beside the kernel choices, e.g. DSK_FP8_TMA=1; callers read it once).
+bool env_equals(const char* name, const char* value);
+
 // The CUDA kernel generation a family's last launch ran, after fallbacks (a
 // forced generation that cannot run on the GPU at hand runs an older one
 // without a word): noted by the launchers, read through the private op

@@ -39,14 +39,8 @@ KernelChoice& gemm_kernel_choice() {
 // DSK_GEMM_TMA=0 makes v3 copy its tiles with cp.async instead of TMA (A/B runs,
 // debugging); read once.
 void set_cuda_kernel(GemmParams& p) {
-  static const bool tma = [] {
-    const char* e = std::getenv("DSK_GEMM_TMA");
-    return e == nullptr || std::string(e) != "0";
-  }();
-  static const bool skip_empty_rows = [] {
-    const char* e = std::getenv("DSK_GEMM_SKIP_EMPTY_ROWS");
-    return e != nullptr && std::string(e) == "1";
-  }();
+  static const bool tma = !env_equals("DSK_GEMM_TMA", "0");
+  static const bool skip_empty_rows = env_equals("DSK_GEMM_SKIP_EMPTY_ROWS", "1");
   p.cuda_kernel = gemm_kernel_choice().get();
   p.built_sm90a = built_for_cuda_arch("sm_90a");
   p.v3_tma = tma;
@@ -71,15 +65,6 @@ KernelChoice& fp8_kernel_choice() {
 
 // Private ops: 1 to 3 (FP8) or 1 to 2 (INT8) selects the CUDA FP8 / INT8 GEMM
 // kernel for later calls, 0 only asks. Return the previous choice.
-// DSK_FP8_TMA=1: FP8 v3 loads with TMA (Fp8GemmParams::v3_tma), read once.
-bool fp8_v3_tma() {
-  static const bool tma = [] {
-    const char* e = std::getenv("DSK_FP8_TMA");
-    return e != nullptr && std::string(e) == "1";
-  }();
-  return tma;
-}
-
 int64_t fp8_cuda_kernel_op(int64_t version) {
   return fp8_kernel_choice().switch_to("_fp8_cuda_kernel", version);
 }
@@ -242,7 +227,8 @@ at::Tensor run_fp8_gemm(const char* op, const at::Tensor& a, const at::Tensor& a
   p.k_blocks = k_blocks;
   p.cuda_kernel = fp8_kernel_choice().get();
   p.built_sm90a = built_for_cuda_arch("sm_90a");
-  p.v3_tma = fp8_v3_tma();
+  static const bool fp8_tma = env_equals("DSK_FP8_TMA", "1");  // Fp8GemmParams::v3_tma
+  p.v3_tma = fp8_tma;
   if (grouped) {
     p.offsets = oc.data_ptr();
     p.offsets_int64 = oc.scalar_type() == at::kLong;

@@ -4,7 +4,6 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -193,10 +192,7 @@ moe_topk_gating(const at::Tensor& logits, int64_t k,
     at::Tensor ws = at::empty({gating_workspace_bytes(T, E, k)}, opts.dtype(at::kByte));
     p.workspace = ws.data_ptr();
     p.cuda_kernel = gating_kernel_choice().get();
-    static const bool dependent_launch = [] {  // DSK_MOE_PDL=1 (GatingParams::dependent_launch)
-      const char* e = std::getenv("DSK_MOE_PDL");
-      return e != nullptr && std::string(e) == "1";
-    }();
+    static const bool dependent_launch = env_equals("DSK_MOE_PDL", "1");  // GatingParams::dependent_launch
     p.dependent_launch = dependent_launch;
     C10_CUDA_CHECK(static_cast<cudaError_t>(gating_cuda(p, stream_of(lc))));
 #endif
