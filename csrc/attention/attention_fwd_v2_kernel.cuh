@@ -1,8 +1,9 @@
 // FlashAttention-2 forward, generation 2 (sm_80+), for D = 64 and 128; the
 // default for D = 64, and for D = 128 where v3 cannot run (attention_api.cpp:
-// DSK_ATTENTION_KERNEL / _attention_cuda_kernel); every other case runs v1 (attention_fwd_kernel.cuh). Same semantics and
-// numerics as v1 (fp32 accumulation, P rounded to T for the P.V mma, base-2
-// online softmax, the same masking rules); what changes is the work split:
+// DSK_ATTENTION_KERNEL / _attention_cuda_kernel); every other case runs v1
+// (attention_fwd_kernel.cuh). Same semantics and numerics as v1 (fp32
+// accumulation, P rounded to T for the P.V mma, base-2 online softmax, the same
+// masking rules); what changes is the work split:
 //
 // - 128 query rows per CTA, 4 warps, 32 rows (two m16 tiles) per warp: every
 //   K / V fragment read from shared memory (ldmatrix) now feeds 4 mma instead

@@ -1,9 +1,9 @@
 // FlashAttention forward, generation 3: Hopper tensor cores (wgmma, sm_90a) for
 // D = 64 and 128; the default for D = 128 (kAttentionFwdAuto), forced with
 // DSK_ATTENTION_KERNEL=v3 / _attention_cuda_kernel(3); where it cannot run (no
-// sm_90a build or GPU, other D) v2 runs, then v1. Same semantics and numerics as v1/v2 (fp32
-// accumulation, P rounded to T for P.V, base-2 online softmax, the same
-// masking rules); what changes is the matrix unit:
+// sm_90a build or GPU, other D) v2 runs, then v1. Same semantics and numerics
+// as v1/v2 (fp32 accumulation, P rounded to T for P.V, base-2 online softmax,
+// the same masking rules); what changes is the matrix unit:
 //
 // - 128 query rows per CTA in two warpgroups of 64 rows. S = Q.K^T is one
 //   wgmma m64n128k16 per 16 of D with both operands read from shared memory
