@@ -19,9 +19,9 @@ v3, wgmma on sm_90a, which falls back to v2 elsewhere: the row says which ran;
 the private op ``_attention_cuda_kernel`` switches them between calls, the
 environment variable DSK_ATTENTION_KERNEL picks the starting one) next to SDPA's
 flash backend on the forward of B=8 Hq=16 Lq=1024 Lk=4096 bf16, D=128 and 64,
-after checking each against SDPA; then the two backward generations (v1, the
-default, and v2; ``_attention_cuda_bwd_kernel``, DSK_ATTENTION_BWD_KERNEL) next
-to SDPA flash's backward. Results: ``<device_name>-attention-ab.json``.
+after checking each against SDPA; then the three backward generations (v1, the
+default, v2 and v3, wgmma on sm_90a; ``_attention_cuda_bwd_kernel``,
+DSK_ATTENTION_BWD_KERNEL) next to SDPA flash's backward. Results: ``<device_name>-attention-ab.json``.
 """
 
 from __future__ import annotations
@@ -216,8 +216,9 @@ def run_ab_case(case, device, timing, peak_tflops, dk):
     return row, checks
 
 
-AB_BWD_COLUMNS = ["case", "bwd_v1_ms", "bwd_v2_ms", "sdpa_bwd_ms", "v2_vs_v1", "v1_vs_sdpa",
-                  "v2_vs_sdpa", "v2_TFLOP/s", "sdpa_TFLOP/s"]
+AB_BWD_COLUMNS = ["case", "bwd_v1_ms", "bwd_v2_ms", "bwd_v3_ms", "sdpa_bwd_ms", "v1_vs_sdpa",
+                  "v2_vs_sdpa", "v3_vs_sdpa", "v3_TFLOP/s", "sdpa_TFLOP/s", "v3_ran"]
+BWD_VERSIONS = (1, 2, 3)
 
 
 def set_bwd_kernel(version: int) -> int:
@@ -226,8 +227,9 @@ def set_bwd_kernel(version: int) -> int:
 
 
 def run_ab_bwd_case(case, device, timing, dk):
-    """One backward --ab row: the gradients of v1 and v2 checked against SDPA
-    flash's, then the three backwards timed on the same forward outputs."""
+    """One backward --ab row: the gradients of v1, v2 and v3 (wgmma; where it
+    cannot run the next older one does: v3_ran says which) checked against SDPA
+    flash's, then the four backwards timed on the same forward outputs."""
     from torch.nn.attention import SDPBackend
     dtype = DTYPES[case["dtype"]]
     b, hq, hkv, d, lq, lk = (case[x] for x in ("B", "Hq", "Hkv", "D", "Lq", "Lk"))
@@ -238,20 +240,21 @@ def run_ab_bwd_case(case, device, timing, dk):
     pout = _sdpa(q, k, v, SDPBackend.FLASH_ATTENTION)
     g = torch.randn_like(out)
     want = torch.autograd.grad(pout, (q, k, v), g, retain_graph=True)
-    checks, grads = {}, {}
-    for ver in (1, 2):
+    checks, grads, ran = {}, {}, {}
+    for ver in BWD_VERSIONS:
         set_bwd_kernel(ver)
         grads[ver] = torch.autograd.grad(out, (q, k, v), g, retain_graph=True)
+        ran[ver] = int(torch.ops.deepseek_kernels._cuda_kernel_ran("attention_bwd"))
         # Relative to each gradient's scale: bf16 gradients summed over 4096 keys.
         ok = all(torch.allclose(a.float(), w.float(), atol=5e-2 * w.float().abs().max().item(),
                                 rtol=5e-2) for a, w in zip(grads[ver], want))
         checks[f"{case['name']}: bwd v{ver} close to SDPA flash"] = bool(ok)
     del grads, want
-    row = {"case": case["name"]}
+    row = {"case": case["name"], "v3_ran": ran[3]}
     if not all(checks.values()):
         print(f"  {case['name']}: backward check failed ({checks}) -- not timed", flush=True)
         return row, checks
-    for ver in (1, 2):
+    for ver in BWD_VERSIONS:
         set_bwd_kernel(ver)
         row[f"bwd_v{ver}_ms"] = T.time_fn(
             lambda: torch.autograd.grad(out, (q, k, v), g, retain_graph=True), device,
@@ -259,14 +262,14 @@ def run_ab_bwd_case(case, device, timing, dk):
     row["sdpa_bwd_ms"] = T.time_fn(
         lambda: torch.autograd.grad(pout, (q, k, v), g, retain_graph=True), device,
         **timing)["median_ms"]
-    row["v2_vs_v1"] = row["bwd_v1_ms"] / row["bwd_v2_ms"]
-    row["v1_vs_sdpa"] = row["sdpa_bwd_ms"] / row["bwd_v1_ms"]
-    row["v2_vs_sdpa"] = row["sdpa_bwd_ms"] / row["bwd_v2_ms"]
     flops = 2.5 * 4.0 * b * hq * lq * lk * d
-    row["v2_TFLOP/s"] = flops / (row["bwd_v2_ms"] * 1e-3) / 1e12
+    for ver in BWD_VERSIONS:
+        row[f"v{ver}_vs_sdpa"] = row["sdpa_bwd_ms"] / row[f"bwd_v{ver}_ms"]
+        row[f"v{ver}_TFLOP/s"] = flops / (row[f"bwd_v{ver}_ms"] * 1e-3) / 1e12
     row["sdpa_TFLOP/s"] = flops / (row["sdpa_bwd_ms"] * 1e-3) / 1e12
     print(f"  {case['name']} bwd: v1 {row['bwd_v1_ms']:.3f} ms, v2 {row['bwd_v2_ms']:.3f} ms, "
-          f"sdpa flash {row['sdpa_bwd_ms']:.3f} ms (v2 x{row['v2_vs_sdpa']:.2f} vs sdpa)", flush=True)
+          f"v3 {row['bwd_v3_ms']:.3f} ms (ran v{ran[3]}), sdpa flash {row['sdpa_bwd_ms']:.3f} ms "
+          f"(v3 x{row['v3_vs_sdpa']:.2f} vs sdpa)", flush=True)
     return row, checks
 
 

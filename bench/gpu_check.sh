@@ -10,7 +10,7 @@
 # TESTS=paths, TEST_MARK (default "not cuda" after the family runs), PYTEST_ARGS,
 # PYTEST_K (a -k expression), SKIP_LARGE=1, SKIP_SANITIZER=1, SANITIZE_FAMILIES="quant
 # moe moe-v1 gemm gemm-v2 gemm-v3 fp8-v2 fp8-tma int8-v1 attention attention-v2 attention-v3
-# attention-bwd-v2" (the -vN runs: that generation forced), SKIP_BENCH=1,
+# attention-bwd-v2 attention-bwd-v3" (the -vN runs: that generation forced), SKIP_BENCH=1,
 # QUANT_BENCH_ARGS=--ab (v1/v2 A/B only), MOE_BENCH_ARGS (default --profile),
 # SKIP_DEMO=1, PROFILE=1 (ncu, PROFILE_TARGETS); DSK_DIGITS_CSV=digits.csv.gz where
 # scikit-learn is missing.
@@ -23,7 +23,7 @@
 #      at a time, so one broken kernel cannot hide the others' results, + the demo:
 #      SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 SKIP_BENCH=1 bash bench/gpu_check.sh OUT
 #   2. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_BENCH=1 SKIP_DEMO=1 SANITIZE_FAMILIES="..."
-#      (past 2^31 and memcheck; the newest kernels first: fp8-tma gemm-skip-empty moe-pdl gemm-v3 gemm-v2
+#      (past 2^31 and memcheck; the newest kernels first: attention-bwd-v3 fp8-tma gemm-skip-empty moe-pdl gemm-v3 gemm-v2
 #      fp8-v2 int8-v1 moe-v1 attention-v3 attention-bwd-v2)
 #   3. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 SKIP_DEMO=1
 #      (benchmarks and A/B runs)
@@ -62,9 +62,10 @@ step "CUDA tests by family, each in its own process (${SMOKE_JOBS:-4} at a time)
 # the newest kernels' families come first.
 smoke_family() {
   case $1 in
-    attention-fwd-v3) echo "tests/test_attention.py|v3|" ;;
-    attention-bwd-v2) echo "tests/test_attention.py|bwd_v2 or bwd_v1_v2|" ;;
-    attention) echo "tests/test_attention.py|not v3 and not bwd_v2 and not bwd_v1_v2|" ;;
+    attention-fwd-v3) echo "tests/test_attention.py|v3 and not bwd_v3 and not bwd_v1_v2|" ;;
+    attention-bwd-v3) echo "tests/test_attention.py|bwd_v3 or bwd_v1_v2|" ;;
+    attention-bwd-v2) echo "tests/test_attention.py|bwd_v2 and not bwd_v1_v2|" ;;
+    attention) echo "tests/test_attention.py|not v3 and not bwd_v2|" ;;
     gemm-v3) echo "tests/test_gemm.py|v3|" ;;
     gemm-tc) echo "tests/test_gemm.py|(tensor_core or int8 or versions or fp8_grouped_gemm_cuda) and not v3|" ;;
     gemm-v3-cp-async) echo "tests/test_gemm.py|v3 or versions|DSK_GEMM_TMA=0" ;;
@@ -81,7 +82,7 @@ smoke_family() {
     *) return 1 ;;
   esac
 }
-SMOKE_ALL="fp8-tma gemm-skip-empty moe-pdl attention-bwd-unordered attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 graphs attention gemm moe quant rest gemm-v3-cp-async"
+SMOKE_ALL="attention-bwd-v3 fp8-tma gemm-skip-empty moe-pdl attention-bwd-unordered attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 graphs attention gemm moe quant rest gemm-v3-cp-async"
 smoke_run() {  # one family, in the background's own process; its summary line goes to smoke-NAME.sum
   local spec files kexpr envs
   spec=$(smoke_family "$1") || { echo "$1: unknown family" >"$OUT/smoke-$1.sum"; return; }
@@ -149,7 +150,7 @@ sanitize() {  # name, test file, -k expression, then optional VAR=value (e.g. a 
 if [ "${SKIP_SANITIZER:-0}" = 1 ]; then echo "skipped (SKIP_SANITIZER=1)"
 elif command -v compute-sanitizer >/dev/null; then
   # The *-v2 runs force the newer kernel generation of a family for every test.
-  for fam in ${SANITIZE_FAMILIES:-fp8-tma gemm-skip-empty moe-pdl quant moe moe-v1 gemm gemm-v2 gemm-v3 fp8-v2 int8-v1 attention attention-v2 attention-v3 attention-bwd-v2}; do
+  for fam in ${SANITIZE_FAMILIES:-attention-bwd-v3 fp8-tma gemm-skip-empty moe-pdl quant moe moe-v1 gemm gemm-v2 gemm-v3 fp8-v2 int8-v1 attention attention-v2 attention-v3 attention-bwd-v2}; do
     case $fam in
       quant) sanitize quant tests/test_quant.py "matches_reference and not 1024 or nonfinite or bad_inputs or agree" ;;
       moe) sanitize moe tests/test_moe.py "matches_reference or shapes or nonfinite or empty or agree" ;;
@@ -166,6 +167,7 @@ elif command -v compute-sanitizer >/dev/null; then
       attention-v2) sanitize attention-v2 tests/test_attention.py "${SANITIZE_K_ATTENTION:-not 4097 and not large}" DSK_ATTENTION_KERNEL=v2 ;;
       attention-v3) sanitize attention-v3 tests/test_attention.py "${SANITIZE_K_ATTENTION:-not 4097 and not large}" DSK_ATTENTION_KERNEL=v3 ;;
       attention-bwd-v2) sanitize attention-bwd-v2 tests/test_attention.py "${SANITIZE_K_ATTENTION:-not 4097 and not large}" DSK_ATTENTION_BWD_KERNEL=v2 ;;
+      attention-bwd-v3) sanitize attention-bwd-v3 tests/test_attention.py "${SANITIZE_K_ATTENTION:-not 4097 and not large}" DSK_ATTENTION_BWD_KERNEL=v3 ;;
     esac
   done
 else

@@ -14,7 +14,7 @@ kernels of one call. The shapes are the targets' (issues 3-5):
     fp8                  FP8 block-scaled 4096 x 7168 x 16384 (DSK_FP8_TMA=1: TMA loads)
     gating               MoE gating, T 8192, E 256, k 8, groups 8 / 4
     attention_fwd        cross-attention forward, B 8, H 16, D 128, Lq 1024, Lk 4096
-    attention_bwd        its backward (v1); attention_bwd_v2 the same with backward v2
+    attention_bwd        its backward (v1); attention_bwd_v2, _v3 the same with backward v2, v3
 
 --summarize prints duration, SM and memory throughput and occupancy per kernel
 from ncu's CSV (its full sections stay in the file).
@@ -31,7 +31,7 @@ from typing import Callable, Dict, List
 import torch
 
 TARGETS = ["gemm", "gemm_gelu", "grouped", "fp8", "gating", "attention_fwd", "attention_bwd",
-           "attention_bwd_v2"]
+           "attention_bwd_v2", "attention_bwd_v3"]
 
 
 def _target(name: str) -> Callable[[], object]:
@@ -74,7 +74,7 @@ def _target(name: str) -> Callable[[], object]:
             return lambda: dk.cross_attention(q.detach(), kv[0].detach(), kv[1].detach())
         out = dk.cross_attention(q, *kv)
         dout = torch.randn_like(out)
-        version = 2 if name == "attention_bwd_v2" else 1
+        version = {"attention_bwd_v2": 2, "attention_bwd_v3": 3}.get(name, 1)
 
         def backward():
             with dk.ops.cuda_kernel_choice("_attention_cuda_bwd_kernel", version):

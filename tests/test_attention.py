@@ -502,7 +502,7 @@ def test_cuda_bad_inputs():
 # own choice (below).
 
 @pytest.mark.parametrize("op_name,versions", [("_attention_cuda_kernel", 4),
-                                              ("_attention_cuda_bwd_kernel", 2)])
+                                              ("_attention_cuda_bwd_kernel", 3)])
 def test_kernel_switch_ops(op_name, versions):
     # The forward and backward choices: each switch returns the previous choice,
     # 0 only asks, anything past the last generation (or auto) is refused by name.
@@ -653,12 +653,13 @@ def test_cuda_fwd_generations_agree_and_all_masked(d, dtype):
 
 
 # ---------------------------------------------------------------------------
-# CUDA backward kernel generations: v1 (the default) and v2 (D 64/128: dq added
-# in key-tile turns from the dK/dV kernel, no second pass; chosen with
-# DSK_ATTENTION_BWD_KERNEL or the private op (tested with the forward's above);
-# other D fall back to v1).
+# CUDA backward kernel generations: v1 (the default), v2 (D 64/128: dq added
+# in key-tile turns from the dK/dV kernel, no second pass) and v3 (wgmma on an
+# sm_90a build and GPU, D 64/128: dq added into per-CTA accumulators); chosen
+# with DSK_ATTENTION_BWD_KERNEL or the private op (tested with the forward's
+# above); where the chosen one cannot run, the next older one that can.
 
-@pytest.fixture(params=[1, 2], ids=["bwd_v1", "bwd_v2"])
+@pytest.fixture(params=[1, 2, 3], ids=["bwd_v1", "bwd_v2", "bwd_v3"])
 def bwd_kernel(request):
     with kernel_choice("_attention_cuda_bwd_kernel", request.param):
         yield request.param
@@ -687,10 +688,13 @@ def test_cuda_bwd_kernels_match_reference(bwd_kernel, shape, dtype, causal, mask
 
 
 def _bwd_expected(version, d):
-    """The backward generation that runs for a forced one: v2 covers D 64 and 128
-    where a block may have 159 KB of shared memory (not sm_86/89 at D = 128)."""
+    """The backward generation that runs for a forced one: v3 covers D 64 and 128
+    on an sm_90a build and GPU; v2 covers D 64 and 128 where a block may have
+    159 KB of shared memory (not sm_86/89 at D = 128)."""
     if version == 1 or d not in (64, 128):
         return 1
+    if version == 3 and hopper_build():
+        return 3
     optin = getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", None)
     if optin is None:  # older torch: the data-center parts (x.0) have >= 163 KB
         optin = 163 * 1024 if torch.cuda.get_device_capability()[1] == 0 else 99 * 1024
@@ -734,28 +738,30 @@ def test_cuda_bwd_kernels_varlen_deterministic(bwd_kernel, d, causal):
 @pytest.mark.cuda
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_cuda_bwd_v1_v2_agree_and_all_masked(d, dtype):
+def test_cuda_bwd_v1_v2_v3_agree_and_all_masked(d, dtype):
     q, k, v = _qkv(3, 300, 517, 4, 2, d, dtype, "cuda", grad=True)
     mask = torch.rand(3, 517, device="cuda") < 0.2
     mask[1] = True  # sample 1 sees no key: zero, finite gradients
     g = torch.randn(3, 300, 4, d, dtype=dtype, device="cuda")
     res = {}
-    for ver in (1, 2):
+    for ver in (1, 2, 3):
         with kernel_choice("_attention_cuda_bwd_kernel", ver):
             for causal in (False, True):
                 out = dk.cross_attention(q, k, v, key_padding_mask=mask, causal=causal)
                 res[ver, causal] = torch.autograd.grad(out, (q, k, v), g)
+                assert kernel_ran("attention_bwd") == _bwd_expected(ver, d)
                 again = torch.autograd.grad(
                     dk.cross_attention(q, k, v, key_padding_mask=mask, causal=causal), (q, k, v), g)
                 assert all(torch.equal(a, b) for a, b in zip(again, res[ver, causal]))
     atol = 2e-2 if dtype == torch.bfloat16 else 4e-3
     for causal in (False, True):
-        for a1, a2 in zip(res[1, causal], res[2, causal]):
-            assert torch.isfinite(a2).all()
-            torch.testing.assert_close(a2.float(), a1.float(), atol=atol, rtol=2e-2)
-        dq2, dk2, dv2 = res[2, causal]
-        assert (dq2[1] == 0).all() and (dk2[1] == 0).all() and (dv2[1] == 0).all()
-        assert (dk2[mask.nonzero(as_tuple=True)] == 0).all()  # padding keys get no gradient
+        for ver in (2, 3):
+            for a1, a2 in zip(res[1, causal], res[ver, causal]):
+                assert torch.isfinite(a2).all()
+                torch.testing.assert_close(a2.float(), a1.float(), atol=atol, rtol=2e-2)
+            dq2, dk2, dv2 = res[ver, causal]
+            assert (dq2[1] == 0).all() and (dk2[1] == 0).all() and (dv2[1] == 0).all()
+            assert (dk2[mask.nonzero(as_tuple=True)] == 0).all()  # padding keys get no gradient
 
 
 @requires_cuda

@@ -155,7 +155,7 @@ def test_int8_and_fp8_gemm(kernel):
         _replay_matches_eager(fp8, _refill(a, w, ws))
 
 
-@pytest.mark.parametrize("fwd_kernel,bwd_kernel", [(1, 1), (2, 2), (3, 2)])
+@pytest.mark.parametrize("fwd_kernel,bwd_kernel", [(1, 1), (2, 2), (3, 2), (3, 3)])
 def test_attention(fwd_kernel, bwd_kernel):
     torch.manual_seed(0)
     b, lq, lk, hq, hkv, d = 2, 77, 300, 4, 2, 64

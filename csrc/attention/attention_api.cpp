@@ -31,10 +31,12 @@ KernelChoice& fwd_kernel_choice() {
   static KernelChoice choice("DSK_ATTENTION_KERNEL", kAttentionFwdAuto, 3, kAttentionFwdAuto);
   return choice;
 }
-// DSK_ATTENTION_BWD_KERNEL: v1 (the default) or v2 (D 64/128: one pass over the
-// scores, attention_bwd_v2_kernel.cuh; other cases use v1), read on first use.
+// DSK_ATTENTION_BWD_KERNEL: v1 (the default), v2 (D 64/128: one pass over the
+// scores, attention_bwd_v2_kernel.cuh) or v3 (wgmma, sm_90a, D 64/128:
+// attention_bwd_v3_kernel.cuh); where the chosen one cannot run, the next older
+// one that can. Read on first use.
 KernelChoice& bwd_kernel_choice() {
-  static KernelChoice choice("DSK_ATTENTION_BWD_KERNEL", 1, 2);
+  static KernelChoice choice("DSK_ATTENTION_BWD_KERNEL", 1, 3);
   return choice;
 }
 constexpr const char* kCudaHeadDims = "16, 32, 64, 96, 128, 256";
@@ -176,12 +178,22 @@ void run_bwd(const char* op, AttnParams p, const at::Tensor& ref) {
   if (ref.is_cuda()) {
 #ifdef DSK_WITH_CUDA
     check_cuda_grid(op, p);
+    p.built_sm90a = built_for_cuda_arch("sm_90a");
     const int64_t lse_numel = p.cu_seqlens_q ? p.Hq * p.total_q : p.B * p.Hq * p.seqlen_q;
     const at::Tensor delta = at::empty({lse_numel}, ref.options().dtype(at::kFloat));
     p.delta = delta.data_ptr<float>();
-    at::Tensor dq_accum, semaphores;  // v2's workspace, zeroed (see AttnParams)
-    if (bwd_kernel_choice().get() == 2 && attention_bwd_v2_supported(p)) {
-      const int64_t q_rows = p.cu_seqlens_q ? p.total_q : p.B * p.seqlen_q;
+    // The generation that runs, and its workspace, zeroed (see AttnParams).
+    at::Tensor dq_accum, semaphores;
+    const int64_t q_rows = p.cu_seqlens_q ? p.total_q : p.B * p.seqlen_q;
+    const int chosen = bwd_kernel_choice().get();
+    const int64_t v3_splits = chosen == 3 ? attention_bwd_v3_splits(p) : 0;
+    if (v3_splits > 0) {
+      p.bwd_kernel = 3;
+      p.dq_splits = v3_splits;
+      dq_accum = at::zeros({v3_splits * q_rows * p.Hq * p.D}, ref.options().dtype(at::kFloat));
+      p.dq_accum = dq_accum.data_ptr<float>();
+    } else if (chosen >= 2 && attention_bwd_v2_supported(p)) {
+      p.bwd_kernel = 2;
       dq_accum = at::zeros({q_rows * p.Hq * p.D}, ref.options().dtype(at::kFloat));
       semaphores = at::zeros({attention_bwd_v2_semaphores(p)}, ref.options().dtype(at::kInt));
       p.dq_accum = dq_accum.data_ptr<float>();
@@ -218,7 +230,7 @@ int64_t attention_cuda_kernel_op(int64_t version) {
   return fwd_kernel_choice().switch_to("_attention_cuda_kernel", version);
 }
 
-// The same for the CUDA backward kernel (1 or 2).
+// The same for the CUDA backward kernel (1, 2 or 3).
 int64_t attention_cuda_bwd_kernel_op(int64_t version) {
   return bwd_kernel_choice().switch_to("_attention_cuda_bwd_kernel", version);
 }

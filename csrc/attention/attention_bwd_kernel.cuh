@@ -134,14 +134,15 @@ __device__ __forceinline__ void load_q_step(const AttnParams& p, int64_t b, int6
   }
 }
 
-// A warp's scores S^T (its 16 keys x the step's kBlockM queries) -> P^T in place;
+// A warp's scores S^T (its 16 keys x the step's NT * 8 queries) -> P^T in place;
 // entries of masked keys (key_ok) or past the causal limit are 0.
-__device__ __forceinline__ void probs_t(float (&pt)[kBlockM / 8][4], const AttnParams& p,
+template <int NT>
+__device__ __forceinline__ void probs_t(float (&pt)[NT][4], const AttnParams& p,
                                         int64_t kj0, bool key_ok0, bool key_ok1, int64_t i0,
                                         int64_t shift, float scale_log2, const float* tLse,
                                         int lane) {
 #pragma unroll
-  for (int nt = 0; nt < kBlockM / 8; ++nt) {
+  for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int qc = nt * 8 + (lane % 4) * 2 + (e & 1);
@@ -153,11 +154,11 @@ __device__ __forceinline__ void probs_t(float (&pt)[kBlockM / 8][4], const AttnP
 }
 
 // dP^T -> dS^T = P^T (dP^T - delta) in place.
-__device__ __forceinline__ void dscores_t(float (&dpt)[kBlockM / 8][4],
-                                          const float (&pt)[kBlockM / 8][4], const float* tDelta,
-                                          int lane) {
+template <int NT>
+__device__ __forceinline__ void dscores_t(float (&dpt)[NT][4], const float (&pt)[NT][4],
+                                          const float* tDelta, int lane) {
 #pragma unroll
-  for (int nt = 0; nt < kBlockM / 8; ++nt) {
+  for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int qc = nt * 8 + (lane % 4) * 2 + (e & 1);
@@ -368,6 +369,43 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(const AttnParams
   store_rows<T, D, LD>(acc, static_cast<float>(p.softmax_scale), sQ + warp * 16 * LD,
                        static_cast<T*>(p.dq) + qoff + warp * 16 * q_stride, q_stride,
                        rows - warp * 16, lane);
+}
+
+// dq = T(softmax_scale * sum of the p.dq_splits accumulators, in split order),
+// four elements per thread (n, the elements of one accumulator, is a multiple of 64).
+template <typename T>
+__global__ void dq_convert_kernel(const float* __restrict__ acc, T* __restrict__ dq, int64_t n,
+                                  int64_t splits, float scale) {
+  const int64_t n4 = n / 4;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n4;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float4 v = reinterpret_cast<const float4*>(acc)[i];
+    for (int64_t s = 1; s < splits; ++s) {
+      const float4 w = reinterpret_cast<const float4*>(acc + s * n)[i];
+      v.x += w.x;
+      v.y += w.y;
+      v.z += w.z;
+      v.w += w.w;
+    }
+    uint2 o;
+    o.x = pack2<T>(v.x * scale, v.y * scale);
+    o.y = pack2<T>(v.z * scale, v.w * scale);
+    reinterpret_cast<uint2*>(dq)[i] = o;
+  }
+}
+
+// The last kernel of backward v2 and v3: p.dq from p.dq_accum.
+template <typename T>
+int launch_dq_convert(const AttnParams& p, cudaStream_t stream) {
+  const int64_t rows = p.cu_seqlens_q ? p.total_q : p.B * p.seqlen_q;
+  const int64_t n = rows * p.Hq * p.D;
+  if (n == 0) return cudaSuccess;
+  constexpr int kConvertThreads = 256;
+  const int64_t blocks = (n / 4 + kConvertThreads - 1) / kConvertThreads;
+  dq_convert_kernel<T><<<static_cast<unsigned>(blocks < 65536 ? blocks : 65536), kConvertThreads, 0,
+                         stream>>>(p.dq_accum, static_cast<T*>(p.dq), n, p.dq_splits,
+                                   static_cast<float>(p.softmax_scale));
+  return cudaGetLastError();
 }
 
 template <typename T, int D>

@@ -25,7 +25,7 @@
 //   to measure what the turns cost; the bits then change from run to run).
 // - 128 keys per CTA (8 warps of 16 keys, as v1's warps) so that the dq_accum
 //   traffic per FLOP is half what 64-key CTAs would make.
-// - A last elementwise kernel writes dq = T(dq_accum * softmax_scale).
+// - A last elementwise kernel writes dq = T(dq_accum * softmax_scale) (launch_dq_convert).
 // The delta kernel (rowsum(dout * out)) is v1's.
 #pragma once
 
@@ -250,21 +250,6 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_dq_kernel(const AttnParams p
                        k_stride, valid, lane);
 }
 
-// dq = T(dq_accum * scale), four elements per thread (n is a multiple of 64).
-template <typename T>
-__global__ void dq_convert_kernel(const float* __restrict__ acc, T* __restrict__ dq, int64_t n,
-                                  float scale) {
-  const int64_t n4 = n / 4;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n4;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float4 v = reinterpret_cast<const float4*>(acc)[i];
-    uint2 o;
-    o.x = pack2<T>(v.x * scale, v.y * scale);
-    o.y = pack2<T>(v.z * scale, v.w * scale);
-    reinterpret_cast<uint2*>(dq)[i] = o;
-  }
-}
-
 // p.dq_accum (zeroed, like dq) and p.dq_semaphores (zeroed, semaphore_count(p)
 // slots) come from the host glue.
 template <typename T, int D>
@@ -283,17 +268,7 @@ int launch(const AttnParams& p, cudaStream_t stream) {
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  const int64_t rows = p.cu_seqlens_q ? p.total_q : p.B * p.seqlen_q;
-  const int64_t n = rows * p.Hq * D;
-  if (n > 0) {
-    constexpr int kConvertThreads = 256;
-    const int64_t blocks = (n / 4 + kConvertThreads - 1) / kConvertThreads;
-    dq_convert_kernel<T><<<static_cast<unsigned>(blocks < 65536 ? blocks : 65536), kConvertThreads,
-                           0, stream>>>(p.dq_accum, static_cast<T*>(p.dq), n,
-                                        static_cast<float>(p.softmax_scale));
-    return cudaGetLastError();
-  }
-  return cudaSuccess;
+  return launch_dq_convert<T>(p, stream);
 }
 
 template <typename T>

@@ -58,10 +58,15 @@ struct AttnParams {
   void* dk = nullptr;          // like k
   void* dv = nullptr;          // like v
   float* delta = nullptr;      // CUDA workspace: rowsum(dout * out), laid out like lse
-  // CUDA backward v2 only (attention_bwd_v2_kernel.cuh), allocated zeroed by the
-  // glue when that kernel runs (null otherwise: v1 runs): an fp32 accumulator laid
-  // out like dq, and attention_bwd_v2_semaphores(p) counters.
+  // CUDA backward generation: 1, 2 (attention_bwd_v2_kernel.cuh) or 3
+  // (attention_bwd_v3_kernel.cuh, wgmma), chosen by the glue, which allocates
+  // the workspace below for the one it picked.
+  int bwd_kernel = 1;
+  // v2 and v3, allocated zeroed by the glue: fp32 accumulators laid out like dq,
+  // dq_splits of them (v3: each written by one CTA per kv head; summed in split
+  // order by the last kernel), and v2's attention_bwd_v2_semaphores(p) counters.
   float* dq_accum = nullptr;
+  int64_t dq_splits = 1;
   int32_t* dq_semaphores = nullptr;
   // v2's key tiles add into dq_accum in turns (deterministic). false (the
   // environment variable DSK_ATTENTION_BWD_UNORDERED=1, read once): in any order,
@@ -127,6 +132,10 @@ bool attention_fwd_v3_cuda(const AttnParams& p, void* stream, int& err);
 bool attention_bwd_v2_supported(const AttnParams& p);
 int64_t attention_bwd_v2_semaphores(const AttnParams& p);
 int attention_bwd_v2_cuda(const AttnParams& p, void* stream);
+// v3 (sm_90a wgmma, fp16/bf16, D 64 or 128): 0 where it cannot run (dtype, D,
+// build or GPU), else how many dq accumulators (dq_splits) it adds into.
+int64_t attention_bwd_v3_splits(const AttnParams& p);
+int attention_bwd_v3_cuda(const AttnParams& p, void* stream);
 // Head dims the CUDA kernels are compiled for.
 bool cuda_head_dim_supported(int64_t d);
 // Launch on `stream` (a cudaStream_t); return the cudaError_t as int.

@@ -12,6 +12,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/cuda_utils.cuh"
 
@@ -215,6 +216,29 @@ __device__ __forceinline__ void wgmma_m64n128k16_ss<__half>(float (&d)[1][16][4]
   DSK_WGMMA_M64N128K16_SS("f16");
 }
 
+// S[64 x 64] (+)= A[64 x 16] . B[16 x 64], both in shared memory; TA / TB = 1
+// reads that operand MN-major (M or N contiguous, wgmma_desc_mn; 16-bit types
+// only), 0 K-major (wgmma_desc). scale_d = 0 overwrites S (the first K step).
+#define DSK_WGMMA_M64N64K16_SS(PTX_TYPE, TA, TB)                                          \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                               \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX_TYPE "." PTX_TYPE " {"  \
+               DSK_REGS_N64 "}, %32, %33, p, 1, 1, " #TA ", " #TB ";\n}\n"               \
+               : DSK_ACC_N64                                                              \
+               : "l"(desc_a), "l"(desc_b), "r"(scale_d))
+
+template <typename T, bool kTransA, bool kTransB>
+__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[1][8][4], uint64_t desc_a,
+                                                   uint64_t desc_b, int scale_d) {
+  static_assert(kTransA == kTransB, "instantiated for both K-major or both MN-major");
+  if constexpr (std::is_same_v<T, __half>) {
+    if constexpr (kTransA) DSK_WGMMA_M64N64K16_SS("f16", 1, 1);
+    else DSK_WGMMA_M64N64K16_SS("f16", 0, 0);
+  } else {
+    if constexpr (kTransA) DSK_WGMMA_M64N64K16_SS("bf16", 1, 1);
+    else DSK_WGMMA_M64N64K16_SS("bf16", 0, 0);
+  }
+}
+
 // O[64 x N] += A[64 x 16] . B[16 x N], A from registers (per warp, mma.sync
 // m16n8k16's A fragment of its 16 rows: 4 registers of T pairs, the lower k in
 // the low half), B MN-major in shared memory (imm-trans-b = 1).
@@ -258,6 +282,7 @@ __device__ __forceinline__ void wgmma_m64nNk16_rs<__half, 64>(float (&d)[1][8][4
 }
 
 #undef DSK_WGMMA_M64N64K16_RS
+#undef DSK_WGMMA_M64N64K16_SS
 #undef DSK_WGMMA_M64N128K16_RS
 #undef DSK_WGMMA_M64N128K16_SS
 #undef DSK_WGMMA_M64N256K16

@@ -1,0 +1,355 @@
+// FlashAttention backward, generation 3: Hopper tensor cores (wgmma, sm_90a)
+// for D = 64 and 128; opt-in (DSK_ATTENTION_BWD_KERNEL=v3 /
+// _attention_cuda_bwd_kernel(3)); where it cannot run (no sm_90a build or GPU,
+// other dtype or D) the glue picks v2, then v1. Same math, masking and rounding
+// points as v1/v2 (attention_bwd_kernel.cuh: P and dS rounded to T for their
+// products, fp32 accumulation, probabilities from the saved lse).
+//
+// - A CTA (two warpgroups, 256 threads) owns key tiles of 128 keys of one kv
+//   head, 64 keys per warpgroup, and walks the query tiles of the GQA group
+//   that see them (BM = 64 queries per step for D = 128, 128 for D = 64):
+//     S^T  = K.Q^T    wgmma m64nBMk16, K and Q from shared memory (K-major)
+//     dP^T = V.dO^T   the same with V and dO
+//     P^T, dS^T       in the accumulators' registers (probs_t, dscores_t: v1's)
+//     dV  += P^T.dO   wgmma m64nDk16, P^T from registers, dO MN-major
+//     dK  += dS^T.Q   the same with dS^T and Q
+//     dQ   = dS.K     dS^T staged in shared memory (keys as rows, as T), both
+//                     operands MN-major; each warpgroup one 64 x 64 block of the
+//                     BM x D tile, over all 128 keys
+//   then the dQ block is added into p.dq_accum with fp32 atomics.
+// - Deterministic without turns: the key tiles of a (sample, kv head) are dealt
+//   to p.dq_splits CTAs (tile jt to CTA jt % splits, each walking its tiles in
+//   order), and CTA s adds only into accumulator s. So every dq_accum element
+//   has one writer thread, whose adds land in program order: the same bits every
+//   run. The convert kernel sums the accumulators in split order
+//   (launch_dq_convert). dq_splits depends on the GPU's SM count only
+//   (attention_bwd_v3_splits): bits are reproducible on one GPU model.
+// - Q, dO, lse and delta of the next step load (cp.async) while the current one
+//   computes; one barrier publishes a stage, one more publishes dS^T.
+// - dK, dV leave through 16-byte stores staged in the free Q/dO stages.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+
+#include "attention/attention_bwd_kernel.cuh"
+#include "common/sm90.cuh"
+
+namespace dsk::attention::bwd_v3 {
+
+constexpr int kBlockN = 128;  // keys per tile: two warpgroups of 64
+constexpr int kThreads = 256;
+// Queries per step: 64 for D = 128 (dQ's two 64 x 64 blocks split D), 128 for
+// D = 64 (they split the queries).
+template <int D> constexpr int block_m() { return D == 64 ? 128 : 64; }
+// A [rows][D] tile of 16-bit elements in D / 64 swizzled column blocks of rows x 128 bytes.
+template <int D> constexpr int tile_bytes(int rows) { return rows * D * 2; }
+// K, V; Q and dO in two stages; dS^T [kBlockN keys][BM queries] (BM / 64 column
+// blocks); lse2 and delta [2 stages][BM]; + 1 KiB to align the base.
+template <int D> constexpr int smem_bytes() {
+  return 2 * tile_bytes<D>(kBlockN) + 4 * tile_bytes<D>(block_m<D>()) +
+         kBlockN * block_m<D>() * 2 + 4 * block_m<D>() * 4 + 1024;
+}
+static_assert(tile_bytes<64>(64) % 1024 == 0 && smem_bytes<128>() <= 227 * 1024 &&
+                  smem_bytes<64>() <= 227 * 1024,
+              "bwd v3 tiles must sit on 1 KiB swizzle atoms and fit an sm_90 CTA");
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// ROWS rows of `src` (row stride in elements), valid_rows of them real, into the
+// swizzled column blocks at `dst`.
+template <int ROWS, int D>
+__device__ __forceinline__ void load_tile(uint32_t dst, const void* src, int64_t stride,
+                                          int64_t valid_rows) {
+#pragma unroll
+  for (int cb = 0; cb < D / 64; ++cb)
+    load_swizzled_rows<ROWS, kThreads>(dst + cb * ROWS * 128, src, 0, valid_rows, cb * 128, D * 2,
+                                       stride * 2);
+}
+
+// S[64 x N] (+)= A.B^T over 16 of K, both K-major in shared memory (N = 64 or 128).
+template <typename T, int N>
+__device__ __forceinline__ void scores_step(float (&d)[1][N / 8][4], uint64_t desc_a,
+                                            uint64_t desc_b, int scale_d) {
+  if constexpr (N == 64) {
+    wgmma_m64n64k16_ss<T, false, false>(d, desc_a, desc_b, scale_d);
+  } else {
+    wgmma_m64n128k16_ss<T>(d, desc_a, desc_b, scale_d);
+  }
+}
+
+__device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void dkdv_dq_body(const AttnParams& p, float scale_log2) {
+  constexpr int BM = block_m<D>(), BN = kBlockN, KS = D / 16, MS = BM / 16, NT = BM / 8, DT = D / 8;
+  constexpr int kKV = tile_bytes<D>(BN), kQ = tile_bytes<D>(BM);
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const uint32_t raw = shared_addr(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  const uint32_t sK = base, sV = sK + kKV, sQ = sV + kKV, sdO = sQ + 2 * kQ, sdS = sdO + 2 * kQ;
+  float* const sLse = reinterpret_cast<float*>(smem_raw + (sdS + BN * BM * 2 - raw));  // [2][BM]
+  float* const sDelta = sLse + 2 * BM;                                                 // [2][BM]
+
+  const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
+  const int64_t split = blockIdx.x, splits = p.dq_splits, hk = blockIdx.y, b = blockIdx.z;
+  const SeqRange r = seq_range(p, b);
+  const int64_t group = p.Hq / p.Hkv;
+  const int64_t q_stride = p.Hq * D, k_stride = p.Hkv * D;
+  const int64_t shift = r.k_len - r.q_len;
+  const bool* pad = p.key_padding_mask ? p.key_padding_mask + b * p.seqlen_k : nullptr;
+  const T* q = static_cast<const T*>(p.q);
+  const T* dout = static_cast<const T*>(p.dout);
+  const int64_t q_rows = p.cu_seqlens_q ? p.total_q : p.B * p.seqlen_q;
+  float* const dq_acc = p.dq_accum + split * q_rows * p.Hq * D;  // this CTA's accumulator
+  const int64_t q_tiles = (r.q_len + BM - 1) / BM;
+  const int64_t key_tiles = (r.k_len + BN - 1) / BN;
+  // This thread's first key row in the tile, its rows of the dQ block and its
+  // columns (mma.sync's C layout per warp: rows lane / 4 and + 8).
+  const int key_row = wg * 64 + warp * 16 + lane / 4;
+  const int dq_m = D == 64 ? wg * 64 : 0, dq_n = D == 64 ? 0 : wg * 64;
+
+  float acc_v[1][DT][4], acc_k[1][DT][4];
+
+  for (int64_t jt = split; jt < key_tiles; jt += splits) {
+    const int64_t n0 = jt * BN;
+    const int64_t keys = r.k_len - n0 < BN ? r.k_len - n0 : BN;
+    const int64_t koff = ((r.k_start + n0) * p.Hkv + hk) * D;
+    // The first query tile that sees key n0 (causal), then every later one, per head.
+    const int64_t first_q = first_query_seeing(p, r, n0);
+    const int64_t qt_begin = first_q > 0 ? first_q / BM : 0;
+    const int64_t per_head = q_tiles > qt_begin ? q_tiles - qt_begin : 0;
+    const int64_t n_iter = per_head * group;
+    auto load_q = [&](int64_t it, int st) {
+      const int64_t h = hk * group + it / per_head, i0 = (qt_begin + it % per_head) * BM;
+      const int64_t off = ((r.q_start + i0) * p.Hq + h) * D;
+      load_tile<BM, D>(sQ + st * kQ, q + off, q_stride, r.q_len - i0);
+      load_tile<BM, D>(sdO + st * kQ, dout + off, q_stride, r.q_len - i0);
+      if (tid < BM) {
+        sLse[st * BM + tid] = lse2_of(p, b, h, r, i0 + tid);
+        sDelta[st * BM + tid] = i0 + tid < r.q_len ? p.delta[lse_offset(p, b, h, r, i0 + tid)] : 0.f;
+      }
+    };
+
+    __syncthreads();  // the previous key tile's reads of K, V, the stages and the staged rows are done
+    load_tile<BN, D>(sK, static_cast<const T*>(p.k) + koff, k_stride, keys);
+    load_tile<BN, D>(sV, static_cast<const T*>(p.v) + koff, k_stride, keys);
+    if (n_iter > 0) load_q(0, 0);
+    cp_async_commit();
+
+#pragma unroll
+    for (int i = 0; i < DT; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_v[0][i][e] = acc_k[0][i][e] = 0.f;
+    const int64_t kj0 = n0 + key_row, kj1 = kj0 + 8;
+    const bool key_ok0 = kj0 < r.k_len && !(pad && pad[kj0]);
+    const bool key_ok1 = kj1 < r.k_len && !(pad && pad[kj1]);
+
+    for (int64_t it = 0; it < n_iter; ++it) {
+      const int st = static_cast<int>(it & 1);
+      // Step it's tiles landed for every thread; the fence hands each thread's
+      // copies to the async proxy, the barrier everyone's. Every wgmma of step
+      // it - 1 was waited for before it: stage st ^ 1 and dS^T are free.
+      cp_async_wait<0>();
+      fence_proxy_async();
+      __syncthreads();
+      if (it + 1 < n_iter) load_q(it + 1, st ^ 1);
+      cp_async_commit();
+      const int64_t h = hk * group + it / per_head, i0 = (qt_begin + it % per_head) * BM;
+      const uint32_t q_t = sQ + st * kQ, do_t = sdO + st * kQ;
+
+      // S^T and dP^T: this warpgroup's 64 keys x BM queries, D / 16 steps each.
+      // (Zeroed here though the first step overwrites them: the asm reads its
+      // accumulators, and values from the last step would stay live across it.)
+      float s[1][NT][4], dp[1][NT][4];
+#pragma unroll
+      for (int i = 0; i < NT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[0][i][e] = dp[0][i][e] = 0.f;
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        const uint32_t k_off = (ks / 4) * BN * 128 + wg * 64 * 128 + (ks % 4) * 32;
+        const uint32_t q_off = (ks / 4) * BM * 128 + (ks % 4) * 32;
+        scores_step<T, BM>(s, wgmma_desc(sK + k_off), wgmma_desc(q_t + q_off), ks > 0);
+      }
+      wgmma_commit();
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        const uint32_t k_off = (ks / 4) * BN * 128 + wg * 64 * 128 + (ks % 4) * 32;
+        const uint32_t q_off = (ks / 4) * BM * 128 + (ks % 4) * 32;
+        scores_step<T, BM>(dp, wgmma_desc(sV + k_off), wgmma_desc(do_t + q_off), ks > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<1>();  // S^T landed; dP^T may still run
+      pin_accumulators(s);
+
+      // P^T, then dV += P^T.dO (dO as the MN-major B operand: 16 queries = 2048 bytes).
+      probs_t(s[0], p, kj0, key_ok0, key_ok1, i0, shift, scale_log2, sLse + st * BM, lane);
+      uint32_t pf[MS][4];
+#pragma unroll
+      for (int kk = 0; kk < MS; ++kk) c_to_a<T>(pf[kk], s[0][2 * kk], s[0][2 * kk + 1]);
+      pin_fragments(pf);
+      pin_accumulators(acc_v);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < MS; ++kk)
+        wgmma_m64nNk16_rs<T, D>(acc_v, pf[kk], wgmma_desc_mn(do_t + kk * 2048, BM * 128));
+      wgmma_commit();
+      // dP^T and dV done (the other warpgroup keeps the tensor cores busy): P's
+      // fragments die here, which keeps the kernel within 255 registers.
+      wgmma_wait<0>();
+      pin_accumulators(dp);
+      pin_accumulators(acc_v);
+      pin_fragments(pf);
+
+      // dS^T, then dK += dS^T.Q, and dS^T (as T, the values dK uses) into shared memory.
+      dscores_t(dp[0], s[0], sDelta + st * BM, lane);
+      uint32_t df[MS][4];
+#pragma unroll
+      for (int kk = 0; kk < MS; ++kk) c_to_a<T>(df[kk], dp[0][2 * kk], dp[0][2 * kk + 1]);
+      pin_fragments(df);
+      pin_accumulators(acc_k);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < MS; ++kk)
+        wgmma_m64nNk16_rs<T, D>(acc_k, df[kk], wgmma_desc_mn(q_t + kk * 2048, BM * 128));
+      wgmma_commit();
+      // df[kk][2c + rr] holds keys key_row + 8 rr, queries kk * 16 + 8 c + (lane % 4) * 2
+      // and + 1: one 4-byte word at their swizzled place (keys as rows, 64 queries
+      // = 128 bytes per row and column block): 16-byte chunk 2 (kk % 4) + c of the
+      // row, XOR the row's swizzle (key_row % 8, the same for both rows).
+      const uint32_t ds_row = sdS + key_row * 128 + (lane % 4) * 4;
+      const int swz = key_row & 7;
+#pragma unroll
+      for (int kk = 0; kk < MS; ++kk)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const uint32_t addr = ds_row + (kk / 4) * BN * 128 + (((2 * (kk % 4) + c) ^ swz) << 4);
+          st_shared_b32(addr, df[kk][2 * c]);
+          st_shared_b32(addr + 8 * 128, df[kk][2 * c + 1]);
+        }
+      fence_proxy_async();  // dS^T, written through the generic proxy, for wgmma
+      __syncthreads();      // both warpgroups' keys are in dS^T
+
+      // dQ block (queries dq_m.., columns dq_n..) = dS.K over the 128 keys: dS^T
+      // as the MN-major A operand (queries contiguous), K as the MN-major B
+      // operand (D contiguous); 16 keys = 2048 bytes in both.
+      float dq[1][8][4];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) dq[0][i][0] = dq[0][i][1] = dq[0][i][2] = dq[0][i][3] = 0.f;
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk)
+        wgmma_m64n64k16_ss<T, true, true>(
+            dq, wgmma_desc_mn(sdS + (dq_m / 64) * BN * 128 + kk * 2048, BN * 128),
+            wgmma_desc_mn(sK + (dq_n / 64) * BN * 128 + kk * 2048, BN * 128), kk > 0);
+      wgmma_commit();
+      wgmma_wait<0>();  // dK and dQ: the stage, dS^T and dS^T's fragments are free
+      pin_accumulators(dq);
+      pin_accumulators(acc_k);
+      pin_fragments(df);
+
+      // dq_accum[rows] += the dQ block: this thread is the only writer of its
+      // elements in this accumulator, so the adds land in program order.
+      float* const dq_head = dq_acc + (r.q_start * p.Hq + h) * D;
+      const int64_t qi = i0 + dq_m + warp * 16 + lane / 4;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        const int col = dq_n + nt * 8 + (lane % 4) * 2;
+        if (qi < r.q_len)
+          atomicAdd(reinterpret_cast<float2*>(dq_head + qi * q_stride + col),
+                    make_float2(dq[0][nt][0], dq[0][nt][1]));
+        if (qi + 8 < r.q_len)
+          atomicAdd(reinterpret_cast<float2*>(dq_head + (qi + 8) * q_stride + col),
+                    make_float2(dq[0][nt][2], dq[0][nt][3]));
+      }
+    }
+    cp_async_wait<0>();  // the last (empty) group, or K/V's when no query sees the tile
+    __syncthreads();     // no warpgroup reads the Q/dO stages any more: they stage dK, dV
+
+    // dV and dK rows of this warp (row stride D + 8 elements, in the Q stages).
+    constexpr int LD = D + 8;
+    static_assert(kBlockN * LD * 2 <= 4 * tile_bytes<D>(block_m<D>()), "staging fits the stages");
+    T* const staged = reinterpret_cast<T*>(smem_raw + (sQ - raw)) + (wg * 64 + warp * 16) * LD;
+    const int64_t valid = keys - (wg * 64 + warp * 16);
+    const int64_t row_off = koff + (wg * 64 + warp * 16) * k_stride;
+    store_rows<T, D, LD>(acc_v[0], 1.f, staged, static_cast<T*>(p.dv) + row_off, k_stride, valid, lane);
+    __syncwarp();  // the warp's rows are read out before dK overwrites them
+    store_rows<T, D, LD>(acc_k[0], static_cast<float>(p.softmax_scale), staged,
+                         static_cast<T*>(p.dk) + row_off, k_stride, valid, lane);
+  }
+}
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1) dkdv_dq_kernel(const AttnParams p, float scale_log2) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  dkdv_dq_body<T, D>(p, scale_log2);
+#else
+  __trap();  // never launched: attention_bwd_v3_splits checks the kernel was built for sm_90a
+#endif
+}
+
+// How many dq accumulators (CTAs per kv head and sample): enough CTAs to fill
+// the GPU once, at most one per key tile and 16 in all.
+inline int64_t splits_for(const AttnParams& p, int sms) {
+  const int64_t key_tiles = (p.seqlen_k + kBlockN - 1) / kBlockN;
+  const int64_t heads = p.B * p.Hkv > 0 ? p.B * p.Hkv : 1;
+  int64_t splits = (sms + heads - 1) / heads;
+  if (splits > key_tiles) splits = key_tiles;
+  if (splits > 16) splits = 16;
+  return splits > 0 ? splits : 1;
+}
+
+// 0 where the kernel cannot run here (see attention_bwd_v3_splits).
+template <typename T, int D>
+int64_t usable_splits(const AttnParams& p) {
+  static std::atomic<uint64_t> checked{0}, usable{0};
+  cudaError_t err = cudaSuccess;
+  if (!wgmma_usable(dkdv_dq_kernel<T, D>, smem_bytes<D>(), p.built_sm90a, checked, usable, err) ||
+      err != cudaSuccess)
+    return 0;
+  return splits_for(p, multiprocessor_count());
+}
+
+// p.dq_accum holds p.dq_splits zeroed accumulators (the glue).
+template <typename T, int D>
+int launch(const AttnParams& p, cudaStream_t stream) {
+  if (p.seqlen_q > 0) {
+    attention_delta_kernel<T, D>
+        <<<query_tile_grid(p, dsk::attention::kBlockM), dsk::attention::kThreads, 0, stream>>>(p);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  if (p.seqlen_k > 0) {
+    const dim3 grid(static_cast<unsigned>(p.dq_splits), static_cast<unsigned>(p.Hkv),
+                    static_cast<unsigned>(p.B));
+    dkdv_dq_kernel<T, D><<<grid, kThreads, smem_bytes<D>(), stream>>>(p, softmax_scale_log2(p));
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return launch_dq_convert<T>(p, stream);
+}
+
+template <typename T>
+int64_t usable_splits_any(const AttnParams& p) {
+  switch (p.D) {
+    case 64: return usable_splits<T, 64>(p);
+    case 128: return usable_splits<T, 128>(p);
+    default: return 0;
+  }
+}
+
+template <typename T>
+int launch_any(const AttnParams& p, cudaStream_t stream) {
+  switch (p.D) {
+    case 64: return launch<T, 64>(p, stream);
+    case 128: return launch<T, 128>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace dsk::attention::bwd_v3
