@@ -662,17 +662,22 @@ torch.save(outs, sys.argv[2])
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.skipif(not hopper_build(), reason="v3 (wgmma) needs an H100/H200 and an sm_90a build")
-def test_cuda_v3_tma_and_cp_async_same_bits(tmp_path):
-    """v3 filled by TMA (the default) and by cp.async (DSK_GEMM_TMA=0, read once per
-    process: a subprocess) feed the same operands to the same wgmma in the same K
-    order: the outputs must be the same bits, on tails of K (TMA zero-fills past K
-    and past the last row), M, N and grouped tiles (offsets not multiples of 128)."""
+@pytest.mark.parametrize("variant", ["DSK_GEMM_TMA=0", "DSK_GEMM_CLUSTER=1"],
+                         ids=["cp_async", "cluster"])
+def test_cuda_v3_tma_and_variant_same_bits(tmp_path, variant):
+    """v3 filled by TMA (the default) and by cp.async (DSK_GEMM_TMA=0), or in
+    clusters of two CTAs multicasting B (DSK_GEMM_CLUSTER=1; plain GEMMs: an odd
+    count of m tiles leaves a CTA past M), each read once per process (a
+    subprocess), feed the same operands to the same wgmma in the same K order: the
+    outputs must be the same bits, on tails of K (TMA zero-fills past K and past
+    the last row), M, N and grouped tiles (offsets not multiples of 128)."""
     import os
     import subprocess
     import sys
 
     cases = []
-    for m, n, k in [(1, 260, 8), (127, 260, 56), (129, 260, 64), (300, 520, 72), (1000, 300, 136)]:
+    for m, n, k in [(1, 260, 8), (127, 260, 56), (129, 260, 64), (300, 520, 72), (1000, 300, 136),
+                    (2100, 1030, 640)]:
         cases.append(dict(a=_data((m, k), torch.bfloat16, "cuda"),
                           w=_data((n, k), torch.bfloat16, "cuda", k ** -0.5),
                           b=_data((n,), torch.bfloat16, "cuda")))
@@ -685,7 +690,8 @@ def test_cuda_v3_tma_and_cp_async_same_bits(tmp_path):
                 else dk.gemm(c["a"], c["w"], c["b"], activation="gelu") for c in cases]
         assert kernel_ran("gemm") == 3
     torch.save(cases, tmp_path / "cases.pt")
-    env = dict(os.environ, DSK_GEMM_TMA="0")
+    name, value = variant.split("=")
+    env = dict(os.environ, **{name: value})
     subprocess.run([sys.executable, "-c", _V3_COPY_SCRIPT, str(tmp_path / "cases.pt"),
                     str(tmp_path / "outs.pt")], env=env, check=True, timeout=300)
     theirs = torch.load(tmp_path / "outs.pt")

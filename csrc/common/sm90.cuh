@@ -106,6 +106,35 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
+// The same load into the shared memory of every CTA of the cluster in cta_mask
+// (bit r: cluster rank r), at the same offset `dst`, each completing `bytes` on
+// its own mbarrier at offset `bar`.
+__device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const CUtensorMap* map,
+                                                      int32_t inner, int32_t outer, uint32_t bar,
+                                                      uint16_t cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(inner), "r"(outer), "r"(bar), "h"(cta_mask)
+      : "memory");
+}
+
+// Thread block clusters: this CTA's rank, and the cluster-wide barrier split in
+// its two halves (every thread of every CTA arrives, then waits; arrive releases
+// and wait acquires, so shared-memory reads before an arrive are done for
+// whoever passes the wait).
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void cluster_arrive() {
+  asm volatile("barrier.cluster.arrive;\n" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() {
+  asm volatile("barrier.cluster.wait;\n" ::: "memory");
+}
+
 // A TMA pipeline's stage barriers: thread 0 makes one mbarrier per stage (one
 // arrival each: the thread that arms it with the stage's expect_tx) and fences
 // them for the async proxy, then the CTA synchronizes.

@@ -614,20 +614,43 @@ static_assert(kV3SmemBytes <= 227 * 1024, "v3 shared memory exceeds sm_90's per-
 // K past the tensors are zero-filled; a grouped tile's rows past its group read
 // the next group's rows, which the epilogue never stores) and each stage's
 // mbarrier says when it landed. Otherwise all threads copy with cp.async.
-template <typename T, bool kTma>
-__global__ void __launch_bounds__(kV3Threads, 1)
-    wgmma_gemm_kernel(GemmParams p, const __grid_constant__ CUtensorMap tma_a,
-                      const __grid_constant__ CUtensorMap tma_b) {
+//
+// kCluster (with kTma; plain GEMMs; opt-in DSK_GEMM_CLUSTER=1, not yet run on a
+// GPU): CTAs in clusters of two along M, the same n tile and m tiles 2i, 2i + 1.
+// Each CTA loads its A tile and one half (128 rows) of the B tile they share,
+// multicast into both CTAs' stage (tma_b's boxes are 128 rows), so the pair reads
+// B from L2 once: 32 KiB per CTA and K tile instead of 48. Each stage's mbarrier
+// still counts all 48 KiB landing in its CTA (the peer's half may land before
+// this CTA arms it: the transaction count may go below zero, the phase waits
+// for the arming arrival). A stage is refilled only when both CTAs finished
+// reading it: the cluster barrier's arrive (after wait_group 1 of tile kt - 1,
+// which leaves tile kt - 2 done) and wait (before tile kt + 2's loads) replace
+// the CTA barrier. A CTA whose m tile lies past M still loads (TMA zero-fills its
+// A rows) and synchronizes, and stores nothing; the last wait keeps either CTA
+// from exiting while the other may still multicast into it.
+template <typename T, bool kTma, bool kCluster>
+__device__ __forceinline__ void wgmma_gemm_body(const GemmParams& p, const CUtensorMap& tma_a,
+                                                const CUtensorMap& tma_b) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  static_assert(kTma || !kCluster, "the cluster variant multicasts with TMA");
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ __align__(8) uint64_t stage_full[kStagesV3];  // TMA only
   const uint32_t smem_base = (shared_addr(smem_raw) + 1023u) & ~1023u;
 
   int64_t m_tile, n_tile;
-  raster_order(blockIdx.x, row_tiles(p, kV3BM), (p.n + kV3BN - 1) / kV3BN, m_tile, n_tile);
+  uint32_t rank = 0;  // in the cluster
+  if constexpr (kCluster) {
+    rank = cluster_ctarank();
+    int64_t pair;
+    raster_order(blockIdx.x / 2, (row_tiles(p, kV3BM) + 1) / 2, (p.n + kV3BN - 1) / kV3BN, pair, n_tile);
+    m_tile = 2 * pair + rank;
+  } else {
+    raster_order(blockIdx.x, row_tiles(p, kV3BM), (p.n + kV3BN - 1) / kV3BN, m_tile, n_tile);
+  }
   RowTile tile;
-  if (!locate_row_tile<kV3BM>(p, m_tile, tile)) return;  // CTA-uniform
-  const int64_t m0 = tile.row_begin, n0 = n_tile * kV3BN;
+  // CTA-uniform; a cluster's CTA past M stays (see above): its row range is empty.
+  if (!locate_row_tile<kV3BM>(p, m_tile, tile) && !kCluster) return;
+  const int64_t m0 = kCluster ? m_tile * kV3BM : tile.row_begin, n0 = n_tile * kV3BN;
   const T* __restrict__ a = static_cast<const T*>(p.a);
   const T* __restrict__ b = static_cast<const T*>(p.b) + tile.group * p.n * p.k;
   const int tid = threadIdx.x, warpgroup = tid / 128, warp_in_group = (tid % 128) / 32;
@@ -646,7 +669,13 @@ __global__ void __launch_bounds__(kV3Threads, 1)
       mbar_arrive_expect_tx(bar, kV3StageBytes);
       const int32_t k0 = static_cast<int32_t>(kt * kV3BK);
       tma_load_2d(sa, &tma_a, k0, static_cast<int32_t>(m0), bar);
-      tma_load_2d(sb, &tma_b, k0, static_cast<int32_t>(tile.group * p.n + n0), bar);
+      if constexpr (kCluster) {
+        constexpr int kHalf = kV3BN / 2;
+        tma_load_2d_multicast(sb + rank * kHalf * kV3RowBytes, &tma_b, k0,
+                              static_cast<int32_t>(n0 + rank * kHalf), bar, 0x3);
+      } else {
+        tma_load_2d(sb, &tma_b, k0, static_cast<int32_t>(tile.group * p.n + n0), bar);
+      }
     } else {
       const int64_t k_bytes = p.k * 2, k0 = kt * kV3RowBytes;
       load_swizzled_rows<kV3BM, kV3Threads>(sa, a, m0, tile.row_end, k0, k_bytes, k_bytes);
@@ -654,6 +683,10 @@ __global__ void __launch_bounds__(kV3Threads, 1)
     }
   };
   if constexpr (kTma) init_stage_barriers(stage_full, tid);
+  if constexpr (kCluster) {
+    cluster_arrive();  // both CTAs' barriers exist before either multicasts
+    cluster_wait();
+  }
 
   // Copies run kV3Prefetch tiles ahead; the wgmma of a tile stays in flight
   // while the next tile's are issued (wait_group 1), so the stage being
@@ -670,13 +703,19 @@ __global__ void __launch_bounds__(kV3Threads, 1)
   }
   float acc[1][kV3BN / 8][4];
   zero_accumulators(acc);
+  if constexpr (kCluster) cluster_arrive();  // nothing read yet: tile 0's wait passes
 
   for (int64_t kt = 0; kt < k_tiles; ++kt) {
     if constexpr (kTma) {
-      // Every warpgroup passed wait_group 1 of tile kt - 1 before this barrier,
-      // so the wgmma of tile kt - 2 are done and its stage can be refilled;
-      // tile kt is there once its stage's mbarrier completes phase kt / kStagesV3.
-      __syncthreads();
+      // Every warpgroup passed wait_group 1 of tile kt - 1 before this barrier
+      // (the cluster's: of both CTAs), so the wgmma of tile kt - 2 are done and
+      // its stage can be refilled; tile kt is there once its stage's mbarrier
+      // completes phase kt / kStagesV3.
+      if constexpr (kCluster) {
+        cluster_wait();
+      } else {
+        __syncthreads();
+      }
       if (tid == 0 && kt + kV3Prefetch < k_tiles)
         load_stage(static_cast<int>((kt + kV3Prefetch) % kStagesV3), kt + kV3Prefetch);
       wait_stage(stage_full, kt);
@@ -709,12 +748,36 @@ __global__ void __launch_bounds__(kV3Threads, 1)
     }
     wgmma_wait<1>();
     pin_accumulators(acc);
+    if constexpr (kCluster) cluster_arrive();  // tile kt - 1 read here: its stage may be refilled
   }
   wgmma_wait<0>();
   pin_accumulators(acc);
   if constexpr (!kTma) cp_async_wait<0>();
+  if constexpr (kCluster) cluster_wait();  // the peer is done with every multicast into this CTA
 
   mma_epilogue(p, acc, m0 + warpgroup * 64 + warp_in_group * 16, tile.row_end, n0);
+#endif
+}
+
+template <typename T, bool kTma>
+__global__ void __launch_bounds__(kV3Threads, 1)
+    wgmma_gemm_kernel(GemmParams p, const __grid_constant__ CUtensorMap tma_a,
+                      const __grid_constant__ CUtensorMap tma_b) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  wgmma_gemm_body<T, kTma, false>(p, tma_a, tma_b);
+#else
+  __trap();  // never launched: launch_wgmma checks the kernel was built for sm_90a
+#endif
+}
+
+// Launched in clusters of two (launch_wgmma_cluster: a launch attribute, since
+// __cluster_dims__ does not compile for sm_80).
+template <typename T>
+__global__ void __launch_bounds__(kV3Threads, 1)
+    wgmma_gemm_cluster_kernel(GemmParams p, const __grid_constant__ CUtensorMap tma_a,
+                              const __grid_constant__ CUtensorMap tma_b) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  wgmma_gemm_body<T, true, true>(p, tma_a, tma_b);
 #else
   __trap();  // never launched: launch_wgmma checks the kernel was built for sm_90a
 #endif
@@ -1371,15 +1434,47 @@ bool launch_wgmma_variant(const GemmParams& p, const CUtensorMap& map_a, const C
   return true;
 }
 
-// v3 with TMA where both tensor maps can be made (p.v3_tma), else with cp.async.
+// The cluster variant (wgmma_gemm_body's kCluster): two CTAs per pair of m tiles.
+template <typename T>
+bool launch_wgmma_cluster(const GemmParams& p, const CUtensorMap& map_a, const CUtensorMap& map_b,
+                          cudaStream_t stream, cudaError_t& err) {
+  static std::atomic<uint64_t> checked{0}, usable{0};
+  if (!wgmma_usable(wgmma_gemm_cluster_kernel<T>, kV3SmemBytes, p.built_sm90a, checked, usable, err))
+    return false;
+  if (err != cudaSuccess) return true;
+  const int64_t ctas = 2 * ((row_tiles(p, kV3BM) + 1) / 2) * ((p.n + kV3BN - 1) / kV3BN);
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(ctas));
+  config.blockDim = dim3(kV3Threads);
+  config.dynamicSmemBytes = kV3SmemBytes;
+  config.stream = stream;
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = 2;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  err = cudaLaunchKernelEx(&config, wgmma_gemm_cluster_kernel<T>, p, map_a, map_b);
+  return true;
+}
+
+// v3 with TMA where both tensor maps can be made (p.v3_tma), else with cp.async;
+// plain GEMMs in clusters of two with p.v3_cluster.
 template <typename T>
 bool launch_wgmma(const GemmParams& p, cudaStream_t stream, cudaError_t& err) {
   CUtensorMap map_a{}, map_b{};
   const CUtensorMapDataType type =
       p.ab_dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const bool cluster = p.v3_cluster && p.offsets == nullptr;
   if (p.v3_tma && encode_operand_map(map_a, p.a, type, 2, p.k, p.m, kV3BM) &&
-      encode_operand_map(map_b, p.b, type, 2, p.k, p.groups * p.n, kV3BN))
+      encode_operand_map(map_b, p.b, type, 2, p.k, p.groups * p.n, cluster ? kV3BN / 2 : kV3BN)) {
+    if (cluster && launch_wgmma_cluster<T>(p, map_a, map_b, stream, err)) return true;
+    if (err != cudaSuccess) return true;
+    if (cluster && !encode_operand_map(map_b, p.b, type, 2, p.k, p.groups * p.n, kV3BN))
+      return launch_wgmma_variant<T, false>(p, map_a, map_b, stream, err);
     return launch_wgmma_variant<T, true>(p, map_a, map_b, stream, err);
+  }
   return launch_wgmma_variant<T, false>(p, map_a, map_b, stream, err);
 }
 

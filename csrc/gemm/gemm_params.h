@@ -53,6 +53,10 @@ struct GemmParams {
   // tile of at most 64 rows: about half the groups at DeepSeek-V3 expert shapes).
   // Opt-in (DSK_GEMM_SKIP_EMPTY_ROWS=1, read once): not yet run on a GPU.
   bool v3_skip_empty_rows = false;
+  // v3 (TMA) runs plain GEMMs in clusters of two CTAs along M that multicast the
+  // B tile they share (gemm_cuda.cu, wgmma_gemm_body). Opt-in
+  // (DSK_GEMM_CLUSTER=1, read once): not yet run on a GPU.
+  bool v3_cluster = false;
 };
 
 // The generation new GEMM params get: 1, 2 or 3 (forced), or kGemmKernelAuto (the
