@@ -625,9 +625,10 @@ static_assert(kV3SmemBytes <= 227 * 1024, "v3 shared memory exceeds sm_90's per-
 // for the arming arrival). A stage is refilled only when both CTAs finished
 // reading it: the cluster barrier's arrive (after wait_group 1 of tile kt - 1,
 // which leaves tile kt - 2 done) and wait (before tile kt + 2's loads) replace
-// the CTA barrier. A CTA whose m tile lies past M still loads (TMA zero-fills its
-// A rows) and synchronizes, and stores nothing; the last wait keeps either CTA
-// from exiting while the other may still multicast into it.
+// the CTA barrier. A CTA whose m tile lies past M (an odd count of m tiles)
+// still loads its half of B and synchronizes, but loads no A and stores nothing;
+// the last wait keeps either CTA from exiting while the other may still
+// multicast into it.
 template <typename T, bool kTma, bool kCluster>
 __device__ __forceinline__ void wgmma_gemm_body(const GemmParams& p, const CUtensorMap& tma_a,
                                                 const CUtensorMap& tma_b) {
@@ -666,9 +667,11 @@ __device__ __forceinline__ void wgmma_gemm_body(const GemmParams& p, const CUten
     const uint32_t sa = smem_base + stage * kV3StageBytes, sb = sa + kV3BM * kV3RowBytes;
     if constexpr (kTma) {
       const uint32_t bar = shared_addr(&stage_full[stage]);
-      mbar_arrive_expect_tx(bar, kV3StageBytes);
+      // A cluster's CTA past M loads no A (its wgmma read stale rows it never stores).
+      const bool load_a = !kCluster || m0 < p.m;
+      mbar_arrive_expect_tx(bar, load_a ? kV3StageBytes : kV3StageBytes - kV3BM * kV3RowBytes);
       const int32_t k0 = static_cast<int32_t>(kt * kV3BK);
-      tma_load_2d(sa, &tma_a, k0, static_cast<int32_t>(m0), bar);
+      if (load_a) tma_load_2d(sa, &tma_a, k0, static_cast<int32_t>(m0), bar);
       if constexpr (kCluster) {
         constexpr int kHalf = kV3BN / 2;
         tma_load_2d_multicast(sb + rank * kHalf * kV3RowBytes, &tma_b, k0,
