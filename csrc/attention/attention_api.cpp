@@ -180,7 +180,11 @@ void run_bwd(const char* op, AttnParams p, const at::Tensor& ref) {
     check_cuda_grid(op, p);
     p.built_sm90a = built_for_cuda_arch("sm_90a");
     const int64_t lse_numel = p.cu_seqlens_q ? p.Hq * p.total_q : p.B * p.Hq * p.seqlen_q;
-    const at::Tensor delta = at::empty({lse_numel}, ref.options().dtype(at::kFloat));
+    // Varlen: zeroed, since the delta kernel stops at max_seqlen_q (not checked
+    // against the samples on CUDA: a host sync) while the dK/dV kernels read every
+    // row of a sample: an understated max then gives wrong but finite gradients.
+    const at::Tensor delta = p.cu_seqlens_q ? at::zeros({lse_numel}, ref.options().dtype(at::kFloat))
+                                            : at::empty({lse_numel}, ref.options().dtype(at::kFloat));
     p.delta = delta.data_ptr<float>();
     // The generation that runs, and its workspace, zeroed (see AttnParams).
     at::Tensor dq_accum, semaphores;
