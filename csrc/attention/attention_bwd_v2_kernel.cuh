@@ -273,11 +273,8 @@ int launch(const AttnParams& p, cudaStream_t stream) {
 
 template <typename T>
 int launch_any(const AttnParams& p, cudaStream_t stream) {
-  switch (p.D) {
-    case 64: return launch<T, 64>(p, stream);
-    case 128: return launch<T, 128>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_head_dim_64_128(p.D, static_cast<int>(cudaErrorInvalidValue),
+                              [&](auto d) { return launch<T, decltype(d)::value>(p, stream); });
 }
 
 }  // namespace dsk::attention::bwd_v2

@@ -78,6 +78,24 @@ __device__ __forceinline__ void scores_step(float (&d)[1][N / 8][4], uint64_t de
   }
 }
 
+// acc[64 x D] += A.B, one committed wgmma group: A = the [64 x BM] scores `c`
+// rounded to T into the fragments `a` (which must stay unchanged until a wait
+// covers the group), B the MN-major [BM][D] tile at `b_tile` (16 of its rows =
+// 2048 bytes; 64-column blocks BM * 128 bytes apart).
+template <typename T, int D, int MS>
+__device__ __forceinline__ void issue_rs_product(float (&acc)[1][D / 8][4], uint32_t (&a)[MS][4],
+                                                 const float (&c)[1][2 * MS][4], uint32_t b_tile) {
+#pragma unroll
+  for (int kk = 0; kk < MS; ++kk) c_to_a<T>(a[kk], c[0][2 * kk], c[0][2 * kk + 1]);
+  pin_fragments(a);
+  pin_accumulators(acc);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < MS; ++kk)
+    wgmma_m64nNk16_rs<T, D>(acc, a[kk], wgmma_desc_mn(b_tile + kk * 2048, MS * 16 * 128));
+  wgmma_commit();
+}
+
 __device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 }
@@ -189,15 +207,7 @@ __device__ __forceinline__ void dkdv_dq_body(const AttnParams& p, float scale_lo
       // P^T, then dV += P^T.dO (dO as the MN-major B operand: 16 queries = 2048 bytes).
       probs_t(s[0], p, kj0, key_ok0, key_ok1, i0, shift, scale_log2, sLse + st * BM, lane);
       uint32_t pf[MS][4];
-#pragma unroll
-      for (int kk = 0; kk < MS; ++kk) c_to_a<T>(pf[kk], s[0][2 * kk], s[0][2 * kk + 1]);
-      pin_fragments(pf);
-      pin_accumulators(acc_v);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < MS; ++kk)
-        wgmma_m64nNk16_rs<T, D>(acc_v, pf[kk], wgmma_desc_mn(do_t + kk * 2048, BM * 128));
-      wgmma_commit();
+      issue_rs_product<T, D>(acc_v, pf, s, do_t);
       // dP^T and dV done (the other warpgroup keeps the tensor cores busy): P's
       // fragments die here, which keeps the kernel within 255 registers.
       wgmma_wait<0>();
@@ -208,15 +218,7 @@ __device__ __forceinline__ void dkdv_dq_body(const AttnParams& p, float scale_lo
       // dS^T, then dK += dS^T.Q, and dS^T (as T, the values dK uses) into shared memory.
       dscores_t(dp[0], s[0], sDelta + st * BM, lane);
       uint32_t df[MS][4];
-#pragma unroll
-      for (int kk = 0; kk < MS; ++kk) c_to_a<T>(df[kk], dp[0][2 * kk], dp[0][2 * kk + 1]);
-      pin_fragments(df);
-      pin_accumulators(acc_k);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < MS; ++kk)
-        wgmma_m64nNk16_rs<T, D>(acc_k, df[kk], wgmma_desc_mn(q_t + kk * 2048, BM * 128));
-      wgmma_commit();
+      issue_rs_product<T, D>(acc_k, df, dp, q_t);
       // df[kk][2c + rr] holds keys key_row + 8 rr, queries kk * 16 + 8 c + (lane % 4) * 2
       // and + 1: one 4-byte word at their swizzled place (keys as rows, 64 queries
       // = 128 bytes per row and column block): 16-byte chunk 2 (kk % 4) + c of the
@@ -336,20 +338,14 @@ int launch(const AttnParams& p, cudaStream_t stream) {
 
 template <typename T>
 int64_t usable_splits_any(const AttnParams& p) {
-  switch (p.D) {
-    case 64: return usable_splits<T, 64>(p);
-    case 128: return usable_splits<T, 128>(p);
-    default: return 0;
-  }
+  return with_head_dim_64_128(p.D, int64_t{0},
+                              [&](auto d) { return usable_splits<T, decltype(d)::value>(p); });
 }
 
 template <typename T>
 int launch_any(const AttnParams& p, cudaStream_t stream) {
-  switch (p.D) {
-    case 64: return launch<T, 64>(p, stream);
-    case 128: return launch<T, 128>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_head_dim_64_128(p.D, static_cast<int>(cudaErrorInvalidValue),
+                              [&](auto d) { return launch<T, decltype(d)::value>(p, stream); });
 }
 
 }  // namespace dsk::attention::bwd_v3

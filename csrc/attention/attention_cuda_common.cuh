@@ -50,6 +50,17 @@ int with_cuda_head_dim(int64_t d, F&& f) {
   }
 }
 
+// f(std::integral_constant<int, D>{}) for D = d of the v2 and v3 kernels (64 or
+// 128); `fallback` for any other d (the caller then runs an older generation).
+template <typename R, typename F>
+R with_head_dim_64_128(int64_t d, R fallback, F&& f) {
+  switch (d) {
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    default: return fallback;
+  }
+}
+
 // Raises a kernel's dynamic shared memory limit to `bytes`.
 template <typename Kernel>
 cudaError_t allow_smem(Kernel kernel, size_t bytes) {

@@ -268,11 +268,8 @@ bool launch(const AttnParams& p, cudaStream_t stream, cudaError_t& err) {
 
 template <typename T>
 bool launch_any(const AttnParams& p, cudaStream_t stream, cudaError_t& err) {
-  switch (p.D) {
-    case 64: return launch<T, 64>(p, stream, err);
-    case 128: return launch<T, 128>(p, stream, err);
-    default: return false;
-  }
+  return with_head_dim_64_128(p.D, false,
+                              [&](auto d) { return launch<T, decltype(d)::value>(p, stream, err); });
 }
 
 }  // namespace dsk::attention::fwd_v3
