@@ -67,15 +67,23 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const void* src, int64_t
                                        stride * 2);
 }
 
-// S[64 x N] (+)= A.B^T over 16 of K, both K-major in shared memory (N = 64 or 128).
-template <typename T, int N>
-__device__ __forceinline__ void scores_step(float (&d)[1][N / 8][4], uint64_t desc_a,
-                                            uint64_t desc_b, int scale_d) {
-  if constexpr (N == 64) {
-    wgmma_m64n64k16_ss<T, false, false>(d, desc_a, desc_b, scale_d);
-  } else {
-    wgmma_m64n128k16_ss<T>(d, desc_a, desc_b, scale_d);
+// S[64 x BM] = A.B^T over D, one committed wgmma group (after the caller's
+// fence): A 64 rows of a [kBlockN][D] tile from `a_rows` on, B the [BM][D] tile at
+// b_tile, both K-major in their D / 64 swizzled column blocks.
+template <typename T, int D, int BM>
+__device__ __forceinline__ void issue_scores(float (&d)[1][BM / 8][4], uint32_t a_rows,
+                                             uint32_t b_tile) {
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    const uint64_t desc_a = wgmma_desc(a_rows + (ks / 4) * kBlockN * 128 + (ks % 4) * 32);
+    const uint64_t desc_b = wgmma_desc(b_tile + (ks / 4) * BM * 128 + (ks % 4) * 32);
+    if constexpr (BM == 64) {
+      wgmma_m64n64k16_ss<T, false, false>(d, desc_a, desc_b, ks > 0);
+    } else {
+      wgmma_m64n128k16_ss<T>(d, desc_a, desc_b, ks > 0);
+    }
   }
+  wgmma_commit();
 }
 
 // acc[64 x D] += A.B, one committed wgmma group: A = the [64 x BM] scores `c`
@@ -102,7 +110,7 @@ __device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
 
 template <typename T, int D>
 __device__ __forceinline__ void dkdv_dq_body(const AttnParams& p, float scale_log2) {
-  constexpr int BM = block_m<D>(), BN = kBlockN, KS = D / 16, MS = BM / 16, NT = BM / 8, DT = D / 8;
+  constexpr int BM = block_m<D>(), BN = kBlockN, MS = BM / 16, NT = BM / 8, DT = D / 8;
   constexpr int kKV = tile_bytes<D>(BN), kQ = tile_bytes<D>(BM);
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const uint32_t raw = shared_addr(smem_raw);
@@ -187,20 +195,8 @@ __device__ __forceinline__ void dkdv_dq_body(const AttnParams& p, float scale_lo
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[0][i][e] = dp[0][i][e] = 0.f;
       wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
-        const uint32_t k_off = (ks / 4) * BN * 128 + wg * 64 * 128 + (ks % 4) * 32;
-        const uint32_t q_off = (ks / 4) * BM * 128 + (ks % 4) * 32;
-        scores_step<T, BM>(s, wgmma_desc(sK + k_off), wgmma_desc(q_t + q_off), ks > 0);
-      }
-      wgmma_commit();
-#pragma unroll
-      for (int ks = 0; ks < KS; ++ks) {
-        const uint32_t k_off = (ks / 4) * BN * 128 + wg * 64 * 128 + (ks % 4) * 32;
-        const uint32_t q_off = (ks / 4) * BM * 128 + (ks % 4) * 32;
-        scores_step<T, BM>(dp, wgmma_desc(sV + k_off), wgmma_desc(do_t + q_off), ks > 0);
-      }
-      wgmma_commit();
+      issue_scores<T, D, BM>(s, sK + wg * 64 * 128, q_t);
+      issue_scores<T, D, BM>(dp, sV + wg * 64 * 128, do_t);
       wgmma_wait<1>();  // S^T landed; dP^T may still run
       pin_accumulators(s);
 
