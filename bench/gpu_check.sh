@@ -23,7 +23,7 @@
 #      at a time, so one broken kernel cannot hide the others' results, + the demo:
 #      SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 SKIP_BENCH=1 bash bench/gpu_check.sh OUT
 #   2. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_BENCH=1 SKIP_DEMO=1 SANITIZE_FAMILIES="..."
-#      (past 2^31 and memcheck; the newest kernels first: attention-bwd-v3 gemm-cluster fp8-tma gemm-skip-empty moe-pdl gemm-v3 gemm-v2
+#      (past 2^31 and memcheck; the newest kernels first: attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-tma gemm-skip-empty moe-pdl gemm-v3 gemm-v2
 #      fp8-v2 int8-v1 moe-v1 attention-v3 attention-bwd-v2)
 #   3. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 SKIP_DEMO=1
 #      (benchmarks and A/B runs)
@@ -72,6 +72,7 @@ smoke_family() {
     fp8-tma) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_TMA=1" ;;
     gemm-skip-empty) echo "tests/test_gemm.py|v3 or versions or auto or grouped|DSK_GEMM_SKIP_EMPTY_ROWS=1" ;;
     gemm-cluster) echo "tests/test_gemm.py|v3 or versions or auto|DSK_GEMM_CLUSTER=1" ;;
+    gemm-deep-prefetch) echo "tests/test_gemm.py|v3 or versions or auto|DSK_GEMM_DEEP_PREFETCH=1" ;;
     moe-pdl) echo "tests/test_moe.py tests/test_cuda_graphs.py|gating or moe|DSK_MOE_PDL=1" ;;
     attention-bwd-unordered) echo "tests/test_attention.py|bwd_kernels_match_reference and bwd_v2|DSK_ATTENTION_BWD_UNORDERED=1" ;;
     gemm) echo "tests/test_gemm.py|not v3 and not tensor_core and not int8 and not versions and not fp8_grouped_gemm_cuda|" ;;
@@ -83,7 +84,7 @@ smoke_family() {
     *) return 1 ;;
   esac
 }
-SMOKE_ALL="attention-bwd-v3 gemm-cluster fp8-tma gemm-skip-empty moe-pdl attention-bwd-unordered attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 graphs attention gemm moe quant rest gemm-v3-cp-async"
+SMOKE_ALL="attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-tma gemm-skip-empty moe-pdl attention-bwd-unordered attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 graphs attention gemm moe quant rest gemm-v3-cp-async"
 smoke_run() {  # one family, in the background's own process; its summary line goes to smoke-NAME.sum
   local spec files kexpr envs
   spec=$(smoke_family "$1") || { echo "$1: unknown family" >"$OUT/smoke-$1.sum"; return; }
@@ -151,7 +152,7 @@ sanitize() {  # name, test file, -k expression, then optional VAR=value (e.g. a 
 if [ "${SKIP_SANITIZER:-0}" = 1 ]; then echo "skipped (SKIP_SANITIZER=1)"
 elif command -v compute-sanitizer >/dev/null; then
   # The *-v2 runs force the newer kernel generation of a family for every test.
-  for fam in ${SANITIZE_FAMILIES:-attention-bwd-v3 gemm-cluster fp8-tma gemm-skip-empty moe-pdl quant moe moe-v1 gemm gemm-v2 gemm-v3 fp8-v2 int8-v1 attention attention-v2 attention-v3 attention-bwd-v2}; do
+  for fam in ${SANITIZE_FAMILIES:-attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-tma gemm-skip-empty moe-pdl quant moe moe-v1 gemm gemm-v2 gemm-v3 fp8-v2 int8-v1 attention attention-v2 attention-v3 attention-bwd-v2}; do
     case $fam in
       quant) sanitize quant tests/test_quant.py "matches_reference and not 1024 or nonfinite or bad_inputs or agree" ;;
       moe) sanitize moe tests/test_moe.py "matches_reference or shapes or nonfinite or empty or agree" ;;
@@ -163,6 +164,8 @@ elif command -v compute-sanitizer >/dev/null; then
       fp8-v2) sanitize fp8-v2 tests/test_gemm.py "tensor_core or fp8_grouped_gemm_cuda" ;;  # they select v2
       gemm-skip-empty) sanitize gemm-skip-empty tests/test_gemm.py "v3 or versions or auto" DSK_GEMM_SKIP_EMPTY_ROWS=1 ;;
       gemm-cluster) sanitize gemm-cluster tests/test_gemm.py "v3 or versions or auto" DSK_GEMM_CLUSTER=1 ;;
+      # both variants at once: plain GEMMs run cluster + deep, grouped ones deep only
+      gemm-deep-prefetch) sanitize gemm-deep-prefetch tests/test_gemm.py "v3 or versions or auto" DSK_GEMM_CLUSTER=1 DSK_GEMM_DEEP_PREFETCH=1 ;;
       fp8-tma) sanitize fp8-tma tests/test_gemm.py "tensor_core or fp8_grouped_gemm_cuda" DSK_FP8_TMA=1 ;;
       int8-v1) sanitize int8-v1 tests/test_gemm.py "int8" DSK_INT8_KERNEL=v1 ;;
       attention) sanitize attention tests/test_attention.py "${SANITIZE_K_ATTENTION:-not 4097 and not large}" ;;
@@ -215,11 +218,17 @@ if [ "${SKIP_BENCH:-0}" = 1 ]; then echo "skipped (SKIP_BENCH=1)"; else
     --int8 1024 1024 1024 --out "$OUT/gemm-experiments" 2>&1 | tee "$OUT/bench-gemm-experiments.log" \
     | grep -E "^(grouped|fp8)" | tail -8
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
-  # v3 in clusters of two CTAs multicasting B (DSK_GEMM_CLUSTER=1, opt-in): the same A/B.
-  mkdir -p "$OUT/gemm-v3-cluster"
-  DSK_GEMM_CLUSTER=1 $PY bench/bench_gemm.py --device cuda --ab --out "$OUT/gemm-v3-cluster" 2>&1 \
-    | tee "$OUT/bench-gemm-ab-cluster.log" | tail -8
-  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  # v3's opt-in variants, the same A/B each: clusters of two CTAs multicasting B
+  # (DSK_GEMM_CLUSTER=1), copies a tile further ahead (DSK_GEMM_DEEP_PREFETCH=1), both.
+  for variant in "cluster:DSK_GEMM_CLUSTER=1" "deep:DSK_GEMM_DEEP_PREFETCH=1" \
+                 "cluster-deep:DSK_GEMM_CLUSTER=1 DSK_GEMM_DEEP_PREFETCH=1"; do
+    name=${variant%%:*}
+    mkdir -p "$OUT/gemm-v3-$name"
+    # shellcheck disable=SC2086
+    env ${variant#*:} $PY bench/bench_gemm.py --device cuda --ab --out "$OUT/gemm-v3-$name" 2>&1 \
+      | tee "$OUT/bench-gemm-ab-$name.log" | tail -8
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  done
   mkdir -p "$OUT/gemm-v3-cp-async"
   DSK_GEMM_TMA=0 $PY bench/bench_gemm.py --device cuda --ab --out "$OUT/gemm-v3-cp-async" 2>&1 \
     | tee "$OUT/bench-gemm-ab-cp-async.log" | tail -8

@@ -662,15 +662,17 @@ torch.save(outs, sys.argv[2])
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.skipif(not hopper_build(), reason="v3 (wgmma) needs an H100/H200 and an sm_90a build")
-@pytest.mark.parametrize("variant", ["DSK_GEMM_TMA=0", "DSK_GEMM_CLUSTER=1"],
-                         ids=["cp_async", "cluster"])
+@pytest.mark.parametrize("variant", ["DSK_GEMM_TMA=0", "DSK_GEMM_CLUSTER=1", "DSK_GEMM_DEEP_PREFETCH=1",
+                                     "DSK_GEMM_CLUSTER=1 DSK_GEMM_DEEP_PREFETCH=1"],
+                         ids=["cp_async", "cluster", "deep_prefetch", "cluster_deep_prefetch"])
 def test_cuda_v3_tma_and_variant_same_bits(tmp_path, variant):
-    """v3 filled by TMA (the default) and by cp.async (DSK_GEMM_TMA=0), or in
-    clusters of two CTAs multicasting B (DSK_GEMM_CLUSTER=1; plain GEMMs: an odd
-    count of m tiles leaves a CTA past M), each read once per process (a
-    subprocess), feed the same operands to the same wgmma in the same K order: the
-    outputs must be the same bits, on tails of K (TMA zero-fills past K and past
-    the last row), M, N and grouped tiles (offsets not multiples of 128)."""
+    """v3 filled by TMA (the default) and by cp.async (DSK_GEMM_TMA=0), in clusters
+    of two CTAs multicasting B (DSK_GEMM_CLUSTER=1; plain GEMMs: an odd count of m
+    tiles leaves a CTA past M), or with its copies a tile further ahead
+    (DSK_GEMM_DEEP_PREFETCH=1), each read once per process (a subprocess), feed the
+    same operands to the same wgmma in the same K order: the outputs must be the
+    same bits, on tails of K (TMA zero-fills past K and past the last row), M, N
+    and grouped tiles (offsets not multiples of 128)."""
     import os
     import subprocess
     import sys
@@ -690,8 +692,7 @@ def test_cuda_v3_tma_and_variant_same_bits(tmp_path, variant):
                 else dk.gemm(c["a"], c["w"], c["b"], activation="gelu") for c in cases]
         assert kernel_ran("gemm") == 3
     torch.save(cases, tmp_path / "cases.pt")
-    name, value = variant.split("=")
-    env = dict(os.environ, **{name: value})
+    env = dict(os.environ, **dict(kv.split("=") for kv in variant.split()))
     subprocess.run([sys.executable, "-c", _V3_COPY_SCRIPT, str(tmp_path / "cases.pt"),
                     str(tmp_path / "outs.pt")], env=env, check=True, timeout=300)
     theirs = torch.load(tmp_path / "outs.pt")

@@ -37,17 +37,19 @@ KernelChoice& gemm_kernel_choice() {
 #ifdef DSK_WITH_CUDA
 // The CUDA bf16/fp16 kernel choice every GemmParams gets (plain and grouped).
 // DSK_GEMM_TMA=0 makes v3 copy its tiles with cp.async instead of TMA (A/B runs,
-// debugging); DSK_GEMM_SKIP_EMPTY_ROWS=1 and DSK_GEMM_CLUSTER=1 turn on v3's
-// opt-in variants (GemmParams); read once.
+// debugging); DSK_GEMM_SKIP_EMPTY_ROWS=1, DSK_GEMM_CLUSTER=1 and
+// DSK_GEMM_DEEP_PREFETCH=1 turn on v3's opt-in variants (GemmParams); read once.
 void set_cuda_kernel(GemmParams& p) {
   static const bool tma = !env_equals("DSK_GEMM_TMA", "0");
   static const bool skip_empty_rows = env_equals("DSK_GEMM_SKIP_EMPTY_ROWS", "1");
   static const bool cluster = env_equals("DSK_GEMM_CLUSTER", "1");
+  static const bool deep_prefetch = env_equals("DSK_GEMM_DEEP_PREFETCH", "1");
   p.cuda_kernel = gemm_kernel_choice().get();
   p.built_sm90a = built_for_cuda_arch("sm_90a");
   p.v3_tma = tma;
   p.v3_skip_empty_rows = skip_empty_rows;
   p.v3_cluster = cluster;
+  p.v3_deep_prefetch = deep_prefetch;
 }
 #endif
 

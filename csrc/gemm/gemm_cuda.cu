@@ -629,11 +629,18 @@ static_assert(kV3SmemBytes <= 227 * 1024, "v3 shared memory exceeds sm_90's per-
 // still loads its half of B and synchronizes, but loads no A and stores nothing;
 // the last wait keeps either CTA from exiting while the other may still
 // multicast into it.
-template <typename T, bool kTma, bool kCluster>
+//
+// kDeep (with kTma; opt-in DSK_GEMM_DEEP_PREFETCH=1, not yet run on a GPU): the
+// copies run kStagesV3 - 1 tiles ahead instead of kStagesV3 - 2. The stage
+// refilled in iteration kt is tile kt - 1's, after this iteration's wait_group 1
+// (tile kt - 1 done) and a barrier (the cluster's with kCluster) that says every
+// warpgroup got there; tile kt's wgmma run across that barrier. Each load then
+// has three tiles' worth of MMA time to land instead of two.
+template <typename T, bool kTma, bool kCluster, bool kDeep>
 __device__ __forceinline__ void wgmma_gemm_body(const GemmParams& p, const CUtensorMap& tma_a,
                                                 const CUtensorMap& tma_b) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  static_assert(kTma || !kCluster, "the cluster variant multicasts with TMA");
+  static_assert(kTma || !(kCluster || kDeep), "the cluster and deep variants load with TMA");
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ __align__(8) uint64_t stage_full[kStagesV3];  // TMA only
   const uint32_t smem_base = (shared_addr(smem_raw) + 1023u) & ~1023u;
@@ -693,8 +700,8 @@ __device__ __forceinline__ void wgmma_gemm_body(const GemmParams& p, const CUten
 
   // Copies run kV3Prefetch tiles ahead; the wgmma of a tile stays in flight
   // while the next tile's are issued (wait_group 1), so the stage being
-  // refilled is the one read two tiles ago.
-  constexpr int kV3Prefetch = kStagesV3 - 2;
+  // refilled is the one read two tiles ago (kDeep: one tile ago, see above).
+  constexpr int kV3Prefetch = kDeep ? kStagesV3 - 1 : kStagesV3 - 2;
 #pragma unroll
   for (int s = 0; s < kV3Prefetch; ++s) {
     if constexpr (kTma) {
@@ -706,7 +713,7 @@ __device__ __forceinline__ void wgmma_gemm_body(const GemmParams& p, const CUten
   }
   float acc[1][kV3BN / 8][4];
   zero_accumulators(acc);
-  if constexpr (kCluster) cluster_arrive();  // nothing read yet: tile 0's wait passes
+  if constexpr (kCluster && !kDeep) cluster_arrive();  // nothing read yet: tile 0's wait passes
 
   for (int64_t kt = 0; kt < k_tiles; ++kt) {
     if constexpr (kTma) {
@@ -714,13 +721,15 @@ __device__ __forceinline__ void wgmma_gemm_body(const GemmParams& p, const CUten
       // (the cluster's: of both CTAs), so the wgmma of tile kt - 2 are done and
       // its stage can be refilled; tile kt is there once its stage's mbarrier
       // completes phase kt / kStagesV3.
-      if constexpr (kCluster) {
-        cluster_wait();
-      } else {
-        __syncthreads();
+      if constexpr (!kDeep) {
+        if constexpr (kCluster) {
+          cluster_wait();
+        } else {
+          __syncthreads();
+        }
+        if (tid == 0 && kt + kV3Prefetch < k_tiles)
+          load_stage(static_cast<int>((kt + kV3Prefetch) % kStagesV3), kt + kV3Prefetch);
       }
-      if (tid == 0 && kt + kV3Prefetch < k_tiles)
-        load_stage(static_cast<int>((kt + kV3Prefetch) % kStagesV3), kt + kV3Prefetch);
       wait_stage(stage_full, kt);
     } else {
       // Tile kt landed (at most kV3Prefetch - 1 newer groups pending); the fence
@@ -751,23 +760,39 @@ __device__ __forceinline__ void wgmma_gemm_body(const GemmParams& p, const CUten
     }
     wgmma_wait<1>();
     pin_accumulators(acc);
-    if constexpr (kCluster) cluster_arrive();  // tile kt - 1 read here: its stage may be refilled
+    if constexpr (kDeep) {
+      // Tile kt - 1 done in every warpgroup (of both CTAs) past the barrier:
+      // its stage takes tile kt + kV3Prefetch.
+      if constexpr (kCluster) {
+        cluster_arrive();
+        cluster_wait();
+      } else {
+        __syncthreads();
+      }
+      if (tid == 0 && kt + kV3Prefetch < k_tiles)
+        load_stage(static_cast<int>((kt + kV3Prefetch) % kStagesV3), kt + kV3Prefetch);
+    } else if constexpr (kCluster) {
+      cluster_arrive();  // tile kt - 1 read here: its stage may be refilled
+    }
   }
   wgmma_wait<0>();
   pin_accumulators(acc);
   if constexpr (!kTma) cp_async_wait<0>();
-  if constexpr (kCluster) cluster_wait();  // the peer is done with every multicast into this CTA
+  if constexpr (kCluster) {  // the peer is done with every multicast into this CTA
+    if constexpr (kDeep) cluster_arrive();
+    cluster_wait();
+  }
 
   mma_epilogue(p, acc, m0 + warpgroup * 64 + warp_in_group * 16, tile.row_end, n0);
 #endif
 }
 
-template <typename T, bool kTma>
+template <typename T, bool kTma, bool kDeep>
 __global__ void __launch_bounds__(kV3Threads, 1)
     wgmma_gemm_kernel(GemmParams p, const __grid_constant__ CUtensorMap tma_a,
                       const __grid_constant__ CUtensorMap tma_b) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  wgmma_gemm_body<T, kTma, false>(p, tma_a, tma_b);
+  wgmma_gemm_body<T, kTma, false, kDeep>(p, tma_a, tma_b);
 #else
   __trap();  // never launched: launch_wgmma checks the kernel was built for sm_90a
 #endif
@@ -775,12 +800,12 @@ __global__ void __launch_bounds__(kV3Threads, 1)
 
 // Launched in clusters of two (launch_wgmma_cluster: a launch attribute, since
 // __cluster_dims__ does not compile for sm_80).
-template <typename T>
+template <typename T, bool kDeep>
 __global__ void __launch_bounds__(kV3Threads, 1)
     wgmma_gemm_cluster_kernel(GemmParams p, const __grid_constant__ CUtensorMap tma_a,
                               const __grid_constant__ CUtensorMap tma_b) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  wgmma_gemm_body<T, true, true>(p, tma_a, tma_b);
+  wgmma_gemm_body<T, true, true, kDeep>(p, tma_a, tma_b);
 #else
   __trap();  // never launched: launch_wgmma checks the kernel was built for sm_90a
 #endif
@@ -1423,26 +1448,28 @@ bool encode_operand_map(CUtensorMap& map, const void* base, CUtensorMapDataType 
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <typename T, bool kTma>
+template <typename T, bool kTma, bool kDeep = false>
 bool launch_wgmma_variant(const GemmParams& p, const CUtensorMap& map_a, const CUtensorMap& map_b,
                           cudaStream_t stream, cudaError_t& err) {
   static std::atomic<uint64_t> checked{0}, usable{0};
-  if (!wgmma_usable(wgmma_gemm_kernel<T, kTma>, kV3SmemBytes, p.built_sm90a, checked, usable, err))
+  if (!wgmma_usable(wgmma_gemm_kernel<T, kTma, kDeep>, kV3SmemBytes, p.built_sm90a, checked, usable,
+                    err))
     return false;
   if (err != cudaSuccess) return true;
   const int64_t ctas = row_tiles(p, kV3BM) * ((p.n + kV3BN - 1) / kV3BN);
-  wgmma_gemm_kernel<T, kTma><<<static_cast<unsigned>(ctas), kV3Threads, kV3SmemBytes, stream>>>(
+  wgmma_gemm_kernel<T, kTma, kDeep><<<static_cast<unsigned>(ctas), kV3Threads, kV3SmemBytes, stream>>>(
       p, map_a, map_b);
   err = cudaGetLastError();
   return true;
 }
 
 // The cluster variant (wgmma_gemm_body's kCluster): two CTAs per pair of m tiles.
-template <typename T>
+template <typename T, bool kDeep>
 bool launch_wgmma_cluster(const GemmParams& p, const CUtensorMap& map_a, const CUtensorMap& map_b,
                           cudaStream_t stream, cudaError_t& err) {
   static std::atomic<uint64_t> checked{0}, usable{0};
-  if (!wgmma_usable(wgmma_gemm_cluster_kernel<T>, kV3SmemBytes, p.built_sm90a, checked, usable, err))
+  if (!wgmma_usable(wgmma_gemm_cluster_kernel<T, kDeep>, kV3SmemBytes, p.built_sm90a, checked, usable,
+                    err))
     return false;
   if (err != cudaSuccess) return true;
   const int64_t ctas = 2 * ((row_tiles(p, kV3BM) + 1) / 2) * ((p.n + kV3BN - 1) / kV3BN);
@@ -1458,12 +1485,13 @@ bool launch_wgmma_cluster(const GemmParams& p, const CUtensorMap& map_a, const C
   cluster.val.clusterDim.z = 1;
   config.attrs = &cluster;
   config.numAttrs = 1;
-  err = cudaLaunchKernelEx(&config, wgmma_gemm_cluster_kernel<T>, p, map_a, map_b);
+  err = cudaLaunchKernelEx(&config, wgmma_gemm_cluster_kernel<T, kDeep>, p, map_a, map_b);
   return true;
 }
 
 // v3 with TMA where both tensor maps can be made (p.v3_tma), else with cp.async;
-// plain GEMMs in clusters of two with p.v3_cluster.
+// plain GEMMs in clusters of two with p.v3_cluster, the copies one tile further
+// ahead with p.v3_deep_prefetch (both TMA only).
 template <typename T>
 bool launch_wgmma(const GemmParams& p, cudaStream_t stream, cudaError_t& err) {
   CUtensorMap map_a{}, map_b{};
@@ -1472,11 +1500,15 @@ bool launch_wgmma(const GemmParams& p, cudaStream_t stream, cudaError_t& err) {
   const bool cluster = p.v3_cluster && p.offsets == nullptr;
   if (p.v3_tma && encode_operand_map(map_a, p.a, type, 2, p.k, p.m, kV3BM) &&
       encode_operand_map(map_b, p.b, type, 2, p.k, p.groups * p.n, cluster ? kV3BN / 2 : kV3BN)) {
-    if (cluster && launch_wgmma_cluster<T>(p, map_a, map_b, stream, err)) return true;
-    if (err != cudaSuccess) return true;
-    if (cluster && !encode_operand_map(map_b, p.b, type, 2, p.k, p.groups * p.n, kV3BN))
-      return launch_wgmma_variant<T, false>(p, map_a, map_b, stream, err);
-    return launch_wgmma_variant<T, true>(p, map_a, map_b, stream, err);
+    if (cluster) {
+      const bool launched = p.v3_deep_prefetch ? launch_wgmma_cluster<T, true>(p, map_a, map_b, stream, err)
+                                               : launch_wgmma_cluster<T, false>(p, map_a, map_b, stream, err);
+      if (launched || err != cudaSuccess) return true;
+      if (!encode_operand_map(map_b, p.b, type, 2, p.k, p.groups * p.n, kV3BN))
+        return launch_wgmma_variant<T, false>(p, map_a, map_b, stream, err);
+    }
+    return p.v3_deep_prefetch ? launch_wgmma_variant<T, true, true>(p, map_a, map_b, stream, err)
+                              : launch_wgmma_variant<T, true>(p, map_a, map_b, stream, err);
   }
   return launch_wgmma_variant<T, false>(p, map_a, map_b, stream, err);
 }

@@ -57,6 +57,10 @@ struct GemmParams {
   // B tile they share (gemm_cuda.cu, wgmma_gemm_body). Opt-in
   // (DSK_GEMM_CLUSTER=1, read once): not yet run on a GPU.
   bool v3_cluster = false;
+  // v3 (TMA) copies its tiles one tile further ahead (three instead of two),
+  // refilling the stage of the tile just finished (gemm_cuda.cu, kDeep). Opt-in
+  // (DSK_GEMM_DEEP_PREFETCH=1, read once): not yet run on a GPU.
+  bool v3_deep_prefetch = false;
 };
 
 // The generation new GEMM params get: 1, 2 or 3 (forced), or kGemmKernelAuto (the
