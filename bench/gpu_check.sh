@@ -23,7 +23,7 @@
 #      at a time, so one broken kernel cannot hide the others' results, + the demo:
 #      SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 SKIP_BENCH=1 bash bench/gpu_check.sh OUT
 #   2. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_BENCH=1 SKIP_DEMO=1 SANITIZE_FAMILIES="..."
-#      (past 2^31 and memcheck; the newest kernels first: attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-tma gemm-skip-empty moe-pdl gemm-v3 gemm-v2
+#      (past 2^31 and memcheck; the newest kernels first: attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-cluster fp8-tma gemm-skip-empty moe-pdl gemm-v3 gemm-v2
 #      fp8-v2 int8-v1 moe-v1 attention-v3 attention-bwd-v2)
 #   3. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 SKIP_DEMO=1
 #      (benchmarks and A/B runs)
@@ -70,6 +70,8 @@ smoke_family() {
     gemm-tc) echo "tests/test_gemm.py|(tensor_core or int8 or versions or fp8_grouped_gemm_cuda) and not v3|" ;;
     gemm-v3-cp-async) echo "tests/test_gemm.py|v3 or versions|DSK_GEMM_TMA=0" ;;
     fp8-tma) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_TMA=1" ;;
+    fp8-deep-prefetch) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_DEEP_PREFETCH=1" ;;
+    fp8-cluster) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_CLUSTER=1" ;;
     gemm-skip-empty) echo "tests/test_gemm.py|v3 or versions or auto or grouped|DSK_GEMM_SKIP_EMPTY_ROWS=1" ;;
     gemm-cluster) echo "tests/test_gemm.py|v3 or versions or auto|DSK_GEMM_CLUSTER=1" ;;
     gemm-deep-prefetch) echo "tests/test_gemm.py|v3 or versions or auto|DSK_GEMM_DEEP_PREFETCH=1" ;;
@@ -84,7 +86,7 @@ smoke_family() {
     *) return 1 ;;
   esac
 }
-SMOKE_ALL="attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-tma gemm-skip-empty moe-pdl attention-bwd-unordered attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 graphs attention gemm moe quant rest gemm-v3-cp-async"
+SMOKE_ALL="attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-tma fp8-deep-prefetch fp8-cluster gemm-skip-empty moe-pdl attention-bwd-unordered attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 graphs attention gemm moe quant rest gemm-v3-cp-async"
 smoke_run() {  # one family, in the background's own process; its summary line goes to smoke-NAME.sum
   local spec files kexpr envs
   spec=$(smoke_family "$1") || { echo "$1: unknown family" >"$OUT/smoke-$1.sum"; return; }
@@ -152,7 +154,7 @@ sanitize() {  # name, test file, -k expression, then optional VAR=value (e.g. a 
 if [ "${SKIP_SANITIZER:-0}" = 1 ]; then echo "skipped (SKIP_SANITIZER=1)"
 elif command -v compute-sanitizer >/dev/null; then
   # The *-v2 runs force the newer kernel generation of a family for every test.
-  for fam in ${SANITIZE_FAMILIES:-attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-tma gemm-skip-empty moe-pdl quant moe moe-v1 gemm gemm-v2 gemm-v3 fp8-v2 int8-v1 attention attention-v2 attention-v3 attention-bwd-v2}; do
+  for fam in ${SANITIZE_FAMILIES:-attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-cluster fp8-tma gemm-skip-empty moe-pdl quant moe moe-v1 gemm gemm-v2 gemm-v3 fp8-v2 int8-v1 attention attention-v2 attention-v3 attention-bwd-v2}; do
     case $fam in
       quant) sanitize quant tests/test_quant.py "matches_reference and not 1024 or nonfinite or bad_inputs or agree" ;;
       moe) sanitize moe tests/test_moe.py "matches_reference or shapes or nonfinite or empty or agree" ;;
@@ -167,6 +169,7 @@ elif command -v compute-sanitizer >/dev/null; then
       # both variants at once: plain GEMMs run cluster + deep, grouped ones deep only
       gemm-deep-prefetch) sanitize gemm-deep-prefetch tests/test_gemm.py "v3 or versions or auto" DSK_GEMM_CLUSTER=1 DSK_GEMM_DEEP_PREFETCH=1 ;;
       fp8-tma) sanitize fp8-tma tests/test_gemm.py "tensor_core or fp8_grouped_gemm_cuda" DSK_FP8_TMA=1 ;;
+      fp8-cluster) sanitize fp8-cluster tests/test_gemm.py "tensor_core or fp8_grouped_gemm_cuda" DSK_FP8_CLUSTER=1 ;;  # grouped: deep only
       int8-v1) sanitize int8-v1 tests/test_gemm.py "int8" DSK_INT8_KERNEL=v1 ;;
       attention) sanitize attention tests/test_attention.py "${SANITIZE_K_ATTENTION:-not 4097 and not large}" ;;
       attention-v2) sanitize attention-v2 tests/test_attention.py "${SANITIZE_K_ATTENTION:-not 4097 and not large}" DSK_ATTENTION_KERNEL=v2 ;;
@@ -227,6 +230,16 @@ if [ "${SKIP_BENCH:-0}" = 1 ]; then echo "skipped (SKIP_BENCH=1)"; else
     # shellcheck disable=SC2086
     env ${variant#*:} $PY bench/bench_gemm.py --device cuda --ab --out "$OUT/gemm-v3-$name" 2>&1 \
       | tee "$OUT/bench-gemm-ab-$name.log" | tail -8
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  done
+  # FP8 v3's other opt-in variants (each turns TMA on): every stage ahead
+  # (DSK_FP8_DEEP_PREFETCH=1), clusters multicasting W (DSK_FP8_CLUSTER=1): the fp8 rows.
+  for variant in "fp8-deep:DSK_FP8_DEEP_PREFETCH=1" "fp8-cluster:DSK_FP8_CLUSTER=1"; do
+    name=${variant%%:*}
+    mkdir -p "$OUT/gemm-$name"
+    # shellcheck disable=SC2086
+    env ${variant#*:} $PY bench/bench_gemm.py --device cuda --square 1024 --int8 1024 1024 1024 \
+      --grouped 4096 8 256 256 --out "$OUT/gemm-$name" 2>&1 | tee "$OUT/bench-gemm-$name.log" | grep -E "^fp8" | tail -4
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
   done
   mkdir -p "$OUT/gemm-v3-cp-async"

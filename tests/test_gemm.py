@@ -1094,6 +1094,56 @@ def test_fp8_tensor_core_kernel_matches_exact(version, out_dtype):
         assert torch.equal(dk.fp8_gemm(qx, sx, qw[0], sw[0]), dk.fp8_gemm(qx, sx, qw[0], sw[0]))
 
 
+_FP8_V3_SCRIPT = """
+import sys, torch, deepseek_kernels as dk
+cases = torch.load(sys.argv[1])
+prev = torch.ops.deepseek_kernels._fp8_cuda_kernel(3)
+outs = []
+for c in cases:
+    if "offsets" in c:
+        outs.append(dk.fp8_grouped_gemm(c["qx"], c["sx"], c["qw"], c["sw"], c["offsets"]))
+    else:
+        outs.append(dk.fp8_gemm(c["qx"], c["sx"], c["qw"], c["sw"]))
+assert torch.ops.deepseek_kernels._cuda_kernel_ran("fp8_gemm") == 3
+torch.save(outs, sys.argv[2])
+"""
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.skipif(not hopper_build(), reason="FP8 v3 (wgmma) needs an H100/H200 and an sm_90a build")
+@pytest.mark.parametrize("variant", ["DSK_FP8_TMA=1", "DSK_FP8_DEEP_PREFETCH=1", "DSK_FP8_CLUSTER=1"],
+                         ids=["tma", "deep_prefetch", "cluster"])
+def test_cuda_fp8_v3_variants_same_bits(tmp_path, variant):
+    """FP8 v3 with cp.async copies (the default) and its opt-in variants, read once
+    per process (a subprocess): TMA copies, TMA with every stage ahead, clusters of
+    two CTAs multicasting W (plain GEMMs; an odd count of m tiles leaves a CTA
+    past M). Same operands, same wgmma and promotion order: the same bits, on M,
+    N and K tails and grouped tiles."""
+    import os
+    import subprocess
+    import sys
+
+    cases = []
+    for m, n, k in [(1, 8, 128), (77, 300, 528), (300, 384, 1024), (1000, 136, 4096)]:
+        qx, sx = dk.quantize_fp8(torch.randn(m, k, device="cuda") * 3, (1, 128))
+        qw, sw = dk.quantize_fp8(torch.randn(n, k, device="cuda"), (128, 128))
+        cases.append(dict(qx=qx, sx=sx, qw=qw, sw=sw))
+    qx, sx, qw, sw, offsets = _fp8_grouped_problem(2000, 32, 256, 1024, "cuda")
+    cases.append(dict(qx=qx, sx=sx, qw=qw, sw=sw, offsets=offsets))
+    with _fp8_kernel(3):
+        ours = [dk.fp8_grouped_gemm(c["qx"], c["sx"], c["qw"], c["sw"], c["offsets"]) if "offsets" in c
+                else dk.fp8_gemm(c["qx"], c["sx"], c["qw"], c["sw"]) for c in cases]
+        assert kernel_ran("fp8_gemm") == 3
+    torch.save(cases, tmp_path / "cases.pt")
+    env = dict(os.environ, **dict(kv.split("=") for kv in variant.split()))
+    subprocess.run([sys.executable, "-c", _FP8_V3_SCRIPT, str(tmp_path / "cases.pt"),
+                    str(tmp_path / "outs.pt")], env=env, check=True, timeout=300)
+    theirs = torch.load(tmp_path / "outs.pt")
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert torch.equal(a, b), i
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_fp8_linear(device):
     base = torch.nn.Linear(256, 136, device=device)

@@ -232,8 +232,13 @@ at::Tensor run_fp8_gemm(const char* op, const at::Tensor& a, const at::Tensor& a
   p.k_blocks = k_blocks;
   p.cuda_kernel = fp8_kernel_choice().get();
   p.built_sm90a = built_for_cuda_arch("sm_90a");
-  static const bool fp8_tma = env_equals("DSK_FP8_TMA", "1");  // Fp8GemmParams::v3_tma
-  p.v3_tma = fp8_tma;
+  // Fp8GemmParams::v3_tma, v3_deep_prefetch and v3_cluster (the last two imply TMA).
+  static const bool fp8_tma = env_equals("DSK_FP8_TMA", "1");
+  static const bool fp8_deep = env_equals("DSK_FP8_DEEP_PREFETCH", "1");
+  static const bool fp8_cluster = env_equals("DSK_FP8_CLUSTER", "1");
+  p.v3_tma = fp8_tma || fp8_deep || fp8_cluster;
+  p.v3_deep_prefetch = fp8_deep;
+  p.v3_cluster = fp8_cluster;
   if (grouped) {
     p.offsets = oc.data_ptr();
     p.offsets_int64 = oc.scalar_type() == at::kLong;

@@ -831,19 +831,37 @@ static_assert(kF8SmemBytes <= 227 * 1024, "FP8 v3 shared memory exceeds sm_90's 
 // mbarrier says when they landed; rows past the tensors are zero-filled, a
 // grouped tile's rows past its group read the next group's, never stored).
 // Otherwise every thread copies with cp.async.
-template <bool kTma>
-__global__ void __launch_bounds__(kF8Threads, 1)
-    fp8_wgmma_gemm_kernel(Fp8GemmParams p, const __grid_constant__ CUtensorMap tma_a,
-                          const __grid_constant__ CUtensorMap tma_b) {
+//
+// kDeep (with kTma; opt-in DSK_FP8_DEEP_PREFETCH=1, not yet run on a GPU): all
+// kStagesF8 stages are filled ahead, and a block's stage is refilled (with block
+// kb + kStagesF8) as soon as its promotion has waited for its wgmma and a barrier
+// says every warpgroup did, instead of two blocks later. kCluster (with kDeep;
+// plain GEMMs; DSK_FP8_CLUSTER=1, not yet run on a GPU): clusters of two CTAs
+// along M multicasting the W tile they share, as bf16 v3's kCluster (each loads
+// 64 of its 128 rows into both CTAs; the barrier is the cluster's; a CTA past M
+// loads no A and stores nothing).
+template <bool kTma, bool kDeep, bool kCluster>
+__device__ __forceinline__ void fp8_wgmma_gemm_body(const Fp8GemmParams& p, const CUtensorMap& tma_a,
+                                                    const CUtensorMap& tma_b) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  static_assert((kTma || !kDeep) && (kDeep || !kCluster), "deep needs TMA, cluster needs deep");
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ __align__(8) uint64_t stage_full[kStagesF8];  // TMA only
   const uint32_t smem_base = (shared_addr(smem_raw) + 1023u) & ~1023u;
 
   int64_t m_tile, n_tile;
-  raster_order(blockIdx.x, row_tiles(p, kF8BM), (p.n + kF8BN - 1) / kF8BN, m_tile, n_tile);
+  uint32_t rank = 0;  // in the cluster
+  if constexpr (kCluster) {
+    rank = cluster_ctarank();
+    int64_t pair;
+    raster_order(blockIdx.x / 2, (row_tiles(p, kF8BM) + 1) / 2, (p.n + kF8BN - 1) / kF8BN, pair, n_tile);
+    m_tile = 2 * pair + rank;
+  } else {
+    raster_order(blockIdx.x, row_tiles(p, kF8BM), (p.n + kF8BN - 1) / kF8BN, m_tile, n_tile);
+  }
   RowTile tile;
-  if (!locate_row_tile<kF8BM>(p, m_tile, tile)) return;  // CTA-uniform
+  // CTA-uniform; a cluster's CTA past M stays: its row range is empty.
+  if (!locate_row_tile<kF8BM>(p, m_tile, tile) && !kCluster) return;
   const int64_t n0 = n_tile * kF8BN;
   const uint8_t* __restrict__ a = p.a;
   const uint8_t* __restrict__ b = p.w + tile.group * p.n * p.k;
@@ -858,16 +876,27 @@ __global__ void __launch_bounds__(kF8Threads, 1)
     const uint32_t sa = smem_base + stage * kF8StageBytes, sb = sa + kF8BM * kF8RowBytes;
     if constexpr (kTma) {
       const uint32_t bar = shared_addr(&stage_full[stage]);
-      mbar_arrive_expect_tx(bar, kF8StageBytes);
+      const bool load_a = !kCluster || tile.row_begin < p.m;
+      mbar_arrive_expect_tx(bar, load_a ? kF8StageBytes : kF8StageBytes - kF8BM * kF8RowBytes);
       const int32_t k0 = static_cast<int32_t>(kb * kFp8Block);
-      tma_load_2d(sa, &tma_a, k0, static_cast<int32_t>(tile.row_begin), bar);
-      tma_load_2d(sb, &tma_b, k0, static_cast<int32_t>(tile.group * p.n + n0), bar);
+      if (load_a) tma_load_2d(sa, &tma_a, k0, static_cast<int32_t>(tile.row_begin), bar);
+      if constexpr (kCluster) {
+        constexpr int kHalf = kF8BN / 2;
+        tma_load_2d_multicast(sb + rank * kHalf * kF8RowBytes, &tma_b, k0,
+                              static_cast<int32_t>(n0 + rank * kHalf), bar, 0x3);
+      } else {
+        tma_load_2d(sb, &tma_b, k0, static_cast<int32_t>(tile.group * p.n + n0), bar);
+      }
     } else {
       load_swizzled_rows<kF8BM, kF8Threads>(sa, a, tile.row_begin, tile.row_end, kb * kFp8Block, p.k, p.k);
       load_swizzled_rows<kF8BN, kF8Threads>(sb, b, n0, p.n, kb * kFp8Block, p.k, p.k);
     }
   };
   if constexpr (kTma) init_stage_barriers(stage_full, tid);
+  if constexpr (kCluster) {
+    cluster_arrive();  // both CTAs' barriers exist before either multicasts
+    cluster_wait();
+  }
 
   // Two partial-sum buffers: block kb's wgmma run into one while block kb - 1's
   // sums (the other, complete after wait_group 1) are scaled into acc; the
@@ -879,7 +908,7 @@ __global__ void __launch_bounds__(kF8Threads, 1)
   // after its wgmma were issued, when every warpgroup has waited for them.
   // (On an H100 with cp.async loads this ran as fast as waiting for each block's
   // wgmma before its promotion: the loads bound that variant.)
-  constexpr int kF8Prefetch = kStagesF8 - 2;
+  constexpr int kF8Prefetch = kDeep ? kStagesF8 : kStagesF8 - 2;
 #pragma unroll
   for (int s = 0; s < kF8Prefetch; ++s) {
     if constexpr (kTma) {
@@ -901,8 +930,10 @@ __global__ void __launch_bounds__(kF8Threads, 1)
     if constexpr (kTma) {
       // Every warpgroup waited for block kb - 2's wgmma before this barrier; block
       // kb is there once its stage's mbarrier completes phase kb / kStagesF8.
-      __syncthreads();
-      if (tid == 0 && next < p.k_blocks) load_stage(static_cast<int>(next % kStagesF8), next);
+      if constexpr (!kDeep) {
+        __syncthreads();
+        if (tid == 0 && next < p.k_blocks) load_stage(static_cast<int>(next % kStagesF8), next);
+      }
       wait_stage(stage_full, kb);
     } else {
       cp_async_wait<kF8Prefetch - 1>();  // as v3: block kb landed, handed to the async proxy
@@ -927,11 +958,22 @@ __global__ void __launch_bounds__(kF8Threads, 1)
       cp_async_commit();
     }
   };
-  // acc += (part * a_scale) * w_scale once `part`'s wgmma are done (`wait` may
-  // leave the newer block's pending).
-  auto promote = [&](auto wait, float (&part)[1][kF8BN / 8][4], const float (&scale)[3]) {
+  // acc += (part * a_scale) * w_scale once `part`'s wgmma (block kb) are done
+  // (`wait` may leave the newer block's pending); kDeep: then block kb's stage
+  // takes block kb + kStagesF8, once every warpgroup got here.
+  auto promote = [&](auto wait, float (&part)[1][kF8BN / 8][4], const float (&scale)[3], int64_t kb) {
     wait();
     pin_accumulators(part);
+    if constexpr (kDeep) {
+      if constexpr (kCluster) {
+        cluster_arrive();
+        cluster_wait();
+      } else {
+        __syncthreads();
+      }
+      if (tid == 0 && kb + kStagesF8 < p.k_blocks)
+        load_stage(static_cast<int>(kb % kStagesF8), kb + kStagesF8);
+    }
 #pragma unroll
     for (int half = 0; half < 2; ++half)
 #pragma unroll
@@ -947,19 +989,23 @@ __global__ void __launch_bounds__(kF8Threads, 1)
     int64_t kb = 1;
     for (; kb + 1 < p.k_blocks; kb += 2) {
       begin_block(kb, part1, scale1);
-      promote(wait_older, part0, scale0);
+      promote(wait_older, part0, scale0, kb - 1);
       begin_block(kb + 1, part0, scale0);
-      promote(wait_older, part1, scale1);
+      promote(wait_older, part1, scale1, kb);
     }
     if (kb < p.k_blocks) {  // an even number of blocks: the last is odd
       begin_block(kb, part1, scale1);
-      promote(wait_older, part0, scale0);
-      promote(wait_all, part1, scale1);
+      promote(wait_older, part0, scale0, kb - 1);
+      promote(wait_all, part1, scale1, kb);
     } else {
-      promote(wait_all, part0, scale0);
+      promote(wait_all, part0, scale0, kb - 1);
     }
   }
   if constexpr (!kTma) cp_async_wait<0>();
+  if constexpr (kCluster) {  // the peer is done with every multicast into this CTA
+    cluster_arrive();
+    cluster_wait();
+  }
 
   GemmParams out;  // the shared epilogue's view: plain stores
   out.out = p.out;
@@ -967,6 +1013,26 @@ __global__ void __launch_bounds__(kF8Threads, 1)
   out.m = p.m;
   out.n = p.n;
   mma_epilogue(out, acc, warp_row0, tile.row_end, n0);
+#endif
+}
+
+template <bool kTma, bool kDeep>
+__global__ void __launch_bounds__(kF8Threads, 1)
+    fp8_wgmma_gemm_kernel(Fp8GemmParams p, const __grid_constant__ CUtensorMap tma_a,
+                          const __grid_constant__ CUtensorMap tma_b) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  fp8_wgmma_gemm_body<kTma, kDeep, false>(p, tma_a, tma_b);
+#else
+  __trap();  // never launched: launch_fp8_wgmma checks the kernel was built for sm_90a
+#endif
+}
+
+// Launched in clusters of two (launch_fp8_wgmma_cluster).
+__global__ void __launch_bounds__(kF8Threads, 1)
+    fp8_wgmma_gemm_cluster_kernel(Fp8GemmParams p, const __grid_constant__ CUtensorMap tma_a,
+                                  const __grid_constant__ CUtensorMap tma_b) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  fp8_wgmma_gemm_body<true, true, true>(p, tma_a, tma_b);
 #else
   __trap();  // never launched: launch_fp8_wgmma checks the kernel was built for sm_90a
 #endif
@@ -1463,6 +1529,26 @@ bool launch_wgmma_variant(const GemmParams& p, const CUtensorMap& map_a, const C
   return true;
 }
 
+// `kernel` on `ctas` CTAs (an even count) in clusters of two along x: a launch
+// attribute (__cluster_dims__ does not compile for sm_80).
+template <typename... Params, typename... Args>
+cudaError_t launch_cluster_pairs(void (*kernel)(Params...), int64_t ctas, int threads, int smem,
+                                 cudaStream_t stream, const Args&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(ctas));
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = 2;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
 // The cluster variant (wgmma_gemm_body's kCluster): two CTAs per pair of m tiles.
 template <typename T, bool kDeep>
 bool launch_wgmma_cluster(const GemmParams& p, const CUtensorMap& map_a, const CUtensorMap& map_b,
@@ -1473,19 +1559,8 @@ bool launch_wgmma_cluster(const GemmParams& p, const CUtensorMap& map_a, const C
     return false;
   if (err != cudaSuccess) return true;
   const int64_t ctas = 2 * ((row_tiles(p, kV3BM) + 1) / 2) * ((p.n + kV3BN - 1) / kV3BN);
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(ctas));
-  config.blockDim = dim3(kV3Threads);
-  config.dynamicSmemBytes = kV3SmemBytes;
-  config.stream = stream;
-  cudaLaunchAttribute cluster{};
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = 2;
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = 1;
-  config.attrs = &cluster;
-  config.numAttrs = 1;
-  err = cudaLaunchKernelEx(&config, wgmma_gemm_cluster_kernel<T, kDeep>, p, map_a, map_b);
+  err = launch_cluster_pairs(wgmma_gemm_cluster_kernel<T, kDeep>, ctas, kV3Threads, kV3SmemBytes, stream,
+                             p, map_a, map_b);
   return true;
 }
 
@@ -1513,26 +1588,51 @@ bool launch_wgmma(const GemmParams& p, cudaStream_t stream, cudaError_t& err) {
   return launch_wgmma_variant<T, false>(p, map_a, map_b, stream, err);
 }
 
-template <bool kTma>
+template <bool kTma, bool kDeep = false>
 bool launch_fp8_wgmma_variant(const Fp8GemmParams& p, const CUtensorMap& map_a, const CUtensorMap& map_b,
                               cudaStream_t stream, cudaError_t& err) {
   static std::atomic<uint64_t> checked{0}, usable{0};
-  if (!wgmma_usable(fp8_wgmma_gemm_kernel<kTma>, kF8SmemBytes, p.built_sm90a, checked, usable, err))
+  if (!wgmma_usable(fp8_wgmma_gemm_kernel<kTma, kDeep>, kF8SmemBytes, p.built_sm90a, checked, usable,
+                    err))
     return false;
   if (err != cudaSuccess) return true;
   const int64_t ctas = row_tiles(p, kF8BM) * ((p.n + kF8BN - 1) / kF8BN);
-  fp8_wgmma_gemm_kernel<kTma><<<static_cast<unsigned>(ctas), kF8Threads, kF8SmemBytes, stream>>>(
+  fp8_wgmma_gemm_kernel<kTma, kDeep><<<static_cast<unsigned>(ctas), kF8Threads, kF8SmemBytes, stream>>>(
       p, map_a, map_b);
   err = cudaGetLastError();
   return true;
 }
 
-// FP8 v3 with TMA where both tensor maps can be made (p.v3_tma), else with cp.async.
+bool launch_fp8_wgmma_cluster(const Fp8GemmParams& p, const CUtensorMap& map_a, const CUtensorMap& map_b,
+                              cudaStream_t stream, cudaError_t& err) {
+  static std::atomic<uint64_t> checked{0}, usable{0};
+  if (!wgmma_usable(fp8_wgmma_gemm_cluster_kernel, kF8SmemBytes, p.built_sm90a, checked, usable, err))
+    return false;
+  if (err != cudaSuccess) return true;
+  const int64_t ctas = 2 * ((row_tiles(p, kF8BM) + 1) / 2) * ((p.n + kF8BN - 1) / kF8BN);
+  err = launch_cluster_pairs(fp8_wgmma_gemm_cluster_kernel, ctas, kF8Threads, kF8SmemBytes, stream, p,
+                             map_a, map_b);
+  return true;
+}
+
+// FP8 v3 with TMA where both tensor maps can be made (p.v3_tma), else with
+// cp.async; with TMA, the copies ahead by all stages with p.v3_deep_prefetch, and
+// plain GEMMs in clusters of two with p.v3_cluster (which implies it).
 bool launch_fp8_wgmma(const Fp8GemmParams& p, cudaStream_t stream, cudaError_t& err) {
   CUtensorMap map_a{}, map_b{};
+  const bool cluster = p.v3_cluster && p.offsets == nullptr;
   if (p.v3_tma && encode_operand_map(map_a, p.a, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, p.m, kF8BM) &&
-      encode_operand_map(map_b, p.w, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, p.groups * p.n, kF8BN))
-    return launch_fp8_wgmma_variant<true>(p, map_a, map_b, stream, err);
+      encode_operand_map(map_b, p.w, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, p.groups * p.n,
+                         cluster ? kF8BN / 2 : kF8BN)) {
+    if (cluster) {
+      if (launch_fp8_wgmma_cluster(p, map_a, map_b, stream, err) || err != cudaSuccess) return true;
+      if (!encode_operand_map(map_b, p.w, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, p.groups * p.n, kF8BN))
+        return launch_fp8_wgmma_variant<false>(p, map_a, map_b, stream, err);
+    }
+    return p.v3_deep_prefetch || p.v3_cluster
+               ? launch_fp8_wgmma_variant<true, true>(p, map_a, map_b, stream, err)
+               : launch_fp8_wgmma_variant<true>(p, map_a, map_b, stream, err);
+  }
   return launch_fp8_wgmma_variant<false>(p, map_a, map_b, stream, err);
 }
 

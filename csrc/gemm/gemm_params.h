@@ -141,6 +141,12 @@ struct Fp8GemmParams {
   // cannot be made) instead of cp.async: opt-in with DSK_FP8_TMA=1 until it has
   // run on a GPU (bf16 v3 with TMA runs 1.5x its cp.async variant on an H100).
   bool v3_tma = false;
+  // With TMA: all stages filled ahead, each refilled right after its block's
+  // promotion (DSK_FP8_DEEP_PREFETCH=1); plain GEMMs in clusters of two CTAs
+  // multicasting the W tile they share, deep prefetch included
+  // (DSK_FP8_CLUSTER=1). Either turns TMA on. Opt-in: not yet run on a GPU.
+  bool v3_deep_prefetch = false;
+  bool v3_cluster = false;
 };
 
 void quantize_fp8_cpu(const QuantizeFp8Params& p);
