@@ -673,10 +673,6 @@ def test_cuda_v3_tma_and_variant_same_bits(tmp_path, variant):
     same operands to the same wgmma in the same K order: the outputs must be the
     same bits, on tails of K (TMA zero-fills past K and past the last row), M, N
     and grouped tiles (offsets not multiples of 128)."""
-    import os
-    import subprocess
-    import sys
-
     cases = []
     for m, n, k in [(1, 260, 8), (127, 260, 56), (129, 260, 64), (300, 520, 72), (1000, 300, 136),
                     (2100, 1030, 640)]:
@@ -691,11 +687,23 @@ def test_cuda_v3_tma_and_variant_same_bits(tmp_path, variant):
         ours = [dk.grouped_gemm(c["a"], c["w"], c["offsets"]) if "offsets" in c
                 else dk.gemm(c["a"], c["w"], c["b"], activation="gelu") for c in cases]
         assert kernel_ran("gemm") == 3
+    _assert_same_bits_in_subprocess(tmp_path, _V3_COPY_SCRIPT, cases, ours, variant)
+
+
+def _assert_same_bits_in_subprocess(tmp_path, script, cases, ours, variant):
+    """Runs `script` (argv: the saved cases, where to save its outputs) in a fresh
+    process with the environment assignments in `variant` (read once per process
+    by the library) and asserts its outputs are `ours`, bit for bit."""
+    import os
+    import subprocess
+    import sys
+
     torch.save(cases, tmp_path / "cases.pt")
     env = dict(os.environ, **dict(kv.split("=") for kv in variant.split()))
-    subprocess.run([sys.executable, "-c", _V3_COPY_SCRIPT, str(tmp_path / "cases.pt"),
-                    str(tmp_path / "outs.pt")], env=env, check=True, timeout=300)
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "cases.pt"), str(tmp_path / "outs.pt")],
+                   env=env, check=True, timeout=300)
     theirs = torch.load(tmp_path / "outs.pt")
+    assert len(theirs) == len(ours)
     for i, (a, b) in enumerate(zip(ours, theirs)):
         assert torch.equal(a, b), i
 
@@ -1120,10 +1128,6 @@ def test_cuda_fp8_v3_variants_same_bits(tmp_path, variant):
     two CTAs multicasting W (plain GEMMs; an odd count of m tiles leaves a CTA
     past M). Same operands, same wgmma and promotion order: the same bits, on M,
     N and K tails and grouped tiles."""
-    import os
-    import subprocess
-    import sys
-
     cases = []
     for m, n, k in [(1, 8, 128), (77, 300, 528), (300, 384, 1024), (1000, 136, 4096)]:
         qx, sx = dk.quantize_fp8(torch.randn(m, k, device="cuda") * 3, (1, 128))
@@ -1135,13 +1139,7 @@ def test_cuda_fp8_v3_variants_same_bits(tmp_path, variant):
         ours = [dk.fp8_grouped_gemm(c["qx"], c["sx"], c["qw"], c["sw"], c["offsets"]) if "offsets" in c
                 else dk.fp8_gemm(c["qx"], c["sx"], c["qw"], c["sw"]) for c in cases]
         assert kernel_ran("fp8_gemm") == 3
-    torch.save(cases, tmp_path / "cases.pt")
-    env = dict(os.environ, **dict(kv.split("=") for kv in variant.split()))
-    subprocess.run([sys.executable, "-c", _FP8_V3_SCRIPT, str(tmp_path / "cases.pt"),
-                    str(tmp_path / "outs.pt")], env=env, check=True, timeout=300)
-    theirs = torch.load(tmp_path / "outs.pt")
-    for i, (a, b) in enumerate(zip(ours, theirs)):
-        assert torch.equal(a, b), i
+    _assert_same_bits_in_subprocess(tmp_path, _FP8_V3_SCRIPT, cases, ours, variant)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -294,6 +294,26 @@ __device__ __forceinline__ void raster_order(int64_t linear, int64_t m_tiles, in
   n_tile = within / rows;
 }
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// The CTA's (m_tile, n_tile) of BM x BN tiles in raster order, and its rank in
+// its cluster: with kCluster (clusters of two along M) the pairs of m tiles
+// 2i, 2i + 1 are rastered and rank r takes m tile 2i + r (past the last m tile
+// when their count is odd).
+template <bool kCluster, int BM, int BN, typename P>
+__device__ __forceinline__ uint32_t cta_tile(const P& p, int64_t& m_tile, int64_t& n_tile) {
+  if constexpr (kCluster) {
+    const uint32_t rank = cluster_ctarank();
+    int64_t pair;
+    raster_order(blockIdx.x / 2, (row_tiles(p, BM) + 1) / 2, (p.n + BN - 1) / BN, pair, n_tile);
+    m_tile = 2 * pair + rank;
+    return rank;
+  } else {
+    raster_order(blockIdx.x, row_tiles(p, BM), (p.n + BN - 1) / BN, m_tile, n_tile);
+    return 0;
+  }
+}
+#endif
+
 // ---------------------------------------------------------------------------
 // Tensor-core kernel (bf16 / fp16)
 // ---------------------------------------------------------------------------
@@ -646,15 +666,7 @@ __device__ __forceinline__ void wgmma_gemm_body(const GemmParams& p, const CUten
   const uint32_t smem_base = (shared_addr(smem_raw) + 1023u) & ~1023u;
 
   int64_t m_tile, n_tile;
-  uint32_t rank = 0;  // in the cluster
-  if constexpr (kCluster) {
-    rank = cluster_ctarank();
-    int64_t pair;
-    raster_order(blockIdx.x / 2, (row_tiles(p, kV3BM) + 1) / 2, (p.n + kV3BN - 1) / kV3BN, pair, n_tile);
-    m_tile = 2 * pair + rank;
-  } else {
-    raster_order(blockIdx.x, row_tiles(p, kV3BM), (p.n + kV3BN - 1) / kV3BN, m_tile, n_tile);
-  }
+  const uint32_t rank = cta_tile<kCluster, kV3BM, kV3BN>(p, m_tile, n_tile);  // rank in the cluster
   RowTile tile;
   // CTA-uniform; a cluster's CTA past M stays (see above): its row range is empty.
   if (!locate_row_tile<kV3BM>(p, m_tile, tile) && !kCluster) return;
@@ -850,15 +862,7 @@ __device__ __forceinline__ void fp8_wgmma_gemm_body(const Fp8GemmParams& p, cons
   const uint32_t smem_base = (shared_addr(smem_raw) + 1023u) & ~1023u;
 
   int64_t m_tile, n_tile;
-  uint32_t rank = 0;  // in the cluster
-  if constexpr (kCluster) {
-    rank = cluster_ctarank();
-    int64_t pair;
-    raster_order(blockIdx.x / 2, (row_tiles(p, kF8BM) + 1) / 2, (p.n + kF8BN - 1) / kF8BN, pair, n_tile);
-    m_tile = 2 * pair + rank;
-  } else {
-    raster_order(blockIdx.x, row_tiles(p, kF8BM), (p.n + kF8BN - 1) / kF8BN, m_tile, n_tile);
-  }
+  const uint32_t rank = cta_tile<kCluster, kF8BM, kF8BN>(p, m_tile, n_tile);  // rank in the cluster
   RowTile tile;
   // CTA-uniform; a cluster's CTA past M stays: its row range is empty.
   if (!locate_row_tile<kF8BM>(p, m_tile, tile) && !kCluster) return;
