@@ -11,22 +11,26 @@
 # PYTEST_K (a -k expression), SKIP_LARGE=1, SKIP_SANITIZER=1, SANITIZE_FAMILIES="quant
 # moe moe-v1 gemm gemm-v2 gemm-v3 fp8-v2 fp8-tma int8-v1 attention attention-v2 attention-v3
 # attention-bwd-v2 attention-bwd-v3" (the -vN runs: that generation forced), SKIP_BENCH=1,
-# QUANT_BENCH_ARGS=--ab (v1/v2 A/B only), MOE_BENCH_ARGS (default --profile),
+# BENCH (default "core variants"), QUANT_BENCH_ARGS=--ab (v1/v2 A/B only),
+# MOE_BENCH_ARGS (default --profile),
 # SKIP_DEMO=1, PROFILE=1 (ncu, PROFILE_TARGETS); DSK_DIGITS_CSV=digits.csv.gz where
 # scikit-learn is missing.
 #
 # One call does not fit a 10-minute device command. Calls that do (each its own OUT;
 # session 6 on an H100: 1. took 2.2 min without the demo, 2. ran out at 9.4 min with two
-# memcheck families left, 3. took 8 min with the demo):
+# memcheck families left, 3. took 8 min with the demo; since then more families and
+# benchmark runs were added, hence the splits of 2 and 3):
 #   1. build + the CUDA tests split into families, each in its own process (a kernel
 #      that faults poisons its process's CUDA context, one that hangs stalls it), SMOKE_JOBS
 #      at a time, so one broken kernel cannot hide the others' results, + the demo:
-#      SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 SKIP_BENCH=1 bash bench/gpu_check.sh OUT
-#   2. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_BENCH=1 SKIP_DEMO=1 SANITIZE_FAMILIES="..."
-#      (past 2^31 and memcheck; the newest kernels first: attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-cluster fp8-tma gemm-skip-empty moe-pdl gemm-v3 gemm-v2
-#      fp8-v2 int8-v1 moe-v1 attention-v3 attention-bwd-v2)
-#   3. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 SKIP_DEMO=1
-#      (benchmarks and A/B runs)
+#      TORCH_CUDA_ARCH_LIST=9.0a SMOKE_JOBS=5 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1
+#      SKIP_BENCH=1 bash bench/gpu_check.sh OUT
+#   2a. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_BENCH=1 SKIP_DEMO=1
+#      SANITIZE_FAMILIES="attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-cluster"
+#      (past 2^31 and memcheck of the newest kernels), 2b. the same with SKIP_LARGE=1 and
+#      SANITIZE_FAMILIES="fp8-tma gemm-skip-empty moe-pdl gemm attention-v2"
+#   3a. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 SKIP_DEMO=1
+#      BENCH=core (benchmarks and the generations' A/B), 3b. the same with BENCH=variants
 #   4. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 SKIP_BENCH=1
 #      SKIP_DEMO=1 PROFILE=1 (ncu over bench/profile_targets.py; PROFILE_TARGETS picks)
 # The device tool returns few files: tar OUT.
@@ -182,79 +186,87 @@ else
   echo "compute-sanitizer not found: skipped" | tee "$OUT/sanitizer.log"
 fi
 
-step "benchmarks"
+step "benchmarks (${BENCH:-core variants})"
+# BENCH picks the sets: core (quant, MoE, GEMM, attention, and the GEMM and attention
+# A/B of the kernel generations) and variants (the opt-in variants' runs and other A/B
+# runs); both do not fit one 10-minute call: BENCH=core, then BENCH=variants.
+bench_set() { case " ${BENCH:-core variants} " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 if [ "${SKIP_BENCH:-0}" = 1 ]; then echo "skipped (SKIP_BENCH=1)"; else
-
-  $PY bench/bench_quant.py --device cuda ${QUANT_BENCH_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40
-  [ "${PIPESTATUS[0]}" = 0 ] || status=1
-  $PY bench/bench_moe.py --device cuda ${MOE_BENCH_ARGS:---profile} --out "$OUT" 2>&1 | tee "$OUT/bench-moe.log" | tail -20
-  [ "${PIPESTATUS[0]}" = 0 ] || status=1
-  # Gating with its later kernels as programmatic dependent launches (DSK_MOE_PDL=1, opt-in).
-  mkdir -p "$OUT/moe-pdl"
-  DSK_MOE_PDL=1 $PY bench/bench_moe.py --device cuda --profile --no-ref --no-compile --out "$OUT/moe-pdl" 2>&1 \
-    | tee "$OUT/bench-moe-pdl.log" | grep -A6 "^stage"
-  [ "${PIPESTATUS[0]}" = 0 ] || status=1
-  # The first MoE gating kernels (v1; v2 is the default), timed the same way (own results file).
-  mkdir -p "$OUT/moe-v1"
-  DSK_MOE_KERNEL=v1 $PY bench/bench_moe.py --device cuda ${MOE_BENCH_ARGS:---profile} --out "$OUT/moe-v1" 2>&1 \
-    | tee "$OUT/bench-moe-v1.log" | tail -20
-  [ "${PIPESTATUS[0]}" = 0 ] || status=1
-  for b in gemm attention; do
-    [ -f bench/bench_$b.py ] || continue
-    $PY bench/bench_$b.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench-$b.log" | tail -40
+  if bench_set core; then
+    $PY bench/bench_quant.py --device cuda ${QUANT_BENCH_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
-  done
-  # bf16 GEMM v1 / v2 / v3 (wgmma + TMA) / cuBLAS side by side; then v3 with cp.async copies.
-  $PY bench/bench_gemm.py --device cuda --ab --out "$OUT" 2>&1 | tee "$OUT/bench-gemm-ab.log" | tail -20
-  [ "${PIPESTATUS[0]}" = 0 ] || status=1
-  # Below a wave of v3's 128x256 tiles (1024^3: a quarter wave on an H100, 2048^3 about one),
-  # where auto runs v1: the data for auto's threshold.
-  mkdir -p "$OUT/gemm-ab-small"
-  $PY bench/bench_gemm.py --device cuda --ab --square 1024 2048 --out "$OUT/gemm-ab-small" 2>&1 \
-    | tee "$OUT/bench-gemm-ab-small.log" | tail -8
-  [ "${PIPESTATUS[0]}" = 0 ] || status=1
-  # The opt-in GEMM experiments in one run (independent rows): FP8 v3 with TMA loads
-  # (DSK_FP8_TMA=1: the fp8 rows) and v3 skipping empty warpgroups
-  # (DSK_GEMM_SKIP_EMPTY_ROWS=1: the grouped rows); small bf16/int8 shapes.
-  mkdir -p "$OUT/gemm-experiments"
-  DSK_FP8_TMA=1 DSK_GEMM_SKIP_EMPTY_ROWS=1 $PY bench/bench_gemm.py --device cuda --square 1024 \
-    --int8 1024 1024 1024 --out "$OUT/gemm-experiments" 2>&1 | tee "$OUT/bench-gemm-experiments.log" \
-    | grep -E "^(grouped|fp8)" | tail -8
-  [ "${PIPESTATUS[0]}" = 0 ] || status=1
-  # v3's opt-in variants, the same A/B each: clusters of two CTAs multicasting B
-  # (DSK_GEMM_CLUSTER=1), copies a tile further ahead (DSK_GEMM_DEEP_PREFETCH=1), both.
-  for variant in "cluster:DSK_GEMM_CLUSTER=1" "deep:DSK_GEMM_DEEP_PREFETCH=1" \
-                 "cluster-deep:DSK_GEMM_CLUSTER=1 DSK_GEMM_DEEP_PREFETCH=1"; do
-    name=${variant%%:*}
-    mkdir -p "$OUT/gemm-v3-$name"
-    # shellcheck disable=SC2086
-    env ${variant#*:} $PY bench/bench_gemm.py --device cuda --ab --out "$OUT/gemm-v3-$name" 2>&1 \
-      | tee "$OUT/bench-gemm-ab-$name.log" | tail -8
+    $PY bench/bench_moe.py --device cuda ${MOE_BENCH_ARGS:---profile} --out "$OUT" 2>&1 | tee "$OUT/bench-moe.log" | tail -20
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
-  done
-  # FP8 v3's other opt-in variants (each turns TMA on): every stage ahead
-  # (DSK_FP8_DEEP_PREFETCH=1), clusters multicasting W (DSK_FP8_CLUSTER=1): the fp8 rows.
-  for variant in "fp8-deep:DSK_FP8_DEEP_PREFETCH=1" "fp8-cluster:DSK_FP8_CLUSTER=1"; do
-    name=${variant%%:*}
-    mkdir -p "$OUT/gemm-$name"
-    # shellcheck disable=SC2086
-    env ${variant#*:} $PY bench/bench_gemm.py --device cuda --square 1024 --int8 1024 1024 1024 \
-      --grouped 4096 8 256 256 --out "$OUT/gemm-$name" 2>&1 | tee "$OUT/bench-gemm-$name.log" | grep -E "^fp8" | tail -4
+    for b in gemm attention; do
+      [ -f bench/bench_$b.py ] || continue
+      $PY bench/bench_$b.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench-$b.log" | tail -40
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    done
+    # bf16 GEMM v1 / v2 / v3 (wgmma + TMA) / cuBLAS side by side.
+    $PY bench/bench_gemm.py --device cuda --ab --out "$OUT" 2>&1 | tee "$OUT/bench-gemm-ab.log" | tail -20
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
-  done
-  mkdir -p "$OUT/gemm-v3-cp-async"
-  DSK_GEMM_TMA=0 $PY bench/bench_gemm.py --device cuda --ab --out "$OUT/gemm-v3-cp-async" 2>&1 \
-    | tee "$OUT/bench-gemm-ab-cp-async.log" | tail -8
-  [ "${PIPESTATUS[0]}" = 0 ] || status=1
-  # Attention forward and backward v1 / v2 / SDPA flash side by side.
-  $PY bench/bench_attention.py --device cuda --ab --out "$OUT" 2>&1 | tee "$OUT/bench-attention-ab.log" | tail -20
-  [ "${PIPESTATUS[0]}" = 0 ] || status=1
-  # Backward v2 with its dq adds in any order (DSK_ATTENTION_BWD_UNORDERED=1, not
-  # deterministic): what the deterministic turns cost.
-  mkdir -p "$OUT/attention-bwd-unordered"
-  DSK_ATTENTION_BWD_UNORDERED=1 $PY bench/bench_attention.py --device cuda --ab \
-    --out "$OUT/attention-bwd-unordered" 2>&1 | tee "$OUT/bench-attention-ab-unordered.log" | tail -6
-  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    # Attention forward v1 / v2 / v3 and backward v1 / v2 / v3 / SDPA flash side by side.
+    $PY bench/bench_attention.py --device cuda --ab --out "$OUT" 2>&1 | tee "$OUT/bench-attention-ab.log" | tail -20
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  fi
+  if bench_set variants; then
+    # Gating with its later kernels as programmatic dependent launches (DSK_MOE_PDL=1, opt-in).
+    mkdir -p "$OUT/moe-pdl"
+    DSK_MOE_PDL=1 $PY bench/bench_moe.py --device cuda --profile --no-ref --no-compile --out "$OUT/moe-pdl" 2>&1 \
+      | tee "$OUT/bench-moe-pdl.log" | grep -A6 "^stage"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    # The first MoE gating kernels (v1; v2 is the default), timed the same way (own results file).
+    mkdir -p "$OUT/moe-v1"
+    DSK_MOE_KERNEL=v1 $PY bench/bench_moe.py --device cuda ${MOE_BENCH_ARGS:---profile} --out "$OUT/moe-v1" 2>&1 \
+      | tee "$OUT/bench-moe-v1.log" | tail -20
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    # Below a wave of v3's 128x256 tiles (1024^3: a quarter wave on an H100, 2048^3 about one),
+    # where auto runs v1: the data for auto's threshold.
+    mkdir -p "$OUT/gemm-ab-small"
+    $PY bench/bench_gemm.py --device cuda --ab --square 1024 2048 --out "$OUT/gemm-ab-small" 2>&1 \
+      | tee "$OUT/bench-gemm-ab-small.log" | tail -8
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    # The opt-in GEMM experiments in one run (independent rows): FP8 v3 with TMA loads
+    # (DSK_FP8_TMA=1: the fp8 rows) and v3 skipping empty warpgroups
+    # (DSK_GEMM_SKIP_EMPTY_ROWS=1: the grouped rows); small bf16/int8 shapes.
+    mkdir -p "$OUT/gemm-experiments"
+    DSK_FP8_TMA=1 DSK_GEMM_SKIP_EMPTY_ROWS=1 $PY bench/bench_gemm.py --device cuda --square 1024 \
+      --int8 1024 1024 1024 --out "$OUT/gemm-experiments" 2>&1 | tee "$OUT/bench-gemm-experiments.log" \
+      | grep -E "^(grouped|fp8)" | tail -8
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    # v3's opt-in variants, the same A/B each: clusters of two CTAs multicasting B
+    # (DSK_GEMM_CLUSTER=1), copies a tile further ahead (DSK_GEMM_DEEP_PREFETCH=1), both.
+    for variant in "cluster:DSK_GEMM_CLUSTER=1" "deep:DSK_GEMM_DEEP_PREFETCH=1" \
+                   "cluster-deep:DSK_GEMM_CLUSTER=1 DSK_GEMM_DEEP_PREFETCH=1"; do
+      name=${variant%%:*}
+      mkdir -p "$OUT/gemm-v3-$name"
+      # shellcheck disable=SC2086
+      env ${variant#*:} $PY bench/bench_gemm.py --device cuda --ab --out "$OUT/gemm-v3-$name" 2>&1 \
+        | tee "$OUT/bench-gemm-ab-$name.log" | tail -8
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    done
+    # FP8 v3's other opt-in variants (each turns TMA on): every stage ahead
+    # (DSK_FP8_DEEP_PREFETCH=1), clusters multicasting W (DSK_FP8_CLUSTER=1): the fp8 rows.
+    for variant in "fp8-deep:DSK_FP8_DEEP_PREFETCH=1" "fp8-cluster:DSK_FP8_CLUSTER=1"; do
+      name=${variant%%:*}
+      mkdir -p "$OUT/gemm-$name"
+      # shellcheck disable=SC2086
+      env ${variant#*:} $PY bench/bench_gemm.py --device cuda --square 1024 --int8 1024 1024 1024 \
+        --grouped 4096 8 256 256 --out "$OUT/gemm-$name" 2>&1 | tee "$OUT/bench-gemm-$name.log" | grep -E "^fp8" | tail -4
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    done
+    # bf16 v3 with cp.async copies instead of TMA (DSK_GEMM_TMA=0), the same A/B.
+    mkdir -p "$OUT/gemm-v3-cp-async"
+    DSK_GEMM_TMA=0 $PY bench/bench_gemm.py --device cuda --ab --out "$OUT/gemm-v3-cp-async" 2>&1 \
+      | tee "$OUT/bench-gemm-ab-cp-async.log" | tail -8
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    # Backward v2 with its dq adds in any order (DSK_ATTENTION_BWD_UNORDERED=1, not
+    # deterministic): what the deterministic turns cost.
+    mkdir -p "$OUT/attention-bwd-unordered"
+    DSK_ATTENTION_BWD_UNORDERED=1 $PY bench/bench_attention.py --device cuda --ab \
+      --out "$OUT/attention-bwd-unordered" 2>&1 | tee "$OUT/bench-attention-ab-unordered.log" | tail -6
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  fi
 fi
 
 step "Nsight Compute profiles of the kernels short of their targets (PROFILE=1)"
