@@ -625,10 +625,13 @@ __device__ __forceinline__ void warp_topk(const uint32_t (&key)[NPL], int k, int
   }
 }
 
-// Blocks per SM the v2 rows kernel is compiled for (registers: 40 up to 8 experts
-// per lane, then 64 and 128). Without the hint ptxas picked 32 registers for
-// NPL <= 4 and spilled the flags that live across fdiv's slow-path calls.
-constexpr int rows_v2_min_blocks(int npl) { return npl <= 8 ? 6 : (npl <= 16 ? 4 : 2); }
+// Blocks per SM the v2 rows kernel is compiled for (registers: 32 up to 8 experts
+// per lane, then 64 and 128; ptxas -v reports no spills). Up to E = 256, 8 blocks
+// of 8 warps fill an SM's 64 warps: 8448 tokens in one wave of an H100, where 6
+// blocks (40 registers, the cap until session 7; an H100 ran that one) left
+// T = 8192 in 1.3 waves, the second mostly idle (rows 17.7 us of the 25 us).
+// Same instructions, so the same bits; the new cap has not yet run on a GPU.
+constexpr int rows_v2_min_blocks(int npl) { return npl <= 8 ? 8 : (npl <= 16 ? 4 : 2); }
 
 // NPL = experts per lane (E <= 32 * NPL): the row lives in registers.
 template <typename T, int NPL>
