@@ -147,3 +147,61 @@ def test_profile_targets_summary(tmp_path):
 
     with pytest.raises(ValueError, match="unknown target"):
         mod._target("nope")
+
+
+_COLLECT_FAMILIES = r"""
+import json, sys
+import pytest
+
+class Collector:
+    def __init__(self):
+        self.ids = []
+    def pytest_collection_finish(self, session):
+        self.ids = [item.nodeid for item in session.items]
+
+out = {}
+for name, files, kexpr in json.loads(sys.argv[1]):
+    c = Collector()
+    args = ["--co", "-q", "-m", "cuda", "-p", "no:cacheprovider", *files.split()]
+    if kexpr:
+        args += ["-k", kexpr]
+    pytest.main(args, plugins=[c])
+    out[name] = c.ids
+print("FAMILIES=" + json.dumps(out))
+"""
+
+
+def test_gpu_check_families_partition_the_cuda_tests():
+    # bench/gpu_check.sh runs the CUDA tests as families, each in its own process:
+    # the families without a variable of their own must hold every `-m cuda` test
+    # but the past-2^31 ones (their own step) exactly once, and every family must
+    # select some test (a -k expression gone stale selects nothing, silently).
+    import json
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = (root / "bench" / "gpu_check.sh").read_text()
+    specs = re.findall(r'^\s+([\w-]+)\) echo "([^|"]*)\|([^|"]*)\|([^"]*)" ;;$', script, re.M)
+    assert len(specs) >= 16, specs
+    all_cuda = ("all", " ".join(sorted(str(p.relative_to(root)) for p in (root / "tests").glob("test_*.py")
+                                       if p.name != "test_large.py")), "")
+    families = [(name, files, kexpr) for name, files, kexpr, _ in specs] + [all_cuda]
+    run = subprocess.run([sys.executable, "-c", _COLLECT_FAMILIES, json.dumps(families)], cwd=root,
+                         capture_output=True, text=True, timeout=600)
+    line = [ln for ln in run.stdout.splitlines() if ln.startswith("FAMILIES=")]
+    assert line, run.stdout[-2000:] + run.stderr[-2000:]
+    got = json.loads(line[0][len("FAMILIES="):])
+    everything = set(got.pop("all"))
+    assert everything
+    for name, ids in got.items():
+        assert ids, f"gpu_check family {name!r} selects no test"
+    plain = [name for name, _, _, env in specs if not env]
+    seen = {}
+    for name in plain:
+        for test in got[name]:
+            assert test not in seen, f"{test} in families {seen[test]!r} and {name!r}"
+            seen[test] = name
+    assert set(seen) == everything, sorted(everything - set(seen))[:10]
