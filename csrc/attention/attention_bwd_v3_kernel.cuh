@@ -292,13 +292,17 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_dq_kernel(const AttnParams p
 }
 
 // How many dq accumulators (CTAs per kv head and sample): enough CTAs to fill
-// the GPU once, at most one per key tile and 16 in all.
+// the GPU once, at most one per key tile, 16 in all, and 4 GiB of accumulators
+// (long sequences over few heads: fewer CTAs rather than the memory).
 inline int64_t splits_for(const AttnParams& p, int sms) {
   const int64_t key_tiles = (p.seqlen_k + kBlockN - 1) / kBlockN;
   const int64_t heads = p.B * p.Hkv > 0 ? p.B * p.Hkv : 1;
+  const int64_t q_rows = p.cu_seqlens_q ? p.total_q : p.B * p.seqlen_q;
+  const int64_t accum_bytes = q_rows * p.Hq * p.D * 4;
   int64_t splits = (sms + heads - 1) / heads;
   if (splits > key_tiles) splits = key_tiles;
   if (splits > 16) splits = 16;
+  if (accum_bytes > 0 && splits > (int64_t{4} << 30) / accum_bytes) splits = (int64_t{4} << 30) / accum_bytes;
   return splits > 0 ? splits : 1;
 }
 
