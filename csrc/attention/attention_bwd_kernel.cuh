@@ -76,24 +76,6 @@ __device__ __forceinline__ void tile_scores(float (&s)[BN / 8][4], const T* a_ti
   }
 }
 
-// acc[16 x D] += c[16 x BN] . tile[BN x D] (tile stored [k][n]).
-template <typename T, int D, int BN, int LD>
-__device__ __forceinline__ void tile_accumulate(float (&acc)[D / 8][4], const float (&c)[BN / 8][4],
-                                                const T* tile, int lane) {
-#pragma unroll
-  for (int kk = 0; kk < BN / 16; ++kk) {
-    uint32_t a[4];
-    c_to_a<T>(a, c[2 * kk], c[2 * kk + 1]);
-#pragma unroll
-    for (int d2 = 0; d2 < D / 16; ++d2) {
-      uint32_t bf[4];
-      load_b_frags_kn<T, LD>(bf, tile, kk * 16, d2 * 16, lane);
-      mma16816<T>(acc[2 * d2], a, bf[0], bf[1]);
-      mma16816<T>(acc[2 * d2 + 1], a, bf[2], bf[3]);
-    }
-  }
-}
-
 // Stores a warp's [16 x D] fp32 accumulator * scale as T rows [row0, row0 + 16)
 // of a global tile (stride elements), through the warp's own rows of `stage`.
 template <typename T, int D, int LD>

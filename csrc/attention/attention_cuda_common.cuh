@@ -14,6 +14,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -172,6 +173,61 @@ __device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&c0)[4], c
   a[1] = pack2<T>(c0[2], c0[3]);
   a[2] = pack2<T>(c1[0], c1[1]);
   a[3] = pack2<T>(c1[2], c1[3]);
+}
+
+// One online-softmax step for the thread's two rows of a 16-row warp tile (rows
+// lane / 4 and + 8: elements 0, 1 and 2, 3 of each C tile; the quad's 4 lanes
+// hold a row): s, scores in base-2 units (-inf where masked), becomes
+// p = exp2(s - running max); the running max and sum, and the output
+// accumulators acc, are rescaled by exp2(old max - new max). A row that has seen
+// no key yet keeps every p at exp2(-inf) = 0.
+template <int NT, int DT>
+__device__ __forceinline__ void online_softmax_step(float (&s)[NT][4], float (&acc)[DT][4],
+                                                    float (&row_max)[2], float (&row_sum)[2]) {
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * rr], s[nt][2 * rr + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(row_max[rr], mx);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;
+    const float alpha = fast_exp2(row_max[rr] - m_use);
+    row_max[rr] = m_new;
+    float sum = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      s[nt][2 * rr] = fast_exp2(s[nt][2 * rr] - m_use);
+      s[nt][2 * rr + 1] = fast_exp2(s[nt][2 * rr + 1] - m_use);
+      sum += s[nt][2 * rr] + s[nt][2 * rr + 1];
+    }
+    row_sum[rr] = row_sum[rr] * alpha + sum;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      acc[dt][2 * rr] *= alpha;
+      acc[dt][2 * rr + 1] *= alpha;
+    }
+  }
+}
+
+// acc[16 x D] += c[16 x BN] . tile[BN x D] (tile stored [k][n]): c, fp32 C tiles,
+// rounded to T as the A fragments (P.V, dS.K, ...).
+template <typename T, int D, int BN, int LD>
+__device__ __forceinline__ void tile_accumulate(float (&acc)[D / 8][4], const float (&c)[BN / 8][4],
+                                                const T* tile, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk) {
+    uint32_t a[4];
+    c_to_a<T>(a, c[2 * kk], c[2 * kk + 1]);
+#pragma unroll
+    for (int d2 = 0; d2 < D / 16; ++d2) {
+      uint32_t bf[4];
+      load_b_frags_kn<T, LD>(bf, tile, kk * 16, d2 * 16, lane);
+      mma16816<T>(acc[2 * d2], a, bf[0], bf[1]);
+      mma16816<T>(acc[2 * d2 + 1], a, bf[2], bf[3]);
+    }
+  }
 }
 
 }  // namespace dsk::attention

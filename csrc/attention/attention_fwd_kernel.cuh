@@ -134,47 +134,10 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttnParam
       }
     }
 
-    // Online softmax for rows qi0 (elements 0, 1) and qi1 (2, 3).
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * rr], s[nt][2 * rr + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(row_max[rr], mx);
-      // A row that has seen no key yet keeps every p at exp2(-inf) = 0.
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      const float alpha = fast_exp2(row_max[rr] - m_use);
-      row_max[rr] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < BN / 8; ++nt) {
-        s[nt][2 * rr] = fast_exp2(s[nt][2 * rr] - m_use);
-        s[nt][2 * rr + 1] = fast_exp2(s[nt][2 * rr + 1] - m_use);
-        sum += s[nt][2 * rr] + s[nt][2 * rr + 1];
-      }
-      row_sum[rr] = row_sum[rr] * alpha + sum;
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        acc[dt][2 * rr] *= alpha;
-        acc[dt][2 * rr + 1] *= alpha;
-      }
-    }
-
-    // O += P.V: P straight from the S accumulators.
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      uint32_t a[4];
-      c_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-      for (int d2 = 0; d2 < D / 16; ++d2) {
-        uint32_t bf[4];
-        load_b_frags_kn<T, LD>(bf, tV, kk * 16, d2 * 16, lane);
-        mma16816<T>(acc[2 * d2], a, bf[0], bf[1]);
-        mma16816<T>(acc[2 * d2 + 1], a, bf[2], bf[3]);
-      }
-    }
+    // Online softmax for rows qi0 (elements 0, 1) and qi1 (2, 3), then O += P.V
+    // with P straight from the S accumulators.
+    online_softmax_step(s, acc, row_max, row_sum);
+    tile_accumulate<T, D, BN, LD>(acc, s, tV, lane);
     __syncthreads();  // this stage is refilled by the next iteration's prefetch
   }
   cp_async_wait<0>();

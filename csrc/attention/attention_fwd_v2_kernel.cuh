@@ -223,32 +223,7 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(const AttnParams p, fl
     // Online softmax for each of the thread's 4 rows (m tile mi, pair rr).
 #pragma unroll
     for (int mi = 0; mi < kMTiles; ++mi) {
-#pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        float mx = -INFINITY;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[mi][nt][2 * rr], s[mi][nt][2 * rr + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(row_max[mi][rr], mx);
-        // A row that has seen no key yet keeps every p at exp2(-inf) = 0.
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;
-        const float alpha = fast_exp2(row_max[mi][rr] - m_use);
-        row_max[mi][rr] = m_new;
-        float sum = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          s[mi][nt][2 * rr] = fast_exp2(s[mi][nt][2 * rr] - m_use);
-          s[mi][nt][2 * rr + 1] = fast_exp2(s[mi][nt][2 * rr + 1] - m_use);
-          sum += s[mi][nt][2 * rr] + s[mi][nt][2 * rr + 1];
-        }
-        row_sum[mi][rr] = row_sum[mi][rr] * alpha + sum;
-#pragma unroll
-        for (int dt = 0; dt < DT; ++dt) {
-          acc[mi][dt][2 * rr] *= alpha;
-          acc[mi][dt][2 * rr + 1] *= alpha;
-        }
-      }
+      online_softmax_step(s[mi], acc[mi], row_max[mi], row_sum[mi]);
     }
 
     // V(t) has landed (only K(t + 1), the newest group, may still be in flight).

@@ -164,31 +164,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const AttnParams p, fl
     }
 
     // Online softmax of the thread's 2 rows (the quad's 4 lanes hold a row).
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[0][nt][2 * rr], s[0][nt][2 * rr + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(row_max[rr], mx);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no key seen yet: p = 0
-      const float alpha = fast_exp2(row_max[rr] - m_use);
-      row_max[rr] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        s[0][nt][2 * rr] = fast_exp2(s[0][nt][2 * rr] - m_use);
-        s[0][nt][2 * rr + 1] = fast_exp2(s[0][nt][2 * rr + 1] - m_use);
-        sum += s[0][nt][2 * rr] + s[0][nt][2 * rr + 1];
-      }
-      row_sum[rr] = row_sum[rr] * alpha + sum;
-#pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        o[0][dt][2 * rr] *= alpha;
-        o[0][dt][2 * rr + 1] *= alpha;
-      }
-    }
+    online_softmax_step(s[0], o[0], row_max, row_sum);
 
     // O += P.V: P packed from the S accumulators (all of it before the first
     // wgmma, kept unchanged until the wait), V(t) as an MN-major operand whose
