@@ -110,12 +110,8 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_dq_kernel(const AttnParams p
   load_tile_async<T, D, LD, kThreads>(sV, static_cast<const T*>(p.v) + koff, k_stride, BN, keys, tid);
   cp_async_commit();
 
-  // The first query tile that sees key n0.
-  const int64_t first_q = first_query_seeing(p, r, n0);
-  const int64_t qt_begin = first_q > 0 ? first_q / BM : 0;
-  const int64_t q_tiles = (r.q_len + BM - 1) / BM;
-  const int64_t per_head = q_tiles > qt_begin ? q_tiles - qt_begin : 0;
-  const int64_t n_iter = per_head * group;
+  const KeyTileSteps steps = key_tile_steps(p, r, n0, BM, group);
+  const int64_t qt_begin = steps.qt_begin, per_head = steps.per_head, n_iter = steps.n_iter;
 
   auto load_q = [&](int64_t it, int st) {
     load_q_step<T, D, LD, kThreads>(p, b, hk * group + it / per_head, r,

@@ -130,7 +130,6 @@ __device__ __forceinline__ void dkdv_dq_body(const AttnParams& p, float scale_lo
   const T* dout = static_cast<const T*>(p.dout);
   const int64_t q_rows = p.cu_seqlens_q ? p.total_q : p.B * p.seqlen_q;
   float* const dq_acc = p.dq_accum + split * q_rows * p.Hq * D;  // this CTA's accumulator
-  const int64_t q_tiles = (r.q_len + BM - 1) / BM;
   const int64_t key_tiles = (r.k_len + BN - 1) / BN;
   // This thread's first key row in the tile, its rows of the dQ block and its
   // columns (mma.sync's C layout per warp: rows lane / 4 and + 8).
@@ -143,11 +142,8 @@ __device__ __forceinline__ void dkdv_dq_body(const AttnParams& p, float scale_lo
     const int64_t n0 = jt * BN;
     const int64_t keys = r.k_len - n0 < BN ? r.k_len - n0 : BN;
     const int64_t koff = ((r.k_start + n0) * p.Hkv + hk) * D;
-    // The first query tile that sees key n0 (causal), then every later one, per head.
-    const int64_t first_q = first_query_seeing(p, r, n0);
-    const int64_t qt_begin = first_q > 0 ? first_q / BM : 0;
-    const int64_t per_head = q_tiles > qt_begin ? q_tiles - qt_begin : 0;
-    const int64_t n_iter = per_head * group;
+    const KeyTileSteps steps = key_tile_steps(p, r, n0, BM, group);
+    const int64_t qt_begin = steps.qt_begin, per_head = steps.per_head, n_iter = steps.n_iter;
     auto load_q = [&](int64_t it, int st) {
       const int64_t h = hk * group + it / per_head, i0 = (qt_begin + it % per_head) * BM;
       const int64_t off = ((r.q_start + i0) * p.Hq + h) * D;

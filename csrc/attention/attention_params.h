@@ -115,6 +115,22 @@ DSK_HOST_DEVICE int64_t first_query_seeing(const AttnParams& p, const SeqRange& 
   return p.causal ? j + r.q_len - r.k_len : 0;
 }
 
+// The steps of the backward's loop over a key tile's queries (the key-major
+// kernels): the query tiles of bm rows that can see key n0 (causal: from the
+// first one on), for each query head of the kv head's GQA group. Step it is
+// query head hk * group + it / per_head, query tile qt_begin + it % per_head.
+struct KeyTileSteps {
+  int64_t qt_begin, per_head, n_iter;
+};
+DSK_HOST_DEVICE KeyTileSteps key_tile_steps(const AttnParams& p, const SeqRange& r, int64_t n0,
+                                            int64_t bm, int64_t group) {
+  const int64_t first_q = first_query_seeing(p, r, n0);
+  const int64_t qt_begin = first_q > 0 ? first_q / bm : 0;
+  const int64_t q_tiles = (r.q_len + bm - 1) / bm;
+  const int64_t per_head = q_tiles > qt_begin ? q_tiles - qt_begin : 0;
+  return {qt_begin, per_head, per_head * group};
+}
+
 // CPU (fp32, fp16, bf16 and fp64 data).
 void attention_fwd_cpu(const AttnParams& p);
 void attention_bwd_cpu(const AttnParams& p);
