@@ -284,7 +284,12 @@ else
   # shellcheck disable=SC2086
   DSK_FP8_TMA=1 timeout ${PROFILE_TIMEOUT:-420} $NCU $PY bench/profile_targets.py --targets fp8 \
     >"$OUT/ncu-fp8-tma.csv" 2>"$OUT/ncu-fp8-tma.err" || { echo "ncu run (FP8 TMA) failed"; status=1; }
-  for f in ncu ncu-fp8-tma; do
+  # The GEMM and FP8 v3 opt-in variants together: clusters and deep prefetch.
+  # shellcheck disable=SC2086
+  DSK_GEMM_CLUSTER=1 DSK_GEMM_DEEP_PREFETCH=1 DSK_FP8_CLUSTER=1 timeout ${PROFILE_TIMEOUT:-420} \
+    $NCU $PY bench/profile_targets.py --targets gemm fp8 \
+    >"$OUT/ncu-variants.csv" 2>"$OUT/ncu-variants.err" || { echo "ncu run (variants) failed"; status=1; }
+  for f in ncu ncu-fp8-tma ncu-variants; do
     echo "-- $f"; $PY bench/profile_targets.py --summarize "$OUT/$f.csv" | tee "$OUT/$f-summary.txt"
   done
 fi
