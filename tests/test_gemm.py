@@ -644,19 +644,38 @@ def test_cuda_kernel_v3_wgmma():
             _check_close(out[rows], _torch_peer(a[rows], w, b, "gelu"), want, f"v3 {(m, n, k)} {dtype}")
 
 
-_V3_COPY_SCRIPT = """
+# argv: the saved cases (op name, args, kwargs), where to save the outputs, the
+# kernel-choice op and the family whose generation 3 must run.
+_V3_CASES_SCRIPT = """
 import sys, torch, deepseek_kernels as dk
 cases = torch.load(sys.argv[1])
-prev = torch.ops.deepseek_kernels._gemm_cuda_kernel(3)
-outs = []
-for c in cases:
-    if "offsets" in c:
-        outs.append(dk.grouped_gemm(c["a"], c["w"], c["offsets"]))
-    else:
-        outs.append(dk.gemm(c["a"], c["w"], c["b"], activation="gelu"))
-assert torch.ops.deepseek_kernels._cuda_kernel_ran("gemm") == 3
+getattr(torch.ops.deepseek_kernels, sys.argv[3])(3)
+outs = [getattr(dk, op)(*args, **kwargs) for op, args, kwargs in cases]
+assert torch.ops.deepseek_kernels._cuda_kernel_ran(sys.argv[4]) == 3
 torch.save(outs, sys.argv[2])
 """
+
+
+def _assert_v3_variant_same_bits(tmp_path, cases, choice_op, family, variant):
+    """Runs `cases` ((dk op name, args, kwargs) each) through generation 3 of
+    `family` (forced with `choice_op`) here and in a fresh process with the
+    environment assignments in `variant` (read once per process by the library),
+    and asserts the two runs' outputs are the same bits."""
+    import os
+    import subprocess
+    import sys
+
+    with kernel_choice(choice_op, 3):
+        ours = [getattr(dk, op)(*args, **kwargs) for op, args, kwargs in cases]
+        assert kernel_ran(family) == 3
+    torch.save(cases, tmp_path / "cases.pt")
+    env = dict(os.environ, **dict(kv.split("=") for kv in variant.split()))
+    subprocess.run([sys.executable, "-c", _V3_CASES_SCRIPT, str(tmp_path / "cases.pt"),
+                    str(tmp_path / "outs.pt"), choice_op, family], env=env, check=True, timeout=300)
+    theirs = torch.load(tmp_path / "outs.pt")
+    assert len(theirs) == len(ours)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert torch.equal(a, b), i
 
 
 @requires_cuda
@@ -676,36 +695,14 @@ def test_cuda_v3_tma_and_variant_same_bits(tmp_path, variant):
     cases = []
     for m, n, k in [(1, 260, 8), (127, 260, 56), (129, 260, 64), (300, 520, 72), (1000, 300, 136),
                     (2100, 1030, 640)]:
-        cases.append(dict(a=_data((m, k), torch.bfloat16, "cuda"),
-                          w=_data((n, k), torch.bfloat16, "cuda", k ** -0.5),
-                          b=_data((n,), torch.bfloat16, "cuda")))
+        cases.append(("gemm", (_data((m, k), torch.bfloat16, "cuda"),
+                               _data((n, k), torch.bfloat16, "cuda", k ** -0.5),
+                               _data((n,), torch.bfloat16, "cuda")), {"activation": "gelu"}))
     for s_rows, e, n, k in [(1000, 7, 136, 200), (300, 4, 264, 64)]:
-        cases.append(dict(a=_data((s_rows, k), torch.bfloat16, "cuda"),
-                          w=_data((e, n, k), torch.bfloat16, "cuda", k ** -0.5),
-                          offsets=_random_offsets(s_rows, e, "cuda")))
-    with _gemm_kernel(3):
-        ours = [dk.grouped_gemm(c["a"], c["w"], c["offsets"]) if "offsets" in c
-                else dk.gemm(c["a"], c["w"], c["b"], activation="gelu") for c in cases]
-        assert kernel_ran("gemm") == 3
-    _assert_same_bits_in_subprocess(tmp_path, _V3_COPY_SCRIPT, cases, ours, variant)
-
-
-def _assert_same_bits_in_subprocess(tmp_path, script, cases, ours, variant):
-    """Runs `script` (argv: the saved cases, where to save its outputs) in a fresh
-    process with the environment assignments in `variant` (read once per process
-    by the library) and asserts its outputs are `ours`, bit for bit."""
-    import os
-    import subprocess
-    import sys
-
-    torch.save(cases, tmp_path / "cases.pt")
-    env = dict(os.environ, **dict(kv.split("=") for kv in variant.split()))
-    subprocess.run([sys.executable, "-c", script, str(tmp_path / "cases.pt"), str(tmp_path / "outs.pt")],
-                   env=env, check=True, timeout=300)
-    theirs = torch.load(tmp_path / "outs.pt")
-    assert len(theirs) == len(ours)
-    for i, (a, b) in enumerate(zip(ours, theirs)):
-        assert torch.equal(a, b), i
+        cases.append(("grouped_gemm", (_data((s_rows, k), torch.bfloat16, "cuda"),
+                                       _data((e, n, k), torch.bfloat16, "cuda", k ** -0.5),
+                                       _random_offsets(s_rows, e, "cuda")), {}))
+    _assert_v3_variant_same_bits(tmp_path, cases, "_gemm_cuda_kernel", "gemm", variant)
 
 
 @requires_cuda
@@ -1102,21 +1099,6 @@ def test_fp8_tensor_core_kernel_matches_exact(version, out_dtype):
         assert torch.equal(dk.fp8_gemm(qx, sx, qw[0], sw[0]), dk.fp8_gemm(qx, sx, qw[0], sw[0]))
 
 
-_FP8_V3_SCRIPT = """
-import sys, torch, deepseek_kernels as dk
-cases = torch.load(sys.argv[1])
-prev = torch.ops.deepseek_kernels._fp8_cuda_kernel(3)
-outs = []
-for c in cases:
-    if "offsets" in c:
-        outs.append(dk.fp8_grouped_gemm(c["qx"], c["sx"], c["qw"], c["sw"], c["offsets"]))
-    else:
-        outs.append(dk.fp8_gemm(c["qx"], c["sx"], c["qw"], c["sw"]))
-assert torch.ops.deepseek_kernels._cuda_kernel_ran("fp8_gemm") == 3
-torch.save(outs, sys.argv[2])
-"""
-
-
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.skipif(not hopper_build(), reason="FP8 v3 (wgmma) needs an H100/H200 and an sm_90a build")
@@ -1132,14 +1114,9 @@ def test_cuda_fp8_v3_variants_same_bits(tmp_path, variant):
     for m, n, k in [(1, 8, 128), (77, 300, 528), (300, 384, 1024), (1000, 136, 4096)]:
         qx, sx = dk.quantize_fp8(torch.randn(m, k, device="cuda") * 3, (1, 128))
         qw, sw = dk.quantize_fp8(torch.randn(n, k, device="cuda"), (128, 128))
-        cases.append(dict(qx=qx, sx=sx, qw=qw, sw=sw))
-    qx, sx, qw, sw, offsets = _fp8_grouped_problem(2000, 32, 256, 1024, "cuda")
-    cases.append(dict(qx=qx, sx=sx, qw=qw, sw=sw, offsets=offsets))
-    with _fp8_kernel(3):
-        ours = [dk.fp8_grouped_gemm(c["qx"], c["sx"], c["qw"], c["sw"], c["offsets"]) if "offsets" in c
-                else dk.fp8_gemm(c["qx"], c["sx"], c["qw"], c["sw"]) for c in cases]
-        assert kernel_ran("fp8_gemm") == 3
-    _assert_same_bits_in_subprocess(tmp_path, _FP8_V3_SCRIPT, cases, ours, variant)
+        cases.append(("fp8_gemm", (qx, sx, qw, sw), {}))
+    cases.append(("fp8_grouped_gemm", _fp8_grouped_problem(2000, 32, 256, 1024, "cuda"), {}))
+    _assert_v3_variant_same_bits(tmp_path, cases, "_fp8_cuda_kernel", "fp8_gemm", variant)
 
 
 @pytest.mark.parametrize("device", DEVICES)
