@@ -312,6 +312,30 @@ __device__ __forceinline__ uint32_t cta_tile(const P& p, int64_t& m_tile, int64_
     return 0;
   }
 }
+
+// A v3 stage by TMA (thread 0): arms the stage's mbarrier `bar` with the bytes
+// landing in this CTA, then loads BM rows of A from row a_row (unless load_a:
+// false for a cluster's CTA past M, whose A rows are never stored) to sa, and the
+// BN rows of B from row b_row to sb; with kCluster this CTA loads B's half
+// `rank` (tma_b's boxes are BN / 2 rows) into both CTAs of its cluster, and the
+// other half comes from its peer. Rows are 128 bytes (64 bf16 or 128 FP8 codes
+// of K, from k0).
+template <bool kCluster, int BM, int BN>
+__device__ __forceinline__ void tma_load_stage(uint32_t sa, uint32_t sb, uint32_t bar,
+                                               const CUtensorMap& tma_a, const CUtensorMap& tma_b,
+                                               int32_t k0, int64_t a_row, bool load_a, int64_t b_row,
+                                               uint32_t rank) {
+  constexpr int kRowBytes = 128;
+  mbar_arrive_expect_tx(bar, (load_a ? BM + BN : BN) * kRowBytes);
+  if (load_a) tma_load_2d(sa, &tma_a, k0, static_cast<int32_t>(a_row), bar);
+  if constexpr (kCluster) {
+    constexpr int kHalf = BN / 2;
+    tma_load_2d_multicast(sb + rank * kHalf * kRowBytes, &tma_b, k0,
+                          static_cast<int32_t>(b_row + rank * kHalf), bar, 0x3);
+  } else {
+    tma_load_2d(sb, &tma_b, k0, static_cast<int32_t>(b_row), bar);
+  }
+}
 #endif
 
 // ---------------------------------------------------------------------------
@@ -685,19 +709,10 @@ __device__ __forceinline__ void wgmma_gemm_body(const GemmParams& p, const CUten
   auto load_stage = [&](int stage, int64_t kt) {
     const uint32_t sa = smem_base + stage * kV3StageBytes, sb = sa + kV3BM * kV3RowBytes;
     if constexpr (kTma) {
-      const uint32_t bar = shared_addr(&stage_full[stage]);
-      // A cluster's CTA past M loads no A (its wgmma read stale rows it never stores).
-      const bool load_a = !kCluster || m0 < p.m;
-      mbar_arrive_expect_tx(bar, load_a ? kV3StageBytes : kV3StageBytes - kV3BM * kV3RowBytes);
-      const int32_t k0 = static_cast<int32_t>(kt * kV3BK);
-      if (load_a) tma_load_2d(sa, &tma_a, k0, static_cast<int32_t>(m0), bar);
-      if constexpr (kCluster) {
-        constexpr int kHalf = kV3BN / 2;
-        tma_load_2d_multicast(sb + rank * kHalf * kV3RowBytes, &tma_b, k0,
-                              static_cast<int32_t>(n0 + rank * kHalf), bar, 0x3);
-      } else {
-        tma_load_2d(sb, &tma_b, k0, static_cast<int32_t>(tile.group * p.n + n0), bar);
-      }
+      static_assert(kV3RowBytes == 128 && kV3StageBytes == (kV3BM + kV3BN) * 128, "tma_load_stage's rows");
+      tma_load_stage<kCluster, kV3BM, kV3BN>(sa, sb, shared_addr(&stage_full[stage]), tma_a, tma_b,
+                                             static_cast<int32_t>(kt * kV3BK), m0, !kCluster || m0 < p.m,
+                                             tile.group * p.n + n0, rank);
     } else {
       const int64_t k_bytes = p.k * 2, k0 = kt * kV3RowBytes;
       load_swizzled_rows<kV3BM, kV3Threads>(sa, a, m0, tile.row_end, k0, k_bytes, k_bytes);
@@ -799,25 +814,13 @@ __device__ __forceinline__ void wgmma_gemm_body(const GemmParams& p, const CUten
 #endif
 }
 
-template <typename T, bool kTma, bool kDeep>
+// kCluster instances are launched in clusters of two (launch_tile_grid).
+template <typename T, bool kTma, bool kCluster, bool kDeep>
 __global__ void __launch_bounds__(kV3Threads, 1)
     wgmma_gemm_kernel(GemmParams p, const __grid_constant__ CUtensorMap tma_a,
                       const __grid_constant__ CUtensorMap tma_b) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  wgmma_gemm_body<T, kTma, false, kDeep>(p, tma_a, tma_b);
-#else
-  __trap();  // never launched: launch_wgmma checks the kernel was built for sm_90a
-#endif
-}
-
-// Launched in clusters of two (launch_wgmma_cluster: a launch attribute, since
-// __cluster_dims__ does not compile for sm_80).
-template <typename T, bool kDeep>
-__global__ void __launch_bounds__(kV3Threads, 1)
-    wgmma_gemm_cluster_kernel(GemmParams p, const __grid_constant__ CUtensorMap tma_a,
-                              const __grid_constant__ CUtensorMap tma_b) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  wgmma_gemm_body<T, true, true, kDeep>(p, tma_a, tma_b);
+  wgmma_gemm_body<T, kTma, kCluster, kDeep>(p, tma_a, tma_b);
 #else
   __trap();  // never launched: launch_wgmma checks the kernel was built for sm_90a
 #endif
@@ -879,18 +882,11 @@ __device__ __forceinline__ void fp8_wgmma_gemm_body(const Fp8GemmParams& p, cons
   auto load_stage = [&](int stage, int64_t kb) {
     const uint32_t sa = smem_base + stage * kF8StageBytes, sb = sa + kF8BM * kF8RowBytes;
     if constexpr (kTma) {
-      const uint32_t bar = shared_addr(&stage_full[stage]);
-      const bool load_a = !kCluster || tile.row_begin < p.m;
-      mbar_arrive_expect_tx(bar, load_a ? kF8StageBytes : kF8StageBytes - kF8BM * kF8RowBytes);
-      const int32_t k0 = static_cast<int32_t>(kb * kFp8Block);
-      if (load_a) tma_load_2d(sa, &tma_a, k0, static_cast<int32_t>(tile.row_begin), bar);
-      if constexpr (kCluster) {
-        constexpr int kHalf = kF8BN / 2;
-        tma_load_2d_multicast(sb + rank * kHalf * kF8RowBytes, &tma_b, k0,
-                              static_cast<int32_t>(n0 + rank * kHalf), bar, 0x3);
-      } else {
-        tma_load_2d(sb, &tma_b, k0, static_cast<int32_t>(tile.group * p.n + n0), bar);
-      }
+      static_assert(kF8RowBytes == 128 && kF8StageBytes == (kF8BM + kF8BN) * 128, "tma_load_stage's rows");
+      tma_load_stage<kCluster, kF8BM, kF8BN>(sa, sb, shared_addr(&stage_full[stage]), tma_a, tma_b,
+                                             static_cast<int32_t>(kb * kFp8Block), tile.row_begin,
+                                             !kCluster || tile.row_begin < p.m, tile.group * p.n + n0,
+                                             rank);
     } else {
       load_swizzled_rows<kF8BM, kF8Threads>(sa, a, tile.row_begin, tile.row_end, kb * kFp8Block, p.k, p.k);
       load_swizzled_rows<kF8BN, kF8Threads>(sb, b, n0, p.n, kb * kFp8Block, p.k, p.k);
@@ -1020,23 +1016,13 @@ __device__ __forceinline__ void fp8_wgmma_gemm_body(const Fp8GemmParams& p, cons
 #endif
 }
 
-template <bool kTma, bool kDeep>
+// kCluster instances are launched in clusters of two (launch_tile_grid).
+template <bool kTma, bool kDeep, bool kCluster>
 __global__ void __launch_bounds__(kF8Threads, 1)
     fp8_wgmma_gemm_kernel(Fp8GemmParams p, const __grid_constant__ CUtensorMap tma_a,
                           const __grid_constant__ CUtensorMap tma_b) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  fp8_wgmma_gemm_body<kTma, kDeep, false>(p, tma_a, tma_b);
-#else
-  __trap();  // never launched: launch_fp8_wgmma checks the kernel was built for sm_90a
-#endif
-}
-
-// Launched in clusters of two (launch_fp8_wgmma_cluster).
-__global__ void __launch_bounds__(kF8Threads, 1)
-    fp8_wgmma_gemm_cluster_kernel(Fp8GemmParams p, const __grid_constant__ CUtensorMap tma_a,
-                                  const __grid_constant__ CUtensorMap tma_b) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  fp8_wgmma_gemm_body<true, true, true>(p, tma_a, tma_b);
+  fp8_wgmma_gemm_body<kTma, kDeep, kCluster>(p, tma_a, tma_b);
 #else
   __trap();  // never launched: launch_fp8_wgmma checks the kernel was built for sm_90a
 #endif
@@ -1518,53 +1504,42 @@ bool encode_operand_map(CUtensorMap& map, const void* base, CUtensorMapDataType 
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <typename T, bool kTma, bool kDeep = false>
+// `kernel` on one CTA per (m tile, n tile); with kCluster in clusters of two
+// along M (the m tiles rounded up to pairs) through a launch attribute, since
+// __cluster_dims__ does not compile for sm_80.
+template <bool kCluster, typename... Params, typename... Args>
+cudaError_t launch_tile_grid(void (*kernel)(Params...), int64_t m_tiles, int64_t n_tiles, int threads,
+                             int smem, cudaStream_t stream, const Args&... args) {
+  const int64_t ctas = (kCluster ? 2 * ((m_tiles + 1) / 2) : m_tiles) * n_tiles;
+  if constexpr (!kCluster) {
+    kernel<<<static_cast<unsigned>(ctas), threads, smem, stream>>>(args...);
+    return cudaGetLastError();
+  } else {
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(static_cast<unsigned>(ctas));
+    config.blockDim = dim3(threads);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    cudaLaunchAttribute cluster{};
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = 2;
+    cluster.val.clusterDim.y = 1;
+    cluster.val.clusterDim.z = 1;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+    return cudaLaunchKernelEx(&config, kernel, args...);
+  }
+}
+
+template <typename T, bool kTma, bool kCluster = false, bool kDeep = false>
 bool launch_wgmma_variant(const GemmParams& p, const CUtensorMap& map_a, const CUtensorMap& map_b,
                           cudaStream_t stream, cudaError_t& err) {
   static std::atomic<uint64_t> checked{0}, usable{0};
-  if (!wgmma_usable(wgmma_gemm_kernel<T, kTma, kDeep>, kV3SmemBytes, p.built_sm90a, checked, usable,
-                    err))
-    return false;
+  constexpr auto kernel = wgmma_gemm_kernel<T, kTma, kCluster, kDeep>;
+  if (!wgmma_usable(kernel, kV3SmemBytes, p.built_sm90a, checked, usable, err)) return false;
   if (err != cudaSuccess) return true;
-  const int64_t ctas = row_tiles(p, kV3BM) * ((p.n + kV3BN - 1) / kV3BN);
-  wgmma_gemm_kernel<T, kTma, kDeep><<<static_cast<unsigned>(ctas), kV3Threads, kV3SmemBytes, stream>>>(
-      p, map_a, map_b);
-  err = cudaGetLastError();
-  return true;
-}
-
-// `kernel` on `ctas` CTAs (an even count) in clusters of two along x: a launch
-// attribute (__cluster_dims__ does not compile for sm_80).
-template <typename... Params, typename... Args>
-cudaError_t launch_cluster_pairs(void (*kernel)(Params...), int64_t ctas, int threads, int smem,
-                                 cudaStream_t stream, const Args&... args) {
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(ctas));
-  config.blockDim = dim3(threads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute cluster{};
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = 2;
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = 1;
-  config.attrs = &cluster;
-  config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, kernel, args...);
-}
-
-// The cluster variant (wgmma_gemm_body's kCluster): two CTAs per pair of m tiles.
-template <typename T, bool kDeep>
-bool launch_wgmma_cluster(const GemmParams& p, const CUtensorMap& map_a, const CUtensorMap& map_b,
-                          cudaStream_t stream, cudaError_t& err) {
-  static std::atomic<uint64_t> checked{0}, usable{0};
-  if (!wgmma_usable(wgmma_gemm_cluster_kernel<T, kDeep>, kV3SmemBytes, p.built_sm90a, checked, usable,
-                    err))
-    return false;
-  if (err != cudaSuccess) return true;
-  const int64_t ctas = 2 * ((row_tiles(p, kV3BM) + 1) / 2) * ((p.n + kV3BN - 1) / kV3BN);
-  err = launch_cluster_pairs(wgmma_gemm_cluster_kernel<T, kDeep>, ctas, kV3Threads, kV3SmemBytes, stream,
-                             p, map_a, map_b);
+  err = launch_tile_grid<kCluster>(kernel, row_tiles(p, kV3BM), (p.n + kV3BN - 1) / kV3BN, kV3Threads,
+                                   kV3SmemBytes, stream, p, map_a, map_b);
   return true;
 }
 
@@ -1580,42 +1555,28 @@ bool launch_wgmma(const GemmParams& p, cudaStream_t stream, cudaError_t& err) {
   if (p.v3_tma && encode_operand_map(map_a, p.a, type, 2, p.k, p.m, kV3BM) &&
       encode_operand_map(map_b, p.b, type, 2, p.k, p.groups * p.n, cluster ? kV3BN / 2 : kV3BN)) {
     if (cluster) {
-      const bool launched = p.v3_deep_prefetch ? launch_wgmma_cluster<T, true>(p, map_a, map_b, stream, err)
-                                               : launch_wgmma_cluster<T, false>(p, map_a, map_b, stream, err);
+      const bool launched =
+          p.v3_deep_prefetch ? launch_wgmma_variant<T, true, true, true>(p, map_a, map_b, stream, err)
+                             : launch_wgmma_variant<T, true, true, false>(p, map_a, map_b, stream, err);
       if (launched || err != cudaSuccess) return true;
       if (!encode_operand_map(map_b, p.b, type, 2, p.k, p.groups * p.n, kV3BN))
         return launch_wgmma_variant<T, false>(p, map_a, map_b, stream, err);
     }
-    return p.v3_deep_prefetch ? launch_wgmma_variant<T, true, true>(p, map_a, map_b, stream, err)
+    return p.v3_deep_prefetch ? launch_wgmma_variant<T, true, false, true>(p, map_a, map_b, stream, err)
                               : launch_wgmma_variant<T, true>(p, map_a, map_b, stream, err);
   }
   return launch_wgmma_variant<T, false>(p, map_a, map_b, stream, err);
 }
 
-template <bool kTma, bool kDeep = false>
+template <bool kTma, bool kDeep = false, bool kCluster = false>
 bool launch_fp8_wgmma_variant(const Fp8GemmParams& p, const CUtensorMap& map_a, const CUtensorMap& map_b,
                               cudaStream_t stream, cudaError_t& err) {
   static std::atomic<uint64_t> checked{0}, usable{0};
-  if (!wgmma_usable(fp8_wgmma_gemm_kernel<kTma, kDeep>, kF8SmemBytes, p.built_sm90a, checked, usable,
-                    err))
-    return false;
+  constexpr auto kernel = fp8_wgmma_gemm_kernel<kTma, kDeep, kCluster>;
+  if (!wgmma_usable(kernel, kF8SmemBytes, p.built_sm90a, checked, usable, err)) return false;
   if (err != cudaSuccess) return true;
-  const int64_t ctas = row_tiles(p, kF8BM) * ((p.n + kF8BN - 1) / kF8BN);
-  fp8_wgmma_gemm_kernel<kTma, kDeep><<<static_cast<unsigned>(ctas), kF8Threads, kF8SmemBytes, stream>>>(
-      p, map_a, map_b);
-  err = cudaGetLastError();
-  return true;
-}
-
-bool launch_fp8_wgmma_cluster(const Fp8GemmParams& p, const CUtensorMap& map_a, const CUtensorMap& map_b,
-                              cudaStream_t stream, cudaError_t& err) {
-  static std::atomic<uint64_t> checked{0}, usable{0};
-  if (!wgmma_usable(fp8_wgmma_gemm_cluster_kernel, kF8SmemBytes, p.built_sm90a, checked, usable, err))
-    return false;
-  if (err != cudaSuccess) return true;
-  const int64_t ctas = 2 * ((row_tiles(p, kF8BM) + 1) / 2) * ((p.n + kF8BN - 1) / kF8BN);
-  err = launch_cluster_pairs(fp8_wgmma_gemm_cluster_kernel, ctas, kF8Threads, kF8SmemBytes, stream, p,
-                             map_a, map_b);
+  err = launch_tile_grid<kCluster>(kernel, row_tiles(p, kF8BM), (p.n + kF8BN - 1) / kF8BN, kF8Threads,
+                                   kF8SmemBytes, stream, p, map_a, map_b);
   return true;
 }
 
@@ -1629,7 +1590,8 @@ bool launch_fp8_wgmma(const Fp8GemmParams& p, cudaStream_t stream, cudaError_t& 
       encode_operand_map(map_b, p.w, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, p.groups * p.n,
                          cluster ? kF8BN / 2 : kF8BN)) {
     if (cluster) {
-      if (launch_fp8_wgmma_cluster(p, map_a, map_b, stream, err) || err != cudaSuccess) return true;
+      if (launch_fp8_wgmma_variant<true, true, true>(p, map_a, map_b, stream, err) || err != cudaSuccess)
+        return true;
       if (!encode_operand_map(map_b, p.w, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, p.groups * p.n, kF8BN))
         return launch_fp8_wgmma_variant<false>(p, map_a, map_b, stream, err);
     }
