@@ -74,6 +74,21 @@ __device__ __forceinline__ void wait_for_preceding_grid() {
 // Whether the current device can launch dependent kernels early (cc 9.0+), cached.
 bool device_has_dependent_launch();
 
+// `kernel` launched with one launch attribute (cudaLaunchKernelEx).
+template <typename... Params, typename... Args>
+cudaError_t launch_with_attribute(const cudaLaunchAttribute& attr, void (*kernel)(Params...), dim3 grid,
+                                  dim3 block, size_t smem, cudaStream_t stream, const Args&... args) {
+  cudaLaunchAttribute attrs[1] = {attr};
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attrs;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+}
+
 template <typename... Params, typename... Args>
 cudaError_t launch_dependent(bool dependent, void (*kernel)(Params...), dim3 grid, dim3 block,
                              size_t smem, cudaStream_t stream, Args... args) {
@@ -81,17 +96,10 @@ cudaError_t launch_dependent(bool dependent, void (*kernel)(Params...), dim3 gri
     kernel<<<grid, block, smem, stream>>>(static_cast<Params>(args)...);
     return cudaGetLastError();
   }
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  return launch_with_attribute(attr, kernel, grid, block, smem, stream, args...);
 }
 
 // A grid of at most `waves` blocks per multiprocessor (kernels use grid-stride

@@ -134,6 +134,10 @@ __device__ __forceinline__ void cluster_arrive() {
 __device__ __forceinline__ void cluster_wait() {
   asm volatile("barrier.cluster.wait;\n" ::: "memory");
 }
+__device__ __forceinline__ void cluster_sync() {
+  cluster_arrive();
+  cluster_wait();
+}
 
 // A TMA pipeline's stage barriers: thread 0 makes one mbarrier per stage (one
 // arrival each: the thread that arms it with the stage's expect_tx) and fences

@@ -720,10 +720,7 @@ __device__ __forceinline__ void wgmma_gemm_body(const GemmParams& p, const CUten
     }
   };
   if constexpr (kTma) init_stage_barriers(stage_full, tid);
-  if constexpr (kCluster) {
-    cluster_arrive();  // both CTAs' barriers exist before either multicasts
-    cluster_wait();
-  }
+  if constexpr (kCluster) cluster_sync();  // both CTAs' barriers exist before either multicasts
 
   // Copies run kV3Prefetch tiles ahead; the wgmma of a tile stays in flight
   // while the next tile's are issued (wait_group 1), so the stage being
@@ -791,8 +788,7 @@ __device__ __forceinline__ void wgmma_gemm_body(const GemmParams& p, const CUten
       // Tile kt - 1 done in every warpgroup (of both CTAs) past the barrier:
       // its stage takes tile kt + kV3Prefetch.
       if constexpr (kCluster) {
-        cluster_arrive();
-        cluster_wait();
+        cluster_sync();
       } else {
         __syncthreads();
       }
@@ -893,10 +889,7 @@ __device__ __forceinline__ void fp8_wgmma_gemm_body(const Fp8GemmParams& p, cons
     }
   };
   if constexpr (kTma) init_stage_barriers(stage_full, tid);
-  if constexpr (kCluster) {
-    cluster_arrive();  // both CTAs' barriers exist before either multicasts
-    cluster_wait();
-  }
+  if constexpr (kCluster) cluster_sync();  // both CTAs' barriers exist before either multicasts
 
   // Two partial-sum buffers: block kb's wgmma run into one while block kb - 1's
   // sums (the other, complete after wait_group 1) are scaled into acc; the
@@ -966,8 +959,7 @@ __device__ __forceinline__ void fp8_wgmma_gemm_body(const Fp8GemmParams& p, cons
     pin_accumulators(part);
     if constexpr (kDeep) {
       if constexpr (kCluster) {
-        cluster_arrive();
-        cluster_wait();
+        cluster_sync();
       } else {
         __syncthreads();
       }
@@ -1002,10 +994,7 @@ __device__ __forceinline__ void fp8_wgmma_gemm_body(const Fp8GemmParams& p, cons
     }
   }
   if constexpr (!kTma) cp_async_wait<0>();
-  if constexpr (kCluster) {  // the peer is done with every multicast into this CTA
-    cluster_arrive();
-    cluster_wait();
-  }
+  if constexpr (kCluster) cluster_sync();  // the peer is done with every multicast into this CTA
 
   GemmParams out;  // the shared epilogue's view: plain stores
   out.out = p.out;
@@ -1515,19 +1504,13 @@ cudaError_t launch_tile_grid(void (*kernel)(Params...), int64_t m_tiles, int64_t
     kernel<<<static_cast<unsigned>(ctas), threads, smem, stream>>>(args...);
     return cudaGetLastError();
   } else {
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(static_cast<unsigned>(ctas));
-    config.blockDim = dim3(threads);
-    config.dynamicSmemBytes = smem;
-    config.stream = stream;
     cudaLaunchAttribute cluster{};
     cluster.id = cudaLaunchAttributeClusterDimension;
     cluster.val.clusterDim.x = 2;
     cluster.val.clusterDim.y = 1;
     cluster.val.clusterDim.z = 1;
-    config.attrs = &cluster;
-    config.numAttrs = 1;
-    return cudaLaunchKernelEx(&config, kernel, args...);
+    return launch_with_attribute(cluster, kernel, dim3(static_cast<unsigned>(ctas)), dim3(threads), smem,
+                                 stream, args...);
   }
 }
 
