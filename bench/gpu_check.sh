@@ -69,7 +69,7 @@ smoke_family() {
   case $1 in
     attention-fwd-v3) echo "tests/test_attention.py|v3 and not bwd_v3 and not bwd_v1_v2|" ;;
     attention-bwd-v3) echo "tests/test_attention.py|bwd_v3 or bwd_v1_v2|" ;;
-    attention-bwd-v2) echo "tests/test_attention.py|bwd_v2 and not bwd_v1_v2|" ;;
+    attention-bwd-v2) echo "tests/test_attention.py|bwd_v2|" ;;
     attention) echo "tests/test_attention.py|not v3 and not bwd_v2|" ;;
     gemm-v3) echo "tests/test_gemm.py|v3|" ;;
     gemm-tc) echo "tests/test_gemm.py|(tensor_core or int8 or versions or fp8_grouped_gemm_cuda) and not v3|" ;;
