@@ -53,11 +53,10 @@ def _target(name: str) -> Callable[[], object]:
         return lambda: dk.gemm(a, w, b, activation="gelu")
     if name == "grouped":
         rows, e, n, k = 65536, 256, 2048, 7168
+        from bench_gemm import _balanced_offsets  # the benchmark's expert loads (bench/ is on sys.path)
+
         x, ws = randn(rows, k), randn(e, n, k, scale=k ** -0.5)
-        load = torch.rand(e, generator=torch.Generator().manual_seed(0)) + 0.5  # as bench_gemm
-        counts = (load / load.sum() * rows).floor().long()
-        counts[-1] += rows - counts.sum()
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(dev, torch.int32)
+        offsets = _balanced_offsets(rows, e, dev)
         return lambda: dk.grouped_gemm(x, ws, offsets)
     if name == "fp8":
         m, n, k = 4096, 7168, 16384
