@@ -156,19 +156,26 @@ int64_t gating_typed(const GatingParams& g) {
   // Phase 2: per expert, sequentially over chunks: chunk bases, routed counts, mean scores.
   std::vector<int32_t>& chunk_base = chunk_counts;  // converted in place
   const S denom = static_cast<S>(T_ > 0 ? T_ : 1);
+  const int active_lanes = static_cast<int>(std::min<int64_t>(nchunks, kMeanLanes));
   at::parallel_for(0, E, std::max<int64_t>(1, kGrainWork / (nchunks + 1)), [&](int64_t e0, int64_t e1) {
     for (int64_t e = e0; e < e1; ++e) {
       int32_t run = 0;
       S lanes[kMeanLanes];
-      for (int l = 0; l < kMeanLanes; ++l) lanes[l] = S(0);
+      for (int l = 0; l < std::max(active_lanes, 1); ++l) lanes[l] = S(0);
       for (int64_t c = 0; c < nchunks; ++c) {
         const int32_t n = chunk_counts[c * E + e];
         chunk_base[c * E + e] = run;
         run += n;
         lanes[c % kMeanLanes] = fadd(lanes[c % kMeanLanes], partial[c * E + e]);
       }
-      for (int half = kMeanLanes / 2; half >= 1; half /= 2)
-        for (int l = 0; l < half; ++l) lanes[l] = fadd(lanes[l], lanes[l + half]);
+      // Lanes at or past `active` hold +0, and x + (+0) == x for these sums of
+      // non-negative scores: the halving tree skips them (same bits, and a small
+      // T no longer pays for all kMeanLanes lanes of every expert).
+      int active = active_lanes;
+      for (int half = kMeanLanes / 2; half >= 1; half /= 2) {
+        for (int l = 0; l + half < active; ++l) lanes[l] = fadd(lanes[l], lanes[l + half]);
+        active = std::min(active, half);
+      }
       g.routed_counts[e] = run;
       mean[e] = fdiv(lanes[0], denom);
     }
