@@ -67,7 +67,7 @@ CONFIGS = {
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COLUMNS = ["op", "shape", "dtype", "ours_ms", "peer_ms", "x_vs_peer", "ours_TFLOP/s", "%matmul_peak",
-           "peer2_ms", "x_vs_peer2"]
+           "peer2_ms", "x_vs_peer2", "v3_variant"]
 
 
 def _err(x, want):
@@ -93,13 +93,21 @@ def _balanced_offsets(rows, experts, device):
 
 
 AB_COLUMNS = ["op", "shape", "v1_ms", "v2_ms", "v3_ms", "cublas_ms", "v2_vs_v1", "v2_vs_cublas",
-              "v3_vs_cublas", "v1_vs_cublas", "v2_TFLOP/s", "v3_TFLOP/s", "%matmul_peak"]
+              "v3_vs_cublas", "v1_vs_cublas", "v2_TFLOP/s", "v3_TFLOP/s", "%matmul_peak", "v3_variant"]
 
 
 def set_kernel(version: int) -> int:
     """Select our CUDA GEMM generation (1/2/3, 4 = auto) for later calls, 0 only asks; returns
     the previous."""
     return int(torch.ops.deepseek_kernels._gemm_cuda_kernel(version))
+
+
+def v3_variant(family: str) -> str:
+    """The opt-in variant the family's last v3 launch ran ("gemm" or "fp8_gemm"):
+    the V3Variant bits of csrc/common/kernel_choice.h, spelled out."""
+    bits = int(torch.ops.deepseek_kernels._cuda_kernel_ran(f"{family}_v3_variant"))
+    names = [n for b, n in ((1, "tma"), (2, "cluster"), (4, "deep"), (8, "warp-specialized")) if bits & b]
+    return "+".join(names) or "cp.async"
 
 
 def main_ab(args) -> int:
@@ -169,8 +177,9 @@ def main_ab(args) -> int:
                     r["v3_ms"] = T.time_fn(run(3), device, **timing)["median_ms"]
                     r["v3_vs_cublas"] = r["cublas_ms"] / r["v3_ms"]
                     r["v3_TFLOP/s"] = 2.0 * s ** 3 / (r["v3_ms"] * 1e-3) / 1e12
-                    print(f"  {name}: v3 {r['v3_ms']:.3f} ms ({100 * r['v3_vs_cublas']:.1f}% of cuBLAS)",
-                          flush=True)
+                    r["v3_variant"] = v3_variant("gemm")
+                    print(f"  {name}: v3 {r['v3_ms']:.3f} ms ({100 * r['v3_vs_cublas']:.1f}% of cuBLAS; "
+                          f"ran {r['v3_variant']})", flush=True)
                 else:
                     print(f"  {name}: v3 failed its check -- not timed", flush=True)
                 rows.append(r)
@@ -270,6 +279,8 @@ def main(argv=None) -> int:
                 del tc
                 if checks[name]:
                     row(f"{op} v{v}", shape, flops, call, peer, peer2)
+                    if v == 3:
+                        rows[-1]["v3_variant"] = v3_variant("fp8_gemm")
 
     for s in cfg["square"]:
         a = torch.randn(s, s, device=device).to(dtype)

@@ -9,8 +9,8 @@
 # SMOKE_FAMILIES, SMOKE_JOBS (default 4), SMOKE_TIMEOUT (s, per family), SKIP_TESTS=1,
 # TESTS=paths, TEST_MARK (default "not cuda" after the family runs), PYTEST_ARGS,
 # PYTEST_K (a -k expression), SKIP_LARGE=1, SKIP_SANITIZER=1, SANITIZE_FAMILIES="quant
-# moe moe-v1 gemm gemm-v2 gemm-v3 fp8-v2 fp8-tma int8-v1 attention attention-v2 attention-v3
-# attention-bwd-v2 attention-bwd-v3" (the -vN runs: that generation forced), SKIP_BENCH=1,
+# moe moe-v1 gemm gemm-v2 gemm-v3 gemm-ws fp8-v2 fp8-tma fp8-ws int8-v1 attention attention-v2
+# attention-v3 attention-bwd-v2 attention-bwd-v3" (the -vN runs: that generation forced), SKIP_BENCH=1,
 # BENCH (default "core variants"), QUANT_BENCH_ARGS=--ab (v1/v2 A/B only),
 # MOE_BENCH_ARGS (default --profile),
 # SKIP_DEMO=1, PROFILE=1 (ncu, PROFILE_TARGETS); DSK_DIGITS_CSV=digits.csv.gz where
@@ -27,9 +27,10 @@
 #      SKIP_SANITIZER=1 SKIP_BENCH=1 bash bench/gpu_check.sh OUT (a family of a new kernel
 #      that deadlocks, e.g. on a cluster barrier, then costs 5 minutes, not 7)
 #   2a. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_BENCH=1 SKIP_DEMO=1
-#      SANITIZE_FAMILIES="attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-cluster"
-#      (past 2^31 and memcheck of the newest kernels), 2b. the same with SKIP_LARGE=1 and
-#      SANITIZE_FAMILIES="fp8-tma gemm-skip-empty moe-pdl gemm attention-v2"
+#      SANITIZE_FAMILIES="gemm-ws fp8-ws attention-bwd-v3" (past 2^31 and memcheck of the
+#      newest kernels), 2b. the same with SKIP_LARGE=1 and SANITIZE_FAMILIES="gemm-cluster
+#      gemm-deep-prefetch fp8-cluster fp8-tma gemm-skip-empty", 2c. SANITIZE_FAMILIES="moe-pdl
+#      gemm attention-v2"
 #   3a. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 SKIP_DEMO=1
 #      BENCH=core (benchmarks and the generations' A/B), 3b. the same with BENCH=variants
 #   4. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 SKIP_BENCH=1
@@ -80,6 +81,8 @@ smoke_family() {
     gemm-skip-empty) echo "tests/test_gemm.py|v3 or versions or auto or grouped|DSK_GEMM_SKIP_EMPTY_ROWS=1" ;;
     gemm-cluster) echo "tests/test_gemm.py|v3 or versions or auto|DSK_GEMM_CLUSTER=1" ;;
     gemm-deep-prefetch) echo "tests/test_gemm.py|v3 or versions or auto|DSK_GEMM_DEEP_PREFETCH=1" ;;
+    gemm-ws) echo "tests/test_gemm.py|v3 or versions or auto or grouped|DSK_GEMM_WARP_SPECIALIZED=1" ;;
+    fp8-ws) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_WARP_SPECIALIZED=1" ;;
     moe-pdl) echo "tests/test_moe.py tests/test_cuda_graphs.py|gating or moe|DSK_MOE_PDL=1" ;;
     attention-bwd-unordered) echo "tests/test_attention.py|bwd_kernels_match_reference and bwd_v2|DSK_ATTENTION_BWD_UNORDERED=1" ;;
     gemm) echo "tests/test_gemm.py|not v3 and not tensor_core and not int8 and not versions and not fp8_grouped_gemm_cuda|" ;;
@@ -91,7 +94,7 @@ smoke_family() {
     *) return 1 ;;
   esac
 }
-SMOKE_ALL="attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-tma fp8-deep-prefetch fp8-cluster gemm-skip-empty moe-pdl attention-bwd-unordered attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 graphs attention gemm moe quant rest gemm-v3-cp-async"
+SMOKE_ALL="gemm-ws fp8-ws attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-tma fp8-deep-prefetch fp8-cluster gemm-skip-empty moe-pdl attention-bwd-unordered attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 graphs attention gemm moe quant rest gemm-v3-cp-async"
 smoke_run() {  # one family, in the background's own process; its summary line goes to smoke-NAME.sum
   local spec files kexpr envs
   spec=$(smoke_family "$1") || { echo "$1: unknown family" >"$OUT/smoke-$1.sum"; return; }
@@ -159,7 +162,7 @@ sanitize() {  # name, test file, -k expression, then optional VAR=value (e.g. a 
 if [ "${SKIP_SANITIZER:-0}" = 1 ]; then echo "skipped (SKIP_SANITIZER=1)"
 elif command -v compute-sanitizer >/dev/null; then
   # The *-v2 runs force the newer kernel generation of a family for every test.
-  for fam in ${SANITIZE_FAMILIES:-attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-cluster fp8-tma gemm-skip-empty moe-pdl quant moe moe-v1 gemm gemm-v2 gemm-v3 fp8-v2 int8-v1 attention attention-v2 attention-v3 attention-bwd-v2}; do
+  for fam in ${SANITIZE_FAMILIES:-gemm-ws fp8-ws attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-cluster fp8-tma gemm-skip-empty moe-pdl quant moe moe-v1 gemm gemm-v2 gemm-v3 fp8-v2 int8-v1 attention attention-v2 attention-v3 attention-bwd-v2}; do
     case $fam in
       quant) sanitize quant tests/test_quant.py "matches_reference and not 1024 or nonfinite or bad_inputs or agree" ;;
       moe) sanitize moe tests/test_moe.py "matches_reference or shapes or nonfinite or empty or agree" ;;
@@ -171,6 +174,8 @@ elif command -v compute-sanitizer >/dev/null; then
       fp8-v2) sanitize fp8-v2 tests/test_gemm.py "tensor_core or fp8_grouped_gemm_cuda" ;;  # they select v2
       gemm-skip-empty) sanitize gemm-skip-empty tests/test_gemm.py "v3 or versions or auto" DSK_GEMM_SKIP_EMPTY_ROWS=1 ;;
       gemm-cluster) sanitize gemm-cluster tests/test_gemm.py "v3 or versions or auto" DSK_GEMM_CLUSTER=1 ;;
+      gemm-ws) sanitize gemm-ws tests/test_gemm.py "v3 or versions or auto or grouped" DSK_GEMM_WARP_SPECIALIZED=1 ;;
+      fp8-ws) sanitize fp8-ws tests/test_gemm.py "tensor_core or fp8_grouped_gemm_cuda" DSK_FP8_WARP_SPECIALIZED=1 ;;
       # both variants at once: plain GEMMs run cluster + deep, grouped ones deep only
       gemm-deep-prefetch) sanitize gemm-deep-prefetch tests/test_gemm.py "v3 or versions or auto" DSK_GEMM_CLUSTER=1 DSK_GEMM_DEEP_PREFETCH=1 ;;
       fp8-tma) sanitize fp8-tma tests/test_gemm.py "tensor_core or fp8_grouped_gemm_cuda" DSK_FP8_TMA=1 ;;
@@ -235,9 +240,10 @@ if [ "${SKIP_BENCH:-0}" = 1 ]; then echo "skipped (SKIP_BENCH=1)"; else
       --int8 1024 1024 1024 --out "$OUT/gemm-experiments" 2>&1 | tee "$OUT/bench-gemm-experiments.log" \
       | grep -E "^(grouped|fp8)" | tail -8
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
-    # v3's opt-in variants, the same A/B each: clusters of two CTAs multicasting B
+    # v3's opt-in variants, the same A/B each: warp-specialized and persistent
+    # (DSK_GEMM_WARP_SPECIALIZED=1), clusters of two CTAs multicasting B
     # (DSK_GEMM_CLUSTER=1), copies a tile further ahead (DSK_GEMM_DEEP_PREFETCH=1), both.
-    for variant in "cluster:DSK_GEMM_CLUSTER=1" "deep:DSK_GEMM_DEEP_PREFETCH=1" \
+    for variant in "ws:DSK_GEMM_WARP_SPECIALIZED=1" "cluster:DSK_GEMM_CLUSTER=1" "deep:DSK_GEMM_DEEP_PREFETCH=1" \
                    "cluster-deep:DSK_GEMM_CLUSTER=1 DSK_GEMM_DEEP_PREFETCH=1"; do
       name=${variant%%:*}
       mkdir -p "$OUT/gemm-v3-$name"
@@ -246,9 +252,10 @@ if [ "${SKIP_BENCH:-0}" = 1 ]; then echo "skipped (SKIP_BENCH=1)"; else
         | tee "$OUT/bench-gemm-ab-$name.log" | tail -8
       [ "${PIPESTATUS[0]}" = 0 ] || status=1
     done
-    # FP8 v3's other opt-in variants (each turns TMA on): every stage ahead
+    # FP8 v3's other opt-in variants (each turns TMA on): warp-specialized and
+    # persistent (DSK_FP8_WARP_SPECIALIZED=1), every stage ahead
     # (DSK_FP8_DEEP_PREFETCH=1), clusters multicasting W (DSK_FP8_CLUSTER=1): the fp8 rows.
-    for variant in "fp8-deep:DSK_FP8_DEEP_PREFETCH=1" "fp8-cluster:DSK_FP8_CLUSTER=1"; do
+    for variant in "fp8-ws:DSK_FP8_WARP_SPECIALIZED=1" "fp8-deep:DSK_FP8_DEEP_PREFETCH=1" "fp8-cluster:DSK_FP8_CLUSTER=1"; do
       name=${variant%%:*}
       mkdir -p "$OUT/gemm-$name"
       # shellcheck disable=SC2086
@@ -289,7 +296,12 @@ else
   DSK_GEMM_CLUSTER=1 DSK_GEMM_DEEP_PREFETCH=1 DSK_FP8_CLUSTER=1 timeout ${PROFILE_TIMEOUT:-420} \
     $NCU $PY bench/profile_targets.py --targets gemm fp8 \
     >"$OUT/ncu-variants.csv" 2>"$OUT/ncu-variants.err" || { echo "ncu run (variants) failed"; status=1; }
-  for f in ncu ncu-fp8-tma ncu-variants; do
+  # The warp-specialized persistent kernels (they take precedence over the variants above).
+  # shellcheck disable=SC2086
+  DSK_GEMM_WARP_SPECIALIZED=1 DSK_FP8_WARP_SPECIALIZED=1 timeout ${PROFILE_TIMEOUT:-420} \
+    $NCU $PY bench/profile_targets.py --targets gemm fp8 \
+    >"$OUT/ncu-ws.csv" 2>"$OUT/ncu-ws.err" || { echo "ncu run (warp-specialized) failed"; status=1; }
+  for f in ncu ncu-fp8-tma ncu-variants ncu-ws; do
     echo "-- $f"; $PY bench/profile_targets.py --summarize "$OUT/$f.csv" | tee "$OUT/$f-summary.txt"
   done
 fi

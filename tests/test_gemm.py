@@ -645,36 +645,48 @@ def test_cuda_kernel_v3_wgmma():
 
 
 # argv: the saved cases (op name, args, kwargs), where to save the outputs, the
-# kernel-choice op and the family whose generation 3 must run.
+# kernel-choice op and the family whose generation 3 must run. Saves the outputs
+# and, per case, the v3 variant bits its launch noted (V3Variant, kernel_choice.h).
 _V3_CASES_SCRIPT = """
 import sys, torch, deepseek_kernels as dk
 cases = torch.load(sys.argv[1])
 getattr(torch.ops.deepseek_kernels, sys.argv[3])(3)
-outs = [getattr(dk, op)(*args, **kwargs) for op, args, kwargs in cases]
-assert torch.ops.deepseek_kernels._cuda_kernel_ran(sys.argv[4]) == 3
-torch.save(outs, sys.argv[2])
+outs, variants = [], []
+for op, args, kwargs in cases:
+    outs.append(getattr(dk, op)(*args, **kwargs))
+    assert torch.ops.deepseek_kernels._cuda_kernel_ran(sys.argv[4]) == 3
+    variants.append(int(torch.ops.deepseek_kernels._cuda_kernel_ran(sys.argv[4] + "_v3_variant")))
+torch.save((outs, variants), sys.argv[2])
 """
+# V3Variant bits (csrc/common/kernel_choice.h).
+_V3_TMA, _V3_CLUSTER, _V3_DEEP, _V3_WARP_SPECIALIZED = 1, 2, 4, 8
 
 
-def _assert_v3_variant_same_bits(tmp_path, cases, choice_op, family, variant):
+def _assert_v3_variant_same_bits(tmp_path, cases, choice_op, family, variant, default_bits, variant_bits):
     """Runs `cases` ((dk op name, args, kwargs) each) through generation 3 of
     `family` (forced with `choice_op`) here and in a fresh process with the
     environment assignments in `variant` (read once per process by the library),
-    and asserts the two runs' outputs are the same bits."""
+    and asserts the two runs' outputs are the same bits, and that each case ran
+    the v3 variant asked for: `default_bits` here, `variant_bits(op)` there (a
+    variant that silently fell back would leave the test comparing v3 with itself)."""
     import os
     import subprocess
     import sys
 
     with kernel_choice(choice_op, 3):
-        ours = [getattr(dk, op)(*args, **kwargs) for op, args, kwargs in cases]
-        assert kernel_ran(family) == 3
+        ours = []
+        for op, args, kwargs in cases:
+            ours.append(getattr(dk, op)(*args, **kwargs))
+            assert kernel_ran(family) == 3
+            assert kernel_ran(family + "_v3_variant") == default_bits, op
     torch.save(cases, tmp_path / "cases.pt")
     env = dict(os.environ, **dict(kv.split("=") for kv in variant.split()))
     subprocess.run([sys.executable, "-c", _V3_CASES_SCRIPT, str(tmp_path / "cases.pt"),
                     str(tmp_path / "outs.pt"), choice_op, family], env=env, check=True, timeout=300)
-    theirs = torch.load(tmp_path / "outs.pt")
+    theirs, ran = torch.load(tmp_path / "outs.pt")
     assert len(theirs) == len(ours)
-    for i, (a, b) in enumerate(zip(ours, theirs)):
+    for i, ((op, _, _), a, b) in enumerate(zip(cases, ours, theirs)):
+        assert ran[i] == variant_bits(op), (i, op, ran[i], variant_bits(op))
         assert torch.equal(a, b), i
 
 
@@ -682,27 +694,40 @@ def _assert_v3_variant_same_bits(tmp_path, cases, choice_op, family, variant):
 @pytest.mark.cuda
 @pytest.mark.skipif(not hopper_build(), reason="v3 (wgmma) needs an H100/H200 and an sm_90a build")
 @pytest.mark.parametrize("variant", ["DSK_GEMM_TMA=0", "DSK_GEMM_CLUSTER=1", "DSK_GEMM_DEEP_PREFETCH=1",
-                                     "DSK_GEMM_CLUSTER=1 DSK_GEMM_DEEP_PREFETCH=1"],
-                         ids=["cp_async", "cluster", "deep_prefetch", "cluster_deep_prefetch"])
+                                     "DSK_GEMM_CLUSTER=1 DSK_GEMM_DEEP_PREFETCH=1", "DSK_GEMM_WARP_SPECIALIZED=1",
+                                     "DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_SKIP_EMPTY_ROWS=1"],
+                         ids=["cp_async", "cluster", "deep_prefetch", "cluster_deep_prefetch", "warp_specialized",
+                              "warp_specialized_skip_empty"])
 def test_cuda_v3_tma_and_variant_same_bits(tmp_path, variant):
     """v3 filled by TMA (the default) and by cp.async (DSK_GEMM_TMA=0), in clusters
     of two CTAs multicasting B (DSK_GEMM_CLUSTER=1; plain GEMMs: an odd count of m
-    tiles leaves a CTA past M), or with its copies a tile further ahead
-    (DSK_GEMM_DEEP_PREFETCH=1), each read once per process (a subprocess), feed the
-    same operands to the same wgmma in the same K order: the outputs must be the
-    same bits, on tails of K (TMA zero-fills past K and past the last row), M, N
-    and grouped tiles (offsets not multiples of 128)."""
+    tiles leaves a CTA past M), with its copies a tile further ahead
+    (DSK_GEMM_DEEP_PREFETCH=1), or warp-specialized and persistent
+    (DSK_GEMM_WARP_SPECIALIZED=1: the last shapes have more tiles than an H100 has
+    SMs, so CTAs run several and the stage counter crosses tiles), each read once
+    per process (a subprocess), feed the same operands to the same wgmma in the
+    same K order: the outputs must be the same bits, on tails of K (TMA zero-fills
+    past K and past the last row), M, N and grouped tiles (offsets not multiples
+    of 128)."""
     cases = []
     for m, n, k in [(1, 260, 8), (127, 260, 56), (129, 260, 64), (300, 520, 72), (1000, 300, 136),
-                    (2100, 1030, 640)]:
+                    (2100, 1030, 640), (4100, 2600, 200)]:
         cases.append(("gemm", (_data((m, k), torch.bfloat16, "cuda"),
                                _data((n, k), torch.bfloat16, "cuda", k ** -0.5),
                                _data((n,), torch.bfloat16, "cuda")), {"activation": "gelu"}))
-    for s_rows, e, n, k in [(1000, 7, 136, 200), (300, 4, 264, 64)]:
+    for s_rows, e, n, k in [(1000, 7, 136, 200), (300, 4, 264, 64), (9000, 40, 520, 136)]:
         cases.append(("grouped_gemm", (_data((s_rows, k), torch.bfloat16, "cuda"),
                                        _data((e, n, k), torch.bfloat16, "cuda", k ** -0.5),
                                        _random_offsets(s_rows, e, "cuda")), {}))
-    _assert_v3_variant_same_bits(tmp_path, cases, "_gemm_cuda_kernel", "gemm", variant)
+
+    def variant_bits(op):
+        if "WARP_SPECIALIZED" in variant:  # it takes precedence over the cluster and deep variants
+            return _V3_TMA | _V3_WARP_SPECIALIZED
+        return ((0 if "TMA=0" in variant else _V3_TMA)
+                | (_V3_CLUSTER if "CLUSTER" in variant and op == "gemm" else 0)  # plain GEMMs only
+                | (_V3_DEEP if "DEEP_PREFETCH" in variant else 0))
+
+    _assert_v3_variant_same_bits(tmp_path, cases, "_gemm_cuda_kernel", "gemm", variant, _V3_TMA, variant_bits)
 
 
 @requires_cuda
@@ -1102,21 +1127,32 @@ def test_fp8_tensor_core_kernel_matches_exact(version, out_dtype):
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.skipif(not hopper_build(), reason="FP8 v3 (wgmma) needs an H100/H200 and an sm_90a build")
-@pytest.mark.parametrize("variant", ["DSK_FP8_TMA=1", "DSK_FP8_DEEP_PREFETCH=1", "DSK_FP8_CLUSTER=1"],
-                         ids=["tma", "deep_prefetch", "cluster"])
+@pytest.mark.parametrize("variant", ["DSK_FP8_TMA=1", "DSK_FP8_DEEP_PREFETCH=1", "DSK_FP8_CLUSTER=1",
+                                     "DSK_FP8_WARP_SPECIALIZED=1"],
+                         ids=["tma", "deep_prefetch", "cluster", "warp_specialized"])
 def test_cuda_fp8_v3_variants_same_bits(tmp_path, variant):
     """FP8 v3 with cp.async copies (the default) and its opt-in variants, read once
     per process (a subprocess): TMA copies, TMA with every stage ahead, clusters of
     two CTAs multicasting W (plain GEMMs; an odd count of m tiles leaves a CTA
-    past M). Same operands, same wgmma and promotion order: the same bits, on M,
-    N and K tails and grouped tiles."""
+    past M), warp-specialized and persistent (the last plain and grouped shapes
+    have more tiles than an H100 has SMs). Same operands, same wgmma and promotion
+    order: the same bits, on M, N and K tails and grouped tiles."""
     cases = []
-    for m, n, k in [(1, 8, 128), (77, 300, 528), (300, 384, 1024), (1000, 136, 4096)]:
+    for m, n, k in [(1, 8, 128), (77, 300, 528), (300, 384, 1024), (1000, 136, 4096), (2100, 1100, 512)]:
         qx, sx = dk.quantize_fp8(torch.randn(m, k, device="cuda") * 3, (1, 128))
         qw, sw = dk.quantize_fp8(torch.randn(n, k, device="cuda"), (128, 128))
         cases.append(("fp8_gemm", (qx, sx, qw, sw), {}))
     cases.append(("fp8_grouped_gemm", _fp8_grouped_problem(2000, 32, 256, 1024, "cuda"), {}))
-    _assert_v3_variant_same_bits(tmp_path, cases, "_fp8_cuda_kernel", "fp8_gemm", variant)
+    cases.append(("fp8_grouped_gemm", _fp8_grouped_problem(6000, 16, 384, 512, "cuda"), {}))
+
+    def variant_bits(op):
+        if "WARP_SPECIALIZED" in variant:  # it takes precedence over the other variants
+            return _V3_TMA | _V3_WARP_SPECIALIZED
+        cluster = "CLUSTER" in variant
+        return (_V3_TMA | (_V3_CLUSTER if cluster and op == "fp8_gemm" else 0)  # plain GEMMs only
+                | (_V3_DEEP if cluster or "DEEP_PREFETCH" in variant else 0))  # cluster implies deep
+
+    _assert_v3_variant_same_bits(tmp_path, cases, "_fp8_cuda_kernel", "fp8_gemm", variant, 0, variant_bits)
 
 
 @pytest.mark.parametrize("device", DEVICES)

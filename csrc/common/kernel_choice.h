@@ -37,7 +37,12 @@ bool env_equals(const char* name, const char* value);
 // forced generation that cannot run on the GPU at hand runs an older one
 // without a word): noted by the launchers, read through the private op
 // _cuda_kernel_ran(family) by the tests and benchmarks. 0 before any launch.
-enum class LaunchedFamily : int { kGemm = 0, kFp8Gemm, kInt8Gemm, kAttentionFwd, kAttentionBwd, kCount };
+// The *V3Variant families hold which opt-in variant the last v3 launch of the
+// GEMM / FP8 family ran, as V3Variant bits (0: cp.async copies).
+enum class LaunchedFamily : int {
+  kGemm = 0, kFp8Gemm, kInt8Gemm, kAttentionFwd, kAttentionBwd, kGemmV3Variant, kFp8V3Variant, kCount
+};
 void note_kernel_ran(LaunchedFamily family, int generation);
+enum V3Variant : int { kV3Tma = 1, kV3Cluster = 2, kV3Deep = 4, kV3WarpSpecialized = 8 };
 
 }  // namespace dsk

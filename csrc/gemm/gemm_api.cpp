@@ -37,19 +37,22 @@ KernelChoice& gemm_kernel_choice() {
 #ifdef DSK_WITH_CUDA
 // The CUDA bf16/fp16 kernel choice every GemmParams gets (plain and grouped).
 // DSK_GEMM_TMA=0 makes v3 copy its tiles with cp.async instead of TMA (A/B runs,
-// debugging); DSK_GEMM_SKIP_EMPTY_ROWS=1, DSK_GEMM_CLUSTER=1 and
-// DSK_GEMM_DEEP_PREFETCH=1 turn on v3's opt-in variants (GemmParams); read once.
+// debugging); DSK_GEMM_SKIP_EMPTY_ROWS=1, DSK_GEMM_CLUSTER=1,
+// DSK_GEMM_DEEP_PREFETCH=1 and DSK_GEMM_WARP_SPECIALIZED=1 turn on v3's opt-in
+// variants (GemmParams); read once.
 void set_cuda_kernel(GemmParams& p) {
   static const bool tma = !env_equals("DSK_GEMM_TMA", "0");
   static const bool skip_empty_rows = env_equals("DSK_GEMM_SKIP_EMPTY_ROWS", "1");
   static const bool cluster = env_equals("DSK_GEMM_CLUSTER", "1");
   static const bool deep_prefetch = env_equals("DSK_GEMM_DEEP_PREFETCH", "1");
+  static const bool warp_specialized = env_equals("DSK_GEMM_WARP_SPECIALIZED", "1");
   p.cuda_kernel = gemm_kernel_choice().get();
   p.built_sm90a = built_for_cuda_arch("sm_90a");
   p.v3_tma = tma;
   p.v3_skip_empty_rows = skip_empty_rows;
   p.v3_cluster = cluster;
   p.v3_deep_prefetch = deep_prefetch;
+  p.v3_warp_specialized = warp_specialized;
 }
 #endif
 
@@ -232,13 +235,16 @@ at::Tensor run_fp8_gemm(const char* op, const at::Tensor& a, const at::Tensor& a
   p.k_blocks = k_blocks;
   p.cuda_kernel = fp8_kernel_choice().get();
   p.built_sm90a = built_for_cuda_arch("sm_90a");
-  // Fp8GemmParams::v3_tma, v3_deep_prefetch and v3_cluster (the last two imply TMA).
+  // Fp8GemmParams::v3_tma, v3_deep_prefetch, v3_cluster and v3_warp_specialized
+  // (the last three imply TMA).
   static const bool fp8_tma = env_equals("DSK_FP8_TMA", "1");
   static const bool fp8_deep = env_equals("DSK_FP8_DEEP_PREFETCH", "1");
   static const bool fp8_cluster = env_equals("DSK_FP8_CLUSTER", "1");
-  p.v3_tma = fp8_tma || fp8_deep || fp8_cluster;
+  static const bool fp8_warp_specialized = env_equals("DSK_FP8_WARP_SPECIALIZED", "1");
+  p.v3_tma = fp8_tma || fp8_deep || fp8_cluster || fp8_warp_specialized;
   p.v3_deep_prefetch = fp8_deep;
   p.v3_cluster = fp8_cluster;
+  p.v3_warp_specialized = fp8_warp_specialized;
   if (grouped) {
     p.offsets = oc.data_ptr();
     p.offsets_int64 = oc.scalar_type() == at::kLong;

@@ -32,8 +32,10 @@
 #include <cudaTypedefs.h>  // the tensor-map encoder's type (it comes through the runtime)
 #include <cuda_fp8.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/cuda_utils.cuh"
 #include "common/kernel_choice.h"
@@ -1018,6 +1020,223 @@ __global__ void __launch_bounds__(kF8Threads, 1)
 }
 
 // ---------------------------------------------------------------------------
+// Warp-specialized persistent v3 (sm_90a; bf16/fp16 and FP8, plain and grouped;
+// opt-in DSK_GEMM_WARP_SPECIALIZED=1 / DSK_FP8_WARP_SPECIALIZED=1, not yet run
+// on a GPU)
+// ---------------------------------------------------------------------------
+// Three warpgroups. Warpgroup 0 produces: one thread issues every TMA copy.
+// Warpgroups 1 and 2 consume: each computes 64 rows of the CTA tile exactly as
+// one of v3's two warpgroups does (same operands, K order, promotion and
+// epilogue), so the outputs are v3's bits. What changes is the synchronization:
+// - no CTA barrier in the main loop. Each stage has two mbarriers: `full` (the
+//   producer arms it with the stage's bytes, TMA completes it) and `empty`
+//   (every consumer thread arrives once the wgmma that read the stage are
+//   done). The producer refills a stage as soon as both consumers released it,
+//   up to kStages tiles ahead, and the consumers never wait for each other: in
+//   FP8 one warpgroup's promotion runs while the other's wgmma hold the tensor
+//   cores;
+// - persistent: min(tiles, SMs) CTAs walk the raster order with stride
+//   gridDim.x; the stage counter runs on across tiles, so the producer streams
+//   the next tile's stages while the consumers store the last one;
+// - the producer warpgroup hands registers to the consumers (setmaxnreg).
+constexpr int kWsThreads = 384;
+constexpr int kStagesF8Ws = 6;  // 6 x 32 KiB
+constexpr int kF8WsSmemBytes = kStagesF8Ws * kF8StageBytes + 1024;
+static_assert(kF8WsSmemBytes <= 227 * 1024, "FP8 warp-specialized shared memory exceeds sm_90's limit");
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+constexpr int kWsConsumerThreads = 256;
+constexpr int kWsProducerRegs = 40, kWsConsumerRegs = 232;  // 128 x 40 + 256 x 232 <= 64 K
+
+template <int kStages>
+struct WsBarriers {
+  uint64_t full[kStages];   // 1 arrival (the producer's expect_tx) + the stage's bytes
+  uint64_t empty[kStages];  // kWsConsumerThreads arrivals
+};
+
+template <int kStages>
+__device__ __forceinline__ void ws_init(WsBarriers<kStages>& bars) {
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(shared_addr(&bars.full[s]), 1);
+      mbar_init(shared_addr(&bars.empty[s]), kWsConsumerThreads);
+    }
+    fence_mbar_init();
+  }
+  __syncthreads();
+}
+
+// The persistent schedule: this CTA's tiles blockIdx.x, + gridDim.x, ... of the
+// raster order; f(tile, n0) for each one holding rows (grouped tiles past the
+// last group's rows are skipped). Called by whole warps (locate_row_tile).
+template <int BM, int BN, typename P, typename F>
+__device__ __forceinline__ void for_each_ws_tile(const P& p, F&& f) {
+  const int64_t m_tiles = row_tiles(p, BM), n_tiles = (p.n + BN - 1) / BN;
+  for (int64_t t = blockIdx.x; t < m_tiles * n_tiles; t += gridDim.x) {
+    int64_t m_tile, n_tile;
+    raster_order(t, m_tiles, n_tiles, m_tile, n_tile);
+    RowTile tile;
+    if (locate_row_tile<BM>(p, m_tile, tile)) f(tile, n_tile * BN);
+  }
+}
+
+// The producer (warp 0): every tile's k_tiles stages in pipeline order `it`
+// (stage it % kStages, its phase it / kStages); lane 0 waits for the stage's
+// release (the first pass finds the fresh barriers' parity-1 phase complete)
+// and copies K tile kt (kKElems elements from kt * kKElems) of A and B into it.
+template <int BM, int BN, int kStages, int kKElems, typename P>
+__device__ __forceinline__ void ws_produce(const P& p, WsBarriers<kStages>& bars, uint32_t smem_base,
+                                           const CUtensorMap& tma_a, const CUtensorMap& tma_b,
+                                           int64_t k_tiles) {
+  constexpr uint32_t kStageBytes = (BM + BN) * 128;
+  int64_t it = 0;
+  for_each_ws_tile<BM, BN>(p, [&](const RowTile& tile, int64_t n0) {
+    if ((threadIdx.x & 31) == 0) {
+      for (int64_t kt = 0; kt < k_tiles; ++kt, ++it) {
+        const int s = static_cast<int>(it % kStages);
+        mbar_wait(shared_addr(&bars.empty[s]), static_cast<uint32_t>(((it / kStages) & 1) ^ 1));
+        const uint32_t sa = smem_base + s * kStageBytes;
+        tma_load_stage<false, BM, BN>(sa, sa + BM * 128, shared_addr(&bars.full[s]), tma_a, tma_b,
+                                      static_cast<int32_t>(kt * kKElems), tile.row_begin, true,
+                                      tile.group * p.n + n0, 0);
+      }
+    }
+    __syncwarp();
+  });
+}
+
+// Consumer side of pipeline step `it`: its stage once it holds the copies; its
+// release (this thread's wgmma reading it are done).
+template <int kStages>
+__device__ __forceinline__ int ws_acquire(WsBarriers<kStages>& bars, int64_t it) {
+  const int s = static_cast<int>(it % kStages);
+  mbar_wait(shared_addr(&bars.full[s]), static_cast<uint32_t>((it / kStages) & 1));
+  return s;
+}
+template <int kStages>
+__device__ __forceinline__ void ws_release(WsBarriers<kStages>& bars, int64_t it) {
+  mbar_arrive(shared_addr(&bars.empty[it % kStages]));
+}
+#endif
+
+// bf16/fp16: v3's tiles, stages and wgmma; a consumer keeps one K tile's wgmma
+// in flight while it issues the next (wait_group 1), then releases the older
+// tile's stage.
+template <typename T>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    ws_gemm_kernel(GemmParams p, const __grid_constant__ CUtensorMap tma_a,
+                   const __grid_constant__ CUtensorMap tma_b) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  __shared__ __align__(8) WsBarriers<kStagesV3> bars;
+  const uint32_t smem_base = (shared_addr(smem_raw) + 1023u) & ~1023u;
+  const int64_t k_tiles = (p.k + kV3BK - 1) / kV3BK;
+  ws_init(bars);
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {
+    setmaxnreg_dec<kWsProducerRegs>();
+    if (threadIdx.x < 32) ws_produce<kV3BM, kV3BN, kStagesV3, kV3BK>(p, bars, smem_base, tma_a, tma_b, k_tiles);
+    return;
+  }
+  setmaxnreg_inc<kWsConsumerRegs>();
+  const int cw = warpgroup - 1, warp_in_group = (threadIdx.x % 128) / 32;  // consumer warpgroup 0 / 1
+  int64_t it = 0;
+  float acc[1][kV3BN / 8][4];
+  for_each_ws_tile<kV3BM, kV3BN>(p, [&](const RowTile& tile, int64_t n0) {
+    // As v3: a consumer with no rows in a short grouped tile skips its wgmma.
+    const bool wg_rows = !p.v3_skip_empty_rows || tile.row_begin + cw * 64 < tile.row_end;
+    zero_accumulators(acc);
+    for (int64_t kt = 0; kt < k_tiles; ++kt, ++it) {
+      const uint32_t stage = smem_base + static_cast<uint32_t>(ws_acquire(bars, it)) * kV3StageBytes;
+      const uint32_t sa = stage + cw * 64 * kV3RowBytes, sb = stage + kV3BM * kV3RowBytes;
+      if (wg_rows) {
+        pin_accumulators(acc);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < kV3BK / 16; ++ks)
+          wgmma_m64n256k16<T>(acc, wgmma_desc(sa + ks * 32), wgmma_desc(sb + ks * 32));
+        wgmma_commit();
+      }
+      wgmma_wait<1>();
+      pin_accumulators(acc);
+      if (kt > 0) ws_release(bars, it - 1);
+    }
+    wgmma_wait<0>();
+    pin_accumulators(acc);
+    if (k_tiles > 0) ws_release(bars, it - 1);
+    mma_epilogue(p, acc, tile.row_begin + cw * 64 + warp_in_group * 16, tile.row_end, n0);
+  });
+#else
+  __trap();  // never launched: launch_ws_gemm checks the kernel was built for sm_90a
+#endif
+}
+
+// FP8: FP8 v3's tiles, wgmma and promotion, kStagesF8Ws stages. A consumer waits
+// for each block's wgmma, releases its stage and promotes; its scales are read
+// before it waits for the block's copies, so their latency hides there.
+__global__ void __launch_bounds__(kWsThreads, 1)
+    fp8_ws_gemm_kernel(Fp8GemmParams p, const __grid_constant__ CUtensorMap tma_a,
+                       const __grid_constant__ CUtensorMap tma_b) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  __shared__ __align__(8) WsBarriers<kStagesF8Ws> bars;
+  const uint32_t smem_base = (shared_addr(smem_raw) + 1023u) & ~1023u;
+  ws_init(bars);
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {
+    setmaxnreg_dec<kWsProducerRegs>();
+    if (threadIdx.x < 32)
+      ws_produce<kF8BM, kF8BN, kStagesF8Ws, kFp8Block>(p, bars, smem_base, tma_a, tma_b, p.k_blocks);
+    return;
+  }
+  setmaxnreg_inc<kWsConsumerRegs>();
+  const int cw = warpgroup - 1, lane = threadIdx.x & 31, warp_in_group = (threadIdx.x % 128) / 32;
+  GemmParams out;  // the shared epilogue's view: plain stores
+  out.out = p.out;
+  out.out_dtype = p.out_dtype;
+  out.m = p.m;
+  out.n = p.n;
+  int64_t it = 0;
+  // part needs no zeroing: a block's first wgmma overwrites it (scale-d 0).
+  float part[1][kF8BN / 8][4], acc[1][kF8BN / 8][4];
+  for_each_ws_tile<kF8BM, kF8BN>(p, [&](const RowTile& tile, int64_t n0) {
+    const float* __restrict__ w_scales =
+        p.w_scales + (tile.group * ((p.n + kFp8Block - 1) / kFp8Block) + n0 / kFp8Block) * p.k_blocks;
+    const int64_t warp_row0 = tile.row_begin + cw * 64 + warp_in_group * 16;
+    const float* __restrict__ a_scales[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+      a_scales[half] = p.a_scales + min(warp_row0 + (lane >> 2) + half * 8, tile.row_end - 1) * p.k_blocks;
+    zero_accumulators(acc);
+    for (int64_t kb = 0; kb < p.k_blocks; ++kb, ++it) {
+      const float scale0 = a_scales[0][kb], scale1 = a_scales[1][kb], w_scale = w_scales[kb];
+      const uint32_t stage = smem_base + static_cast<uint32_t>(ws_acquire(bars, it)) * kF8StageBytes;
+      const uint32_t sa = stage + cw * 64 * kF8RowBytes, sb = stage + kF8BM * kF8RowBytes;
+      pin_accumulators(part);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kFp8Block / 32; ++ks)
+        wgmma_m64n128k32_e4m3(part, wgmma_desc(sa + ks * 32), wgmma_desc(sb + ks * 32), ks > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      pin_accumulators(part);
+      ws_release(bars, it);
+#pragma unroll
+      for (int ni = 0; ni < kF8BN / 8; ++ni) {
+        acc[0][ni][0] = __fadd_rn(acc[0][ni][0], __fmul_rn(__fmul_rn(part[0][ni][0], scale0), w_scale));
+        acc[0][ni][1] = __fadd_rn(acc[0][ni][1], __fmul_rn(__fmul_rn(part[0][ni][1], scale0), w_scale));
+        acc[0][ni][2] = __fadd_rn(acc[0][ni][2], __fmul_rn(__fmul_rn(part[0][ni][2], scale1), w_scale));
+        acc[0][ni][3] = __fadd_rn(acc[0][ni][3], __fmul_rn(__fmul_rn(part[0][ni][3], scale1), w_scale));
+      }
+    }
+    mma_epilogue(out, acc, warp_row0, tile.row_end, n0);
+  });
+#else
+  __trap();  // never launched: launch_fp8_ws_gemm checks the kernel was built for sm_90a
+#endif
+}
+
+// ---------------------------------------------------------------------------
 // SIMT fp32 kernel
 // ---------------------------------------------------------------------------
 
@@ -1523,10 +1742,30 @@ bool launch_wgmma_variant(const GemmParams& p, const CUtensorMap& map_a, const C
   if (err != cudaSuccess) return true;
   err = launch_tile_grid<kCluster>(kernel, row_tiles(p, kV3BM), (p.n + kV3BN - 1) / kV3BN, kV3Threads,
                                    kV3SmemBytes, stream, p, map_a, map_b);
+  note_kernel_ran(LaunchedFamily::kGemmV3Variant,
+                  (kTma ? kV3Tma : 0) | (kCluster ? kV3Cluster : 0) | (kDeep ? kV3Deep : 0));
+  return true;
+}
+
+// The warp-specialized kernels (ws_gemm_kernel, fp8_ws_gemm_kernel): one
+// persistent CTA per SM (fewer for fewer tiles). False (nothing launched) where
+// the kernel cannot run.
+template <typename Kernel, typename P>
+bool launch_ws(Kernel kernel, const P& p, int64_t tiles, int smem, const CUtensorMap& map_a,
+               const CUtensorMap& map_b, cudaStream_t stream, std::atomic<uint64_t>& checked,
+               std::atomic<uint64_t>& usable, cudaError_t& err) {
+  if (!wgmma_usable(kernel, smem, p.built_sm90a, checked, usable, err)) return false;
+  if (err != cudaSuccess) return true;
+  const int64_t ctas = std::min<int64_t>(tiles, multiprocessor_count());
+  kernel<<<static_cast<unsigned>(ctas), kWsThreads, smem, stream>>>(p, map_a, map_b);
+  err = cudaGetLastError();
+  note_kernel_ran(std::is_same_v<P, GemmParams> ? LaunchedFamily::kGemmV3Variant : LaunchedFamily::kFp8V3Variant,
+                  kV3Tma | kV3WarpSpecialized);
   return true;
 }
 
 // v3 with TMA where both tensor maps can be made (p.v3_tma), else with cp.async;
+// warp-specialized with p.v3_warp_specialized (TMA; it takes precedence), else
 // plain GEMMs in clusters of two with p.v3_cluster, the copies one tile further
 // ahead with p.v3_deep_prefetch (both TMA only).
 template <typename T>
@@ -1535,6 +1774,13 @@ bool launch_wgmma(const GemmParams& p, cudaStream_t stream, cudaError_t& err) {
   const CUtensorMapDataType type =
       p.ab_dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   const bool cluster = p.v3_cluster && p.offsets == nullptr;
+  if (p.v3_tma && p.v3_warp_specialized && encode_operand_map(map_a, p.a, type, 2, p.k, p.m, kV3BM) &&
+      encode_operand_map(map_b, p.b, type, 2, p.k, p.groups * p.n, kV3BN)) {
+    static std::atomic<uint64_t> checked{0}, usable{0};
+    if (launch_ws(ws_gemm_kernel<T>, p, row_tiles(p, kV3BM) * ((p.n + kV3BN - 1) / kV3BN), kV3SmemBytes,
+                  map_a, map_b, stream, checked, usable, err))
+      return true;
+  }
   if (p.v3_tma && encode_operand_map(map_a, p.a, type, 2, p.k, p.m, kV3BM) &&
       encode_operand_map(map_b, p.b, type, 2, p.k, p.groups * p.n, cluster ? kV3BN / 2 : kV3BN)) {
     if (cluster) {
@@ -1560,15 +1806,26 @@ bool launch_fp8_wgmma_variant(const Fp8GemmParams& p, const CUtensorMap& map_a, 
   if (err != cudaSuccess) return true;
   err = launch_tile_grid<kCluster>(kernel, row_tiles(p, kF8BM), (p.n + kF8BN - 1) / kF8BN, kF8Threads,
                                    kF8SmemBytes, stream, p, map_a, map_b);
+  note_kernel_ran(LaunchedFamily::kFp8V3Variant,
+                  (kTma ? kV3Tma : 0) | (kCluster ? kV3Cluster : 0) | (kDeep ? kV3Deep : 0));
   return true;
 }
 
 // FP8 v3 with TMA where both tensor maps can be made (p.v3_tma), else with
-// cp.async; with TMA, the copies ahead by all stages with p.v3_deep_prefetch, and
-// plain GEMMs in clusters of two with p.v3_cluster (which implies it).
+// cp.async; warp-specialized with p.v3_warp_specialized (TMA; it takes
+// precedence); else with TMA, the copies ahead by all stages with
+// p.v3_deep_prefetch, and plain GEMMs in clusters of two with p.v3_cluster (which
+// implies it).
 bool launch_fp8_wgmma(const Fp8GemmParams& p, cudaStream_t stream, cudaError_t& err) {
   CUtensorMap map_a{}, map_b{};
   const bool cluster = p.v3_cluster && p.offsets == nullptr;
+  if (p.v3_warp_specialized && encode_operand_map(map_a, p.a, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, p.m, kF8BM) &&
+      encode_operand_map(map_b, p.w, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, p.groups * p.n, kF8BN)) {
+    static std::atomic<uint64_t> checked{0}, usable{0};
+    if (launch_ws(fp8_ws_gemm_kernel, p, row_tiles(p, kF8BM) * ((p.n + kF8BN - 1) / kF8BN), kF8WsSmemBytes,
+                  map_a, map_b, stream, checked, usable, err))
+      return true;
+  }
   if (p.v3_tma && encode_operand_map(map_a, p.a, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, p.m, kF8BM) &&
       encode_operand_map(map_b, p.w, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, p.groups * p.n,
                          cluster ? kF8BN / 2 : kF8BN)) {

@@ -61,6 +61,12 @@ struct GemmParams {
   // refilling the stage of the tile just finished (gemm_cuda.cu, kDeep). Opt-in
   // (DSK_GEMM_DEEP_PREFETCH=1, read once): not yet run on a GPU.
   bool v3_deep_prefetch = false;
+  // v3 (TMA) warp-specialized and persistent: a producer warpgroup issues the
+  // copies, two consumer warpgroups synchronize with it through per-stage
+  // mbarriers only (gemm_cuda.cu, ws_gemm_kernel; v3's bits). Takes precedence
+  // over the cluster and deep variants. Opt-in (DSK_GEMM_WARP_SPECIALIZED=1, read
+  // once): not yet run on a GPU.
+  bool v3_warp_specialized = false;
 };
 
 // The generation new GEMM params get: 1, 2 or 3 (forced), or kGemmKernelAuto (the
@@ -147,6 +153,12 @@ struct Fp8GemmParams {
   // (DSK_FP8_CLUSTER=1). Either turns TMA on. Opt-in: not yet run on a GPU.
   bool v3_deep_prefetch = false;
   bool v3_cluster = false;
+  // Warp-specialized and persistent, with TMA (gemm_cuda.cu, fp8_ws_gemm_kernel;
+  // the bits of v3): a producer warpgroup and two consumers that meet only at
+  // per-stage mbarriers, so one consumer's promotion overlaps the other's wgmma.
+  // Takes precedence over the variants above. Opt-in (DSK_FP8_WARP_SPECIALIZED=1,
+  // read once): not yet run on a GPU.
+  bool v3_warp_specialized = false;
 };
 
 void quantize_fp8_cpu(const QuantizeFp8Params& p);
