@@ -320,6 +320,8 @@ def main(argv=None) -> int:
                 if checks[f"grouped v{v}"]:
                     row(f"grouped v{v}", f"S={rows_g} E={e} N={n} K={k}", 2.0 * rows_g * n * k,
                         lambda: dk.grouped_gemm(x, weights, offsets), lambda: torch.matmul(x, w0.t()), loop)
+                    if v == 3 and int(torch.ops.deepseek_kernels._cuda_kernel_ran("gemm")) == 3:
+                        rows[-1]["v3_variant"] = v3_variant("gemm")
 
     # The "fp8" and "fp8 grouped" rows time the exact SIMT kernel (v1, bitwise the CPU),
     # the reference the tensor-core rows (v2, v3: the CUDA default) are checked against.

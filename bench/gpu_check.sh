@@ -11,7 +11,7 @@
 # PYTEST_K (a -k expression), SKIP_LARGE=1, SKIP_SANITIZER=1, SANITIZE_FAMILIES="quant
 # moe moe-v1 gemm gemm-v2 gemm-v3 gemm-ws fp8-v2 fp8-tma fp8-ws int8-v1 attention attention-v2
 # attention-v3 attention-bwd-v2 attention-bwd-v3" (the -vN runs: that generation forced), SKIP_BENCH=1,
-# BENCH (default "core variants"), QUANT_BENCH_ARGS=--ab (v1/v2 A/B only),
+# BENCH (default "core ws variants"), QUANT_BENCH_ARGS=--ab (v1/v2 A/B only),
 # MOE_BENCH_ARGS (default --profile),
 # SKIP_DEMO=1, PROFILE=1 (ncu, PROFILE_TARGETS); DSK_DIGITS_CSV=digits.csv.gz where
 # scikit-learn is missing.
@@ -27,12 +27,12 @@
 #      SKIP_SANITIZER=1 SKIP_BENCH=1 bash bench/gpu_check.sh OUT (a family of a new kernel
 #      that deadlocks, e.g. on a cluster barrier, then costs 5 minutes, not 7)
 #   2a. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_BENCH=1 SKIP_DEMO=1
-#      SANITIZE_FAMILIES="gemm-ws fp8-ws attention-bwd-v3" (past 2^31 and memcheck of the
+#      SANITIZE_FAMILIES="gemm-ws fp8-ws ws-cluster attention-bwd-v3" (past 2^31 and memcheck of the
 #      newest kernels), 2b. the same with SKIP_LARGE=1 and SANITIZE_FAMILIES="gemm-cluster
 #      gemm-deep-prefetch fp8-cluster fp8-tma gemm-skip-empty", 2c. SANITIZE_FAMILIES="moe-pdl
 #      gemm attention-v2"
 #   3a. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 SKIP_DEMO=1
-#      BENCH=core (benchmarks and the generations' A/B), 3b. the same with BENCH=variants
+#      BENCH=core (benchmarks and the generations' A/B), 3b. the same with BENCH=ws, 3c. BENCH=variants
 #   4. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 SKIP_BENCH=1
 #      SKIP_DEMO=1 PROFILE=1 (ncu over bench/profile_targets.py; PROFILE_TARGETS picks)
 # The device tool returns few files: tar OUT.
@@ -83,6 +83,8 @@ smoke_family() {
     gemm-deep-prefetch) echo "tests/test_gemm.py|v3 or versions or auto|DSK_GEMM_DEEP_PREFETCH=1" ;;
     gemm-ws) echo "tests/test_gemm.py|v3 or versions or auto or grouped|DSK_GEMM_WARP_SPECIALIZED=1" ;;
     fp8-ws) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_WARP_SPECIALIZED=1" ;;
+    gemm-ws-cluster) echo "tests/test_gemm.py|v3 or versions or auto|DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_CLUSTER=1" ;;
+    fp8-ws-cluster) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_WARP_SPECIALIZED=1 DSK_FP8_CLUSTER=1" ;;
     moe-pdl) echo "tests/test_moe.py tests/test_cuda_graphs.py|gating or moe|DSK_MOE_PDL=1" ;;
     attention-bwd-unordered) echo "tests/test_attention.py|bwd_kernels_match_reference and bwd_v2|DSK_ATTENTION_BWD_UNORDERED=1" ;;
     gemm) echo "tests/test_gemm.py|not v3 and not tensor_core and not int8 and not versions and not fp8_grouped_gemm_cuda|" ;;
@@ -94,7 +96,7 @@ smoke_family() {
     *) return 1 ;;
   esac
 }
-SMOKE_ALL="gemm-ws fp8-ws attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-tma fp8-deep-prefetch fp8-cluster gemm-skip-empty moe-pdl attention-bwd-unordered attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 graphs attention gemm moe quant rest gemm-v3-cp-async"
+SMOKE_ALL="gemm-ws fp8-ws gemm-ws-cluster fp8-ws-cluster attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-tma fp8-deep-prefetch fp8-cluster gemm-skip-empty moe-pdl attention-bwd-unordered attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 graphs attention gemm moe quant rest gemm-v3-cp-async"
 smoke_run() {  # one family, in the background's own process; its summary line goes to smoke-NAME.sum
   local spec files kexpr envs
   spec=$(smoke_family "$1") || { echo "$1: unknown family" >"$OUT/smoke-$1.sum"; return; }
@@ -162,7 +164,7 @@ sanitize() {  # name, test file, -k expression, then optional VAR=value (e.g. a 
 if [ "${SKIP_SANITIZER:-0}" = 1 ]; then echo "skipped (SKIP_SANITIZER=1)"
 elif command -v compute-sanitizer >/dev/null; then
   # The *-v2 runs force the newer kernel generation of a family for every test.
-  for fam in ${SANITIZE_FAMILIES:-gemm-ws fp8-ws attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-cluster fp8-tma gemm-skip-empty moe-pdl quant moe moe-v1 gemm gemm-v2 gemm-v3 fp8-v2 int8-v1 attention attention-v2 attention-v3 attention-bwd-v2}; do
+  for fam in ${SANITIZE_FAMILIES:-gemm-ws fp8-ws ws-cluster attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-cluster fp8-tma gemm-skip-empty moe-pdl quant moe moe-v1 gemm gemm-v2 gemm-v3 fp8-v2 int8-v1 attention attention-v2 attention-v3 attention-bwd-v2}; do
     case $fam in
       quant) sanitize quant tests/test_quant.py "matches_reference and not 1024 or nonfinite or bad_inputs or agree" ;;
       moe) sanitize moe tests/test_moe.py "matches_reference or shapes or nonfinite or empty or agree" ;;
@@ -176,6 +178,8 @@ elif command -v compute-sanitizer >/dev/null; then
       gemm-cluster) sanitize gemm-cluster tests/test_gemm.py "v3 or versions or auto" DSK_GEMM_CLUSTER=1 ;;
       gemm-ws) sanitize gemm-ws tests/test_gemm.py "v3 or versions or auto or grouped" DSK_GEMM_WARP_SPECIALIZED=1 ;;
       fp8-ws) sanitize fp8-ws tests/test_gemm.py "tensor_core or fp8_grouped_gemm_cuda" DSK_FP8_WARP_SPECIALIZED=1 ;;
+      # clusters for plain GEMMs, both families at once
+      ws-cluster) sanitize ws-cluster tests/test_gemm.py "v3 or versions or auto or tensor_core" DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_CLUSTER=1 DSK_FP8_WARP_SPECIALIZED=1 DSK_FP8_CLUSTER=1 ;;
       # both variants at once: plain GEMMs run cluster + deep, grouped ones deep only
       gemm-deep-prefetch) sanitize gemm-deep-prefetch tests/test_gemm.py "v3 or versions or auto" DSK_GEMM_CLUSTER=1 DSK_GEMM_DEEP_PREFETCH=1 ;;
       fp8-tma) sanitize fp8-tma tests/test_gemm.py "tensor_core or fp8_grouped_gemm_cuda" DSK_FP8_TMA=1 ;;
@@ -192,11 +196,26 @@ else
   echo "compute-sanitizer not found: skipped" | tee "$OUT/sanitizer.log"
 fi
 
-step "benchmarks (${BENCH:-core variants})"
+step "benchmarks (${BENCH:-core ws variants})"
 # BENCH picks the sets: core (quant, MoE, GEMM, attention, and the GEMM and attention
-# A/B of the kernel generations) and variants (the opt-in variants' runs and other A/B
-# runs); both do not fit one 10-minute call: BENCH=core, then BENCH=variants.
-bench_set() { case " ${BENCH:-core variants} " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+# A/B of the kernel generations), ws (the warp-specialized GEMM/FP8 variants) and
+# variants (the other opt-in variants' runs and A/B runs); they do not fit one
+# 10-minute call: BENCH=core, BENCH=ws, then BENCH=variants.
+bench_set() { case " ${BENCH:-core ws variants} " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+# bench_gemm.py with a variant's variables set: NAME, "VAR=value ...", the lines to show
+# (a grep -E pattern of table rows; "" for the last lines), then bench_gemm.py's
+# arguments. Results go to OUT/gemm-NAME, the log to OUT/bench-gemm-NAME.log.
+gemm_variant_bench() {
+  local name=$1 envs=$2 rows=$3
+  shift 3
+  mkdir -p "$OUT/gemm-$name"
+  # shellcheck disable=SC2086
+  env $envs $PY bench/bench_gemm.py --device cuda "$@" --out "$OUT/gemm-$name" >"$OUT/bench-gemm-$name.log" 2>&1
+  local rc=$?
+  if [ -n "$rows" ]; then grep -E "$rows" "$OUT/bench-gemm-$name.log" | tail -8; else tail -8 "$OUT/bench-gemm-$name.log"; fi
+  [ $rc = 0 ] || status=1
+}
+SMALL_GEMM_ROWS="--square 1024 --int8 1024 1024 1024"  # the default grouped and FP8 shapes, small others
 if [ "${SKIP_BENCH:-0}" = 1 ]; then echo "skipped (SKIP_BENCH=1)"; else
   if bench_set core; then
     $PY bench/bench_quant.py --device cuda ${QUANT_BENCH_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40
@@ -215,6 +234,17 @@ if [ "${SKIP_BENCH:-0}" = 1 ]; then echo "skipped (SKIP_BENCH=1)"; else
     $PY bench/bench_attention.py --device cuda --ab --out "$OUT" 2>&1 | tee "$OUT/bench-attention-ab.log" | tail -20
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
   fi
+  if bench_set ws; then
+    # The warp-specialized persistent v3 kernels (DSK_*_WARP_SPECIALIZED=1), alone and in
+    # clusters (DSK_*_CLUSTER=1): the bf16 A/B, then the grouped (DeepSeek-V3 expert shapes,
+    # also skipping empty warpgroups) and FP8 rows. The v3_variant column says what ran.
+    gemm_variant_bench ab-ws "DSK_GEMM_WARP_SPECIALIZED=1" "" --ab
+    gemm_variant_bench ab-ws-cluster "DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_CLUSTER=1" "" --ab
+    gemm_variant_bench ws-rows "DSK_GEMM_WARP_SPECIALIZED=1 DSK_FP8_WARP_SPECIALIZED=1" "^(grouped|fp8)" \
+      $SMALL_GEMM_ROWS
+    gemm_variant_bench ws-skip-cluster-rows "DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_SKIP_EMPTY_ROWS=1
+      DSK_FP8_WARP_SPECIALIZED=1 DSK_FP8_CLUSTER=1" "^(grouped|fp8)" $SMALL_GEMM_ROWS
+  fi
   if bench_set variants; then
     # Gating with its later kernels as programmatic dependent launches (DSK_MOE_PDL=1, opt-in).
     mkdir -p "$OUT/moe-pdl"
@@ -228,46 +258,22 @@ if [ "${SKIP_BENCH:-0}" = 1 ]; then echo "skipped (SKIP_BENCH=1)"; else
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     # Below a wave of v3's 128x256 tiles (1024^3: a quarter wave on an H100, 2048^3 about one),
     # where auto runs v1: the data for auto's threshold.
-    mkdir -p "$OUT/gemm-ab-small"
-    $PY bench/bench_gemm.py --device cuda --ab --square 1024 2048 --out "$OUT/gemm-ab-small" 2>&1 \
-      | tee "$OUT/bench-gemm-ab-small.log" | tail -8
-    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    gemm_variant_bench ab-small "" "" --ab --square 1024 2048
     # The opt-in GEMM experiments in one run (independent rows): FP8 v3 with TMA loads
     # (DSK_FP8_TMA=1: the fp8 rows) and v3 skipping empty warpgroups
     # (DSK_GEMM_SKIP_EMPTY_ROWS=1: the grouped rows); small bf16/int8 shapes.
-    mkdir -p "$OUT/gemm-experiments"
-    DSK_FP8_TMA=1 DSK_GEMM_SKIP_EMPTY_ROWS=1 $PY bench/bench_gemm.py --device cuda --square 1024 \
-      --int8 1024 1024 1024 --out "$OUT/gemm-experiments" 2>&1 | tee "$OUT/bench-gemm-experiments.log" \
-      | grep -E "^(grouped|fp8)" | tail -8
-    [ "${PIPESTATUS[0]}" = 0 ] || status=1
-    # v3's opt-in variants, the same A/B each: warp-specialized and persistent
-    # (DSK_GEMM_WARP_SPECIALIZED=1), clusters of two CTAs multicasting B
+    gemm_variant_bench experiments "DSK_FP8_TMA=1 DSK_GEMM_SKIP_EMPTY_ROWS=1" "^(grouped|fp8)" $SMALL_GEMM_ROWS
+    # v3's opt-in variants, the same A/B each: clusters of two CTAs multicasting B
     # (DSK_GEMM_CLUSTER=1), copies a tile further ahead (DSK_GEMM_DEEP_PREFETCH=1), both.
-    for variant in "ws:DSK_GEMM_WARP_SPECIALIZED=1" "cluster:DSK_GEMM_CLUSTER=1" "deep:DSK_GEMM_DEEP_PREFETCH=1" \
-                   "cluster-deep:DSK_GEMM_CLUSTER=1 DSK_GEMM_DEEP_PREFETCH=1"; do
-      name=${variant%%:*}
-      mkdir -p "$OUT/gemm-v3-$name"
-      # shellcheck disable=SC2086
-      env ${variant#*:} $PY bench/bench_gemm.py --device cuda --ab --out "$OUT/gemm-v3-$name" 2>&1 \
-        | tee "$OUT/bench-gemm-ab-$name.log" | tail -8
-      [ "${PIPESTATUS[0]}" = 0 ] || status=1
-    done
-    # FP8 v3's other opt-in variants (each turns TMA on): warp-specialized and
-    # persistent (DSK_FP8_WARP_SPECIALIZED=1), every stage ahead
+    gemm_variant_bench ab-cluster "DSK_GEMM_CLUSTER=1" "" --ab
+    gemm_variant_bench ab-deep "DSK_GEMM_DEEP_PREFETCH=1" "" --ab
+    gemm_variant_bench ab-cluster-deep "DSK_GEMM_CLUSTER=1 DSK_GEMM_DEEP_PREFETCH=1" "" --ab
+    # FP8 v3's other opt-in variants (each turns TMA on): every stage ahead
     # (DSK_FP8_DEEP_PREFETCH=1), clusters multicasting W (DSK_FP8_CLUSTER=1): the fp8 rows.
-    for variant in "fp8-ws:DSK_FP8_WARP_SPECIALIZED=1" "fp8-deep:DSK_FP8_DEEP_PREFETCH=1" "fp8-cluster:DSK_FP8_CLUSTER=1"; do
-      name=${variant%%:*}
-      mkdir -p "$OUT/gemm-$name"
-      # shellcheck disable=SC2086
-      env ${variant#*:} $PY bench/bench_gemm.py --device cuda --square 1024 --int8 1024 1024 1024 \
-        --grouped 4096 8 256 256 --out "$OUT/gemm-$name" 2>&1 | tee "$OUT/bench-gemm-$name.log" | grep -E "^fp8" | tail -4
-      [ "${PIPESTATUS[0]}" = 0 ] || status=1
-    done
+    gemm_variant_bench fp8-deep "DSK_FP8_DEEP_PREFETCH=1" "^fp8" $SMALL_GEMM_ROWS --grouped 4096 8 256 256
+    gemm_variant_bench fp8-cluster "DSK_FP8_CLUSTER=1" "^fp8" $SMALL_GEMM_ROWS --grouped 4096 8 256 256
     # bf16 v3 with cp.async copies instead of TMA (DSK_GEMM_TMA=0), the same A/B.
-    mkdir -p "$OUT/gemm-v3-cp-async"
-    DSK_GEMM_TMA=0 $PY bench/bench_gemm.py --device cuda --ab --out "$OUT/gemm-v3-cp-async" 2>&1 \
-      | tee "$OUT/bench-gemm-ab-cp-async.log" | tail -8
-    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    gemm_variant_bench ab-cp-async "DSK_GEMM_TMA=0" "" --ab
     # Backward v2 with its dq adds in any order (DSK_ATTENTION_BWD_UNORDERED=1, not
     # deterministic): what the deterministic turns cost.
     mkdir -p "$OUT/attention-bwd-unordered"
@@ -296,9 +302,9 @@ else
   DSK_GEMM_CLUSTER=1 DSK_GEMM_DEEP_PREFETCH=1 DSK_FP8_CLUSTER=1 timeout ${PROFILE_TIMEOUT:-420} \
     $NCU $PY bench/profile_targets.py --targets gemm fp8 \
     >"$OUT/ncu-variants.csv" 2>"$OUT/ncu-variants.err" || { echo "ncu run (variants) failed"; status=1; }
-  # The warp-specialized persistent kernels (they take precedence over the variants above).
+  # The warp-specialized persistent kernels in clusters (they take precedence over deep prefetch).
   # shellcheck disable=SC2086
-  DSK_GEMM_WARP_SPECIALIZED=1 DSK_FP8_WARP_SPECIALIZED=1 timeout ${PROFILE_TIMEOUT:-420} \
+  DSK_GEMM_WARP_SPECIALIZED=1 DSK_FP8_WARP_SPECIALIZED=1 DSK_GEMM_CLUSTER=1 DSK_FP8_CLUSTER=1 timeout ${PROFILE_TIMEOUT:-420} \
     $NCU $PY bench/profile_targets.py --targets gemm fp8 \
     >"$OUT/ncu-ws.csv" 2>"$OUT/ncu-ws.err" || { echo "ncu run (warp-specialized) failed"; status=1; }
   for f in ncu ncu-fp8-tma ncu-variants ncu-ws; do

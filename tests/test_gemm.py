@@ -695,16 +695,19 @@ def _assert_v3_variant_same_bits(tmp_path, cases, choice_op, family, variant, de
 @pytest.mark.skipif(not hopper_build(), reason="v3 (wgmma) needs an H100/H200 and an sm_90a build")
 @pytest.mark.parametrize("variant", ["DSK_GEMM_TMA=0", "DSK_GEMM_CLUSTER=1", "DSK_GEMM_DEEP_PREFETCH=1",
                                      "DSK_GEMM_CLUSTER=1 DSK_GEMM_DEEP_PREFETCH=1", "DSK_GEMM_WARP_SPECIALIZED=1",
-                                     "DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_SKIP_EMPTY_ROWS=1"],
+                                     "DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_SKIP_EMPTY_ROWS=1",
+                                     "DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_CLUSTER=1"],
                          ids=["cp_async", "cluster", "deep_prefetch", "cluster_deep_prefetch", "warp_specialized",
-                              "warp_specialized_skip_empty"])
+                              "warp_specialized_skip_empty", "warp_specialized_cluster"])
 def test_cuda_v3_tma_and_variant_same_bits(tmp_path, variant):
     """v3 filled by TMA (the default) and by cp.async (DSK_GEMM_TMA=0), in clusters
     of two CTAs multicasting B (DSK_GEMM_CLUSTER=1; plain GEMMs: an odd count of m
     tiles leaves a CTA past M), with its copies a tile further ahead
     (DSK_GEMM_DEEP_PREFETCH=1), or warp-specialized and persistent
     (DSK_GEMM_WARP_SPECIALIZED=1: the last shapes have more tiles than an H100 has
-    SMs, so CTAs run several and the stage counter crosses tiles), each read once
+    SMs, so CTAs run several and the stage counter crosses tiles; with
+    DSK_GEMM_CLUSTER=1 in clusters, the last plain shape with more pairs of m tiles
+    than an H100 holds clusters and an odd count of m tiles), each read once
     per process (a subprocess), feed the same operands to the same wgmma in the
     same K order: the outputs must be the same bits, on tails of K (TMA zero-fills
     past K and past the last row), M, N and grouped tiles (offsets not multiples
@@ -721,10 +724,10 @@ def test_cuda_v3_tma_and_variant_same_bits(tmp_path, variant):
                                        _random_offsets(s_rows, e, "cuda")), {}))
 
     def variant_bits(op):
-        if "WARP_SPECIALIZED" in variant:  # it takes precedence over the cluster and deep variants
-            return _V3_TMA | _V3_WARP_SPECIALIZED
-        return ((0 if "TMA=0" in variant else _V3_TMA)
-                | (_V3_CLUSTER if "CLUSTER" in variant and op == "gemm" else 0)  # plain GEMMs only
+        cluster = _V3_CLUSTER if "CLUSTER" in variant and op == "gemm" else 0  # plain GEMMs only
+        if "WARP_SPECIALIZED" in variant:  # it takes precedence over the deep variant
+            return _V3_TMA | _V3_WARP_SPECIALIZED | cluster
+        return ((0 if "TMA=0" in variant else _V3_TMA) | cluster
                 | (_V3_DEEP if "DEEP_PREFETCH" in variant else 0))
 
     _assert_v3_variant_same_bits(tmp_path, cases, "_gemm_cuda_kernel", "gemm", variant, _V3_TMA, variant_bits)
@@ -1128,14 +1131,16 @@ def test_fp8_tensor_core_kernel_matches_exact(version, out_dtype):
 @pytest.mark.cuda
 @pytest.mark.skipif(not hopper_build(), reason="FP8 v3 (wgmma) needs an H100/H200 and an sm_90a build")
 @pytest.mark.parametrize("variant", ["DSK_FP8_TMA=1", "DSK_FP8_DEEP_PREFETCH=1", "DSK_FP8_CLUSTER=1",
-                                     "DSK_FP8_WARP_SPECIALIZED=1"],
-                         ids=["tma", "deep_prefetch", "cluster", "warp_specialized"])
+                                     "DSK_FP8_WARP_SPECIALIZED=1", "DSK_FP8_WARP_SPECIALIZED=1 DSK_FP8_CLUSTER=1"],
+                         ids=["tma", "deep_prefetch", "cluster", "warp_specialized", "warp_specialized_cluster"])
 def test_cuda_fp8_v3_variants_same_bits(tmp_path, variant):
     """FP8 v3 with cp.async copies (the default) and its opt-in variants, read once
     per process (a subprocess): TMA copies, TMA with every stage ahead, clusters of
     two CTAs multicasting W (plain GEMMs; an odd count of m tiles leaves a CTA
     past M), warp-specialized and persistent (the last plain and grouped shapes
-    have more tiles than an H100 has SMs). Same operands, same wgmma and promotion
+    have more tiles than an H100 has SMs), also in clusters (plain GEMMs; the last
+    has more pairs of m tiles than an H100 holds clusters, and an odd count of m
+    tiles). Same operands, same wgmma and promotion
     order: the same bits, on M, N and K tails and grouped tiles."""
     cases = []
     for m, n, k in [(1, 8, 128), (77, 300, 528), (300, 384, 1024), (1000, 136, 4096), (2100, 1100, 512)]:
@@ -1146,11 +1151,11 @@ def test_cuda_fp8_v3_variants_same_bits(tmp_path, variant):
     cases.append(("fp8_grouped_gemm", _fp8_grouped_problem(6000, 16, 384, 512, "cuda"), {}))
 
     def variant_bits(op):
-        if "WARP_SPECIALIZED" in variant:  # it takes precedence over the other variants
-            return _V3_TMA | _V3_WARP_SPECIALIZED
         cluster = "CLUSTER" in variant
-        return (_V3_TMA | (_V3_CLUSTER if cluster and op == "fp8_gemm" else 0)  # plain GEMMs only
-                | (_V3_DEEP if cluster or "DEEP_PREFETCH" in variant else 0))  # cluster implies deep
+        bits = _V3_TMA | (_V3_CLUSTER if cluster and op == "fp8_gemm" else 0)  # plain GEMMs only
+        if "WARP_SPECIALIZED" in variant:  # it takes precedence over the deep variant
+            return bits | _V3_WARP_SPECIALIZED
+        return bits | (_V3_DEEP if cluster or "DEEP_PREFETCH" in variant else 0)  # cluster implies deep
 
     _assert_v3_variant_same_bits(tmp_path, cases, "_fp8_cuda_kernel", "fp8_gemm", variant, 0, variant_bits)
 

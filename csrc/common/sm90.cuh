@@ -144,6 +144,16 @@ __device__ __forceinline__ void cluster_sync() {
   cluster_arrive();
   cluster_wait();
 }
+// The address of shared-memory location `addr` (this CTA's) in the CTA of cluster
+// rank `rank`, and one arrival on the mbarrier at such an address.
+__device__ __forceinline__ uint32_t cluster_map_shared(uint32_t addr, uint32_t rank) {
+  uint32_t mapped;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(mapped) : "r"(addr), "r"(rank));
+  return mapped;
+}
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t cluster_addr) {
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_addr) : "memory");
+}
 
 // Warp specialization: the executing warpgroup's per-thread register count
 // becomes N (a multiple of 8 in [24, 256]); every warp of the warpgroup runs it.

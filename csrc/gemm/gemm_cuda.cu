@@ -654,6 +654,19 @@ static_assert(kV3RowBytes == 128 && kV3StageBytes % 1024 == 0 && (64 * kV3RowByt
 static_assert(kV3SmemBytes <= 227 * 1024, "v3 shared memory exceeds sm_90's per-block limit");
 
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// One warpgroup's wgmma of a v3 K tile, one commit group: its 64 rows (sa) times
+// the tile's B (sb), 64 of K in four K steps.
+template <typename T>
+__device__ __forceinline__ void issue_v3_tile(float (&acc)[1][kV3BN / 8][4], uint32_t sa, uint32_t sb) {
+  pin_accumulators(acc);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < kV3BK / 16; ++ks) wgmma_m64n256k16<T>(acc, wgmma_desc(sa + ks * 32), wgmma_desc(sb + ks * 32));
+  wgmma_commit();
+}
+#endif
+
 // kTma: the stages are filled by TMA (thread 0 issues two 2-D tile loads per
 // stage; tensor maps of a [M, K] and b [groups * N, K] with 64 x rows boxes in
 // the 128-byte swizzle, so shared memory holds exactly the layout above; rows and
@@ -769,14 +782,7 @@ __device__ __forceinline__ void wgmma_gemm_body(const GemmParams& p, const CUten
 
     const uint32_t stage = smem_base + static_cast<uint32_t>(kt % kStagesV3) * kV3StageBytes;
     const uint32_t sa = stage + warpgroup * 64 * kV3RowBytes, sb = stage + kV3BM * kV3RowBytes;
-    if (wg_rows) {
-      pin_accumulators(acc);
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < kV3BK / 16; ++ks)
-        wgmma_m64n256k16<T>(acc, wgmma_desc(sa + ks * 32), wgmma_desc(sb + ks * 32));
-      wgmma_commit();
-    }
+    if (wg_rows) issue_v3_tile<T>(acc, sa, sb);
     if constexpr (!kTma) {
       // The copies are issued while this tile's wgmma run (the stage they refill
       // is not read by any wgmma in flight).
@@ -838,6 +844,34 @@ constexpr int kF8SmemBytes = kStagesF8 * kF8StageBytes + 1024;  // + room to ali
 static_assert(kF8RowBytes == 128 && kF8StageBytes % 1024 == 0 && (64 * kF8RowBytes) % 1024 == 0 &&
               (kF8BM * kF8RowBytes) % 1024 == 0, "FP8 v3 tiles must sit on 1 KiB swizzle atoms");
 static_assert(kF8SmemBytes <= 227 * 1024, "FP8 v3 shared memory exceeds sm_90's per-block limit");
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// One warpgroup's wgmma of an FP8 K block, one commit group: part = its 64 rows
+// (sa) times the tile's W (sb) over the block's 128 codes of K (the first of the
+// four K steps overwrites part).
+__device__ __forceinline__ void issue_fp8_block(float (&part)[1][kF8BN / 8][4], uint32_t sa, uint32_t sb) {
+  pin_accumulators(part);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < kFp8Block / 32; ++ks)
+    wgmma_m64n128k32_e4m3(part, wgmma_desc(sa + ks * 32), wgmma_desc(sb + ks * 32), ks > 0);
+  wgmma_commit();
+}
+
+// The promotion of a block's sums (gemm_params.h's contract):
+// acc += (part * a_scale of the row) * w_scale, a_scale[0] for accumulators 0-1
+// (row lane / 4), a_scale[1] for 2-3 (row lane / 4 + 8).
+__device__ __forceinline__ void promote_fp8_block(float (&acc)[1][kF8BN / 8][4], const float (&part)[1][kF8BN / 8][4],
+                                                  const float (&a_scale)[2], float w_scale) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half)
+#pragma unroll
+    for (int ni = 0; ni < kF8BN / 8; ++ni)
+#pragma unroll
+      for (int j = 2 * half; j < 2 * half + 2; ++j)
+        acc[0][ni][j] = __fadd_rn(acc[0][ni][j], __fmul_rn(__fmul_rn(part[0][ni][j], a_scale[half]), w_scale));
+}
+#endif
 
 // kTma: the stages are filled by TMA as in v3 (thread 0 issues both tile loads of
 // a stage, 128-byte boxes of codes in the 128-byte swizzle, and the stage's
@@ -942,12 +976,7 @@ __device__ __forceinline__ void fp8_wgmma_gemm_body(const Fp8GemmParams& p, cons
       scale[half] = p.a_scales[min(warp_row0 + (lane >> 2) + half * 8, tile.row_end - 1) * p.k_blocks + kb];
     const uint32_t stage = smem_base + static_cast<uint32_t>(kb % kStagesF8) * kF8StageBytes;
     const uint32_t sa = stage + warpgroup * 64 * kF8RowBytes, sb = stage + kF8BM * kF8RowBytes;
-    pin_accumulators(part);
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < kFp8Block / 32; ++ks)
-      wgmma_m64n128k32_e4m3(part, wgmma_desc(sa + ks * 32), wgmma_desc(sb + ks * 32), ks > 0);
-    wgmma_commit();
+    issue_fp8_block(part, sa, sb);
     if constexpr (!kTma) {
       if (next < p.k_blocks) load_stage(static_cast<int>(next % kStagesF8), next);
       cp_async_commit();
@@ -968,13 +997,7 @@ __device__ __forceinline__ void fp8_wgmma_gemm_body(const Fp8GemmParams& p, cons
       if (tid == 0 && kb + kStagesF8 < p.k_blocks)
         load_stage(static_cast<int>(kb % kStagesF8), kb + kStagesF8);
     }
-#pragma unroll
-    for (int half = 0; half < 2; ++half)
-#pragma unroll
-      for (int ni = 0; ni < kF8BN / 8; ++ni)
-#pragma unroll
-        for (int j = 2 * half; j < 2 * half + 2; ++j)
-          acc[0][ni][j] = __fadd_rn(acc[0][ni][j], __fmul_rn(__fmul_rn(part[0][ni][j], scale[half]), scale[2]));
+    promote_fp8_block(acc, part, {scale[0], scale[1]}, scale[2]);
   };
   const auto wait_older = [] { wgmma_wait<1>(); };
   const auto wait_all = [] { wgmma_wait<0>(); };
@@ -1021,8 +1044,8 @@ __global__ void __launch_bounds__(kF8Threads, 1)
 
 // ---------------------------------------------------------------------------
 // Warp-specialized persistent v3 (sm_90a; bf16/fp16 and FP8, plain and grouped;
-// opt-in DSK_GEMM_WARP_SPECIALIZED=1 / DSK_FP8_WARP_SPECIALIZED=1, not yet run
-// on a GPU)
+// opt-in DSK_GEMM_WARP_SPECIALIZED=1 / DSK_FP8_WARP_SPECIALIZED=1, with
+// DSK_*_CLUSTER=1 in clusters of two; not yet run on a GPU)
 // ---------------------------------------------------------------------------
 // Three warpgroups. Warpgroup 0 produces: one thread issues every TMA copy.
 // Warpgroups 1 and 2 consume: each computes 64 rows of the CTA tile exactly as
@@ -1031,7 +1054,7 @@ __global__ void __launch_bounds__(kF8Threads, 1)
 // - no CTA barrier in the main loop. Each stage has two mbarriers: `full` (the
 //   producer arms it with the stage's bytes, TMA completes it) and `empty`
 //   (every consumer thread arrives once the wgmma that read the stage are
-//   done). The producer refills a stage as soon as both consumers released it,
+//   done). The producer refills a stage as soon as the consumers released it,
 //   up to kStages tiles ahead, and the consumers never wait for each other: in
 //   FP8 one warpgroup's promotion runs while the other's wgmma hold the tensor
 //   cores;
@@ -1039,6 +1062,13 @@ __global__ void __launch_bounds__(kF8Threads, 1)
 //   gridDim.x; the stage counter runs on across tiles, so the producer streams
 //   the next tile's stages while the consumers store the last one;
 // - the producer warpgroup hands registers to the consumers (setmaxnreg).
+// kCluster (plain GEMMs): clusters of two CTAs along M walk pairs of m tiles
+// (2i, 2i + 1, the same n tile) in lockstep; each producer copies its A tile and
+// one half of the B tile into both CTAs' stage (multicast, as v3's kCluster), so
+// a stage of either CTA is refilled by both producers: its `empty` barrier counts
+// the consumer threads of both CTAs, each arriving on its own CTA's and its
+// peer's. A CTA whose m tile lies past M runs every step (it loads no A and
+// stores nothing). Neither CTA exits before the other is done with it.
 constexpr int kWsThreads = 384;
 constexpr int kStagesF8Ws = 6;  // 6 x 32 KiB
 constexpr int kF8WsSmemBytes = kStagesF8Ws * kF8StageBytes + 1024;
@@ -1051,32 +1081,50 @@ constexpr int kWsProducerRegs = 40, kWsConsumerRegs = 232;  // 128 x 40 + 256 x 
 template <int kStages>
 struct WsBarriers {
   uint64_t full[kStages];   // 1 arrival (the producer's expect_tx) + the stage's bytes
-  uint64_t empty[kStages];  // kWsConsumerThreads arrivals
+  uint64_t empty[kStages];  // kWsConsumerThreads arrivals per CTA feeding the stage
 };
 
-template <int kStages>
+template <bool kCluster, int kStages>
 __device__ __forceinline__ void ws_init(WsBarriers<kStages>& bars) {
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(shared_addr(&bars.full[s]), 1);
-      mbar_init(shared_addr(&bars.empty[s]), kWsConsumerThreads);
+      mbar_init(shared_addr(&bars.empty[s]), kWsConsumerThreads * (kCluster ? 2 : 1));
     }
     fence_mbar_init();
   }
-  __syncthreads();
+  if constexpr (kCluster) {
+    cluster_sync();  // both CTAs' barriers exist before either multicasts or arrives remotely
+  } else {
+    __syncthreads();
+  }
 }
 
-// The persistent schedule: this CTA's tiles blockIdx.x, + gridDim.x, ... of the
-// raster order; f(tile, n0) for each one holding rows (grouped tiles past the
-// last group's rows are skipped). Called by whole warps (locate_row_tile).
-template <int BM, int BN, typename P, typename F>
+// The persistent schedule: f(tile, n0) for each of this CTA's tiles. Plain: tiles
+// blockIdx.x, + gridDim.x, ... of the raster order, skipping grouped tiles past
+// the last group's rows. kCluster: the cluster's pairs of m tiles blockIdx.x / 2,
+// + gridDim.x / 2, ..., rank r taking m tile 2i + r, none skipped (a tile past M
+// has row_end <= row_begin). Called by whole warps (locate_row_tile).
+template <bool kCluster, int BM, int BN, typename P, typename F>
 __device__ __forceinline__ void for_each_ws_tile(const P& p, F&& f) {
   const int64_t m_tiles = row_tiles(p, BM), n_tiles = (p.n + BN - 1) / BN;
-  for (int64_t t = blockIdx.x; t < m_tiles * n_tiles; t += gridDim.x) {
-    int64_t m_tile, n_tile;
-    raster_order(t, m_tiles, n_tiles, m_tile, n_tile);
-    RowTile tile;
-    if (locate_row_tile<BM>(p, m_tile, tile)) f(tile, n_tile * BN);
+  if constexpr (kCluster) {
+    const int64_t rank = cluster_ctarank(), pairs = (m_tiles + 1) / 2;
+    for (int64_t t = blockIdx.x / 2; t < pairs * n_tiles; t += gridDim.x / 2) {
+      int64_t pair, n_tile;
+      raster_order(t, pairs, n_tiles, pair, n_tile);
+      RowTile tile;
+      tile.row_begin = (2 * pair + rank) * BM;
+      tile.row_end = min(tile.row_begin + BM, p.m);
+      f(tile, n_tile * BN);
+    }
+  } else {
+    for (int64_t t = blockIdx.x; t < m_tiles * n_tiles; t += gridDim.x) {
+      int64_t m_tile, n_tile;
+      raster_order(t, m_tiles, n_tiles, m_tile, n_tile);
+      RowTile tile;
+      if (locate_row_tile<BM>(p, m_tile, tile)) f(tile, n_tile * BN);
+    }
   }
 }
 
@@ -1084,21 +1132,22 @@ __device__ __forceinline__ void for_each_ws_tile(const P& p, F&& f) {
 // (stage it % kStages, its phase it / kStages); lane 0 waits for the stage's
 // release (the first pass finds the fresh barriers' parity-1 phase complete)
 // and copies K tile kt (kKElems elements from kt * kKElems) of A and B into it.
-template <int BM, int BN, int kStages, int kKElems, typename P>
+template <bool kCluster, int BM, int BN, int kStages, int kKElems, typename P>
 __device__ __forceinline__ void ws_produce(const P& p, WsBarriers<kStages>& bars, uint32_t smem_base,
                                            const CUtensorMap& tma_a, const CUtensorMap& tma_b,
                                            int64_t k_tiles) {
   constexpr uint32_t kStageBytes = (BM + BN) * 128;
+  const uint32_t rank = kCluster ? cluster_ctarank() : 0;
   int64_t it = 0;
-  for_each_ws_tile<BM, BN>(p, [&](const RowTile& tile, int64_t n0) {
+  for_each_ws_tile<kCluster, BM, BN>(p, [&](const RowTile& tile, int64_t n0) {
     if ((threadIdx.x & 31) == 0) {
       for (int64_t kt = 0; kt < k_tiles; ++kt, ++it) {
         const int s = static_cast<int>(it % kStages);
         mbar_wait(shared_addr(&bars.empty[s]), static_cast<uint32_t>(((it / kStages) & 1) ^ 1));
         const uint32_t sa = smem_base + s * kStageBytes;
-        tma_load_stage<false, BM, BN>(sa, sa + BM * 128, shared_addr(&bars.full[s]), tma_a, tma_b,
-                                      static_cast<int32_t>(kt * kKElems), tile.row_begin, true,
-                                      tile.group * p.n + n0, 0);
+        tma_load_stage<kCluster, BM, BN>(sa, sa + BM * 128, shared_addr(&bars.full[s]), tma_a, tma_b,
+                                         static_cast<int32_t>(kt * kKElems), tile.row_begin,
+                                         !kCluster || tile.row_begin < p.m, tile.group * p.n + n0, rank);
       }
     }
     __syncwarp();
@@ -1106,23 +1155,44 @@ __device__ __forceinline__ void ws_produce(const P& p, WsBarriers<kStages>& bars
 }
 
 // Consumer side of pipeline step `it`: its stage once it holds the copies; its
-// release (this thread's wgmma reading it are done).
+// release (this thread's wgmma reading it are done), in the peer CTA too with
+// kCluster (the peer's producer writes half of this CTA's stage).
 template <int kStages>
 __device__ __forceinline__ int ws_acquire(WsBarriers<kStages>& bars, int64_t it) {
   const int s = static_cast<int>(it % kStages);
   mbar_wait(shared_addr(&bars.full[s]), static_cast<uint32_t>((it / kStages) & 1));
   return s;
 }
-template <int kStages>
+template <bool kCluster, int kStages>
 __device__ __forceinline__ void ws_release(WsBarriers<kStages>& bars, int64_t it) {
-  mbar_arrive(shared_addr(&bars.empty[it % kStages]));
+  const uint32_t bar = shared_addr(&bars.empty[it % kStages]);
+  mbar_arrive(bar);
+  if constexpr (kCluster) mbar_arrive_cluster(cluster_map_shared(bar, cluster_ctarank() ^ 1));
+}
+
+// The kernels' frame: barriers, roles and registers; produce() runs on warp 0,
+// consume(consumer warpgroup 0 / 1) on warpgroups 1 and 2. With kCluster every
+// thread meets the cluster barrier last: neither CTA exits while its peer may
+// still multicast into it or arrive on its barriers.
+template <bool kCluster, int kStages, typename Produce, typename Consume>
+__device__ __forceinline__ void ws_run(WsBarriers<kStages>& bars, Produce&& produce, Consume&& consume) {
+  ws_init<kCluster>(bars);
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {
+    setmaxnreg_dec<kWsProducerRegs>();
+    if (threadIdx.x < 32) produce();
+  } else {
+    setmaxnreg_inc<kWsConsumerRegs>();
+    consume(warpgroup - 1);
+  }
+  if constexpr (kCluster) cluster_sync();
 }
 #endif
 
 // bf16/fp16: v3's tiles, stages and wgmma; a consumer keeps one K tile's wgmma
 // in flight while it issues the next (wait_group 1), then releases the older
 // tile's stage.
-template <typename T>
+template <typename T, bool kCluster>
 __global__ void __launch_bounds__(kWsThreads, 1)
     ws_gemm_kernel(GemmParams p, const __grid_constant__ CUtensorMap tma_a,
                    const __grid_constant__ CUtensorMap tma_b) {
@@ -1131,49 +1201,41 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   __shared__ __align__(8) WsBarriers<kStagesV3> bars;
   const uint32_t smem_base = (shared_addr(smem_raw) + 1023u) & ~1023u;
   const int64_t k_tiles = (p.k + kV3BK - 1) / kV3BK;
-  ws_init(bars);
-  const int warpgroup = threadIdx.x / 128;
-  if (warpgroup == 0) {
-    setmaxnreg_dec<kWsProducerRegs>();
-    if (threadIdx.x < 32) ws_produce<kV3BM, kV3BN, kStagesV3, kV3BK>(p, bars, smem_base, tma_a, tma_b, k_tiles);
-    return;
-  }
-  setmaxnreg_inc<kWsConsumerRegs>();
-  const int cw = warpgroup - 1, warp_in_group = (threadIdx.x % 128) / 32;  // consumer warpgroup 0 / 1
-  int64_t it = 0;
-  float acc[1][kV3BN / 8][4];
-  for_each_ws_tile<kV3BM, kV3BN>(p, [&](const RowTile& tile, int64_t n0) {
-    // As v3: a consumer with no rows in a short grouped tile skips its wgmma.
-    const bool wg_rows = !p.v3_skip_empty_rows || tile.row_begin + cw * 64 < tile.row_end;
-    zero_accumulators(acc);
-    for (int64_t kt = 0; kt < k_tiles; ++kt, ++it) {
-      const uint32_t stage = smem_base + static_cast<uint32_t>(ws_acquire(bars, it)) * kV3StageBytes;
-      const uint32_t sa = stage + cw * 64 * kV3RowBytes, sb = stage + kV3BM * kV3RowBytes;
-      if (wg_rows) {
+  auto produce = [&] {
+    ws_produce<kCluster, kV3BM, kV3BN, kStagesV3, kV3BK>(p, bars, smem_base, tma_a, tma_b, k_tiles);
+  };
+  auto consume = [&](int cw) {  // consumer warpgroup 0 / 1: rows cw * 64 of each tile
+    const int warp_in_group = (threadIdx.x % 128) / 32;
+    int64_t it = 0;
+    float acc[1][kV3BN / 8][4];
+    for_each_ws_tile<kCluster, kV3BM, kV3BN>(p, [&](const RowTile& tile, int64_t n0) {
+      // As v3: a consumer with no rows in a short grouped tile skips its wgmma.
+      const bool wg_rows = !p.v3_skip_empty_rows || tile.row_begin + cw * 64 < tile.row_end;
+      zero_accumulators(acc);
+      for (int64_t kt = 0; kt < k_tiles; ++kt, ++it) {
+        const uint32_t stage = smem_base + static_cast<uint32_t>(ws_acquire(bars, it)) * kV3StageBytes;
+        const uint32_t sa = stage + cw * 64 * kV3RowBytes, sb = stage + kV3BM * kV3RowBytes;
+        if (wg_rows) issue_v3_tile<T>(acc, sa, sb);
+        wgmma_wait<1>();
         pin_accumulators(acc);
-        wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < kV3BK / 16; ++ks)
-          wgmma_m64n256k16<T>(acc, wgmma_desc(sa + ks * 32), wgmma_desc(sb + ks * 32));
-        wgmma_commit();
+        if (kt > 0) ws_release<kCluster>(bars, it - 1);
       }
-      wgmma_wait<1>();
+      wgmma_wait<0>();
       pin_accumulators(acc);
-      if (kt > 0) ws_release(bars, it - 1);
-    }
-    wgmma_wait<0>();
-    pin_accumulators(acc);
-    if (k_tiles > 0) ws_release(bars, it - 1);
-    mma_epilogue(p, acc, tile.row_begin + cw * 64 + warp_in_group * 16, tile.row_end, n0);
-  });
+      if (k_tiles > 0) ws_release<kCluster>(bars, it - 1);
+      mma_epilogue(p, acc, tile.row_begin + cw * 64 + warp_in_group * 16, tile.row_end, n0);
+    });
+  };
+  ws_run<kCluster>(bars, produce, consume);
 #else
-  __trap();  // never launched: launch_ws_gemm checks the kernel was built for sm_90a
+  __trap();  // never launched: launch_ws checks the kernel was built for sm_90a
 #endif
 }
 
 // FP8: FP8 v3's tiles, wgmma and promotion, kStagesF8Ws stages. A consumer waits
 // for each block's wgmma, releases its stage and promotes; its scales are read
 // before it waits for the block's copies, so their latency hides there.
+template <bool kCluster>
 __global__ void __launch_bounds__(kWsThreads, 1)
     fp8_ws_gemm_kernel(Fp8GemmParams p, const __grid_constant__ CUtensorMap tma_a,
                        const __grid_constant__ CUtensorMap tma_b) {
@@ -1181,58 +1243,44 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ __align__(8) WsBarriers<kStagesF8Ws> bars;
   const uint32_t smem_base = (shared_addr(smem_raw) + 1023u) & ~1023u;
-  ws_init(bars);
-  const int warpgroup = threadIdx.x / 128;
-  if (warpgroup == 0) {
-    setmaxnreg_dec<kWsProducerRegs>();
-    if (threadIdx.x < 32)
-      ws_produce<kF8BM, kF8BN, kStagesF8Ws, kFp8Block>(p, bars, smem_base, tma_a, tma_b, p.k_blocks);
-    return;
-  }
-  setmaxnreg_inc<kWsConsumerRegs>();
-  const int cw = warpgroup - 1, lane = threadIdx.x & 31, warp_in_group = (threadIdx.x % 128) / 32;
-  GemmParams out;  // the shared epilogue's view: plain stores
-  out.out = p.out;
-  out.out_dtype = p.out_dtype;
-  out.m = p.m;
-  out.n = p.n;
-  int64_t it = 0;
-  // part needs no zeroing: a block's first wgmma overwrites it (scale-d 0).
-  float part[1][kF8BN / 8][4], acc[1][kF8BN / 8][4];
-  for_each_ws_tile<kF8BM, kF8BN>(p, [&](const RowTile& tile, int64_t n0) {
-    const float* __restrict__ w_scales =
-        p.w_scales + (tile.group * ((p.n + kFp8Block - 1) / kFp8Block) + n0 / kFp8Block) * p.k_blocks;
-    const int64_t warp_row0 = tile.row_begin + cw * 64 + warp_in_group * 16;
-    const float* __restrict__ a_scales[2];
+  auto produce = [&] {
+    ws_produce<kCluster, kF8BM, kF8BN, kStagesF8Ws, kFp8Block>(p, bars, smem_base, tma_a, tma_b, p.k_blocks);
+  };
+  auto consume = [&](int cw) {  // consumer warpgroup 0 / 1: rows cw * 64 of each tile
+    const int lane = threadIdx.x & 31, warp_in_group = (threadIdx.x % 128) / 32;
+    GemmParams out;  // the shared epilogue's view: plain stores
+    out.out = p.out;
+    out.out_dtype = p.out_dtype;
+    out.m = p.m;
+    out.n = p.n;
+    int64_t it = 0;
+    // part needs no zeroing: a block's first wgmma overwrites it (scale-d 0).
+    float part[1][kF8BN / 8][4], acc[1][kF8BN / 8][4];
+    for_each_ws_tile<kCluster, kF8BM, kF8BN>(p, [&](const RowTile& tile, int64_t n0) {
+      const float* __restrict__ w_scales =
+          p.w_scales + (tile.group * ((p.n + kFp8Block - 1) / kFp8Block) + n0 / kFp8Block) * p.k_blocks;
+      const int64_t warp_row0 = tile.row_begin + cw * 64 + warp_in_group * 16;
+      const float* __restrict__ a_scales[2];  // the thread's two rows (clamped into the tile's)
 #pragma unroll
-    for (int half = 0; half < 2; ++half)
-      a_scales[half] = p.a_scales + min(warp_row0 + (lane >> 2) + half * 8, tile.row_end - 1) * p.k_blocks;
-    zero_accumulators(acc);
-    for (int64_t kb = 0; kb < p.k_blocks; ++kb, ++it) {
-      const float scale0 = a_scales[0][kb], scale1 = a_scales[1][kb], w_scale = w_scales[kb];
-      const uint32_t stage = smem_base + static_cast<uint32_t>(ws_acquire(bars, it)) * kF8StageBytes;
-      const uint32_t sa = stage + cw * 64 * kF8RowBytes, sb = stage + kF8BM * kF8RowBytes;
-      pin_accumulators(part);
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < kFp8Block / 32; ++ks)
-        wgmma_m64n128k32_e4m3(part, wgmma_desc(sa + ks * 32), wgmma_desc(sb + ks * 32), ks > 0);
-      wgmma_commit();
-      wgmma_wait<0>();
-      pin_accumulators(part);
-      ws_release(bars, it);
-#pragma unroll
-      for (int ni = 0; ni < kF8BN / 8; ++ni) {
-        acc[0][ni][0] = __fadd_rn(acc[0][ni][0], __fmul_rn(__fmul_rn(part[0][ni][0], scale0), w_scale));
-        acc[0][ni][1] = __fadd_rn(acc[0][ni][1], __fmul_rn(__fmul_rn(part[0][ni][1], scale0), w_scale));
-        acc[0][ni][2] = __fadd_rn(acc[0][ni][2], __fmul_rn(__fmul_rn(part[0][ni][2], scale1), w_scale));
-        acc[0][ni][3] = __fadd_rn(acc[0][ni][3], __fmul_rn(__fmul_rn(part[0][ni][3], scale1), w_scale));
+      for (int half = 0; half < 2; ++half)
+        a_scales[half] = p.a_scales + min(warp_row0 + (lane >> 2) + half * 8, tile.row_end - 1) * p.k_blocks;
+      zero_accumulators(acc);
+      for (int64_t kb = 0; kb < p.k_blocks; ++kb, ++it) {
+        const float scale0 = a_scales[0][kb], scale1 = a_scales[1][kb], w_scale = w_scales[kb];
+        const uint32_t stage = smem_base + static_cast<uint32_t>(ws_acquire(bars, it)) * kF8StageBytes;
+        const uint32_t sa = stage + cw * 64 * kF8RowBytes, sb = stage + kF8BM * kF8RowBytes;
+        issue_fp8_block(part, sa, sb);
+        wgmma_wait<0>();
+        pin_accumulators(part);
+        ws_release<kCluster>(bars, it);
+        promote_fp8_block(acc, part, {scale0, scale1}, w_scale);
       }
-    }
-    mma_epilogue(out, acc, warp_row0, tile.row_end, n0);
-  });
+      mma_epilogue(out, acc, warp_row0, tile.row_end, n0);
+    });
+  };
+  ws_run<kCluster>(bars, produce, consume);
 #else
-  __trap();  // never launched: launch_fp8_ws_gemm checks the kernel was built for sm_90a
+  __trap();  // never launched: launch_ws checks the kernel was built for sm_90a
 #endif
 }
 
@@ -1747,40 +1795,82 @@ bool launch_wgmma_variant(const GemmParams& p, const CUtensorMap& map_a, const C
   return true;
 }
 
-// The warp-specialized kernels (ws_gemm_kernel, fp8_ws_gemm_kernel): one
-// persistent CTA per SM (fewer for fewer tiles). False (nothing launched) where
-// the kernel cannot run.
-template <typename Kernel, typename P>
-bool launch_ws(Kernel kernel, const P& p, int64_t tiles, int smem, const CUtensorMap& map_a,
-               const CUtensorMap& map_b, cudaStream_t stream, std::atomic<uint64_t>& checked,
-               std::atomic<uint64_t>& usable, cudaError_t& err) {
+// The warp-specialized kernels (ws_gemm_kernel, fp8_ws_gemm_kernel), BM x BN
+// tiles: one persistent CTA per SM (fewer for fewer tiles); kCluster: as many
+// clusters of two as the GPU holds at once (fewer for fewer pairs of m tiles).
+// False (nothing launched) where the kernel cannot run.
+template <bool kCluster, auto kernel, typename P>
+bool launch_ws(const P& p, int64_t bm, int64_t bn, int smem, const CUtensorMap& map_a, const CUtensorMap& map_b,
+               cudaStream_t stream, cudaError_t& err) {
+  static std::atomic<uint64_t> checked{0}, usable{0};  // per kernel (wgmma_usable)
   if (!wgmma_usable(kernel, smem, p.built_sm90a, checked, usable, err)) return false;
   if (err != cudaSuccess) return true;
-  const int64_t ctas = std::min<int64_t>(tiles, multiprocessor_count());
-  kernel<<<static_cast<unsigned>(ctas), kWsThreads, smem, stream>>>(p, map_a, map_b);
-  err = cudaGetLastError();
+  const int64_t m_tiles = row_tiles(p, bm), n_tiles = (p.n + bn - 1) / bn;
+  if constexpr (!kCluster) {
+    const int64_t ctas = std::min<int64_t>(m_tiles * n_tiles, multiprocessor_count());
+    kernel<<<static_cast<unsigned>(ctas), kWsThreads, smem, stream>>>(p, map_a, map_b);
+    err = cudaGetLastError();
+  } else {
+    cudaLaunchAttribute cluster{};
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = 2;
+    cluster.val.clusterDim.y = 1;
+    cluster.val.clusterDim.z = 1;
+    // Clusters resident at once (GPCs may leave an SM unpaired); a smaller grid
+    // than that would leave SMs idle, a larger one would run a second partial wave.
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(2);
+    config.blockDim = dim3(kWsThreads);
+    config.dynamicSmemBytes = smem;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+    int resident = 0;
+    if (cudaOccupancyMaxActiveClusters(&resident, kernel, &config) != cudaSuccess || resident < 1) {
+      cudaGetLastError();  // not sticky: clear it
+      resident = std::max(1, multiprocessor_count() / 2);
+    }
+    const int64_t clusters = std::min<int64_t>((m_tiles + 1) / 2 * n_tiles, resident);
+    err = launch_with_attribute(cluster, kernel, dim3(static_cast<unsigned>(2 * clusters)), dim3(kWsThreads),
+                                smem, stream, p, map_a, map_b);
+  }
   note_kernel_ran(std::is_same_v<P, GemmParams> ? LaunchedFamily::kGemmV3Variant : LaunchedFamily::kFp8V3Variant,
-                  kV3Tma | kV3WarpSpecialized);
+                  kV3Tma | kV3WarpSpecialized | (kCluster ? kV3Cluster : 0));
   return true;
 }
 
+// Warp-specialized v3 where the tensor maps can be made (B's boxes: half tiles
+// for clusters) and the kernel can run: clusters for plain GEMMs with `cluster`,
+// else (or where the cluster kernel cannot run) single CTAs.
+template <auto kernel, auto cluster_kernel, typename P>
+bool launch_ws_variant(const P& p, bool cluster, const void* a, const void* b, CUtensorMapDataType type,
+                       int64_t elem, int64_t bm, int64_t bn, int smem, cudaStream_t stream, cudaError_t& err) {
+  CUtensorMap map_a{}, map_b{};
+  if (!encode_operand_map(map_a, a, type, elem, p.k, p.m, static_cast<uint32_t>(bm))) return false;
+  if (cluster && p.offsets == nullptr &&
+      encode_operand_map(map_b, b, type, elem, p.k, p.groups * p.n, static_cast<uint32_t>(bn / 2)) &&
+      (launch_ws<true, cluster_kernel>(p, bm, bn, smem, map_a, map_b, stream, err) || err != cudaSuccess))
+    return true;
+  return encode_operand_map(map_b, b, type, elem, p.k, p.groups * p.n, static_cast<uint32_t>(bn)) &&
+         launch_ws<false, kernel>(p, bm, bn, smem, map_a, map_b, stream, err);
+}
+
 // v3 with TMA where both tensor maps can be made (p.v3_tma), else with cp.async;
-// warp-specialized with p.v3_warp_specialized (TMA; it takes precedence), else
-// plain GEMMs in clusters of two with p.v3_cluster, the copies one tile further
-// ahead with p.v3_deep_prefetch (both TMA only).
+// warp-specialized with p.v3_warp_specialized (TMA; it takes precedence; plain
+// GEMMs in clusters of two with p.v3_cluster), else plain GEMMs in clusters of two
+// with p.v3_cluster, the copies one tile further ahead with p.v3_deep_prefetch
+// (both TMA only).
 template <typename T>
 bool launch_wgmma(const GemmParams& p, cudaStream_t stream, cudaError_t& err) {
   CUtensorMap map_a{}, map_b{};
   const CUtensorMapDataType type =
       p.ab_dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   const bool cluster = p.v3_cluster && p.offsets == nullptr;
-  if (p.v3_tma && p.v3_warp_specialized && encode_operand_map(map_a, p.a, type, 2, p.k, p.m, kV3BM) &&
-      encode_operand_map(map_b, p.b, type, 2, p.k, p.groups * p.n, kV3BN)) {
-    static std::atomic<uint64_t> checked{0}, usable{0};
-    if (launch_ws(ws_gemm_kernel<T>, p, row_tiles(p, kV3BM) * ((p.n + kV3BN - 1) / kV3BN), kV3SmemBytes,
-                  map_a, map_b, stream, checked, usable, err))
-      return true;
-  }
+  if (p.v3_tma && p.v3_warp_specialized &&
+      (launch_ws_variant<ws_gemm_kernel<T, false>, ws_gemm_kernel<T, true>>(p, p.v3_cluster, p.a, p.b, type, 2,
+                                                                           kV3BM, kV3BN, kV3SmemBytes, stream,
+                                                                           err) ||
+       err != cudaSuccess))
+    return true;
   if (p.v3_tma && encode_operand_map(map_a, p.a, type, 2, p.k, p.m, kV3BM) &&
       encode_operand_map(map_b, p.b, type, 2, p.k, p.groups * p.n, cluster ? kV3BN / 2 : kV3BN)) {
     if (cluster) {
@@ -1813,19 +1903,18 @@ bool launch_fp8_wgmma_variant(const Fp8GemmParams& p, const CUtensorMap& map_a, 
 
 // FP8 v3 with TMA where both tensor maps can be made (p.v3_tma), else with
 // cp.async; warp-specialized with p.v3_warp_specialized (TMA; it takes
-// precedence); else with TMA, the copies ahead by all stages with
+// precedence; clusters with p.v3_cluster); else with TMA, the copies ahead by all stages with
 // p.v3_deep_prefetch, and plain GEMMs in clusters of two with p.v3_cluster (which
 // implies it).
 bool launch_fp8_wgmma(const Fp8GemmParams& p, cudaStream_t stream, cudaError_t& err) {
   CUtensorMap map_a{}, map_b{};
   const bool cluster = p.v3_cluster && p.offsets == nullptr;
-  if (p.v3_warp_specialized && encode_operand_map(map_a, p.a, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, p.m, kF8BM) &&
-      encode_operand_map(map_b, p.w, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, p.groups * p.n, kF8BN)) {
-    static std::atomic<uint64_t> checked{0}, usable{0};
-    if (launch_ws(fp8_ws_gemm_kernel, p, row_tiles(p, kF8BM) * ((p.n + kF8BN - 1) / kF8BN), kF8WsSmemBytes,
-                  map_a, map_b, stream, checked, usable, err))
-      return true;
-  }
+  if (p.v3_warp_specialized &&
+      (launch_ws_variant<fp8_ws_gemm_kernel<false>, fp8_ws_gemm_kernel<true>>(
+           p, p.v3_cluster, p.a, p.w, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, kF8BM, kF8BN, kF8WsSmemBytes, stream,
+           err) ||
+       err != cudaSuccess))
+    return true;
   if (p.v3_tma && encode_operand_map(map_a, p.a, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, p.m, kF8BM) &&
       encode_operand_map(map_b, p.w, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, p.groups * p.n,
                          cluster ? kF8BN / 2 : kF8BN)) {

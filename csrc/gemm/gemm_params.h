@@ -63,9 +63,9 @@ struct GemmParams {
   bool v3_deep_prefetch = false;
   // v3 (TMA) warp-specialized and persistent: a producer warpgroup issues the
   // copies, two consumer warpgroups synchronize with it through per-stage
-  // mbarriers only (gemm_cuda.cu, ws_gemm_kernel; v3's bits). Takes precedence
-  // over the cluster and deep variants. Opt-in (DSK_GEMM_WARP_SPECIALIZED=1, read
-  // once): not yet run on a GPU.
+  // mbarriers only (gemm_cuda.cu, ws_gemm_kernel; v3's bits); with v3_cluster in
+  // clusters of two (plain GEMMs). Takes precedence over the deep variant.
+  // Opt-in (DSK_GEMM_WARP_SPECIALIZED=1, read once): not yet run on a GPU.
   bool v3_warp_specialized = false;
 };
 
@@ -155,9 +155,9 @@ struct Fp8GemmParams {
   bool v3_cluster = false;
   // Warp-specialized and persistent, with TMA (gemm_cuda.cu, fp8_ws_gemm_kernel;
   // the bits of v3): a producer warpgroup and two consumers that meet only at
-  // per-stage mbarriers, so one consumer's promotion overlaps the other's wgmma.
-  // Takes precedence over the variants above. Opt-in (DSK_FP8_WARP_SPECIALIZED=1,
-  // read once): not yet run on a GPU.
+  // per-stage mbarriers, so one consumer's promotion overlaps the other's wgmma;
+  // with v3_cluster in clusters of two (plain GEMMs). Takes precedence over deep
+  // prefetch. Opt-in (DSK_FP8_WARP_SPECIALIZED=1, read once): not yet run on a GPU.
   bool v3_warp_specialized = false;
 };
 
