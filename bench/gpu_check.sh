@@ -23,9 +23,10 @@
 #   1. build + the CUDA tests split into families, each in its own process (a kernel
 #      that faults poisons its process's CUDA context, one that hangs stalls it), SMOKE_JOBS
 #      at a time, so one broken kernel cannot hide the others' results, + the demo:
-#      TORCH_CUDA_ARCH_LIST=9.0a SMOKE_JOBS=5 SMOKE_TIMEOUT=300 SKIP_TESTS=1 SKIP_LARGE=1
-#      SKIP_SANITIZER=1 SKIP_BENCH=1 bash bench/gpu_check.sh OUT (a family of a new kernel
-#      that deadlocks, e.g. on a cluster barrier, then costs 5 minutes, not 7)
+#      TORCH_CUDA_ARCH_LIST=9.0a SMOKE_JOBS=5 SMOKE_TIMEOUT=120 SKIP_TESTS=1 SKIP_LARGE=1
+#      SKIP_SANITIZER=1 SKIP_BENCH=1 bash bench/gpu_check.sh OUT (session 6's families took
+#      8-41 s each; a family of a new kernel that deadlocks, e.g. on an mbarrier of the
+#      warp-specialized pipelines, then costs 2 minutes, not 7)
 #   2a. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_BENCH=1 SKIP_DEMO=1
 #      SANITIZE_FAMILIES="gemm-ws fp8-ws ws-cluster attention-bwd-v3" (past 2^31 and memcheck of the
 #      newest kernels), 2b. the same with SKIP_LARGE=1 and SANITIZE_FAMILIES="gemm-cluster
