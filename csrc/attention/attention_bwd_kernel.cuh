@@ -48,11 +48,11 @@ __global__ void __launch_bounds__(kThreads) attention_delta_kernel(const AttnPar
 }
 
 // lse in base 2 for p = exp2(s2 - lse2); +inf for rows that saw nothing or do not exist.
+__device__ __forceinline__ float lse2_from(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2eF; }
 __device__ __forceinline__ float lse2_of(const AttnParams& p, int64_t b, int64_t h,
                                          const SeqRange& r, int64_t i) {
   if (i >= r.q_len) return INFINITY;
-  const float l = static_cast<const float*>(p.lse)[lse_offset(p, b, h, r, i)];
-  return l == -INFINITY ? INFINITY : l * kLog2eF;
+  return lse2_from(static_cast<const float*>(p.lse)[lse_offset(p, b, h, r, i)]);
 }
 
 // A [16 x BN] score block (rows from an A tile at row a0, columns from a [n][k]

@@ -144,21 +144,47 @@ __device__ __forceinline__ void dkdv_dq_body(const AttnParams& p, float scale_lo
     const int64_t koff = ((r.k_start + n0) * p.Hkv + hk) * D;
     const KeyTileSteps steps = key_tile_steps(p, r, n0, BM, group);
     const int64_t qt_begin = steps.qt_begin, per_head = steps.per_head, n_iter = steps.n_iter;
+    // Step it's query rows: head and first row; its Q and dO tiles into stage st
+    // (cp.async); its rows' lse and delta (thread tid < BM: row tid; raw lse,
+    // +inf past the rows) into registers, stored to the stage by store_stats.
+    auto step_rows = [&](int64_t it, int64_t& h, int64_t& i0) {
+      h = hk * group + it / per_head;
+      i0 = (qt_begin + it % per_head) * BM;
+    };
     auto load_q = [&](int64_t it, int st) {
-      const int64_t h = hk * group + it / per_head, i0 = (qt_begin + it % per_head) * BM;
+      int64_t h, i0;
+      step_rows(it, h, i0);
       const int64_t off = ((r.q_start + i0) * p.Hq + h) * D;
       load_tile<BM, D>(sQ + st * kQ, q + off, q_stride, r.q_len - i0);
       load_tile<BM, D>(sdO + st * kQ, dout + off, q_stride, r.q_len - i0);
+    };
+    auto load_stats = [&](int64_t it, float& lse, float& delta) {
+      int64_t h, i0;
+      step_rows(it, h, i0);
+      lse = INFINITY;
+      delta = 0.f;
+      if (tid < BM && i0 + tid < r.q_len) {
+        const int64_t o = lse_offset(p, b, h, r, i0 + tid);
+        lse = static_cast<const float*>(p.lse)[o];
+        delta = p.delta[o];
+      }
+    };
+    auto store_stats = [&](int st, float lse, float delta) {
       if (tid < BM) {
-        sLse[st * BM + tid] = lse2_of(p, b, h, r, i0 + tid);
-        sDelta[st * BM + tid] = i0 + tid < r.q_len ? p.delta[lse_offset(p, b, h, r, i0 + tid)] : 0.f;
+        sLse[st * BM + tid] = lse2_from(lse);
+        sDelta[st * BM + tid] = delta;
       }
     };
 
     __syncthreads();  // the previous key tile's reads of K, V, the stages and the staged rows are done
     load_tile<BN, D>(sK, static_cast<const T*>(p.k) + koff, k_stride, keys);
     load_tile<BN, D>(sV, static_cast<const T*>(p.v) + koff, k_stride, keys);
-    if (n_iter > 0) load_q(0, 0);
+    if (n_iter > 0) {
+      load_q(0, 0);
+      float lse, delta;
+      load_stats(0, lse, delta);
+      store_stats(0, lse, delta);
+    }
     cp_async_commit();
 
 #pragma unroll
@@ -177,9 +203,17 @@ __device__ __forceinline__ void dkdv_dq_body(const AttnParams& p, float scale_lo
       cp_async_wait<0>();
       fence_proxy_async();
       __syncthreads();
-      if (it + 1 < n_iter) load_q(it + 1, st ^ 1);
+      // Step it + 1's rows into stage st ^ 1 (read by step it - 1, done for every
+      // thread past the barrier); its statistics are stored once this step's
+      // score wgmma are issued, so their load latency hides behind them.
+      float lse_next = INFINITY, delta_next = 0.f;
+      if (it + 1 < n_iter) {
+        load_q(it + 1, st ^ 1);
+        load_stats(it + 1, lse_next, delta_next);
+      }
       cp_async_commit();
-      const int64_t h = hk * group + it / per_head, i0 = (qt_begin + it % per_head) * BM;
+      int64_t h, i0;
+      step_rows(it, h, i0);
       const uint32_t q_t = sQ + st * kQ, do_t = sdO + st * kQ;
 
       // S^T and dP^T: this warpgroup's 64 keys x BM queries, D / 16 steps each.
@@ -193,6 +227,7 @@ __device__ __forceinline__ void dkdv_dq_body(const AttnParams& p, float scale_lo
       wgmma_fence();
       issue_scores<T, D, BM>(s, sK + wg * 64 * 128, q_t);
       issue_scores<T, D, BM>(dp, sV + wg * 64 * 128, do_t);
+      if (it + 1 < n_iter) store_stats(st ^ 1, lse_next, delta_next);
       wgmma_wait<1>();  // S^T landed; dP^T may still run
       pin_accumulators(s);
 
