@@ -145,14 +145,15 @@ __device__ __forceinline__ void cluster_sync() {
   cluster_wait();
 }
 // The address of shared-memory location `addr` (this CTA's) in the CTA of cluster
-// rank `rank`, and one arrival on the mbarrier at such an address.
+// rank `rank`, and one arrival (releasing this thread's prior accesses at cluster
+// scope) on the mbarrier at such an address.
 __device__ __forceinline__ uint32_t cluster_map_shared(uint32_t addr, uint32_t rank) {
   uint32_t mapped;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(mapped) : "r"(addr), "r"(rank));
   return mapped;
 }
 __device__ __forceinline__ void mbar_arrive_cluster(uint32_t cluster_addr) {
-  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_addr) : "memory");
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_addr) : "memory");
 }
 
 // Warp specialization: the executing warpgroup's per-thread register count

@@ -1069,14 +1069,18 @@ __global__ void __launch_bounds__(kF8Threads, 1)
 // the consumer threads of both CTAs, each arriving on its own CTA's and its
 // peer's. A CTA whose m tile lies past M runs every step (it loads no A and
 // stores nothing). Neither CTA exits before the other is done with it.
-constexpr int kWsThreads = 384;
+constexpr int kWsThreads = 384, kWsConsumerThreads = 256;
+// Per-thread registers after setmaxnreg: the CTA's 384 x 168 (launch bounds) are
+// exactly 128 x 40 + 256 x 232; a build giving the kernel fewer would leave the
+// consumers' setmaxnreg.inc waiting forever, so launch_ws checks it.
+constexpr int kWsProducerRegs = 40, kWsConsumerRegs = 232;
+constexpr int kWsRegsPerCta = (kWsThreads - kWsConsumerThreads) * kWsProducerRegs + kWsConsumerThreads * kWsConsumerRegs;
+static_assert(kWsRegsPerCta <= 65536, "the warp-specialized register split exceeds an SM's registers");
 constexpr int kStagesF8Ws = 6;  // 6 x 32 KiB
 constexpr int kF8WsSmemBytes = kStagesF8Ws * kF8StageBytes + 1024;
 static_assert(kF8WsSmemBytes <= 227 * 1024, "FP8 warp-specialized shared memory exceeds sm_90's limit");
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-constexpr int kWsConsumerThreads = 256;
-constexpr int kWsProducerRegs = 40, kWsConsumerRegs = 232;  // 128 x 40 + 256 x 232 <= 64 K
 
 template <int kStages>
 struct WsBarriers {
@@ -1805,6 +1809,11 @@ bool launch_ws(const P& p, int64_t bm, int64_t bn, int smem, const CUtensorMap& 
   static std::atomic<uint64_t> checked{0}, usable{0};  // per kernel (wgmma_usable)
   if (!wgmma_usable(kernel, smem, p.built_sm90a, checked, usable, err)) return false;
   if (err != cudaSuccess) return true;
+  static const bool regs_ok = [] {  // the register split's premise (kWsRegsPerCta)
+    cudaFuncAttributes attr{};
+    return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.numRegs * kWsThreads >= kWsRegsPerCta;
+  }();
+  if (!regs_ok) return false;
   const int64_t m_tiles = row_tiles(p, bm), n_tiles = (p.n + bn - 1) / bn;
   if constexpr (!kCluster) {
     const int64_t ctas = std::min<int64_t>(m_tiles * n_tiles, multiprocessor_count());
@@ -1816,18 +1825,24 @@ bool launch_ws(const P& p, int64_t bm, int64_t bn, int smem, const CUtensorMap& 
     cluster.val.clusterDim.x = 2;
     cluster.val.clusterDim.y = 1;
     cluster.val.clusterDim.z = 1;
-    // Clusters resident at once (GPCs may leave an SM unpaired); a smaller grid
-    // than that would leave SMs idle, a larger one would run a second partial wave.
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(2);
-    config.blockDim = dim3(kWsThreads);
-    config.dynamicSmemBytes = smem;
-    config.attrs = &cluster;
-    config.numAttrs = 1;
-    int resident = 0;
-    if (cudaOccupancyMaxActiveClusters(&resident, kernel, &config) != cudaSuccess || resident < 1) {
-      cudaGetLastError();  // not sticky: clear it
-      resident = std::max(1, multiprocessor_count() / 2);
+    // Clusters resident at once (GPCs may leave an SM unpaired), per device; a
+    // smaller grid would leave SMs idle, a larger one run a second partial wave.
+    static std::atomic<int> resident_on[64] = {};
+    int device = 0;
+    if ((err = cudaGetDevice(&device)) != cudaSuccess) return true;
+    int resident = device < 64 ? resident_on[device].load(std::memory_order_relaxed) : 0;
+    if (resident == 0) {
+      cudaLaunchConfig_t config{};
+      config.gridDim = dim3(2);
+      config.blockDim = dim3(kWsThreads);
+      config.dynamicSmemBytes = smem;
+      config.attrs = &cluster;
+      config.numAttrs = 1;
+      if (cudaOccupancyMaxActiveClusters(&resident, kernel, &config) != cudaSuccess || resident < 1) {
+        cudaGetLastError();  // not sticky: clear it
+        resident = std::max(1, multiprocessor_count() / 2);
+      }
+      if (device < 64) resident_on[device].store(resident, std::memory_order_relaxed);
     }
     const int64_t clusters = std::min<int64_t>((m_tiles + 1) / 2 * n_tiles, resident);
     err = launch_with_attribute(cluster, kernel, dim3(static_cast<unsigned>(2 * clusters)), dim3(kWsThreads),
