@@ -36,6 +36,10 @@
 #      BENCH=core (benchmarks and the generations' A/B), 3b. the same with BENCH=ws, 3c. BENCH=variants
 #   4. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 SKIP_BENCH=1
 #      SKIP_DEMO=1 PROFILE=1 (ncu over bench/profile_targets.py; PROFILE_TARGETS picks)
+# All of them do not fit a session's 30 minutes of device time. The order that decides
+# the most open targets first: 1 (SKIP_DEMO=1; which new kernels are right), 3b (the
+# warp-specialized GEMM/FP8 numbers), 3a (attention backward v3 in the attention A/B, and
+# the defaults), 2a (memcheck of the kernels that passed), then 3c, 4, 2b, 2c, the demo.
 # The device tool returns few files: tar OUT.
 # SMOKE_FAMILIES picks families of step 1 (default: all, listed in smoke_family below);
 # the whole suite in one process (CPU tests too) is the tests step (SKIP_TESTS=0).
