@@ -153,7 +153,8 @@ __device__ __forceinline__ uint32_t cluster_map_shared(uint32_t addr, uint32_t r
   return mapped;
 }
 __device__ __forceinline__ void mbar_arrive_cluster(uint32_t cluster_addr) {
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_addr) : "memory");
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_addr)
+               : "memory");
 }
 
 // Warp specialization: the executing warpgroup's per-thread register count

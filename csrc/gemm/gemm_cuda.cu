@@ -662,7 +662,8 @@ __device__ __forceinline__ void issue_v3_tile(float (&acc)[1][kV3BN / 8][4], uin
   pin_accumulators(acc);
   wgmma_fence();
 #pragma unroll
-  for (int ks = 0; ks < kV3BK / 16; ++ks) wgmma_m64n256k16<T>(acc, wgmma_desc(sa + ks * 32), wgmma_desc(sb + ks * 32));
+  for (int ks = 0; ks < kV3BK / 16; ++ks)
+    wgmma_m64n256k16<T>(acc, wgmma_desc(sa + ks * 32), wgmma_desc(sb + ks * 32));
   wgmma_commit();
 }
 #endif
@@ -861,7 +862,8 @@ __device__ __forceinline__ void issue_fp8_block(float (&part)[1][kF8BN / 8][4], 
 // The promotion of a block's sums (gemm_params.h's contract):
 // acc += (part * a_scale of the row) * w_scale, a_scale[0] for accumulators 0-1
 // (row lane / 4), a_scale[1] for 2-3 (row lane / 4 + 8).
-__device__ __forceinline__ void promote_fp8_block(float (&acc)[1][kF8BN / 8][4], const float (&part)[1][kF8BN / 8][4],
+__device__ __forceinline__ void promote_fp8_block(float (&acc)[1][kF8BN / 8][4],
+                                                  const float (&part)[1][kF8BN / 8][4],
                                                   const float (&a_scale)[2], float w_scale) {
 #pragma unroll
   for (int half = 0; half < 2; ++half)
@@ -1074,7 +1076,8 @@ constexpr int kWsThreads = 384, kWsConsumerThreads = 256;
 // exactly 128 x 40 + 256 x 232; a build giving the kernel fewer would leave the
 // consumers' setmaxnreg.inc waiting forever, so launch_ws checks it.
 constexpr int kWsProducerRegs = 40, kWsConsumerRegs = 232;
-constexpr int kWsRegsPerCta = (kWsThreads - kWsConsumerThreads) * kWsProducerRegs + kWsConsumerThreads * kWsConsumerRegs;
+constexpr int kWsRegsPerCta =
+    (kWsThreads - kWsConsumerThreads) * kWsProducerRegs + kWsConsumerThreads * kWsConsumerRegs;
 static_assert(kWsRegsPerCta <= 65536, "the warp-specialized register split exceeds an SM's registers");
 constexpr int kStagesF8Ws = 6;  // 6 x 32 KiB
 constexpr int kF8WsSmemBytes = kStagesF8Ws * kF8StageBytes + 1024;
@@ -1804,8 +1807,8 @@ bool launch_wgmma_variant(const GemmParams& p, const CUtensorMap& map_a, const C
 // clusters of two as the GPU holds at once (fewer for fewer pairs of m tiles).
 // False (nothing launched) where the kernel cannot run.
 template <bool kCluster, auto kernel, typename P>
-bool launch_ws(const P& p, int64_t bm, int64_t bn, int smem, const CUtensorMap& map_a, const CUtensorMap& map_b,
-               cudaStream_t stream, cudaError_t& err) {
+bool launch_ws(const P& p, int64_t bm, int64_t bn, int smem, const CUtensorMap& map_a,
+               const CUtensorMap& map_b, cudaStream_t stream, cudaError_t& err) {
   static std::atomic<uint64_t> checked{0}, usable{0};  // per kernel (wgmma_usable)
   if (!wgmma_usable(kernel, smem, p.built_sm90a, checked, usable, err)) return false;
   if (err != cudaSuccess) return true;
@@ -1848,8 +1851,9 @@ bool launch_ws(const P& p, int64_t bm, int64_t bn, int smem, const CUtensorMap& 
     err = launch_with_attribute(cluster, kernel, dim3(static_cast<unsigned>(2 * clusters)), dim3(kWsThreads),
                                 smem, stream, p, map_a, map_b);
   }
-  note_kernel_ran(std::is_same_v<P, GemmParams> ? LaunchedFamily::kGemmV3Variant : LaunchedFamily::kFp8V3Variant,
-                  kV3Tma | kV3WarpSpecialized | (kCluster ? kV3Cluster : 0));
+  constexpr LaunchedFamily family =
+      std::is_same_v<P, GemmParams> ? LaunchedFamily::kGemmV3Variant : LaunchedFamily::kFp8V3Variant;
+  note_kernel_ran(family, kV3Tma | kV3WarpSpecialized | (kCluster ? kV3Cluster : 0));
   return true;
 }
 
