@@ -90,6 +90,7 @@ smoke_family() {
     fp8-ws) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_WARP_SPECIALIZED=1" ;;
     gemm-ws-cluster) echo "tests/test_gemm.py|v3 or versions or auto|DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_CLUSTER=1" ;;
     fp8-ws-cluster) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_WARP_SPECIALIZED=1 DSK_FP8_CLUSTER=1" ;;
+    fp8-ws-fma) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_FMA_PROMOTION=1" ;;
     moe-pdl) echo "tests/test_moe.py tests/test_cuda_graphs.py|gating or moe|DSK_MOE_PDL=1" ;;
     attention-bwd-unordered) echo "tests/test_attention.py|bwd_kernels_match_reference and bwd_v2|DSK_ATTENTION_BWD_UNORDERED=1" ;;
     gemm) echo "tests/test_gemm.py|not v3 and not tensor_core and not int8 and not versions and not fp8_grouped_gemm_cuda|" ;;
@@ -101,7 +102,7 @@ smoke_family() {
     *) return 1 ;;
   esac
 }
-SMOKE_ALL="gemm-ws fp8-ws gemm-ws-cluster fp8-ws-cluster attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-tma fp8-deep-prefetch fp8-cluster gemm-skip-empty moe-pdl attention-bwd-unordered attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 graphs attention gemm moe quant rest gemm-v3-cp-async"
+SMOKE_ALL="gemm-ws fp8-ws gemm-ws-cluster fp8-ws-cluster fp8-ws-fma attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-tma fp8-deep-prefetch fp8-cluster gemm-skip-empty moe-pdl attention-bwd-unordered attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 graphs attention gemm moe quant rest gemm-v3-cp-async"
 smoke_run() {  # one family, in the background's own process; its summary line goes to smoke-NAME.sum
   local spec files kexpr envs
   spec=$(smoke_family "$1") || { echo "$1: unknown family" >"$OUT/smoke-$1.sum"; return; }
@@ -183,8 +184,8 @@ elif command -v compute-sanitizer >/dev/null; then
       gemm-cluster) sanitize gemm-cluster tests/test_gemm.py "v3 or versions or auto" DSK_GEMM_CLUSTER=1 ;;
       gemm-ws) sanitize gemm-ws tests/test_gemm.py "v3 or versions or auto or grouped" DSK_GEMM_WARP_SPECIALIZED=1 ;;
       fp8-ws) sanitize fp8-ws tests/test_gemm.py "tensor_core or fp8_grouped_gemm_cuda" DSK_FP8_WARP_SPECIALIZED=1 ;;
-      # clusters for plain GEMMs, both families at once
-      ws-cluster) sanitize ws-cluster tests/test_gemm.py "v3 or versions or auto or tensor_core" DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_CLUSTER=1 DSK_FP8_WARP_SPECIALIZED=1 DSK_FP8_CLUSTER=1 ;;
+      # clusters for plain GEMMs, and FP8's fused promotion
+      ws-cluster) sanitize ws-cluster tests/test_gemm.py "v3 or versions or auto or tensor_core" DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_CLUSTER=1 DSK_FP8_FMA_PROMOTION=1 DSK_FP8_CLUSTER=1 ;;
       # both variants at once: plain GEMMs run cluster + deep, grouped ones deep only
       gemm-deep-prefetch) sanitize gemm-deep-prefetch tests/test_gemm.py "v3 or versions or auto" DSK_GEMM_CLUSTER=1 DSK_GEMM_DEEP_PREFETCH=1 ;;
       fp8-tma) sanitize fp8-tma tests/test_gemm.py "tensor_core or fp8_grouped_gemm_cuda" DSK_FP8_TMA=1 ;;
@@ -249,6 +250,10 @@ if [ "${SKIP_BENCH:-0}" = 1 ]; then echo "skipped (SKIP_BENCH=1)"; else
       $SMALL_GEMM_ROWS
     gemm_variant_bench ws-skip-cluster-rows "DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_SKIP_EMPTY_ROWS=1
       DSK_FP8_WARP_SPECIALIZED=1 DSK_FP8_CLUSTER=1" "^(grouped|fp8)" $SMALL_GEMM_ROWS
+    # FP8's fused promotion (DSK_FP8_FMA_PROMOTION=1), alone and in clusters: the fp8 rows.
+    gemm_variant_bench fp8-ws-fma "DSK_FP8_FMA_PROMOTION=1" "^fp8" $SMALL_GEMM_ROWS --grouped 4096 8 256 256
+    gemm_variant_bench fp8-ws-fma-cluster "DSK_FP8_FMA_PROMOTION=1 DSK_FP8_CLUSTER=1" "^fp8" $SMALL_GEMM_ROWS \
+      --grouped 4096 8 256 256
   fi
   if bench_set variants; then
     # Gating with its later kernels as programmatic dependent launches (DSK_MOE_PDL=1, opt-in).

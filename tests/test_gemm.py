@@ -659,7 +659,38 @@ for op, args, kwargs in cases:
 torch.save((outs, variants), sys.argv[2])
 """
 # V3Variant bits (csrc/common/kernel_choice.h).
-_V3_TMA, _V3_CLUSTER, _V3_DEEP, _V3_WARP_SPECIALIZED = 1, 2, 4, 8
+_V3_TMA, _V3_CLUSTER, _V3_DEEP, _V3_WARP_SPECIALIZED, _V3_FMA_PROMOTION = 1, 2, 4, 8, 16
+
+
+# The variables that pick v3's opt-in variants, per family (read once per process).
+_V3_KNOBS = {"gemm": ["DSK_GEMM_" + k for k in ("TMA", "CLUSTER", "DEEP_PREFETCH", "WARP_SPECIALIZED",
+                                                "SKIP_EMPTY_ROWS")],
+             "fp8_gemm": ["DSK_FP8_" + k for k in ("TMA", "CLUSTER", "DEEP_PREFETCH", "WARP_SPECIALIZED",
+                                                   "FMA_PROMOTION")]}
+
+
+def _skip_if_variant_env(family):
+    """The variant tests compare a subprocess's variant with this process's default
+    v3: skipped where this process itself runs a variant (gpu_check's variant families)."""
+    import os
+
+    knobs = [k for k in _V3_KNOBS[family] if os.environ.get(k)]
+    if knobs:
+        pytest.skip(f"compares against the default v3, and this process sets {knobs}")
+
+
+def _run_v3_variant(tmp_path, cases, choice_op, family, variant):
+    """`cases` through generation 3 of `family` in a fresh process with the
+    environment assignments in `variant`: (outputs, the V3Variant bits each ran)."""
+    import os
+    import subprocess
+    import sys
+
+    torch.save(cases, tmp_path / "cases.pt")
+    env = dict(os.environ, **dict(kv.split("=") for kv in variant.split()))
+    subprocess.run([sys.executable, "-c", _V3_CASES_SCRIPT, str(tmp_path / "cases.pt"),
+                    str(tmp_path / "outs.pt"), choice_op, family], env=env, check=True, timeout=300)
+    return torch.load(tmp_path / "outs.pt")
 
 
 def _assert_v3_variant_same_bits(tmp_path, cases, choice_op, family, variant, default_bits, variant_bits):
@@ -669,21 +700,14 @@ def _assert_v3_variant_same_bits(tmp_path, cases, choice_op, family, variant, de
     and asserts the two runs' outputs are the same bits, and that each case ran
     the v3 variant asked for: `default_bits` here, `variant_bits(op)` there (a
     variant that silently fell back would leave the test comparing v3 with itself)."""
-    import os
-    import subprocess
-    import sys
-
+    _skip_if_variant_env(family)
     with kernel_choice(choice_op, 3):
         ours = []
         for op, args, kwargs in cases:
             ours.append(getattr(dk, op)(*args, **kwargs))
             assert kernel_ran(family) == 3
             assert kernel_ran(family + "_v3_variant") == default_bits, op
-    torch.save(cases, tmp_path / "cases.pt")
-    env = dict(os.environ, **dict(kv.split("=") for kv in variant.split()))
-    subprocess.run([sys.executable, "-c", _V3_CASES_SCRIPT, str(tmp_path / "cases.pt"),
-                    str(tmp_path / "outs.pt"), choice_op, family], env=env, check=True, timeout=300)
-    theirs, ran = torch.load(tmp_path / "outs.pt")
+    theirs, ran = _run_v3_variant(tmp_path, cases, choice_op, family, variant)
     assert len(theirs) == len(ours)
     for i, ((op, _, _), a, b) in enumerate(zip(cases, ours, theirs)):
         assert ran[i] == variant_bits(op), (i, op, ran[i], variant_bits(op))
@@ -1158,6 +1182,41 @@ def test_cuda_fp8_v3_variants_same_bits(tmp_path, variant):
         return bits | (_V3_DEEP if cluster or "DEEP_PREFETCH" in variant else 0)  # cluster implies deep
 
     _assert_v3_variant_same_bits(tmp_path, cases, "_fp8_cuda_kernel", "fp8_gemm", variant, 0, variant_bits)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.skipif(not hopper_build(), reason="FP8 v3 (wgmma) needs an H100/H200 and an sm_90a build")
+@pytest.mark.parametrize("variant", ["DSK_FP8_FMA_PROMOTION=1", "DSK_FP8_FMA_PROMOTION=1 DSK_FP8_CLUSTER=1"],
+                         ids=["fma", "fma_cluster"])
+def test_cuda_fp8_v3_fma_promotion_close_to_v3(tmp_path, variant):
+    """The warp-specialized FP8 kernel promoting with one FMA (DSK_FP8_FMA_PROMOTION=1,
+    read once per process: a subprocess) against v3's contract promotion, on the same
+    block sums: each block's step differs by at most two roundings of fp32 (eps32
+    relative to |part * a_scale * w_scale| + |acc|, summed over the k blocks: 4 eps32 *
+    k_blocks * S with S = |x| @ |w|^T of the dequantized operands bounds both), then one
+    bf16 rounding each. That the fused promotion ran is read from the variant bits."""
+    _skip_if_variant_env("fp8_gemm")
+    cases, bounds = [], []
+    eps32, eps16 = torch.finfo(torch.float32).eps, torch.finfo(torch.bfloat16).eps
+    for m, n, k in [(77, 300, 528), (2100, 1100, 512)]:
+        qx, sx = dk.quantize_fp8(torch.randn(m, k, device="cuda") * 3, (1, 128))
+        qw, sw = dk.quantize_fp8(torch.randn(n, k, device="cuda"), (128, 128))
+        cases.append(("fp8_gemm", (qx, sx, qw, sw), {}))
+        kb = sx.shape[1]
+        xd = qx.float() * sx.repeat_interleave(128, 1)[:, :k]
+        wd = qw.float() * sw.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
+        bounds.append(4 * eps32 * kb * (xd.abs() @ wd.abs().t()))
+    with kernel_choice("_fp8_cuda_kernel", 3):
+        ours = [dk.fp8_gemm(*args, **kwargs) for _, args, kwargs in cases]
+        assert kernel_ran("fp8_gemm_v3_variant") == 0  # the default: cp.async, contract promotion
+    theirs, ran = _run_v3_variant(tmp_path, cases, "_fp8_cuda_kernel", "fp8_gemm", variant)
+    cluster = _V3_CLUSTER if "CLUSTER" in variant else 0
+    for i, (a, b, bound) in enumerate(zip(ours, theirs, bounds)):
+        assert ran[i] == _V3_TMA | _V3_WARP_SPECIALIZED | _V3_FMA_PROMOTION | cluster, ran[i]
+        a, b = a.double(), b.double()
+        tol = bound.double() + eps16 * (a.abs() + b.abs())
+        assert ((a - b).abs() <= tol).all(), (i, ((a - b).abs() - tol).max().item())
 
 
 @pytest.mark.parametrize("device", DEVICES)

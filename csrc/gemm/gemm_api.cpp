@@ -235,16 +235,18 @@ at::Tensor run_fp8_gemm(const char* op, const at::Tensor& a, const at::Tensor& a
   p.k_blocks = k_blocks;
   p.cuda_kernel = fp8_kernel_choice().get();
   p.built_sm90a = built_for_cuda_arch("sm_90a");
-  // Fp8GemmParams::v3_tma, v3_deep_prefetch, v3_cluster and v3_warp_specialized
-  // (the last three imply TMA).
+  // Fp8GemmParams::v3_tma, v3_deep_prefetch, v3_cluster, v3_warp_specialized and
+  // v3_fma_promotion (the last four imply TMA, the last one warp specialization).
   static const bool fp8_tma = env_equals("DSK_FP8_TMA", "1");
   static const bool fp8_deep = env_equals("DSK_FP8_DEEP_PREFETCH", "1");
   static const bool fp8_cluster = env_equals("DSK_FP8_CLUSTER", "1");
-  static const bool fp8_warp_specialized = env_equals("DSK_FP8_WARP_SPECIALIZED", "1");
+  static const bool fp8_fma_promotion = env_equals("DSK_FP8_FMA_PROMOTION", "1");
+  static const bool fp8_warp_specialized = env_equals("DSK_FP8_WARP_SPECIALIZED", "1") || fp8_fma_promotion;
   p.v3_tma = fp8_tma || fp8_deep || fp8_cluster || fp8_warp_specialized;
   p.v3_deep_prefetch = fp8_deep;
   p.v3_cluster = fp8_cluster;
   p.v3_warp_specialized = fp8_warp_specialized;
+  p.v3_fma_promotion = fp8_fma_promotion;
   if (grouped) {
     p.offsets = oc.data_ptr();
     p.offsets_int64 = oc.scalar_type() == at::kLong;

@@ -859,6 +859,21 @@ __device__ __forceinline__ void issue_fp8_block(float (&part)[1][kF8BN / 8][4], 
   wgmma_commit();
 }
 
+// The promotion with one fused operation (Fp8GemmParams::v3_fma_promotion):
+// acc = fma(part, a_scale * w_scale, acc).
+__device__ __forceinline__ void promote_fp8_block_fma(float (&acc)[1][kF8BN / 8][4],
+                                                      const float (&part)[1][kF8BN / 8][4],
+                                                      const float (&a_scale)[2], float w_scale) {
+  const float scale[2] = {__fmul_rn(a_scale[0], w_scale), __fmul_rn(a_scale[1], w_scale)};
+#pragma unroll
+  for (int half = 0; half < 2; ++half)
+#pragma unroll
+    for (int ni = 0; ni < kF8BN / 8; ++ni)
+#pragma unroll
+      for (int j = 2 * half; j < 2 * half + 2; ++j)
+        acc[0][ni][j] = __fmaf_rn(part[0][ni][j], scale[half], acc[0][ni][j]);
+}
+
 // The promotion of a block's sums (gemm_params.h's contract):
 // acc += (part * a_scale of the row) * w_scale, a_scale[0] for accumulators 0-1
 // (row lane / 4), a_scale[1] for 2-3 (row lane / 4 + 8).
@@ -1239,10 +1254,11 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 #endif
 }
 
-// FP8: FP8 v3's tiles, wgmma and promotion, kStagesF8Ws stages. A consumer waits
-// for each block's wgmma, releases its stage and promotes; its scales are read
-// before it waits for the block's copies, so their latency hides there.
-template <bool kCluster>
+// FP8: FP8 v3's tiles, wgmma and promotion (kFma: the fused one), kStagesF8Ws
+// stages. A consumer waits for each block's wgmma, releases its stage and
+// promotes; its scales are read before it waits for the block's copies, so their
+// latency hides there.
+template <bool kCluster, bool kFma>
 __global__ void __launch_bounds__(kWsThreads, 1)
     fp8_ws_gemm_kernel(Fp8GemmParams p, const __grid_constant__ CUtensorMap tma_a,
                        const __grid_constant__ CUtensorMap tma_b) {
@@ -1280,7 +1296,11 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         wgmma_wait<0>();
         pin_accumulators(part);
         ws_release<kCluster>(bars, it);
-        promote_fp8_block(acc, part, {scale0, scale1}, w_scale);
+        if constexpr (kFma) {
+          promote_fp8_block_fma(acc, part, {scale0, scale1}, w_scale);
+        } else {
+          promote_fp8_block(acc, part, {scale0, scale1}, w_scale);
+        }
       }
       mma_epilogue(out, acc, warp_row0, tile.row_end, n0);
     });
@@ -1808,7 +1828,7 @@ bool launch_wgmma_variant(const GemmParams& p, const CUtensorMap& map_a, const C
 // False (nothing launched) where the kernel cannot run.
 template <bool kCluster, auto kernel, typename P>
 bool launch_ws(const P& p, int64_t bm, int64_t bn, int smem, const CUtensorMap& map_a,
-               const CUtensorMap& map_b, cudaStream_t stream, cudaError_t& err) {
+               const CUtensorMap& map_b, int variant_bits, cudaStream_t stream, cudaError_t& err) {
   static std::atomic<uint64_t> checked{0}, usable{0};  // per kernel (wgmma_usable)
   if (!wgmma_usable(kernel, smem, p.built_sm90a, checked, usable, err)) return false;
   if (err != cudaSuccess) return true;
@@ -1853,24 +1873,27 @@ bool launch_ws(const P& p, int64_t bm, int64_t bn, int smem, const CUtensorMap& 
   }
   constexpr LaunchedFamily family =
       std::is_same_v<P, GemmParams> ? LaunchedFamily::kGemmV3Variant : LaunchedFamily::kFp8V3Variant;
-  note_kernel_ran(family, kV3Tma | kV3WarpSpecialized | (kCluster ? kV3Cluster : 0));
+  note_kernel_ran(family, variant_bits | kV3Tma | kV3WarpSpecialized | (kCluster ? kV3Cluster : 0));
   return true;
 }
 
 // Warp-specialized v3 where the tensor maps can be made (B's boxes: half tiles
 // for clusters) and the kernel can run: clusters for plain GEMMs with `cluster`,
 // else (or where the cluster kernel cannot run) single CTAs.
+// variant_bits: V3Variant bits the kernels add (kV3FmaPromotion).
 template <auto kernel, auto cluster_kernel, typename P>
 bool launch_ws_variant(const P& p, bool cluster, const void* a, const void* b, CUtensorMapDataType type,
-                       int64_t elem, int64_t bm, int64_t bn, int smem, cudaStream_t stream, cudaError_t& err) {
+                       int64_t elem, int64_t bm, int64_t bn, int smem, int variant_bits, cudaStream_t stream,
+                       cudaError_t& err) {
   CUtensorMap map_a{}, map_b{};
   if (!encode_operand_map(map_a, a, type, elem, p.k, p.m, static_cast<uint32_t>(bm))) return false;
   if (cluster && p.offsets == nullptr &&
       encode_operand_map(map_b, b, type, elem, p.k, p.groups * p.n, static_cast<uint32_t>(bn / 2)) &&
-      (launch_ws<true, cluster_kernel>(p, bm, bn, smem, map_a, map_b, stream, err) || err != cudaSuccess))
+      (launch_ws<true, cluster_kernel>(p, bm, bn, smem, map_a, map_b, variant_bits, stream, err) ||
+       err != cudaSuccess))
     return true;
   return encode_operand_map(map_b, b, type, elem, p.k, p.groups * p.n, static_cast<uint32_t>(bn)) &&
-         launch_ws<false, kernel>(p, bm, bn, smem, map_a, map_b, stream, err);
+         launch_ws<false, kernel>(p, bm, bn, smem, map_a, map_b, variant_bits, stream, err);
 }
 
 // v3 with TMA where both tensor maps can be made (p.v3_tma), else with cp.async;
@@ -1886,7 +1909,7 @@ bool launch_wgmma(const GemmParams& p, cudaStream_t stream, cudaError_t& err) {
   const bool cluster = p.v3_cluster && p.offsets == nullptr;
   if (p.v3_tma && p.v3_warp_specialized &&
       (launch_ws_variant<ws_gemm_kernel<T, false>, ws_gemm_kernel<T, true>>(p, p.v3_cluster, p.a, p.b, type, 2,
-                                                                           kV3BM, kV3BN, kV3SmemBytes, stream,
+                                                                           kV3BM, kV3BN, kV3SmemBytes, 0, stream,
                                                                            err) ||
        err != cudaSuccess))
     return true;
@@ -1922,18 +1945,24 @@ bool launch_fp8_wgmma_variant(const Fp8GemmParams& p, const CUtensorMap& map_a, 
 
 // FP8 v3 with TMA where both tensor maps can be made (p.v3_tma), else with
 // cp.async; warp-specialized with p.v3_warp_specialized (TMA; it takes
-// precedence; clusters with p.v3_cluster); else with TMA, the copies ahead by all stages with
+// precedence; clusters with p.v3_cluster, the fused promotion with
+// p.v3_fma_promotion); else with TMA, the copies ahead by all stages with
 // p.v3_deep_prefetch, and plain GEMMs in clusters of two with p.v3_cluster (which
 // implies it).
 bool launch_fp8_wgmma(const Fp8GemmParams& p, cudaStream_t stream, cudaError_t& err) {
   CUtensorMap map_a{}, map_b{};
   const bool cluster = p.v3_cluster && p.offsets == nullptr;
-  if (p.v3_warp_specialized &&
-      (launch_ws_variant<fp8_ws_gemm_kernel<false>, fp8_ws_gemm_kernel<true>>(
-           p, p.v3_cluster, p.a, p.w, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, kF8BM, kF8BN, kF8WsSmemBytes, stream,
-           err) ||
-       err != cudaSuccess))
-    return true;
+  if (p.v3_warp_specialized) {
+    const bool launched =
+        p.v3_fma_promotion
+            ? launch_ws_variant<fp8_ws_gemm_kernel<false, true>, fp8_ws_gemm_kernel<true, true>>(
+                  p, p.v3_cluster, p.a, p.w, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, kF8BM, kF8BN, kF8WsSmemBytes,
+                  kV3FmaPromotion, stream, err)
+            : launch_ws_variant<fp8_ws_gemm_kernel<false, false>, fp8_ws_gemm_kernel<true, false>>(
+                  p, p.v3_cluster, p.a, p.w, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, kF8BM, kF8BN, kF8WsSmemBytes, 0,
+                  stream, err);
+    if (launched || err != cudaSuccess) return true;
+  }
   if (p.v3_tma && encode_operand_map(map_a, p.a, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, p.m, kF8BM) &&
       encode_operand_map(map_b, p.w, CU_TENSOR_MAP_DATA_TYPE_UINT8, 1, p.k, p.groups * p.n,
                          cluster ? kF8BN / 2 : kF8BN)) {

@@ -159,6 +159,12 @@ struct Fp8GemmParams {
   // with v3_cluster in clusters of two (plain GEMMs). Takes precedence over deep
   // prefetch. Opt-in (DSK_FP8_WARP_SPECIALIZED=1, read once): not yet run on a GPU.
   bool v3_warp_specialized = false;
+  // The warp-specialized kernel promotes a block with one fused operation,
+  // acc = fma(part, a_scale * w_scale, acc), instead of the contract's three
+  // (a third of the promotion's fp32 work; not v3's bits: within the contract's
+  // rounding, as the tensor cores' block sums are). Opt-in
+  // (DSK_FP8_FMA_PROMOTION=1, read once; implies v3_warp_specialized): not yet run on a GPU.
+  bool v3_fma_promotion = false;
 };
 
 void quantize_fp8_cpu(const QuantizeFp8Params& p);
