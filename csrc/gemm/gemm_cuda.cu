@@ -859,34 +859,25 @@ __device__ __forceinline__ void issue_fp8_block(float (&part)[1][kF8BN / 8][4], 
   wgmma_commit();
 }
 
-// The promotion with one fused operation (Fp8GemmParams::v3_fma_promotion):
-// acc = fma(part, a_scale * w_scale, acc).
-__device__ __forceinline__ void promote_fp8_block_fma(float (&acc)[1][kF8BN / 8][4],
-                                                      const float (&part)[1][kF8BN / 8][4],
-                                                      const float (&a_scale)[2], float w_scale) {
-  const float scale[2] = {__fmul_rn(a_scale[0], w_scale), __fmul_rn(a_scale[1], w_scale)};
-#pragma unroll
-  for (int half = 0; half < 2; ++half)
-#pragma unroll
-    for (int ni = 0; ni < kF8BN / 8; ++ni)
-#pragma unroll
-      for (int j = 2 * half; j < 2 * half + 2; ++j)
-        acc[0][ni][j] = __fmaf_rn(part[0][ni][j], scale[half], acc[0][ni][j]);
-}
-
 // The promotion of a block's sums (gemm_params.h's contract):
 // acc += (part * a_scale of the row) * w_scale, a_scale[0] for accumulators 0-1
-// (row lane / 4), a_scale[1] for 2-3 (row lane / 4 + 8).
+// (row lane / 4), a_scale[1] for 2-3 (row lane / 4 + 8). kFma: with one fused
+// operation instead (Fp8GemmParams::v3_fma_promotion), acc = fma(part, a_scale *
+// w_scale, acc).
+template <bool kFma = false>
 __device__ __forceinline__ void promote_fp8_block(float (&acc)[1][kF8BN / 8][4],
                                                   const float (&part)[1][kF8BN / 8][4],
                                                   const float (&a_scale)[2], float w_scale) {
+  const float fused[2] = {kFma ? __fmul_rn(a_scale[0], w_scale) : 0.0f,
+                          kFma ? __fmul_rn(a_scale[1], w_scale) : 0.0f};
 #pragma unroll
   for (int half = 0; half < 2; ++half)
 #pragma unroll
     for (int ni = 0; ni < kF8BN / 8; ++ni)
 #pragma unroll
       for (int j = 2 * half; j < 2 * half + 2; ++j)
-        acc[0][ni][j] = __fadd_rn(acc[0][ni][j], __fmul_rn(__fmul_rn(part[0][ni][j], a_scale[half]), w_scale));
+        acc[0][ni][j] = kFma ? __fmaf_rn(part[0][ni][j], fused[half], acc[0][ni][j])
+                             : __fadd_rn(acc[0][ni][j], __fmul_rn(__fmul_rn(part[0][ni][j], a_scale[half]), w_scale));
 }
 #endif
 
@@ -1296,11 +1287,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         wgmma_wait<0>();
         pin_accumulators(part);
         ws_release<kCluster>(bars, it);
-        if constexpr (kFma) {
-          promote_fp8_block_fma(acc, part, {scale0, scale1}, w_scale);
-        } else {
-          promote_fp8_block(acc, part, {scale0, scale1}, w_scale);
-        }
+        promote_fp8_block<kFma>(acc, part, {scale0, scale1}, w_scale);
       }
       mma_epilogue(out, acc, warp_row0, tile.row_end, n0);
     });
