@@ -1183,20 +1183,25 @@ __device__ __forceinline__ void ws_release(WsBarriers<kStages>& bars, int64_t it
   if constexpr (kCluster) mbar_arrive_cluster(cluster_map_shared(bar, cluster_ctarank() ^ 1));
 }
 
-// The kernels' frame: barriers, roles and registers; produce() runs on warp 0,
-// consume(consumer warpgroup 0 / 1) on warpgroups 1 and 2. With kCluster every
-// thread meets the cluster barrier last: neither CTA exits while its peer may
-// still multicast into it or arrive on its barriers.
+// The kernels' frame: the stages (dynamic shared memory from a 1 KiB boundary,
+// smem_base) and their barriers, roles and registers; produce(bars, smem_base)
+// runs on warp 0, consume(bars, smem_base, consumer warpgroup 0 / 1) on
+// warpgroups 1 and 2. With kCluster every thread meets the cluster barrier last:
+// neither CTA exits while its peer may still multicast into it or arrive on its
+// barriers.
 template <bool kCluster, int kStages, typename Produce, typename Consume>
-__device__ __forceinline__ void ws_run(WsBarriers<kStages>& bars, Produce&& produce, Consume&& consume) {
+__device__ __forceinline__ void ws_run(Produce&& produce, Consume&& consume) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  __shared__ __align__(8) WsBarriers<kStages> bars;
+  const uint32_t smem_base = (shared_addr(smem_raw) + 1023u) & ~1023u;
   ws_init<kCluster>(bars);
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {
     setmaxnreg_dec<kWsProducerRegs>();
-    if (threadIdx.x < 32) produce();
+    if (threadIdx.x < 32) produce(bars, smem_base);
   } else {
     setmaxnreg_inc<kWsConsumerRegs>();
-    consume(warpgroup - 1);
+    consume(bars, smem_base, warpgroup - 1);
   }
   if constexpr (kCluster) cluster_sync();
 }
@@ -1210,14 +1215,12 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     ws_gemm_kernel(GemmParams p, const __grid_constant__ CUtensorMap tma_a,
                    const __grid_constant__ CUtensorMap tma_b) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  __shared__ __align__(8) WsBarriers<kStagesV3> bars;
-  const uint32_t smem_base = (shared_addr(smem_raw) + 1023u) & ~1023u;
+  using Barriers = WsBarriers<kStagesV3>;
   const int64_t k_tiles = (p.k + kV3BK - 1) / kV3BK;
-  auto produce = [&] {
+  auto produce = [&](Barriers& bars, uint32_t smem_base) {
     ws_produce<kCluster, kV3BM, kV3BN, kStagesV3, kV3BK>(p, bars, smem_base, tma_a, tma_b, k_tiles);
   };
-  auto consume = [&](int cw) {  // consumer warpgroup 0 / 1: rows cw * 64 of each tile
+  auto consume = [&](Barriers& bars, uint32_t smem_base, int cw) {  // rows cw * 64 of each tile
     const int warp_in_group = (threadIdx.x % 128) / 32;
     int64_t it = 0;
     float acc[1][kV3BN / 8][4];
@@ -1239,7 +1242,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       mma_epilogue(p, acc, tile.row_begin + cw * 64 + warp_in_group * 16, tile.row_end, n0);
     });
   };
-  ws_run<kCluster>(bars, produce, consume);
+  ws_run<kCluster, kStagesV3>(produce, consume);
 #else
   __trap();  // never launched: launch_ws checks the kernel was built for sm_90a
 #endif
@@ -1254,13 +1257,11 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     fp8_ws_gemm_kernel(Fp8GemmParams p, const __grid_constant__ CUtensorMap tma_a,
                        const __grid_constant__ CUtensorMap tma_b) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  __shared__ __align__(8) WsBarriers<kStagesF8Ws> bars;
-  const uint32_t smem_base = (shared_addr(smem_raw) + 1023u) & ~1023u;
-  auto produce = [&] {
+  using Barriers = WsBarriers<kStagesF8Ws>;
+  auto produce = [&](Barriers& bars, uint32_t smem_base) {
     ws_produce<kCluster, kF8BM, kF8BN, kStagesF8Ws, kFp8Block>(p, bars, smem_base, tma_a, tma_b, p.k_blocks);
   };
-  auto consume = [&](int cw) {  // consumer warpgroup 0 / 1: rows cw * 64 of each tile
+  auto consume = [&](Barriers& bars, uint32_t smem_base, int cw) {  // rows cw * 64 of each tile
     const int lane = threadIdx.x & 31, warp_in_group = (threadIdx.x % 128) / 32;
     GemmParams out;  // the shared epilogue's view: plain stores
     out.out = p.out;
@@ -1292,7 +1293,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       mma_epilogue(out, acc, warp_row0, tile.row_end, n0);
     });
   };
-  ws_run<kCluster>(bars, produce, consume);
+  ws_run<kCluster, kStagesF8Ws>(produce, consume);
 #else
   __trap();  // never launched: launch_ws checks the kernel was built for sm_90a
 #endif
