@@ -105,7 +105,8 @@ def set_kernel(version: int) -> int:
 def v3_variant(family: str) -> str:
     """The opt-in variant the family's last v3 launch ran ("gemm" or "fp8_gemm"):
     the V3Variant bits of csrc/common/kernel_choice.h, spelled out."""
-    bits = int(torch.ops.deepseek_kernels._cuda_kernel_ran(f"{family}_v3_variant"))
+    entry = {"gemm": "gemm_v3_variant", "fp8_gemm": "fp8_v3_variant"}[family]
+    bits = int(torch.ops.deepseek_kernels._cuda_kernel_ran(entry))
     names = [n for b, n in ((1, "tma"), (2, "cluster"), (4, "deep"), (8, "warp-specialized"),
                             (16, "fma-promotion")) if bits & b]
     return "+".join(names) or "cp.async"
