@@ -80,17 +80,18 @@ smoke_family() {
     gemm-v3) echo "tests/test_gemm.py|v3|" ;;
     gemm-tc) echo "tests/test_gemm.py|(tensor_core or int8 or versions or fp8_grouped_gemm_cuda) and not v3|" ;;
     gemm-v3-cp-async) echo "tests/test_gemm.py|v3 or versions|DSK_GEMM_TMA=0" ;;
-    fp8-tma) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_TMA=1" ;;
-    fp8-deep-prefetch) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_DEEP_PREFETCH=1" ;;
-    fp8-cluster) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_CLUSTER=1" ;;
+    fp8-plain) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_WARP_SPECIALIZED=0" ;;
+    fp8-tma) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_WARP_SPECIALIZED=0 DSK_FP8_TMA=1" ;;
+    fp8-deep-prefetch) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_WARP_SPECIALIZED=0 DSK_FP8_DEEP_PREFETCH=1" ;;
+    fp8-cluster) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_WARP_SPECIALIZED=0 DSK_FP8_CLUSTER=1" ;;
     gemm-skip-empty) echo "tests/test_gemm.py|v3 or versions or auto or grouped|DSK_GEMM_SKIP_EMPTY_ROWS=1" ;;
     gemm-cluster) echo "tests/test_gemm.py|v3 or versions or auto|DSK_GEMM_CLUSTER=1" ;;
     gemm-deep-prefetch) echo "tests/test_gemm.py|v3 or versions or auto|DSK_GEMM_DEEP_PREFETCH=1" ;;
     gemm-ws) echo "tests/test_gemm.py|v3 or versions or auto or grouped|DSK_GEMM_WARP_SPECIALIZED=1" ;;
-    fp8-ws) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_WARP_SPECIALIZED=1" ;;
+    fp8-ws) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_FMA_PROMOTION=0" ;;  # the contract's promotion
     gemm-ws-cluster) echo "tests/test_gemm.py|v3 or versions or auto|DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_CLUSTER=1" ;;
-    fp8-ws-cluster) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_WARP_SPECIALIZED=1 DSK_FP8_CLUSTER=1" ;;
-    fp8-ws-fma) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_FMA_PROMOTION=1" ;;
+    fp8-ws-cluster) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_FMA_PROMOTION=0 DSK_FP8_CLUSTER=1" ;;
+    fp8-ws-fma-cluster) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_CLUSTER=1" ;;  # the default kernel in clusters
     moe-pdl) echo "tests/test_moe.py tests/test_cuda_graphs.py|gating or moe|DSK_MOE_PDL=1" ;;
     attention-bwd-unordered) echo "tests/test_attention.py|bwd_kernels_match_reference and bwd_v2|DSK_ATTENTION_BWD_UNORDERED=1" ;;
     gemm) echo "tests/test_gemm.py|not v3 and not tensor_core and not int8 and not versions and not fp8_grouped_gemm_cuda|" ;;
@@ -102,7 +103,7 @@ smoke_family() {
     *) return 1 ;;
   esac
 }
-SMOKE_ALL="gemm-ws fp8-ws gemm-ws-cluster fp8-ws-cluster fp8-ws-fma attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-tma fp8-deep-prefetch fp8-cluster gemm-skip-empty moe-pdl attention-bwd-unordered attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 graphs attention gemm moe quant rest gemm-v3-cp-async"
+SMOKE_ALL="attention-bwd-v3 gemm-ws fp8-ws gemm-ws-cluster fp8-ws-cluster fp8-ws-fma-cluster fp8-plain gemm-cluster gemm-deep-prefetch fp8-tma fp8-deep-prefetch fp8-cluster gemm-skip-empty moe-pdl attention-bwd-unordered attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 graphs attention gemm moe quant rest gemm-v3-cp-async"
 smoke_run() {  # one family, in the background's own process; its summary line goes to smoke-NAME.sum
   local spec files kexpr envs
   spec=$(smoke_family "$1") || { echo "$1: unknown family" >"$OUT/smoke-$1.sum"; return; }
@@ -183,13 +184,14 @@ elif command -v compute-sanitizer >/dev/null; then
       gemm-skip-empty) sanitize gemm-skip-empty tests/test_gemm.py "v3 or versions or auto" DSK_GEMM_SKIP_EMPTY_ROWS=1 ;;
       gemm-cluster) sanitize gemm-cluster tests/test_gemm.py "v3 or versions or auto" DSK_GEMM_CLUSTER=1 ;;
       gemm-ws) sanitize gemm-ws tests/test_gemm.py "v3 or versions or auto or grouped" DSK_GEMM_WARP_SPECIALIZED=1 ;;
-      fp8-ws) sanitize fp8-ws tests/test_gemm.py "tensor_core or fp8_grouped_gemm_cuda" DSK_FP8_WARP_SPECIALIZED=1 ;;
-      # clusters for plain GEMMs, and FP8's fused promotion
-      ws-cluster) sanitize ws-cluster tests/test_gemm.py "v3 or versions or auto or tensor_core" DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_CLUSTER=1 DSK_FP8_FMA_PROMOTION=1 DSK_FP8_CLUSTER=1 ;;
+      fp8-ws) sanitize fp8-ws tests/test_gemm.py "tensor_core or fp8_grouped_gemm_cuda" DSK_FP8_FMA_PROMOTION=0 ;;
+      fp8-plain) sanitize fp8-plain tests/test_gemm.py "tensor_core or fp8_grouped_gemm_cuda" DSK_FP8_WARP_SPECIALIZED=0 ;;
+      # clusters for plain GEMMs (FP8: the default kernel, fused promotion)
+      ws-cluster) sanitize ws-cluster tests/test_gemm.py "v3 or versions or auto or tensor_core" DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_CLUSTER=1 DSK_FP8_CLUSTER=1 ;;
       # both variants at once: plain GEMMs run cluster + deep, grouped ones deep only
       gemm-deep-prefetch) sanitize gemm-deep-prefetch tests/test_gemm.py "v3 or versions or auto" DSK_GEMM_CLUSTER=1 DSK_GEMM_DEEP_PREFETCH=1 ;;
-      fp8-tma) sanitize fp8-tma tests/test_gemm.py "tensor_core or fp8_grouped_gemm_cuda" DSK_FP8_TMA=1 ;;
-      fp8-cluster) sanitize fp8-cluster tests/test_gemm.py "tensor_core or fp8_grouped_gemm_cuda" DSK_FP8_CLUSTER=1 ;;  # grouped: deep only
+      fp8-tma) sanitize fp8-tma tests/test_gemm.py "tensor_core or fp8_grouped_gemm_cuda" DSK_FP8_WARP_SPECIALIZED=0 DSK_FP8_TMA=1 ;;
+      fp8-cluster) sanitize fp8-cluster tests/test_gemm.py "tensor_core or fp8_grouped_gemm_cuda" DSK_FP8_WARP_SPECIALIZED=0 DSK_FP8_CLUSTER=1 ;;  # grouped: deep only
       int8-v1) sanitize int8-v1 tests/test_gemm.py "int8" DSK_INT8_KERNEL=v1 ;;
       attention) sanitize attention tests/test_attention.py "${SANITIZE_K_ATTENTION:-not 4097 and not large}" ;;
       attention-v2) sanitize attention-v2 tests/test_attention.py "${SANITIZE_K_ATTENTION:-not 4097 and not large}" DSK_ATTENTION_KERNEL=v2 ;;
@@ -246,13 +248,14 @@ if [ "${SKIP_BENCH:-0}" = 1 ]; then echo "skipped (SKIP_BENCH=1)"; else
     # also skipping empty warpgroups) and FP8 rows. The v3_variant column says what ran.
     gemm_variant_bench ab-ws "DSK_GEMM_WARP_SPECIALIZED=1" "" --ab
     gemm_variant_bench ab-ws-cluster "DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_CLUSTER=1" "" --ab
-    gemm_variant_bench ws-rows "DSK_GEMM_WARP_SPECIALIZED=1 DSK_FP8_WARP_SPECIALIZED=1" "^(grouped|fp8)" \
+    gemm_variant_bench ws-rows "DSK_GEMM_WARP_SPECIALIZED=1 DSK_FP8_FMA_PROMOTION=0" "^(grouped|fp8)" \
       $SMALL_GEMM_ROWS
     gemm_variant_bench ws-skip-cluster-rows "DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_SKIP_EMPTY_ROWS=1
-      DSK_FP8_WARP_SPECIALIZED=1 DSK_FP8_CLUSTER=1" "^(grouped|fp8)" $SMALL_GEMM_ROWS
-    # FP8's fused promotion (DSK_FP8_FMA_PROMOTION=1), alone and in clusters: the fp8 rows.
-    gemm_variant_bench fp8-ws-fma "DSK_FP8_FMA_PROMOTION=1" "^fp8" $SMALL_GEMM_ROWS --grouped 4096 8 256 256
-    gemm_variant_bench fp8-ws-fma-cluster "DSK_FP8_FMA_PROMOTION=1 DSK_FP8_CLUSTER=1" "^fp8" $SMALL_GEMM_ROWS \
+      DSK_FP8_FMA_PROMOTION=0 DSK_FP8_CLUSTER=1" "^(grouped|fp8)" $SMALL_GEMM_ROWS
+    # FP8's default (warp-specialized, fused promotion) in clusters, and FP8 v3 without
+    # warp specialization (the default until session 9): the fp8 rows.
+    gemm_variant_bench fp8-plain "DSK_FP8_WARP_SPECIALIZED=0" "^fp8" $SMALL_GEMM_ROWS --grouped 4096 8 256 256
+    gemm_variant_bench fp8-ws-fma-cluster "DSK_FP8_CLUSTER=1" "^fp8" $SMALL_GEMM_ROWS \
       --grouped 4096 8 256 256
   fi
   if bench_set variants; then
@@ -272,7 +275,7 @@ if [ "${SKIP_BENCH:-0}" = 1 ]; then echo "skipped (SKIP_BENCH=1)"; else
     # The opt-in GEMM experiments in one run (independent rows): FP8 v3 with TMA loads
     # (DSK_FP8_TMA=1: the fp8 rows) and v3 skipping empty warpgroups
     # (DSK_GEMM_SKIP_EMPTY_ROWS=1: the grouped rows); small bf16/int8 shapes.
-    gemm_variant_bench experiments "DSK_FP8_TMA=1 DSK_GEMM_SKIP_EMPTY_ROWS=1" "^(grouped|fp8)" $SMALL_GEMM_ROWS
+    gemm_variant_bench experiments "DSK_FP8_WARP_SPECIALIZED=0 DSK_FP8_TMA=1 DSK_GEMM_SKIP_EMPTY_ROWS=1" "^(grouped|fp8)" $SMALL_GEMM_ROWS
     # v3's opt-in variants, the same A/B each: clusters of two CTAs multicasting B
     # (DSK_GEMM_CLUSTER=1), copies a tile further ahead (DSK_GEMM_DEEP_PREFETCH=1), both.
     gemm_variant_bench ab-cluster "DSK_GEMM_CLUSTER=1" "" --ab
@@ -280,8 +283,8 @@ if [ "${SKIP_BENCH:-0}" = 1 ]; then echo "skipped (SKIP_BENCH=1)"; else
     gemm_variant_bench ab-cluster-deep "DSK_GEMM_CLUSTER=1 DSK_GEMM_DEEP_PREFETCH=1" "" --ab
     # FP8 v3's other opt-in variants (each turns TMA on): every stage ahead
     # (DSK_FP8_DEEP_PREFETCH=1), clusters multicasting W (DSK_FP8_CLUSTER=1): the fp8 rows.
-    gemm_variant_bench fp8-deep "DSK_FP8_DEEP_PREFETCH=1" "^fp8" $SMALL_GEMM_ROWS --grouped 4096 8 256 256
-    gemm_variant_bench fp8-cluster "DSK_FP8_CLUSTER=1" "^fp8" $SMALL_GEMM_ROWS --grouped 4096 8 256 256
+    gemm_variant_bench fp8-deep "DSK_FP8_WARP_SPECIALIZED=0 DSK_FP8_DEEP_PREFETCH=1" "^fp8" $SMALL_GEMM_ROWS --grouped 4096 8 256 256
+    gemm_variant_bench fp8-cluster "DSK_FP8_WARP_SPECIALIZED=0 DSK_FP8_CLUSTER=1" "^fp8" $SMALL_GEMM_ROWS --grouped 4096 8 256 256
     # bf16 v3 with cp.async copies instead of TMA (DSK_GEMM_TMA=0), the same A/B.
     gemm_variant_bench ab-cp-async "DSK_GEMM_TMA=0" "" --ab
     # Backward v2 with its dq adds in any order (DSK_ATTENTION_BWD_UNORDERED=1, not
@@ -305,16 +308,16 @@ else
   timeout ${PROFILE_TIMEOUT:-420} $NCU $PY bench/profile_targets.py ${PROFILE_TARGETS:+--targets $PROFILE_TARGETS} \
     >"$OUT/ncu.csv" 2>"$OUT/ncu.err" || { echo "ncu run failed (rc $?)"; tail -5 "$OUT/ncu.err"; status=1; }
   # shellcheck disable=SC2086
-  DSK_FP8_TMA=1 timeout ${PROFILE_TIMEOUT:-420} $NCU $PY bench/profile_targets.py --targets fp8 \
+  DSK_FP8_WARP_SPECIALIZED=0 DSK_FP8_TMA=1 timeout ${PROFILE_TIMEOUT:-420} $NCU $PY bench/profile_targets.py --targets fp8 \
     >"$OUT/ncu-fp8-tma.csv" 2>"$OUT/ncu-fp8-tma.err" || { echo "ncu run (FP8 TMA) failed"; status=1; }
   # The GEMM and FP8 v3 opt-in variants together: clusters and deep prefetch.
   # shellcheck disable=SC2086
-  DSK_GEMM_CLUSTER=1 DSK_GEMM_DEEP_PREFETCH=1 DSK_FP8_CLUSTER=1 timeout ${PROFILE_TIMEOUT:-420} \
+  DSK_GEMM_CLUSTER=1 DSK_GEMM_DEEP_PREFETCH=1 DSK_FP8_WARP_SPECIALIZED=0 DSK_FP8_CLUSTER=1 timeout ${PROFILE_TIMEOUT:-420} \
     $NCU $PY bench/profile_targets.py --targets gemm fp8 \
     >"$OUT/ncu-variants.csv" 2>"$OUT/ncu-variants.err" || { echo "ncu run (variants) failed"; status=1; }
   # The warp-specialized persistent kernels in clusters (they take precedence over deep prefetch).
   # shellcheck disable=SC2086
-  DSK_GEMM_WARP_SPECIALIZED=1 DSK_FP8_WARP_SPECIALIZED=1 DSK_GEMM_CLUSTER=1 DSK_FP8_CLUSTER=1 timeout ${PROFILE_TIMEOUT:-420} \
+  DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_CLUSTER=1 DSK_FP8_CLUSTER=1 timeout ${PROFILE_TIMEOUT:-420} \
     $NCU $PY bench/profile_targets.py --targets gemm fp8 \
     >"$OUT/ncu-ws.csv" 2>"$OUT/ncu-ws.err" || { echo "ncu run (warp-specialized) failed"; status=1; }
   for f in ncu ncu-fp8-tma ncu-variants ncu-ws; do

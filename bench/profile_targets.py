@@ -11,10 +11,11 @@ kernels of one call. The shapes are the targets' (issues 3-5):
 
     gemm, gemm_gelu      bf16 4096^3 (auto: wgmma v3 on an H100), plain and bias + gelu
     grouped              bf16 grouped GEMM, 65,536 rows over 256 experts, N 2048, K 7168
-    fp8                  FP8 block-scaled 4096 x 7168 x 16384 (DSK_FP8_TMA=1: TMA loads)
+    fp8                  FP8 block-scaled 4096 x 7168 x 16384 (the default: warp-specialized)
     gating               MoE gating, T 8192, E 256, k 8, groups 8 / 4
     attention_fwd        cross-attention forward, B 8, H 16, D 128, Lq 1024, Lk 4096
-    attention_bwd        its backward (v1); attention_bwd_v2, _v3 the same with backward v2, v3
+    attention_bwd        its backward (auto: v3 on an H100); attention_bwd_v1, _v2, _v3 the
+                         same with backward v1, v2, v3
 
 --summarize prints duration, SM and memory throughput and occupancy per kernel
 from ncu's CSV (its full sections stay in the file).
@@ -31,7 +32,7 @@ from typing import Callable, Dict, List
 import torch
 
 TARGETS = ["gemm", "gemm_gelu", "grouped", "fp8", "gating", "attention_fwd", "attention_bwd",
-           "attention_bwd_v2", "attention_bwd_v3"]
+           "attention_bwd_v1", "attention_bwd_v2", "attention_bwd_v3"]
 
 
 def _target(name: str) -> Callable[[], object]:
@@ -73,7 +74,7 @@ def _target(name: str) -> Callable[[], object]:
             return lambda: dk.cross_attention(q.detach(), kv[0].detach(), kv[1].detach())
         out = dk.cross_attention(q, *kv)
         dout = torch.randn_like(out)
-        version = {"attention_bwd_v2": 2, "attention_bwd_v3": 3}.get(name, 1)
+        version = {"attention_bwd_v1": 1, "attention_bwd_v2": 2, "attention_bwd_v3": 3}.get(name, 4)
 
         def backward():
             with dk.ops.cuda_kernel_choice("_attention_cuda_bwd_kernel", version):

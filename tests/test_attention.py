@@ -502,7 +502,7 @@ def test_cuda_bad_inputs():
 # own choice (below).
 
 @pytest.mark.parametrize("op_name,versions", [("_attention_cuda_kernel", 4),
-                                              ("_attention_cuda_bwd_kernel", 3)])
+                                              ("_attention_cuda_bwd_kernel", 4)])
 def test_kernel_switch_ops(op_name, versions):
     # The forward and backward choices: each switch returns the previous choice,
     # 0 only asks, anything past the last generation (or auto) is refused by name.
@@ -653,13 +653,14 @@ def test_cuda_fwd_generations_agree_and_all_masked(d, dtype):
 
 
 # ---------------------------------------------------------------------------
-# CUDA backward kernel generations: v1 (the default), v2 (D 64/128: dq added
-# in key-tile turns from the dK/dV kernel, no second pass) and v3 (wgmma on an
-# sm_90a build and GPU, D 64/128: dq added into per-CTA accumulators); chosen
-# with DSK_ATTENTION_BWD_KERNEL or the private op (tested with the forward's
-# above); where the chosen one cannot run, the next older one that can.
+# CUDA backward kernel generations: v1, v2 (D 64/128: dq added in key-tile turns
+# from the dK/dV kernel, no second pass), v3 (wgmma on an sm_90a build and GPU,
+# D 64/128: dq added into per-CTA accumulators) and auto (4, the default: v3
+# where it can run, else v1); chosen with DSK_ATTENTION_BWD_KERNEL or the
+# private op (tested with the forward's above); where a forced one cannot run,
+# the next older one that can.
 
-@pytest.fixture(params=[1, 2, 3], ids=["bwd_v1", "bwd_v2", "bwd_v3"])
+@pytest.fixture(params=[1, 2, 3, 4], ids=["bwd_v1", "bwd_v2", "bwd_v3", "bwd_auto"])
 def bwd_kernel(request):
     with kernel_choice("_attention_cuda_bwd_kernel", request.param):
         yield request.param
@@ -688,13 +689,15 @@ def test_cuda_bwd_kernels_match_reference(bwd_kernel, shape, dtype, causal, mask
 
 
 def _bwd_expected(version, d):
-    """The backward generation that runs for a forced one: v3 covers D 64 and 128
+    """The backward generation that runs for a chosen one: v3 covers D 64 and 128
     on an sm_90a build and GPU; v2 covers D 64 and 128 where a block may have
-    159 KB of shared memory (not sm_86/89 at D = 128)."""
+    159 KB of shared memory (not sm_86/89 at D = 128); auto (4) runs v3, else v1."""
     if version == 1 or d not in (64, 128):
         return 1
-    if version == 3 and hopper_build():
+    if version in (3, 4) and hopper_build():
         return 3
+    if version == 4:
+        return 1
     optin = getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", None)
     if optin is None:  # older torch: the data-center parts (x.0) have >= 163 KB
         optin = 163 * 1024 if torch.cuda.get_device_capability()[1] == 0 else 99 * 1024

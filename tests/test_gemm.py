@@ -645,7 +645,7 @@ def test_cuda_kernel_v3_wgmma():
 
 
 # argv: the saved cases (op name, args, kwargs), where to save the outputs, the
-# kernel-choice op and the family whose generation 3 must run. Saves the outputs
+# kernel-choice op, the family whose generation 3 must run and its variant entry. Saves the outputs
 # and, per case, the v3 variant bits its launch noted (V3Variant, kernel_choice.h).
 _V3_CASES_SCRIPT = """
 import sys, torch, deepseek_kernels as dk
@@ -655,11 +655,13 @@ outs, variants = [], []
 for op, args, kwargs in cases:
     outs.append(getattr(dk, op)(*args, **kwargs))
     assert torch.ops.deepseek_kernels._cuda_kernel_ran(sys.argv[4]) == 3
-    variants.append(int(torch.ops.deepseek_kernels._cuda_kernel_ran(sys.argv[4] + "_v3_variant")))
+    variants.append(int(torch.ops.deepseek_kernels._cuda_kernel_ran(sys.argv[5])))
 torch.save((outs, variants), sys.argv[2])
 """
 # V3Variant bits (csrc/common/kernel_choice.h).
 _V3_TMA, _V3_CLUSTER, _V3_DEEP, _V3_WARP_SPECIALIZED, _V3_FMA_PROMOTION = 1, 2, 4, 8, 16
+# The _cuda_kernel_ran entry that holds a family's v3 variant bits.
+_V3_VARIANT_ENTRY = {"gemm": "gemm_v3_variant", "fp8_gemm": "fp8_v3_variant"}
 
 
 # The variables that pick v3's opt-in variants, per family (read once per process).
@@ -689,24 +691,30 @@ def _run_v3_variant(tmp_path, cases, choice_op, family, variant):
     torch.save(cases, tmp_path / "cases.pt")
     env = dict(os.environ, **dict(kv.split("=") for kv in variant.split()))
     subprocess.run([sys.executable, "-c", _V3_CASES_SCRIPT, str(tmp_path / "cases.pt"),
-                    str(tmp_path / "outs.pt"), choice_op, family], env=env, check=True, timeout=300)
+                    str(tmp_path / "outs.pt"), choice_op, family, _V3_VARIANT_ENTRY[family]], env=env, check=True, timeout=300)
     return torch.load(tmp_path / "outs.pt")
 
 
-def _assert_v3_variant_same_bits(tmp_path, cases, choice_op, family, variant, default_bits, variant_bits):
+def _assert_v3_variant_same_bits(tmp_path, cases, choice_op, family, variant, default_bits, variant_bits,
+                                 baseline=None):
     """Runs `cases` ((dk op name, args, kwargs) each) through generation 3 of
-    `family` (forced with `choice_op`) here and in a fresh process with the
-    environment assignments in `variant` (read once per process by the library),
-    and asserts the two runs' outputs are the same bits, and that each case ran
-    the v3 variant asked for: `default_bits` here, `variant_bits(op)` there (a
-    variant that silently fell back would leave the test comparing v3 with itself)."""
+    `family` (forced with `choice_op`) here, or with `baseline` in a fresh process,
+    and in a fresh process with the environment assignments in `variant` (read
+    once per process by the library), and asserts the two runs' outputs are the
+    same bits, and that each case ran the v3 variant asked for: `default_bits` in
+    the first run, `variant_bits(op)` in the second (a variant that silently fell
+    back would leave the test comparing v3 with itself)."""
     _skip_if_variant_env(family)
-    with kernel_choice(choice_op, 3):
-        ours = []
-        for op, args, kwargs in cases:
-            ours.append(getattr(dk, op)(*args, **kwargs))
-            assert kernel_ran(family) == 3
-            assert kernel_ran(family + "_v3_variant") == default_bits, op
+    if baseline is None:
+        with kernel_choice(choice_op, 3):
+            ours = []
+            for op, args, kwargs in cases:
+                ours.append(getattr(dk, op)(*args, **kwargs))
+                assert kernel_ran(family) == 3
+                assert kernel_ran(_V3_VARIANT_ENTRY[family]) == default_bits, op
+    else:
+        ours, ran = _run_v3_variant(tmp_path, cases, choice_op, family, baseline)
+        assert ran == [default_bits] * len(cases), ran
     theirs, ran = _run_v3_variant(tmp_path, cases, choice_op, family, variant)
     assert len(theirs) == len(ours)
     for i, ((op, _, _), a, b) in enumerate(zip(cases, ours, theirs)):
@@ -1151,21 +1159,27 @@ def test_fp8_tensor_core_kernel_matches_exact(version, out_dtype):
         assert torch.equal(dk.fp8_gemm(qx, sx, qw[0], sw[0]), dk.fp8_gemm(qx, sx, qw[0], sw[0]))
 
 
+# FP8 v3 without warp specialization: the baseline of the variant tests below.
+_FP8_V3_PLAIN = "DSK_FP8_WARP_SPECIALIZED=0"
+
+
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.skipif(not hopper_build(), reason="FP8 v3 (wgmma) needs an H100/H200 and an sm_90a build")
-@pytest.mark.parametrize("variant", ["DSK_FP8_TMA=1", "DSK_FP8_DEEP_PREFETCH=1", "DSK_FP8_CLUSTER=1",
-                                     "DSK_FP8_WARP_SPECIALIZED=1", "DSK_FP8_WARP_SPECIALIZED=1 DSK_FP8_CLUSTER=1"],
+@pytest.mark.parametrize("variant", [f"{_FP8_V3_PLAIN} DSK_FP8_TMA=1", f"{_FP8_V3_PLAIN} DSK_FP8_DEEP_PREFETCH=1",
+                                     f"{_FP8_V3_PLAIN} DSK_FP8_CLUSTER=1", "DSK_FP8_FMA_PROMOTION=0",
+                                     "DSK_FP8_FMA_PROMOTION=0 DSK_FP8_CLUSTER=1"],
                          ids=["tma", "deep_prefetch", "cluster", "warp_specialized", "warp_specialized_cluster"])
 def test_cuda_fp8_v3_variants_same_bits(tmp_path, variant):
-    """FP8 v3 with cp.async copies (the default) and its opt-in variants, read once
-    per process (a subprocess): TMA copies, TMA with every stage ahead, clusters of
+    """FP8 v3 without warp specialization (DSK_FP8_WARP_SPECIALIZED=0: cp.async
+    copies) and its variants with the contract's promotion, each read once per
+    process (a subprocess): TMA copies, TMA with every stage ahead, clusters of
     two CTAs multicasting W (plain GEMMs; an odd count of m tiles leaves a CTA
-    past M), warp-specialized and persistent (the last plain and grouped shapes
-    have more tiles than an H100 has SMs), also in clusters (plain GEMMs; the last
-    has more pairs of m tiles than an H100 holds clusters, and an odd count of m
-    tiles). Same operands, same wgmma and promotion
-    order: the same bits, on M, N and K tails and grouped tiles."""
+    past M), warp-specialized and persistent (DSK_FP8_FMA_PROMOTION=0; the last
+    plain and grouped shapes have more tiles than an H100 has SMs), also in
+    clusters (plain GEMMs; the last has more pairs of m tiles than an H100 holds
+    clusters, and an odd count of m tiles). Same operands, same wgmma and
+    promotion order: the same bits, on M, N and K tails and grouped tiles."""
     cases = []
     for m, n, k in [(1, 8, 128), (77, 300, 528), (300, 384, 1024), (1000, 136, 4096), (2100, 1100, 512)]:
         qx, sx = dk.quantize_fp8(torch.randn(m, k, device="cuda") * 3, (1, 128))
@@ -1177,25 +1191,27 @@ def test_cuda_fp8_v3_variants_same_bits(tmp_path, variant):
     def variant_bits(op):
         cluster = "CLUSTER" in variant
         bits = _V3_TMA | (_V3_CLUSTER if cluster and op == "fp8_gemm" else 0)  # plain GEMMs only
-        if "WARP_SPECIALIZED" in variant:  # it takes precedence over the deep variant
+        if _FP8_V3_PLAIN not in variant:  # warp-specialized: it takes precedence over the deep variant
             return bits | _V3_WARP_SPECIALIZED
         return bits | (_V3_DEEP if cluster or "DEEP_PREFETCH" in variant else 0)  # cluster implies deep
 
-    _assert_v3_variant_same_bits(tmp_path, cases, "_fp8_cuda_kernel", "fp8_gemm", variant, 0, variant_bits)
+    _assert_v3_variant_same_bits(tmp_path, cases, "_fp8_cuda_kernel", "fp8_gemm", variant, 0, variant_bits,
+                                 baseline=_FP8_V3_PLAIN)
 
 
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.skipif(not hopper_build(), reason="FP8 v3 (wgmma) needs an H100/H200 and an sm_90a build")
-@pytest.mark.parametrize("variant", ["DSK_FP8_FMA_PROMOTION=1", "DSK_FP8_FMA_PROMOTION=1 DSK_FP8_CLUSTER=1"],
-                         ids=["fma", "fma_cluster"])
+@pytest.mark.parametrize("variant", ["", "DSK_FP8_CLUSTER=1"], ids=["fma", "fma_cluster"])
 def test_cuda_fp8_v3_fma_promotion_close_to_v3(tmp_path, variant):
-    """The warp-specialized FP8 kernel promoting with one FMA (DSK_FP8_FMA_PROMOTION=1,
-    read once per process: a subprocess) against v3's contract promotion, on the same
-    block sums: each block's step differs by at most two roundings of fp32 (eps32
-    relative to |part * a_scale * w_scale| + |acc|, summed over the k blocks: 4 eps32 *
-    k_blocks * S with S = |x| @ |w|^T of the dequantized operands bounds both), then one
-    bf16 rounding each. That the fused promotion ran is read from the variant bits."""
+    """FP8 v3's default, the warp-specialized kernel promoting with one FMA (alone,
+    in this process, and in clusters: DSK_FP8_CLUSTER=1, read once per process: a
+    subprocess), against v3's contract promotion (DSK_FP8_WARP_SPECIALIZED=0, a
+    subprocess), on the same block sums: each block's step differs by at most two
+    roundings of fp32 (eps32 relative to |part * a_scale * w_scale| + |acc|, summed
+    over the k blocks: 4 eps32 * k_blocks * S with S = |x| @ |w|^T of the dequantized
+    operands bounds both), then one bf16 rounding each. That the fused promotion
+    ran is read from the variant bits."""
     _skip_if_variant_env("fp8_gemm")
     cases, bounds = [], []
     eps32, eps16 = torch.finfo(torch.float32).eps, torch.finfo(torch.bfloat16).eps
@@ -1207,11 +1223,17 @@ def test_cuda_fp8_v3_fma_promotion_close_to_v3(tmp_path, variant):
         xd = qx.float() * sx.repeat_interleave(128, 1)[:, :k]
         wd = qw.float() * sw.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
         bounds.append(4 * eps32 * kb * (xd.abs() @ wd.abs().t()))
-    with kernel_choice("_fp8_cuda_kernel", 3):
-        ours = [dk.fp8_gemm(*args, **kwargs) for _, args, kwargs in cases]
-        assert kernel_ran("fp8_gemm_v3_variant") == 0  # the default: cp.async, contract promotion
-    theirs, ran = _run_v3_variant(tmp_path, cases, "_fp8_cuda_kernel", "fp8_gemm", variant)
+    ours, ran = _run_v3_variant(tmp_path, cases, "_fp8_cuda_kernel", "fp8_gemm", _FP8_V3_PLAIN)
+    assert ran == [0] * len(cases), ran  # cp.async copies, the contract's promotion
     cluster = _V3_CLUSTER if "CLUSTER" in variant else 0
+    if variant:
+        theirs, ran = _run_v3_variant(tmp_path, cases, "_fp8_cuda_kernel", "fp8_gemm", variant)
+    else:  # the default, here
+        with kernel_choice("_fp8_cuda_kernel", 3):
+            theirs, ran = [], []
+            for _, args, kwargs in cases:
+                theirs.append(dk.fp8_gemm(*args, **kwargs))
+                ran.append(kernel_ran(_V3_VARIANT_ENTRY["fp8_gemm"]))
     for i, (a, b, bound) in enumerate(zip(ours, theirs, bounds)):
         assert ran[i] == _V3_TMA | _V3_WARP_SPECIALIZED | _V3_FMA_PROMOTION | cluster, ran[i]
         a, b = a.double(), b.double()

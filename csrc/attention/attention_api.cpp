@@ -31,12 +31,12 @@ KernelChoice& fwd_kernel_choice() {
   static KernelChoice choice("DSK_ATTENTION_KERNEL", kAttentionFwdAuto, 3, kAttentionFwdAuto);
   return choice;
 }
-// DSK_ATTENTION_BWD_KERNEL: v1 (the default), v2 (D 64/128: one pass over the
-// scores, attention_bwd_v2_kernel.cuh) or v3 (wgmma, sm_90a, D 64/128:
-// attention_bwd_v3_kernel.cuh); where the chosen one cannot run, the next older
-// one that can. Read on first use.
+// DSK_ATTENTION_BWD_KERNEL: auto (the default, kAttentionBwdAuto: v3, else v1),
+// v1, v2 (D 64/128: one pass over the scores, attention_bwd_v2_kernel.cuh) or v3
+// (wgmma, sm_90a, D 64/128: attention_bwd_v3_kernel.cuh); where a forced one
+// cannot run, the next older one that can. Read on first use.
 KernelChoice& bwd_kernel_choice() {
-  static KernelChoice choice("DSK_ATTENTION_BWD_KERNEL", 1, 3);
+  static KernelChoice choice("DSK_ATTENTION_BWD_KERNEL", kAttentionBwdAuto, 3, kAttentionBwdAuto);
   return choice;
 }
 constexpr const char* kCudaHeadDims = "16, 32, 64, 96, 128, 256";
@@ -190,13 +190,13 @@ void run_bwd(const char* op, AttnParams p, const at::Tensor& ref) {
     at::Tensor dq_accum, semaphores;
     const int64_t q_rows = p.cu_seqlens_q ? p.total_q : p.B * p.seqlen_q;
     const int chosen = bwd_kernel_choice().get();
-    const int64_t v3_splits = chosen == 3 ? attention_bwd_v3_splits(p) : 0;
+    const int64_t v3_splits = chosen == 3 || chosen == kAttentionBwdAuto ? attention_bwd_v3_splits(p) : 0;
     if (v3_splits > 0) {
       p.bwd_kernel = 3;
       p.dq_splits = v3_splits;
       dq_accum = at::zeros({v3_splits * q_rows * p.Hq * p.D}, ref.options().dtype(at::kFloat));
       p.dq_accum = dq_accum.data_ptr<float>();
-    } else if (chosen >= 2 && attention_bwd_v2_supported(p)) {
+    } else if ((chosen == 2 || chosen == 3) && attention_bwd_v2_supported(p)) {
       p.bwd_kernel = 2;
       dq_accum = at::zeros({q_rows * p.Hq * p.D}, ref.options().dtype(at::kFloat));
       semaphores = at::zeros({attention_bwd_v2_semaphores(p)}, ref.options().dtype(at::kInt));
@@ -234,7 +234,7 @@ int64_t attention_cuda_kernel_op(int64_t version) {
   return fwd_kernel_choice().switch_to("_attention_cuda_kernel", version);
 }
 
-// The same for the CUDA backward kernel (1, 2 or 3).
+// The same for the CUDA backward kernel (1, 2 or 3; 4 auto, the default).
 int64_t attention_cuda_bwd_kernel_op(int64_t version) {
   return bwd_kernel_choice().switch_to("_attention_cuda_bwd_kernel", version);
 }

@@ -322,19 +322,31 @@ __global__ void __launch_bounds__(kThreads, 1) dkdv_dq_kernel(const AttnParams p
 #endif
 }
 
-// How many dq accumulators (CTAs per kv head and sample): enough CTAs to fill
-// the GPU once, at most one per key tile, 16 in all, and 4 GiB of accumulators
-// (long sequences over few heads: fewer CTAs rather than the memory).
+// How many dq accumulators (CTAs per kv head and sample). A CTA of split count s
+// walks ceil(key_tiles / s) key tiles and the B * Hkv * s CTAs run in
+// ceil(B * Hkv * s / SMs) waves (one CTA per SM), so the time goes as their
+// product. Start from the s that fills the GPU once, ceil(SMs / (B * Hkv)), and
+// take another s in 1..16 (at most one per key tile) only where that product is
+// smaller: on a tie the CTAs of one head keep sharing its Q and dO in L2 (on an
+// H100, B=8 Hkv=16 Lq=1024 D=128: s=2 3.04 ms, s=1 3.13, its 128 heads' Q and dO
+// overflowing L2); e.g. B=4 Hkv=8 Lk=4096 gets 4 (one wave), where 5 leaves a
+// second wave of 28 CTAs. At most 4 GiB of accumulators (long sequences over few
+// heads: fewer CTAs rather than the memory).
 inline int64_t splits_for(const AttnParams& p, int sms) {
   const int64_t key_tiles = (p.seqlen_k + kBlockN - 1) / kBlockN;
   const int64_t heads = p.B * p.Hkv > 0 ? p.B * p.Hkv : 1;
   const int64_t q_rows = p.cu_seqlens_q ? p.total_q : p.B * p.seqlen_q;
   const int64_t accum_bytes = q_rows * p.Hq * p.D * 4;
-  int64_t splits = (sms + heads - 1) / heads;
-  if (splits > key_tiles) splits = key_tiles;
-  if (splits > 16) splits = 16;
-  if (accum_bytes > 0 && splits > (int64_t{4} << 30) / accum_bytes) splits = (int64_t{4} << 30) / accum_bytes;
-  return splits > 0 ? splits : 1;
+  const int64_t slots = sms > 0 ? sms : 1;
+  int64_t max_splits = key_tiles < 16 ? key_tiles : 16;
+  if (accum_bytes > 0 && max_splits > (int64_t{4} << 30) / accum_bytes) max_splits = (int64_t{4} << 30) / accum_bytes;
+  if (max_splits < 1) return 1;
+  auto cost = [&](int64_t s) { return (heads * s + slots - 1) / slots * ((key_tiles + s - 1) / s); };
+  int64_t best = (slots + heads - 1) / heads;
+  if (best > max_splits) best = max_splits;
+  for (int64_t s = 1; s <= max_splits; ++s)
+    if (cost(s) < cost(best)) best = s;
+  return best;
 }
 
 // 0 where the kernel cannot run here (see attention_bwd_v3_splits).

@@ -26,6 +26,10 @@ namespace dsk::attention {
 // Lk=4096: v3 0.75 ms, v2 0.81, SDPA flash 0.77), v2 for D = 64 (v2 0.44 ms, v3
 // 0.54), each falling back as fwd_kernel says; v1 for other D.
 constexpr int kAttentionFwdAuto = 4;
+// The default backward generation: v3 where it can run (sm_90a build and GPU, D
+// 64/128; on an H100, B=8 H=16 Lq=1024 Lk=4096: v3 3.04 ms at D=128 and 1.86 at
+// D=64, v1 4.95 and 3.13, v2 6.69 and 4.42, SDPA flash 2.32 and 1.29), else v1.
+constexpr int kAttentionBwdAuto = 4;
 
 struct AttnParams {
   DType dtype = DType::kFloat32;  // of q, k, v, out and the gradients
@@ -58,9 +62,9 @@ struct AttnParams {
   void* dk = nullptr;          // like k
   void* dv = nullptr;          // like v
   float* delta = nullptr;      // CUDA workspace: rowsum(dout * out), laid out like lse
-  // CUDA backward generation: 1, 2 (attention_bwd_v2_kernel.cuh) or 3
-  // (attention_bwd_v3_kernel.cuh, wgmma), chosen by the glue, which allocates
-  // the workspace below for the one it picked.
+  // CUDA backward generation that runs: 1, 2 (attention_bwd_v2_kernel.cuh) or 3
+  // (attention_bwd_v3_kernel.cuh, wgmma), chosen by the glue (DSK_ATTENTION_BWD_KERNEL,
+  // kAttentionBwdAuto), which allocates the workspace below for the one it picked.
   int bwd_kernel = 1;
   // v2 and v3, allocated zeroed by the glue: fp32 accumulators laid out like dq,
   // dq_splits of them (v3: each written by one CTA per kv head; summed in split

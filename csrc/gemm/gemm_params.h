@@ -144,26 +144,28 @@ struct Fp8GemmParams {
   int cuda_kernel = 1;
   bool built_sm90a = false;  // whether the build holds sm_90a code (v3)
   // v3 loads its stages with TMA (tensor maps made per call; cp.async where one
-  // cannot be made) instead of cp.async: opt-in with DSK_FP8_TMA=1 until it has
-  // run on a GPU (bf16 v3 with TMA runs 1.5x its cp.async variant on an H100).
+  // cannot be made) instead of cp.async: implied by warp specialization (the
+  // default); without it opt-in with DSK_FP8_TMA=1.
   bool v3_tma = false;
   // With TMA: all stages filled ahead, each refilled right after its block's
   // promotion (DSK_FP8_DEEP_PREFETCH=1); plain GEMMs in clusters of two CTAs
   // multicasting the W tile they share, deep prefetch included
-  // (DSK_FP8_CLUSTER=1). Either turns TMA on. Opt-in: not yet run on a GPU.
+  // (DSK_FP8_CLUSTER=1). Either turns TMA on. Opt-in (they pass their tests on
+  // an H100; not benchmarked there yet). With warp specialization (the default),
+  // DSK_FP8_CLUSTER=1 gives its clusters (slower on an H100: 456 TFLOP/s, 810 without).
   bool v3_deep_prefetch = false;
   bool v3_cluster = false;
   // Warp-specialized and persistent, with TMA (gemm_cuda.cu, fp8_ws_gemm_kernel;
   // the bits of v3): a producer warpgroup and two consumers that meet only at
   // per-stage mbarriers, so one consumer's promotion overlaps the other's wgmma;
   // with v3_cluster in clusters of two (plain GEMMs). Takes precedence over deep
-  // prefetch. Opt-in (DSK_FP8_WARP_SPECIALIZED=1, read once): not yet run on a GPU.
+  // prefetch. The default (DSK_FP8_WARP_SPECIALIZED=0 turns it off; read once).
   bool v3_warp_specialized = false;
   // The warp-specialized kernel promotes a block with one fused operation,
   // acc = fma(part, a_scale * w_scale, acc), instead of the contract's three
   // (a third of the promotion's fp32 work; not v3's bits: within the contract's
-  // rounding, as the tensor cores' block sums are). Opt-in
-  // (DSK_FP8_FMA_PROMOTION=1, read once; implies v3_warp_specialized): not yet run on a GPU.
+  // rounding, as the tensor cores' block sums are). The default with warp
+  // specialization (DSK_FP8_FMA_PROMOTION=0 turns it off; read once).
   bool v3_fma_promotion = false;
 };
 
