@@ -108,7 +108,7 @@ def v3_variant(family: str) -> str:
     entry = {"gemm": "gemm_v3_variant", "fp8_gemm": "fp8_v3_variant"}[family]
     bits = int(torch.ops.deepseek_kernels._cuda_kernel_ran(entry))
     names = [n for b, n in ((1, "tma"), (2, "cluster"), (4, "deep"), (8, "warp-specialized"),
-                            (16, "fma-promotion")) if bits & b]
+                            (16, "fma-promotion"), (32, "warp-arrivals")) if bits & b]
     return "+".join(names) or "cp.async"
 
 

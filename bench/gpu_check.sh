@@ -28,8 +28,8 @@
 #      8-41 s each; a family of a new kernel that deadlocks, e.g. on an mbarrier of the
 #      warp-specialized pipelines, then costs 2 minutes, not 7)
 #   2a. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_BENCH=1 SKIP_DEMO=1
-#      SANITIZE_FAMILIES="gemm-ws fp8-ws ws-cluster attention-bwd-v3" (past 2^31 and memcheck of the
-#      newest kernels), 2b. the same with SKIP_LARGE=1 and SANITIZE_FAMILIES="gemm-cluster
+#      SANITIZE_FAMILIES="ws-warp-arrivals ws-cluster-warp-arrivals" (past 2^31 and memcheck of the
+#      newest kernels; session 9 ran memcheck on gemm-ws fp8-ws ws-cluster attention-bwd-v3), 2b. the same with SKIP_LARGE=1 and SANITIZE_FAMILIES="gemm-cluster
 #      gemm-deep-prefetch fp8-cluster fp8-tma gemm-skip-empty", 2c. SANITIZE_FAMILIES="moe-pdl
 #      gemm attention-v2"
 #   3a. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_LARGE=1 SKIP_SANITIZER=1 SKIP_DEMO=1
@@ -38,8 +38,10 @@
 #      SKIP_DEMO=1 PROFILE=1 (ncu over bench/profile_targets.py; PROFILE_TARGETS picks)
 # All of them do not fit a session's 30 minutes of device time. The order that decides
 # the most open targets first: 1 (SKIP_DEMO=1; which new kernels are right), 3b (the
-# warp-specialized GEMM/FP8 numbers), 3a (attention backward v3 in the attention A/B, and
-# the defaults), 2a (memcheck of the kernels that passed), then 3c, 4, 2b, 2c, the demo.
+# warp-specialized GEMM/FP8 numbers, first with DSK_WS_WARP_ARRIVALS=1), 3a (the
+# defaults), 2a (memcheck of the kernels that passed), then 3c, 4, 2b, 2c, the demo.
+# Session 9 ran 1, 3b, 3a and memcheck of gemm-ws fp8-ws ws-cluster attention-bwd-v3
+# (bench/results/session9-h100/README.md).
 # The device tool returns few files: tar OUT.
 # SMOKE_FAMILIES picks families of step 1 (default: all, listed in smoke_family below);
 # the whole suite in one process (CPU tests too) is the tests step (SKIP_TESTS=0).
@@ -91,6 +93,8 @@ smoke_family() {
     fp8-ws) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_FMA_PROMOTION=0" ;;  # the contract's promotion
     gemm-ws-cluster) echo "tests/test_gemm.py|v3 or versions or auto|DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_CLUSTER=1" ;;
     fp8-ws-cluster) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_FMA_PROMOTION=0 DSK_FP8_CLUSTER=1" ;;
+    ws-warp-arrivals) echo "tests/test_gemm.py|v3 or versions or auto or grouped or tensor_core|DSK_GEMM_WARP_SPECIALIZED=1 DSK_WS_WARP_ARRIVALS=1" ;;
+    ws-cluster-warp-arrivals) echo "tests/test_gemm.py|v3 or versions or auto or tensor_core|DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_CLUSTER=1 DSK_FP8_CLUSTER=1 DSK_WS_WARP_ARRIVALS=1" ;;
     fp8-ws-fma-cluster) echo "tests/test_gemm.py|tensor_core or fp8_grouped_gemm_cuda|DSK_FP8_CLUSTER=1" ;;  # the default kernel in clusters
     moe-pdl) echo "tests/test_moe.py tests/test_cuda_graphs.py|gating or moe|DSK_MOE_PDL=1" ;;
     attention-bwd-unordered) echo "tests/test_attention.py|bwd_kernels_match_reference and bwd_v2|DSK_ATTENTION_BWD_UNORDERED=1" ;;
@@ -103,7 +107,7 @@ smoke_family() {
     *) return 1 ;;
   esac
 }
-SMOKE_ALL="attention-bwd-v3 gemm-ws fp8-ws gemm-ws-cluster fp8-ws-cluster fp8-ws-fma-cluster fp8-plain gemm-cluster gemm-deep-prefetch fp8-tma fp8-deep-prefetch fp8-cluster gemm-skip-empty moe-pdl attention-bwd-unordered attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 graphs attention gemm moe quant rest gemm-v3-cp-async"
+SMOKE_ALL="ws-warp-arrivals ws-cluster-warp-arrivals attention-bwd-v3 gemm-ws fp8-ws gemm-ws-cluster fp8-ws-cluster fp8-ws-fma-cluster fp8-plain gemm-cluster gemm-deep-prefetch fp8-tma fp8-deep-prefetch fp8-cluster gemm-skip-empty moe-pdl attention-bwd-unordered attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 graphs attention gemm moe quant rest gemm-v3-cp-async"
 smoke_run() {  # one family, in the background's own process; its summary line goes to smoke-NAME.sum
   local spec files kexpr envs
   spec=$(smoke_family "$1") || { echo "$1: unknown family" >"$OUT/smoke-$1.sum"; return; }
@@ -171,7 +175,7 @@ sanitize() {  # name, test file, -k expression, then optional VAR=value (e.g. a 
 if [ "${SKIP_SANITIZER:-0}" = 1 ]; then echo "skipped (SKIP_SANITIZER=1)"
 elif command -v compute-sanitizer >/dev/null; then
   # The *-v2 runs force the newer kernel generation of a family for every test.
-  for fam in ${SANITIZE_FAMILIES:-gemm-ws fp8-ws ws-cluster attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-cluster fp8-tma gemm-skip-empty moe-pdl quant moe moe-v1 gemm gemm-v2 gemm-v3 fp8-v2 int8-v1 attention attention-v2 attention-v3 attention-bwd-v2}; do
+  for fam in ${SANITIZE_FAMILIES:-ws-warp-arrivals ws-cluster-warp-arrivals gemm-ws fp8-ws ws-cluster attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-cluster fp8-tma gemm-skip-empty moe-pdl quant moe moe-v1 gemm gemm-v2 gemm-v3 fp8-v2 int8-v1 attention attention-v2 attention-v3 attention-bwd-v2}; do
     case $fam in
       quant) sanitize quant tests/test_quant.py "matches_reference and not 1024 or nonfinite or bad_inputs or agree" ;;
       moe) sanitize moe tests/test_moe.py "matches_reference or shapes or nonfinite or empty or agree" ;;
@@ -185,6 +189,9 @@ elif command -v compute-sanitizer >/dev/null; then
       gemm-cluster) sanitize gemm-cluster tests/test_gemm.py "v3 or versions or auto" DSK_GEMM_CLUSTER=1 ;;
       gemm-ws) sanitize gemm-ws tests/test_gemm.py "v3 or versions or auto or grouped" DSK_GEMM_WARP_SPECIALIZED=1 ;;
       fp8-ws) sanitize fp8-ws tests/test_gemm.py "tensor_core or fp8_grouped_gemm_cuda" DSK_FP8_FMA_PROMOTION=0 ;;
+      # the warp-specialized kernels releasing stages per warp, alone and in clusters
+      ws-warp-arrivals) sanitize ws-warp-arrivals tests/test_gemm.py "v3 or versions or auto or tensor_core" DSK_GEMM_WARP_SPECIALIZED=1 DSK_WS_WARP_ARRIVALS=1 ;;
+      ws-cluster-warp-arrivals) sanitize ws-cluster-warp-arrivals tests/test_gemm.py "v3 or versions or auto or tensor_core" DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_CLUSTER=1 DSK_FP8_CLUSTER=1 DSK_WS_WARP_ARRIVALS=1 ;;
       fp8-plain) sanitize fp8-plain tests/test_gemm.py "tensor_core or fp8_grouped_gemm_cuda" DSK_FP8_WARP_SPECIALIZED=0 ;;
       # clusters for plain GEMMs (FP8: the default kernel, fused promotion)
       ws-cluster) sanitize ws-cluster tests/test_gemm.py "v3 or versions or auto or tensor_core" DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_CLUSTER=1 DSK_FP8_CLUSTER=1 ;;
@@ -246,6 +253,12 @@ if [ "${SKIP_BENCH:-0}" = 1 ]; then echo "skipped (SKIP_BENCH=1)"; else
     # The warp-specialized persistent v3 kernels (DSK_*_WARP_SPECIALIZED=1), alone and in
     # clusters (DSK_*_CLUSTER=1): the bf16 A/B, then the grouped (DeepSeek-V3 expert shapes,
     # also skipping empty warpgroups) and FP8 rows. The v3_variant column says what ran.
+    # First the stages released per warp (DSK_WS_WARP_ARRIVALS=1), alone and in
+    # clusters, bf16 and FP8: the suspect of the clusters' slowdown in session 9.
+    gemm_variant_bench ab-ws-warp-arrivals "DSK_GEMM_WARP_SPECIALIZED=1 DSK_WS_WARP_ARRIVALS=1" "" --ab
+    gemm_variant_bench ab-ws-cluster-warp-arrivals "DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_CLUSTER=1 DSK_WS_WARP_ARRIVALS=1" "" --ab
+    gemm_variant_bench fp8-warp-arrivals "DSK_WS_WARP_ARRIVALS=1" "^fp8" $SMALL_GEMM_ROWS
+    gemm_variant_bench fp8-cluster-warp-arrivals "DSK_WS_WARP_ARRIVALS=1 DSK_FP8_CLUSTER=1" "^fp8" $SMALL_GEMM_ROWS
     gemm_variant_bench ab-ws "DSK_GEMM_WARP_SPECIALIZED=1" "" --ab
     gemm_variant_bench ab-ws-cluster "DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_CLUSTER=1" "" --ab
     gemm_variant_bench ws-rows "DSK_GEMM_WARP_SPECIALIZED=1 DSK_FP8_FMA_PROMOTION=0" "^(grouped|fp8)" \

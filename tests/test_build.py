@@ -55,7 +55,7 @@ def test_cuda_kernel_ran_op():
     for family in ("gemm", "fp8_gemm", "int8_gemm", "attention_fwd", "attention_bwd"):
         assert op(family) in (0, 1, 2, 3)
     for family in ("gemm_v3_variant", "fp8_v3_variant"):  # V3Variant bits
-        assert 0 <= op(family) < 32
+        assert 0 <= op(family) < 64
     before = op("gemm")
     deepseek_kernels.gemm(torch.randn(3, 8), torch.randn(5, 8))  # CPU: not a CUDA launch
     assert op("gemm") == before

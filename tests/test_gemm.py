@@ -659,16 +659,16 @@ for op, args, kwargs in cases:
 torch.save((outs, variants), sys.argv[2])
 """
 # V3Variant bits (csrc/common/kernel_choice.h).
-_V3_TMA, _V3_CLUSTER, _V3_DEEP, _V3_WARP_SPECIALIZED, _V3_FMA_PROMOTION = 1, 2, 4, 8, 16
+_V3_TMA, _V3_CLUSTER, _V3_DEEP, _V3_WARP_SPECIALIZED, _V3_FMA_PROMOTION, _V3_WARP_ARRIVALS = 1, 2, 4, 8, 16, 32
 # The _cuda_kernel_ran entry that holds a family's v3 variant bits.
 _V3_VARIANT_ENTRY = {"gemm": "gemm_v3_variant", "fp8_gemm": "fp8_v3_variant"}
 
 
 # The variables that pick v3's opt-in variants, per family (read once per process).
 _V3_KNOBS = {"gemm": ["DSK_GEMM_" + k for k in ("TMA", "CLUSTER", "DEEP_PREFETCH", "WARP_SPECIALIZED",
-                                                "SKIP_EMPTY_ROWS")],
+                                                "SKIP_EMPTY_ROWS")] + ["DSK_WS_WARP_ARRIVALS"],
              "fp8_gemm": ["DSK_FP8_" + k for k in ("TMA", "CLUSTER", "DEEP_PREFETCH", "WARP_SPECIALIZED",
-                                                   "FMA_PROMOTION")]}
+                                                   "FMA_PROMOTION")] + ["DSK_WS_WARP_ARRIVALS"]}
 
 
 def _skip_if_variant_env(family):
@@ -728,9 +728,12 @@ def _assert_v3_variant_same_bits(tmp_path, cases, choice_op, family, variant, de
 @pytest.mark.parametrize("variant", ["DSK_GEMM_TMA=0", "DSK_GEMM_CLUSTER=1", "DSK_GEMM_DEEP_PREFETCH=1",
                                      "DSK_GEMM_CLUSTER=1 DSK_GEMM_DEEP_PREFETCH=1", "DSK_GEMM_WARP_SPECIALIZED=1",
                                      "DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_SKIP_EMPTY_ROWS=1",
-                                     "DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_CLUSTER=1"],
+                                     "DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_CLUSTER=1",
+                                     "DSK_GEMM_WARP_SPECIALIZED=1 DSK_WS_WARP_ARRIVALS=1",
+                                     "DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_CLUSTER=1 DSK_WS_WARP_ARRIVALS=1"],
                          ids=["cp_async", "cluster", "deep_prefetch", "cluster_deep_prefetch", "warp_specialized",
-                              "warp_specialized_skip_empty", "warp_specialized_cluster"])
+                              "warp_specialized_skip_empty", "warp_specialized_cluster",
+                              "warp_specialized_warp_arrivals", "warp_specialized_cluster_warp_arrivals"])
 def test_cuda_v3_tma_and_variant_same_bits(tmp_path, variant):
     """v3 filled by TMA (the default) and by cp.async (DSK_GEMM_TMA=0), in clusters
     of two CTAs multicasting B (DSK_GEMM_CLUSTER=1; plain GEMMs: an odd count of m
@@ -758,7 +761,8 @@ def test_cuda_v3_tma_and_variant_same_bits(tmp_path, variant):
     def variant_bits(op):
         cluster = _V3_CLUSTER if "CLUSTER" in variant and op == "gemm" else 0  # plain GEMMs only
         if "WARP_SPECIALIZED" in variant:  # it takes precedence over the deep variant
-            return _V3_TMA | _V3_WARP_SPECIALIZED | cluster
+            return (_V3_TMA | _V3_WARP_SPECIALIZED | cluster
+                    | (_V3_WARP_ARRIVALS if "WARP_ARRIVALS" in variant else 0))
         return ((0 if "TMA=0" in variant else _V3_TMA) | cluster
                 | (_V3_DEEP if "DEEP_PREFETCH" in variant else 0))
 
@@ -1168,8 +1172,11 @@ _FP8_V3_PLAIN = "DSK_FP8_WARP_SPECIALIZED=0"
 @pytest.mark.skipif(not hopper_build(), reason="FP8 v3 (wgmma) needs an H100/H200 and an sm_90a build")
 @pytest.mark.parametrize("variant", [f"{_FP8_V3_PLAIN} DSK_FP8_TMA=1", f"{_FP8_V3_PLAIN} DSK_FP8_DEEP_PREFETCH=1",
                                      f"{_FP8_V3_PLAIN} DSK_FP8_CLUSTER=1", "DSK_FP8_FMA_PROMOTION=0",
-                                     "DSK_FP8_FMA_PROMOTION=0 DSK_FP8_CLUSTER=1"],
-                         ids=["tma", "deep_prefetch", "cluster", "warp_specialized", "warp_specialized_cluster"])
+                                     "DSK_FP8_FMA_PROMOTION=0 DSK_FP8_CLUSTER=1",
+                                     "DSK_FP8_FMA_PROMOTION=0 DSK_WS_WARP_ARRIVALS=1",
+                                     "DSK_FP8_FMA_PROMOTION=0 DSK_FP8_CLUSTER=1 DSK_WS_WARP_ARRIVALS=1"],
+                         ids=["tma", "deep_prefetch", "cluster", "warp_specialized", "warp_specialized_cluster",
+                              "warp_specialized_warp_arrivals", "warp_specialized_cluster_warp_arrivals"])
 def test_cuda_fp8_v3_variants_same_bits(tmp_path, variant):
     """FP8 v3 without warp specialization (DSK_FP8_WARP_SPECIALIZED=0: cp.async
     copies) and its variants with the contract's promotion, each read once per
@@ -1192,7 +1199,7 @@ def test_cuda_fp8_v3_variants_same_bits(tmp_path, variant):
         cluster = "CLUSTER" in variant
         bits = _V3_TMA | (_V3_CLUSTER if cluster and op == "fp8_gemm" else 0)  # plain GEMMs only
         if _FP8_V3_PLAIN not in variant:  # warp-specialized: it takes precedence over the deep variant
-            return bits | _V3_WARP_SPECIALIZED
+            return bits | _V3_WARP_SPECIALIZED | (_V3_WARP_ARRIVALS if "WARP_ARRIVALS" in variant else 0)
         return bits | (_V3_DEEP if cluster or "DEEP_PREFETCH" in variant else 0)  # cluster implies deep
 
     _assert_v3_variant_same_bits(tmp_path, cases, "_fp8_cuda_kernel", "fp8_gemm", variant, 0, variant_bits,
@@ -1202,7 +1209,8 @@ def test_cuda_fp8_v3_variants_same_bits(tmp_path, variant):
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.skipif(not hopper_build(), reason="FP8 v3 (wgmma) needs an H100/H200 and an sm_90a build")
-@pytest.mark.parametrize("variant", ["", "DSK_FP8_CLUSTER=1"], ids=["fma", "fma_cluster"])
+@pytest.mark.parametrize("variant", ["", "DSK_FP8_CLUSTER=1", "DSK_FP8_CLUSTER=1 DSK_WS_WARP_ARRIVALS=1"],
+                         ids=["fma", "fma_cluster", "fma_cluster_warp_arrivals"])
 def test_cuda_fp8_v3_fma_promotion_close_to_v3(tmp_path, variant):
     """FP8 v3's default, the warp-specialized kernel promoting with one FMA (alone,
     in this process, and in clusters: DSK_FP8_CLUSTER=1, read once per process: a
@@ -1235,7 +1243,8 @@ def test_cuda_fp8_v3_fma_promotion_close_to_v3(tmp_path, variant):
                 theirs.append(dk.fp8_gemm(*args, **kwargs))
                 ran.append(kernel_ran(_V3_VARIANT_ENTRY["fp8_gemm"]))
     for i, (a, b, bound) in enumerate(zip(ours, theirs, bounds)):
-        assert ran[i] == _V3_TMA | _V3_WARP_SPECIALIZED | _V3_FMA_PROMOTION | cluster, ran[i]
+        arrivals = _V3_WARP_ARRIVALS if "WARP_ARRIVALS" in variant else 0
+        assert ran[i] == _V3_TMA | _V3_WARP_SPECIALIZED | _V3_FMA_PROMOTION | cluster | arrivals, ran[i]
         a, b = a.double(), b.double()
         tol = bound.double() + eps16 * (a.abs() + b.abs())
         assert ((a - b).abs() <= tol).all(), (i, ((a - b).abs() - tol).max().item())

@@ -43,6 +43,8 @@ enum class LaunchedFamily : int {
   kGemm = 0, kFp8Gemm, kInt8Gemm, kAttentionFwd, kAttentionBwd, kGemmV3Variant, kFp8V3Variant, kCount
 };
 void note_kernel_ran(LaunchedFamily family, int generation);
-enum V3Variant : int { kV3Tma = 1, kV3Cluster = 2, kV3Deep = 4, kV3WarpSpecialized = 8, kV3FmaPromotion = 16 };
+enum V3Variant : int {
+  kV3Tma = 1, kV3Cluster = 2, kV3Deep = 4, kV3WarpSpecialized = 8, kV3FmaPromotion = 16, kV3WsWarpArrivals = 32
+};
 
 }  // namespace dsk

@@ -38,14 +38,15 @@ KernelChoice& gemm_kernel_choice() {
 // The CUDA bf16/fp16 kernel choice every GemmParams gets (plain and grouped).
 // DSK_GEMM_TMA=0 makes v3 copy its tiles with cp.async instead of TMA (A/B runs,
 // debugging); DSK_GEMM_SKIP_EMPTY_ROWS=1, DSK_GEMM_CLUSTER=1,
-// DSK_GEMM_DEEP_PREFETCH=1 and DSK_GEMM_WARP_SPECIALIZED=1 turn on v3's opt-in
-// variants (GemmParams); read once.
+// DSK_GEMM_DEEP_PREFETCH=1, DSK_GEMM_WARP_SPECIALIZED=1 and DSK_WS_WARP_ARRIVALS=1
+// turn on v3's opt-in variants (GemmParams); read once.
 void set_cuda_kernel(GemmParams& p) {
   static const bool tma = !env_equals("DSK_GEMM_TMA", "0");
   static const bool skip_empty_rows = env_equals("DSK_GEMM_SKIP_EMPTY_ROWS", "1");
   static const bool cluster = env_equals("DSK_GEMM_CLUSTER", "1");
   static const bool deep_prefetch = env_equals("DSK_GEMM_DEEP_PREFETCH", "1");
   static const bool warp_specialized = env_equals("DSK_GEMM_WARP_SPECIALIZED", "1");
+  static const bool ws_warp_arrivals = env_equals("DSK_WS_WARP_ARRIVALS", "1");
   p.cuda_kernel = gemm_kernel_choice().get();
   p.built_sm90a = built_for_cuda_arch("sm_90a");
   p.v3_tma = tma;
@@ -53,6 +54,7 @@ void set_cuda_kernel(GemmParams& p) {
   p.v3_cluster = cluster;
   p.v3_deep_prefetch = deep_prefetch;
   p.v3_warp_specialized = warp_specialized;
+  p.v3_ws_warp_arrivals = ws_warp_arrivals;
 }
 #endif
 
@@ -253,6 +255,8 @@ at::Tensor run_fp8_gemm(const char* op, const at::Tensor& a, const at::Tensor& a
   p.v3_cluster = fp8_cluster;
   p.v3_warp_specialized = fp8_warp_specialized;
   p.v3_fma_promotion = fp8_fma_promotion;
+  static const bool fp8_ws_warp_arrivals = env_equals("DSK_WS_WARP_ARRIVALS", "1");
+  p.v3_ws_warp_arrivals = fp8_ws_warp_arrivals;
   if (grouped) {
     p.offsets = oc.data_ptr();
     p.offsets_int64 = oc.scalar_type() == at::kLong;

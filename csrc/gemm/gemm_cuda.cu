@@ -675,8 +675,8 @@ __device__ __forceinline__ void issue_v3_tile(float (&acc)[1][kV3BN / 8][4], uin
 // the next group's rows, which the epilogue never stores) and each stage's
 // mbarrier says when it landed. Otherwise all threads copy with cp.async.
 //
-// kCluster (with kTma; plain GEMMs; opt-in DSK_GEMM_CLUSTER=1, not yet run on a
-// GPU): CTAs in clusters of two along M, the same n tile and m tiles 2i, 2i + 1.
+// kCluster (with kTma; plain GEMMs; opt-in DSK_GEMM_CLUSTER=1, tested on an
+// H100): CTAs in clusters of two along M, the same n tile and m tiles 2i, 2i + 1.
 // Each CTA loads its A tile and one half (128 rows) of the B tile they share,
 // multicast into both CTAs' stage (tma_b's boxes are 128 rows), so the pair reads
 // B from L2 once: 32 KiB per CTA and K tile instead of 48. Each stage's mbarrier
@@ -690,7 +690,7 @@ __device__ __forceinline__ void issue_v3_tile(float (&acc)[1][kV3BN / 8][4], uin
 // the last wait keeps either CTA from exiting while the other may still
 // multicast into it.
 //
-// kDeep (with kTma; opt-in DSK_GEMM_DEEP_PREFETCH=1, not yet run on a GPU): the
+// kDeep (with kTma; opt-in DSK_GEMM_DEEP_PREFETCH=1, tested on an H100): the
 // copies run kStagesV3 - 1 tiles ahead instead of kStagesV3 - 2. The stage
 // refilled in iteration kt is tile kt - 1's, after this iteration's wait_group 1
 // (tile kt - 1 done) and a barrier (the cluster's with kCluster) that says every
@@ -887,11 +887,11 @@ __device__ __forceinline__ void promote_fp8_block(float (&acc)[1][kF8BN / 8][4],
 // grouped tile's rows past its group read the next group's, never stored).
 // Otherwise every thread copies with cp.async.
 //
-// kDeep (with kTma; opt-in DSK_FP8_DEEP_PREFETCH=1, not yet run on a GPU): all
+// kDeep (with kTma; opt-in DSK_FP8_DEEP_PREFETCH=1, tested on an H100): all
 // kStagesF8 stages are filled ahead, and a block's stage is refilled (with block
 // kb + kStagesF8) as soon as its promotion has waited for its wgmma and a barrier
 // says every warpgroup did, instead of two blocks later. kCluster (with kDeep;
-// plain GEMMs; DSK_FP8_CLUSTER=1, not yet run on a GPU): clusters of two CTAs
+// plain GEMMs; DSK_FP8_CLUSTER=1, tested on an H100): clusters of two CTAs
 // along M multicasting the W tile they share, as bf16 v3's kCluster (each loads
 // 64 of its 128 rows into both CTAs; the barrier is the cluster's; a CTA past M
 // loads no A and stores nothing).
@@ -1052,8 +1052,8 @@ __global__ void __launch_bounds__(kF8Threads, 1)
 
 // ---------------------------------------------------------------------------
 // Warp-specialized persistent v3 (sm_90a; bf16/fp16 and FP8, plain and grouped;
-// opt-in DSK_GEMM_WARP_SPECIALIZED=1 / DSK_FP8_WARP_SPECIALIZED=1, with
-// DSK_*_CLUSTER=1 in clusters of two; not yet run on a GPU)
+// DSK_GEMM_WARP_SPECIALIZED=1 / FP8's default, with DSK_*_CLUSTER=1 in clusters
+// of two; tested on an H100)
 // ---------------------------------------------------------------------------
 // Three warpgroups. Warpgroup 0 produces: one thread issues every TMA copy.
 // Warpgroups 1 and 2 consume: each computes 64 rows of the CTA tile exactly as
@@ -1062,7 +1062,8 @@ __global__ void __launch_bounds__(kF8Threads, 1)
 // - no CTA barrier in the main loop. Each stage has two mbarriers: `full` (the
 //   producer arms it with the stage's bytes, TMA completes it) and `empty`
 //   (every consumer thread arrives once the wgmma that read the stage are
-//   done). The producer refills a stage as soon as the consumers released it,
+//   done; with p.v3_ws_warp_arrivals each consumer warp once: 8 arrivals a
+//   stage instead of 256 on one word). The producer refills a stage as soon as the consumers released it,
 //   up to kStages tiles ahead, and the consumers never wait for each other: in
 //   FP8 one warpgroup's promotion runs while the other's wgmma hold the tensor
 //   cores;
@@ -1074,10 +1075,12 @@ __global__ void __launch_bounds__(kF8Threads, 1)
 // (2i, 2i + 1, the same n tile) in lockstep; each producer copies its A tile and
 // one half of the B tile into both CTAs' stage (multicast, as v3's kCluster), so
 // a stage of either CTA is refilled by both producers: its `empty` barrier counts
-// the consumer threads of both CTAs, each arriving on its own CTA's and its
-// peer's. A CTA whose m tile lies past M runs every step (it loads no A and
+// the consumer threads (warps) of both CTAs, each arriving on its own CTA's and
+// its peer's: 256 remote arrivals a stage, or 8 with p.v3_ws_warp_arrivals. The
+// cluster kernels ran at 55% of the single-CTA ones on an H100 (session 9); the
+// remote arrivals are the suspect the opt-in warp arrivals test. A CTA whose m tile lies past M runs every step (it loads no A and
 // stores nothing). Neither CTA exits before the other is done with it.
-constexpr int kWsThreads = 384, kWsConsumerThreads = 256;
+constexpr int kWsThreads = 384, kWsConsumerThreads = 256, kWsConsumerWarps = kWsConsumerThreads / 32;
 // Per-thread registers after setmaxnreg: the CTA's 384 x 168 (launch bounds) are
 // exactly 128 x 40 + 256 x 232; a build giving the kernel fewer would leave the
 // consumers' setmaxnreg.inc waiting forever, so launch_ws checks it.
@@ -1094,15 +1097,16 @@ static_assert(kF8WsSmemBytes <= 227 * 1024, "FP8 warp-specialized shared memory 
 template <int kStages>
 struct WsBarriers {
   uint64_t full[kStages];   // 1 arrival (the producer's expect_tx) + the stage's bytes
-  uint64_t empty[kStages];  // kWsConsumerThreads arrivals per CTA feeding the stage
+  uint64_t empty[kStages];  // an arrival per consumer thread (warp) of each CTA feeding the stage
 };
 
 template <bool kCluster, int kStages>
-__device__ __forceinline__ void ws_init(WsBarriers<kStages>& bars) {
+__device__ __forceinline__ void ws_init(WsBarriers<kStages>& bars, bool warp_arrivals) {
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(shared_addr(&bars.full[s]), 1);
-      mbar_init(shared_addr(&bars.empty[s]), kWsConsumerThreads * (kCluster ? 2 : 1));
+      mbar_init(shared_addr(&bars.empty[s]),
+                (warp_arrivals ? kWsConsumerWarps : kWsConsumerThreads) * (kCluster ? 2 : 1));
     }
     fence_mbar_init();
   }
@@ -1168,8 +1172,9 @@ __device__ __forceinline__ void ws_produce(const P& p, WsBarriers<kStages>& bars
 }
 
 // Consumer side of pipeline step `it`: its stage once it holds the copies; its
-// release (this thread's wgmma reading it are done), in the peer CTA too with
-// kCluster (the peer's producer writes half of this CTA's stage).
+// release (called by every consumer thread once its wgmma reading the stage are
+// done; with warp_arrivals lane 0 arrives for the converged warp), in the peer
+// CTA too with kCluster (the peer's producer writes half of this CTA's stage).
 template <int kStages>
 __device__ __forceinline__ int ws_acquire(WsBarriers<kStages>& bars, int64_t it) {
   const int s = static_cast<int>(it % kStages);
@@ -1177,10 +1182,13 @@ __device__ __forceinline__ int ws_acquire(WsBarriers<kStages>& bars, int64_t it)
   return s;
 }
 template <bool kCluster, int kStages>
-__device__ __forceinline__ void ws_release(WsBarriers<kStages>& bars, int64_t it) {
-  const uint32_t bar = shared_addr(&bars.empty[it % kStages]);
-  mbar_arrive(bar);
-  if constexpr (kCluster) mbar_arrive_cluster(cluster_map_shared(bar, cluster_ctarank() ^ 1));
+__device__ __forceinline__ void ws_release(WsBarriers<kStages>& bars, int64_t it, bool warp_arrivals) {
+  if (warp_arrivals) __syncwarp();  // every lane passed its wgmma wait
+  if (!warp_arrivals || (threadIdx.x & 31) == 0) {
+    const uint32_t bar = shared_addr(&bars.empty[it % kStages]);
+    mbar_arrive(bar);
+    if constexpr (kCluster) mbar_arrive_cluster(cluster_map_shared(bar, cluster_ctarank() ^ 1));
+  }
 }
 
 // The kernels' frame: the stages (dynamic shared memory from a 1 KiB boundary,
@@ -1188,13 +1196,13 @@ __device__ __forceinline__ void ws_release(WsBarriers<kStages>& bars, int64_t it
 // runs on warp 0, consume(bars, smem_base, consumer warpgroup 0 / 1) on
 // warpgroups 1 and 2. With kCluster every thread meets the cluster barrier last:
 // neither CTA exits while its peer may still multicast into it or arrive on its
-// barriers.
+// barriers. warp_arrivals: the consumers release stages per warp (ws_release).
 template <bool kCluster, int kStages, typename Produce, typename Consume>
-__device__ __forceinline__ void ws_run(Produce&& produce, Consume&& consume) {
+__device__ __forceinline__ void ws_run(Produce&& produce, Consume&& consume, bool warp_arrivals) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ __align__(8) WsBarriers<kStages> bars;
   const uint32_t smem_base = (shared_addr(smem_raw) + 1023u) & ~1023u;
-  ws_init<kCluster>(bars);
+  ws_init<kCluster>(bars, warp_arrivals);
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {
     setmaxnreg_dec<kWsProducerRegs>();
@@ -1234,15 +1242,15 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         if (wg_rows) issue_v3_tile<T>(acc, sa, sb);
         wgmma_wait<1>();
         pin_accumulators(acc);
-        if (kt > 0) ws_release<kCluster>(bars, it - 1);
+        if (kt > 0) ws_release<kCluster>(bars, it - 1, p.v3_ws_warp_arrivals);
       }
       wgmma_wait<0>();
       pin_accumulators(acc);
-      if (k_tiles > 0) ws_release<kCluster>(bars, it - 1);
+      if (k_tiles > 0) ws_release<kCluster>(bars, it - 1, p.v3_ws_warp_arrivals);
       mma_epilogue(p, acc, tile.row_begin + cw * 64 + warp_in_group * 16, tile.row_end, n0);
     });
   };
-  ws_run<kCluster, kStagesV3>(produce, consume);
+  ws_run<kCluster, kStagesV3>(produce, consume, p.v3_ws_warp_arrivals);
 #else
   __trap();  // never launched: launch_ws checks the kernel was built for sm_90a
 #endif
@@ -1287,13 +1295,13 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         issue_fp8_block(part, sa, sb);
         wgmma_wait<0>();
         pin_accumulators(part);
-        ws_release<kCluster>(bars, it);
+        ws_release<kCluster>(bars, it, p.v3_ws_warp_arrivals);
         promote_fp8_block<kFma>(acc, part, {scale0, scale1}, w_scale);
       }
       mma_epilogue(out, acc, warp_row0, tile.row_end, n0);
     });
   };
-  ws_run<kCluster, kStagesF8Ws>(produce, consume);
+  ws_run<kCluster, kStagesF8Ws>(produce, consume, p.v3_ws_warp_arrivals);
 #else
   __trap();  // never launched: launch_ws checks the kernel was built for sm_90a
 #endif
@@ -1861,7 +1869,8 @@ bool launch_ws(const P& p, int64_t bm, int64_t bn, int smem, const CUtensorMap& 
   }
   constexpr LaunchedFamily family =
       std::is_same_v<P, GemmParams> ? LaunchedFamily::kGemmV3Variant : LaunchedFamily::kFp8V3Variant;
-  note_kernel_ran(family, variant_bits | kV3Tma | kV3WarpSpecialized | (kCluster ? kV3Cluster : 0));
+  note_kernel_ran(family, variant_bits | kV3Tma | kV3WarpSpecialized | (kCluster ? kV3Cluster : 0) |
+                              (p.v3_ws_warp_arrivals ? kV3WsWarpArrivals : 0));
   return true;
 }
 

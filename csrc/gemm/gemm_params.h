@@ -51,22 +51,27 @@ struct GemmParams {
   bool v3_tma = true;
   // v3 skips the wgmma of a warpgroup with no rows in its tile (a group's last
   // tile of at most 64 rows: about half the groups at DeepSeek-V3 expert shapes).
-  // Opt-in (DSK_GEMM_SKIP_EMPTY_ROWS=1, read once): not yet run on a GPU.
+  // Opt-in (DSK_GEMM_SKIP_EMPTY_ROWS=1, read once): passes its tests on an H100.
   bool v3_skip_empty_rows = false;
   // v3 (TMA) runs plain GEMMs in clusters of two CTAs along M that multicast the
   // B tile they share (gemm_cuda.cu, wgmma_gemm_body). Opt-in
-  // (DSK_GEMM_CLUSTER=1, read once): not yet run on a GPU.
+  // (DSK_GEMM_CLUSTER=1, read once): passes its tests on an H100, not yet benchmarked.
   bool v3_cluster = false;
   // v3 (TMA) copies its tiles one tile further ahead (three instead of two),
   // refilling the stage of the tile just finished (gemm_cuda.cu, kDeep). Opt-in
-  // (DSK_GEMM_DEEP_PREFETCH=1, read once): not yet run on a GPU.
+  // (DSK_GEMM_DEEP_PREFETCH=1, read once): passes its tests on an H100, not yet benchmarked.
   bool v3_deep_prefetch = false;
   // v3 (TMA) warp-specialized and persistent: a producer warpgroup issues the
   // copies, two consumer warpgroups synchronize with it through per-stage
   // mbarriers only (gemm_cuda.cu, ws_gemm_kernel; v3's bits); with v3_cluster in
   // clusters of two (plain GEMMs). Takes precedence over the deep variant.
-  // Opt-in (DSK_GEMM_WARP_SPECIALIZED=1, read once): not yet run on a GPU.
+  // Opt-in (DSK_GEMM_WARP_SPECIALIZED=1, read once): on an H100 no faster than v3.
   bool v3_warp_specialized = false;
+  // The warp-specialized kernels release a stage with one mbarrier arrival per
+  // consumer warp instead of one per thread (8 instead of 256 a CTA, and as many
+  // remote ones in clusters): the same math and bits. Opt-in for both families
+  // (DSK_WS_WARP_ARRIVALS=1, read once): not yet run on a GPU.
+  bool v3_ws_warp_arrivals = false;
 };
 
 // The generation new GEMM params get: 1, 2 or 3 (forced), or kGemmKernelAuto (the
@@ -167,6 +172,8 @@ struct Fp8GemmParams {
   // rounding, as the tensor cores' block sums are). The default with warp
   // specialization (DSK_FP8_FMA_PROMOTION=0 turns it off; read once).
   bool v3_fma_promotion = false;
+  // As GemmParams::v3_ws_warp_arrivals (DSK_WS_WARP_ARRIVALS=1).
+  bool v3_ws_warp_arrivals = false;
 };
 
 void quantize_fp8_cpu(const QuantizeFp8Params& p);
