@@ -28,7 +28,7 @@
 #      8-41 s each; a family of a new kernel that deadlocks, e.g. on an mbarrier of the
 #      warp-specialized pipelines, then costs 2 minutes, not 7)
 #   2a. SKIP_BUILD=1 SKIP_SMOKE=1 SKIP_TESTS=1 SKIP_BENCH=1 SKIP_DEMO=1
-#      SANITIZE_FAMILIES="ws-warp-arrivals ws-cluster-warp-arrivals" (past 2^31 and memcheck of the
+#      SANITIZE_FAMILIES="ws-warp-arrivals ws-cluster-warp-arrivals attention-bwd-dq-bulk" (past 2^31 and memcheck of the
 #      newest kernels; session 9 ran memcheck on gemm-ws fp8-ws ws-cluster attention-bwd-v3), 2b. the same with SKIP_LARGE=1 and SANITIZE_FAMILIES="gemm-cluster
 #      gemm-deep-prefetch fp8-cluster fp8-tma gemm-skip-empty", 2c. SANITIZE_FAMILIES="moe-pdl
 #      gemm attention-v2"
@@ -38,7 +38,8 @@
 #      SKIP_DEMO=1 PROFILE=1 (ncu over bench/profile_targets.py; PROFILE_TARGETS picks)
 # All of them do not fit a session's 30 minutes of device time. The order that decides
 # the most open targets first: 1 (SKIP_DEMO=1; which new kernels are right), 3b (the
-# warp-specialized GEMM/FP8 numbers, first with DSK_WS_WARP_ARRIVALS=1), 3a (the
+# warp-specialized GEMM/FP8 numbers, first with DSK_WS_WARP_ARRIVALS=1, and the attention
+# backward with DSK_ATTENTION_BWD_DQ_BULK=1), 3a (the
 # defaults), 2a (memcheck of the kernels that passed), then 3c, 4, 2b, 2c, the demo.
 # Session 9 ran 1, 3b, 3a and memcheck of gemm-ws fp8-ws ws-cluster attention-bwd-v3
 # (bench/results/session9-h100/README.md).
@@ -77,6 +78,7 @@ smoke_family() {
   case $1 in
     attention-fwd-v3) echo "tests/test_attention.py|v3 and not bwd_v3 and not bwd_v1_v2|" ;;
     attention-bwd-v3) echo "tests/test_attention.py|bwd_v3 or bwd_v1_v2|" ;;
+    attention-bwd-dq-bulk) echo "tests/test_attention.py|bwd_v3 or bwd_auto or bwd_v1_v2|DSK_ATTENTION_BWD_DQ_BULK=1" ;;
     attention-bwd-v2) echo "tests/test_attention.py|bwd_v2|" ;;
     attention) echo "tests/test_attention.py|not v3 and not bwd_v2|" ;;
     gemm-v3) echo "tests/test_gemm.py|v3|" ;;
@@ -107,7 +109,7 @@ smoke_family() {
     *) return 1 ;;
   esac
 }
-SMOKE_ALL="ws-warp-arrivals ws-cluster-warp-arrivals attention-bwd-v3 gemm-ws fp8-ws gemm-ws-cluster fp8-ws-cluster fp8-ws-fma-cluster fp8-plain gemm-cluster gemm-deep-prefetch fp8-tma fp8-deep-prefetch fp8-cluster gemm-skip-empty moe-pdl attention-bwd-unordered attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 graphs attention gemm moe quant rest gemm-v3-cp-async"
+SMOKE_ALL="ws-warp-arrivals ws-cluster-warp-arrivals attention-bwd-dq-bulk attention-bwd-v3 gemm-ws fp8-ws gemm-ws-cluster fp8-ws-cluster fp8-ws-fma-cluster fp8-plain gemm-cluster gemm-deep-prefetch fp8-tma fp8-deep-prefetch fp8-cluster gemm-skip-empty moe-pdl attention-bwd-unordered attention-fwd-v3 attention-bwd-v2 gemm-v3 gemm-tc moe-v2 graphs attention gemm moe quant rest gemm-v3-cp-async"
 smoke_run() {  # one family, in the background's own process; its summary line goes to smoke-NAME.sum
   local spec files kexpr envs
   spec=$(smoke_family "$1") || { echo "$1: unknown family" >"$OUT/smoke-$1.sum"; return; }
@@ -175,7 +177,7 @@ sanitize() {  # name, test file, -k expression, then optional VAR=value (e.g. a 
 if [ "${SKIP_SANITIZER:-0}" = 1 ]; then echo "skipped (SKIP_SANITIZER=1)"
 elif command -v compute-sanitizer >/dev/null; then
   # The *-v2 runs force the newer kernel generation of a family for every test.
-  for fam in ${SANITIZE_FAMILIES:-ws-warp-arrivals ws-cluster-warp-arrivals gemm-ws fp8-ws ws-cluster attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-cluster fp8-tma gemm-skip-empty moe-pdl quant moe moe-v1 gemm gemm-v2 gemm-v3 fp8-v2 int8-v1 attention attention-v2 attention-v3 attention-bwd-v2}; do
+  for fam in ${SANITIZE_FAMILIES:-ws-warp-arrivals ws-cluster-warp-arrivals attention-bwd-dq-bulk gemm-ws fp8-ws ws-cluster attention-bwd-v3 gemm-cluster gemm-deep-prefetch fp8-cluster fp8-tma gemm-skip-empty moe-pdl quant moe moe-v1 gemm gemm-v2 gemm-v3 fp8-v2 int8-v1 attention attention-v2 attention-v3 attention-bwd-v2}; do
     case $fam in
       quant) sanitize quant tests/test_quant.py "matches_reference and not 1024 or nonfinite or bad_inputs or agree" ;;
       moe) sanitize moe tests/test_moe.py "matches_reference or shapes or nonfinite or empty or agree" ;;
@@ -204,6 +206,7 @@ elif command -v compute-sanitizer >/dev/null; then
       attention-v2) sanitize attention-v2 tests/test_attention.py "${SANITIZE_K_ATTENTION:-not 4097 and not large}" DSK_ATTENTION_KERNEL=v2 ;;
       attention-v3) sanitize attention-v3 tests/test_attention.py "${SANITIZE_K_ATTENTION:-not 4097 and not large}" DSK_ATTENTION_KERNEL=v3 ;;
       attention-bwd-v2) sanitize attention-bwd-v2 tests/test_attention.py "${SANITIZE_K_ATTENTION:-not 4097 and not large}" DSK_ATTENTION_BWD_KERNEL=v2 ;;
+      attention-bwd-dq-bulk) sanitize attention-bwd-dq-bulk tests/test_attention.py "${SANITIZE_K_ATTENTION:-not 4097 and not large}" DSK_ATTENTION_BWD_KERNEL=v3 DSK_ATTENTION_BWD_DQ_BULK=1 ;;
       attention-bwd-v3) sanitize attention-bwd-v3 tests/test_attention.py "${SANITIZE_K_ATTENTION:-not 4097 and not large}" DSK_ATTENTION_BWD_KERNEL=v3 ;;
     esac
   done
@@ -259,6 +262,11 @@ if [ "${SKIP_BENCH:-0}" = 1 ]; then echo "skipped (SKIP_BENCH=1)"; else
     gemm_variant_bench ab-ws-cluster-warp-arrivals "DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_CLUSTER=1 DSK_WS_WARP_ARRIVALS=1" "" --ab
     gemm_variant_bench fp8-warp-arrivals "DSK_WS_WARP_ARRIVALS=1" "^fp8" $SMALL_GEMM_ROWS
     gemm_variant_bench fp8-cluster-warp-arrivals "DSK_WS_WARP_ARRIVALS=1 DSK_FP8_CLUSTER=1" "^fp8" $SMALL_GEMM_ROWS
+    # Attention backward v3 adding dQ by bulk reductions (DSK_ATTENTION_BWD_DQ_BULK=1): its A/B.
+    mkdir -p "$OUT/attention-dq-bulk"
+    DSK_ATTENTION_BWD_DQ_BULK=1 $PY bench/bench_attention.py --device cuda --ab --out "$OUT/attention-dq-bulk" 2>&1 \
+      | tee "$OUT/bench-attention-ab-dq-bulk.log" | tail -6
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
     gemm_variant_bench ab-ws "DSK_GEMM_WARP_SPECIALIZED=1" "" --ab
     gemm_variant_bench ab-ws-cluster "DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_CLUSTER=1" "" --ab
     gemm_variant_bench ws-rows "DSK_GEMM_WARP_SPECIALIZED=1 DSK_FP8_FMA_PROMOTION=0" "^(grouped|fp8)" \

@@ -737,6 +737,68 @@ def test_cuda_bwd_kernels_varlen_deterministic(bwd_kernel, d, causal):
         assert torch.equal(a, b)  # the same bits, run to run
 
 
+# argv: the saved backward cases (op name, args, kwargs) and where to save the
+# gradients and, per case, the backward v3 variant its launch noted.
+_BWD_V3_CASES_SCRIPT = """
+import sys, torch, deepseek_kernels
+cases = torch.load(sys.argv[1])
+ops = torch.ops.deepseek_kernels
+ops._attention_cuda_bwd_kernel(3)
+grads, variants = [], []
+for op, args, kwargs in cases:
+    grads.append(getattr(ops, op)(*args, **kwargs))
+    assert ops._cuda_kernel_ran("attention_bwd") == 3
+    variants.append(int(ops._cuda_kernel_ran("attention_bwd_v3_variant")))
+torch.save((grads, variants), sys.argv[2])
+"""
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.skipif(not hopper_build(), reason="backward v3 (wgmma) needs an H100/H200 and an sm_90a build")
+def test_cuda_bwd_v3_dq_bulk_same_bits(tmp_path):
+    """Backward v3 adding dQ through shared memory by bulk reductions
+    (DSK_ATTENTION_BWD_DQ_BULK=1, read once per process: a subprocess) against its
+    fp32 atomics (here): the same adds in the same order, so the same bits; on
+    query tails (rows past the sample not added), GQA, masks, causal, D 64 and 128,
+    both dtypes, more key tiles than splits (a CTA's bulk adds of one key tile
+    complete before the next tile's), and varlen with empty samples."""
+    import os
+    import subprocess
+    import sys
+
+    if os.environ.get("DSK_ATTENTION_BWD_DQ_BULK"):
+        pytest.skip("compares against the atomics, and this process sets DSK_ATTENTION_BWD_DQ_BULK")
+    cases = []
+    for (b, lq, lk, hq, hkv, d), dtype, causal in [
+            ((2, 37, 129, 4, 2, 64), torch.bfloat16, False), ((1, 300, 1100, 4, 1, 128), torch.float16, True),
+            ((3, 129, 517, 2, 2, 128), torch.bfloat16, False), ((2, 1000, 2100, 2, 1, 64), torch.float16, True)]:
+        q, k, v = _qkv(b, lq, lk, hq, hkv, d, dtype, "cuda")
+        mask = torch.rand(b, lk, device="cuda") < 0.2
+        out, lse = dk.cross_attention(q, k, v, key_padding_mask=mask, causal=causal, return_lse=True)
+        cases.append(("cross_attention_backward", (torch.randn_like(out), q, k, v, out, lse),
+                      {"key_padding_mask": mask, "causal": causal}))
+    q, k, v, cq, ck, mq, mk = _varlen_case([5, 0, 1, 700, 3, 129], [9, 4, 1, 1333, 0, 130], 4, 2, 128,
+                                           torch.bfloat16, "cuda")
+    q, k, v = q.detach(), k.detach(), v.detach()
+    out, lse = dk.cross_attention_varlen(q, k, v, cq, ck, mq, mk, return_lse=True)
+    cases.append(("cross_attention_varlen_backward", (torch.randn_like(out), q, k, v, out, lse, cq, ck, mq, mk), {}))
+    ours = []
+    with kernel_choice("_attention_cuda_bwd_kernel", 3):
+        for op, args, kwargs in cases:
+            ours.append(getattr(OPS, op)(*args, **kwargs))
+            assert kernel_ran("attention_bwd") == 3 and kernel_ran("attention_bwd_v3_variant") == 0
+    torch.save(cases, tmp_path / "cases.pt")
+    env = dict(os.environ, DSK_ATTENTION_BWD_DQ_BULK="1")
+    subprocess.run([sys.executable, "-c", _BWD_V3_CASES_SCRIPT, str(tmp_path / "cases.pt"),
+                    str(tmp_path / "grads.pt")], env=env, check=True, timeout=300)
+    theirs, variants = torch.load(tmp_path / "grads.pt")
+    assert variants == [1] * len(cases), variants
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        for name, x, y in zip(("dq", "dk", "dv"), a, b):
+            assert torch.equal(x, y), (i, name)
+
+
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("d", [64, 128])

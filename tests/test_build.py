@@ -56,6 +56,7 @@ def test_cuda_kernel_ran_op():
         assert op(family) in (0, 1, 2, 3)
     for family in ("gemm_v3_variant", "fp8_v3_variant"):  # V3Variant bits
         assert 0 <= op(family) < 64
+    assert op("attention_bwd_v3_variant") in (0, 1)  # 1: dQ by bulk reductions
     before = op("gemm")
     deepseek_kernels.gemm(torch.randn(3, 8), torch.randn(5, 8))  # CPU: not a CUDA launch
     assert op("gemm") == before

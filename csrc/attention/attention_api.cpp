@@ -190,6 +190,8 @@ void run_bwd(const char* op, AttnParams p, const at::Tensor& ref) {
     at::Tensor dq_accum, semaphores;
     const int64_t q_rows = p.cu_seqlens_q ? p.total_q : p.B * p.seqlen_q;
     const int chosen = bwd_kernel_choice().get();
+    static const bool dq_bulk = env_equals("DSK_ATTENTION_BWD_DQ_BULK", "1");
+    p.dq_bulk = dq_bulk;  // v3's (its splits check the instance it picks)
     const int64_t v3_splits = chosen == 3 || chosen == kAttentionBwdAuto ? attention_bwd_v3_splits(p) : 0;
     if (v3_splits > 0) {
       p.bwd_kernel = 3;

@@ -16,7 +16,10 @@
 //     dQ   = dS.K     dS^T staged in shared memory (keys as rows, as T), both
 //                     operands MN-major; each warpgroup one 64 x 64 block of the
 //                     BM x D tile, over all 128 keys
-//   then the dQ block is added into p.dq_accum with fp32 atomics.
+//   then the dQ block is added into p.dq_accum with fp32 atomics, or with
+//   p.dq_bulk through shared memory by the TMA unit's bulk reductions, one
+//   warpgroup's 64 x 64 block a row at a time (opt-in; the same adds in the same
+//   order: the same bits).
 // - Deterministic without turns: the key tiles of a (sample, kv head) are dealt
 //   to p.dq_splits CTAs (tile jt to CTA jt % splits, each walking its tiles in
 //   order), and CTA s adds only into accumulator s. So every dq_accum element
@@ -45,14 +48,23 @@ constexpr int kThreads = 256;
 template <int D> constexpr int block_m() { return D == 64 ? 128 : 64; }
 // A [rows][D] tile of 16-bit elements in D / 64 swizzled column blocks of rows x 128 bytes.
 template <int D> constexpr int tile_bytes(int rows) { return rows * D * 2; }
+// A warpgroup's staged 64 x 64 fp32 dQ block (p.dq_bulk): rows padded from 256 to
+// 288 bytes, so a warp's fragment stores (8 rows x 32 bytes) meet two-way bank
+// conflicts at most; 16-byte aligned rows for the bulk copies.
+constexpr int kDqRowBytes = 64 * 4 + 32;
+constexpr int kDqBlockBytes = 64 * kDqRowBytes;
 // K, V; Q and dO in two stages; dS^T [kBlockN keys][BM queries] (BM / 64 column
-// blocks); lse2 and delta [2 stages][BM]; + 1 KiB to align the base.
-template <int D> constexpr int smem_bytes() {
-  return 2 * tile_bytes<D>(kBlockN) + 4 * tile_bytes<D>(block_m<D>()) +
-         kBlockN * block_m<D>() * 2 + 4 * block_m<D>() * 4 + 1024;
+// blocks); lse2 and delta [2 stages][BM]; the two warpgroups' dQ blocks (from a
+// 128-byte boundary); + 1 KiB to align the base.
+template <int D> constexpr int stats_end() {
+  return 2 * tile_bytes<D>(kBlockN) + 4 * tile_bytes<D>(block_m<D>()) + kBlockN * block_m<D>() * 2 +
+         4 * block_m<D>() * 4;
 }
-static_assert(tile_bytes<64>(64) % 1024 == 0 && smem_bytes<128>() <= 227 * 1024 &&
-                  smem_bytes<64>() <= 227 * 1024,
+template <int D, bool kDqBulk = false> constexpr int smem_bytes() {
+  return stats_end<D>() + (kDqBulk ? 128 + 2 * kDqBlockBytes : 0) + 1024;
+}
+static_assert(tile_bytes<64>(64) % 1024 == 0 && smem_bytes<128, true>() <= 227 * 1024 &&
+                  smem_bytes<64, true>() <= 227 * 1024,
               "bwd v3 tiles must sit on 1 KiB swizzle atoms and fit an sm_90 CTA");
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -107,8 +119,12 @@ __device__ __forceinline__ void issue_rs_product(float (&acc)[1][D / 8][4], uint
 __device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t v) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
 }
+__device__ __forceinline__ void st_shared_v2_f32(uint32_t addr, float x, float y) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(x), "f"(y) : "memory");
+}
 
-template <typename T, int D>
+// kDqBulk: p.dq_bulk's instance (its own kernel, so the default keeps its registers).
+template <typename T, int D, bool kDqBulk>
 __device__ __forceinline__ void dkdv_dq_body(const AttnParams& p, float scale_log2) {
   constexpr int BM = block_m<D>(), BN = kBlockN, MS = BM / 16, NT = BM / 8, DT = D / 8;
   constexpr int kKV = tile_bytes<D>(BN), kQ = tile_bytes<D>(BM);
@@ -281,21 +297,50 @@ __device__ __forceinline__ void dkdv_dq_body(const AttnParams& p, float scale_lo
       pin_accumulators(acc_k);
       pin_fragments(df);
 
-      // dq_accum[rows] += the dQ block: this thread is the only writer of its
-      // elements in this accumulator, so the adds land in program order.
+      // dq_accum[rows] += the dQ block: this thread (p.dq_bulk: its warpgroup's
+      // warp 0) is the only writer of its elements in this accumulator, so the
+      // adds land in program order (bulk ones: see the key tile's end).
       float* const dq_head = dq_acc + (r.q_start * p.Hq + h) * D;
       const int64_t qi = i0 + dq_m + warp * 16 + lane / 4;
+      if constexpr (kDqBulk) {
+        // The block into this warpgroup's staging rows once the last step's bulk
+        // reductions have read them, then a row (256 bytes) per bulk reduction.
+        // This warpgroup's staging block (recomputed here rather than kept live).
+        const uint32_t sDq = ((((shared_addr(smem_raw) + 1023u) & ~1023u) + stats_end<D>() + 127u) & ~127u) +
+                             wg * kDqBlockBytes;
+        if (warp == 0) bulk_wait_read();
+        named_barrier_sync(1 + wg, 128);
+        const uint32_t row0 = sDq + (warp * 16 + lane / 4) * kDqRowBytes + (lane % 4) * 8;
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        const int col = dq_n + nt * 8 + (lane % 4) * 2;
-        if (qi < r.q_len)
-          atomicAdd(reinterpret_cast<float2*>(dq_head + qi * q_stride + col),
-                    make_float2(dq[0][nt][0], dq[0][nt][1]));
-        if (qi + 8 < r.q_len)
-          atomicAdd(reinterpret_cast<float2*>(dq_head + (qi + 8) * q_stride + col),
-                    make_float2(dq[0][nt][2], dq[0][nt][3]));
+        for (int nt = 0; nt < 8; ++nt) {
+          st_shared_v2_f32(row0 + nt * 32, dq[0][nt][0], dq[0][nt][1]);
+          st_shared_v2_f32(row0 + 8 * kDqRowBytes + nt * 32, dq[0][nt][2], dq[0][nt][3]);
+        }
+        fence_proxy_async();  // for the bulk reductions' reads
+        named_barrier_sync(1 + wg, 128);
+        if (warp == 0) {
+          for (int rr = lane; rr < 64; rr += 32) {
+            if (i0 + dq_m + rr < r.q_len)
+              bulk_reduce_add_f32(dq_head + (i0 + dq_m + rr) * q_stride + dq_n, sDq + rr * kDqRowBytes, 64 * 4);
+          }
+          bulk_commit();
+        }
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+          const int col = dq_n + nt * 8 + (lane % 4) * 2;
+          if (qi < r.q_len)
+            atomicAdd(reinterpret_cast<float2*>(dq_head + qi * q_stride + col),
+                      make_float2(dq[0][nt][0], dq[0][nt][1]));
+          if (qi + 8 < r.q_len)
+            atomicAdd(reinterpret_cast<float2*>(dq_head + (qi + 8) * q_stride + col),
+                      make_float2(dq[0][nt][2], dq[0][nt][3]));
+        }
       }
     }
+    // The bulk reductions of this key tile performed before the next key tile's,
+    // which add into the same rows: the async proxy keeps no order between them.
+    if (kDqBulk && warp == 0) bulk_wait();
     cp_async_wait<0>();  // the last (empty) group, or K/V's when no query sees the tile
     __syncthreads();     // no warpgroup reads the Q/dO stages any more: they stage dK, dV
 
@@ -313,10 +358,10 @@ __device__ __forceinline__ void dkdv_dq_body(const AttnParams& p, float scale_lo
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-template <typename T, int D>
+template <typename T, int D, bool kDqBulk>
 __global__ void __launch_bounds__(kThreads, 1) dkdv_dq_kernel(const AttnParams p, float scale_log2) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  dkdv_dq_body<T, D>(p, scale_log2);
+  dkdv_dq_body<T, D, kDqBulk>(p, scale_log2);
 #else
   __trap();  // never launched: attention_bwd_v3_splits checks the kernel was built for sm_90a
 #endif
@@ -349,14 +394,20 @@ inline int64_t splits_for(const AttnParams& p, int sms) {
   return best;
 }
 
-// 0 where the kernel cannot run here (see attention_bwd_v3_splits).
-template <typename T, int D>
-int64_t usable_splits(const AttnParams& p) {
+// Whether the instance can run here (checked once per device).
+template <typename T, int D, bool kDqBulk>
+bool kernel_usable(const AttnParams& p) {
   static std::atomic<uint64_t> checked{0}, usable{0};
   cudaError_t err = cudaSuccess;
-  if (!wgmma_usable(dkdv_dq_kernel<T, D>, smem_bytes<D>(), p.built_sm90a, checked, usable, err) ||
-      err != cudaSuccess)
-    return 0;
+  return wgmma_usable(dkdv_dq_kernel<T, D, kDqBulk>, smem_bytes<D, kDqBulk>(), p.built_sm90a, checked, usable,
+                      err) &&
+         err == cudaSuccess;
+}
+
+// 0 where the kernel p.dq_bulk picks cannot run here (see attention_bwd_v3_splits).
+template <typename T, int D>
+int64_t usable_splits(const AttnParams& p) {
+  if (!(p.dq_bulk ? kernel_usable<T, D, true>(p) : kernel_usable<T, D, false>(p))) return 0;
   return splits_for(p, multiprocessor_count());
 }
 
@@ -372,7 +423,11 @@ int launch(const AttnParams& p, cudaStream_t stream) {
   if (p.seqlen_k > 0) {
     const dim3 grid(static_cast<unsigned>(p.dq_splits), static_cast<unsigned>(p.Hkv),
                     static_cast<unsigned>(p.B));
-    dkdv_dq_kernel<T, D><<<grid, kThreads, smem_bytes<D>(), stream>>>(p, softmax_scale_log2(p));
+    if (p.dq_bulk) {
+      dkdv_dq_kernel<T, D, true><<<grid, kThreads, smem_bytes<D, true>(), stream>>>(p, softmax_scale_log2(p));
+    } else {
+      dkdv_dq_kernel<T, D, false><<<grid, kThreads, smem_bytes<D>(), stream>>>(p, softmax_scale_log2(p));
+    }
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

@@ -77,6 +77,11 @@ struct AttnParams {
   // as FlashAttention-2's atomics do, so the bits may change from run to run; a
   // measurement knob (what the turns cost), not an option of the ops.
   bool dq_in_turns = true;
+  // v3 adds each dQ block into its accumulator through shared memory with the TMA
+  // unit's bulk reductions, a row at a time (FlashAttention-3's dQ path), instead
+  // of fp32 atomics from the registers: the same adds in the same order, so the
+  // same bits. Opt-in (DSK_ATTENTION_BWD_DQ_BULK=1, read once): not yet run on a GPU.
+  bool dq_bulk = false;
 };
 
 // Sample b's first row and length; the padded layout is varlen with fixed lengths.

@@ -38,9 +38,11 @@ bool env_equals(const char* name, const char* value);
 // without a word): noted by the launchers, read through the private op
 // _cuda_kernel_ran(family) by the tests and benchmarks. 0 before any launch.
 // The *V3Variant families hold which opt-in variant the last v3 launch of the
-// GEMM / FP8 family ran, as V3Variant bits (0: cp.async copies).
+// GEMM / FP8 family ran, as V3Variant bits (0: cp.async copies);
+// kAttentionBwdV3Variant the last backward v3 launch's (1: dQ by bulk reductions).
 enum class LaunchedFamily : int {
-  kGemm = 0, kFp8Gemm, kInt8Gemm, kAttentionFwd, kAttentionBwd, kGemmV3Variant, kFp8V3Variant, kCount
+  kGemm = 0, kFp8Gemm, kInt8Gemm, kAttentionFwd, kAttentionBwd, kGemmV3Variant, kFp8V3Variant,
+  kAttentionBwdV3Variant, kCount
 };
 void note_kernel_ran(LaunchedFamily family, int generation);
 enum V3Variant : int {

@@ -73,6 +73,28 @@ __device__ __forceinline__ void wgmma_wait() {
 __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
+// Named barrier `id` (1..15; 0 is __syncthreads') over `threads` threads (a
+// multiple of 32), e.g. one warpgroup's.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// Bulk asynchronous reduction by the TMA unit: `bytes` bytes of fp32 at shared
+// address `src` added element-wise into global `dst` (both 16-byte aligned, bytes
+// a multiple of 16), in this thread's open bulk async-group. The shared memory
+// must be handed to the async proxy first (fence_proxy_async by its writers).
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, uint32_t src, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
+               "r"(src), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Until this thread's bulk groups have read their shared memory sources.
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+}
+// Until they are complete: their writes performed.
+__device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 
 // TMA: a 2-D tile of `map` at element coordinates (inner, outer) into shared
 // memory at `dst`, completing `bytes` of the transaction count of mbarrier `bar`.
