@@ -123,6 +123,25 @@ __device__ __forceinline__ void st_shared_v2_f32(uint32_t addr, float x, float y
   asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(x), "f"(y) : "memory");
 }
 
+// kDqBulk: warpgroup wg's dQ staging block (after the statistics, from a 128-byte
+// boundary), recomputed where used rather than kept live.
+template <int D>
+__device__ __forceinline__ uint32_t dq_staging_block(int wg) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  return ((((shared_addr(smem_raw) + 1023u) & ~1023u) + stats_end<D>() + 127u) & ~127u) + wg * kDqBlockBytes;
+}
+
+// kDqBulk: a staged 64 x 64 dQ block added into the accumulator rows from `dq_row0`
+// on (the first of them `row0` of the sample's q_len rows; columns from dq_head's),
+// a row (256 bytes) per bulk reduction, by one warp's lanes; one bulk group each.
+__device__ __forceinline__ void add_dq_block_bulk(float* dq_head, int64_t row0, int64_t q_len, int64_t q_stride,
+                                                  uint32_t staging, int lane) {
+  for (int rr = lane; rr < 64; rr += 32) {
+    if (row0 + rr < q_len) bulk_reduce_add_f32(dq_head + (row0 + rr) * q_stride, staging + rr * kDqRowBytes, 64 * 4);
+  }
+  bulk_commit();
+}
+
 // kDqBulk: p.dq_bulk's instance (its own kernel, so the default keeps its registers).
 template <typename T, int D, bool kDqBulk>
 __device__ __forceinline__ void dkdv_dq_body(const AttnParams& p, float scale_log2) {
@@ -211,6 +230,10 @@ __device__ __forceinline__ void dkdv_dq_body(const AttnParams& p, float scale_lo
     const bool key_ok0 = kj0 < r.k_len && !(pad && pad[kj0]);
     const bool key_ok1 = kj1 < r.k_len && !(pad && pad[kj1]);
 
+    // kDqBulk: where the staged dQ block goes (its rows' accumulator columns and
+    // first row), for its bulk reductions a step later.
+    float* staged_head = nullptr;
+    int64_t staged_row0 = 0;
     for (int64_t it = 0; it < n_iter; ++it) {
       const int st = static_cast<int>(it & 1);
       // Step it's tiles landed for every thread; the fence hands each thread's
@@ -219,6 +242,13 @@ __device__ __forceinline__ void dkdv_dq_body(const AttnParams& p, float scale_lo
       cp_async_wait<0>();
       fence_proxy_async();
       __syncthreads();
+      if constexpr (kDqBulk) {
+        // Step it - 1's dQ block, staged and fenced before the barrier, added a step
+        // late: cp.async and bulk groups share a wait counter, so the wait for the
+        // next step's copies then finds these long done instead of waiting for them.
+        if (it > 0 && warp == 0)
+          add_dq_block_bulk(staged_head, staged_row0, r.q_len, q_stride, dq_staging_block<D>(wg), lane);
+      }
       // Step it + 1's rows into stage st ^ 1 (read by step it - 1, done for every
       // thread past the barrier); its statistics are stored once this step's
       // score wgmma are issued, so their load latency hides behind them.
@@ -297,34 +327,25 @@ __device__ __forceinline__ void dkdv_dq_body(const AttnParams& p, float scale_lo
       pin_accumulators(acc_k);
       pin_fragments(df);
 
-      // dq_accum[rows] += the dQ block: this thread (p.dq_bulk: its warpgroup's
+      // dq_accum[rows] += the dQ block: this thread (kDqBulk: its warpgroup's
       // warp 0) is the only writer of its elements in this accumulator, so the
       // adds land in program order (bulk ones: see the key tile's end).
       float* const dq_head = dq_acc + (r.q_start * p.Hq + h) * D;
       const int64_t qi = i0 + dq_m + warp * 16 + lane / 4;
       if constexpr (kDqBulk) {
-        // The block into this warpgroup's staging rows once the last step's bulk
-        // reductions have read them, then a row (256 bytes) per bulk reduction.
-        // This warpgroup's staging block (recomputed here rather than kept live).
-        const uint32_t sDq = ((((shared_addr(smem_raw) + 1023u) & ~1023u) + stats_end<D>() + 127u) & ~127u) +
-                             wg * kDqBlockBytes;
+        // Into the staging rows once the last block's bulk reductions (issued at
+        // this step's top) have read them; added at the next step's top.
         if (warp == 0) bulk_wait_read();
         named_barrier_sync(1 + wg, 128);
-        const uint32_t row0 = sDq + (warp * 16 + lane / 4) * kDqRowBytes + (lane % 4) * 8;
+        const uint32_t row0 = dq_staging_block<D>(wg) + (warp * 16 + lane / 4) * kDqRowBytes + (lane % 4) * 8;
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt) {
           st_shared_v2_f32(row0 + nt * 32, dq[0][nt][0], dq[0][nt][1]);
           st_shared_v2_f32(row0 + 8 * kDqRowBytes + nt * 32, dq[0][nt][2], dq[0][nt][3]);
         }
         fence_proxy_async();  // for the bulk reductions' reads
-        named_barrier_sync(1 + wg, 128);
-        if (warp == 0) {
-          for (int rr = lane; rr < 64; rr += 32) {
-            if (i0 + dq_m + rr < r.q_len)
-              bulk_reduce_add_f32(dq_head + (i0 + dq_m + rr) * q_stride + dq_n, sDq + rr * kDqRowBytes, 64 * 4);
-          }
-          bulk_commit();
-        }
+        staged_head = dq_head + dq_n;
+        staged_row0 = i0 + dq_m;
       } else {
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt) {
@@ -338,9 +359,14 @@ __device__ __forceinline__ void dkdv_dq_body(const AttnParams& p, float scale_lo
         }
       }
     }
-    // The bulk reductions of this key tile performed before the next key tile's,
-    // which add into the same rows: the async proxy keeps no order between them.
-    if (kDqBulk && warp == 0) bulk_wait();
+    if constexpr (kDqBulk) {
+      named_barrier_sync(1 + wg, 128);  // the warpgroup's last block is staged
+      if (n_iter > 0 && warp == 0)
+        add_dq_block_bulk(staged_head, staged_row0, r.q_len, q_stride, dq_staging_block<D>(wg), lane);
+      // This key tile's bulk reductions performed before the next key tile's,
+      // which add into the same rows: the async proxy keeps no order between them.
+      if (warp == 0) bulk_wait();
+    }
     cp_async_wait<0>();  // the last (empty) group, or K/V's when no query sees the tile
     __syncthreads();     // no warpgroup reads the Q/dO stages any more: they stage dK, dV
 

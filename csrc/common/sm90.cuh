@@ -178,6 +178,14 @@ __device__ __forceinline__ void mbar_arrive_cluster(uint32_t cluster_addr) {
   asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_addr)
                : "memory");
 }
+// The same arrival with the instruction's default semantics (release at CTA
+// scope), as CUTLASS's cluster barriers arrive: the cluster-scope release above
+// compiles to a GPU-wide memory fence before each arrival, which also waits for
+// the thread's outstanding global stores. Enough where the arrival only says that
+// reads (e.g. completed wgmma reads of a stage) are done.
+__device__ __forceinline__ void mbar_arrive_remote(uint32_t cluster_addr) {
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_addr) : "memory");
+}
 
 // Warp specialization: the executing warpgroup's per-thread register count
 // becomes N (a multiple of 8 in [24, 256]); every warp of the warpgroup runs it.

@@ -1076,9 +1076,11 @@ __global__ void __launch_bounds__(kF8Threads, 1)
 // one half of the B tile into both CTAs' stage (multicast, as v3's kCluster), so
 // a stage of either CTA is refilled by both producers: its `empty` barrier counts
 // the consumer threads (warps) of both CTAs, each arriving on its own CTA's and
-// its peer's: 256 remote arrivals a stage, or 8 with p.v3_ws_warp_arrivals. The
-// cluster kernels ran at 55% of the single-CTA ones on an H100 (session 9); the
-// remote arrivals are the suspect the opt-in warp arrivals test. A CTA whose m tile lies past M runs every step (it loads no A and
+// its peer's: 256 remote arrivals a stage, each behind a GPU-wide fence (the
+// cluster-scope release), or with p.v3_ws_warp_arrivals 8, without the fence (as
+// CUTLASS). The cluster kernels ran at 55% of the single-CTA ones on an H100
+// (session 9); the remote arrivals and their fences are the suspects the opt-in
+// warp arrivals test. A CTA whose m tile lies past M runs every step (it loads no A and
 // stores nothing). Neither CTA exits before the other is done with it.
 constexpr int kWsThreads = 384, kWsConsumerThreads = 256, kWsConsumerWarps = kWsConsumerThreads / 32;
 // Per-thread registers after setmaxnreg: the CTA's 384 x 168 (launch bounds) are
@@ -1187,7 +1189,14 @@ __device__ __forceinline__ void ws_release(WsBarriers<kStages>& bars, int64_t it
   if (!warp_arrivals || (threadIdx.x & 31) == 0) {
     const uint32_t bar = shared_addr(&bars.empty[it % kStages]);
     mbar_arrive(bar);
-    if constexpr (kCluster) mbar_arrive_cluster(cluster_map_shared(bar, cluster_ctarank() ^ 1));
+    if constexpr (kCluster) {
+      const uint32_t peer = cluster_map_shared(bar, cluster_ctarank() ^ 1);
+      if (warp_arrivals) {
+        mbar_arrive_remote(peer);  // the stage's reads are complete: no fence needed
+      } else {
+        mbar_arrive_cluster(peer);
+      }
+    }
   }
 }
 

@@ -69,7 +69,8 @@ struct GemmParams {
   bool v3_warp_specialized = false;
   // The warp-specialized kernels release a stage with one mbarrier arrival per
   // consumer warp instead of one per thread (8 instead of 256 a CTA, and as many
-  // remote ones in clusters): the same math and bits. Opt-in for both families
+  // remote ones in clusters, those without the GPU-wide fence of a cluster-scope
+  // release): the same math and bits. Opt-in for both families
   // (DSK_WS_WARP_ARRIVALS=1, read once): not yet run on a GPU.
   bool v3_ws_warp_arrivals = false;
 };
