@@ -772,7 +772,8 @@ def test_cuda_bwd_v3_dq_bulk_same_bits(tmp_path):
     cases = []
     for (b, lq, lk, hq, hkv, d), dtype, causal in [
             ((2, 37, 129, 4, 2, 64), torch.bfloat16, False), ((1, 300, 1100, 4, 1, 128), torch.float16, True),
-            ((3, 129, 517, 2, 2, 128), torch.bfloat16, False), ((2, 1000, 2100, 2, 1, 64), torch.float16, True)]:
+            ((3, 129, 517, 2, 2, 128), torch.bfloat16, False), ((2, 1000, 2100, 2, 1, 64), torch.float16, True),
+            ((1, 200, 4100, 2, 1, 128), torch.bfloat16, False)]:  # 33 key tiles: CTAs walk several
         q, k, v = _qkv(b, lq, lk, hq, hkv, d, dtype, "cuda")
         mask = torch.rand(b, lk, device="cuda") < 0.2
         out, lse = dk.cross_attention(q, k, v, key_padding_mask=mask, causal=causal, return_lse=True)
@@ -781,8 +782,10 @@ def test_cuda_bwd_v3_dq_bulk_same_bits(tmp_path):
     q, k, v, cq, ck, mq, mk = _varlen_case([5, 0, 1, 700, 3, 129], [9, 4, 1, 1333, 0, 130], 4, 2, 128,
                                            torch.bfloat16, "cuda")
     q, k, v = q.detach(), k.detach(), v.detach()
-    out, lse = dk.cross_attention_varlen(q, k, v, cq, ck, mq, mk, return_lse=True)
-    cases.append(("cross_attention_varlen_backward", (torch.randn_like(out), q, k, v, out, lse, cq, ck, mq, mk), {}))
+    for causal in (False, True):
+        out, lse = dk.cross_attention_varlen(q, k, v, cq, ck, mq, mk, causal=causal, return_lse=True)
+        cases.append(("cross_attention_varlen_backward", (torch.randn_like(out), q, k, v, out, lse, cq, ck, mq, mk),
+                      {"causal": causal}))
     ours = []
     with kernel_choice("_attention_cuda_bwd_kernel", 3):
         for op, args, kwargs in cases:
