@@ -105,8 +105,7 @@ def set_kernel(version: int) -> int:
 def v3_variant(family: str) -> str:
     """The opt-in variant the family's last v3 launch ran ("gemm" or "fp8_gemm"):
     the V3Variant bits of csrc/common/kernel_choice.h, spelled out."""
-    entry = {"gemm": "gemm_v3_variant", "fp8_gemm": "fp8_v3_variant"}[family]
-    bits = int(torch.ops.deepseek_kernels._cuda_kernel_ran(entry))
+    bits = int(torch.ops.deepseek_kernels._cuda_kernel_ran(f"{family}_v3_variant"))
     names = [n for b, n in ((1, "tma"), (2, "cluster"), (4, "deep"), (8, "warp-specialized"),
                             (16, "fma-promotion"), (32, "warp-arrivals")) if bits & b]
     return "+".join(names) or "cp.async"

@@ -233,6 +233,16 @@ gemm_variant_bench() {
   if [ -n "$rows" ]; then grep -E "$rows" "$OUT/bench-gemm-$name.log" | tail -8; else tail -8 "$OUT/bench-gemm-$name.log"; fi
   [ $rc = 0 ] || status=1
 }
+# The attention A/B (bench_attention.py --ab) with a variant's variables set: NAME,
+# "VAR=value ..."; results to OUT/attention-NAME, the log to OUT/bench-attention-ab-NAME.log.
+attention_variant_bench() {
+  mkdir -p "$OUT/attention-$1"
+  # shellcheck disable=SC2086
+  env $2 $PY bench/bench_attention.py --device cuda --ab --out "$OUT/attention-$1" >"$OUT/bench-attention-ab-$1.log" 2>&1
+  local rc=$?
+  tail -6 "$OUT/bench-attention-ab-$1.log"
+  [ $rc = 0 ] || status=1
+}
 SMALL_GEMM_ROWS="--square 1024 --int8 1024 1024 1024"  # the default grouped and FP8 shapes, small others
 if [ "${SKIP_BENCH:-0}" = 1 ]; then echo "skipped (SKIP_BENCH=1)"; else
   if bench_set core; then
@@ -263,10 +273,7 @@ if [ "${SKIP_BENCH:-0}" = 1 ]; then echo "skipped (SKIP_BENCH=1)"; else
     gemm_variant_bench fp8-warp-arrivals "DSK_WS_WARP_ARRIVALS=1" "^fp8" $SMALL_GEMM_ROWS
     gemm_variant_bench fp8-cluster-warp-arrivals "DSK_WS_WARP_ARRIVALS=1 DSK_FP8_CLUSTER=1" "^fp8" $SMALL_GEMM_ROWS
     # Attention backward v3 adding dQ by bulk reductions (DSK_ATTENTION_BWD_DQ_BULK=1): its A/B.
-    mkdir -p "$OUT/attention-dq-bulk"
-    DSK_ATTENTION_BWD_DQ_BULK=1 $PY bench/bench_attention.py --device cuda --ab --out "$OUT/attention-dq-bulk" 2>&1 \
-      | tee "$OUT/bench-attention-ab-dq-bulk.log" | tail -6
-    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    attention_variant_bench dq-bulk "DSK_ATTENTION_BWD_DQ_BULK=1"
     gemm_variant_bench ab-ws "DSK_GEMM_WARP_SPECIALIZED=1" "" --ab
     gemm_variant_bench ab-ws-cluster "DSK_GEMM_WARP_SPECIALIZED=1 DSK_GEMM_CLUSTER=1" "" --ab
     gemm_variant_bench ws-rows "DSK_GEMM_WARP_SPECIALIZED=1 DSK_FP8_FMA_PROMOTION=0" "^(grouped|fp8)" \
@@ -310,10 +317,7 @@ if [ "${SKIP_BENCH:-0}" = 1 ]; then echo "skipped (SKIP_BENCH=1)"; else
     gemm_variant_bench ab-cp-async "DSK_GEMM_TMA=0" "" --ab
     # Backward v2 with its dq adds in any order (DSK_ATTENTION_BWD_UNORDERED=1, not
     # deterministic): what the deterministic turns cost.
-    mkdir -p "$OUT/attention-bwd-unordered"
-    DSK_ATTENTION_BWD_UNORDERED=1 $PY bench/bench_attention.py --device cuda --ab \
-      --out "$OUT/attention-bwd-unordered" 2>&1 | tee "$OUT/bench-attention-ab-unordered.log" | tail -6
-    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    attention_variant_bench bwd-unordered "DSK_ATTENTION_BWD_UNORDERED=1"
   fi
 fi
 

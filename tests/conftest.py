@@ -19,7 +19,7 @@ def kernel_ran(family: str) -> int:
     """The CUDA kernel generation the family's last launch ran, after fallbacks
     ("gemm", "fp8_gemm", "int8_gemm", "attention_fwd", "attention_bwd"): a forced
     generation that cannot run falls back silently, so the tests that force one
-    check it really ran where it should. "gemm_v3_variant" / "fp8_v3_variant": the
+    check it really ran where it should. "gemm_v3_variant" / "fp8_gemm_v3_variant": the
     opt-in variant the last v3 launch ran (V3Variant bits, csrc/common/kernel_choice.h);
     "attention_bwd_v3_variant": 1 where the last backward v3 added dQ by bulk reductions."""
     return int(torch.ops.deepseek_kernels._cuda_kernel_ran(family))

@@ -54,7 +54,7 @@ def test_cuda_kernel_ran_op():
     op = torch.ops.deepseek_kernels._cuda_kernel_ran
     for family in ("gemm", "fp8_gemm", "int8_gemm", "attention_fwd", "attention_bwd"):
         assert op(family) in (0, 1, 2, 3)
-    for family in ("gemm_v3_variant", "fp8_v3_variant"):  # V3Variant bits
+    for family in ("gemm_v3_variant", "fp8_gemm_v3_variant"):  # V3Variant bits
         assert 0 <= op(family) < 64
     assert op("attention_bwd_v3_variant") in (0, 1)  # 1: dQ by bulk reductions
     before = op("gemm")

@@ -645,7 +645,7 @@ def test_cuda_kernel_v3_wgmma():
 
 
 # argv: the saved cases (op name, args, kwargs), where to save the outputs, the
-# kernel-choice op, the family whose generation 3 must run and its variant entry. Saves the outputs
+# kernel-choice op and the family whose generation 3 must run. Saves the outputs
 # and, per case, the v3 variant bits its launch noted (V3Variant, kernel_choice.h).
 _V3_CASES_SCRIPT = """
 import sys, torch, deepseek_kernels as dk
@@ -655,13 +655,11 @@ outs, variants = [], []
 for op, args, kwargs in cases:
     outs.append(getattr(dk, op)(*args, **kwargs))
     assert torch.ops.deepseek_kernels._cuda_kernel_ran(sys.argv[4]) == 3
-    variants.append(int(torch.ops.deepseek_kernels._cuda_kernel_ran(sys.argv[5])))
+    variants.append(int(torch.ops.deepseek_kernels._cuda_kernel_ran(sys.argv[4] + "_v3_variant")))
 torch.save((outs, variants), sys.argv[2])
 """
 # V3Variant bits (csrc/common/kernel_choice.h).
 _V3_TMA, _V3_CLUSTER, _V3_DEEP, _V3_WARP_SPECIALIZED, _V3_FMA_PROMOTION, _V3_WARP_ARRIVALS = 1, 2, 4, 8, 16, 32
-# The _cuda_kernel_ran entry that holds a family's v3 variant bits.
-_V3_VARIANT_ENTRY = {"gemm": "gemm_v3_variant", "fp8_gemm": "fp8_v3_variant"}
 
 
 # The variables that pick v3's opt-in variants, per family (read once per process).
@@ -691,7 +689,7 @@ def _run_v3_variant(tmp_path, cases, choice_op, family, variant):
     torch.save(cases, tmp_path / "cases.pt")
     env = dict(os.environ, **dict(kv.split("=") for kv in variant.split()))
     subprocess.run([sys.executable, "-c", _V3_CASES_SCRIPT, str(tmp_path / "cases.pt"),
-                    str(tmp_path / "outs.pt"), choice_op, family, _V3_VARIANT_ENTRY[family]], env=env, check=True, timeout=300)
+                    str(tmp_path / "outs.pt"), choice_op, family], env=env, check=True, timeout=300)
     return torch.load(tmp_path / "outs.pt")
 
 
@@ -711,7 +709,7 @@ def _assert_v3_variant_same_bits(tmp_path, cases, choice_op, family, variant, de
             for op, args, kwargs in cases:
                 ours.append(getattr(dk, op)(*args, **kwargs))
                 assert kernel_ran(family) == 3
-                assert kernel_ran(_V3_VARIANT_ENTRY[family]) == default_bits, op
+                assert kernel_ran(family + "_v3_variant") == default_bits, op
     else:
         ours, ran = _run_v3_variant(tmp_path, cases, choice_op, family, baseline)
         assert ran == [default_bits] * len(cases), ran
@@ -1241,7 +1239,7 @@ def test_cuda_fp8_v3_fma_promotion_close_to_v3(tmp_path, variant):
             theirs, ran = [], []
             for _, args, kwargs in cases:
                 theirs.append(dk.fp8_gemm(*args, **kwargs))
-                ran.append(kernel_ran(_V3_VARIANT_ENTRY["fp8_gemm"]))
+                ran.append(kernel_ran("fp8_gemm_v3_variant"))
     for i, (a, b, bound) in enumerate(zip(ours, theirs, bounds)):
         arrivals = _V3_WARP_ARRIVALS if "WARP_ARRIVALS" in variant else 0
         assert ran[i] == _V3_TMA | _V3_WARP_SPECIALIZED | _V3_FMA_PROMOTION | cluster | arrivals, ran[i]

@@ -192,8 +192,9 @@ void run_bwd(const char* op, AttnParams p, const at::Tensor& ref) {
     const int chosen = bwd_kernel_choice().get();
     static const bool dq_bulk = env_equals("DSK_ATTENTION_BWD_DQ_BULK", "1");
     p.dq_bulk = dq_bulk;  // v3's (its splits check the instance it picks)
-    int64_t v3_splits = chosen == 3 || chosen == kAttentionBwdAuto ? attention_bwd_v3_splits(p) : 0;
-    if (v3_splits == 0 && p.dq_bulk && (chosen == 3 || chosen == kAttentionBwdAuto)) {
+    const bool try_v3 = chosen == 3 || chosen == kAttentionBwdAuto;
+    int64_t v3_splits = try_v3 ? attention_bwd_v3_splits(p) : 0;
+    if (v3_splits == 0 && p.dq_bulk && try_v3) {
       p.dq_bulk = false;  // the bulk instance cannot run here: v3 with atomics, if it can
       v3_splits = attention_bwd_v3_splits(p);
     }

@@ -25,7 +25,7 @@ std::array<std::atomic<int>, static_cast<size_t>(LaunchedFamily::kCount)> g_kern
 
 // The private op's family names, in LaunchedFamily order.
 constexpr std::array<const char*, static_cast<size_t>(LaunchedFamily::kCount)> kFamilyNames = {
-    "gemm", "fp8_gemm", "int8_gemm", "attention_fwd", "attention_bwd", "gemm_v3_variant", "fp8_v3_variant",
+    "gemm", "fp8_gemm", "int8_gemm", "attention_fwd", "attention_bwd", "gemm_v3_variant", "fp8_gemm_v3_variant",
     "attention_bwd_v3_variant"};
 
 int64_t cuda_kernel_ran_op(c10::string_view family) {

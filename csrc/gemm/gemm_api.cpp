@@ -34,6 +34,12 @@ KernelChoice& gemm_kernel_choice() {
   return choice;
 }
 
+// DSK_WS_WARP_ARRIVALS=1 (both families' warp-specialized kernels), read once.
+bool ws_warp_arrivals() {
+  static const bool on = env_equals("DSK_WS_WARP_ARRIVALS", "1");
+  return on;
+}
+
 #ifdef DSK_WITH_CUDA
 // The CUDA bf16/fp16 kernel choice every GemmParams gets (plain and grouped).
 // DSK_GEMM_TMA=0 makes v3 copy its tiles with cp.async instead of TMA (A/B runs,
@@ -46,7 +52,6 @@ void set_cuda_kernel(GemmParams& p) {
   static const bool cluster = env_equals("DSK_GEMM_CLUSTER", "1");
   static const bool deep_prefetch = env_equals("DSK_GEMM_DEEP_PREFETCH", "1");
   static const bool warp_specialized = env_equals("DSK_GEMM_WARP_SPECIALIZED", "1");
-  static const bool ws_warp_arrivals = env_equals("DSK_WS_WARP_ARRIVALS", "1");
   p.cuda_kernel = gemm_kernel_choice().get();
   p.built_sm90a = built_for_cuda_arch("sm_90a");
   p.v3_tma = tma;
@@ -54,7 +59,7 @@ void set_cuda_kernel(GemmParams& p) {
   p.v3_cluster = cluster;
   p.v3_deep_prefetch = deep_prefetch;
   p.v3_warp_specialized = warp_specialized;
-  p.v3_ws_warp_arrivals = ws_warp_arrivals;
+  p.v3_ws_warp_arrivals = ws_warp_arrivals();
 }
 #endif
 
@@ -255,8 +260,7 @@ at::Tensor run_fp8_gemm(const char* op, const at::Tensor& a, const at::Tensor& a
   p.v3_cluster = fp8_cluster;
   p.v3_warp_specialized = fp8_warp_specialized;
   p.v3_fma_promotion = fp8_fma_promotion;
-  static const bool fp8_ws_warp_arrivals = env_equals("DSK_WS_WARP_ARRIVALS", "1");
-  p.v3_ws_warp_arrivals = fp8_ws_warp_arrivals;
+  p.v3_ws_warp_arrivals = ws_warp_arrivals();
   if (grouped) {
     p.offsets = oc.data_ptr();
     p.offsets_int64 = oc.scalar_type() == at::kLong;
