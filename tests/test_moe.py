@@ -773,6 +773,24 @@ def _adversarial_rows(e, t=96):
     return x
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("e,k,ng,tg", [(256, 8, 8, 4), (256, 16, 1, 1), (96, 7, 3, 2), (300, 6, 10, 3),
+                                       (33, 16, 1, 1), (16, 16, 4, 4)])
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_gating_ties_match_reference(device, e, k, ng, tg, scoring):
+    """The top-k on rows of ties (all tied, a lane or a group holding the best,
+    ties across and inside lanes, k = E) and random rows: the reference's order
+    (descending, ties to the lower index) and its bits."""
+    x = _adversarial_rows(e)
+    bias = torch.randn(e) * 0.01 if scoring == "sigmoid" else None
+    for dtype in (torch.float32, torch.bfloat16):
+        kw = dict(scoring=scoring, n_group=ng, topk_group=tg, capacity=5)
+        ours = dk.moe_topk_gating(x.to(dtype).to(device), k,
+                                  correction_bias=None if bias is None else bias.to(device), **kw)
+        _assert_bitwise(ours, ref.moe_topk_gating(x.to(dtype), k, correction_bias=bias, **kw),
+                        GATING_NAMES)
+
+
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("e,k,ng,tg", [(256, 8, 8, 4), (256, 16, 1, 1), (512, 16, 8, 3), (1024, 16, 8, 2),

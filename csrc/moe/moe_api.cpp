@@ -17,9 +17,6 @@
 namespace dsk::moe {
 namespace {
 
-constexpr int64_t kMaxExperts = 1024;
-constexpr int64_t kMaxK = 16;
-
 // DSK_MOE_KERNEL: v1 or v2 (the default: the same bits; on an H100 at T=8192,
 // E=256, k=8 its kernels take 33 us against v1's 47) for the CUDA gating
 // kernels, read on first use.
@@ -127,8 +124,8 @@ moe_topk_gating(const at::Tensor& logits, int64_t k,
   const int64_t T = logits.size(0), E = logits.size(1);
   TORCH_CHECK_VALUE(E >= 1 && E <= kMaxExperts, op, ": argument 'logits' must have 1 to ",
                     kMaxExperts, " experts (columns), got ", E);
-  TORCH_CHECK_VALUE(k >= 1 && k <= std::min(E, kMaxK), op, ": argument 'k' must be in [1, ",
-                    std::min(E, kMaxK), "] (at most E=", E, " and ", kMaxK, "), got ", k);
+  TORCH_CHECK_VALUE(k >= 1 && k <= std::min<int64_t>(E, kMaxK), op, ": argument 'k' must be in [1, ",
+                    std::min<int64_t>(E, kMaxK), "] (at most E=", E, " and ", kMaxK, "), got ", k);
   TORCH_CHECK_VALUE(scoring == "softmax" || scoring == "sigmoid", op,
                     ": argument 'scoring' must be 'softmax' or 'sigmoid', got '", scoring, "'");
   TORCH_CHECK_VALUE(drop_policy == "position" || drop_policy == "probability", op,

@@ -32,12 +32,13 @@ template <typename S> inline bool is_finite(S v) { return std::isfinite(v); }
 template <typename S>
 struct RowScratch {
   std::vector<S> p, sel, gscore;
-  std::vector<uint8_t> allowed, taken;
-  explicit RowScratch(const GatingParams& g)
-      : p(g.E), sel(g.E), gscore(g.n_group), allowed(g.n_group), taken(g.E) {}
+  std::vector<uint8_t> allowed;
+  explicit RowScratch(const GatingParams& g) : p(g.E), sel(g.E), gscore(g.n_group), allowed(g.n_group) {}
 };
 
-// Routes one row; returns false for an invalid (non-finite) row.
+// Routes one row; returns false for an invalid (non-finite) row. The loops over
+// the E scores are branch-free (moe_math.h), so they vectorize; the top-k is one
+// pass over the allowed experts in index order.
 template <typename T, typename S>
 bool route_row(const GatingParams& g, const T* x, const S* bias, RowScratch<S>& s, int32_t* ids,
                S* w) {
@@ -53,11 +54,13 @@ bool route_row(const GatingParams& g, const T* x, const S* bias, RowScratch<S>& 
   }
   if (!finite) return false;
   if (g.softmax) {
+    for (int64_t e = 0; e < E; ++e) p[e] = exp_nonpos(fsub(p[e], m));
+    // Lane l sums p[l], p[l + 32], ... in order (blocks of kSumLanes, so it vectorizes).
     S lanes[kSumLanes];
     for (int l = 0; l < kSumLanes; ++l) lanes[l] = S(0);
-    for (int64_t e = 0; e < E; ++e) {
-      p[e] = exp_nonpos(fsub(p[e], m));
-      lanes[e % kSumLanes] = fadd(lanes[e % kSumLanes], p[e]);
+    for (int64_t e0 = 0; e0 < E; e0 += kSumLanes) {
+      const int64_t n = std::min<int64_t>(kSumLanes, E - e0);
+      for (int64_t l = 0; l < n; ++l) lanes[l] = fadd(lanes[l], p[e0 + l]);
     }
     for (int half = kSumLanes / 2; half >= 1; half /= 2)
       for (int l = 0; l < half; ++l) lanes[l] = fadd(lanes[l], lanes[l + half]);
@@ -67,7 +70,11 @@ bool route_row(const GatingParams& g, const T* x, const S* bias, RowScratch<S>& 
     for (int64_t e = 0; e < E; ++e) p[e] = sigmoid_score(p[e]);
   }
   S* sel = s.sel.data();
-  for (int64_t e = 0; e < E; ++e) sel[e] = bias ? fadd(p[e], bias[e]) : p[e];
+  if (bias) {
+    for (int64_t e = 0; e < E; ++e) sel[e] = fadd(p[e], bias[e]);
+  } else {
+    std::copy(p, p + E, sel);
+  }
 
   const int64_t G = g.n_group, gsize = E / G;
   uint8_t* allowed = s.allowed.data();
@@ -90,27 +97,36 @@ bool route_row(const GatingParams& g, const T* x, const S* bias, RowScratch<S>& 
   } else {
     std::fill(allowed, allowed + G, uint8_t{1});
   }
-  uint8_t* taken = s.taken.data();
-  std::fill(taken, taken + E, uint8_t{0});
-  for (int64_t j = 0; j < g.k; ++j) {
-    int64_t best = -1;
-    for (int64_t grp = 0; grp < G; ++grp) {
-      if (!allowed[grp]) continue;
-      for (int64_t e = grp * gsize; e < (grp + 1) * gsize; ++e)
-        if (!taken[e] && (best < 0 || sel[e] > sel[best])) best = e;
+  // The k largest selection scores of the allowed experts, descending, ties to
+  // the lower index: visited in index order, a score enters the sorted list
+  // after every score >= it (all earlier experts), so an equal later one never
+  // displaces it. (The scores are finite: a non-finite row returned above.)
+  const int64_t k = g.k;
+  S top[kMaxK];
+  int64_t n_top = 0;
+  for (int64_t grp = 0; grp < G; ++grp) {
+    if (!allowed[grp]) continue;
+    for (int64_t e = grp * gsize; e < (grp + 1) * gsize; ++e) {
+      const S v = sel[e];
+      if (n_top == k && !(v > top[k - 1])) continue;
+      int64_t i = n_top < k ? n_top++ : k - 1;
+      for (; i > 0 && v > top[i - 1]; --i) {
+        top[i] = top[i - 1];
+        ids[i] = ids[i - 1];
+      }
+      top[i] = v;
+      ids[i] = static_cast<int32_t>(e);
     }
-    taken[best] = 1;
-    ids[j] = static_cast<int32_t>(best);
-    w[j] = p[best];
   }
+  for (int64_t j = 0; j < k; ++j) w[j] = p[ids[j]];
   if (g.renormalize) {
     S sum = S(0);
-    for (int64_t j = 0; j < g.k; ++j) sum = fadd(sum, w[j]);
+    for (int64_t j = 0; j < k; ++j) sum = fadd(sum, w[j]);
     if (sum > S(0))
-      for (int64_t j = 0; j < g.k; ++j) w[j] = fdiv(w[j], sum);
+      for (int64_t j = 0; j < k; ++j) w[j] = fdiv(w[j], sum);
   }
   const S scale = static_cast<S>(g.routed_scaling_factor);
-  for (int64_t j = 0; j < g.k; ++j) w[j] = fmul(w[j], scale);
+  for (int64_t j = 0; j < k; ++j) w[j] = fmul(w[j], scale);
   return true;
 }
 

@@ -34,7 +34,6 @@ namespace dsk::moe {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int kMaxK = 16;  // moe_api.cpp enforces k <= 16 (and E <= 1024)
 
 __host__ __device__ inline int64_t align16(int64_t b) { return (b + 15) / 16 * 16; }
 

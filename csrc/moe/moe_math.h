@@ -41,10 +41,21 @@ constexpr int kMeanLanes = 256;
 
 // exp(x) for x <= 0 from fp32 multiplies and adds only (no libm: libm and
 // CUDA's expf differ in the last bit). Relative error < 4e-7.
+// The host form has no branch, so the CPU's loops over a row vectorize: x is
+// clamped into range and the result selected afterwards, and n = rint(t) is
+// (t + 1.5 * 2^23) - 1.5 * 2^23, the same round-half-to-even for |t| < 2^22
+// (here |t| < 127; its -0 for a t in (-0.5, -0] is +0, which changes no bit
+// of the result).
 DSK_HOST_DEVICE float exp_nonpos(float x) {
+#if defined(__CUDA_ARCH__)
   if (x < kExpCutoff) return 0.0f;
-  const float n = rintf(fmul(x, 0x1.715476p+0f));  // x * log2(e), half to even
-  const float r = fsub(fsub(x, fmul(n, 0x1.62e4p-1f)), fmul(n, 0x1.7f7d1cp-20f));
+  const float xc = x;
+  const float n = rintf(fmul(xc, 0x1.715476p+0f));  // x * log2(e), half to even
+#else
+  const float xc = x < kExpCutoff ? kExpCutoff : x;  // also -inf; the result is selected below
+  const float n = fsub(fadd(fmul(xc, 0x1.715476p+0f), 0x1.8p23f), 0x1.8p23f);
+#endif
+  const float r = fsub(fsub(xc, fmul(n, 0x1.62e4p-1f)), fmul(n, 0x1.7f7d1cp-20f));
   float p = 0x1.a01a02p-13f;  // 1/7!
   p = fadd(fmul(p, r), 0x1.6c16c2p-10f);
   p = fadd(fmul(p, r), 0x1.111112p-7f);
@@ -59,10 +70,12 @@ DSK_HOST_DEVICE float exp_nonpos(float x) {
   float scale;
 #if defined(__CUDA_ARCH__)
   scale = __uint_as_float(bits);
+  return fmul(p, scale);
 #else
   std::memcpy(&scale, &bits, sizeof(scale));
+  const float v = fmul(p, scale);
+  return x < kExpCutoff ? 0.0f : v;
 #endif
-  return fmul(p, scale);
 }
 
 // fp64 (CPU only, for gradcheck): libm's exp, no bitwise contract.

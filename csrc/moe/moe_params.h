@@ -28,6 +28,9 @@
 
 namespace dsk::moe {
 
+// Limits moe_api.cpp enforces (the kernels size per-row scratch by them).
+constexpr int64_t kMaxExperts = 1024;
+constexpr int kMaxK = 16;
 
 struct GatingParams {
   const void* logits = nullptr;  // [T, E] contiguous, dtype logits_dtype
