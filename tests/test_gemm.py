@@ -443,6 +443,14 @@ def test_int8_bad_inputs(device):
     with pytest.raises(TypeError, match="argument 'x' must have dtype"):
         dk.quantize_int8_rowwise(torch.randn(3, 4, device=device).double())
     assert dk.int8_gemm(a[:0], a_s[:0], w, w_s).shape == (0, 8)
+    # int8 codes may hold -128: 128 * 128 * K must fit the int32 accumulator.
+    k_max = (2**31 - 1) // (128 * 128)
+    a1 = torch.full((1, k_max + 1), -128, dtype=torch.int8, device=device)
+    w1, one = a1.clone(), torch.ones(1, device=device)
+    with pytest.raises(ValueError, match=f"K = {k_max + 1} exceeds {k_max}"):
+        dk.int8_gemm(a1, one, w1, one)
+    out = dk.int8_gemm(a1[:, :k_max], one, w1[:, :k_max], one, out_dtype=torch.float32)
+    assert out.item() == 128 * 128 * k_max  # the largest accumulator, exact in fp32 (a multiple of 2^14)
     q, s = dk.quantize_int8_rowwise(torch.randn(0, 5, device=device))
     assert q.shape == (0, 5) and s.shape == (0,)
 

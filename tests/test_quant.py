@@ -368,6 +368,18 @@ def test_bad_inputs(device):
             fn()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_size", [2**40, 2**63 - 1])
+def test_huge_block_size_is_one_block(device, block_size):
+    # ceil(n / block_size) must not overflow, nor a block's scratch follow block_size.
+    x = torch.tensor([1.0, -2.0, 127.0, 0.5] * 25, device=device)
+    qt = dk.quantize_int8(x, block_size)
+    assert qt.scales.tolist() == [1.0] and torch.equal(qt.q, dk.quantize_int8(x, 100).q)
+    assert torch.equal(dk.dequantize_int8(qt.q, qt.scales, block_size), x.round())
+    q4, one_block = dk.quantize_int4(x, block_size - block_size % 2), dk.quantize_int4(x, 100)
+    assert torch.equal(q4.scales, one_block.scales) and torch.equal(q4.q, one_block.q)
+
+
 @requires_cuda
 @pytest.mark.cuda
 def test_mixed_devices_rejected():

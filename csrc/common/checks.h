@@ -72,7 +72,8 @@ inline DType to_dsk_dtype(at::ScalarType t) {
   }
 }
 
-// Ceil division for non-negative 64-bit sizes.
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// Ceil division for non-negative 64-bit sizes a and positive b (no overflow
+// for any b: a + b - 1 could wrap).
+inline int64_t ceil_div(int64_t a, int64_t b) { return a == 0 ? 0 : (a - 1) / b + 1; }
 
 }  // namespace dsk

@@ -95,8 +95,8 @@ int64_t int8_cuda_kernel_op(int64_t version) {
   return int8_kernel_choice().switch_to("_int8_cuda_kernel", version);
 }
 
-// |acc| <= 127 * 127 * K must fit in int32.
-constexpr int64_t kMaxInt8K = (int64_t{1} << 31) / (127 * 127) - 1;
+// |acc| <= 128 * 128 * K must fit in int32 (int8 operands may hold -128).
+constexpr int64_t kMaxInt8K = ((int64_t{1} << 31) - 1) / (128 * 128);  // 131,071
 
 Activation parse_activation(const char* op, const std::string& name) {
   if (name == "none") return Activation::kNone;

@@ -75,7 +75,7 @@ void quantize_rows_typed(const QuantizeRowsParams& p) {
 }
 
 // Exact INT8 GEMM: blocks of rows x columns per task; the K loop accumulates
-// in int32 (|acc| <= 127 * 127 * K fits for K < 133k, checked by the glue).
+// in int32 (|acc| <= 128 * 128 * K fits for K <= 131,071, checked by the glue).
 void int8_gemm_typed(const Int8GemmParams& p) {
   constexpr int64_t kBlockM = 16, kBlockN = 64;
   const int64_t mb = (p.m + kBlockM - 1) / kBlockM, nb = (p.n + kBlockN - 1) / kBlockN;

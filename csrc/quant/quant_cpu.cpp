@@ -121,7 +121,7 @@ void quantize_typed(const QuantizeParams& p) {
   std::atomic<bool> nonfinite{false};
   const int64_t grain = std::max<int64_t>(1, kGrainElements / p.block_size);
   at::parallel_for(0, p.num_blocks, grain, [&](int64_t b_begin, int64_t b_end) {
-    std::vector<int8_t> codes(static_cast<size_t>(p.block_size));
+    std::vector<int8_t> codes(static_cast<size_t>(std::min(p.block_size, p.n)));  // a block's codes
     bool saw = false;
     quantize_blocks<T, BITS>(p, b_begin, b_end, codes, saw);
     if (saw) nonfinite.store(true, std::memory_order_relaxed);
@@ -140,7 +140,7 @@ void dequantize_typed(const DequantizeParams& p) {
   OutT* out = static_cast<OutT*>(p.out);
   const int64_t grain = std::max<int64_t>(1, kGrainElements / p.block_size);
   at::parallel_for(0, p.num_blocks, grain, [&](int64_t b_begin, int64_t b_end) {
-    std::vector<float> acc(static_cast<size_t>(p.block_size));
+    std::vector<float> acc(static_cast<size_t>(std::min(p.block_size, p.n)));  // a block's sums
     for (int64_t b = b_begin; b < b_end; ++b) {
       const int64_t start = b * p.block_size;
       const int64_t len = std::min(p.block_size, p.n - start);
