@@ -441,7 +441,7 @@ def _dispatch_backward(ctx, grad):
     dw = None
     if ctx.has_w and ctx.needs_input_grad[5]:
         base = torch.arange(ctx.E, device=grad.device) * ctx.C
-        dw = _rows_weight_grad(grad.reshape(ctx.E * ctx.C, -1), x, ids, slots, base,
+        dw = _rows_weight_grad(grad.reshape(ctx.E * ctx.C, grad.shape[-1]), x, ids, slots, base,
                                capacity=ctx.C).to(weights.dtype)
     return dx, None, None, None, None, dw
 
@@ -499,7 +499,7 @@ def _unpermute_backward(ctx, grad):
     if weights is not None:
         src = weights.to(cdt)[:, :, None] * src
     dpacked = grad.new_zeros((ctx.rows + 1, grad.shape[1]))
-    dpacked.index_add_(0, rows.reshape(-1), src.reshape(-1, grad.shape[1]).to(grad.dtype))
+    dpacked.index_add_(0, rows.reshape(-1), src.reshape(rows.numel(), grad.shape[1]).to(grad.dtype))
     dw = None
     if weights is not None and ctx.needs_input_grad[4]:
         limit = (offsets[1:] - offsets[:-1]).to(torch.int32)

@@ -381,6 +381,32 @@ def test_empty_and_all_dropped(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("t,cap,h", [(10, 0, 5), (0, 3, 5), (6, 2, 0), (6, None, 0), (0, None, 4)])
+def test_backward_of_empty_and_all_dropped(device, t, cap, h):
+    """Gradients through dispatch/combine (capacity 0, T = 0, H = 0) and
+    permute/unpermute: the right shapes, zero where nothing was routed."""
+    e, k = 4, 2
+    g = dk.moe_topk_gating(torch.randn(t, e, device=device), k, capacity=cap)
+    x = torch.randn(t, h, device=device, requires_grad=True)
+    w = g.weights.clone().requires_grad_()
+    if cap is not None:
+        eo = torch.randn(e, cap, h, device=device, requires_grad=True)
+        outs = [dk.moe_dispatch(x, g.expert_ids, g.slots, e, cap, w),
+                dk.moe_combine(eo, g.expert_ids, g.slots, w)]
+        inputs = (x, w, eo)
+    else:
+        packed, offsets = dk.moe_permute(x, g.expert_ids, g.slots, g.expert_counts, w)
+        outs = [packed, dk.moe_unpermute(packed.detach().requires_grad_(), g.expert_ids, g.slots, offsets, w)]
+        inputs = (x, w)
+    loss = sum(o.sum() for o in outs)
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    for inp, gr in zip(inputs, grads):
+        assert gr is None or gr.shape == inp.shape
+    if cap == 0:
+        assert all(gr is None or (gr == 0).all() for gr in grads)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("h", [1, 33, 256])
 def test_rows_dot_matches_reference(device, dtype, h):
