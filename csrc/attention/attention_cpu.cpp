@@ -834,8 +834,24 @@ void bwd(const AttnParams& p) {
   }
 }
 
+// Varlen: seqlen_q/k become the samples' longest runs. The caller's max_seqlen_q/k
+// only bound them (and may overstate them): work items and scratch follow the data.
+AttnParams tight_lengths(AttnParams p) {
+  if (p.cu_seqlens_q == nullptr) return p;
+  int64_t longest_q = 0, longest_k = 0;
+  for (int64_t b = 0; b < p.B; ++b) {
+    const SeqRange r = seq_range(p, b);
+    longest_q = std::max(longest_q, r.q_len);
+    longest_k = std::max(longest_k, r.k_len);
+  }
+  p.seqlen_q = longest_q;
+  p.seqlen_k = longest_k;
+  return p;
+}
+
 template <template <typename> class F>
-void dispatch(const AttnParams& p) {
+void dispatch(const AttnParams& params) {
+  const AttnParams p = tight_lengths(params);
   switch (p.dtype) {
     case DType::kFloat32: F<float>::run(p); break;
     case DType::kFloat16: F<c10::Half>::run(p); break;
