@@ -443,6 +443,8 @@ def _gather_rows(buf: Tensor, rows: Tensor, weights: Optional[Tensor]) -> Tensor
     t, k = rows.shape
     cdt = torch.float64 if buf.dtype == torch.float64 else torch.float32
     acc = torch.zeros(t, buf.shape[1], dtype=cdt, device=buf.device)
+    if buf.shape[0] == 0:  # nothing kept (capacity 0): no row to gather
+        return acc.to(buf.dtype)
     for j in range(k):
         kept = rows[:, j] >= 0
         r = buf[rows[:, j].clamp(min=0)].to(cdt)

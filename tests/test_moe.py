@@ -378,6 +378,8 @@ def test_empty_and_all_dropped(device):
     assert (g.slots == -1).all()
     y = dk.moe_combine(torch.randn(8, 0, 5, device=device), g.expert_ids, g.slots, g.weights)
     assert (y == 0).all()
+    assert torch.equal(y.cpu(), ref.moe_combine(torch.randn(8, 0, 5), g.expert_ids.cpu(), g.slots.cpu(),
+                                                g.weights.cpu()))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -439,6 +441,8 @@ def test_gating_bad_input():
         (dict(k=2, scoring="relu"), ValueError, "'scoring'"),
         (dict(k=2, drop_policy="random"), ValueError, "'drop_policy'"),
         (dict(k=2, correction_bias=torch.zeros(15)), ValueError, "'correction_bias'"),
+        (dict(k=2, routed_scaling_factor=float("nan")), ValueError, "'routed_scaling_factor'"),
+        (dict(k=2, routed_scaling_factor=-3.5e38), ValueError, "'routed_scaling_factor' must be finite in fp32"),
     ]
     for kw, exc, match in cases:
         with pytest.raises(exc, match=match):

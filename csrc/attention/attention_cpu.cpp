@@ -383,10 +383,11 @@ DSK_INLINE void softmax_step(S* s, int64_t nk, S* m, S* l, S* alpha) {
 // V blocks converted to S (unused when T is S).
 template <typename S>
 struct FwdScratch {
-  std::vector<S> qt, ot, m, l, alpha, s, kbuf, vbuf;
+  std::vector<S> qt, ot, m, l, alpha, s, kbuf, vbuf, kt;
   explicit FwdScratch(const AttnParams& p)
       : qt(p.D * kFwdBlockQ), ot(p.D * kFwdBlockQ), m(kFwdBlockQ), l(kFwdBlockQ), alpha(kFwdBlockQ),
-        s(kFwdBlockK * Vec<S>::kTile), kbuf(kFwdBlockK * p.D), vbuf(kFwdBlockK * p.D) {}
+        s(kFwdBlockK * Vec<S>::kTile), kbuf(kFwdBlockK * p.D), vbuf(kFwdBlockK * p.D),
+        kt(kFwdBlockK * p.D) {}
 };
 
 // Queries [i0, i0 + nq) of (sample b, head h): every key block, then out and lse.
@@ -445,22 +446,6 @@ DSK_CPU_CLONES DSK_CPU_FMA void fwd_block(const AttnParams& p, int64_t b, int64_
   }
 }
 
-// <x, y> over D elements: a vector of products along D, the tail added to
-// the first lanes in order, then the lanes summed pairwise (a fixed order).
-template <typename S>
-DSK_INLINE S dot_lanes(const S* x, const S* y, int64_t D) {
-  constexpr int64_t L = Vec<S>::kLanes;
-  typename Vec<S>::type acc{};
-  int64_t c = 0;
-  for (; c + L <= D; c += L) acc += vload(x + c) * vload(y + c);
-  S part[L];
-  std::memcpy(part, &acc, sizeof part);
-  for (int64_t t = 0; c + t < D; ++t) part[t] += x[c + t] * y[c + t];
-  for (int64_t w = L / 2; w >= 1; w /= 2)
-    for (int64_t t = 0; t < w; ++t) part[t] += part[t + w];
-  return part[0];
-}
-
 // o[0, D) += sum_{j < nk} p[j] * v[j][0, D) (rows of v at stride ld), j in
 // order; 8 vectors of o stay in registers across the keys.
 template <typename S>
@@ -515,10 +500,14 @@ DSK_INLINE S exp2_sum(S* s, int64_t nk, S shift) {
 }
 
 // The forward of a block of fewer than kFwdRowQ queries (decoding: Lq = 1),
-// where a strip would be mostly padding: one query at a time, with the head
-// dims along the lanes (scores as dot products, P.V as row updates of o) and
-// the same online softmax per key block. qt holds the queries as rows here,
-// ot the outputs; s one query's scores.
+// where a strip of queries would be mostly padding: the keys go along the
+// lanes instead (K^T in strips of W keys, kt), then one query at a time the
+// same online softmax per key block, P.V as row updates of o. Each score is
+// one multiply-add chain over D in order, as in fwd_block and the backward's
+// recomputation, so the backward's probabilities match the saved lse (a
+// differently rounded score here put its gradients off by ~1e-3 relative at
+// large scores). qt holds the queries as rows here, ot the outputs; s the
+// block's scores, a row of nk_pad per query.
 template <typename T, typename S>
 DSK_CPU_CLONES DSK_CPU_FMA void fwd_rows(const AttnParams& p, int64_t b, int64_t h, int64_t i0,
                                          int64_t nq, FwdScratch<S>& w) {
@@ -526,7 +515,9 @@ DSK_CPU_CLONES DSK_CPU_FMA void fwd_rows(const AttnParams& p, int64_t b, int64_t
   const int64_t D = p.D, hk = h / (p.Hq / p.Hkv);
   const int64_t q_stride = p.Hq * D, k_stride = p.Hkv * D;
   const SeqRange r = seq_range(p, b);
+  constexpr int64_t W = Vec<S>::kTile;
   S *qs = w.qt.data(), *o = w.ot.data(), *s = w.s.data(), *m = w.m.data(), *l = w.l.data();
+  S* kt = w.kt.data();
 
   const int64_t qoff = ((r.q_start + i0) * p.Hq + h) * D;
   const T* q = static_cast<const T*>(p.q) + qoff;
@@ -546,22 +537,28 @@ DSK_CPU_CLONES DSK_CPU_FMA void fwd_rows(const AttnParams& p, int64_t b, int64_t
     const KvRows<S> kv = kv_rows<T>(p, koff, k_stride, nk, w.kbuf.data(), w.vbuf.data());
     const S *kr = kv.k, *vr = kv.v;
     const int64_t kv_stride = kv.stride;
+    const int64_t nk_pad = (nk + W - 1) / W * W;
+    load_strips(kr, kv_stride, nk, D, W, S(1), kt);
+    for (int64_t st = 0; st < nk_pad / W; ++st)
+      strip_product(qs, D, int64_t(1), kt + st * D * W, W, s + st * W, nk_pad, nq, D, false,
+                    static_cast<const S*>(nullptr));
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t lim = key_limit(p, r, i0 + i) - j0;  // keys j < lim causally visible
+      S* si = s + i * nk_pad;
       S bm = -inf;
       for (int64_t j = 0; j < nk; ++j) {
         const bool visible = j < lim && !(pad && pad[j0 + j]);
-        s[j] = visible ? dot_lanes(qs + i * D, kr + j * kv_stride, D) : -inf;
-        bm = std::max(bm, s[j]);
+        si[j] = visible ? si[j] : -inf;
+        bm = std::max(bm, si[j]);
       }
       if (bm == -inf) continue;  // sees nothing of the block: p = 0, alpha = 1
       const S m_new = std::max(m[i], bm);
       const S alpha = std::exp2(m[i] - m_new);  // 0 for the first visible block
-      l[i] = l[i] * alpha + exp2_sum(s, nk, m_new);
+      l[i] = l[i] * alpha + exp2_sum(si, nk, m_new);
       m[i] = m_new;
       S* oi = o + i * D;
       for (int64_t c = 0; c < D; ++c) oi[c] *= alpha;
-      row_accumulate(s, nk, vr, kv_stride, oi, D);
+      row_accumulate(si, nk, vr, kv_stride, oi, D);
     }
   }
 

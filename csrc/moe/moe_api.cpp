@@ -4,6 +4,8 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -141,8 +143,11 @@ moe_topk_gating(const at::Tensor& logits, int64_t k,
                     topk_group, " of n_group=", n_group, ")");
   TORCH_CHECK_VALUE(!capacity || *capacity >= 0, op,
                     ": argument 'capacity' must be non-negative or None, got ", *capacity);
-  TORCH_CHECK_VALUE(std::isfinite(routed_scaling_factor), op,
-                    ": argument 'routed_scaling_factor' must be finite, got ", routed_scaling_factor);
+  const bool fp64 = logits.scalar_type() == at::kDouble;
+  TORCH_CHECK_VALUE(std::isfinite(routed_scaling_factor) &&
+                        (fp64 || std::abs(routed_scaling_factor) <= std::numeric_limits<float>::max()),
+                    op, ": argument 'routed_scaling_factor' must be finite", fp64 ? "" : " in fp32", ", got ",
+                    routed_scaling_factor);
 
   const c10::DeviceGuard guard(logits.device());
   const at::Tensor lc = logits.contiguous();
