@@ -101,8 +101,8 @@ def test_cpu_causal_and_mask(shape, dtype, causal, masked):
 @pytest.mark.parametrize("lq", [1, 3, 5])
 def test_cpu_decode_rows_backward_at_large_scores(lq):
     """Query blocks under 6 queries take the forward's one-query-at-a-time path
-    (decoding); its scores must round as the backward recomputes them, or the
-    gradients drift from the saved lse (~1e-3 relative at large scores). Its
+    (decoding); the backward must recompute their scores rounded the same way, or
+    the gradients drift from the saved lse (~1e-3 relative at large scores). Their
     gradients must be as accurate as those of the same queries run through the
     block path (6 queries, the extra ones with zero output gradient, which add
     nothing to dk and dv), both against fp64."""

@@ -320,6 +320,15 @@ void parallel_items(int64_t n, const AttnParams& p, const Fn& fn) {
 constexpr int64_t kFwdBlockQ = 128;
 constexpr int64_t kFwdBlockK = 64;
 constexpr int64_t kFwdRowQ = 6;  // shorter query blocks go one query at a time (fwd_rows)
+
+// Whether the forward scored query i of a sample of q_len queries in fwd_rows
+// (its last block, when that has fewer than kFwdRowQ queries): the backward
+// then recomputes that query's scores the same way (dot_lanes), so that its
+// probabilities match the saved lse bit for bit in the scores.
+inline bool scored_by_rows(int64_t q_len, int64_t i) {
+  const int64_t tail = q_len % kFwdBlockQ;
+  return tail > 0 && tail < kFwdRowQ && i >= q_len - tail;
+}
 static_assert(kFwdBlockQ % Vec<float>::kTile == 0 && kFwdBlockQ % Vec<double>::kTile == 0,
               "a query block is whole strips");
 
@@ -383,11 +392,10 @@ DSK_INLINE void softmax_step(S* s, int64_t nk, S* m, S* l, S* alpha) {
 // V blocks converted to S (unused when T is S).
 template <typename S>
 struct FwdScratch {
-  std::vector<S> qt, ot, m, l, alpha, s, kbuf, vbuf, kt;
+  std::vector<S> qt, ot, m, l, alpha, s, kbuf, vbuf;
   explicit FwdScratch(const AttnParams& p)
       : qt(p.D * kFwdBlockQ), ot(p.D * kFwdBlockQ), m(kFwdBlockQ), l(kFwdBlockQ), alpha(kFwdBlockQ),
-        s(kFwdBlockK * Vec<S>::kTile), kbuf(kFwdBlockK * p.D), vbuf(kFwdBlockK * p.D),
-        kt(kFwdBlockK * p.D) {}
+        s(kFwdBlockK * Vec<S>::kTile), kbuf(kFwdBlockK * p.D), vbuf(kFwdBlockK * p.D) {}
 };
 
 // Queries [i0, i0 + nq) of (sample b, head h): every key block, then out and lse.
@@ -446,6 +454,22 @@ DSK_CPU_CLONES DSK_CPU_FMA void fwd_block(const AttnParams& p, int64_t b, int64_
   }
 }
 
+// <x, y> over D elements: a vector of products along D, the tail added to
+// the first lanes in order, then the lanes summed pairwise (a fixed order).
+template <typename S>
+DSK_INLINE S dot_lanes(const S* x, const S* y, int64_t D) {
+  constexpr int64_t L = Vec<S>::kLanes;
+  typename Vec<S>::type acc{};
+  int64_t c = 0;
+  for (; c + L <= D; c += L) acc += vload(x + c) * vload(y + c);
+  S part[L];
+  std::memcpy(part, &acc, sizeof part);
+  for (int64_t t = 0; c + t < D; ++t) part[t] += x[c + t] * y[c + t];
+  for (int64_t w = L / 2; w >= 1; w /= 2)
+    for (int64_t t = 0; t < w; ++t) part[t] += part[t + w];
+  return part[0];
+}
+
 // o[0, D) += sum_{j < nk} p[j] * v[j][0, D) (rows of v at stride ld), j in
 // order; 8 vectors of o stay in registers across the keys.
 template <typename S>
@@ -500,14 +524,10 @@ DSK_INLINE S exp2_sum(S* s, int64_t nk, S shift) {
 }
 
 // The forward of a block of fewer than kFwdRowQ queries (decoding: Lq = 1),
-// where a strip of queries would be mostly padding: the keys go along the
-// lanes instead (K^T in strips of W keys, kt), then one query at a time the
-// same online softmax per key block, P.V as row updates of o. Each score is
-// one multiply-add chain over D in order, as in fwd_block and the backward's
-// recomputation, so the backward's probabilities match the saved lse (a
-// differently rounded score here put its gradients off by ~1e-3 relative at
-// large scores). qt holds the queries as rows here, ot the outputs; s the
-// block's scores, a row of nk_pad per query.
+// where a strip would be mostly padding: one query at a time, with the head
+// dims along the lanes (scores as dot products, P.V as row updates of o) and
+// the same online softmax per key block. qt holds the queries as rows here,
+// ot the outputs; s one query's scores.
 template <typename T, typename S>
 DSK_CPU_CLONES DSK_CPU_FMA void fwd_rows(const AttnParams& p, int64_t b, int64_t h, int64_t i0,
                                          int64_t nq, FwdScratch<S>& w) {
@@ -515,9 +535,7 @@ DSK_CPU_CLONES DSK_CPU_FMA void fwd_rows(const AttnParams& p, int64_t b, int64_t
   const int64_t D = p.D, hk = h / (p.Hq / p.Hkv);
   const int64_t q_stride = p.Hq * D, k_stride = p.Hkv * D;
   const SeqRange r = seq_range(p, b);
-  constexpr int64_t W = Vec<S>::kTile;
   S *qs = w.qt.data(), *o = w.ot.data(), *s = w.s.data(), *m = w.m.data(), *l = w.l.data();
-  S* kt = w.kt.data();
 
   const int64_t qoff = ((r.q_start + i0) * p.Hq + h) * D;
   const T* q = static_cast<const T*>(p.q) + qoff;
@@ -537,28 +555,22 @@ DSK_CPU_CLONES DSK_CPU_FMA void fwd_rows(const AttnParams& p, int64_t b, int64_t
     const KvRows<S> kv = kv_rows<T>(p, koff, k_stride, nk, w.kbuf.data(), w.vbuf.data());
     const S *kr = kv.k, *vr = kv.v;
     const int64_t kv_stride = kv.stride;
-    const int64_t nk_pad = (nk + W - 1) / W * W;
-    load_strips(kr, kv_stride, nk, D, W, S(1), kt);
-    for (int64_t st = 0; st < nk_pad / W; ++st)
-      strip_product(qs, D, int64_t(1), kt + st * D * W, W, s + st * W, nk_pad, nq, D, false,
-                    static_cast<const S*>(nullptr));
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t lim = key_limit(p, r, i0 + i) - j0;  // keys j < lim causally visible
-      S* si = s + i * nk_pad;
       S bm = -inf;
       for (int64_t j = 0; j < nk; ++j) {
         const bool visible = j < lim && !(pad && pad[j0 + j]);
-        si[j] = visible ? si[j] : -inf;
-        bm = std::max(bm, si[j]);
+        s[j] = visible ? dot_lanes(qs + i * D, kr + j * kv_stride, D) : -inf;
+        bm = std::max(bm, s[j]);
       }
       if (bm == -inf) continue;  // sees nothing of the block: p = 0, alpha = 1
       const S m_new = std::max(m[i], bm);
       const S alpha = std::exp2(m[i] - m_new);  // 0 for the first visible block
-      l[i] = l[i] * alpha + exp2_sum(si, nk, m_new);
+      l[i] = l[i] * alpha + exp2_sum(s, nk, m_new);
       m[i] = m_new;
       S* oi = o + i * D;
       for (int64_t c = 0; c < D; ++c) oi[c] *= alpha;
-      row_accumulate(si, nk, vr, kv_stride, oi, D);
+      row_accumulate(s, nk, vr, kv_stride, oi, D);
     }
   }
 
@@ -580,10 +592,10 @@ void fwd(const AttnParams& p) {
     const int64_t qb = item % nqb, h = (item / nqb) % p.Hq, b = item / (nqb * p.Hq);
     const int64_t i0 = qb * kFwdBlockQ, q_len = seq_range(p, b).q_len;
     const int64_t nq = std::min(kFwdBlockQ, q_len - i0);
-    if (nq >= kFwdRowQ)
-      fwd_block<T, S>(p, b, h, i0, nq, w);
-    else if (nq > 0)
+    if (nq > 0 && scored_by_rows(q_len, i0))
       fwd_rows<T, S>(p, b, h, i0, nq, w);
+    else if (nq > 0)
+      fwd_block<T, S>(p, b, h, i0, nq, w);
   });
 }
 
@@ -664,19 +676,19 @@ DSK_INLINE void grad_step(S* P, S* DS, int64_t ld, int64_t nk, const S* shift, c
 // Per-thread buffers of the backward: a query block's strips (qt, dot, dqt)
 // and per-column shift and delta, its q and dout rows as S (unused when T is
 // S), P and DS of a block pair (row stride kBwdBlockQ), a K and V block as S,
-// and dk, dv of the item's keys as S (unused when T is S: the outputs
-// themselves accumulate).
+// dk, dv of the item's keys as S (unused when T is S: the outputs
+// themselves accumulate), and one query row (scored_by_rows queries).
 template <typename T, typename S>
 struct BwdScratch {
   static constexpr bool kConvert = !std::is_same_v<T, S>;
-  std::vector<S> qt, dot, dqt, shift, delta, qrows, drows, P, DS, kbuf, vbuf, dk, dv;
+  std::vector<S> qt, dot, dqt, shift, delta, qrows, drows, P, DS, kbuf, vbuf, dk, dv, qrow;
   explicit BwdScratch(const AttnParams& p)
       : qt(kBwdBlockQ * p.D), dot(kBwdBlockQ * p.D), dqt(kBwdBlockQ * p.D), shift(kBwdBlockQ),
         delta(kBwdBlockQ), qrows(kConvert ? kBwdBlockQ * p.D : 0),
         drows(kConvert ? kBwdBlockQ * p.D : 0), P(kBwdBlockK * kBwdBlockQ),
         DS(kBwdBlockK * kBwdBlockQ), kbuf(kConvert ? kBwdBlockK * p.D : 0),
         vbuf(kConvert ? kBwdBlockK * p.D : 0), dk(kConvert ? p.seqlen_k * p.D : 0),
-        dv(kConvert ? p.seqlen_k * p.D : 0) {}
+        dv(kConvert ? p.seqlen_k * p.D : 0), qrow(p.D) {}
 };
 
 // Queries [i0, i0 + nq) of (sample b, head h) against the keys in
@@ -748,6 +760,15 @@ DSK_CPU_CLONES DSK_CPU_FMA void bwd_block(const AttnParams& p, int64_t b, int64_
       // Ps[j][:] = sum_c K[j][c] * qt[c][:], -inf where hidden
       strip_product(kr, kv_stride, int64_t(1), qt + st * D * W, W, Ps, ldp, nk, D, false,
                     static_cast<const S*>(nullptr));
+      // The queries the forward scored one at a time: their scores as it computed
+      // them (a differently rounded score put their gradients off the saved lse
+      // by up to ~1e-3 relative at large scores).
+      for (int64_t c = c0; c < std::min(c0 + W, nq); ++c) {
+        if (!scored_by_rows(r.q_len, i0 + c)) continue;
+        S* row = w.qrow.data();
+        for (int64_t d = 0; d < D; ++d) row[d] = qt[st * D * W + d * W + (c - c0)];
+        for (int64_t j = 0; j < nk; ++j) Ps[j * ldp + (c - c0)] = dot_lanes(row, kr + j * kv_stride, D);
+      }
       mask_scores_t(p, b, r, i0 + c0, std::min(W, nq - c0), j0, nk, Ps, ldp);
       // DSs[j][:] = sum_c V[j][c] * dot[c][:]
       strip_product(vr, kv_stride, int64_t(1), dot + st * D * W, W, DSs, ldp, nk, D, false,
