@@ -312,6 +312,10 @@ def test_deterministic_across_runs_and_threads():
 
 def test_bad_inputs():
     q, k, v = _qkv(2, 4, 6, 4, 2, 32, torch.float32)
+    # softmax_scale * log2(e) must be finite in the compute dtype (fp32 here)
+    with pytest.raises(ValueError, match="'softmax_scale' must be finite with"):
+        dk.cross_attention(q, k, v, softmax_scale=1e39)
+    assert torch.isfinite(dk.cross_attention(q.double(), k.double(), v.double(), softmax_scale=3e38)).all()
     with pytest.raises(ValueError, match="multiple of"):
         dk.cross_attention(q, k[:, :, :1].expand(2, 6, 3, 32).contiguous(), v[:, :, :1].expand(2, 6, 3, 32).contiguous())
     with pytest.raises(ValueError, match="'k' and 'v' must have the same shape"):

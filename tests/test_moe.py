@@ -479,6 +479,21 @@ def test_rows_bad_input():
         dk.moe_dispatch(x, wide, wide, 8, 4)
     with pytest.raises(ValueError, match="'offsets'"):
         dk.moe_unpermute(torch.randn(3, 3), g.expert_ids, g.slots, torch.tensor([0, 5], dtype=torch.int32))
+    # offsets that decrease inside would read past `packed` (the CPU checks them)
+    one, i32 = torch.zeros(1, 1, dtype=torch.int32), torch.int32
+    with pytest.raises(ValueError, match="'offsets' must be non-decreasing"):
+        dk.moe_unpermute(torch.randn(4, 4), one, torch.tensor([[2**30]], dtype=i32),
+                         torch.tensor([0, 2**31 - 1, 4], dtype=i32))
+    with pytest.raises(ValueError, match="'expert_counts' must be non-negative"):
+        dk.moe_permute(torch.randn(3, 1), torch.zeros(3, 1, dtype=i32), torch.tensor([[0], [1], [2]], dtype=i32),
+                       torch.tensor([3, -1], dtype=i32))
+    # the private rows_dot: every expert's rows inside `rows`
+    with pytest.raises(ValueError, match="'row_base'/'slot_limit'"):
+        torch.ops.deepseek_kernels.moe_rows_dot(torch.randn(24, 4), torch.randn(6, 4), g.expert_ids, g.slots,
+                                                torch.full((8,), 2**40), None, 3)
+    with pytest.raises(ValueError, match="'row_base'/'slot_limit'"):
+        torch.ops.deepseek_kernels.moe_rows_dot(torch.randn(24, 4), torch.randn(6, 4), g.expert_ids, g.slots,
+                                                torch.arange(8) * 3, torch.full((8,), 2**31 - 1, dtype=i32), 3)
 
 
 # ---------------------------------------------------------------------------

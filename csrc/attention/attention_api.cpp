@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -78,9 +79,14 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
   }
 }
 
-double resolve_scale(const char* op, std::optional<double> scale, int64_t D) {
-  const double s = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(D));
-  TORCH_CHECK_VALUE(std::isfinite(s), op, ": argument 'softmax_scale' must be finite, got ", s);
+// The kernels scale by softmax_scale * log2(e) in the compute dtype (fp32 unless
+// q is fp64): that product must be finite there.
+double resolve_scale(const char* op, std::optional<double> scale, const at::Tensor& q) {
+  const double s = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
+  const double limit = (q.scalar_type() == at::kDouble ? std::numeric_limits<double>::max()
+                                                       : std::numeric_limits<float>::max()) / 1.4426950408889634;
+  TORCH_CHECK_VALUE(std::isfinite(s) && std::abs(s) <= limit, op, ": argument 'softmax_scale' must be finite",
+                    q.scalar_type() == at::kDouble ? "" : " with |softmax_scale| <= 2.3e38 (fp32)", ", got ", s);
   return s;
 }
 
@@ -285,7 +291,7 @@ AttnParams varlen_params(const char* op, const at::Tensor& q, const at::Tensor& 
   check_qkv(op, q, k, v, 3);
   check_cu_seqlens(op, "cu_seqlens_q", cu_q, q, -1, q.size(0), max_q, "max_seqlen_q");
   check_cu_seqlens(op, "cu_seqlens_k", cu_k, q, cu_q.size(0), k.size(0), max_k, "max_seqlen_k");
-  AttnParams p = base_params(q, k, v, resolve_scale(op, softmax_scale, q.size(2)), causal);
+  AttnParams p = base_params(q, k, v, resolve_scale(op, softmax_scale, q), causal);
   p.B = cu_q.size(0) - 1;
   p.total_q = q.size(0);
   p.total_k = k.size(0);
@@ -315,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor> cross_attention(
     bool causal) {
   const char* op = "cross_attention";
   const DenseDims d = check_dense(op, q, k, v, key_padding_mask);
-  const double scale = resolve_scale(op, softmax_scale, q.size(3));
+  const double scale = resolve_scale(op, softmax_scale, q);
   const c10::DeviceGuard guard(q.device());
   const at::Tensor qc = dense(q), kc = dense(k), vc = dense(v);
   const at::Tensor mc = key_padding_mask ? key_padding_mask->contiguous() : at::Tensor();
@@ -336,7 +342,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward(
   const char* op = "cross_attention_backward";
   const DenseDims d = check_dense(op, q, k, v, key_padding_mask);
   check_grad_inputs(op, dout, out, lse, q, {d.B, d.Hq, d.Lq});
-  const double scale = resolve_scale(op, softmax_scale, q.size(3));
+  const double scale = resolve_scale(op, softmax_scale, q);
   const c10::DeviceGuard guard(q.device());
   const at::Tensor qc = dense(q), kc = dense(k), vc = dense(v);
   const at::Tensor oc = dense(out), gc = dense(dout), lc = lse.contiguous();

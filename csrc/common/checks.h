@@ -72,6 +72,25 @@ inline DType to_dsk_dtype(at::ScalarType t) {
   }
 }
 
+// Group offsets of a packed operand (CPU tensors: read on the host): they start
+// at 0, never decrease and end at rows_name.size(0) = rows (with end_at_most:
+// at most there, the rows past them padding).
+inline void check_offsets_cpu(const char* op, const at::Tensor& offsets, int64_t rows,
+                              const char* rows_name = "x", bool end_at_most = false) {
+  const at::Tensor o = offsets.to(at::kLong).contiguous();
+  const int64_t* v = o.data_ptr<int64_t>();
+  const int64_t n = o.numel();
+  TORCH_CHECK_VALUE(v[0] == 0, op, ": argument 'offsets' must start at 0, got ", v[0]);
+  for (int64_t g = 0; g + 1 < n; ++g) {
+    TORCH_CHECK_VALUE(v[g + 1] >= v[g], op,
+                      ": argument 'offsets' must be non-decreasing, got offsets[", g, "] = ", v[g],
+                      " > offsets[", g + 1, "] = ", v[g + 1]);
+  }
+  TORCH_CHECK_VALUE(end_at_most ? v[n - 1] <= rows : v[n - 1] == rows, op, ": argument 'offsets' must end ",
+                    end_at_most ? "at most " : "", "at ", rows_name, ".size(0) = ", rows, ", got offsets[", n - 1,
+                    "] = ", v[n - 1]);
+}
+
 // Ceil division for non-negative 64-bit sizes a and positive b (no overflow
 // for any b: a + b - 1 could wrap).
 inline int64_t ceil_div(int64_t a, int64_t b) { return a == 0 ? 0 : (a - 1) / b + 1; }

@@ -166,22 +166,6 @@ void run_epilogue_cpu(at::Tensor& acc, const at::Tensor& bias, at::Tensor& out, 
   out.copy_(acc);
 }
 
-// `rows_name`: the packed operand whose row count the offsets must end at.
-void check_offsets_cpu(const char* op, const at::Tensor& offsets, int64_t rows,
-                       const char* rows_name = "x") {
-  const at::Tensor o = offsets.to(at::kLong).contiguous();
-  const int64_t* v = o.data_ptr<int64_t>();
-  const int64_t n = o.numel();
-  TORCH_CHECK_VALUE(v[0] == 0, op, ": argument 'offsets' must start at 0, got ", v[0]);
-  for (int64_t g = 0; g + 1 < n; ++g) {
-    TORCH_CHECK_VALUE(v[g + 1] >= v[g], op,
-                      ": argument 'offsets' must be non-decreasing, got offsets[", g, "] = ", v[g],
-                      " > offsets[", g + 1, "] = ", v[g + 1]);
-  }
-  TORCH_CHECK_VALUE(v[n - 1] == rows, op, ": argument 'offsets' must end at ", rows_name, ".size(0) = ", rows,
-                    ", got offsets[", n - 1, "] = ", v[n - 1]);
-}
-
 // The quantized GEMMs' shared checks: a [M, K] and w (`w_layout`, K last) hold
 // `code` values, the scales are fp32, everything is on a's device.
 void check_quantized_operands(const char* op, const at::Tensor& a, const at::Tensor& a_scales,

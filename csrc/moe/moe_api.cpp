@@ -266,10 +266,18 @@ std::tuple<at::Tensor, at::Tensor> moe_permute(const at::Tensor& x, const at::Te
   const int64_t E = expert_counts.size(0), H = x.size(1);
   const at::Tensor xc = x.contiguous(), ic = expert_ids.contiguous(), sc = slots.contiguous();
   const at::Tensor counts = expert_counts.contiguous();
+  if (counts.is_cpu()) {
+    const int32_t* c = counts.data_ptr<int32_t>();
+    for (int64_t e = 0; e < E; ++e)
+      TORCH_CHECK_VALUE(c[e] >= 0, op, ": argument 'expert_counts' must be non-negative, got ",
+                        c[e], " at [", e, "]");
+  }
   at::Tensor offsets64 = at::zeros({E + 1}, xc.options().dtype(at::kLong));
   offsets64.slice(0, 1).copy_(at::cumsum(counts, 0, at::kLong));
   // The packed size is data-dependent: one device-to-host read on CUDA.
   const int64_t total = offsets64[E].item<int64_t>();
+  TORCH_CHECK_VALUE(total >= 0 && total <= std::numeric_limits<int32_t>::max(), op,
+                    ": argument 'expert_counts' must sum to a row count in [0, 2^31), got ", total);
   at::Tensor packed = at::empty({total, H}, xc.options());
   const at::Tensor base = offsets64.slice(0, 0, E).contiguous();
   const at::Tensor wc = weights ? weights->contiguous() : at::Tensor();
@@ -305,12 +313,7 @@ at::Tensor moe_unpermute(const at::Tensor& packed, const at::Tensor& expert_ids,
   // Per-expert slot limit: offsets[e + 1] - offsets[e] (and rows past `packed` are caught
   // on the CPU through it when offsets are consistent with packed).
   const at::Tensor limit = (off64.slice(0, 1) - off64.slice(0, 0, E)).to(at::kInt).contiguous();
-  if (pc.is_cpu()) {
-    const int64_t* o = off64.data_ptr<int64_t>();
-    TORCH_CHECK_VALUE(o[0] == 0 && o[E] <= pc.size(0), op,
-                      ": argument 'offsets' must start at 0 and end at most at packed.size(0)=",
-                      pc.size(0), ", got ", o[0], " and ", o[E]);
-  }
+  if (pc.is_cpu()) check_offsets_cpu(op, offsets, pc.size(0), "packed", /*end_at_most=*/true);
   at::Tensor out = at::empty({ic.size(0), H}, pc.options());
   RowsParams p = rows_params(ic, sc, wc, base, E, H);
   p.src = pc.data_ptr();
@@ -346,6 +349,16 @@ at::Tensor moe_rows_dot(const at::Tensor& rows, const at::Tensor& other,
   const at::Tensor rc = rows.contiguous(), oc = other.contiguous(), ic = expert_ids.contiguous(),
                    sc = slots.contiguous(), bc = row_base.contiguous();
   const at::Tensor lc = slot_limit ? slot_limit->contiguous() : at::Tensor();
+  if (rc.is_cpu()) {  // every expert's rows [row_base, row_base + limit) inside `rows`
+    const int64_t* base = bc.data_ptr<int64_t>();
+    for (int64_t e = 0; e < bc.size(0); ++e) {
+      const int64_t limit = lc.defined() ? lc.data_ptr<int32_t>()[e] : capacity;
+      TORCH_CHECK_VALUE(base[e] >= 0 && (limit <= 0 || base[e] <= rc.size(0) - limit), op,
+                        ": arguments 'row_base'/'slot_limit' (capacity) must keep expert ", e,
+                        "'s rows inside rows.size(0) = ", rc.size(0), ", got row_base ", base[e],
+                        " and limit ", limit);
+    }
+  }
   const at::ScalarType cdt = rows.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty({ic.size(0), ic.size(1)}, rc.options().dtype(cdt));
   RowsParams p = rows_params(ic, sc, at::Tensor(), bc, bc.size(0), rc.size(1));
