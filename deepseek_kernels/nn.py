@@ -30,6 +30,12 @@ def _autocast(*tensors: Optional[Tensor]):
                  if t is not None and t.is_floating_point() else t for t in tensors)
 
 
+def _check_last_dim(name: str, x: Tensor, size: int) -> None:
+    """A clear error where a reshape to [-1, size] would regroup x's elements."""
+    if x.dim() == 0 or x.shape[-1] != size:
+        raise ValueError(f"{name}: the input's last dimension must be {size}, got shape {tuple(x.shape)}")
+
+
 class _FP8GroupedFunction(torch.autograd.Function):
     """Grouped FP8 forward (rows in 1x128 blocks, each group's weight in 128x128 blocks);
     straight-through backward in bf16, as :class:`FP8Linear`'s."""
@@ -100,6 +106,8 @@ class MoELayer(nn.Module):
         super().__init__()
         fk = dict(device=device, dtype=dtype)
         self.hidden, self.ffn_hidden, self.num_experts, self.k = hidden, ffn_hidden, num_experts, k
+        if capacity_factor is not None and not (math.isfinite(capacity_factor) and capacity_factor > 0):
+            raise ValueError(f"MoELayer: capacity_factor must be None or finite and > 0, got {capacity_factor}")
         self.capacity_factor = capacity_factor
         self.scoring, self.n_group, self.topk_group = scoring, n_group, topk_group
         self.renormalize, self.routed_scaling_factor = renormalize, routed_scaling_factor
@@ -145,6 +153,7 @@ class MoELayer(nn.Module):
         return _FP8GroupedFunction.apply(h, w2, offsets, self.use_kernels)
 
     def forward(self, x: Tensor) -> Tensor:
+        _check_last_dim("MoELayer", x, self.hidden)
         shape = x.shape
         x2 = x.reshape(-1, self.hidden)
         t = x2.shape[0]
@@ -240,6 +249,9 @@ class CrossAttention(nn.Module):
                  softmax_scale: Optional[float] = None, device=None, dtype=None):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads < 1 or num_kv_heads < 1:
+            raise ValueError(f"CrossAttention: num_heads={num_heads} and num_kv_heads={num_kv_heads} "
+                             "must be >= 1")
         if dim % num_heads != 0:
             raise ValueError(f"CrossAttention: dim={dim} must be a multiple of num_heads={num_heads}")
         if num_heads % num_kv_heads != 0:
@@ -262,6 +274,9 @@ class CrossAttention(nn.Module):
                 use_kernels: Optional[bool] = None) -> Tensor:
         use_kernels = self.use_kernels if use_kernels is None else use_kernels
         ctx = x if context is None else context
+        if x.dim() != 3 or ctx.dim() != 3 or ctx.shape[0] != x.shape[0]:
+            raise ValueError(f"CrossAttention: x [B, Lq, dim] and context [B, Lk, kv_dim] must be 3-D with "
+                             f"one batch size, got {tuple(x.shape)} and {tuple(ctx.shape)}")
         b, lq, _ = x.shape
         lk = ctx.shape[1]
         q = self.q_proj(x).view(b, lq, self.num_heads, self.head_dim)
@@ -413,6 +428,7 @@ class FP8Linear(_GemmLinear):
         return cls._copy_of(linear, cls._activation_of(linear, activation))
 
     def forward(self, x: Tensor) -> Tensor:
+        _check_last_dim("FP8Linear", x, self.in_features)
         x2 = x.reshape(-1, self.in_features)
         y = _FP8LinearFunction.apply(x2, self.weight, self.bias, self.activation, self.use_kernels)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -447,6 +463,7 @@ class Int8Linear(_GemmLinear):
         return m
 
     def forward(self, x: Tensor) -> Tensor:
+        _check_last_dim("Int8Linear", x, self.in_features)
         K = _ops if self.use_kernels else _reference
         x2 = x.reshape(-1, self.in_features)
         out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float16) \

@@ -911,6 +911,26 @@ def _moe_layer_reference(layer, x):
     return y
 
 
+def test_modules_bad_input():
+    """Inputs a reshape to [-1, features] would silently regroup, and bad sizes."""
+    from deepseek_kernels.nn import CrossAttention, FP8Linear, Int8Linear
+    with pytest.raises(ValueError, match="last dimension must be 16, got shape \\(4, 12\\)"):
+        MoELayer(16, 32, 8, 2)(torch.randn(4, 12))
+    for bad in (-1.0, 0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="capacity_factor"):
+            MoELayer(16, 32, 8, 2, capacity_factor=bad)
+    with pytest.raises(ValueError, match="FP8Linear: the input's last dimension must be 128"):
+        FP8Linear(128, 128)(torch.randn(3, 64))
+    with pytest.raises(ValueError, match="Int8Linear: the input's last dimension must be 16"):
+        Int8Linear(16, 8)(torch.randn(3, 12))
+    with pytest.raises(ValueError, match="must be 3-D with one batch size"):
+        CrossAttention(16, 4)(torch.randn(3, 16))
+    with pytest.raises(ValueError, match="must be 3-D with one batch size"):
+        CrossAttention(16, 4)(torch.randn(2, 3, 16), torch.randn(3, 5, 16))
+    with pytest.raises(ValueError, match="num_heads=0"):
+        CrossAttention(16, 0)
+
+
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])
 def test_moe_layer_forward_backward(capacity_factor):
     torch.manual_seed(0)
