@@ -83,10 +83,11 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
 // q is fp64): that product must be finite there.
 double resolve_scale(const char* op, std::optional<double> scale, const at::Tensor& q) {
   const double s = scale ? *scale : 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
-  const double limit = (q.scalar_type() == at::kDouble ? std::numeric_limits<double>::max()
-                                                       : std::numeric_limits<float>::max()) / 1.4426950408889634;
+  const bool fp64 = q.scalar_type() == at::kDouble;
+  const double limit =
+      (fp64 ? std::numeric_limits<double>::max() : std::numeric_limits<float>::max()) / kLog2e;
   TORCH_CHECK_VALUE(std::isfinite(s) && std::abs(s) <= limit, op, ": argument 'softmax_scale' must be finite",
-                    q.scalar_type() == at::kDouble ? "" : " with |softmax_scale| <= 2.3e38 (fp32)", ", got ", s);
+                    fp64 ? "" : " with |softmax_scale| <= FLT_MAX / log2(e) (fp32)", ", got ", s);
   return s;
 }
 

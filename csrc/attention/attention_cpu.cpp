@@ -46,7 +46,6 @@
 namespace dsk::attention {
 namespace {
 
-constexpr double kLog2e = 1.4426950408889634;
 constexpr double kLn2 = 0.6931471805599453;
 
 template <typename T> struct ComputeOf { using type = float; };

@@ -27,7 +27,7 @@ namespace dsk::attention {
 
 // The scale the kernels multiply scores by before exp2: softmax_scale * log2(e), in fp32.
 inline float softmax_scale_log2(const AttnParams& p) {
-  return static_cast<float>(p.softmax_scale * 1.4426950408889634);
+  return static_cast<float>(p.softmax_scale * kLog2e);
 }
 
 // One CTA per (query tile of block_m rows, query head, sample).

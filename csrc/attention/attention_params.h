@@ -22,6 +22,9 @@
 
 namespace dsk::attention {
 
+// log2(e): the kernels exponentiate with exp2 of scores scaled by softmax_scale * log2(e).
+constexpr double kLog2e = 1.4426950408889634;
+
 // The default forward generation: v3 for D = 128 (on an H100, B=8 H=16 Lq=1024
 // Lk=4096: v3 0.75 ms, v2 0.81, SDPA flash 0.77), v2 for D = 64 (v2 0.44 ms, v3
 // 0.54), each falling back as fwd_kernel says; v1 for other D.

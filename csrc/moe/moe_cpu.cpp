@@ -69,11 +69,12 @@ bool route_row(const GatingParams& g, const T* x, const S* bias, RowScratch<S>& 
   } else {
     for (int64_t e = 0; e < E; ++e) p[e] = sigmoid_score(p[e]);
   }
-  S* sel = s.sel.data();
+  // Selection scores: p + bias, or p itself.
+  const S* sel = p;
   if (bias) {
-    for (int64_t e = 0; e < E; ++e) sel[e] = fadd(p[e], bias[e]);
-  } else {
-    std::copy(p, p + E, sel);
+    S* biased = s.sel.data();
+    for (int64_t e = 0; e < E; ++e) biased[e] = fadd(p[e], bias[e]);
+    sel = biased;
   }
 
   const int64_t G = g.n_group, gsize = E / G;
