@@ -550,7 +550,8 @@ def cross_attention(
             ``[B, Hq, Lq]`` (fp64 for fp64 inputs); not differentiable.
 
     A query that sees no key (all masked) gets output 0, lse ``-inf`` and zero
-    gradients. Differentiable in q, k and v.
+    gradients; one with a NaN or +inf score gets NaN for both (a NaN in q, k or v
+    is never dropped). Differentiable in q, k and v.
     """
     out, lse = _call_differentiable(_ops.cross_attention, q, k, v, softmax_scale, key_padding_mask,
                                     causal)

@@ -556,8 +556,12 @@ def _attention_math(q: Tensor, k: Tensor, v: Tensor, softmax_scale: Optional[flo
     p = e / torch.where(seen, l, torch.ones_like(l))
     out = torch.matmul(p, vc).transpose(1, 2)
     lse = torch.where(seen, torch.log(torch.where(seen, l, torch.ones_like(l))) + m,
-                      torch.full_like(l, -math.inf)).squeeze(-1)
-    return out, lse
+                      torch.full_like(l, -math.inf))
+    # A visible NaN or +inf score leaves the softmax undefined: l is NaN (or inf,
+    # the +inf row max having been reset to 0) and the row's out is NaN; its lse
+    # is NaN too, as the kernels give it.
+    lse = torch.where(torch.isnan(l) | torch.isinf(l), torch.full_like(l, math.nan), lse)
+    return out, lse.squeeze(-1)
 
 
 def _attention_compute_dtype(q: Tensor) -> torch.dtype:

@@ -175,6 +175,55 @@ def test_all_masked_rows_zero_output_and_grads(dtype):
     assert q.grad[0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("device,dtype", [
+    ("cpu", torch.float32), ("cpu", torch.bfloat16), ("cpu", torch.float64),
+    pytest.param("cuda", torch.bfloat16, marks=[pytest.mark.cuda, requires_cuda]),
+    pytest.param("cuda", torch.float16, marks=[pytest.mark.cuda, requires_cuda]),
+], ids=["cpu-fp32", "cpu-bf16", "cpu-fp64", "cuda-bf16", "cuda-fp16"])
+def test_nonfinite_inputs_propagate(device, dtype):
+    """A NaN or +-inf in q, k or v reaches the outputs as the reference's does:
+    out and lse are NaN (inf) exactly where the fp64 reference's are (a NaN
+    score used to vanish into a zero weight, or a zero row, with lse -inf).
+    Backward: the other sample's gradients stay finite and accurate, and a
+    query whose output is NaN gets a NaN dq (never a silently finite one).
+    Lq = 1 and 5 take the CPU's one-query path, 37 its block path; sample 1
+    holds the bad value, at key 120 (second key block) or query 3; 'masked'
+    pads that key."""
+    cases = [(w, val, lq, causal, masked) for w in "qkv" for val in (math.nan, math.inf, -math.inf)
+             for lq in (1, 5, 37) for causal in (False, True) for masked in (False, True)]
+    for what, val, lq, causal, masked in cases:
+        name = f"{what}={val} lq={lq} causal={causal} masked={masked}"
+        gen = torch.Generator().manual_seed(len(name))
+        mk = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
+        q, k, v = mk(2, lq, 2, 64), mk(2, 130, 1, 64), mk(2, 130, 1, 64)
+        bad = {"q": q, "k": k, "v": v}[what]
+        bad[1, min(3, lq - 1) if what == "q" else 120, 0, 5] = val
+        mask = torch.zeros(2, 130, dtype=torch.bool)
+        mask[0, 7] = True
+        mask[1, 120] = masked
+        kw = dict(causal=causal, key_padding_mask=mask.to(device))
+        leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+        out, lse = dk.cross_attention(*leaves, return_lse=True, **kw)
+        (r_out, r_lse), leaves64 = _ref64(*leaves, return_lse=True, **kw)
+        lowp_leaves = [t.detach().requires_grad_() for t in leaves]
+        lowp = _lowp(*lowp_leaves, **kw)
+        for a, r, what_out in ((out, r_out, "out"), (lse, r_lse, "lse")):
+            a = a.double().cpu()
+            assert torch.equal(a.isnan(), r.isnan()), f"{name}: {what_out} NaN where the reference's is not"
+            assert torch.equal(a.isinf(), r.isinf()), f"{name}: {what_out} inf where the reference's is not"
+        fin = torch.isfinite(r_out)
+        _assert_close(out.double().cpu()[fin], r_out[fin], lowp.double().cpu()[fin], 2, dtype, f"{name}: out")
+        g = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype).to(device)
+        grads = torch.autograd.grad(out, leaves, g)
+        grads64 = torch.autograd.grad(r_out, leaves64, g.double().cpu())
+        grads_lowp = torch.autograd.grad(lowp, lowp_leaves, g)
+        for t_name, a, r, lp in zip("qkv", grads, grads64, grads_lowp):
+            _assert_close(a[0], r[0], lp[0], 3, dtype, f"{name}: d{t_name} of the clean sample")
+        nan_rows = r_out.isnan().any(-1)  # [B, Lq, Hq]
+        dq_nan = grads[0].double().cpu().isnan().any(-1)
+        assert not (nan_rows & ~dq_nan).any(), f"{name}: a NaN output row has a finite dq"
+
+
 def test_empty_lengths():
     q, k, v = _qkv(2, 0, 5, 2, 2, 32, torch.float32, grad=True)
     out = dk.cross_attention(q, k, v)

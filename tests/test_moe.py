@@ -472,6 +472,18 @@ def test_rows_bad_input():
         dk.moe_dispatch(x, g.expert_ids, g.slots, 8, 1 if int(g.slots.max()) >= 1 else 0)
     with pytest.raises(ValueError, match="out-of-range"):
         dk.moe_combine(torch.randn(4, 4, 3), g.expert_ids, g.slots, g.weights)
+    # -1 is the one 'dropped' value: below it is an error in every rows op (CPU)
+    for name in ("expert_ids", "slots"):
+        below = {"expert_ids": g.expert_ids.clone(), "slots": g.slots.clone()}
+        below[name][2, 1] = -2
+        ids_b, slots_b = below["expert_ids"], below["slots"]
+        packed, offsets = dk.moe_permute(x, g.expert_ids, g.slots, g.expert_counts)
+        for call in (lambda: dk.moe_dispatch(x, ids_b, slots_b, 8, 4),
+                     lambda: dk.moe_combine(torch.randn(8, 4, 3), ids_b, slots_b, g.weights),
+                     lambda: dk.moe_permute(x, ids_b, slots_b, g.expert_counts),
+                     lambda: dk.moe_unpermute(packed, ids_b, slots_b, offsets, g.weights)):
+            with pytest.raises(ValueError, match=r"out-of-range choice at \[2, 1\].*below -1"):
+                call()
     with pytest.raises(ValueError, match="'capacity'"):
         dk.moe_dispatch(x, g.expert_ids, g.slots, 8, -1)
     wide = torch.zeros(6, 17, dtype=torch.int32)

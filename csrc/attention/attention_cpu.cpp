@@ -238,12 +238,14 @@ DSK_INLINE void product(const S* a, int64_t a_rs, int64_t a_ks, const S* b, int6
 // a running max or to the log-sum-exp, so x <= 0 give or take rounding).
 // x = n + f with n = rint(x) (the 1.5 * 2^23 trick) and |f| <= 1/2; 2^f by its
 // degree-7 Taylor polynomial (truncation < 1e-8 relative), 2^n through the
-// exponent bits; x < -127 (and -inf) gives 0.
+// exponent bits; x < -127 (and -inf) gives 0, and NaN stays NaN (a NaN
+// score must reach the output, not become a zero weight).
 DSK_INLINE void exp2_vec(Vec<float>::type& x) {
   using V = Vec<float>::type;
   typedef int32_t VI __attribute__((vector_size(32)));
+  typedef uint32_t VU __attribute__((vector_size(32)));
   const V lo = V{} - 127.f, round = V{} + 12582912.f;
-  const V v = x > lo ? x : lo;
+  const V v = x < lo ? lo : x;
   const V r = (v + round) - round;
   const V f = v - r;
   V p = V{} + 1.525273380405984e-05f;
@@ -254,7 +256,8 @@ DSK_INLINE void exp2_vec(Vec<float>::type& x) {
   p = p * f + 2.402265069591007e-01f;
   p = p * f + 6.931471805599453e-01f;
   p = p * f + 1.0f;
-  const VI e = (__builtin_convertvector(r, VI) + 127) << 23;  // 0 for v = -127: scale 0
+  // 0 for v = -127: scale 0. Shifted unsigned: a NaN converts to a negative int.
+  const VU e = __builtin_convertvector(__builtin_convertvector(r, VI) + 127, VU) << 23;
   V scale;
   std::memcpy(&scale, &e, sizeof scale);
   x = p * scale;
@@ -330,6 +333,17 @@ inline bool scored_by_rows(int64_t q_len, int64_t i) {
 }
 static_assert(kFwdBlockQ % Vec<float>::kTile == 0 && kFwdBlockQ % Vec<double>::kTile == 0,
               "a query block is whole strips");
+
+// A query's output scale and lse (natural log) from its running sum l and max
+// m (base 2). A query that saw no key (l = 0) gets 0 and -inf; one whose
+// scores held a NaN or +inf has l = NaN (2^NaN, or 2^(inf - inf)) and gets NaN
+// for both.
+template <typename S>
+DSK_INLINE S row_inverse(S l) { return l == S(0) ? S(0) : S(1) / l; }
+template <typename S>
+DSK_INLINE S row_lse(S l, S m) {
+  return l == S(0) ? -std::numeric_limits<S>::infinity() : (m + std::log2(l)) * static_cast<S>(kLn2);
+}
 
 // One online-softmax step of a strip: scores s[nk][kTile] to probabilities.
 // Per column, with bm the max over the block: m' = max(m, bm);
@@ -445,11 +459,10 @@ DSK_CPU_CLONES DSK_CPU_FMA void fwd_block(const AttnParams& p, int64_t b, int64_
   T* out = static_cast<T*>(p.out) + qoff;
   S* lse = static_cast<S*>(p.lse);
   for (int64_t i = 0; i < nq; ++i) {
-    const S inv = l[i] > S(0) ? S(1) / l[i] : S(0);
+    const S inv = row_inverse(l[i]);
     const S* col = ot + (i / W) * D * W + i % W;
     for (int64_t c = 0; c < D; ++c) out[i * q_stride + c] = static_cast<T>(col[c * W] * inv);
-    lse[lse_offset(p, b, h, r, i0 + i)] =
-        l[i] > S(0) ? (m[i] + std::log2(l[i])) * static_cast<S>(kLn2) : -inf;
+    lse[lse_offset(p, b, h, r, i0 + i)] = row_lse(l[i], m[i]);
   }
 }
 
@@ -557,12 +570,14 @@ DSK_CPU_CLONES DSK_CPU_FMA void fwd_rows(const AttnParams& p, int64_t b, int64_t
     for (int64_t i = 0; i < nq; ++i) {
       const int64_t lim = key_limit(p, r, i0 + i) - j0;  // keys j < lim causally visible
       S bm = -inf;
+      bool nan = false;  // max skips NaN scores; they must still reach l and o
       for (int64_t j = 0; j < nk; ++j) {
         const bool visible = j < lim && !(pad && pad[j0 + j]);
         s[j] = visible ? dot_lanes(qs + i * D, kr + j * kv_stride, D) : -inf;
         bm = std::max(bm, s[j]);
+        nan = nan || s[j] != s[j];
       }
-      if (bm == -inf) continue;  // sees nothing of the block: p = 0, alpha = 1
+      if (bm == -inf && !nan) continue;  // sees nothing of the block: p = 0, alpha = 1
       const S m_new = std::max(m[i], bm);
       const S alpha = std::exp2(m[i] - m_new);  // 0 for the first visible block
       l[i] = l[i] * alpha + exp2_sum(s, nk, m_new);
@@ -576,10 +591,9 @@ DSK_CPU_CLONES DSK_CPU_FMA void fwd_rows(const AttnParams& p, int64_t b, int64_t
   T* out = static_cast<T*>(p.out) + qoff;
   S* lse = static_cast<S*>(p.lse);
   for (int64_t i = 0; i < nq; ++i) {
-    const S inv = l[i] > S(0) ? S(1) / l[i] : S(0);
+    const S inv = row_inverse(l[i]);
     for (int64_t c = 0; c < D; ++c) out[i * q_stride + c] = static_cast<T>(o[i * D + c] * inv);
-    lse[lse_offset(p, b, h, r, i0 + i)] =
-        l[i] > S(0) ? (m[i] + std::log2(l[i])) * static_cast<S>(kLn2) : -inf;
+    lse[lse_offset(p, b, h, r, i0 + i)] = row_lse(l[i], m[i]);
   }
 }
 
@@ -656,7 +670,7 @@ DSK_INLINE void grad_step(S* P, S* DS, int64_t ld, int64_t nk, const S* shift, c
       const V sh = vload(shift + h * L), dl = vload(delta + h * L);
       for (int64_t j = 0; j < nk; ++j) {
         V x = vload(P + j * ld + h * L) - sh;
-        x = x < hi ? x : hi;
+        x = x > hi ? hi : x;  // NaN passes
         exp2_vec(x);
         DSK_VSTORE(P + j * ld + h * L, x);
         DSK_VSTORE(DS + j * ld + h * L, x * ((vload(DS + j * ld + h * L) - dl) * scale));

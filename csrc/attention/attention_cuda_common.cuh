@@ -211,6 +211,16 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[NT][4], float (&a
   }
 }
 
+// A row's epilogue from its quad-reduced sum l and running max (base 2):
+// inv = 1 / l and lse = (max + log2 l) * ln 2. A row that saw no key (l = 0)
+// gets inv = 0 and lse = -inf; a row whose scores held a NaN or +inf has
+// l = NaN (exp2 of NaN, or of inf - inf) and gets NaN for both, so the NaN
+// reaches out and lse instead of vanishing into a zero row.
+__device__ __forceinline__ void finish_row(float l, float row_max, float& inv, float& lse) {
+  inv = l == 0.f ? 0.f : 1.f / l;
+  lse = l == 0.f ? -INFINITY : (row_max + log2f(l)) * 0.69314718055994531f;
+}
+
 // acc[16 x D] += c[16 x BN] . tile[BN x D] (tile stored [k][n]): c, fp32 C tiles,
 // rounded to T as the A fragments (P.V, dS.K, ...).
 template <typename T, int D, int BN, int LD>

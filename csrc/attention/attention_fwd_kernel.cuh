@@ -151,8 +151,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttnParam
     float l = row_sum[rr];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv[rr] = l > 0.f ? 1.f / l : 0.f;
-    lse[rr] = l > 0.f ? (row_max[rr] + log2f(l)) * 0.69314718055994531f : -INFINITY;
+    finish_row(l, row_max[rr], inv[rr], lse[rr]);
   }
   T* sO = sQ + warp * 16 * LD;
 #pragma unroll

@@ -266,8 +266,7 @@ __global__ void __launch_bounds__(kThreads, 2) fwd_kernel(const AttnParams p, fl
       float l = row_sum[mi][rr];
       l += __shfl_xor_sync(0xffffffffu, l, 1);
       l += __shfl_xor_sync(0xffffffffu, l, 2);
-      inv[rr] = l > 0.f ? 1.f / l : 0.f;
-      lse[rr] = l > 0.f ? (row_max[mi][rr] + log2f(l)) * 0.69314718055994531f : -INFINITY;
+      finish_row(l, row_max[mi][rr], inv[rr], lse[rr]);
     }
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) {

@@ -71,7 +71,7 @@ void check_choices(const char* op, const at::Tensor& data, const char* data_name
 void raise_bad_choice(const char* op, int64_t bad, int64_t k) {
   TORCH_CHECK_VALUE(bad < 0, op, ": arguments 'expert_ids'/'slots' hold an out-of-range choice at [",
                     bad / k, ", ", bad % k, "] (expert id >= num_experts, or slot >= its expert's ",
-                    "capacity/count)");
+                    "capacity/count, or either below -1, the only negative value, meaning dropped)");
 }
 
 void* opt_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }

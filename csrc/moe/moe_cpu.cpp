@@ -254,10 +254,12 @@ int64_t gating_typed(const GatingParams& g) {
 // Rows: dispatch/permute (scatter) and combine/unpermute (gather)
 // ---------------------------------------------------------------------------
 
-// The row of choice i, -1 when dropped, -2 when out of range.
+// The row of choice i, -1 when dropped (id or slot -1), -2 when out of range
+// (below -1, or past the experts or the expert's rows).
 inline int64_t choice_row(const RowsParams& p, int64_t i) {
   const int32_t e = p.expert_ids[i], s = p.slots[i];
-  if (e < 0 || s < 0) return -1;
+  if (e < -1 || s < -1) return -2;
+  if (e == -1 || s == -1) return -1;
   if (e >= p.E) return -2;
   const int64_t limit = p.slot_limit ? p.slot_limit[e] : p.capacity;
   if (s >= limit) return -2;

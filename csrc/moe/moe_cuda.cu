@@ -1013,7 +1013,7 @@ __device__ __forceinline__ int64_t choice_row(const RowsParams& p, int64_t i) {
   const int32_t e = p.expert_ids[i], s = p.slots[i];
   if (e < 0 || s < 0 || e >= p.E) return -1;
   const int64_t limit = p.slot_limit ? p.slot_limit[e] : p.capacity;
-  if (s >= limit) return -1;  // out of range: skipped on the GPU (the CPU raises)
+  if (s >= limit) return -1;  // out of range (also below -1): skipped on the GPU (the CPU raises)
   return (p.row_base ? p.row_base[e] : e * p.capacity) + s;
 }
 
