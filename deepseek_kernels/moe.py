@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -25,6 +26,14 @@ def load_balancing_loss(routed_counts: Tensor, mean_scores: Tensor, k: int,
     """``alpha * E * sum_i f_i * P_i``; ``routed_counts`` and ``mean_scores`` as returned
     by ``moe_topk_gating`` for ``num_tokens`` tokens. Equals ``alpha`` for a perfectly
     uniform router (f_i = P_i = 1/E)."""
+    if routed_counts.dim() != 1 or mean_scores.shape != routed_counts.shape:
+        raise ValueError(f"load_balancing_loss: 'routed_counts' and 'mean_scores' must be [E] "
+                         f"(one shape), got {tuple(routed_counts.shape)} and {tuple(mean_scores.shape)}")
+    if k < 1 or num_tokens < 0:
+        raise ValueError(f"load_balancing_loss: need k >= 1 and num_tokens >= 0, got k={k}, "
+                         f"num_tokens={num_tokens}")
+    if not math.isfinite(alpha):
+        raise ValueError(f"load_balancing_loss: argument 'alpha' must be finite, got {alpha}")
     e = mean_scores.shape[0]
     f = routed_counts.to(mean_scores.dtype) / float(max(k * num_tokens, 1))
     return alpha * e * (f * mean_scores).sum()
@@ -43,6 +52,13 @@ def update_correction_bias(bias: Tensor, loads: Tensor, gamma: float) -> Tensor:
     """Aux-loss-free balancing step, in place: ``bias += gamma * sign(mean(loads) - loads)``.
     ``loads``: per-expert counts (``routed_counts`` of the last step or summed over
     several). Under-loaded experts get a larger bias, hence more tokens. Returns ``bias``."""
+    if not bias.is_floating_point():
+        raise TypeError(f"update_correction_bias: argument 'bias' must be floating point, got {bias.dtype}")
+    if bias.dim() != 1 or loads.shape != bias.shape:
+        raise ValueError(f"update_correction_bias: 'bias' and 'loads' must be [E] (one shape), got "
+                         f"{tuple(bias.shape)} and {tuple(loads.shape)}")
+    if not (math.isfinite(gamma) and gamma >= 0):
+        raise ValueError(f"update_correction_bias: argument 'gamma' must be finite and >= 0, got {gamma}")
     lf = loads.to(torch.float32)
     bias.add_((gamma * torch.sign(lf.mean() - lf)).to(bias.dtype))
     return bias
@@ -51,8 +67,11 @@ def update_correction_bias(bias: Tensor, loads: Tensor, gamma: float) -> Tensor:
 def jitter(logits: Tensor, eps: float, training: bool = True,
            generator: Optional[torch.Generator] = None) -> Tensor:
     """Multiply the logits by noise uniform in [1 - eps, 1 + eps] when training
-    and ``eps > 0``; identity otherwise."""
-    if not training or eps <= 0:
+    and ``eps > 0``; identity otherwise. ``eps`` must be in [0, 1) (a factor <= 0
+    would zero or flip a logit)."""
+    if not (math.isfinite(eps) and 0 <= eps < 1):
+        raise ValueError(f"jitter: argument 'eps' must be in [0, 1), got {eps}")
+    if not training or eps == 0:
         return logits
     u = torch.rand(logits.shape, device=logits.device, dtype=torch.float32, generator=generator)
     return logits * (1.0 - eps + 2.0 * eps * u).to(logits.dtype)

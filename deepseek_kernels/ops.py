@@ -8,6 +8,8 @@ C++ host glue (``csrc/``), in one place for every caller.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 from typing import Iterator, NamedTuple, Optional, Tuple
 
@@ -22,6 +24,35 @@ _ops = torch.ops.deepseek_kernels
 # host time of a small moe_topk_gating. The wrappers of the differentiable ops
 # skip it then. torch.compile traces the op as is.
 _below_autograd = getattr(torch._C, "_AutoDispatchBelowADInplaceOrView", None)
+
+
+def _register_fake(qualname: str):
+    """``torch.library.register_fake(qualname)``, with the one check every fake
+    needs before its shapes: all tensor arguments on one device, as the kernels
+    require. Without it a meta tensor mixed with real ones dispatches to the
+    fake, which returns an uninitialised tensor on the first argument's device."""
+    op = qualname.split("::")[1]
+
+    def register(fake):
+        signature = inspect.signature(fake)
+
+        @functools.wraps(fake)
+        def checked(*args, **kwargs):
+            first = None
+            for name, value in signature.bind(*args, **kwargs).arguments.items():
+                if not isinstance(value, Tensor):
+                    continue
+                if first is None:
+                    first = (name, value.device)
+                elif value.device != first[1]:
+                    raise ValueError(f"{op}: argument '{name}' must be on the same device as "
+                                     f"'{first[0]}' ({first[1]}), got {value.device}")
+            return fake(*args, **kwargs)
+
+        torch.library.register_fake(qualname)(checked)
+        return fake
+
+    return register
 
 
 def _call_differentiable(op, *args, **kwargs):
@@ -89,7 +120,8 @@ def quantize_int8(
         block); a block holding NaN/Inf gets scale NaN and codes 0, and
         ``nonfinite`` is set, so the NaN survives dequantization.
     """
-    return QuantizedTensor(*_ops.quantize_int8(x, block_size, stochastic=stochastic, seed=seed))
+    return QuantizedTensor(*_call_differentiable(_ops.quantize_int8, x, block_size, stochastic=stochastic,
+                                                 seed=seed))
 
 
 def dequantize_int8(
@@ -97,14 +129,14 @@ def dequantize_int8(
 ) -> Tensor:
     """Inverse of :func:`quantize_int8`: ``q [n] int8``, ``scales [ceil(n / block_size)] fp32``
     -> ``[n]`` in ``out_dtype`` (fp32, fp16 or bf16), each element ``fp32(q) * scale``."""
-    return _ops.dequantize_int8(q, scales, block_size, out_dtype=out_dtype)
+    return _call_differentiable(_ops.dequantize_int8, q, scales, block_size, out_dtype=out_dtype)
 
 
 def dequantize_sum_int8(q: Tensor, scales: Tensor, block_size: int = 256) -> Tensor:
     """Sum of W dequantized rows: ``q [W, n] int8``, ``scales [W, ceil(n / block_size)] fp32``
     -> fp32 ``[n]``. Rows are added in order 0..W-1 in fp32, so the result is
     deterministic (the reduce step of a compressed all-reduce)."""
-    return _ops.dequantize_sum_int8(q, scales, block_size)
+    return _call_differentiable(_ops.dequantize_sum_int8, q, scales, block_size)
 
 
 def quantize_int4(
@@ -113,7 +145,8 @@ def quantize_int4(
     """Blockwise absmax INT4 quantization: like :func:`quantize_int8` with codes in
     [-7, 7] (scale = absmax / 7), packed two per byte into ``q uint8 [ceil(n / 2)]``
     (element 2i in the low nibble, two's complement). ``block_size`` must be even."""
-    return QuantizedTensor(*_ops.quantize_int4(x, block_size, stochastic=stochastic, seed=seed))
+    return QuantizedTensor(*_call_differentiable(_ops.quantize_int4, x, block_size, stochastic=stochastic,
+                                                 seed=seed))
 
 
 def dequantize_int4(
@@ -126,13 +159,13 @@ def dequantize_int4(
 ) -> Tensor:
     """Inverse of :func:`quantize_int4`: ``q uint8 [ceil(numel / 2)]`` -> ``[numel]`` in
     ``out_dtype``. ``numel`` is needed because an odd count leaves a padding nibble."""
-    return _ops.dequantize_int4(q, scales, numel, block_size, out_dtype=out_dtype)
+    return _call_differentiable(_ops.dequantize_int4, q, scales, numel, block_size, out_dtype=out_dtype)
 
 
 def dequantize_sum_int4(q: Tensor, scales: Tensor, numel: int, block_size: int = 256) -> Tensor:
     """Sum of W dequantized INT4 rows: ``q uint8 [W, ceil(numel / 2)]``, ``scales [W, nb]``
     -> fp32 ``[numel]``, rows added in order in fp32."""
-    return _ops.dequantize_sum_int4(q, scales, numel, block_size)
+    return _call_differentiable(_ops.dequantize_sum_int4, q, scales, numel, block_size)
 
 
 # ---------------------------------------------------------------------------
@@ -155,33 +188,33 @@ def _fake_quantize(x: Tensor, block_size: int, packed: bool):
     return q, x.new_empty((nb,), dtype=torch.float32), x.new_empty((), dtype=torch.bool)
 
 
-@torch.library.register_fake("deepseek_kernels::quantize_int8")
+@_register_fake("deepseek_kernels::quantize_int8")
 def _(x, block_size=256, *, stochastic=False, seed=None):
     return _fake_quantize(x, block_size, packed=False)
 
 
-@torch.library.register_fake("deepseek_kernels::quantize_int4")
+@_register_fake("deepseek_kernels::quantize_int4")
 def _(x, block_size=256, *, stochastic=False, seed=None):
     return _fake_quantize(x, block_size, packed=True)
 
 
-@torch.library.register_fake("deepseek_kernels::dequantize_int8")
+@_register_fake("deepseek_kernels::dequantize_int8")
 def _(q, scales, block_size=256, *, out_dtype=None):
     return q.new_empty((q.numel(),), dtype=out_dtype or torch.float32)
 
 
-@torch.library.register_fake("deepseek_kernels::dequantize_int4")
+@_register_fake("deepseek_kernels::dequantize_int4")
 def _(q, scales, numel, block_size=256, *, out_dtype=None):
     return q.new_empty((numel,), dtype=out_dtype or torch.float32)
 
 
-@torch.library.register_fake("deepseek_kernels::dequantize_sum_int8")
+@_register_fake("deepseek_kernels::dequantize_sum_int8")
 def _(q, scales, block_size=256):
     torch._check(q.dim() == 2, lambda: f"q must be 2-D [W, n], got {q.dim()}-D")
     return q.new_empty((q.shape[1],), dtype=torch.float32)
 
 
-@torch.library.register_fake("deepseek_kernels::dequantize_sum_int4")
+@_register_fake("deepseek_kernels::dequantize_sum_int4")
 def _(q, scales, numel, block_size=256):
     torch._check(q.dim() == 2, lambda: f"q must be 2-D [W, ceil(numel/2)], got {q.dim()}-D")
     return q.new_empty((numel,), dtype=torch.float32)
@@ -328,7 +361,7 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-@torch.library.register_fake("deepseek_kernels::moe_topk_gating")
+@_register_fake("deepseek_kernels::moe_topk_gating")
 def _(logits, k, correction_bias=None, *, scoring="softmax", n_group=1, topk_group=1,
       renormalize=True, routed_scaling_factor=1.0, capacity=None, drop_policy="position"):
     torch._check(logits.dim() == 2, lambda: f"logits must be 2-D [T, E], got {logits.dim()}-D")
@@ -340,23 +373,23 @@ def _(logits, k, correction_bias=None, *, scoring="softmax", n_group=1, topk_gro
             logits.new_empty((e,), dtype=i32), logits.new_empty((e,), dtype=cdt))
 
 
-@torch.library.register_fake("deepseek_kernels::moe_dispatch")
+@_register_fake("deepseek_kernels::moe_dispatch")
 def _(x, expert_ids, slots, num_experts, capacity, weights=None):
     return x.new_empty((num_experts, capacity, x.shape[1]))
 
 
-@torch.library.register_fake("deepseek_kernels::moe_combine")
+@_register_fake("deepseek_kernels::moe_combine")
 def _(expert_out, expert_ids, slots, weights=None):
     return expert_out.new_empty((expert_ids.shape[0], expert_out.shape[2]))
 
 
-@torch.library.register_fake("deepseek_kernels::moe_permute")
+@_register_fake("deepseek_kernels::moe_permute")
 def _(x, expert_ids, slots, expert_counts, weights=None):
     n = torch.library.get_ctx().new_dynamic_size()
     return x.new_empty((n, x.shape[1])), x.new_empty((expert_counts.shape[0] + 1,), dtype=torch.int32)
 
 
-@torch.library.register_fake("deepseek_kernels::moe_unpermute")
+@_register_fake("deepseek_kernels::moe_unpermute")
 def _(packed, expert_ids, slots, offsets, weights=None):
     return packed.new_empty((expert_ids.shape[0], packed.shape[1]))
 
@@ -423,7 +456,7 @@ def _rows_weight_grad(buf_rows: Tensor, dy: Tensor, expert_ids: Tensor, slots: T
                              slots, row_base.to(torch.int64), slot_limit, capacity)
 
 
-@torch.library.register_fake("deepseek_kernels::moe_rows_dot")
+@_register_fake("deepseek_kernels::moe_rows_dot")
 def _(rows, other, expert_ids, slots, row_base, slot_limit, capacity):
     return rows.new_empty(tuple(expert_ids.shape), dtype=_compute_dtype(rows))
 
@@ -581,21 +614,21 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-@torch.library.register_fake("deepseek_kernels::cross_attention")
+@_register_fake("deepseek_kernels::cross_attention")
 def _(q, k, v, softmax_scale=None, key_padding_mask=None, causal=False):
     b, lq, hq, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
         (b, hq, lq), dtype=_lse_dtype(q))
 
 
-@torch.library.register_fake("deepseek_kernels::cross_attention_backward")
+@_register_fake("deepseek_kernels::cross_attention_backward")
 def _(dout, q, k, v, out, lse, softmax_scale=None, key_padding_mask=None, causal=False):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
-@torch.library.register_fake("deepseek_kernels::cross_attention_varlen")
+@_register_fake("deepseek_kernels::cross_attention_varlen")
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
       causal=False):
     total_q, hq, _ = q.shape
@@ -603,7 +636,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
         (hq, total_q), dtype=_lse_dtype(q))
 
 
-@torch.library.register_fake("deepseek_kernels::cross_attention_varlen_backward")
+@_register_fake("deepseek_kernels::cross_attention_varlen_backward")
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
       softmax_scale=None, causal=False):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -685,7 +718,7 @@ def quantize_int8_rowwise(x: Tensor) -> Tuple[Tensor, Tensor]:
     ``(q int8 [M, K], scales fp32 [M])``: scale = absmax / 127 (1 for an all-zero row,
     NaN with codes 0 for a row holding NaN/Inf), q = clamp(round_half_even(x / scale)).
     Bitwise identical on CPU and GPU."""
-    q, scales = _ops.quantize_int8_rowwise(x)
+    q, scales = _call_differentiable(_ops.quantize_int8_rowwise, x)
     return q, scales
 
 
@@ -698,12 +731,12 @@ def int8_gemm(a: Tensor, a_scales: Tensor, w: Tensor, w_scales: Tensor, *,
     (+ bias[n]) in fp32, then one rounding. Bitwise identical on CPU and GPU, with the
     default tensor-core CUDA kernel (v2, K % 16 == 0) and with the dp4a one it falls
     back to (v1, ``DSK_INT8_KERNEL=v1``).
-    Not differentiable (inference).
+    Not differentiable (inference): a gradient that reaches it raises.
     """
-    return _ops.int8_gemm(a, a_scales, w, w_scales, bias, out_dtype=out_dtype)
+    return _call_differentiable(_ops.int8_gemm, a, a_scales, w, w_scales, bias, out_dtype=out_dtype)
 
 
-@torch.library.register_fake("deepseek_kernels::gemm")
+@_register_fake("deepseek_kernels::gemm")
 def _(a, weight, bias=None, *, activation="none", out_dtype=None):
     torch._check(a.dim() >= 1, lambda: "a must be at least 1-D [..., K]")
     torch._check(weight.dim() == 2, lambda: f"weight must be 2-D [N, K], got {weight.dim()}-D")
@@ -711,24 +744,24 @@ def _(a, weight, bias=None, *, activation="none", out_dtype=None):
     return a.new_empty((*a.shape[:-1], weight.shape[0]), dtype=out_dtype or a.dtype)
 
 
-@torch.library.register_fake("deepseek_kernels::grouped_gemm")
+@_register_fake("deepseek_kernels::grouped_gemm")
 def _(x, weights, offsets, *, out_dtype=None):
     torch._check(x.dim() == 2 and weights.dim() == 3, lambda: "x must be [S, K], weights [E, N, K]")
     return x.new_empty((x.shape[0], weights.shape[1]), dtype=out_dtype or x.dtype)
 
 
-@torch.library.register_fake("deepseek_kernels::grouped_gemm_wgrad")
+@_register_fake("deepseek_kernels::grouped_gemm_wgrad")
 def _(dy, x, offsets, num_groups):
     return x.new_empty((num_groups, dy.shape[1], x.shape[1]))
 
 
-@torch.library.register_fake("deepseek_kernels::quantize_int8_rowwise")
+@_register_fake("deepseek_kernels::quantize_int8_rowwise")
 def _(x):
     torch._check(x.dim() == 2, lambda: f"x must be 2-D [M, K], got {x.dim()}-D")
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
-@torch.library.register_fake("deepseek_kernels::int8_gemm")
+@_register_fake("deepseek_kernels::int8_gemm")
 def _(a, a_scales, w, w_scales, bias=None, *, out_dtype=None):
     torch._check(a.dim() == 2 and w.dim() == 2, lambda: "a must be [M, K], w [N, K]")
     return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype or torch.bfloat16)
@@ -821,7 +854,7 @@ def quantize_fp8(x: Tensor, block: Tuple[int, int] = (1, 128)) -> Tuple[Tensor, 
     e4m3(x / scale), round to nearest even. Returns ``(q float8_e4m3fn [M, K], scales fp32)``.
     Bitwise identical on CPU and GPU.
     """
-    q, scales = _ops.quantize_fp8(x, list(block))
+    q, scales = _call_differentiable(_ops.quantize_fp8, x, list(block))
     return q, scales
 
 
@@ -838,9 +871,10 @@ def fp8_gemm(a: Tensor, a_scales: Tensor, w: Tensor, w_scales: Tensor, *,
     cores, in their order: the same scaling, close to the contract but not bitwise
     (on an H100 at 4096x7168x16384: 2.3 ms). ``DSK_FP8_KERNEL=v1`` (or the private op
     ``torch.ops.deepseek_kernels._fp8_cuda_kernel``) selects the exact SIMT kernel,
-    bitwise the CPU's and reference.py's (96 ms there). Not differentiable.
+    bitwise the CPU's and reference.py's (96 ms there). Not differentiable: a gradient
+    that reaches it raises.
     """
-    return _ops.fp8_gemm(a, a_scales, w, w_scales, out_dtype=out_dtype)
+    return _call_differentiable(_ops.fp8_gemm, a, a_scales, w, w_scales, out_dtype=out_dtype)
 
 
 def fp8_grouped_gemm(a: Tensor, a_scales: Tensor, w: Tensor, w_scales: Tensor, offsets: Tensor, *,
@@ -854,12 +888,14 @@ def fp8_grouped_gemm(a: Tensor, a_scales: Tensor, w: Tensor, w_scales: Tensor, o
 
     offsets are checked as in :func:`grouped_gemm` (on the CPU; on CUDA they stay on the
     device). CPU and CUDA agree bitwise with ``DSK_FP8_KERNEL=v1``; the default CUDA
-    kernel is the tensor-core one of :func:`fp8_gemm`. Not differentiable.
+    kernel is the tensor-core one of :func:`fp8_gemm`. Not differentiable: a gradient that
+    reaches it raises.
     """
-    return _ops.fp8_grouped_gemm(a, a_scales, w, w_scales, offsets, out_dtype=out_dtype)
+    return _call_differentiable(_ops.fp8_grouped_gemm, a, a_scales, w, w_scales, offsets,
+                                out_dtype=out_dtype)
 
 
-@torch.library.register_fake("deepseek_kernels::quantize_fp8")
+@_register_fake("deepseek_kernels::quantize_fp8")
 def _(x, block=(1, 128)):
     torch._check(x.dim() in (2, 3), lambda: f"x must be 2-D [M, K] or 3-D [E, M, K], got {x.dim()}-D")
     rows = -(-x.shape[-2] // block[0])
@@ -867,16 +903,52 @@ def _(x, block=(1, 128)):
             x.new_empty((*x.shape[:-2], rows, -(-x.shape[-1] // 128)), dtype=torch.float32))
 
 
-@torch.library.register_fake("deepseek_kernels::fp8_gemm")
+@_register_fake("deepseek_kernels::fp8_gemm")
 def _(a, a_scales, w, w_scales, *, out_dtype=None):
     torch._check(a.dim() == 2 and w.dim() == 2, lambda: "a must be [M, K], w [N, K]")
     return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype or torch.bfloat16)
 
 
-@torch.library.register_fake("deepseek_kernels::fp8_grouped_gemm")
+@_register_fake("deepseek_kernels::fp8_grouped_gemm")
 def _(a, a_scales, w, w_scales, offsets, *, out_dtype=None):
     torch._check(a.dim() == 2 and w.dim() == 3, lambda: "a must be [S, K], w [E, N, K]")
     return a.new_empty((a.shape[0], w.shape[1]), dtype=out_dtype or torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------
+# Ops without a backward: a gradient that reaches one raises
+# ---------------------------------------------------------------------------
+# Without an autograd registration torch only warns and drops the gradient
+# (e.g. int8_gemm's through its scales, which the scales of a quantized x carry):
+# a silently wrong gradient. These ops are for inference and communication.
+_NO_BACKWARD = {
+    "quantize_int8": "rounding to codes has no useful gradient",
+    "quantize_int4": "rounding to codes has no useful gradient",
+    "quantize_int8_rowwise": "rounding to codes has no useful gradient",
+    "quantize_fp8": "rounding to codes has no useful gradient (nn.FP8Linear trains with a "
+                    "straight-through backward)",
+    "dequantize_int8": "its inputs are codes and scales",
+    "dequantize_int4": "its inputs are codes and scales",
+    "dequantize_sum_int8": "its inputs are codes and scales",
+    "dequantize_sum_int4": "its inputs are codes and scales",
+    "int8_gemm": "an inference GEMM on quantized operands (train with gemm)",
+    "fp8_gemm": "an inference GEMM on quantized operands (nn.FP8Linear trains with a "
+                "straight-through backward)",
+    "fp8_grouped_gemm": "an inference GEMM on quantized operands",
+}
+
+
+def _register_no_backward(name: str, why: str) -> None:
+    def backward(ctx, *grads):
+        raise RuntimeError(f"deepseek_kernels::{name} is not differentiable ({why}), but a gradient "
+                           f"reached it through a floating-point input; detach its inputs, or run it "
+                           f"under torch.no_grad()")
+
+    torch.library.register_autograd(f"deepseek_kernels::{name}", backward)
+
+
+for _name, _why in _NO_BACKWARD.items():
+    _register_no_backward(_name, _why)
 
 
 # ---------------------------------------------------------------------------

@@ -208,3 +208,114 @@ def test_gpu_check_families_partition_the_cuda_tests():
             assert test not in seen, f"{test} in families {seen[test]!r} and {name!r}"
             seen[test] = name
     assert set(seen) == everything, sorted(everything - set(seen))[:10]
+
+
+def _fake_samples():
+    """(op name, positional args, keyword args) on the CPU, one per op with two or
+    more tensor arguments."""
+    import deepseek_kernels.ops  # noqa: F401  (registers the fakes)
+
+    i32 = torch.int32
+    ids = torch.tensor([[0, 1], [1, 0], [0, -1]], dtype=i32)
+    slots = torch.tensor([[0, 0], [1, 1], [1, -1]], dtype=i32)
+    w = torch.rand(3, 2)
+    off = torch.tensor([0, 2, 5], dtype=i32)
+    q, kv = torch.randn(2, 3, 2, 32), torch.randn(2, 5, 1, 32)
+    cu_q, cu_k = torch.tensor([0, 1, 3], dtype=i32), torch.tensor([0, 4, 5], dtype=i32)
+    fp8 = torch.randn(128, 128).to(torch.float8_e4m3fn)
+    return [
+        ("dequantize_int8", (torch.zeros(5, dtype=torch.int8), torch.ones(1)), {}),
+        ("dequantize_int4", (torch.zeros(3, dtype=torch.uint8), torch.ones(1), 5), {}),
+        ("dequantize_sum_int8", (torch.zeros(2, 5, dtype=torch.int8), torch.ones(2, 1)), {}),
+        ("dequantize_sum_int4", (torch.zeros(2, 3, dtype=torch.uint8), torch.ones(2, 1), 5), {}),
+        ("moe_topk_gating", (torch.randn(3, 4), 2, torch.zeros(4)), {}),
+        ("moe_dispatch", (torch.randn(3, 8), ids, slots, 2, 2, w), {}),
+        ("moe_combine", (torch.randn(2, 2, 8), ids, slots, w), {}),
+        ("moe_permute", (torch.randn(3, 8), ids, slots, torch.tensor([2, 3], dtype=i32), w), {}),
+        ("moe_unpermute", (torch.randn(5, 8), ids, slots, off, w), {}),
+        ("moe_rows_dot", (torch.randn(4, 8), torch.randn(3, 8), ids, slots, torch.tensor([0, 2]),
+                          torch.tensor([2, 2], dtype=i32), 2), {}),
+        ("cross_attention", (q, kv, kv, None, torch.zeros(2, 5, dtype=torch.bool)), {}),
+        ("cross_attention_backward", (q, q, kv, kv, q, torch.zeros(2, 2, 3)), {}),
+        ("cross_attention_varlen", (q[0], kv[0], kv[0], cu_q, cu_k, 2, 4), {}),
+        ("cross_attention_varlen_backward", (q[0], q[0], kv[0], kv[0], q[0], torch.zeros(2, 3),
+                                             cu_q, cu_k, 2, 4), {}),
+        ("gemm", (torch.randn(3, 8), torch.randn(4, 8), torch.randn(4)), {}),
+        ("grouped_gemm", (torch.randn(5, 8), torch.randn(2, 4, 8), off), {}),
+        ("grouped_gemm_wgrad", (torch.randn(5, 4), torch.randn(5, 8), off, 2), {}),
+        ("int8_gemm", (torch.zeros(3, 8, dtype=torch.int8), torch.ones(3), torch.zeros(4, 8, dtype=torch.int8),
+                       torch.ones(4)), {}),
+        ("fp8_gemm", (fp8, torch.ones(128, 1), fp8, torch.ones(1, 1)), {}),
+        ("fp8_grouped_gemm", (fp8, torch.ones(128, 1), torch.stack([fp8, fp8]), torch.ones(2, 1, 1),
+                              torch.tensor([0, 64, 128], dtype=i32)), {}),
+    ]
+
+
+def test_fakes_reject_mixed_devices():
+    """Every fake checks its tensors share one device before computing shapes:
+    a meta tensor among CPU ones dispatches to the fake, which used to return an
+    uninitialised CPU tensor. All-meta calls still work (shape inference)."""
+    import pytest
+
+    for name, args, kwargs in _fake_samples():
+        op = getattr(torch.ops.deepseek_kernels, name)
+        positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+        if name != "moe_permute":  # data-dependent size: FakeTensors only, not meta
+            outs = op(*meta, **kwargs)
+            for o in (outs if isinstance(outs, (tuple, list)) else [outs]):
+                assert o.device.type == "meta", name
+        for i in positions:
+            mixed = list(args)
+            mixed[i] = args[i].to("meta")
+            # The argument named is the first that differs from the first tensor's device.
+            with pytest.raises(ValueError, match=f"{name}: argument '.*' must be on the same device as"):
+                op(*mixed, **kwargs)
+
+
+def test_ops_without_backward_raise_on_a_gradient():
+    """The quantize/dequantize ops and the INT8/FP8 GEMMs have no backward. A
+    gradient reaching one through a float input (a scale, or x) must raise, not
+    be dropped with a warning (torch's default for an op without autograd)."""
+    import pytest
+
+    from deepseek_kernels.ops import _NO_BACKWARD
+
+    samples = {name: (args, kwargs) for name, args, kwargs in _fake_samples()}
+    samples["quantize_int8"] = ((torch.randn(300),), {})
+    samples["quantize_int4"] = ((torch.randn(300),), {})
+    samples["quantize_int8_rowwise"] = ((torch.randn(3, 8),), {})
+    samples["quantize_fp8"] = ((torch.randn(4, 128),), {})
+    assert set(_NO_BACKWARD) <= set(samples)
+    for name in _NO_BACKWARD:
+        args, kwargs = samples[name]
+        args = [a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.dtype == torch.float32
+                else a for a in args]
+        outs = getattr(torch.ops.deepseek_kernels, name)(*args, **kwargs)
+        floats = [o for o in (outs if isinstance(outs, (tuple, list)) else [outs]) if o.requires_grad]
+        assert floats, name
+        with pytest.raises(RuntimeError, match=f"{name} is not differentiable"):
+            sum(o.float().sum() for o in floats).backward()
+        # No gradient needed: no error, and the wrapper skips the autograd layer.
+        with torch.no_grad():
+            getattr(torch.ops.deepseek_kernels, name)(*args, **kwargs)
+
+
+def test_none_for_a_tensor_argument_is_named():
+    """None where an op needs a Tensor arrives as an undefined tensor: the error
+    names the argument (it used to say 'tensor does not have a device')."""
+    import pytest
+
+    # (Ops with one tensor argument never get there: torch's dispatcher rejects a
+    # call with no tensor at all.)
+    for name, args, kwargs in _fake_samples():
+        op = getattr(torch.ops.deepseek_kernels, name)
+        schema = op.default._schema
+        for i, a in enumerate(args):
+            arg = schema.arguments[i]
+            if not isinstance(a, torch.Tensor) or str(arg.type) != "Tensor":  # None is valid for Tensor?
+                continue
+            broken = list(args)
+            broken[i] = None
+            with pytest.raises(TypeError, match=f"{name}: argument '{arg.name}' must be a Tensor, got None"):
+                op(*broken, **kwargs)

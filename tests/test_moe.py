@@ -6,6 +6,7 @@ reference (the gating contract fixes every fp32 operation and its order).
 """
 
 import functools
+import math
 import os
 import subprocess
 import sys
@@ -902,6 +903,28 @@ def test_losses_and_bias_update():
     assert dmoe.jitter(x, 0.1, training=False) is x
     j = dmoe.jitter(x, 0.1)
     assert ((j / x - 1).abs() <= 0.1 + 1e-6).all()
+
+
+def test_losses_and_bias_update_bad_input():
+    """Shapes that would broadcast, an integer bias (add_ would truncate the step
+    to 0), and non-finite or out-of-range coefficients raise, naming the argument."""
+    counts, scores = torch.tensor([3, 1]), torch.tensor([0.5, 0.5])
+    with pytest.raises(ValueError, match="'routed_counts' and 'mean_scores' must be \\[E\\]"):
+        dmoe.load_balancing_loss(counts, torch.tensor([0.5, 0.25, 0.25]), 2, 2)
+    with pytest.raises(ValueError, match="k >= 1"):
+        dmoe.load_balancing_loss(counts, scores, 0, 2)
+    with pytest.raises(ValueError, match="'alpha' must be finite"):
+        dmoe.load_balancing_loss(counts, scores, 2, 2, alpha=math.nan)
+    with pytest.raises(TypeError, match="'bias' must be floating point"):
+        dmoe.update_correction_bias(torch.zeros(2, dtype=torch.int32), counts, 0.1)
+    with pytest.raises(ValueError, match="'bias' and 'loads' must be \\[E\\]"):
+        dmoe.update_correction_bias(torch.zeros(2), torch.tensor([1, 2, 3]), 0.1)
+    with pytest.raises(ValueError, match="'gamma' must be finite and >= 0"):
+        dmoe.update_correction_bias(torch.zeros(2), counts, math.inf)
+    for eps in (math.nan, -0.1, 1.0):
+        with pytest.raises(ValueError, match="'eps' must be in \\[0, 1\\)"):
+            dmoe.jitter(torch.randn(3, 2), eps)
+    assert dmoe.jitter(scores, 0.0) is scores
 
 
 @torch.no_grad()

@@ -366,6 +366,7 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_varlen(
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
     int64_t max_seqlen_k, std::optional<double> softmax_scale, bool causal) {
   const char* op = "cross_attention_varlen";
+  check_defined(op, "q", q);  // read by the guard before the checks
   const c10::DeviceGuard guard(q.device());
   const at::Tensor qc = dense(q), kc = dense(k), vc = dense(v);
   const at::Tensor cq = cu_seqlens_q.contiguous(), ck = cu_seqlens_k.contiguous();
@@ -389,6 +390,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_varlen_backward(
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     std::optional<double> softmax_scale, bool causal) {
   const char* op = "cross_attention_varlen_backward";
+  check_defined(op, "q", q);  // read by the guard before the checks
   const c10::DeviceGuard guard(q.device());
   const at::Tensor qc = dense(q), kc = dense(k), vc = dense(v);
   const at::Tensor cq = cu_seqlens_q.contiguous(), ck = cu_seqlens_k.contiguous();

@@ -22,8 +22,15 @@ inline std::string dtype_list(std::initializer_list<at::ScalarType> allowed) {
   return os.str();
 }
 
+// A required Tensor argument given None arrives undefined: name it, instead of
+// the first property read failing with a message that names nothing.
+inline void check_defined(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(t.defined(), op, ": argument '", name, "' must be a Tensor, got None");
+}
+
 inline void check_dtype(const char* op, const char* name, const at::Tensor& t,
                         std::initializer_list<at::ScalarType> allowed) {
+  check_defined(op, name, t);
   bool ok = false;
   for (auto a : allowed) ok = ok || t.scalar_type() == a;
   TORCH_CHECK_TYPE(ok, op, ": argument '", name, "' must have dtype ", dtype_list(allowed),
@@ -32,18 +39,22 @@ inline void check_dtype(const char* op, const char* name, const at::Tensor& t,
 
 inline void check_same_device(const char* op, const char* name, const at::Tensor& t,
                               const char* ref_name, const at::Tensor& ref) {
+  check_defined(op, name, t);
+  check_defined(op, ref_name, ref);
   TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": argument '", name,
                     "' must be on the same device as '", ref_name, "' (", ref.device(),
                     "), got ", t.device());
 }
 
 inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
+  check_defined(op, name, t);
   TORCH_CHECK_VALUE(t.dim() == dim, op, ": argument '", name, "' must be ", dim,
                     "-D, got shape ", t.sizes());
 }
 
 inline void check_shape(const char* op, const char* name, const at::Tensor& t,
                         at::IntArrayRef expected) {
+  check_defined(op, name, t);
   TORCH_CHECK_VALUE(t.sizes() == expected, op, ": argument '", name, "' must have shape ",
                     expected, ", got ", t.sizes());
 }
@@ -53,6 +64,7 @@ inline void check_positive(const char* op, const char* name, int64_t value) {
 }
 
 inline void check_supported_device(const char* op, const char* name, const at::Tensor& t) {
+  check_defined(op, name, t);
   TORCH_CHECK_VALUE(t.is_cpu() || t.is_cuda(), op, ": argument '", name,
                     "' must be a CPU or CUDA tensor, got ", t.device());
 #ifndef DSK_WITH_CUDA
