@@ -88,6 +88,17 @@ def _check_bits(bits) -> int:
     return int(bits)
 
 
+def _effective_block_size(n: int, world: int, block_size: int, bits: int) -> int:
+    """``block_size``, or each rank's share of the ``n`` elements where that is
+    smaller (even for INT4): a larger block holds one share of data and padding,
+    so the cap changes no scale count, only drops padding from the wire (and a
+    block_size near 2^63 no longer sizes the padding past any memory)."""
+    share = max(-(-n // world), 1)
+    if bits == 4:
+        share += share % 2
+    return min(block_size, share)
+
+
 def _check_block_size(block_size, bits: int) -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, int):
         raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
@@ -229,7 +240,8 @@ def _quantized_mean(
     stage-2 error ``mean_hat - Q2(mean_hat)``; the mean of the residuals over
     the ranks is exactly ``mean(x) - result`` (up to fp32 rounding).
     """
-    B, W, n = block_size, world, x.numel()
+    W, n = world, x.numel()
+    B = _effective_block_size(n, W, block_size, bits)
     dev = x.device
     shard = -(-n // (W * B)) * B  # elements per rank: whole blocks
     N = shard * W
@@ -398,7 +410,8 @@ def compressed_all_reduce_(
             and layout, the same shape on every rank. Arithmetic is fp32; the
             result is cast back to ``tensor.dtype``.
         bits: 8 or 4.
-        block_size: elements per fp32 scale (even for ``bits=4``).
+        block_size: elements per fp32 scale (even for ``bits=4``); capped at each
+            rank's share of the tensor, ceil(numel / world).
         stochastic: stochastic (unbiased) rounding in both quantization steps.
         group: the process group (``None``: the default group). Without an
             initialized default group the call acts as a single process.

@@ -32,6 +32,7 @@ from deepseek_kernels.distributed import (
     CompressionState,
     TopKState,
     _derive_seed,
+    _effective_block_size,
     compressed_all_reduce_,
     compressed_allreduce_hook,
     topk_sparsify_hook,
@@ -186,7 +187,7 @@ def _simulate(xs, bits, block_size, stochastic=False, seed=None):
     W = len(xs)
     flat = [x.reshape(-1).to(torch.float32) for x in xs]
     n = flat[0].numel()
-    B = block_size
+    B = _effective_block_size(n, W, block_size, bits)
     shard = -(-n // (W * B)) * B
     N = shard * W
     refq = ref.quantize_int8 if bits == 8 else ref.quantize_int4
@@ -237,7 +238,7 @@ def _error_bound(xs, bits, block_size, stochastic, out_dtype):
     |result| <= M + h*t (plus the smallest subnormal step for fp16).
     """
     W = len(xs)
-    B = block_size
+    B = _effective_block_size(xs[0].numel(), W, block_size, bits)
     qmax = QMAX[bits]
     h = 1.0 if stochastic else 0.5
     X = torch.stack([x.reshape(-1).double() for x in xs])  # [W, n]
@@ -664,7 +665,8 @@ def test_allreduce_one_element_and_ragged_sizes(request, world):
     for case in _allreduce_cases(world):
         n = math.prod(case["shape"])
         stats = per_rank[0][case["id"]]["stats"]
-        B = case["block_size"]
+        B = _effective_block_size(n, world, case["block_size"], case["bits"])
+        assert B <= case["block_size"] and (B == case["block_size"] or B >= -(-n // world))
         assert stats["numel"] == n
         assert stats["padded_numel"] % (world * B) == 0 and 0 <= stats["padded_numel"] - n < world * B
         if n == 1:
@@ -695,7 +697,8 @@ def test_wire_bytes_ratio(request, world):
         if case.get("tag") != "bytes":
             continue
         st = per_rank[0][case["id"]]["stats"]
-        n, N, B, W = st["numel"], st["padded_numel"], case["block_size"], world
+        n, N, W = st["numel"], st["padded_numel"], world
+        B = _effective_block_size(n, W, case["block_size"], case["bits"])
         cb = N // W if case["bits"] == 8 else N // W // 2
         # the accounting itself: two collectives of (W - 1) rows, codes + alignment + scales, one flag
         assert st["bytes_sent"] == 2 * (W - 1) * (cb + (-cb) % 4 + 4 * (N // W // B)) + 4 * (W - 1)
@@ -821,6 +824,19 @@ def test_single_process_same_semantics():
     assert torch.equal(y, _simulate([x], 4, 256, stochastic=True, seed=99))
     e = torch.empty(0)
     assert compressed_all_reduce_(e).numel == 0
+
+
+def test_block_size_capped_at_the_share():
+    """A block larger than each rank's share (here: the whole tensor, one
+    process) is the share: the same bits as block_size = numel (rounded up to
+    even for INT4), with no padding, where 2^62 used to size the padding."""
+    x = torch.randn(1001)
+    for bits in (8, 4):
+        huge, whole = x.clone(), x.clone()
+        st = compressed_all_reduce_(huge, bits=bits, block_size=2**62)
+        compressed_all_reduce_(whole, bits=bits, block_size=1001 + (bits == 4))
+        assert torch.equal(huge, whole) and st.padded_numel == 1001 + (bits == 4)
+        assert not torch.equal(huge, x)  # it did quantize
 
 
 def test_bad_inputs():
