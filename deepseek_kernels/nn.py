@@ -18,9 +18,11 @@ __all__ = ["MoELayer", "CrossAttention", "Linear", "FP8Linear", "Int8Linear"]
 
 
 def _autocast(*tensors: Optional[Tensor]):
-    """Our ops are not autocast-aware: under torch.autocast, cast the floating inputs
-    to the autocast dtype here, as torch.nn.Linear's matmul would be. The casts come
-    out contiguous (one pass over a transposed weight, which the ops would copy again)."""
+    """Under torch.autocast, cast the floating inputs to the autocast dtype here, as
+    torch.nn.Linear's matmul would be. The ops cast at their Autocast keys too, but
+    the modules' reference path (use_kernels=False, reference.py in fp64) does not,
+    and these casts come out contiguous (one pass over a transposed weight, which
+    the ops would copy again)."""
     t0 = tensors[0]
     dev = t0.device.type
     if not torch.is_autocast_enabled(dev):

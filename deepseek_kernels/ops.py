@@ -952,6 +952,42 @@ for _name, _why in _NO_BACKWARD.items():
 
 
 # ---------------------------------------------------------------------------
+# Autocast: the matmul-like ops run in the autocast dtype, as torch's do
+# ---------------------------------------------------------------------------
+# Under torch.autocast, torch.matmul / F.linear / SDPA cast fp32 inputs to the
+# autocast dtype ("lower precision fp" ops); ours do the same, at the Autocast
+# dispatch keys (above autograd, so the casts are recorded and gradients reach
+# the fp32 leaves in fp32). fp64 inputs are left alone, as torch leaves them.
+# The other ops compute in fp32 whatever their inputs (gating), move rows
+# (dispatch/combine) or take quantized operands: autocast does not touch them.
+_AUTOCAST_OPS = ("gemm", "grouped_gemm", "cross_attention", "cross_attention_varlen")
+_autocast_lib = torch.library.Library("deepseek_kernels", "IMPL")
+
+
+def _register_autocast(name: str, key: str, device_type: str) -> None:
+    op = getattr(_ops, name).default
+    exclude = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def cast(t):
+        if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+            return t.to(torch.get_autocast_dtype(device_type))
+        return t
+
+    def kernel(*args, **kwargs):
+        args = [cast(a) for a in args]
+        kwargs = {k: cast(v) for k, v in kwargs.items()}
+        with torch._C._ExcludeDispatchKeyGuard(exclude):
+            return op(*args, **kwargs)
+
+    _autocast_lib.impl(name, kernel, key)
+
+
+for _name in _AUTOCAST_OPS:
+    _register_autocast(_name, "AutocastCPU", "cpu")
+    _register_autocast(_name, "AutocastCUDA", "cuda")
+
+
+# ---------------------------------------------------------------------------
 # CUDA kernel generations (A/B runs)
 # ---------------------------------------------------------------------------
 

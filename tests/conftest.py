@@ -38,6 +38,13 @@ DEVICES = [
     pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, requires_cuda]),
 ]
 
+# (device, autocast dtype) pairs for the autocast tests ("device,dtype").
+AUTOCAST_CASES = [
+    pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
+    pytest.param("cuda", torch.float16, id="cuda-fp16", marks=[pytest.mark.cuda, requires_cuda]),
+    pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=[pytest.mark.cuda, requires_cuda]),
+]
+
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):

@@ -15,7 +15,7 @@ import deepseek_kernels as dk
 from deepseek_kernels import reference as ref
 from deepseek_kernels.nn import CrossAttention
 
-from .conftest import DEVICES, hopper_build, kernel_choice, kernel_ran, requires_cuda
+from .conftest import AUTOCAST_CASES, DEVICES, hopper_build, kernel_choice, kernel_ran, requires_cuda
 
 OPS = torch.ops.deepseek_kernels
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-10}
@@ -338,6 +338,28 @@ def test_torch_compile_fullgraph(device):
     gc = torch.autograd.grad(compiled(q, k, v, mask), (q, k, v))
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("device,dtype", AUTOCAST_CASES)
+def test_autocast_like_sdpa(device, dtype):
+    """Under torch.autocast both attention ops run in the autocast dtype, as SDPA
+    does: the bits of explicitly cast inputs, fp32 gradients for fp32 leaves."""
+    q, k, v = _qkv(2, 9, 13, 4, 2, 32, torch.float32, device, grad=True)
+    mask = torch.rand(2, 13, device=device) < 0.3
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 6, 13], dtype=torch.int32, device=device)
+    with torch.autocast(device, dtype=dtype):
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                                v.transpose(1, 2), enable_gqa=True)
+        out = dk.cross_attention(q, k, v, key_padding_mask=mask)
+        out_v = dk.cross_attention_varlen(q[0], k[0], v[0], cu, cu_k, 5, 7)
+    assert sdpa.dtype == dtype  # the peer's behaviour
+    c = lambda t: t.detach().to(dtype)  # noqa: E731
+    assert out.dtype == dtype and torch.equal(out, dk.cross_attention(c(q), c(k), c(v), key_padding_mask=mask))
+    assert out_v.dtype == dtype and torch.equal(
+        out_v, dk.cross_attention_varlen(c(q[0]), c(k[0]), c(v[0]), cu, cu_k, 5, 7))
+    grads = torch.autograd.grad((out.float().sum() + out_v.float().sum()), (q, k, v))
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
 
 
 def test_deterministic_across_runs_and_threads():

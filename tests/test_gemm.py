@@ -18,7 +18,7 @@ import deepseek_kernels as dk
 from deepseek_kernels import reference as ref
 from deepseek_kernels.nn import Linear, MoELayer
 
-from .conftest import DEVICES, hopper_build, kernel_choice, kernel_ran, requires_cuda
+from .conftest import AUTOCAST_CASES, DEVICES, hopper_build, kernel_choice, kernel_ran, requires_cuda
 
 ACTS = ["none", "relu", "gelu", "gelu_tanh", "silu"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -199,6 +199,35 @@ def test_gemm_torch_compile_fullgraph():
     out.sum().backward()
     assert x.grad is not None and w.grad is not None and w2.grad is not None
 
+
+
+@pytest.mark.parametrize("device,dtype", AUTOCAST_CASES)
+def test_gemm_autocast_like_linear(device, dtype):
+    """Under torch.autocast, gemm and grouped_gemm run in the autocast dtype as
+    F.linear does: the same bits as explicitly cast inputs, the output in that
+    dtype, fp32 gradients for fp32 leaves; fp64 stays fp64; eager and compiled."""
+    x = torch.randn(12, 16, device=device, requires_grad=True)
+    w = torch.randn(24, 16, device=device, requires_grad=True)
+    b = torch.randn(24, device=device)
+    w2 = torch.randn(3, 8, 24, device=device, requires_grad=True)
+    offsets = torch.tensor([0, 5, 5, 12], dtype=torch.int32, device=device)
+
+    def fn(x, w, b, w2):
+        with torch.autocast(device, dtype=dtype):
+            return dk.grouped_gemm(dk.gemm(x, w, b, activation="gelu"), w2, offsets)
+
+    want = dk.grouped_gemm(dk.gemm(x.to(dtype), w.to(dtype), b.to(dtype), activation="gelu"),
+                           w2.to(dtype), offsets)
+    with torch.autocast(device, dtype=dtype):
+        assert F.linear(x, w).dtype == dtype  # the peer's behaviour
+    for f in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+        out = f(x, w, b, w2)
+        assert out.dtype == dtype and torch.equal(out, want)
+        grads = torch.autograd.grad(out.float().sum(), (x, w, w2))
+        assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    if device == "cpu":
+        with torch.autocast(device, dtype=dtype):
+            assert dk.gemm(x.double(), w.double()).dtype == torch.float64
 
 # ---------------------------------------------------------------------------
 # grouped_gemm
