@@ -854,6 +854,9 @@ def quantize_fp8(x: Tensor, block: Tuple[int, int] = (1, 128)) -> Tuple[Tensor, 
     e4m3(x / scale), round to nearest even. Returns ``(q float8_e4m3fn [M, K], scales fp32)``.
     Bitwise identical on CPU and GPU.
     """
+    if not isinstance(block, (tuple, list)):
+        raise TypeError(f"quantize_fp8: argument 'block' must be (1, 128) or (128, 128), "
+                        f"got {type(block).__name__}")
     q, scales = _call_differentiable(_ops.quantize_fp8, x, list(block))
     return q, scales
 

@@ -1027,6 +1027,9 @@ def test_fp8_bad_inputs(device):
     qw, sw = dk.quantize_fp8(torch.randn(8, 256, device=device), (128, 128))
     with pytest.raises(ValueError, match=r"'block' must be \(1, 128\) or \(128, 128\)"):
         dk.quantize_fp8(x, (1, 64))
+    for bad in (None, 128):
+        with pytest.raises(TypeError, match=r"'block' must be \(1, 128\) or \(128, 128\), got"):
+            dk.quantize_fp8(x, bad)
     with pytest.raises(ValueError, match=r"'a_scales' must have shape \[4, 2\]"):
         dk.fp8_gemm(qx, sx[:, :1], qw, sw)
     with pytest.raises(ValueError, match=r"'w_scales' must have shape \[1, 2\]"):
