@@ -864,7 +864,8 @@ torch.save((grads, variants), sys.argv[2])
 def test_cuda_bwd_v3_dq_bulk_same_bits(tmp_path):
     """Backward v3 adding dQ through shared memory by bulk reductions
     (DSK_ATTENTION_BWD_DQ_BULK=1, read once per process: a subprocess) against its
-    fp32 atomics (here): the same adds in the same order, so the same bits; on
+    fp32 atomics (here): the same adds in the same order, so the same bits (the
+    atomics flush subnormals, the bulk adds keep them: randn data stays clear); on
     query tails (rows past the sample not added), GQA, masks, causal, D 64 and 128,
     both dtypes, more key tiles than splits (a CTA's bulk adds of one key tile
     complete before the next tile's), and varlen with empty samples."""

@@ -19,7 +19,8 @@
 //   then the dQ block is added into p.dq_accum with fp32 atomics, or with
 //   p.dq_bulk through shared memory by the TMA unit's bulk reductions, one
 //   warpgroup's 64 x 64 block a row at a time (opt-in; the same adds in the same
-//   order: the same bits).
+//   order: the same bits, but for subnormals: the atomics, red.add.f32, flush
+//   them to zero, the bulk reductions keep them).
 // - Deterministic without turns: the key tiles of a (sample, kv head) are dealt
 //   to p.dq_splits CTAs (tile jt to CTA jt % splits, each walking its tiles in
 //   order), and CTA s adds only into accumulator s. So every dq_accum element

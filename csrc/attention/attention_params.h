@@ -83,7 +83,8 @@ struct AttnParams {
   // v3 adds each dQ block into its accumulator through shared memory with the TMA
   // unit's bulk reductions, a row at a time (FlashAttention-3's dQ path), instead
   // of fp32 atomics from the registers: the same adds in the same order, so the
-  // same bits. Opt-in (DSK_ATTENTION_BWD_DQ_BULK=1, read once): not yet run on a GPU.
+  // same bits, except where a partial or a sum is subnormal (the atomics flush it
+  // to zero). Opt-in (DSK_ATTENTION_BWD_DQ_BULK=1, read once): not yet run on a GPU.
   bool dq_bulk = false;
 };
 
