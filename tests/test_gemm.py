@@ -416,6 +416,30 @@ def test_int8_tensor_core_kernel_bitwise(out_dtype):
                 assert torch.equal(out, want), (m, n, k, bias is not None)
 
 
+@pytest.mark.parametrize("sums", [1, 2], ids=["our-loop", "torch-int-mm"])
+def test_int8_cpu_sums_both_ways_bitwise(sums):
+    """The CPU's int32 sums by our loop (1) or by torch's int8 matmul (2; auto picks
+    it where the CPU has AVX512-VNNI): the reference's bits either way, at odd
+    shapes, bias or not, and at K = 131,071 with extreme codes (sums near 2^31)."""
+    with kernel_choice("_int8_cpu_sums", sums):
+        for m, n, k in [(1, 1, 1), (5, 9, 37), (33, 40, 7), (100, 72, 1030), (64, 64, 256)]:
+            a, a_s, w, w_s = _int8_problem(m, n, k, "cpu")
+            for bias in (None, torch.randn(n)):
+                for out_dtype in DTYPES:
+                    want = ref.int8_gemm(a, a_s, w, w_s, bias=bias, out_dtype=out_dtype)
+                    assert torch.equal(dk.int8_gemm(a, a_s, w, w_s, bias=bias, out_dtype=out_dtype), want)
+        k = 131_071
+        a = torch.full((3, k), -128, dtype=torch.int8)
+        a[1] = 127
+        w = torch.full((2, k), -128, dtype=torch.int8)
+        out = dk.int8_gemm(a, torch.ones(3), w, torch.ones(2), out_dtype=torch.float32)
+        exact = (a.double() @ w.double().t())
+        assert torch.equal(out.double(), exact.float().double())  # |sum| < 2^31, one fp32 rounding
+    op = torch.ops.deepseek_kernels._int8_cpu_sums
+    with pytest.raises(ValueError, match="_int8_cpu_sums"):
+        op(7)
+
+
 def test_int8_gemm_accumulation_is_exact():
     # Unit scales and fp32 out expose the raw int32 accumulator; K large enough
     # that |acc| passes 2^24 would be rounded identically, so keep it below.

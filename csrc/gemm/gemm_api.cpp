@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <ATen/cpu/Utils.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/accumulate.h>
@@ -93,6 +94,26 @@ KernelChoice& int8_kernel_choice() {
 
 int64_t int8_cuda_kernel_op(int64_t version) {
   return int8_kernel_choice().switch_to("_int8_cuda_kernel", version);
+}
+
+// DSK_INT8_CPU_SUMS: who computes the CPU INT8 GEMM's int32 sums: 1 our loop,
+// 2 torch's int8 matmul (at::_int_mm, oneDNN), auto (3, the default) torch's where
+// the CPU has AVX512-VNNI (~16x our loop at 256^3 on such a CPU; elsewhere torch's
+// was ~5x slower than ours). Integer sums are exact, so every choice gives the same bits.
+KernelChoice& int8_cpu_sums_choice() {
+  static KernelChoice choice("DSK_INT8_CPU_SUMS", 3, 2, 3);
+  return choice;
+}
+
+int64_t int8_cpu_sums_op(int64_t version) {
+  return int8_cpu_sums_choice().switch_to("_int8_cpu_sums", version);
+}
+
+bool int8_sums_by_torch() {
+  const int choice = int8_cpu_sums_choice().get();
+  if (choice != 3) return choice == 2;
+  static const bool vnni = at::cpu::is_avx512_vnni_supported();
+  return vnni;
 }
 
 // |acc| <= 128 * 128 * K must fit in int32 (int8 operands may hold -128).
@@ -512,6 +533,11 @@ at::Tensor int8_gemm(const at::Tensor& a, const at::Tensor& a_scales, const at::
     C10_CUDA_CHECK(static_cast<cudaError_t>(int8_gemm_cuda(p, stream_of(a))));
 #endif
   } else {
+    at::Tensor sums;
+    if (k > 0 && int8_sums_by_torch()) {
+      sums = at::_int_mm(ac, wc.t());  // [M, N] int32, exact
+      p.acc = sums.data_ptr<int32_t>();
+    }
     int8_gemm_cpu(p);
   }
   return out;
@@ -573,4 +599,5 @@ TORCH_LIBRARY_FRAGMENT(deepseek_kernels, m) {
   m.def("_gemm_cuda_kernel(int version=0) -> int", &dsk::gemm::gemm_cuda_kernel_op);
   m.def("_fp8_cuda_kernel(int version=0) -> int", &dsk::gemm::fp8_cuda_kernel_op);
   m.def("_int8_cuda_kernel(int version=0) -> int", &dsk::gemm::int8_cuda_kernel_op);
+  m.def("_int8_cpu_sums(int version=0) -> int", &dsk::gemm::int8_cpu_sums_op);
 }

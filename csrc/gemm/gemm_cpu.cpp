@@ -86,10 +86,14 @@ void int8_gemm_typed(const Int8GemmParams& p) {
       for (int64_t m = m0; m < m1; ++m) {
         const int8_t* ar = p.a + m * p.k;
         for (int64_t n = n0; n < n1; ++n) {
-          const int8_t* wr = p.w + n * p.k;
           int32_t acc = 0;
-          for (int64_t k = 0; k < p.k; ++k)
-            acc += static_cast<int32_t>(ar[k]) * static_cast<int32_t>(wr[k]);
+          if (p.acc) {
+            acc = p.acc[m * p.n + n];
+          } else {
+            const int8_t* wr = p.w + n * p.k;
+            for (int64_t k = 0; k < p.k; ++k)
+              acc += static_cast<int32_t>(ar[k]) * static_cast<int32_t>(wr[k]);
+          }
           float v = int8_dequant(acc, p.a_scales[m], p.w_scales[n]);
           if (p.bias) v = v + p.bias[n];
           store_any(p.out, p.out_dtype, m * p.n + n, v);

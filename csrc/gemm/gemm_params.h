@@ -90,6 +90,9 @@ struct Int8GemmParams {
   const float* w_scales = nullptr;  // [N]
   const float* bias = nullptr;      // [N] fp32, or nullptr
   void* out = nullptr;              // [M, N], dtype out_dtype
+  // CPU: [M, N] exact int32 sums computed beforehand (torch's int8 matmul, where it
+  // is fast), or nullptr: the kernel sums. Exact either way, so the same bits.
+  const int32_t* acc = nullptr;
   DType out_dtype = DType::kBFloat16;
   int64_t m = 0, n = 0, k = 0;
   // CUDA kernel: 1 dp4a; 2 (the default) tensor cores (mma.sync s8, K % 16 == 0,
