@@ -999,7 +999,7 @@ for _name in _AUTOCAST_OPS:
 def cuda_kernel_choice(op_name: str, version: int) -> Iterator[None]:
     """Select a family's CUDA kernel generation for the block through its private op
     (``"_quant_cuda_kernel"``, ``"_moe_cuda_kernel"``, ``"_gemm_cuda_kernel"``,
-    ``"_fp8_cuda_kernel"``, ``"_int8_cuda_kernel"``, ``"_int8_cpu_sums"``, ``"_attention_cuda_kernel"``,
+    ``"_fp8_cuda_kernel"``, ``"_int8_cuda_kernel"``, ``"_int8_cpu_sums"``, ``"_gemm_cpu_bf16"``, ``"_attention_cuda_kernel"``,
     ``"_attention_cuda_bwd_kernel"``;
     version 0 only asks), then restore the previous choice. The environment variables
     (README, "CUDA kernel generations") set the starting one. The ops are catch-alls:

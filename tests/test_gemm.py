@@ -71,6 +71,35 @@ def test_gemm_matches_reference(device, dtype, activation, with_bias, mnk):
     _check_close(ours, _torch_peer(a, w, bias, activation), want, f"{mnk} {dtype} {activation}")
 
 
+@pytest.mark.parametrize("path", [1, 2], ids=["fp32-blas", "avx512-bf16"])
+def test_gemm_cpu_bf16_paths(path):
+    """The CPU's two bf16 paths (1: fp32 BLAS on converted copies; 2: the AVX512-BF16
+    kernel, auto's choice where the CPU has it, else path 1 runs): within 2x torch's
+    error against fp64, for bf16 and fp32 outputs (the fp32 accumulator itself,
+    within 4x the fp32 BLAS one's), at odd K (the last pair padded), K past the
+    256-wide K blocks, M past the 8-row micro-tiles, N past the 32-column panels;
+    grouped_gemm likewise, with an empty group."""
+    with kernel_choice("_gemm_cpu_bf16", path):
+        for m, n, k in [(1, 1, 1), (5, 9, 37), (9, 33, 257), (70, 31, 600), (17, 100, 1025)]:
+            a, w = _data((m, k), torch.bfloat16, "cpu"), _data((n, k), torch.bfloat16, "cpu", k ** -0.5)
+            bias = _data((n,), torch.bfloat16, "cpu")
+            for act in ("none", "gelu"):
+                want = ref.gemm(a, w, bias, activation=act, out_dtype=torch.float64)
+                _check_close(dk.gemm(a, w, bias, activation=act), _torch_peer(a, w, bias, act), want,
+                             f"{(m, n, k)} {act}")
+                acc32 = dk.gemm(a, w, bias, activation=act, out_dtype=torch.float32)
+                blas = ref._gemm_activation(F.linear(a.float(), w.float(), bias.float()), act)
+                floor = 8 * torch.finfo(torch.float32).eps
+                assert _max_err(acc32, want) <= 4 * _max_err(blas, want) + floor, (m, n, k, act)
+        x, ws = _data((50, 77), torch.bfloat16, "cpu"), _data((4, 33, 77), torch.bfloat16, "cpu", 77 ** -0.5)
+        off = torch.tensor([0, 10, 10, 45, 50], dtype=torch.int32)
+        want = ref.grouped_gemm(x, ws, off, out_dtype=torch.float64)
+        peer = torch.cat([x[off[e]:off[e + 1]] @ ws[e].t() for e in range(4)])
+        _check_close(dk.grouped_gemm(x, ws, off), peer, want, "grouped")
+    with pytest.raises(ValueError, match="_gemm_cpu_bf16"):
+        torch.ops.deepseek_kernels._gemm_cpu_bf16(9)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_gemm_batched_input_and_out_dtype(device):
     a = _data((2, 5, 72), torch.bfloat16, device)

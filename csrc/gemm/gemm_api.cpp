@@ -116,6 +116,36 @@ bool int8_sums_by_torch() {
   return vnni;
 }
 
+// DSK_GEMM_CPU_BF16: the CPU's bf16 gemm / grouped_gemm products: 1 fp32 BLAS on
+// converted copies, 2 our AVX512-BF16 kernel (bf16_matmul_cpu), auto (3, the
+// default) 2 where the CPU has AVX512-BF16. Both accumulate in fp32 (not the
+// same bits); 2 forced on a CPU without the instructions runs 1.
+KernelChoice& gemm_cpu_bf16_choice() {
+  static KernelChoice choice("DSK_GEMM_CPU_BF16", 3, 2, 3);
+  return choice;
+}
+
+int64_t gemm_cpu_bf16_op(int64_t version) {
+  return gemm_cpu_bf16_choice().switch_to("_gemm_cpu_bf16", version);
+}
+
+bool bf16_by_dot_products(const at::Tensor& a) {
+  return a.scalar_type() == at::kBFloat16 && gemm_cpu_bf16_choice().get() != 1 &&
+         bf16_dot_products_available();
+}
+
+// acc[M, N] (fp32, row stride N) = a[M, K] . w[N, K]^T, both contiguous bf16.
+void bf16_matmul(const at::Tensor& a, const at::Tensor& w, at::Tensor& acc) {
+  Bf16MatmulParams p;
+  p.a = reinterpret_cast<const uint16_t*>(a.data_ptr());
+  p.w = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  p.acc = acc.data_ptr<float>();
+  p.m = a.size(0);
+  p.n = w.size(0);
+  p.k = a.size(1);
+  bf16_matmul_cpu(p);
+}
+
 // |acc| <= 128 * 128 * K must fit in int32 (int8 operands may hold -128).
 constexpr int64_t kMaxInt8K = ((int64_t{1} << 31) - 1) / (128 * 128);  // 131,071
 
@@ -340,6 +370,12 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& weight, const std::option
   }
   const at::ScalarType cdt = compute_dtype(a);
   at::Tensor out2 = out.view({m, n});
+  if (bf16_by_dot_products(a)) {
+    at::Tensor acc = at::empty({m, n}, a.options().dtype(at::kFloat));
+    bf16_matmul(a2.contiguous(), weight.contiguous(), acc);
+    run_epilogue_cpu(acc, bias_c, out2, act);
+    return out;
+  }
   if (dtype == cdt && !bias_c.defined() && act == Activation::kNone) {
     at::mm_out(out2, a2.to(cdt), weight.to(cdt).t());  // nothing for an epilogue to do
     return out;
@@ -407,7 +443,9 @@ at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& weights, const at
   const at::ScalarType cdt = compute_dtype(x);
   const at::Tensor bounds = offsets.to(at::kLong).contiguous();
   const int64_t* o = bounds.data_ptr<int64_t>();
-  const at::Tensor xf = x.to(cdt);
+  const bool dot_products = bf16_by_dot_products(x);
+  const at::Tensor xf = dot_products ? x.contiguous() : x.to(cdt);
+  const at::Tensor wb = dot_products ? weights.contiguous() : at::Tensor();
   // fp32/fp64 out: the products land in out directly (no epilogue pass).
   const bool direct = dtype == cdt;
   at::Tensor acc = direct ? out : at::empty({s, n}, x.options().dtype(cdt));
@@ -419,7 +457,10 @@ at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& weights, const at
     for (int64_t g = g0; g < g1; ++g) {
       if (o[g + 1] == o[g]) continue;
       at::Tensor dst = acc.narrow(0, o[g], o[g + 1] - o[g]);
-      at::mm_out(dst, xf.narrow(0, o[g], o[g + 1] - o[g]), weights[g].to(cdt).t());
+      if (dot_products)
+        bf16_matmul(xf.narrow(0, o[g], o[g + 1] - o[g]), wb[g], dst);
+      else
+        at::mm_out(dst, xf.narrow(0, o[g], o[g + 1] - o[g]), weights[g].to(cdt).t());
     }
   };
   // Many groups: one parallel region over groups, each BLAS call on one thread
@@ -600,4 +641,5 @@ TORCH_LIBRARY_FRAGMENT(deepseek_kernels, m) {
   m.def("_fp8_cuda_kernel(int version=0) -> int", &dsk::gemm::fp8_cuda_kernel_op);
   m.def("_int8_cuda_kernel(int version=0) -> int", &dsk::gemm::int8_cuda_kernel_op);
   m.def("_int8_cpu_sums(int version=0) -> int", &dsk::gemm::int8_cpu_sums_op);
+  m.def("_gemm_cpu_bf16(int version=0) -> int", &dsk::gemm::gemm_cpu_bf16_op);
 }

@@ -1,12 +1,17 @@
 // CPU kernels of the GEMM family. The floating-point inner products and their
 // epilogue run in ATen (BLAS and its vectorized elementwise kernels, called by
-// the glue in fp32/fp64); here: the exact INT8 and FP8 GEMMs and their
-// quantization, all OpenMP-parallel through at::parallel_for. Compiled with -ffp-contract=off so the INT8
+// the glue in fp32/fp64), except bf16 on CPUs with AVX512-BF16 (below); here:
+// that bf16 kernel, the exact INT8 and FP8 GEMMs and their quantization, all
+// OpenMP-parallel through at::parallel_for. Compiled with -ffp-contract=off so the INT8
 // scaling rounds exactly as on the GPU.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <array>
@@ -211,7 +216,122 @@ void fp8_gemm_typed(const Fp8GemmParams& p) {
   });
 }
 
+// bf16 GEMM on AVX512-BF16. vdpbf16ps adds, per fp32 lane j, the products of
+// the lane's two bf16 halves: acc[j] += a.lo * b[j].lo + a.hi * b[j].hi. So w is
+// packed in panels of kBf16NR = 32 columns, [K/2 pairs][32 columns] of 32-bit
+// pairs (w[n][2p] low, w[n][2p + 1] high; a missing last element of an odd K
+// and the columns past N are zero), and a row of a is read a pair at a time,
+// broadcast to every lane. A micro-tile of MR <= 8 rows x 32 columns keeps 16
+// zmm accumulators; K runs in blocks of kBf16KC, each summed afresh and added
+// to acc (fp32 BLAS-like error growth, ~5x less than one chain over K = 2048).
+#if defined(__x86_64__)
+constexpr int64_t kBf16NR = 32, kBf16MR = 8, kBf16KC = 256, kBf16MBlock = 64;
+
+void pack_bf16_panels(const Bf16MatmulParams& p, uint32_t* packed) {
+  const int64_t pairs = (p.k + 1) / 2, full = p.k / 2, panels = (p.n + kBf16NR - 1) / kBf16NR;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t pn = p0; pn < p1; ++pn) {
+      uint32_t* dst = packed + pn * pairs * kBf16NR;
+      const int64_t n0 = pn * kBf16NR, cols = std::min(kBf16NR, p.n - n0);
+      // Pair by pair, the panel's rows side by side: 32 read streams, each
+      // write a contiguous 128 bytes.
+      for (int64_t q = 0; q < full; ++q)
+        for (int64_t j = 0; j < kBf16NR; ++j) {
+          uint32_t v = 0;
+          if (j < cols) std::memcpy(&v, p.w + (n0 + j) * p.k + 2 * q, sizeof v);
+          dst[q * kBf16NR + j] = v;
+        }
+      if (p.k % 2)
+        for (int64_t j = 0; j < kBf16NR; ++j)
+          dst[full * kBf16NR + j] = j < cols ? p.w[(n0 + j) * p.k + p.k - 1] : 0u;
+    }
+  });
+}
+
+// c[MR x nr] (+)= a[MR x k] . panel, k <= kBf16KC (a and the panel start at the
+// same pair), row strides lda and ldc; add: accumulate into c.
+template <int MR>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void bf16_micro_tile(
+    const uint16_t* a, int64_t lda, const uint32_t* panel, int64_t k, float* c, int64_t ldc, int64_t nr,
+    bool add) {
+  __m512 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  const int64_t full = k / 2;
+  for (int64_t q = 0; q <= full; ++q) {
+    if (q == full && k % 2 == 0) break;
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(panel + q * kBf16NR);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(panel + q * kBf16NR + 16);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      int32_t pair = 0;  // an odd K's last element pairs with 0 (never read past the row)
+      if (q < full) std::memcpy(&pair, a + i * lda + 2 * q, sizeof pair);
+      else pair = a[i * lda + 2 * q];
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
+    }
+  }
+  const __mmask16 m0 = nr >= 16 ? __mmask16(0xffff) : __mmask16((1u << nr) - 1);
+  const __mmask16 m1 = nr >= 32 ? __mmask16(0xffff) : nr <= 16 ? __mmask16(0) : __mmask16((1u << (nr - 16)) - 1);
+  for (int i = 0; i < MR; ++i) {
+    if (add) {
+      acc[i][0] = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, c + i * ldc), acc[i][0]);
+      acc[i][1] = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, c + i * ldc + 16), acc[i][1]);
+    }
+    _mm512_mask_storeu_ps(c + i * ldc, m0, acc[i][0]);
+    _mm512_mask_storeu_ps(c + i * ldc + 16, m1, acc[i][1]);
+  }
+}
+
+using Bf16MicroTile = void (*)(const uint16_t*, int64_t, const uint32_t*, int64_t, float*, int64_t, int64_t, bool);
+constexpr Bf16MicroTile kBf16MicroTiles[kBf16MR + 1] = {
+    nullptr, bf16_micro_tile<1>, bf16_micro_tile<2>, bf16_micro_tile<3>, bf16_micro_tile<4>,
+    bf16_micro_tile<5>, bf16_micro_tile<6>, bf16_micro_tile<7>, bf16_micro_tile<8>};
+#endif  // __x86_64__
+
 }  // namespace
+
+bool bf16_dot_products_available() {
+#if defined(__x86_64__)
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512bf16");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+void bf16_matmul_cpu(const Bf16MatmulParams& p) {
+#if defined(__x86_64__)
+  if (p.m == 0 || p.n == 0) return;
+  if (p.k == 0) {
+    std::fill(p.acc, p.acc + p.m * p.n, 0.0f);
+    return;
+  }
+  const int64_t pairs = (p.k + 1) / 2, panels = (p.n + kBf16NR - 1) / kBf16NR;
+  std::vector<uint32_t> packed(static_cast<size_t>(panels * pairs * kBf16NR));
+  pack_bf16_panels(p, packed.data());
+  // Tasks: a block of kBf16MBlock rows against one panel; consecutive tasks share
+  // the row block (it stays in cache across panels).
+  const int64_t mblocks = (p.m + kBf16MBlock - 1) / kBf16MBlock;
+  at::parallel_for(0, mblocks * panels, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t mb = t / panels, pn = t % panels;
+      const int64_t m_end = std::min(p.m, (mb + 1) * kBf16MBlock);
+      const int64_t n0 = pn * kBf16NR, nr = std::min(kBf16NR, p.n - n0);
+      const uint32_t* panel = packed.data() + pn * pairs * kBf16NR;
+      for (int64_t m0 = mb * kBf16MBlock; m0 < m_end; m0 += kBf16MR) {
+        const int64_t mr = std::min(kBf16MR, m_end - m0);
+        for (int64_t k0 = 0; k0 < p.k; k0 += kBf16KC)  // kBf16KC is even: blocks start on a pair
+          kBf16MicroTiles[mr](p.a + m0 * p.k + k0, p.k, panel + (k0 / 2) * kBf16NR,
+                              std::min(kBf16KC, p.k - k0), p.acc + m0 * p.n + n0, p.n, nr, k0 > 0);
+      }
+    }
+  });
+#else
+  (void)p;  // the glue calls it only where bf16_dot_products_available()
+#endif
+}
 
 void quantize_fp8_cpu(const QuantizeFp8Params& p) {
   if (p.batch == 0 || p.rows == 0 || p.cols == 0) return;

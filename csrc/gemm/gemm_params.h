@@ -186,6 +186,20 @@ void fp8_gemm_cpu(const Fp8GemmParams& p);
 void int8_gemm_cpu(const Int8GemmParams& p);
 void quantize_rows_int8_cpu(const QuantizeRowsParams& p);
 
+// CPU bf16 GEMM on the AVX512-BF16 dot products (vdpbf16ps): the fp32
+// accumulator acc[M, N] = a[M, K] . w[N, K]^T, bf16 products exact, summed in
+// fp32 per 256-wide K block, the blocks added in order. The glue runs the
+// epilogue on acc, as it does on the fp32 BLAS path's.
+struct Bf16MatmulParams {
+  const uint16_t* a = nullptr;  // [M, K] bf16 bits, row-major
+  const uint16_t* w = nullptr;  // [N, K] bf16 bits, row-major
+  float* acc = nullptr;         // [M, N]
+  int64_t m = 0, n = 0, k = 0;
+};
+// Whether this CPU has the instructions (AVX512F, AVX512BW and AVX512-BF16).
+bool bf16_dot_products_available();
+void bf16_matmul_cpu(const Bf16MatmulParams& p);
+
 #ifdef DSK_WITH_CUDA
 // Launch on `stream` (a cudaStream_t); return the launch's cudaError_t as int.
 // gemm_cuda: bf16/fp16 on tensor cores (mma.sync, sm_80+), K % 8 == 0 and
