@@ -9,7 +9,10 @@
 #include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
 
-#if defined(__x86_64__)
+// The AVX512-BF16 kernel needs x86-64 and a compiler with its intrinsics
+// (GCC 10+, Clang 9+); elsewhere bf16 takes the fp32 BLAS path.
+#if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10)
+#define DSK_AVX512_BF16_KERNEL 1
 #include <immintrin.h>
 #endif
 
@@ -224,7 +227,7 @@ void fp8_gemm_typed(const Fp8GemmParams& p) {
 // broadcast to every lane. A micro-tile of MR <= 8 rows x 32 columns keeps 16
 // zmm accumulators; K runs in blocks of kBf16KC, each summed afresh and added
 // to acc (fp32 BLAS-like error growth, ~5x less than one chain over K = 2048).
-#if defined(__x86_64__)
+#ifdef DSK_AVX512_BF16_KERNEL
 constexpr int64_t kBf16NR = 32, kBf16MR = 8, kBf16KC = 256, kBf16MBlock = 64;
 
 void pack_bf16_panels(const Bf16MatmulParams& p, uint32_t* packed) {
@@ -287,12 +290,12 @@ using Bf16MicroTile = void (*)(const uint16_t*, int64_t, const uint32_t*, int64_
 constexpr Bf16MicroTile kBf16MicroTiles[kBf16MR + 1] = {
     nullptr, bf16_micro_tile<1>, bf16_micro_tile<2>, bf16_micro_tile<3>, bf16_micro_tile<4>,
     bf16_micro_tile<5>, bf16_micro_tile<6>, bf16_micro_tile<7>, bf16_micro_tile<8>};
-#endif  // __x86_64__
+#endif  // DSK_AVX512_BF16_KERNEL
 
 }  // namespace
 
 bool bf16_dot_products_available() {
-#if defined(__x86_64__)
+#ifdef DSK_AVX512_BF16_KERNEL
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512bf16");
   return ok;
@@ -302,7 +305,7 @@ bool bf16_dot_products_available() {
 }
 
 void bf16_matmul_cpu(const Bf16MatmulParams& p) {
-#if defined(__x86_64__)
+#ifdef DSK_AVX512_BF16_KERNEL
   if (p.m == 0 || p.n == 0) return;
   if (p.k == 0) {
     std::fill(p.acc, p.acc + p.m * p.n, 0.0f);
