@@ -77,10 +77,12 @@ def test_gemm_cpu_bf16_paths(path):
     kernel, auto's choice where the CPU has it, else path 1 runs): within 2x torch's
     error against fp64, for bf16 and fp32 outputs (the fp32 accumulator itself,
     within 4x the fp32 BLAS one's), at odd K (the last pair padded), K past the
-    256-wide K blocks, M past the 8-row micro-tiles, N past the 32-column panels;
-    grouped_gemm likewise, with an empty group."""
+    256-wide K blocks, M past the 8-row micro-tiles, N past the 32-column panels,
+    and M <= 4 (dot products along K, a masked K tail); grouped_gemm likewise,
+    with an empty group."""
     with kernel_choice("_gemm_cpu_bf16", path):
-        for m, n, k in [(1, 1, 1), (5, 9, 37), (9, 33, 257), (70, 31, 600), (17, 100, 1025)]:
+        for m, n, k in [(1, 1, 1), (3, 70, 1025), (4, 9, 31), (5, 9, 37), (9, 33, 257), (70, 31, 600),
+                        (17, 100, 1025)]:
             a, w = _data((m, k), torch.bfloat16, "cpu"), _data((n, k), torch.bfloat16, "cpu", k ** -0.5)
             bias = _data((n,), torch.bfloat16, "cpu")
             for act in ("none", "gelu"):

@@ -228,27 +228,33 @@ void fp8_gemm_typed(const Fp8GemmParams& p) {
 // zmm accumulators; K runs in blocks of kBf16KC, each summed afresh and added
 // to acc (fp32 BLAS-like error growth, ~5x less than one chain over K = 2048).
 #ifdef DSK_AVX512_BF16_KERNEL
-constexpr int64_t kBf16NR = 32, kBf16MR = 8, kBf16KC = 256, kBf16MBlock = 64;
+constexpr int64_t kBf16NR = 32, kBf16MR = 8, kBf16KC = 256, kBf16MChunk = 512;
 
-void pack_bf16_panels(const Bf16MatmulParams& p, uint32_t* packed) {
-  const int64_t pairs = (p.k + 1) / 2, full = p.k / 2, panels = (p.n + kBf16NR - 1) / kBf16NR;
-  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t pn = p0; pn < p1; ++pn) {
-      uint32_t* dst = packed + pn * pairs * kBf16NR;
-      const int64_t n0 = pn * kBf16NR, cols = std::min(kBf16NR, p.n - n0);
-      // Pair by pair, the panel's rows side by side: 32 read streams, each
-      // write a contiguous 128 bytes.
-      for (int64_t q = 0; q < full; ++q)
-        for (int64_t j = 0; j < kBf16NR; ++j) {
-          uint32_t v = 0;
-          if (j < cols) std::memcpy(&v, p.w + (n0 + j) * p.k + 2 * q, sizeof v);
-          dst[q * kBf16NR + j] = v;
-        }
-      if (p.k % 2)
-        for (int64_t j = 0; j < kBf16NR; ++j)
-          dst[full * kBf16NR + j] = j < cols ? p.w[(n0 + j) * p.k + p.k - 1] : 0u;
+// Panel pn of w packed into dst. Pair q of 16 rows by one gather (4 bytes at
+// element j * K + 2q of the panel's rows, scale 2: any K, odd included); rows
+// past N masked to 0. The glue keeps 32 K below 2^31 (32-bit gather offsets).
+__attribute__((target("avx512f,avx512bw"))) void pack_bf16_panel(const Bf16MatmulParams& p, int64_t pn,
+                                                                 uint32_t* dst) {
+  const int64_t full = p.k / 2, n0 = pn * kBf16NR, cols = std::min(kBf16NR, p.n - n0);
+  const uint16_t* base = p.w + n0 * p.k;
+  __m512i idx[2];
+  __mmask16 live[2];
+  for (int h = 0; h < 2; ++h) {
+    alignas(64) int32_t off[16];
+    for (int j = 0; j < 16; ++j) off[j] = static_cast<int32_t>((h * 16 + j) * p.k);
+    idx[h] = _mm512_load_si512(off);
+    const int64_t rows = std::clamp<int64_t>(cols - h * 16, 0, 16);
+    live[h] = rows >= 16 ? __mmask16(0xffff) : __mmask16((1u << rows) - 1);
+  }
+  const __m512i step = _mm512_set1_epi32(2);
+  for (int64_t q = 0; q < full; ++q)
+    for (int h = 0; h < 2; ++h) {
+      const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live[h], idx[h], base, 2);
+      _mm512_storeu_si512(dst + q * kBf16NR + h * 16, v);
+      idx[h] = _mm512_add_epi32(idx[h], step);
     }
-  });
+  if (p.k % 2)  // the last element pairs with 0 (a 4-byte read would pass the row)
+    for (int64_t j = 0; j < kBf16NR; ++j) dst[full * kBf16NR + j] = j < cols ? p.w[(n0 + j) * p.k + p.k - 1] : 0u;
 }
 
 // c[MR x nr] (+)= a[MR x k] . panel, k <= kBf16KC (a and the panel start at the
@@ -290,6 +296,47 @@ using Bf16MicroTile = void (*)(const uint16_t*, int64_t, const uint32_t*, int64_
 constexpr Bf16MicroTile kBf16MicroTiles[kBf16MR + 1] = {
     nullptr, bf16_micro_tile<1>, bf16_micro_tile<2>, bf16_micro_tile<3>, bf16_micro_tile<4>,
     bf16_micro_tile<5>, bf16_micro_tile<6>, bf16_micro_tile<7>, bf16_micro_tile<8>};
+// Few rows (decoding): every output a dot product along K, a and w both read in
+// place (packing w would cost more than the products): 32 bf16 of a row of a
+// and of a row of w at a time into 16 fp32 lanes (the tail of K by a masked
+// load), the lanes summed pairwise at the end; a tile of MR <= 4 rows of a by
+// NR <= 4 rows of w keeps 16 accumulators.
+constexpr int64_t kBf16Tile = 4, kBf16RowsMax = 4;
+
+template <int MR, int NR>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void bf16_dot_tile(const Bf16MatmulParams& p,
+                                                                          int64_t m0, int64_t n0) {
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < p.k; k0 += 32) {
+    const int64_t left = p.k - k0;
+    const __mmask32 mask = left >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << left) - 1);
+    __m512bh w[NR];
+    for (int j = 0; j < NR; ++j) w[j] = (__m512bh)_mm512_maskz_loadu_epi16(mask, p.w + (n0 + j) * p.k + k0);
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh a = (__m512bh)_mm512_maskz_loadu_epi16(mask, p.a + (m0 + i) * p.k + k0);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a, w[j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      float lanes[16];
+      _mm512_storeu_ps(lanes, acc[i][j]);
+      for (int h = 8; h >= 1; h /= 2)
+        for (int l = 0; l < h; ++l) lanes[l] += lanes[l + h];
+      p.acc[(m0 + i) * p.n + n0 + j] = lanes[0];
+    }
+}
+
+using Bf16DotTile = void (*)(const Bf16MatmulParams&, int64_t, int64_t);
+template <int MR>
+constexpr std::array<Bf16DotTile, kBf16Tile + 1> bf16_tiles_of_rows() {
+  return {nullptr, bf16_dot_tile<MR, 1>, bf16_dot_tile<MR, 2>, bf16_dot_tile<MR, 3>, bf16_dot_tile<MR, 4>};
+}
+constexpr std::array<std::array<Bf16DotTile, kBf16Tile + 1>, kBf16Tile + 1> kBf16DotTiles = {
+    std::array<Bf16DotTile, kBf16Tile + 1>{}, bf16_tiles_of_rows<1>(), bf16_tiles_of_rows<2>(),
+    bf16_tiles_of_rows<3>(), bf16_tiles_of_rows<4>()};
 #endif  // DSK_AVX512_BF16_KERNEL
 
 }  // namespace
@@ -311,19 +358,28 @@ void bf16_matmul_cpu(const Bf16MatmulParams& p) {
     std::fill(p.acc, p.acc + p.m * p.n, 0.0f);
     return;
   }
+  if (p.m <= kBf16RowsMax) {
+    at::parallel_for(0, (p.n + kBf16Tile - 1) / kBf16Tile, 16, [&](int64_t b0, int64_t b1) {
+      for (int64_t n0 = b0 * kBf16Tile; n0 < std::min(p.n, b1 * kBf16Tile); n0 += kBf16Tile)
+        kBf16DotTiles[p.m][std::min(kBf16Tile, p.n - n0)](p, 0, n0);
+    });
+    return;
+  }
+  // Tasks: one panel against a chunk of kBf16MChunk rows. The task packs its
+  // panel into the thread's buffer (K x 128 bytes: stays in L2, kept across
+  // calls, so no fresh pages), then runs the chunk's micro-tiles over it.
   const int64_t pairs = (p.k + 1) / 2, panels = (p.n + kBf16NR - 1) / kBf16NR;
-  std::vector<uint32_t> packed(static_cast<size_t>(panels * pairs * kBf16NR));
-  pack_bf16_panels(p, packed.data());
-  // Tasks: a block of kBf16MBlock rows against one panel; consecutive tasks share
-  // the row block (it stays in cache across panels).
-  const int64_t mblocks = (p.m + kBf16MBlock - 1) / kBf16MBlock;
-  at::parallel_for(0, mblocks * panels, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t chunks = (p.m + kBf16MChunk - 1) / kBf16MChunk;
+  at::parallel_for(0, chunks * panels, 1, [&](int64_t t0, int64_t t1) {
+    thread_local std::vector<uint32_t> panel_buf;
+    if (panel_buf.size() < static_cast<size_t>(pairs * kBf16NR)) panel_buf.resize(pairs * kBf16NR);
+    uint32_t* panel = panel_buf.data();
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t mb = t / panels, pn = t % panels;
-      const int64_t m_end = std::min(p.m, (mb + 1) * kBf16MBlock);
+      const int64_t mc = t / panels, pn = t % panels;
+      const int64_t m_end = std::min(p.m, (mc + 1) * kBf16MChunk);
       const int64_t n0 = pn * kBf16NR, nr = std::min(kBf16NR, p.n - n0);
-      const uint32_t* panel = packed.data() + pn * pairs * kBf16NR;
-      for (int64_t m0 = mb * kBf16MBlock; m0 < m_end; m0 += kBf16MR) {
+      pack_bf16_panel(p, pn, panel);
+      for (int64_t m0 = mc * kBf16MChunk; m0 < m_end; m0 += kBf16MR) {
         const int64_t mr = std::min(kBf16MR, m_end - m0);
         for (int64_t k0 = 0; k0 < p.k; k0 += kBf16KC)  // kBf16KC is even: blocks start on a pair
           kBf16MicroTiles[mr](p.a + m0 * p.k + k0, p.k, panel + (k0 / 2) * kBf16NR,

@@ -188,8 +188,9 @@ void quantize_rows_int8_cpu(const QuantizeRowsParams& p);
 
 // CPU bf16 GEMM on the AVX512-BF16 dot products (vdpbf16ps): the fp32
 // accumulator acc[M, N] = a[M, K] . w[N, K]^T, bf16 products exact, summed in
-// fp32 per 256-wide K block, the blocks added in order. The glue runs the
-// epilogue on acc, as it does on the fp32 BLAS path's.
+// fp32 (per 256-wide K block, the blocks added in order; for M <= 4 in 16
+// lanes along K, summed pairwise). The glue runs the epilogue on acc, as it
+// does on the fp32 BLAS path's.
 struct Bf16MatmulParams {
   const uint16_t* a = nullptr;  // [M, K] bf16 bits, row-major
   const uint16_t* w = nullptr;  // [N, K] bf16 bits, row-major
