@@ -130,9 +130,8 @@ int64_t gemm_cpu_bf16_op(int64_t version) {
 }
 
 bool bf16_by_dot_products(const at::Tensor& a) {
-  // K < 2^26: the kernel's gathers index w's panels with 32-bit offsets (32 K).
-  return a.scalar_type() == at::kBFloat16 && a.size(-1) < (int64_t{1} << 26) &&
-         gemm_cpu_bf16_choice().get() != 1 && bf16_dot_products_available();
+  return a.scalar_type() == at::kBFloat16 && gemm_cpu_bf16_choice().get() != 1 &&
+         bf16_dot_products_available();
 }
 
 // acc[M, N] (fp32, row stride N) = a[M, K] . w[N, K]^T, both contiguous bf16.

@@ -230,30 +230,37 @@ void fp8_gemm_typed(const Fp8GemmParams& p) {
 #ifdef DSK_AVX512_BF16_KERNEL
 constexpr int64_t kBf16NR = 32, kBf16MR = 8, kBf16KC = 256, kBf16MChunk = 512;
 
-// Panel pn of w packed into dst. Pair q of 16 rows by one gather (4 bytes at
-// element j * K + 2q of the panel's rows, scale 2: any K, odd included); rows
-// past N masked to 0. The glue keeps 32 K below 2^31 (32-bit gather offsets).
+// Panel pn of w packed into dst, kStage pairs at a time: the panel's rows are
+// first copied side by side into a small buffer (each row a sequential read;
+// gathering straight from w, whose rows are K apart, missed L1 on most lanes),
+// then pair q of 16 rows comes out of the buffer by one gather. Rows past N are
+// masked to 0; an odd K's last element pairs with 0.
 __attribute__((target("avx512f,avx512bw"))) void pack_bf16_panel(const Bf16MatmulParams& p, int64_t pn,
                                                                  uint32_t* dst) {
+  constexpr int64_t kStage = 64;  // pairs per row and stage: 256 bytes
   const int64_t full = p.k / 2, n0 = pn * kBf16NR, cols = std::min(kBf16NR, p.n - n0);
-  const uint16_t* base = p.w + n0 * p.k;
+  alignas(64) uint32_t stage[kBf16NR * kStage];
   __m512i idx[2];
   __mmask16 live[2];
   for (int h = 0; h < 2; ++h) {
     alignas(64) int32_t off[16];
-    for (int j = 0; j < 16; ++j) off[j] = static_cast<int32_t>((h * 16 + j) * p.k);
+    for (int j = 0; j < 16; ++j) off[j] = static_cast<int32_t>((h * 16 + j) * kStage);
     idx[h] = _mm512_load_si512(off);
     const int64_t rows = std::clamp<int64_t>(cols - h * 16, 0, 16);
     live[h] = rows >= 16 ? __mmask16(0xffff) : __mmask16((1u << rows) - 1);
   }
-  const __m512i step = _mm512_set1_epi32(2);
-  for (int64_t q = 0; q < full; ++q)
-    for (int h = 0; h < 2; ++h) {
-      const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live[h], idx[h], base, 2);
-      _mm512_storeu_si512(dst + q * kBf16NR + h * 16, v);
-      idx[h] = _mm512_add_epi32(idx[h], step);
-    }
-  if (p.k % 2)  // the last element pairs with 0 (a 4-byte read would pass the row)
+  for (int64_t q0 = 0; q0 < full; q0 += kStage) {
+    const int64_t nq = std::min(kStage, full - q0);
+    for (int64_t j = 0; j < cols; ++j)
+      std::memcpy(stage + j * kStage, p.w + (n0 + j) * p.k + 2 * q0, nq * sizeof(uint32_t));
+    for (int64_t q = 0; q < nq; ++q)
+      for (int h = 0; h < 2; ++h) {
+        const __m512i at = _mm512_add_epi32(idx[h], _mm512_set1_epi32(static_cast<int32_t>(q)));
+        const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live[h], at, stage, 4);
+        _mm512_storeu_si512(dst + (q0 + q) * kBf16NR + h * 16, v);
+      }
+  }
+  if (p.k % 2)
     for (int64_t j = 0; j < kBf16NR; ++j) dst[full * kBf16NR + j] = j < cols ? p.w[(n0 + j) * p.k + p.k - 1] : 0u;
 }
 
