@@ -306,13 +306,13 @@ constexpr Bf16MicroTile kBf16MicroTiles[kBf16MR + 1] = {
 // Few rows (decoding): every output a dot product along K, a and w both read in
 // place (packing w would cost more than the products): 32 bf16 of a row of a
 // and of a row of w at a time into 16 fp32 lanes (the tail of K by a masked
-// load), the lanes summed pairwise at the end; a tile of MR <= 4 rows of a by
-// NR <= 4 rows of w keeps 16 accumulators.
-constexpr int64_t kBf16Tile = 4, kBf16RowsMax = 4;
+// load), the lanes summed pairwise at the end; one tile of all M <= kBf16Tile
+// rows of a by NR <= kBf16Tile rows of w keeps up to 16 accumulators.
+constexpr int64_t kBf16Tile = 4;
 
 template <int MR, int NR>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void bf16_dot_tile(const Bf16MatmulParams& p,
-                                                                          int64_t m0, int64_t n0) {
+                                                                          int64_t n0) {
   __m512 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -322,7 +322,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void bf16_dot_tile(const 
     __m512bh w[NR];
     for (int j = 0; j < NR; ++j) w[j] = (__m512bh)_mm512_maskz_loadu_epi16(mask, p.w + (n0 + j) * p.k + k0);
     for (int i = 0; i < MR; ++i) {
-      const __m512bh a = (__m512bh)_mm512_maskz_loadu_epi16(mask, p.a + (m0 + i) * p.k + k0);
+      const __m512bh a = (__m512bh)_mm512_maskz_loadu_epi16(mask, p.a + i * p.k + k0);
       for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a, w[j]);
     }
   }
@@ -332,11 +332,11 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void bf16_dot_tile(const 
       _mm512_storeu_ps(lanes, acc[i][j]);
       for (int h = 8; h >= 1; h /= 2)
         for (int l = 0; l < h; ++l) lanes[l] += lanes[l + h];
-      p.acc[(m0 + i) * p.n + n0 + j] = lanes[0];
+      p.acc[i * p.n + n0 + j] = lanes[0];
     }
 }
 
-using Bf16DotTile = void (*)(const Bf16MatmulParams&, int64_t, int64_t);
+using Bf16DotTile = void (*)(const Bf16MatmulParams&, int64_t);
 template <int MR>
 constexpr std::array<Bf16DotTile, kBf16Tile + 1> bf16_tiles_of_rows() {
   return {nullptr, bf16_dot_tile<MR, 1>, bf16_dot_tile<MR, 2>, bf16_dot_tile<MR, 3>, bf16_dot_tile<MR, 4>};
@@ -365,10 +365,10 @@ void bf16_matmul_cpu(const Bf16MatmulParams& p) {
     std::fill(p.acc, p.acc + p.m * p.n, 0.0f);
     return;
   }
-  if (p.m <= kBf16RowsMax) {
+  if (p.m <= kBf16Tile) {
     at::parallel_for(0, (p.n + kBf16Tile - 1) / kBf16Tile, 16, [&](int64_t b0, int64_t b1) {
       for (int64_t n0 = b0 * kBf16Tile; n0 < std::min(p.n, b1 * kBf16Tile); n0 += kBf16Tile)
-        kBf16DotTiles[p.m][std::min(kBf16Tile, p.n - n0)](p, 0, n0);
+        kBf16DotTiles[p.m][std::min(kBf16Tile, p.n - n0)](p, n0);
     });
     return;
   }
