@@ -7,6 +7,10 @@
 #include "moe/moe_api.h"
 #include "quant/quant_api.h"
 
+// Sizes that can follow the data (a token count, a capacity, a sequence length)
+// are SymInt, so torch.compile(dynamic=True) and torch.export keep them
+// symbolic instead of specializing the graph on their values; the kernels take
+// them as int64_t (the dispatcher converts).
 TORCH_LIBRARY(deepseek_kernels, m) {
   // --- quant: blockwise INT8/INT4 quantization (csrc/quant) ---
   // Stochastic rounding without a seed draws from torch's generator.
@@ -22,20 +26,20 @@ TORCH_LIBRARY(deepseek_kernels, m) {
       "dequantize_int8(Tensor q, Tensor scales, int block_size=256, *, "
       "ScalarType? out_dtype=None) -> Tensor");
   m.def(
-      "dequantize_int4(Tensor q, Tensor scales, int numel, int block_size=256, *, "
+      "dequantize_int4(Tensor q, Tensor scales, SymInt numel, int block_size=256, *, "
       "ScalarType? out_dtype=None) -> Tensor");
   m.def("dequantize_sum_int8(Tensor q, Tensor scales, int block_size=256) -> Tensor");
-  m.def("dequantize_sum_int4(Tensor q, Tensor scales, int numel, int block_size=256) -> Tensor");
+  m.def("dequantize_sum_int4(Tensor q, Tensor scales, SymInt numel, int block_size=256) -> Tensor");
 
   // --- moe: top-k gating, capacity dispatch/combine, dropless permute (csrc/moe) ---
   m.def(
       "moe_topk_gating(Tensor logits, int k, Tensor? correction_bias=None, *, "
       "str scoring='softmax', int n_group=1, int topk_group=1, bool renormalize=True, "
-      "float routed_scaling_factor=1.0, int? capacity=None, str drop_policy='position')"
+      "float routed_scaling_factor=1.0, SymInt? capacity=None, str drop_policy='position')"
       " -> (Tensor weights, Tensor expert_ids, Tensor slots, Tensor expert_counts, "
       "Tensor routed_counts, Tensor mean_scores)");
   m.def(
-      "moe_dispatch(Tensor x, Tensor expert_ids, Tensor slots, int num_experts, int capacity, "
+      "moe_dispatch(Tensor x, Tensor expert_ids, Tensor slots, SymInt num_experts, SymInt capacity, "
       "Tensor? weights=None) -> Tensor");
   m.def("moe_combine(Tensor expert_out, Tensor expert_ids, Tensor slots, Tensor? weights=None) -> Tensor");
   m.def(
@@ -48,7 +52,7 @@ TORCH_LIBRARY(deepseek_kernels, m) {
   // Backward helper: the weights' gradient of combine/unpermute.
   m.def(
       "moe_rows_dot(Tensor rows, Tensor other, Tensor expert_ids, Tensor slots, Tensor row_base, "
-      "Tensor? slot_limit, int capacity) -> Tensor");
+      "Tensor? slot_limit, SymInt capacity) -> Tensor");
 
   // ---- gemm ----
   // Mixed-precision GEMMs (csrc/gemm): weight [N, K] as in nn.Linear.
@@ -57,7 +61,7 @@ TORCH_LIBRARY(deepseek_kernels, m) {
       "ScalarType? out_dtype=None) -> Tensor");
   m.def("grouped_gemm(Tensor x, Tensor weights, Tensor offsets, *, ScalarType? out_dtype=None) -> Tensor");
   // Backward helper of grouped_gemm: the weights' gradient, [E, N, K].
-  m.def("grouped_gemm_wgrad(Tensor dy, Tensor x, Tensor offsets, int num_groups) -> Tensor");
+  m.def("grouped_gemm_wgrad(Tensor dy, Tensor x, Tensor offsets, SymInt num_groups) -> Tensor");
   m.def("quantize_int8_rowwise(Tensor x) -> (Tensor q, Tensor scales)");
   m.def(
       "int8_gemm(Tensor a, Tensor a_scales, Tensor w, Tensor w_scales, Tensor? bias=None, *, "
@@ -131,12 +135,12 @@ TORCH_LIBRARY_FRAGMENT(deepseek_kernels, m) {
       "bool causal=False) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def(
       "cross_attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
-      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float? softmax_scale=None, "
+      "Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float? softmax_scale=None, "
       "bool causal=False) -> (Tensor out, Tensor lse)");
   m.def(
       "cross_attention_varlen_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, "
-      "Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
-      "int max_seqlen_k, float? softmax_scale=None, bool causal=False)"
+      "Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, "
+      "SymInt max_seqlen_k, float? softmax_scale=None, bool causal=False)"
       " -> (Tensor dq, Tensor dk, Tensor dv)");
 }
 

@@ -32,7 +32,7 @@ def load_balancing_loss(routed_counts: Tensor, mean_scores: Tensor, k: int,
     if k < 1 or num_tokens < 0:
         raise ValueError(f"load_balancing_loss: need k >= 1 and num_tokens >= 0, got k={k}, "
                          f"num_tokens={num_tokens}")
-    if not math.isfinite(alpha):
+    if not abs(alpha) < math.inf:  # also False for NaN; unlike math.isfinite, traceable on a SymFloat
         raise ValueError(f"load_balancing_loss: argument 'alpha' must be finite, got {alpha}")
     e = mean_scores.shape[0]
     f = routed_counts.to(mean_scores.dtype) / float(max(k * num_tokens, 1))
@@ -57,7 +57,7 @@ def update_correction_bias(bias: Tensor, loads: Tensor, gamma: float) -> Tensor:
     if bias.dim() != 1 or loads.shape != bias.shape:
         raise ValueError(f"update_correction_bias: 'bias' and 'loads' must be [E] (one shape), got "
                          f"{tuple(bias.shape)} and {tuple(loads.shape)}")
-    if not (math.isfinite(gamma) and gamma >= 0):
+    if not 0 <= gamma < math.inf:
         raise ValueError(f"update_correction_bias: argument 'gamma' must be finite and >= 0, got {gamma}")
     lf = loads.to(torch.float32)
     bias.add_((gamma * torch.sign(lf.mean() - lf)).to(bias.dtype))
@@ -69,9 +69,14 @@ def jitter(logits: Tensor, eps: float, training: bool = True,
     """Multiply the logits by noise uniform in [1 - eps, 1 + eps] when training
     and ``eps > 0``; identity otherwise. ``eps`` must be in [0, 1) (a factor <= 0
     would zero or flip a logit)."""
-    if not (math.isfinite(eps) and 0 <= eps < 1):
+    # Comparisons only (False for NaN): torch.compile(dynamic=True) traces a module's
+    # float attribute as a SymFloat, which math.isfinite cannot take.
+    if not 0 <= eps < 1:
         raise ValueError(f"jitter: argument 'eps' must be in [0, 1), got {eps}")
     if not training or eps == 0:
         return logits
-    u = torch.rand(logits.shape, device=logits.device, dtype=torch.float32, generator=generator)
+    if generator is None:  # torch.rand's generator overload takes concrete sizes only
+        u = torch.rand(logits.shape, device=logits.device, dtype=torch.float32)
+    else:
+        u = torch.rand(logits.shape, device=logits.device, dtype=torch.float32, generator=generator)
     return logits * (1.0 - eps + 2.0 * eps * u).to(logits.dtype)

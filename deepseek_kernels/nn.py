@@ -140,7 +140,9 @@ class MoELayer(nn.Module):
         self.use_kernels = True
 
     def capacity(self, num_tokens: int) -> int:
-        return int(math.ceil(self.capacity_factor * num_tokens * self.k / self.num_experts))
+        # math.ceil gives an int, and stays symbolic for a symbolic token count (an int()
+        # around it would specialize a compiled or exported graph on the count).
+        return math.ceil(self.capacity_factor * num_tokens * self.k / self.num_experts)
 
     @staticmethod
     def _swiglu(h: Tensor) -> Tensor:

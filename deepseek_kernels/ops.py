@@ -326,7 +326,10 @@ def moe_permute(x: Tensor, expert_ids: Tensor, slots: Tensor, expert_counts: Ten
     for name, t in (("expert_ids", expert_ids), ("slots", slots), ("expert_counts", expert_counts)):
         if t.dtype != torch.int32:
             raise TypeError(f"moe_permute: argument '{name}' must be int32, got {t.dtype}")
-    if not x.is_cuda:
+    if not x.is_cuda and not torch.compiler.is_compiling():
+        # Eager CPU: the packed size is known here, so an overflow gets its own message.
+        # A compiled graph cannot compare it with num_rows (data-dependent) and takes
+        # the path below, where the CPU dispatch kernel rejects a row past num_rows.
         packed, offsets = _call_differentiable(_ops.moe_permute, x, expert_ids, slots, expert_counts,
                                                 weights)
         if packed.shape[0] > num_rows:
@@ -334,8 +337,8 @@ def moe_permute(x: Tensor, expert_ids: Tensor, slots: Tensor, expert_counts: Ten
                              f"sum(expert_counts)={packed.shape[0]}")
         pad = packed.new_zeros((num_rows - packed.shape[0], packed.shape[1]))
         return torch.cat([packed, pad]), offsets
-    # CUDA: the same scatter kernel as a one-expert dispatch whose slots are the
-    # packed rows (offsets[e] + slot), all sized on the device.
+    # The same scatter kernel as a one-expert dispatch whose slots are the packed
+    # rows (offsets[e] + slot), all sized on the device.
     e = expert_counts.shape[0]
     offsets = torch.cat([expert_counts.new_zeros(1, dtype=torch.int64),
                          torch.cumsum(expert_counts, 0, dtype=torch.int64)])
