@@ -12,7 +12,11 @@ Rows (ours vs the peer a PyTorch user would write):
 
 Every implementation is checked against an fp64 reference before it is timed
 (ours within 2x the peer's error). TFLOP/s and % of the bf16 (CUDA) / fp32 (CPU)
-matmul peak measured in the same run; medians.
+matmul peak measured in the same run; medians. The bf16/fp32 grouped rows add
+ours_GB/s (the E weights, x and the output, each moved once), floor_ms (the
+roofline: max(FLOPs / matmul peak, bytes / copy bandwidth), both measured in
+the run) and x_of_floor = floor_ms / ours_ms: at the DeepSeek-V3 shape the E
+weights are 7.5 GB, so the floor sits near the one-GEMM peer's time.
 
     python bench/bench_gemm.py --device cuda   # H100: 4096^3, 8192^3, DeepSeek-V3 expert shapes
     python bench/bench_gemm.py --device cpu    # small shapes
@@ -67,7 +71,7 @@ CONFIGS = {
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COLUMNS = ["op", "shape", "dtype", "ours_ms", "peer_ms", "x_vs_peer", "ours_TFLOP/s", "%matmul_peak",
-           "peer2_ms", "x_vs_peer2", "v3_variant"]
+           "peer2_ms", "x_vs_peer2", "ours_GB/s", "floor_ms", "x_of_floor", "v3_variant"]
 
 
 def _err(x, want):
@@ -246,12 +250,17 @@ def main(argv=None) -> int:
     peak = T.measure_matmul_tflops(device)
     print(f"peak   : torch matmul {peak:,.1f} TFLOP/s "
           f"({'bf16 8192^3' if device.type == 'cuda' else 'fp32 2048^3'})", flush=True)
+    copy_bw = T.measure_copy_bandwidth(device)
+    print(f"copy bw: {copy_bw:,.1f} GB/s (bytes read + written)", flush=True)
     timing = dict(warmup=2, reps=5, min_time_s=0.2) if device.type == "cpu" else dict(warmup=5, reps=20)
 
     torch.manual_seed(0)
     checks, rows = {}, []
 
-    def row(op, shape, flops, ours, peer, peer2=None):
+    def row(op, shape, flops, ours, peer, peer2=None, nbytes=None):
+        """One table row. ``nbytes``: the bytes the op must move at least (operands
+        read once, output written once); gives ours_GB/s and floor_ms, the roofline
+        time max(flops / matmul peak, nbytes / copy bandwidth), and x_of_floor."""
         r = {"op": op, "shape": shape,
              "dtype": op.split()[0] if op.split()[0] in ("int8", "fp8") else cfg["dtype"]}
         r["ours_ms"] = T.time_fn(ours, device, **timing)["median_ms"]
@@ -259,6 +268,10 @@ def main(argv=None) -> int:
         r["x_vs_peer"] = r["peer_ms"] / r["ours_ms"]
         r["ours_TFLOP/s"] = flops / (r["ours_ms"] * 1e-3) / 1e12
         r["%matmul_peak"] = 100.0 * r["ours_TFLOP/s"] / peak
+        if nbytes is not None:
+            r["ours_GB/s"] = nbytes / (r["ours_ms"] * 1e-3) / 1e9
+            r["floor_ms"] = max(flops / (peak * 1e12), nbytes / (copy_bw * 1e9)) * 1e3
+            r["x_of_floor"] = r["floor_ms"] / r["ours_ms"]
         if peer2 is not None:
             r["peer2_ms"] = T.time_fn(peer2, device, **timing)["median_ms"]
             r["x_vs_peer2"] = r["peer2_ms"] / r["ours_ms"]
@@ -309,8 +322,14 @@ def main(argv=None) -> int:
     _check("grouped", dk.grouped_gemm(x, weights, offsets), loop(), ref.grouped_gemm(x, weights, offsets, out_dtype=torch.float64),
            checks)
     w0 = weights[0]
+    # Unlike the one-GEMM peer (one [N, K] weight), the grouped GEMM reads E weights:
+    # at DeepSeek-V3's shape 7.5 GB of bf16, a bandwidth floor near the peer's time.
+    grouped_bytes = (e * n * k + rows_g * k + rows_g * n) * x.element_size()
+    print(f"note   : grouped moves >= {grouped_bytes / 1e9:.3g} GB (E weights, x, out): "
+          f"{grouped_bytes / (copy_bw * 1e9) * 1e3:.3g} ms at the copy bandwidth", flush=True)
     row("grouped", f"S={rows_g} E={e} N={n} K={k}", 2.0 * rows_g * n * k,
-        lambda: dk.grouped_gemm(x, weights, offsets), lambda: torch.matmul(x, w0.t()), loop)
+        lambda: dk.grouped_gemm(x, weights, offsets), lambda: torch.matmul(x, w0.t()), loop,
+        nbytes=grouped_bytes)
     if device.type == "cuda":
         # The grouped GEMM through the forced v2 (mma.sync 128x256) and v3 (wgmma)
         # kernels (auto, the row above, runs v3 here where it can).
@@ -320,7 +339,8 @@ def main(argv=None) -> int:
                        ref.grouped_gemm(x, weights, offsets, out_dtype=torch.float64), checks)
                 if checks[f"grouped v{v}"]:
                     row(f"grouped v{v}", f"S={rows_g} E={e} N={n} K={k}", 2.0 * rows_g * n * k,
-                        lambda: dk.grouped_gemm(x, weights, offsets), lambda: torch.matmul(x, w0.t()), loop)
+                        lambda: dk.grouped_gemm(x, weights, offsets), lambda: torch.matmul(x, w0.t()), loop,
+                        nbytes=grouped_bytes)
                     if v == 3 and int(torch.ops.deepseek_kernels._cuda_kernel_ran("gemm")) == 3:
                         rows[-1]["v3_variant"] = v3_variant("gemm")
 
