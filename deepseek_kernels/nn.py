@@ -38,6 +38,44 @@ def _check_last_dim(name: str, x: Tensor, size: int) -> None:
         raise ValueError(f"{name}: the input's last dimension must be {size}, got shape {tuple(x.shape)}")
 
 
+def _rows(x: Tensor, size: int) -> Tensor:
+    """x [..., size] as [rows, size]; reshape(-1, 0) cannot infer the row count."""
+    return x.reshape(-1, size) if size else x.reshape(x.shape[:-1].numel(), 0)
+
+
+def _fp8_input(t: Tensor) -> Tensor:
+    """What quantize_fp8 takes (fp32/fp16/bf16): fp64 (a model in .double()) through fp32,
+    far finer than e4m3's 3 mantissa bits."""
+    return t.float() if t.dtype == torch.float64 else t
+
+
+def _apply_keeping_fp32(apply, fn, recurse: bool, tensors) -> nn.Module:
+    """``apply(fn, recurse)`` (nn.Module._apply) with the tensors named by ``tensors``
+    ((module, attribute) pairs) kept fp32: ``.to(dtype)``, ``.half()``, ``.bfloat16()``
+    and ``.double()`` convert every floating parameter and buffer, which would break
+    the fp32 contract of these (int8_gemm's scales and bias, the router) and round
+    state that accumulates small steps (the correction bias). They follow device moves."""
+    saved = []
+    for m, name in tensors:
+        t = getattr(m, name)
+        if t is not None:
+            saved.append((m, name, t.detach(), None if t.grad is None else t.grad.detach()))
+    out = apply(fn, recurse)
+    for m, name, old, old_grad in saved:
+        new = getattr(m, name)
+        if new is None or new.dtype == torch.float32:
+            continue
+        if isinstance(new, nn.Parameter):
+            with torch.no_grad():
+                new.data = old.to(new.device, torch.float32)
+            if new.grad is not None:
+                g = new.grad if old_grad is None else old_grad
+                new.grad = g.to(new.device, torch.float32)
+        else:
+            m._buffers[name] = old.to(new.device, torch.float32)
+    return out
+
+
 class _FP8GroupedFunction(torch.autograd.Function):
     """Grouped FP8 forward (rows in 1x128 blocks, each group's weight in 128x128 blocks);
     straight-through backward in bf16, as :class:`FP8Linear`'s."""
@@ -45,13 +83,13 @@ class _FP8GroupedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weights: Tensor, offsets: Tensor, use_kernels: bool) -> Tensor:
         K = _ops if use_kernels else _reference
-        qx, sx = K.quantize_fp8(x, (1, 128))
-        qw, sw = K.quantize_fp8(weights, (128, 128))
-        out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float16) \
-            else torch.float32
+        qx, sx = K.quantize_fp8(_fp8_input(x), (1, 128))
+        qw, sw = K.quantize_fp8(_fp8_input(weights), (128, 128))
         ctx.save_for_backward(x, weights, offsets)
         ctx.use_kernels = use_kernels
-        return K.fp8_grouped_gemm(qx, sx, qw, sw, offsets, out_dtype=out_dtype)
+        # fp64 (a model in .double()): an fp32 result, exactly widened to x's dtype
+        return K.fp8_grouped_gemm(qx, sx, qw, sw, offsets,
+                                  out_dtype=_fp8_input(x).dtype).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
@@ -95,6 +133,10 @@ class MoELayer(nn.Module):
     ``self.last_routed_counts`` the per-expert loads. With ``bias_update_rate > 0``
     the selection bias (``correction_bias`` buffer) is updated after every
     training forward (DeepSeek-V3's aux-loss-free balancing).
+
+    The router and ``correction_bias`` stay fp32 whatever ``dtype`` the experts take,
+    through ``.to(dtype)``/``.half()``/``.bfloat16()`` too, and the router runs in fp32
+    under ``torch.autocast``.
     """
 
     def __init__(self, hidden: int, ffn_hidden: int, num_experts: int, k: int,
@@ -121,12 +163,16 @@ class MoELayer(nn.Module):
         if use_correction_bias is None:
             use_correction_bias = bias_update_rate > 0
         if use_correction_bias:
-            self.register_buffer("correction_bias", torch.zeros(num_experts, device=device))
+            self.register_buffer("correction_bias", torch.zeros(num_experts, device=device,
+                                                                dtype=torch.float32))
         else:
             self.correction_bias = None
-        s_in, s_ff = 1.0 / math.sqrt(hidden), 1.0 / math.sqrt(ffn_hidden)
-        self.w_gate_up = nn.Parameter(torch.empty(num_experts, hidden, 2 * ffn_hidden, **fk).uniform_(-s_in, s_in))
-        self.w_down = nn.Parameter(torch.empty(num_experts, ffn_hidden, hidden, **fk).uniform_(-s_ff, s_ff))
+        self.w_gate_up = nn.Parameter(torch.empty(num_experts, hidden, 2 * ffn_hidden, **fk))
+        self.w_down = nn.Parameter(torch.empty(num_experts, ffn_hidden, hidden, **fk))
+        # Not reset_parameters(): the router and the shared experts (nn.Linear) draw their
+        # init as they are built, so that would draw twice and change every seeded init.
+        # The draws here are reset_parameters()'s, in its order.
+        self._reset_experts()
         self.shared = None
         if num_shared_experts > 0:
             fs = ffn_hidden * num_shared_experts
@@ -138,6 +184,45 @@ class MoELayer(nn.Module):
         self.last_routed_counts: Optional[Tensor] = None
         # False: the same parameters through reference.py (pure PyTorch), for A/B runs
         self.use_kernels = True
+
+    def _reset_experts(self) -> None:
+        s_in, s_ff = 1.0 / math.sqrt(self.hidden), 1.0 / math.sqrt(self.ffn_hidden)
+        with torch.no_grad():
+            self.w_gate_up.uniform_(-s_in, s_in)
+            self.w_down.uniform_(-s_ff, s_ff)
+
+    def reset_parameters(self) -> None:
+        """The constructor's initialisation (the same draws, in the same order), e.g.
+        after ``to_empty`` from the meta device; the correction bias back to zero."""
+        self.router.reset_parameters()
+        self._reset_experts()
+        if self.shared is not None:
+            self.shared["gate_up"].reset_parameters()
+            self.shared["down"].reset_parameters()
+        if self.correction_bias is not None:
+            with torch.no_grad():
+                self.correction_bias.zero_()
+
+    def _apply(self, fn, recurse=True):
+        return _apply_keeping_fp32(super()._apply, fn, recurse,
+                                   [(self.router, "weight"), (self, "correction_bias")])
+
+    def __getstate__(self):
+        # aux_loss holds the last forward's graph: copy.deepcopy (an EMA copy of the model)
+        # raises on a tensor that is not a graph leaf, and a copy cannot backprop into it.
+        state = super().__getstate__()
+        if isinstance(state.get("aux_loss"), Tensor):
+            state["aux_loss"] = state["aux_loss"].detach()
+        return state
+
+    def extra_repr(self) -> str:
+        s = (f"hidden={self.hidden}, ffn_hidden={self.ffn_hidden}, num_experts={self.num_experts}, "
+             f"k={self.k}, capacity_factor={self.capacity_factor}, scoring={self.scoring!r}")
+        if self.n_group > 1:
+            s += f", n_group={self.n_group}, topk_group={self.topk_group}"
+        if self.correction_bias is not None:
+            s += f", bias_update_rate={self.bias_update_rate}"
+        return s + (", fp8=True" if self.fp8 else "")
 
     def capacity(self, num_tokens: int) -> int:
         # math.ceil gives an int, and stays symbolic for a symbolic token count (an int()
@@ -161,7 +246,13 @@ class MoELayer(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.hidden)
         t = x2.shape[0]
-        logits = self.router(x2.float())
+        if torch.is_autocast_enabled(x2.device.type):
+            # An fp32 router, as documented (DeepSeek-V3 keeps gating in fp32): autocast
+            # would run nn.Linear in bf16/fp16 and route on rounded logits.
+            with torch.autocast(x2.device.type, enabled=False):
+                logits = self.router(x2.float())
+        else:
+            logits = self.router(x2.float())
         logits = _moe.jitter(logits, self.jitter_eps, self.training)
         if x2.dtype == torch.float64:
             logits = logits.double()
@@ -184,15 +275,29 @@ class MoELayer(nn.Module):
                 eo = torch.bmm(h, self.w_down)
             y = K.moe_combine(eo, g.expert_ids, g.slots, g.weights)
         else:
-            packed, offsets = K.moe_permute(x2, g.expert_ids, g.slots, g.expert_counts)
+            if self.use_kernels:
+                # A static row count, T * k: dropless routing routes every choice of a
+                # token with finite logits, so sum(expert_counts) is T * k but for tokens
+                # never routed (non-finite logits), whose zero rows pad the end. No
+                # device-to-host read on CUDA, and no data-dependent shape, which
+                # torch.compile without fullgraph=True meets with a graph break. The
+                # padding joins the last expert's group in the grouped GEMMs (computed,
+                # never read back by unpermute, zero gradient).
+                rows = t * self.k
+                packed, offsets = _ops.moe_permute(x2, g.expert_ids, g.slots, g.expert_counts,
+                                                   num_rows=rows)
+                group_offsets = torch.cat([offsets[:-1], offsets.new_full((1,), rows)])
+            else:
+                packed, offsets = K.moe_permute(x2, g.expert_ids, g.slots, g.expert_counts)
+                group_offsets = offsets
             if self.fp8:
-                eo = self._fp8_experts(packed, offsets)
+                eo = self._fp8_experts(packed, group_offsets)
             elif self.use_kernels:
                 # The expert weights are stored [E, in, out]; grouped_gemm takes [E, out, in].
                 packed, w1, w2 = _autocast(packed, self.w_gate_up.transpose(1, 2),
                                            self.w_down.transpose(1, 2))
-                h = self._swiglu(_ops.grouped_gemm(packed, w1, offsets))
-                eo = _ops.grouped_gemm(h, w2, offsets)
+                h = self._swiglu(_ops.grouped_gemm(packed, w1, group_offsets))
+                eo = _ops.grouped_gemm(h, w2, group_offsets)
             else:
                 bounds = offsets.tolist()
                 outs = []
@@ -272,6 +377,17 @@ class CrossAttention(nn.Module):
         self.v_proj = Linear(self.kv_dim, num_kv_heads * self.head_dim, bias=bias, **fk)
         self.out_proj = Linear(dim, dim, bias=bias, **fk)
         self.use_kernels = True
+
+    def reset_parameters(self) -> None:
+        """The constructor's initialisation (the projections' draws, in its order)."""
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            proj.reset_parameters()
+
+    def extra_repr(self) -> str:
+        s = f"dim={self.dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}"
+        if self.kv_dim != self.dim:
+            s += f", kv_dim={self.kv_dim}"
+        return s + ("" if self.softmax_scale is None else f", softmax_scale={self.softmax_scale}")
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None,
                 key_padding_mask: Optional[Tensor] = None, causal: bool = False,
@@ -369,9 +485,11 @@ class Linear(_GemmLinear):
         self._init_parameters()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, activation: str = "none") -> "Linear":
-        """A Linear sharing nothing with ``linear`` but holding copies of its parameters."""
-        return cls._copy_of(linear, activation)
+    def from_linear(cls, linear: nn.Module, activation: Optional[str] = None) -> "Linear":
+        """A Linear sharing nothing with ``linear`` but holding copies of its parameters;
+        ``activation=None``: ``linear``'s own (``"none"`` for a torch.nn.Linear), as
+        FP8Linear's and Int8Linear's (a "none" default dropped an FP8Linear's activation)."""
+        return cls._copy_of(linear, cls._activation_of(linear, activation))
 
     def forward(self, x: Tensor) -> Tensor:
         K = _ops if self.use_kernels else _reference
@@ -387,17 +505,15 @@ class _FP8LinearFunction(torch.autograd.Function):
     def forward(ctx, x2: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
                 use_kernels: bool) -> Tensor:
         K = _ops if use_kernels else _reference
-        qx, sx = K.quantize_fp8(x2, (1, 128))
-        qw, sw = K.quantize_fp8(weight, (128, 128))
-        out_dtype = x2.dtype if x2.dtype in (torch.float32, torch.bfloat16, torch.float16) \
-            else torch.float32
+        qx, sx = K.quantize_fp8(_fp8_input(x2), (1, 128))
+        qw, sw = K.quantize_fp8(_fp8_input(weight), (128, 128))
         # fp32 out: bias and activation on the fp32 result, one rounding at the end.
         z = K.fp8_gemm(qx, sx, qw, sw, out_dtype=torch.float32)
         if bias is not None:
             z = z + bias.float()
         ctx.save_for_backward(x2, weight, z if activation != "none" else None)
         ctx.has_bias, ctx.activation = bias is not None, activation
-        return _reference._gemm_activation(z, activation).to(out_dtype)
+        return _reference._gemm_activation(z, activation).to(x2.dtype)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
@@ -416,7 +532,8 @@ class FP8Linear(_GemmLinear):
     """Linear layer with an FP8 e4m3 forward (DeepSeek-V3 recipe): activations quantized
     per 1x128 block, the (fp32/bf16 master) weight per 128x128 block, on every forward;
     :func:`deepseek_kernels.fp8_gemm` accumulates per-block partial sums in fp32.
-    Bias and the optional activation (as :class:`Linear`) apply to the fp32 result.
+    Bias and the optional activation (as :class:`Linear`) apply to the fp32 result,
+    rounded once to the input's dtype (fp64 inputs and weights quantize through fp32).
     Backward is straight-through in bf16 (gradients of the unquantized linear map,
     through the activation at the FP8 pre-activation)."""
 
@@ -425,6 +542,9 @@ class FP8Linear(_GemmLinear):
         super().__init__("FP8Linear", in_features, out_features, activation)
         self._make_parameters(bias, device, dtype)
         self.use_kernels = True  # False: reference.py's (bitwise equal) FP8 ops
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
         self._init_parameters()
 
     @classmethod
@@ -433,7 +553,7 @@ class FP8Linear(_GemmLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_last_dim("FP8Linear", x, self.in_features)
-        x2 = x.reshape(-1, self.in_features)
+        x2 = _rows(x, self.in_features)
         y = _FP8LinearFunction.apply(x2, self.weight, self.bias, self.activation, self.use_kernels)
         return y.reshape(*x.shape[:-1], self.out_features)
 
@@ -442,8 +562,10 @@ class Int8Linear(_GemmLinear):
     """W8A8 inference Linear: the weight quantized per output row once
     (:func:`deepseek_kernels.quantize_int8_rowwise`), activations per row on every
     forward, :func:`deepseek_kernels.int8_gemm` (exact int32 accumulation, fp32
-    bias), then the activation. Built from a trained layer with :meth:`from_linear`;
-    holds buffers, not parameters (no training)."""
+    bias), then the activation; the output in the input's dtype (fp64 inputs quantize
+    through fp32). Built from a trained layer with :meth:`from_linear`; holds buffers,
+    not parameters (no training). ``weight_scales`` and ``bias`` stay fp32 (int8_gemm's
+    contract) through ``.to(dtype)``/``.half()``/``.bfloat16()``."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  activation: str = "none", device=None):
@@ -453,6 +575,19 @@ class Int8Linear(_GemmLinear):
         self.register_buffer("weight_scales", torch.ones(out_features, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
         self.use_kernels = True  # False: reference.py's (bitwise equal) INT8 ops
+
+    def reset_parameters(self) -> None:
+        """The constructor's state (codes 0, scales 1, bias 0), e.g. after ``to_empty``
+        from the meta device; load a state dict or use :meth:`from_linear` for weights."""
+        with torch.no_grad():
+            self.weight_q.zero_()
+            self.weight_scales.fill_(1.0)
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def _apply(self, fn, recurse=True):
+        return _apply_keeping_fp32(super()._apply, fn, recurse,
+                                   [(self, "weight_scales"), (self, "bias")])
 
     @classmethod
     def from_linear(cls, linear: nn.Module, activation: Optional[str] = None) -> "Int8Linear":
@@ -469,7 +604,8 @@ class Int8Linear(_GemmLinear):
     def forward(self, x: Tensor) -> Tensor:
         _check_last_dim("Int8Linear", x, self.in_features)
         K = _ops if self.use_kernels else _reference
-        x2 = x.reshape(-1, self.in_features)
+        x2 = _rows(x, self.in_features)
+        # fp64: an fp32 result, exactly widened below (as FP8Linear)
         out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float16) \
             else torch.float32
         qx, sx = K.quantize_int8_rowwise(x2 if x2.dtype != torch.float64 else x2.float())
@@ -477,4 +613,4 @@ class Int8Linear(_GemmLinear):
                         out_dtype=torch.float32 if self.activation != "none" else out_dtype)
         if self.activation != "none":
             y = _reference._gemm_activation(y, self.activation).to(out_dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--grad-compress", choices=["none", "int8", "int4", "topk"], default="none",
       help="DDP gradient compression hook (under torchrun)")
     a("--no-kernels", action="store_true", help="run the pure-PyTorch reference path")
+    a("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+      help="torch.compile the training forward (dynamic shapes, one graph per MoE "
+           "mode): --compile for Inductor, --compile aot_eager to check tracing only")
     a("--eval-every", type=int, default=500)
     a("--val-limit", type=int, default=0, help="evaluate on this many validation pairs (0 = all)")
     a("--log-every", type=int, default=10)
@@ -355,6 +358,14 @@ def train(args: argparse.Namespace) -> Dict:
         if comm_state is not None and resume and resume.get("comm_state"):
             comm_state.load_state_dict(resume["comm_state"])
 
+    # The training forward, compiled on request. Dynamic shapes from the start: the
+    # text length changes from batch to batch, and our ops' fakes take symbolic sizes
+    # (tests/test_dynamic_shapes.py). The MoE layers' aux_loss attributes, set in the
+    # forward, are replayed by Dynamo, so answer_loss reads them as in eager mode.
+    forward = ddp_model
+    if args.compile:
+        forward = torch.compile(ddp_model, backend=args.compile, dynamic=True)
+
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else None
 
@@ -414,7 +425,7 @@ def train(args: argparse.Namespace) -> Dict:
                 else:
                     b = {k: v.to(device) for k, v in collate(tok, train_data, chunk).items()}
                     # through the DDP wrapper, so its reducer sees the graph
-                    out = model.answer_loss(ddp_model(b["images"], b["input_ids"]), b["targets"])
+                    out = model.answer_loss(forward(b["images"], b["input_ids"]), b["targets"])
                     tokens_seen += b["input_ids"].numel() + len(chunk) * n_img_tokens
                     tok_window += b["input_ids"].numel() + len(chunk) * n_img_tokens
             loss = out["loss"] / args.accum_steps

@@ -343,3 +343,14 @@ def test_aot_inductor_package(tmp_path):
     with torch.no_grad():
         # Inductor may fuse the torch ops between ours (the SwiGLU, the router matmul)
         torch.testing.assert_close(runner(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.25])
+def test_moe_layer_has_no_graph_break_without_fullgraph(capacity_factor):
+    """Plain torch.compile (fullgraph=False, which treats a data-dependent output
+    size as a graph break, and here fell back to eager for the whole forward): the
+    dropless layer permutes into a static T * k rows, so one graph, no break."""
+    layer = dnn.MoELayer(32, 48, 8, 2, num_shared_experts=1, capacity_factor=capacity_factor)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(layer)(torch.randn(2, 19, 32))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons

@@ -92,6 +92,24 @@ def test_kernels_match_reference_bf16(tmp_path):
     assert dk <= 2 * dr + 0.01, f"bf16 kernels drift {dk:.3%} vs reference bf16 drift {dr:.3%}"
 
 
+@pytest.mark.parametrize("capacity_factor", [None, 1.25])
+def test_compiled_training_matches_eager(tmp_path, capacity_factor):
+    """--compile aot_eager: the training forward is one graph with dynamic shapes (the
+    text length changes between batches; no recompile, no graph break, dropless or
+    capacity MoE) and the losses are eager's, bit for bit (aot_eager runs the traced
+    ops as they are; Inductor would fuse the torch ops between ours)."""
+    from torch._dynamo.utils import counters
+
+    cf = [] if capacity_factor is None else ["--capacity-factor", str(capacity_factor)]
+    eager, _ = run(tmp_path, "eager", *cf, steps=12)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled, _ = run(tmp_path, "compiled", "--compile", "aot_eager", *cf, steps=12)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], (
+        dict(counters["stats"]), dict(counters["graph_break"]))
+    assert compiled["losses"] == eager["losses"]
+
+
 # ------------------------------------------------------------------ resume
 
 
