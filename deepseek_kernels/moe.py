@@ -75,8 +75,7 @@ def jitter(logits: Tensor, eps: float, training: bool = True,
         raise ValueError(f"jitter: argument 'eps' must be in [0, 1), got {eps}")
     if not training or eps == 0:
         return logits
-    if generator is None:  # torch.rand's generator overload takes concrete sizes only
-        u = torch.rand(logits.shape, device=logits.device, dtype=torch.float32)
-    else:
-        u = torch.rand(logits.shape, device=logits.device, dtype=torch.float32, generator=generator)
+    # generator only when given: torch.rand's generator overload takes concrete sizes only
+    extra = {} if generator is None else {"generator": generator}
+    u = torch.rand(logits.shape, device=logits.device, dtype=torch.float32, **extra)
     return logits * (1.0 - eps + 2.0 * eps * u).to(logits.dtype)

@@ -43,9 +43,9 @@ def _rows(x: Tensor, size: int) -> Tensor:
     return x.reshape(-1, size) if size else x.reshape(x.shape[:-1].numel(), 0)
 
 
-def _fp8_input(t: Tensor) -> Tensor:
-    """What quantize_fp8 takes (fp32/fp16/bf16): fp64 (a model in .double()) through fp32,
-    far finer than e4m3's 3 mantissa bits."""
+def _quantizable(t: Tensor) -> Tensor:
+    """What quantize_fp8 and quantize_int8_rowwise take (fp32/fp16/bf16): fp64 (a model
+    in .double()) through fp32, far finer than e4m3's 3 mantissa bits or int8's codes."""
     return t.float() if t.dtype == torch.float64 else t
 
 
@@ -83,13 +83,13 @@ class _FP8GroupedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weights: Tensor, offsets: Tensor, use_kernels: bool) -> Tensor:
         K = _ops if use_kernels else _reference
-        qx, sx = K.quantize_fp8(_fp8_input(x), (1, 128))
-        qw, sw = K.quantize_fp8(_fp8_input(weights), (128, 128))
+        qx, sx = K.quantize_fp8(_quantizable(x), (1, 128))
+        qw, sw = K.quantize_fp8(_quantizable(weights), (128, 128))
         ctx.save_for_backward(x, weights, offsets)
         ctx.use_kernels = use_kernels
         # fp64 (a model in .double()): an fp32 result, exactly widened to x's dtype
         return K.fp8_grouped_gemm(qx, sx, qw, sw, offsets,
-                                  out_dtype=_fp8_input(x).dtype).to(x.dtype)
+                                  out_dtype=_quantizable(x).dtype).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
@@ -505,8 +505,8 @@ class _FP8LinearFunction(torch.autograd.Function):
     def forward(ctx, x2: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
                 use_kernels: bool) -> Tensor:
         K = _ops if use_kernels else _reference
-        qx, sx = K.quantize_fp8(_fp8_input(x2), (1, 128))
-        qw, sw = K.quantize_fp8(_fp8_input(weight), (128, 128))
+        qx, sx = K.quantize_fp8(_quantizable(x2), (1, 128))
+        qw, sw = K.quantize_fp8(_quantizable(weight), (128, 128))
         # fp32 out: bias and activation on the fp32 result, one rounding at the end.
         z = K.fp8_gemm(qx, sx, qw, sw, out_dtype=torch.float32)
         if bias is not None:
@@ -594,7 +594,7 @@ class Int8Linear(_GemmLinear):
         m = cls._empty_like(linear, cls._activation_of(linear, activation))
         with torch.no_grad():
             w = linear.weight.detach()
-            q, s = _ops.quantize_int8_rowwise(w if w.dtype != torch.float64 else w.float())
+            q, s = _ops.quantize_int8_rowwise(_quantizable(w))
             m.weight_q.copy_(q)
             m.weight_scales.copy_(s)
             if linear.bias is not None:
@@ -608,7 +608,7 @@ class Int8Linear(_GemmLinear):
         # fp64: an fp32 result, exactly widened below (as FP8Linear)
         out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float16) \
             else torch.float32
-        qx, sx = K.quantize_int8_rowwise(x2 if x2.dtype != torch.float64 else x2.float())
+        qx, sx = K.quantize_int8_rowwise(_quantizable(x2))
         y = K.int8_gemm(qx, sx, self.weight_q, self.weight_scales, bias=self.bias,
                         out_dtype=torch.float32 if self.activation != "none" else out_dtype)
         if self.activation != "none":
