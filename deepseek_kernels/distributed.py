@@ -26,9 +26,9 @@ elements):
 6. every rank, the owner included, dequantizes all shards and writes the result
    into the tensor. All ranks therefore hold bit-identical values.
 
-If any rank's input held NaN or Inf, every rank's whole result is NaN (the
-flags travel with the scales, so this costs no extra collective): a GradScaler
-then skips the step on every rank.
+If any rank's input held NaN or Inf, or the fp32 sum of a shard overflowed,
+every rank's whole result is NaN (the flags travel with the scales, so this
+costs no extra collective): a GradScaler then skips the step on every rank.
 
 Codes, scales and flag of one destination travel in one buffer (4-byte aligned
 rows, sent as int32), so each call is two collectives. int32 is supported by
@@ -39,6 +39,7 @@ See docs/distributed.md for usage, the error bound and the byte accounting.
 """
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
@@ -46,6 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import ops
 
@@ -298,6 +300,10 @@ def _quantized_mean(
         recv2 = send2.view(1, row2)
     gq = recv2[:, :cb].reshape(-1)
     gs = recv2[:, so:].contiguous().view(torch.float32).reshape(-1)  # [N / B]
+    # A non-finite reduced scale means the fp32 sum overflowed on its owner (finite
+    # inputs near the fp32 maximum); the scales are the same on every rank, so
+    # every rank sees it: treat it like a non-finite input.
+    any_nonfinite = any_nonfinite | ~torch.isfinite(gs).all()
     # Some rank had NaN/Inf: NaN scales make every dequantized value NaN (NaN * 0
     # is NaN), on the scales, 1/block_size of the data, without a host sync.
     gs.masked_fill_(any_nonfinite, float("nan"))
@@ -424,7 +430,8 @@ def compressed_all_reduce_(
         equivalent, ``nonfinite`` flag).
 
     All ranks end with bit-identical values. If any rank's tensor held NaN or
-    Inf, the whole tensor is NaN on every rank. With one rank nothing is
+    Inf, or the sum over the ranks overflowed fp32, the whole tensor is NaN on
+    every rank. With one rank nothing is
     communicated, but the values still go through quantize -> dequantize ->
     re-quantize -> dequantize, so results do not depend on the world size's
     being 1. The error against the exact fp32 mean is bounded per element by
@@ -465,32 +472,44 @@ def compressed_all_reduce_(
 # ---------------------------------------------------------------------------
 
 
-def _fingerprint(bucket, buf: Tensor) -> Tuple:
-    """What identifies a bucket's layout: its size, dtype and its parameters' shapes
-    in order. Stable across processes (so it survives a checkpoint)."""
-    params = bucket.parameters() if hasattr(bucket, "parameters") else []
-    return (buf.numel(), str(buf.dtype), tuple(tuple(p.shape) for p in params))
+def _check_process_group(group):
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"process_group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}"
+        )
+    return group
 
 
 class _Residual:
-    __slots__ = ("tensor", "last_used", "loaded")
+    """One parameter's error-feedback residual: ``tensor`` fp32 [numel], a view of
+    ``owner`` (the residual of the whole bucket it was computed in) at ``offset``."""
 
-    def __init__(self, tensor: Tensor, last_used: int, loaded: bool):
+    __slots__ = ("tensor", "owner", "offset", "last_seen")
+
+    def __init__(self, tensor: Tensor, owner: Optional[Tensor], offset: int, last_seen: int):
         self.tensor = tensor
-        self.last_used = last_used
-        self.loaded = loaded
+        self.owner = owner
+        self.offset = offset
+        self.last_seen = last_seen
 
 
 class _HookState:
-    """Iteration counting, error-feedback residuals, byte counters, checkpoints."""
+    """Iteration counting, error-feedback residuals, byte counters, checkpoints.
 
-    # A residual restored by load_state_dict survives unused for this many
-    # iterations: a freshly constructed DDP reduces its first iteration with a
-    # provisional bucket layout and only then builds the final one.
-    _LOAD_GRACE_ITERS = 2
+    Residuals are kept per parameter, not per bucket: DDP rebuilds its buckets
+    after its first iteration (and a resumed run starts from the provisional
+    layout again), and a bucket index, even with its shapes, does not name the
+    same parameters in both layouts. A parameter is numbered the first time a
+    bucket holding it reaches the hook; DDP hands buckets to the hook in index
+    order and a fresh DDP always starts from the same layout, so the numbers
+    are the same in every run of the same model (they name the residuals in a
+    checkpoint).
+    """
+
+    _STATE_VERSION = 2
 
     def __init__(self, process_group, error_feedback: bool, start_iter: int, min_numel: int, seed: int):
-        self.process_group = process_group
+        self.process_group = _check_process_group(process_group)
         self.error_feedback = bool(error_feedback)
         self.start_iter = _check_nonneg_int("start_iter", start_iter)
         self.min_numel = _check_nonneg_int("min_numel", min_numel)
@@ -502,8 +521,8 @@ class _HookState:
         self.fp32_bytes = 0
         self.compressed_buckets = 0
         self.plain_buckets = 0
-        self._residuals: Dict[Tuple, _Residual] = {}
-        self._iters_since_load: Optional[int] = None
+        self._param_numbers = WeakIdKeyDictionary()  # parameter -> its number
+        self._residuals: Dict[int, _Residual] = {}  # parameter number -> residual
 
     # -- public ------------------------------------------------------------
 
@@ -512,7 +531,6 @@ class _HookState:
         ``start_iter`` iterations are plain all-reduces again). Byte counters stay."""
         self._residuals.clear()
         self.iter = 0
-        self._iters_since_load = None
 
     @property
     def residual_numel(self) -> int:
@@ -530,13 +548,13 @@ class _HookState:
     def state_dict(self) -> Dict[str, Any]:
         """Counters and residuals (copied to the CPU), for ``torch.save``.
 
-        Each residual is stored with the bucket index and layout fingerprint it
-        belongs to, so a resumed run applies it to the same bucket of the same
-        model. The config is stored for reference; ``load_state_dict`` keeps the
-        config this state was constructed with.
+        Each residual is stored with the number of the parameter it belongs to
+        (see the class docstring), so a resumed run applies it to the same
+        parameter. The config is stored for reference; ``load_state_dict`` keeps
+        the config this state was constructed with.
         """
         return {
-            "version": 1,
+            "version": self._STATE_VERSION,
             "kind": type(self).__name__,
             "config": self._config(),
             "iter": self.iter,
@@ -545,17 +563,24 @@ class _HookState:
             "compressed_buckets": self.compressed_buckets,
             "plain_buckets": self.plain_buckets,
             "residuals": [
-                {"index": key[0], "fingerprint": key[1], "residual": r.tensor.detach().to("cpu", copy=True)}
-                for key, r in self._residuals.items()
+                {"param": num, "residual": r.tensor.detach().to("cpu", copy=True)}
+                for num, r in sorted(self._residuals.items())
             ],
         }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restore counters and residuals saved by :meth:`state_dict`. Residuals
-        move to the gradients' device on first use."""
+        move to the gradients' device on first use. A version-1 state (residuals
+        per bucket, which could name the wrong parameters) restores the counters
+        and drops the residuals, with a warning."""
         if state_dict.get("kind") not in (None, type(self).__name__):
             raise ValueError(
                 f"state_dict is from a {state_dict.get('kind')}, cannot load it into a {type(self).__name__}"
+            )
+        version = int(state_dict.get("version", 1))
+        if version > self._STATE_VERSION:
+            raise ValueError(
+                f"state_dict has version {version}; this deepseek_kernels reads versions 1 to {self._STATE_VERSION}"
             )
         self.iter = int(state_dict["iter"])
         self.wire_bytes = int(state_dict.get("wire_bytes", 0))
@@ -563,42 +588,76 @@ class _HookState:
         self.compressed_buckets = int(state_dict.get("compressed_buckets", 0))
         self.plain_buckets = int(state_dict.get("plain_buckets", 0))
         self._residuals.clear()
-        for entry in state_dict.get("residuals", []):
-            fp = entry["fingerprint"]
-            key = (int(entry["index"]), (int(fp[0]), str(fp[1]), tuple(tuple(s) for s in fp[2])))
-            self._residuals[key] = _Residual(entry["residual"].to(torch.float32), last_used=-1, loaded=True)
-        self._iters_since_load = 0
+        entries = state_dict.get("residuals", [])
+        if version == 1:
+            if entries:
+                warnings.warn(
+                    f"{type(self).__name__}.load_state_dict: a version-1 state keys its error-feedback "
+                    "residuals by bucket, which does not identify the parameters; its "
+                    f"{len(entries)} residual(s) are dropped (the counters are restored)",
+                    stacklevel=2,
+                )
+            return
+        for entry in entries:
+            t = entry["residual"].to(torch.float32).reshape(-1)
+            # Not seen in the coming iteration yet: a bucket must claim it there,
+            # or _end_iteration drops it.
+            self._residuals[int(entry["param"])] = _Residual(t, None, 0, self.iter - 1)
 
     # -- used by the hooks ----------------------------------------------------
 
     def _world_rank(self) -> Tuple[int, int]:
         return _group_world_rank(self.process_group)
 
-    def _take_residual(self, key: Tuple, device: torch.device) -> Optional[Tensor]:
-        r = self._residuals.get(key)
-        if r is None:
-            return None
-        if r.tensor.device != device:
-            r.tensor = r.tensor.to(device)
-        return r.tensor
+    def _segments(self, bucket, buf: Tensor):
+        """[(parameter number, offset, numel)] covering the bucket's buffer, in order.
+        DDP lays a bucket out as its parameters' gradients back to back."""
+        params = list(bucket.parameters()) if hasattr(bucket, "parameters") else []
+        if sum(p.numel() for p in params) != buf.numel():
+            raise RuntimeError(
+                f"DDP bucket {bucket.index()}: its parameters hold {sum(p.numel() for p in params)} "
+                f"elements but its buffer {buf.numel()}; the hook needs the gradients back to back"
+            )
+        segs, off = [], 0
+        for p in params:
+            num = self._param_numbers.get(p)
+            if num is None:
+                num = len(self._param_numbers)
+                self._param_numbers[p] = num
+            segs.append((num, off, p.numel()))
+            off += p.numel()
+        return segs
 
-    def _store_residual(self, key: Tuple, new: Tensor, old: Optional[Tensor], nonfinite: Tensor) -> None:
-        # On a non-finite step (GradScaler will skip it) keep the old residual:
-        # the NaN must not leak into the next steps. torch.where: no host sync.
-        keep = old if old is not None else torch.zeros_like(new)
-        self._residuals[key] = _Residual(torch.where(nonfinite, keep, new), self.iter, loaded=False)
+    def _take_residual(self, segs, buf: Tensor) -> Optional[Tensor]:
+        """The bucket's residual fp32 [numel] (None when no parameter has one)."""
+        found = [self._residuals.get(num) for num, _, _ in segs]
+        if all(r is None for r in found):
+            return None
+        first = found[0]
+        if (
+            first is not None and first.owner is not None and first.owner.numel() == buf.numel()
+            and all(r is not None and r.owner is first.owner and r.offset == off
+                    for r, (_, off, _) in zip(found, segs))
+        ):
+            res = first.owner  # same layout as when it was stored: no copy
+        else:  # the layout changed (or a restored state): assemble per parameter
+            res = torch.zeros(buf.numel(), dtype=torch.float32, device=buf.device)
+            for r, (_, off, n) in zip(found, segs):
+                if r is not None:
+                    res[off : off + n] = r.tensor
+        return res.to(buf.device)
+
+    def _store_residual(self, segs, new: Tensor) -> None:
+        for num, off, n in segs:
+            self._residuals[num] = _Residual(new[off : off + n], new, off, self.iter)
 
     def _end_iteration(self) -> None:
-        # Drop residuals of buckets that no longer exist (DDP rebuilt its buckets:
-        # a new layout has new fingerprints), except restored ones during the grace period.
-        in_grace = self._iters_since_load is not None and self._iters_since_load < self._LOAD_GRACE_ITERS
-        for key in list(self._residuals):
-            r = self._residuals[key]
-            if r.last_used != self.iter and not (r.loaded and in_grace):
-                del self._residuals[key]
+        # Every bucket reaches the hook each synchronized iteration, so a residual
+        # no bucket claimed belongs to no parameter of this model (a restored state
+        # of another model): drop it.
+        for num in [num for num, r in self._residuals.items() if r.last_seen != self.iter]:
+            del self._residuals[num]
         self.iter += 1
-        if self._iters_since_load is not None:
-            self._iters_since_load += 1
 
     def _plain_allreduce(self, buf: Tensor, world: int) -> torch.futures.Future:
         self.plain_buckets += 1
@@ -618,11 +677,17 @@ class _HookState:
         buf = bucket.buffer()
         world, rank = self._world_rank()
         is_last = bucket.is_last()
+        segs = self._segments(bucket, buf) if self.error_feedback else []
+        old = self._take_residual(segs, buf) if segs else None
         if self.iter < self.start_iter or buf.numel() < self.min_numel or buf.numel() == 0:
+            if old is not None:
+                # The bucket went plain (after a rebuild, or min_numel): an exact
+                # all-reduce re-injects the whole residual, which is then spent.
+                buf.copy_(buf.to(torch.float32) + old)
+                for num, _, _ in segs:
+                    self._residuals.pop(num, None)
             fut = self._plain_allreduce(buf, world)
         else:
-            key = (bucket.index(), _fingerprint(bucket, buf))
-            old = self._take_residual(key, buf.device) if self.error_feedback else None
             # fp32 view of the gradient (the bucket itself when fp32: it is only
             # read until the result is written back below).
             x = buf.detach().to(torch.float32)
@@ -631,9 +696,15 @@ class _HookState:
             result, nonfinite, residual, stats = self._exchange(
                 x, bucket.index(), world, rank, self.error_feedback
             )
-            if self.error_feedback:
-                self._store_residual(key, residual, old, nonfinite)
             buf.copy_(result)
+            if self.error_feedback:
+                if buf.dtype != torch.float32:
+                    # the bucket's dtype rounds the mean: feed that error back too
+                    residual += result - buf.to(torch.float32)
+                # On a non-finite step (GradScaler will skip it) keep the old
+                # residual: the NaN must not leak into the next steps. No host sync.
+                keep = old if old is not None else torch.zeros_like(residual)
+                self._store_residual(segs, torch.where(nonfinite, keep, residual))
             self.compressed_buckets += 1
             self.wire_bytes += stats.bytes_sent
             self.fp32_bytes += stats.fp32_allreduce_bytes
@@ -658,8 +729,9 @@ class CompressionState(_HookState):
         block_size: elements per fp32 scale (even for ``bits=4``).
         stochastic: stochastic rounding (seeded from ``seed``, the iteration,
             the bucket index and the rank: reproducible, independent across ranks).
-        error_feedback: carry each rank's compression error into its next
-            gradient of the same bucket (a residual per bucket, fp32).
+        error_feedback: carry each rank's compression error (and the rounding
+            of the mean to a bf16/fp16 bucket) into its next gradient of the
+            same parameters (an fp32 residual per parameter).
         start_iter: the first ``start_iter`` iterations use a plain (exact)
             all-reduce. DDP builds its final buckets after its first iteration.
         min_numel: buckets with fewer elements use a plain all-reduce (latency

@@ -283,6 +283,11 @@ def _job_nonfinite(rank, world):
                 x[1234] = value
             stats = compressed_all_reduce_(x, bits=bits)
             out[f"int{bits} rank{where} {value}"] = dict(result=x, nonfinite=bool(stats.nonfinite))
+        # every input finite, but the fp32 sum over the ranks of one block overflows
+        x = torch.randn(3000, generator=torch.Generator().manual_seed(rank))
+        x[1234] = 3.0e38
+        stats = compressed_all_reduce_(x, bits=bits)
+        out[f"int{bits} overflow"] = dict(result=x, nonfinite=bool(stats.nonfinite))
     return out
 
 
@@ -470,13 +475,23 @@ def _job_resume(rank, world):
     saved = state.state_dict()
     s2 = CompressionState(bits=8, min_numel=0)
     s2.load_state_dict(saved)
-    ddp2 = _ddp(_mlp(width=48), s2, compressed_allreduce_hook)
+    restored = {n: r.tensor for n, r in s2._residuals.items()}
+    m2 = _mlp(width=48)
+    numbers = {}
+    ddp2 = _ddp(m2, s2, compressed_allreduce_hook)
     seen = []
     for _ in range(3):
         ddp2.zero_grad(set_to_none=True)
         F.mse_loss(ddp2(Xm), Ym).backward()
-        seen.append(sorted((k[0], k[1][0], r.loaded) for k, r in s2._residuals.items()))
-    out["mlp_saved_keys"] = sorted((e["index"], e["fingerprint"][0]) for e in saved["residuals"])
+        numbers = {name: s2._param_numbers[p] for name, p in m2.named_parameters()}
+        # a restored residual still in place after an iteration was not applied
+        seen.append(dict(
+            keys=sorted(s2._residuals),
+            stale=[n for n, r in s2._residuals.items() if r.tensor is restored.get(n)],
+            owners=len({id(r.owner) for r in s2._residuals.values()}),
+        ))
+    out["mlp_saved_params"] = [e["param"] for e in saved["residuals"]]
+    out["mlp_numbers"] = numbers
     out["mlp_seen"] = seen
     return out
 
@@ -680,7 +695,7 @@ def test_allreduce_one_element_and_ragged_sizes(request, world):
 def test_nonfinite_on_one_rank_gives_nan_on_every_rank(request, world):
     per_rank = _job(_group(request, world), "nonfinite")
     keys = list(per_rank[0])
-    assert len(keys) == 6
+    assert len(keys) == 8
     for key in keys:
         for r in range(world):
             got = per_rank[r][key]
@@ -750,14 +765,18 @@ def test_resume_from_checkpoint_restores_residuals(world2):
         assert res["n_residuals"] == 1 and res["residual_devices"] == ["cpu"]
         assert torch.equal(res["resumed"], res["uninterrupted"])
         assert not torch.equal(res["no_residuals"], res["uninterrupted"])
-        saved = res["mlp_saved_keys"]
-        assert len(saved) >= 2, "the MLP should span several buckets"
-        first, second, third = res["mlp_seen"]
-        # provisional first iteration: the restored residuals wait (loaded=True)
-        assert {(i, n) for i, n, loaded in first if loaded} == set(saved)
-        # final buckets: exactly the restored ones, now in use; the provisional one is gone
-        assert [(i, n) for i, n, _ in second] == saved and not any(l for *_, l in second)
-        assert second == third
+        # one residual per parameter, numbered the same in the saving and the resumed run
+        params = sorted(res["mlp_numbers"].values())
+        assert params == list(range(6)) and res["mlp_saved_params"] == params
+        for it in res["mlp_seen"]:
+            # every restored residual is applied in the resumed run's first (provisional
+            # layout) iteration, and every parameter keeps one
+            assert it["keys"] == params and it["stale"] == [], it
+        first, last = res["mlp_seen"][0]["owners"], res["mlp_seen"][-1]["owners"]
+        assert last >= 2, "the MLP should span several buckets"
+        # what the test is about: DDP's provisional layout (first iteration of a fresh
+        # DDP, one bucket here) differs from the rebuilt one the residuals came from
+        assert first < last, (first, last)
 
 
 def test_no_sync_gradient_accumulation(world2):
@@ -874,11 +893,11 @@ def test_bad_inputs():
 
 
 class _FakeBucket:
-    """Enough of dist.GradBucket for the hooks."""
+    """Enough of dist.GradBucket for the hooks: ``params`` stand for the model's
+    parameters (the same objects every iteration, as in DDP), laid out back to back."""
 
-    def __init__(self, buffer, index=0, params=None, last=True):
-        self._buffer, self._index, self._last = buffer, index, last
-        self._params = params if params is not None else [buffer]
+    def __init__(self, buffer, params, index=0, last=True):
+        self._buffer, self._params, self._index, self._last = buffer, params, index, last
 
     def buffer(self):
         return self._buffer
@@ -894,14 +913,15 @@ class _FakeBucket:
 
 
 def test_hook_state_single_process():
-    """Iteration counting, start_iter, min_numel, error feedback, the
-    residual-reset rule, NaN steps and state_dict, on one rank. An iteration is
-    bucket 0 (3000 elements) then bucket 1 (50 elements, under min_numel)."""
+    """Iteration counting, start_iter, min_numel, error feedback, NaN steps and
+    state_dict, on one rank. An iteration is bucket 0 (3000 elements) then bucket 1
+    (50 elements, under min_numel)."""
     g, small = torch.randn(3000), torch.randn(50)
+    P, Q = torch.zeros(3000), torch.zeros(50)
 
-    def step(state, big, params=None):
-        out = compressed_allreduce_hook(state, _FakeBucket(big.clone(), 0, params, last=False)).wait()
-        out_small = compressed_allreduce_hook(state, _FakeBucket(small.clone(), 1)).wait()
+    def step(state, big):
+        out = compressed_allreduce_hook(state, _FakeBucket(big.clone(), [P], 0, last=False)).wait()
+        out_small = compressed_allreduce_hook(state, _FakeBucket(small.clone(), [Q], 1)).wait()
         assert torch.equal(out_small, small)  # under min_numel: plain, no residual
         return out
 
@@ -926,26 +946,106 @@ def test_hook_state_single_process():
     buf = io.BytesIO()
     torch.save(st.state_dict(), buf)
     sd = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    assert sd["version"] == 2 and [e["param"] for e in sd["residuals"]] == [0]
     assert all(e["residual"].device.type == "cpu" for e in sd["residuals"])
     st2 = CompressionState(bits=4, min_numel=100, start_iter=1)
     st2.load_state_dict(sd)
     assert st2.iter == st.iter and st2.wire_bytes == st.wire_bytes
     assert torch.equal(step(st, g), step(st2, g))
-    # a changed layout (DDP rebuilt its buckets): new fingerprint, the old residual is
-    # dropped at the end of the iteration that no longer uses it
-    p1, p2 = torch.zeros(1000), torch.zeros(2000)
-    step(st, g, params=[p1, p2])
-    assert len(st._residuals) == 1 and st.residual_numel == 3000
-    (key,) = st._residuals
-    assert key[1][2] == ((1000,), (2000,))
     st.reset()
     assert st.iter == 0 and st.residual_numel == 0
 
 
+def test_residuals_follow_their_parameters_when_the_layout_changes():
+    """Parameters of 2048 elements (whole blocks, so no block mixes the two).
+    DDP rebuilds its buckets after the first iteration, and a resumed run starts
+    from the provisional layout again. Here two same-shaped parameters swap places
+    in one bucket (same index, same shapes): each residual must stay with its
+    parameter, not with its position."""
+    torch.manual_seed(3)
+    A, B = torch.zeros(2048), torch.zeros(2048)
+    gA, gB = torch.randn(2048), 100 * torch.randn(2048)  # very different scales
+    st = CompressionState(bits=4, min_numel=0, start_iter=0)
+    out = compressed_allreduce_hook(st, _FakeBucket(torch.cat([gA, gB]), [A, B])).wait()
+    resA, resB = (gA - out[:2048]), (gB - out[2048:])
+    assert torch.allclose(st._residuals[0].tensor, resA, atol=1e-5)
+    assert torch.allclose(st._residuals[1].tensor, resB, atol=1e-3)
+    # swapped layout, zero gradients: what is sent is (about) each parameter's own residual
+    out = compressed_allreduce_hook(st, _FakeBucket(torch.zeros(4096), [B, A])).wait()
+    expected = torch.cat([resB, resA])
+    assert (out - expected).abs().max() <= expected.abs().max() / 7 + 1e-6
+    assert (out[2048:] - resA).abs().max() < resA.abs().max(), "A's residual went to B's place"
+    # the same layout twice: the bucket's residual is reused without a copy
+    owner = st._residuals[1].owner
+    compressed_allreduce_hook(st, _FakeBucket(torch.zeros(4096), [B, A])).wait()
+    assert st._residuals[0].owner is st._residuals[1].owner
+    assert owner is not st._residuals[1].owner  # a new residual each step
+
+    # the parameter's bucket goes plain (min_numel after a rebuild): the exact
+    # all-reduce re-injects the residual, which is then spent
+    st = CompressionState(bits=4, min_numel=3000, start_iter=0)
+    compressed_allreduce_hook(st, _FakeBucket(torch.cat([gA, gB]), [A, B])).wait()
+    res = st._residuals[0].tensor.clone()
+    out = compressed_allreduce_hook(st, _FakeBucket(torch.zeros(2048), [A], last=False)).wait()
+    assert torch.equal(out, res) and 0 not in st._residuals
+    compressed_allreduce_hook(st, _FakeBucket(torch.zeros(2048), [B])).wait()
+    assert st.residual_numel == 0
+
+
+def test_bf16_bucket_rounding_is_fed_back():
+    """Error feedback telescopes: over T steps of the same gradient g, the results
+    sum to T g minus the last residual, up to fp32 rounding. For a bf16 bucket this
+    holds only if the rounding of each fp32 mean to bf16 (about 0.004 per element
+    here) goes into the residual too."""
+    torch.manual_seed(4)
+    P = torch.zeros(4096)
+    g = torch.randn(4096).bfloat16().float()  # the same gradient in both dtypes
+    T = 16
+    for dtype in (torch.float32, torch.bfloat16):
+        st = CompressionState(bits=8, min_numel=0, start_iter=0)
+        total = torch.zeros(4096, dtype=torch.float64)
+        for _ in range(T):
+            out = compressed_allreduce_hook(st, _FakeBucket(g.to(dtype, copy=True), [P])).wait()
+            assert out.dtype == dtype
+            total += out.double()
+        gap = (total + st._residuals[0].tensor.double() - T * g.double()).abs().max()
+        assert gap < 1e-4, (dtype, gap)
+
+
+def test_state_dict_versions_and_process_group_checks():
+    P = torch.zeros(1000)
+    st = CompressionState(bits=8, min_numel=0, start_iter=0)
+    compressed_allreduce_hook(st, _FakeBucket(torch.randn(1000), [P])).wait()
+    v1 = dict(st.state_dict(), version=1,
+              residuals=[{"index": 0, "fingerprint": (1000, "torch.float32", ((1000,),)),
+                          "residual": torch.zeros(1000)}])
+    st2 = CompressionState()
+    with pytest.warns(UserWarning, match="version-1"):
+        st2.load_state_dict(v1)
+    assert st2.iter == st.iter and st2.residual_numel == 0
+    with pytest.raises(ValueError, match="version 3"):
+        st2.load_state_dict(dict(st.state_dict(), version=3))
+    # a restored residual no parameter claims is dropped after one iteration
+    sd = st.state_dict()
+    sd["residuals"][0]["param"] = 5
+    st3 = CompressionState(bits=8, min_numel=0, start_iter=0)
+    st3.load_state_dict(sd)
+    compressed_allreduce_hook(st3, _FakeBucket(torch.randn(1000), [P])).wait()
+    assert sorted(st3._residuals) == [0]
+    for bad in ("gloo", 0, object()):
+        with pytest.raises(TypeError, match="process_group"):
+            CompressionState(process_group=bad)
+        with pytest.raises(TypeError, match="process_group"):
+            TopKState(process_group=bad)
+    with pytest.raises(RuntimeError, match="back to back"):
+        compressed_allreduce_hook(st, _FakeBucket(torch.randn(1000), [torch.zeros(999)]))
+
+
 def test_topk_hook_single_process():
     g = torch.randn(1000)
+    P = torch.zeros(1000)
     st = TopKState(fraction=0.1, min_numel=0, start_iter=0)
-    out = topk_sparsify_hook(st, _FakeBucket(g.clone())).wait()
+    out = topk_sparsify_hook(st, _FakeBucket(g.clone(), [P])).wait()
     kept = out != 0
     assert kept.sum() == 100
     assert torch.equal(out[kept], g[kept])
@@ -955,7 +1055,7 @@ def test_topk_hook_single_process():
     expected = torch.zeros_like(g)
     idx = torch.topk(res.abs(), 100).indices
     expected[idx] = res[idx]
-    assert torch.equal(topk_sparsify_hook(st, _FakeBucket(torch.zeros(1000))).wait(), expected)
+    assert torch.equal(topk_sparsify_hook(st, _FakeBucket(torch.zeros(1000), [P])).wait(), expected)
     assert st.iter == 2 and st.compressed_buckets == 2
 
 
