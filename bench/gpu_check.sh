@@ -250,7 +250,7 @@ if [ "${SKIP_BENCH:-0}" = 1 ]; then echo "skipped (SKIP_BENCH=1)"; else
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     $PY bench/bench_moe.py --device cuda ${MOE_BENCH_ARGS:---profile} --out "$OUT" 2>&1 | tee "$OUT/bench-moe.log" | tail -20
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
-    for b in gemm attention; do
+    for b in gemm attention host; do
       [ -f bench/bench_$b.py ] || continue
       $PY bench/bench_$b.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench-$b.log" | tail -40
       [ "${PIPESTATUS[0]}" = 0 ] || status=1

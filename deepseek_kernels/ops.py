@@ -55,11 +55,77 @@ def _register_fake(qualname: str):
     return register
 
 
+# qualified op name -> the autograd.Function the eager wrappers use (see _register_autograd)
+_EAGER_AUTOGRAD = {}
+
+
+def _register_autograd(qualname: str, backward, setup_context) -> None:
+    """``torch.library.register_autograd(qualname, backward, setup_context=...)``,
+    which ``torch.ops`` callers and torch.compile go through, plus an
+    ``autograd.Function`` with the same ``setup_context`` and ``backward`` that the
+    eager wrappers of this module call instead.
+
+    Why two doors to one formula: torch.library's autograd layer rebuilds the
+    schema's default arguments on every call (``fill_defaults`` reads
+    ``schema.arguments`` once per argument), 15-45 us per call on the CPU here for
+    our 5-10 argument schemas, 4-5x the op's own host time (bench: a training
+    forward calls several such ops per layer). The Function below reads the
+    defaults once, here; what it computes is the same (tested bitwise).
+    """
+    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+    op = getattr(_ops, qualname.split("::")[1]).default
+    args = op._schema.arguments
+    pos_defaults = [a.default_value for a in args if not a.kwarg_only]
+    kw_defaults = {a.name: a.default_value for a in args if a.kwarg_only}
+    takes_kw = "keyword_only_inputs" in inspect.signature(setup_context).parameters
+
+    def forward(ctx, *args_then_kwargs):
+        *inputs, kwargs = args_then_kwargs
+        inputs = (*inputs, *pos_defaults[len(inputs):])
+        kwargs = {**kw_defaults, **kwargs}
+        with _below_autograd():
+            output = op(*inputs, **kwargs)
+        if takes_kw:
+            setup_context(ctx, inputs, kwargs, output)
+        else:
+            setup_context(ctx, inputs, output)
+        return output
+
+    def backward_(ctx, *grads):
+        needs = ctx.needs_input_grad
+        ctx.needs_input_grad = needs[:-1]  # the trailing kwargs dict is no input
+        try:
+            grads_in = backward(ctx, *grads)
+        finally:
+            ctx.needs_input_grad = needs
+        grads_in = grads_in if isinstance(grads_in, tuple) else (grads_in,)
+        # one gradient per positional argument; defaulted ones were passed too
+        return (*grads_in, *([None] * (len(needs) - 1 - len(grads_in))), None)
+
+    name = "EagerAutograd_" + qualname.replace("::", "_")
+    _EAGER_AUTOGRAD[qualname] = type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(backward_)})
+
+
 def _call_differentiable(op, *args, **kwargs):
-    """``op(*args, **kwargs)``, below the autograd layer when no input needs a gradient."""
-    if (_below_autograd is None or torch.compiler.is_compiling()
-            or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args, **kwargs))):
+    """``op(*args, **kwargs)``: below the autograd layer when no input needs a
+    gradient, through the op's eager autograd.Function when one does."""
+    if _below_autograd is None or torch.compiler.is_compiling():
         return op(*args, **kwargs)
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args, **kwargs):
+        name = op._qualified_op_name
+        fn = _EAGER_AUTOGRAD.get(name)
+        if fn is None or torch._C._are_functorch_transforms_active():
+            return op(*args, **kwargs)
+        if name in _AUTOCAST_QUALNAMES:
+            # The dispatcher would cast at the Autocast key, above autograd; do it
+            # here, recorded by autograd, then keep that key from casting again.
+            device_type = next(a.device.type for a in args if isinstance(a, Tensor))
+            if device_type in _AUTOCAST_KEYS and torch.is_autocast_enabled(device_type):
+                args, kwargs = _autocast_args(args, kwargs, device_type)
+                with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS[device_type]):
+                    return fn.apply(*args, kwargs)
+        return fn.apply(*args, kwargs)
     with _below_autograd():
         return op(*args, **kwargs)
 
@@ -543,16 +609,16 @@ def _unpermute_backward(ctx, grad):
     return dpacked[:ctx.rows], None, None, None, dw
 
 
-torch.library.register_autograd("deepseek_kernels::moe_topk_gating", _gating_backward,
-                                setup_context=_gating_setup_kw)
-torch.library.register_autograd("deepseek_kernels::moe_dispatch", _dispatch_backward,
-                                setup_context=_dispatch_setup)
-torch.library.register_autograd("deepseek_kernels::moe_combine", _combine_backward,
-                                setup_context=_combine_setup)
-torch.library.register_autograd("deepseek_kernels::moe_permute", _permute_backward,
-                                setup_context=_permute_setup)
-torch.library.register_autograd("deepseek_kernels::moe_unpermute", _unpermute_backward,
-                                setup_context=_unpermute_setup)
+_register_autograd("deepseek_kernels::moe_topk_gating", _gating_backward,
+                   setup_context=_gating_setup_kw)
+_register_autograd("deepseek_kernels::moe_dispatch", _dispatch_backward,
+                   setup_context=_dispatch_setup)
+_register_autograd("deepseek_kernels::moe_combine", _combine_backward,
+                   setup_context=_combine_setup)
+_register_autograd("deepseek_kernels::moe_permute", _permute_backward,
+                   setup_context=_permute_setup)
+_register_autograd("deepseek_kernels::moe_unpermute", _unpermute_backward,
+                   setup_context=_unpermute_setup)
 
 
 # ---------------------------------------------------------------------------
@@ -677,10 +743,10 @@ def _attention_varlen_backward(ctx, dout, dlse):
     return dq, dk, dv, None, None, None, None, None, None
 
 
-torch.library.register_autograd("deepseek_kernels::cross_attention", _attention_backward,
-                                setup_context=_attention_setup)
-torch.library.register_autograd("deepseek_kernels::cross_attention_varlen",
-                                _attention_varlen_backward, setup_context=_attention_varlen_setup)
+_register_autograd("deepseek_kernels::cross_attention", _attention_backward,
+                   setup_context=_attention_setup)
+_register_autograd("deepseek_kernels::cross_attention_varlen",
+                   _attention_varlen_backward, setup_context=_attention_varlen_setup)
 
 # GEMMs (csrc/gemm)
 # ---------------------------------------------------------------------------
@@ -836,9 +902,9 @@ def _grouped_backward(ctx, grad):
     return dx, dw, None
 
 
-torch.library.register_autograd("deepseek_kernels::gemm", _gemm_backward, setup_context=_gemm_setup)
-torch.library.register_autograd("deepseek_kernels::grouped_gemm", _grouped_backward,
-                                setup_context=_grouped_setup)
+_register_autograd("deepseek_kernels::gemm", _gemm_backward, setup_context=_gemm_setup)
+_register_autograd("deepseek_kernels::grouped_gemm", _grouped_backward,
+                   setup_context=_grouped_setup)
 
 
 # FP8 e4m3 block-scaled (DeepSeek-V3 recipe)
@@ -967,30 +1033,41 @@ for _name, _why in _NO_BACKWARD.items():
 # The other ops compute in fp32 whatever their inputs (gating), move rows
 # (dispatch/combine) or take quantized operands: autocast does not touch them.
 _AUTOCAST_OPS = ("gemm", "grouped_gemm", "cross_attention", "cross_attention_varlen")
+_AUTOCAST_QUALNAMES = frozenset(f"deepseek_kernels::{name}" for name in _AUTOCAST_OPS)
+_AUTOCAST_KEYS = {
+    "cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU),
+    "cuda": torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA),
+}
 _autocast_lib = torch.library.Library("deepseek_kernels", "IMPL")
 
 
-def _register_autocast(name: str, key: str, device_type: str) -> None:
-    op = getattr(_ops, name).default
-    exclude = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+def _autocast_args(args, kwargs, device_type: str):
+    """The arguments with every floating tensor but fp64 in the autocast dtype."""
+    dtype = torch.get_autocast_dtype(device_type)
 
     def cast(t):
         if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
-            return t.to(torch.get_autocast_dtype(device_type))
+            return t.to(dtype)
         return t
 
+    return [cast(a) for a in args], {k: cast(v) for k, v in kwargs.items()}
+
+
+def _register_autocast(name: str, device_type: str) -> None:
+    op = getattr(_ops, name).default
+    exclude = _AUTOCAST_KEYS[device_type]
+
     def kernel(*args, **kwargs):
-        args = [cast(a) for a in args]
-        kwargs = {k: cast(v) for k, v in kwargs.items()}
+        args, kwargs = _autocast_args(args, kwargs, device_type)
         with torch._C._ExcludeDispatchKeyGuard(exclude):
             return op(*args, **kwargs)
 
-    _autocast_lib.impl(name, kernel, key)
+    _autocast_lib.impl(name, kernel, "AutocastCPU" if device_type == "cpu" else "AutocastCUDA")
 
 
 for _name in _AUTOCAST_OPS:
-    _register_autocast(_name, "AutocastCPU", "cpu")
-    _register_autocast(_name, "AutocastCUDA", "cuda")
+    _register_autocast(_name, "cpu")
+    _register_autocast(_name, "cuda")
 
 
 # ---------------------------------------------------------------------------

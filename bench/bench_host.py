@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Host cost of one call of each differentiable op, on inputs small enough that
+the arithmetic is negligible: what a training step's Python, dispatch, argument
+checks, allocations and autograd bookkeeping cost per op.
+
+Per op, side by side in one run:
+
+  no_grad_us    ours under torch.no_grad() (below the autograd layer)
+  ours_us       ours with an input that needs a gradient, through the wrapper in
+                deepseek_kernels.ops (its own autograd.Function)
+  library_us    the same call through torch.ops.deepseek_kernels (the autograd
+                layer of torch.library.register_autograd, what torch.ops callers pay)
+  peer_us       the PyTorch composition a user would write otherwise, with grad
+                (F.linear + activation, SDPA, softmax + topk, index_add ...)
+
+and the ratios library/ours and peer/ours (> 1: ours is cheaper). On CUDA the
+times are host times (``timer.time_host_cuda``: enqueue cost, the device not
+waited for); on the CPU they are whole calls, the arithmetic being tiny.
+
+    python bench/bench_host.py [--device cpu|cuda] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.append(str(HERE.parent))
+
+import timer as T  # noqa: E402
+
+from deepseek_kernels import ops  # noqa: E402
+
+K = torch.ops.deepseek_kernels
+COLUMNS = ["op", "no_grad_us", "ours_us", "library_us", "x_vs_library", "peer", "peer_us", "x_vs_peer"]
+
+
+def _cases(device):
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, grad=True, dtype=dt):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_(grad)
+
+    T_, E, k, H, C = 16, 16, 2, 64, 4
+    logits = rnd(T_, E, dtype=torch.float32)
+    r = ops.moe_topk_gating(logits.detach(), k, capacity=C)
+    d = ops.moe_topk_gating(logits.detach(), k)
+    x, w = rnd(T_, H), r.weights.detach().clone().requires_grad_()
+    eo = rnd(E, C, H)
+    packed, offsets = ops.moe_permute(x.detach(), d.expert_ids, d.slots, d.expert_counts)
+    packed.requires_grad_()
+    a, W, b = rnd(8, 64), rnd(32, 64), rnd(32)
+    q, kv = rnd(1, 16, 2, 64), rnd(1, 32, 2, 64)
+    ws = rnd(4, 32, 64)
+    goff = torch.tensor([0, 3, 3, 10, 16], dtype=torch.int32, device=device)
+    gx = rnd(16, 64)
+    rows = (r.expert_ids.long() * C + r.slots.long()).clamp(min=0)
+
+    def peer_gating():
+        p = torch.softmax(logits, dim=-1)
+        v, i = torch.topk(p, k, dim=-1)
+        return v / v.sum(-1, keepdim=True), i
+
+    return [
+        ("moe_topk_gating",
+         lambda: ops.moe_topk_gating(logits, k, capacity=C),
+         lambda: K.moe_topk_gating(logits, k, capacity=C),
+         "softmax+topk+renorm", peer_gating),
+        ("moe_dispatch",
+         lambda: ops.moe_dispatch(x, r.expert_ids, r.slots, E, C),
+         lambda: K.moe_dispatch(x, r.expert_ids, r.slots, E, C),
+         "index_add", lambda: x.new_zeros(E * C, H).index_add(0, rows[:, 0], x)),
+        ("moe_combine",
+         lambda: ops.moe_combine(eo, r.expert_ids, r.slots, w),
+         lambda: K.moe_combine(eo, r.expert_ids, r.slots, w),
+         "index_select+mul+sum",
+         lambda: (eo.reshape(E * C, H).index_select(0, rows.reshape(-1)).view(T_, k, H)
+                  * w[..., None].to(eo.dtype)).sum(1)),
+        ("moe_permute",
+         lambda: ops.moe_permute(x, d.expert_ids, d.slots, d.expert_counts),
+         lambda: K.moe_permute(x, d.expert_ids, d.slots, d.expert_counts),
+         "argsort+index_select",
+         lambda: x.index_select(0, torch.argsort(d.expert_ids.reshape(-1), stable=True) // k)),
+        ("moe_unpermute",
+         lambda: ops.moe_unpermute(packed, d.expert_ids, d.slots, offsets, d.weights),
+         lambda: K.moe_unpermute(packed, d.expert_ids, d.slots, offsets, d.weights),
+         "n/a", None),
+        ("gemm (bias, gelu)",
+         lambda: ops.gemm(a, W, b, activation="gelu"),
+         lambda: K.gemm(a, W, b, activation="gelu"),
+         "F.linear+F.gelu", lambda: F.gelu(F.linear(a, W, b))),
+        ("grouped_gemm",
+         lambda: ops.grouped_gemm(gx, ws, goff),
+         lambda: K.grouped_gemm(gx, ws, goff),
+         "n/a", None),
+        ("cross_attention",
+         lambda: ops.cross_attention(q, kv, kv),
+         lambda: K.cross_attention(q, kv, kv),
+         "SDPA", lambda: F.scaled_dot_product_attention(q.transpose(1, 2), kv.transpose(1, 2),
+                                                         kv.transpose(1, 2))),
+    ]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"],
+                    default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # host cost, not parallel arithmetic
+
+        def timed(fn):
+            return T.time_cpu(fn, warmup=200, reps=2000, min_time_s=0.3)["median_ms"] * 1e3
+    else:
+        def timed(fn):
+            return T.time_host_cuda(fn, warmup=50, reps=2000)["median_ms"] * 1e3
+
+    rows = []
+    for name, ours, library, peer_name, peer in _cases(device):
+        with torch.no_grad():
+            no_grad = timed(ours)
+        row = {"op": name, "no_grad_us": no_grad, "ours_us": timed(ours), "library_us": timed(library),
+               "peer": peer_name, "peer_us": timed(peer) if peer is not None else None}
+        row["x_vs_library"] = row["library_us"] / row["ours_us"]
+        row["x_vs_peer"] = row["peer_us"] / row["ours_us"] if peer is not None else None
+        rows.append(row)
+        print(f"{name}: ours {row['ours_us']:.1f} us, torch.library {row['library_us']:.1f} us", flush=True)
+
+    print()
+    T.print_table(rows, COLUMNS)
+    path = Path(args.out) / f"host-{T.device_name(device)}.json"
+    path = T.write_results(path, {"benchmark": "host", **T.device_info(device),
+                                  "columns": COLUMNS, "rows": rows})
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

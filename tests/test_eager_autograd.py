@@ -1,0 +1,172 @@
+"""The two autograd doors of each differentiable op give the same bits.
+
+``deepseek_kernels.ops``'s wrappers run an op that needs a gradient through their
+own ``autograd.Function`` (``ops._register_autograd``: torch.library's layer costs
+15-45 us of host time per call); ``torch.ops.deepseek_kernels.*`` and
+torch.compile go through ``torch.library.register_autograd``. Both call the same
+``setup_context`` and backward: outputs and gradients must match bit for bit,
+including under autocast, with defaulted arguments, and when only some inputs
+need a gradient.
+"""
+
+import pytest
+import torch
+
+from deepseek_kernels import ops
+
+_K = torch.ops.deepseek_kernels
+
+
+def _leaves(*ts, grad=None):
+    grad = grad if grad is not None else [True] * len(ts)
+    return [t.detach().clone().requires_grad_(g) if t.is_floating_point() else t for t, g in zip(ts, grad)]
+
+
+def _run(fn, inputs, seed=0):
+    """fn(*inputs) -> (outputs, grads of the float leaves) for a fixed random
+    weighting of the float outputs."""
+    out = fn(*inputs)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum()
+               for o in outs if o.is_floating_point() and o.requires_grad)
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return outs, grads
+
+
+def _assert_same(a, b):
+    (oa, ga), (ob, gb) = a, b
+    assert len(oa) == len(ob) and len(ga) == len(gb)
+    for x, y in zip((*oa, *ga), (*ob, *gb)):
+        if x is None or y is None:
+            assert x is None and y is None
+        else:
+            assert x.dtype == y.dtype and x.shape == y.shape
+            assert torch.equal(x, y), (x - y).abs().max()
+
+
+def _grad_fn_name(fn, inputs):
+    out = fn(*inputs)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return type(out.grad_fn).__name__
+
+
+def _both(eager, direct, inputs):
+    """eager (the wrapper) and direct (torch.ops) on fresh copies of the inputs."""
+    assert _grad_fn_name(eager, _leaves(*inputs)).startswith("EagerAutograd"), "not the eager door"
+    assert _grad_fn_name(direct, _leaves(*inputs)).startswith("GeneratedBackwardFor"), \
+        "not torch.library's door"
+    _assert_same(_run(eager, _leaves(*inputs)), _run(direct, _leaves(*inputs)))
+
+
+def _routing(T, E, k, capacity, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, E, generator=g)
+    return ops.moe_topk_gating(logits, k, capacity=capacity)
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("capacity", [None, 3])
+def test_gating(scoring, capacity):
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(37, 16, generator=g)
+    bias = torch.randn(16, generator=g)
+    kw = dict(scoring=scoring, n_group=4, topk_group=2, routed_scaling_factor=2.5, capacity=capacity)
+    _both(lambda x: ops.moe_topk_gating(x, 3, correction_bias=bias, **kw),
+          lambda x: _K.moe_topk_gating(x, 3, bias, **kw), [logits])
+    # defaults only
+    _both(lambda x: ops.moe_topk_gating(x, 2), lambda x: _K.moe_topk_gating(x, 2), [logits])
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_dispatch_combine_permute_unpermute(weighted):
+    T, E, k, H = 37, 8, 2, 24
+    r = _routing(T, E, k, 6, seed=2)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, H, generator=g)
+    w = r.weights.clone()
+    ids, slots = r.expert_ids, r.slots
+    if weighted:
+        _both(lambda x, w: ops.moe_dispatch(x, ids, slots, E, 6, w),
+              lambda x, w: _K.moe_dispatch(x, ids, slots, E, 6, w), [x, w])
+    else:
+        _both(lambda x: ops.moe_dispatch(x, ids, slots, E, 6), lambda x: _K.moe_dispatch(x, ids, slots, E, 6),
+              [x])
+    eo = torch.randn(E, 6, H, generator=g)
+    _both(lambda eo, w: ops.moe_combine(eo, ids, slots, w if weighted else None),
+          lambda eo, w: _K.moe_combine(eo, ids, slots, w if weighted else None), [eo, w])
+
+    d = _routing(T, E, k, None, seed=4)
+    ids, slots, counts = d.expert_ids, d.slots, d.expert_counts
+    _both(lambda x, w: ops.moe_permute(x, ids, slots, counts, w if weighted else None),
+          lambda x, w: _K.moe_permute(x, ids, slots, counts, w if weighted else None), [x, d.weights])
+    packed, offsets = ops.moe_permute(x, ids, slots, counts)
+    _both(lambda p, w: ops.moe_unpermute(p, ids, slots, offsets, w if weighted else None),
+          lambda p, w: _K.moe_unpermute(p, ids, slots, offsets, w if weighted else None), [packed, d.weights])
+
+
+def _attention_inputs(dtype, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 37, 4, 32, generator=g).to(dtype)
+    kv = [torch.randn(2, 65, 2, 32, generator=g).to(dtype) for _ in range(2)]
+    mask = torch.rand(2, 65, generator=g) < 0.3
+    return q, kv[0], kv[1], mask
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_attention(autocast):
+    q, k, v, mask = _attention_inputs(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        _both(lambda q, k, v: ops.cross_attention(q, k, v, key_padding_mask=mask, causal=True, return_lse=True),
+              lambda q, k, v: _K.cross_attention(q, k, v, None, mask, True), [q, k, v])
+        _both(lambda q, k, v: ops.cross_attention(q, k, v), lambda q, k, v: _K.cross_attention(q, k, v)[0],
+              [q, k, v])
+        cu_q = torch.tensor([0, 0, 1, 38], dtype=torch.int32)
+        cu_k = torch.tensor([0, 5, 5, 70], dtype=torch.int32)
+        qv, kv_, vv = q.reshape(-1, 4, 32)[:38], k.reshape(-1, 2, 32)[:70], v.reshape(-1, 2, 32)[:70]
+        _both(lambda q, k, v: ops.cross_attention_varlen(q, k, v, cu_q, cu_k, 37, 65, softmax_scale=0.3,
+                                                          return_lse=True),
+              lambda q, k, v: _K.cross_attention_varlen(q, k, v, cu_q, cu_k, 37, 65, 0.3), [qv, kv_, vv])
+    if autocast:  # the casts are recorded: fp32 leaves get fp32 gradients
+        leaves = _leaves(q, k, v)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = ops.cross_attention(*leaves)
+        assert out.dtype == torch.bfloat16
+        out.float().sum().backward()
+        assert all(t.grad.dtype == torch.float32 for t in leaves)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("activation", ["none", "gelu", "silu"])
+def test_gemm(activation, autocast):
+    g = torch.Generator().manual_seed(6)
+    a, w, b = torch.randn(17, 40, generator=g), torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        _both(lambda a, w, b: ops.gemm(a, w, b, activation=activation),
+              lambda a, w, b: _K.gemm(a, w, b, activation=activation), [a, w, b])
+        _both(lambda a, w: ops.gemm(a, w), lambda a, w: _K.gemm(a, w), [a, w])
+        x = torch.randn(37, 40, generator=g)
+        ws = torch.randn(3, 24, 40, generator=g)
+        offsets = torch.tensor([0, 10, 10, 37], dtype=torch.int32)
+        _both(lambda x, ws: ops.grouped_gemm(x, ws, offsets), lambda x, ws: _K.grouped_gemm(x, ws, offsets),
+              [x, ws])
+
+
+def test_only_some_inputs_need_a_gradient():
+    """The shared backward reads ctx.needs_input_grad to skip gradients: both doors
+    give the same ones for a weight-only, a bias-only and an input+bias gradient."""
+    g = torch.Generator().manual_seed(7)
+    a, w, b = torch.randn(9, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(8, generator=g)
+    for grad in ([False, True, False], [False, False, True], [True, False, True]):
+        eager = _run(lambda a, w, b: ops.gemm(a, w, b, activation="gelu"), _leaves(a, w, b, grad=grad))
+        direct = _run(lambda a, w, b: _K.gemm(a, w, b, activation="gelu"), _leaves(a, w, b, grad=grad))
+        _assert_same(eager, direct)
+        assert len(eager[1]) == sum(grad)
+
+
+def test_no_gradient_needed_takes_neither_door():
+    a, w = torch.randn(4, 8), torch.randn(3, 8, requires_grad=True)
+    with torch.no_grad():
+        assert ops.gemm(a, w).grad_fn is None
+    assert ops.gemm(a, w.detach()).grad_fn is None
