@@ -23,13 +23,28 @@ def _autocast(*tensors: Optional[Tensor]):
     the modules' reference path (use_kernels=False, reference.py in fp64) does not,
     and these casts come out contiguous (one pass over a transposed weight, which
     the ops would copy again)."""
-    t0 = tensors[0]
-    dev = t0.device.type
-    if not torch.is_autocast_enabled(dev):
+    dt = _autocast_dtype(tensors[0].device)
+    if dt is None:
         return tensors
-    dt = torch.get_autocast_dtype(dev)
     return tuple(t.to(dt, memory_format=torch.contiguous_format)
                  if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """torch.autocast's dtype on ``device``'s type, None where it is off (or the device
+    type has no autocast, e.g. meta)."""
+    dev = device.type
+    if dev not in ("cpu", "cuda", "xpu", "mps", "hpu") or not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
+def _output_dtype(x: Tensor) -> torch.dtype:
+    """The dtype torch.nn.Linear returns for input ``x``: the autocast dtype under
+    torch.autocast (fp64 excepted, as autocast leaves it), else ``x``'s. FP8Linear and
+    Int8Linear compute in fp32 whatever it is, then round to it once."""
+    dt = _autocast_dtype(x.device) if x.dtype != torch.float64 else None
+    return dt if dt is not None else x.dtype
 
 
 def _check_last_dim(name: str, x: Tensor, size: int) -> None:
@@ -503,7 +518,7 @@ class _FP8LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
-                use_kernels: bool) -> Tensor:
+                use_kernels: bool, out_dtype: torch.dtype) -> Tensor:
         K = _ops if use_kernels else _reference
         qx, sx = K.quantize_fp8(_quantizable(x2), (1, 128))
         qw, sw = K.quantize_fp8(_quantizable(weight), (128, 128))
@@ -513,7 +528,7 @@ class _FP8LinearFunction(torch.autograd.Function):
             z = z + bias.float()
         ctx.save_for_backward(x2, weight, z if activation != "none" else None)
         ctx.has_bias, ctx.activation = bias is not None, activation
-        return _reference._gemm_activation(z, activation).to(x2.dtype)
+        return _reference._gemm_activation(z, activation).to(out_dtype)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
@@ -525,7 +540,7 @@ class _FP8LinearFunction(torch.autograd.Function):
         dx = (gb @ weight.to(torch.bfloat16)).to(x2.dtype) if ctx.needs_input_grad[0] else None
         dw = (gb.t() @ x2.to(torch.bfloat16)).to(weight.dtype) if ctx.needs_input_grad[1] else None
         db = g.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None
 
 
 class FP8Linear(_GemmLinear):
@@ -533,7 +548,8 @@ class FP8Linear(_GemmLinear):
     per 1x128 block, the (fp32/bf16 master) weight per 128x128 block, on every forward;
     :func:`deepseek_kernels.fp8_gemm` accumulates per-block partial sums in fp32.
     Bias and the optional activation (as :class:`Linear`) apply to the fp32 result,
-    rounded once to the input's dtype (fp64 inputs and weights quantize through fp32).
+    rounded once to the dtype torch.nn.Linear would return: the input's, or the
+    autocast dtype under torch.autocast (fp64 inputs and weights quantize through fp32).
     Backward is straight-through in bf16 (gradients of the unquantized linear map,
     through the activation at the FP8 pre-activation)."""
 
@@ -554,7 +570,8 @@ class FP8Linear(_GemmLinear):
     def forward(self, x: Tensor) -> Tensor:
         _check_last_dim("FP8Linear", x, self.in_features)
         x2 = _rows(x, self.in_features)
-        y = _FP8LinearFunction.apply(x2, self.weight, self.bias, self.activation, self.use_kernels)
+        y = _FP8LinearFunction.apply(x2, self.weight, self.bias, self.activation, self.use_kernels,
+                                     _output_dtype(x))
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -562,7 +579,8 @@ class Int8Linear(_GemmLinear):
     """W8A8 inference Linear: the weight quantized per output row once
     (:func:`deepseek_kernels.quantize_int8_rowwise`), activations per row on every
     forward, :func:`deepseek_kernels.int8_gemm` (exact int32 accumulation, fp32
-    bias), then the activation; the output in the input's dtype (fp64 inputs quantize
+    bias), then the activation; the output in the dtype torch.nn.Linear would return
+    (the input's, or the autocast dtype under torch.autocast; fp64 inputs quantize
     through fp32). Built from a trained layer with :meth:`from_linear`; holds buffers,
     not parameters (no training). ``weight_scales`` and ``bias`` stay fp32 (int8_gemm's
     contract) through ``.to(dtype)``/``.half()``/``.bfloat16()``."""
@@ -605,12 +623,12 @@ class Int8Linear(_GemmLinear):
         _check_last_dim("Int8Linear", x, self.in_features)
         K = _ops if self.use_kernels else _reference
         x2 = _rows(x, self.in_features)
-        # fp64: an fp32 result, exactly widened below (as FP8Linear)
-        out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float16) \
-            else torch.float32
+        out_dtype = _output_dtype(x)
+        # fp32 out where the activation follows (one rounding after it) or for fp64
+        # (an fp32 result, exactly widened below, as FP8Linear)
+        fp32_out = self.activation != "none" or out_dtype == torch.float64
         qx, sx = K.quantize_int8_rowwise(_quantizable(x2))
         y = K.int8_gemm(qx, sx, self.weight_q, self.weight_scales, bias=self.bias,
-                        out_dtype=torch.float32 if self.activation != "none" else out_dtype)
-        if self.activation != "none":
-            y = _reference._gemm_activation(y, self.activation).to(out_dtype)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+                        out_dtype=torch.float32 if fp32_out else out_dtype)
+        y = _reference._gemm_activation(y, self.activation)
+        return y.reshape(*x.shape[:-1], self.out_features).to(out_dtype)

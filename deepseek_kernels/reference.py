@@ -443,7 +443,12 @@ def _gather_rows(buf: Tensor, rows: Tensor, weights: Optional[Tensor]) -> Tensor
     t, k = rows.shape
     cdt = torch.float64 if buf.dtype == torch.float64 else torch.float32
     acc = torch.zeros(t, buf.shape[1], dtype=cdt, device=buf.device)
-    if buf.shape[0] == 0:  # nothing kept (capacity 0): no row to gather
+    if buf.shape[0] == 0:  # nothing kept (capacity 0, no token): no row to gather
+        # Still a function of buf and weights (sums over nothing: exact zeros), so
+        # backward reaches them with zero gradients instead of raising.
+        acc = acc + buf.to(cdt).sum()
+        if weights is not None:
+            acc = acc + weights.to(cdt)[:, :0].sum()
         return acc.to(buf.dtype)
     for j in range(k):
         kept = rows[:, j] >= 0

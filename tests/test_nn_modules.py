@@ -194,12 +194,14 @@ def test_linear_input_shapes(name, use_kernels):
     assert torch.equal(k0(torch.randn(3, 0)), k0.bias.expand(3, 5))
 
 
-def test_moe_layer_empty_batch():
+@pytest.mark.parametrize("use_kernels", [True, False], ids=["kernels", "reference"])
+def test_moe_layer_empty_batch(use_kernels):
     """0 tokens through every MoELayer mode: an empty output, zero gradients, no loss
     or bias update from nothing."""
     for kw in (dict(), dict(capacity_factor=1.0), dict(fp8=True)):
         m = MoELayer(16, 24, 8, 2, num_shared_experts=1, aux_loss_alpha=0.01, z_loss_coef=1e-3,
                      bias_update_rate=0.01, **kw)
+        m.use_kernels = use_kernels
         x = torch.randn(2, 0, 16, requires_grad=True)
         y = m(x)
         assert y.shape == x.shape
@@ -259,3 +261,29 @@ def test_linear_from_linear_keeps_the_activation():
     x = torch.randn(3, 40)
     want = torch.nn.functional.silu(torch.nn.functional.linear(x, f8.weight, f8.bias))
     torch.testing.assert_close(Linear.from_linear(f8)(x), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["Linear", "FP8Linear", "Int8Linear"])
+@pytest.mark.parametrize("activation", ["none", "gelu"])
+def test_linear_modules_return_what_nn_linear_returns_under_autocast(name, activation):
+    """Under bf16 autocast torch.nn.Linear returns bf16; so do ours. FP8Linear and
+    Int8Linear compute in fp32 as always and round once to bf16 (bitwise the fp32
+    result rounded); fp64 inputs stay fp64, as autocast leaves them."""
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(40, 24)
+    cls = {"Linear": Linear, "FP8Linear": FP8Linear, "Int8Linear": Int8Linear}[name]
+    m = cls.from_linear(ref, activation=activation)
+    x = torch.randn(7, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want_dtype = ref(x).dtype
+        y = m(x)
+        y64 = m(x.double()) if name != "Linear" else None  # (nn.Linear: a dtype error)
+    assert want_dtype == torch.bfloat16 and y.dtype == want_dtype
+    if name != "Linear":  # the same fp32 computation, one rounding
+        assert y64.dtype == torch.float64
+        assert torch.equal(y, m(x).to(torch.bfloat16))
+    if name == "FP8Linear":  # gradients reach the fp32 leaves in fp32
+        xg = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m(xg).float().sum().backward()
+        assert xg.grad.dtype == torch.float32 and m.weight.grad.dtype == torch.float32
