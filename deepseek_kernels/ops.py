@@ -70,7 +70,8 @@ def _register_autograd(qualname: str, backward, setup_context) -> None:
     ``schema.arguments`` once per argument), 15-45 us per call on the CPU here for
     our 5-10 argument schemas, 4-5x the op's own host time (bench: a training
     forward calls several such ops per layer). The Function below reads the
-    defaults once, here; what it computes is the same (tested bitwise).
+    defaults once, here; what it computes is the same (tested bitwise). It also
+    runs under torch.func's transforms, which torch.library's does not.
     """
     torch.library.register_autograd(qualname, backward, setup_context=setup_context)
     op = getattr(_ops, qualname.split("::")[1]).default
@@ -79,17 +80,21 @@ def _register_autograd(qualname: str, backward, setup_context) -> None:
     kw_defaults = {a.name: a.default_value for a in args if a.kwarg_only}
     takes_kw = "keyword_only_inputs" in inspect.signature(setup_context).parameters
 
-    def forward(ctx, *args_then_kwargs):
+    def filled(args_then_kwargs):
         *inputs, kwargs = args_then_kwargs
-        inputs = (*inputs, *pos_defaults[len(inputs):])
-        kwargs = {**kw_defaults, **kwargs}
+        return (*inputs, *pos_defaults[len(inputs):]), {**kw_defaults, **kwargs}
+
+    def forward(*args_then_kwargs):
+        inputs, kwargs = filled(args_then_kwargs)
         with _below_autograd():
-            output = op(*inputs, **kwargs)
+            return op(*inputs, **kwargs)
+
+    def setup_context_(ctx, args_then_kwargs, output):
+        inputs, kwargs = filled(args_then_kwargs)
         if takes_kw:
             setup_context(ctx, inputs, kwargs, output)
         else:
             setup_context(ctx, inputs, output)
-        return output
 
     def backward_(ctx, *grads):
         needs = ctx.needs_input_grad
@@ -102,9 +107,22 @@ def _register_autograd(qualname: str, backward, setup_context) -> None:
         # one gradient per positional argument; defaulted ones were passed too
         return (*grads_in, *([None] * (len(needs) - 1 - len(grads_in))), None)
 
+    def forward_with_ctx(ctx, *args_then_kwargs):
+        output = forward(*args_then_kwargs)
+        setup_context_(ctx, args_then_kwargs, output)
+        return output
+
+    # Two classes of the same three functions: torch.func's transforms (grad, vjp,
+    # jacrev) need forward and setup_context apart, which costs ~15 us more per
+    # call through autograd.Function than forward(ctx, ...); that one serves the rest.
     name = "EagerAutograd_" + qualname.replace("::", "_")
-    _EAGER_AUTOGRAD[qualname] = type(name, (torch.autograd.Function,), {
-        "forward": staticmethod(forward), "backward": staticmethod(backward_)})
+    _EAGER_AUTOGRAD[qualname] = (
+        type(name, (torch.autograd.Function,), {
+            "forward": staticmethod(forward_with_ctx), "backward": staticmethod(backward_)}),
+        type(name + "_func", (torch.autograd.Function,), {
+            "forward": staticmethod(forward), "setup_context": staticmethod(setup_context_),
+            "backward": staticmethod(backward_)}),
+    )
 
 
 def _call_differentiable(op, *args, **kwargs):
@@ -114,9 +132,10 @@ def _call_differentiable(op, *args, **kwargs):
         return op(*args, **kwargs)
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*args, **kwargs):
         name = op._qualified_op_name
-        fn = _EAGER_AUTOGRAD.get(name)
-        if fn is None or torch._C._are_functorch_transforms_active():
+        fns = _EAGER_AUTOGRAD.get(name)
+        if fns is None:
             return op(*args, **kwargs)
+        fn = fns[1] if torch._C._are_functorch_transforms_active() else fns[0]
         if name in _AUTOCAST_QUALNAMES:
             # The dispatcher would cast at the Autocast key, above autograd; do it
             # here, recorded by autograd, then keep that key from casting again.
