@@ -35,15 +35,24 @@ def _assert_same(got, want, what):
         _assert_same(g, w, f"{what}[{i}]")
 
 
-def _check_two_sizes(fn, make_inputs, sizes=(37, 53)):
-    """Compiled fn == eager fn, bitwise, on inputs of each size, from one graph."""
+def _check_one_graph(fn, sizes, check):
+    """Compile fn with dynamic shapes, then check(compiled, size) for each size: every
+    size after the first must run on the first one's graph (no recompile)."""
     compiled, counter = _compile_dynamic(fn)
     graphs = None
     for n in sizes:
-        args = make_inputs(n)
-        _assert_same(compiled(*args), fn(*args), f"size {n}")
+        check(compiled, n)
         graphs = graphs or counter.frame_count
     assert counter.frame_count == graphs, f"recompiled for sizes {sizes}"
+
+
+def _check_two_sizes(fn, make_inputs, sizes=(37, 53)):
+    """Compiled fn == eager fn, bitwise, on inputs of each size, from one graph."""
+    def check(compiled, n):
+        args = make_inputs(n)
+        _assert_same(compiled(*args), fn(*args), f"size {n}")
+
+    _check_one_graph(fn, sizes, check)
 
 
 def _routing(n, device, e=16, k=3, capacity=None):
@@ -229,17 +238,15 @@ def test_backward(device):
         a = dk.cross_attention(q, kv, kv)
         return y.float().sum() + g.mean_scores.sum() + a.float().sum()
 
-    compiled, counter = _compile_dynamic(fn)
-    graphs = None
-    for n in (37, 53):
+    def check(compiled, n):
         leaves = (torch.randn(n, 24, device=device, dtype=dtype, requires_grad=True),
                   torch.randn(n, e, device=device, requires_grad=True),
                   torch.randn(1, n, 2, 32, device=device, dtype=dtype, requires_grad=True),
                   torch.randn(1, n + 5, 2, 32, device=device, dtype=dtype, requires_grad=True))
         grads = [torch.autograd.grad(f(*leaves), (*leaves, w)) for f in (compiled, fn)]
         _assert_same(grads[0], grads[1], f"gradients, size {n}")
-        graphs = graphs or counter.frame_count
-    assert counter.frame_count == graphs, "recompiled for the second size"
+
+    _check_one_graph(fn, (37, 53), check)
 
 
 # ---------------------------------------------------------------------------
@@ -249,10 +256,9 @@ def test_backward(device):
 
 def _module_two_sizes(module, make_input, train):
     module.train(train)
-    compiled, counter = _compile_dynamic(module)
-    graphs = None
-    for b, s in ((2, 19), (3, 23)):
-        x = make_input(b, s)
+
+    def check(compiled, shape):
+        x = make_input(*shape)
         if train:  # the jitter noise: the same draws for both
             state = torch.random.get_rng_state()
             got = compiled(x)
@@ -260,8 +266,8 @@ def _module_two_sizes(module, make_input, train):
         else:
             got = compiled(x)
         _assert_same(got, module(x), f"input {tuple(x.shape)}")
-        graphs = graphs or counter.frame_count
-    assert counter.frame_count == graphs, "recompiled for the second input size"
+
+    _check_one_graph(module, ((2, 19), (3, 23)), check)
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 1.25])
@@ -279,14 +285,12 @@ def test_moe_layer_bias_update():
     moves the bias as eager does."""
     layers = [dnn.MoELayer(32, 48, 8, 2, bias_update_rate=0.01) for _ in range(2)]
     layers[1].load_state_dict(layers[0].state_dict())
-    compiled, counter = _compile_dynamic(layers[0])
-    graphs = None
-    for n in (19, 23):
+    def check(compiled, n):
         x = torch.randn(2, n, 32)
         _assert_same(compiled(x), layers[1](x), f"output, {n} tokens")
         _assert_same(layers[0].correction_bias, layers[1].correction_bias, f"bias, {n} tokens")
-        graphs = graphs or counter.frame_count
-    assert counter.frame_count == graphs, "recompiled for the second size"
+
+    _check_one_graph(layers[0], (19, 23), check)
     assert layers[0].correction_bias.abs().sum() > 0
 
 
