@@ -28,6 +28,7 @@ bench: build
 	$(PYTHON) bench/bench_moe.py
 	$(PYTHON) bench/bench_gemm.py
 	$(PYTHON) bench/bench_attention.py
+	$(PYTHON) bench/bench_host.py
 
 bench-comm: build
 	$(PYTHON) bench/bench_comm.py

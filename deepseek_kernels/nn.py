@@ -334,7 +334,10 @@ class MoELayer(nn.Module):
         self.last_routed_counts = g.routed_counts
         if self.training and self.bias_update_rate > 0 and bias is not None:
             _moe.update_correction_bias(bias, g.routed_counts, self.bias_update_rate)
-        return y.reshape(shape)
+        # Not a view of y (as F.linear's N-d result is not): FSDP2 warns about a module
+        # returning a view, whose in-place update would skip its pre-backward hook. y is
+        # a fresh [T, H] tensor no backward saved, so nothing else sees its storage.
+        return torch.ops.aten._unsafe_view(y, shape)
 
 
 # ---------------------------------------------------------------------------

@@ -593,6 +593,58 @@ def _job_fp16_scaler(rank, world):
     return dict(log=log, params=_flat_params(model))
 
 
+def _job_fsdp2(rank, world):
+    """FSDP2 (fully_shard) over our modules: Linear, CrossAttention, MoELayer in
+    both modes; three Adam steps match one process training on the whole batch."""
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+
+    import deepseek_kernels.nn as dnn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = dnn.Linear(32, 32, activation="gelu")
+            self.att = dnn.CrossAttention(32, 4, 2)
+            self.moe = dnn.MoELayer(32, 64, 4, 2, num_shared_experts=1, aux_loss_alpha=0.01)
+            self.moe_cap = dnn.MoELayer(32, 64, 4, 2, capacity_factor=1.5)
+
+        def forward(self, x, img):
+            h = self.lin(x)
+            h = h + self.att(h, img)
+            h = h + self.moe(h)
+            return h + self.moe_cap(h)
+
+    torch.manual_seed(0)
+    model, single = Net(), Net()
+    single.load_state_dict(model.state_dict())
+    init = {k: v.clone() for k, v in single.state_dict().items()}
+    for m in (model.lin, model.att, model.moe, model.moe_cap, model):
+        fully_shard(m)
+    # Adam: every parameter moves by about lr, however small its gradient
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt1 = torch.optim.Adam(single.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    xs, imgs = torch.randn(world, 2, 5, 32, generator=g), torch.randn(world, 2, 7, 32, generator=g)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            (model(xs[rank], imgs[rank]).square().mean() + model.moe.aux_loss).backward()
+            opt.step()
+            opt.zero_grad()
+            loss = sum(single(xs[r], imgs[r]).square().mean() + single.moe.aux_loss for r in range(world))
+            (loss / world).backward()
+            opt1.step()
+            opt1.zero_grad()
+    full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+    return dict(
+        diff={k: (full[k] - v).abs().max().item() for k, v in single.state_dict().items()},
+        moved={k: (v - init[k]).abs().max().item() for k, v in single.state_dict().items()},
+        warnings=sorted({str(w.message)[:120] for w in caught if "view" in str(w.message)}),
+    )
+
+
 JOBS = {
     "allreduce": _job_allreduce,
     "nonfinite": _job_nonfinite,
@@ -604,6 +656,7 @@ JOBS = {
     "autocast_bf16": _job_autocast_bf16,
     "bf16_model": _job_bf16_model,
     "fp16_scaler": _job_fp16_scaler,
+    "fsdp2": _job_fsdp2,
 }
 JOBS_BY_WORLD = {
     2: list(JOBS),
@@ -777,6 +830,17 @@ def test_resume_from_checkpoint_restores_residuals(world2):
         # what the test is about: DDP's provisional layout (first iteration of a fresh
         # DDP, one bucket here) differs from the rebuilt one the residuals came from
         assert first < last, (first, last)
+
+
+def test_fsdp2_over_our_modules_matches_one_process(world2):
+    for res in _job(world2, "fsdp2"):
+        assert res["warnings"] == [], "a module returned a view (FSDP2 warns)"
+        for name, moved in res["moved"].items():
+            if name.endswith("correction_bias"):
+                continue  # no bias_update_rate here: it stays 0
+            assert moved > 0, f"{name} did not train"
+            # the same fp32 sums in another order (the reduce-scatter's mean)
+            assert res["diff"][name] <= 1e-6 * max(1.0, moved) + 1e-7, (name, res["diff"][name])
 
 
 def test_no_sync_gradient_accumulation(world2):
