@@ -30,6 +30,13 @@ def _autocast(*tensors: Optional[Tensor]):
                  if t is not None and t.is_floating_point() else t for t in tensors)
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass: a forward called now is activation
+    checkpointing's recompute (reentrant or not). A compiled graph never re-runs the
+    Python forward (its partitioner recomputes inside the graph): False there."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     """torch.autocast's dtype on ``device``'s type, None where it is off (or the device
     type has no autocast, e.g. meta)."""
@@ -147,7 +154,13 @@ class MoELayer(nn.Module):
     loss + ``z_loss_coef`` * the router z-loss (0 when both are 0), and
     ``self.last_routed_counts`` the per-expert loads. With ``bias_update_rate > 0``
     the selection bias (``correction_bias`` buffer) is updated after every
-    training forward (DeepSeek-V3's aux-loss-free balancing).
+    training forward (DeepSeek-V3's aux-loss-free balancing). Under activation
+    checkpointing the recompute routes with the bias its forward used and updates
+    nothing (one update per step; the gradients of the routing the forward took),
+    provided each forward's recompute comes before the next forward, as in
+    forward/backward alternation; with several micro-batches in flight (pipeline
+    schedules), set ``bias_update_rate=0`` and call
+    :func:`deepseek_kernels.moe.update_correction_bias` after the optimizer step.
 
     The router and ``correction_bias`` stay fp32 whatever ``dtype`` the experts take,
     through ``.to(dtype)``/``.half()``/``.bfloat16()`` too, and the router runs in fp32
@@ -272,6 +285,14 @@ class MoELayer(nn.Module):
         if x2.dtype == torch.float64:
             logits = logits.double()
         bias = self.correction_bias
+        updating = self.training and self.bias_update_rate > 0 and bias is not None
+        recomputing = updating and _in_backward()
+        if updating and not recomputing:
+            # Route with a copy: the in-place update below must not reach a recompute
+            # of this forward (activation checkpointing), which routes with this copy.
+            bias = self._routing_bias = bias.clone()
+        elif recomputing and getattr(self, "_routing_bias", None) is not None:
+            bias = self._routing_bias
         cap = self.capacity(t) if self.capacity_factor is not None else None
         K = _ops if self.use_kernels else _reference
         g = _ops.MoeGating(*K.moe_topk_gating(
@@ -332,8 +353,8 @@ class MoELayer(nn.Module):
             aux = aux + self.z_loss_coef * _moe.router_z_loss(logits)
         self.aux_loss = aux
         self.last_routed_counts = g.routed_counts
-        if self.training and self.bias_update_rate > 0 and bias is not None:
-            _moe.update_correction_bias(bias, g.routed_counts, self.bias_update_rate)
+        if updating and not recomputing:
+            _moe.update_correction_bias(self.correction_bias, g.routed_counts, self.bias_update_rate)
         # Not a view of y (as F.linear's N-d result is not): FSDP2 warns about a module
         # returning a view, whose in-place update would skip its pre-backward hook. y is
         # a fresh [T, H] tensor no backward saved, so nothing else sees its storage.

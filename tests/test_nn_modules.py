@@ -287,3 +287,31 @@ def test_linear_modules_return_what_nn_linear_returns_under_autocast(name, activ
         with torch.autocast("cpu", dtype=torch.bfloat16):
             m(xg).float().sum().backward()
         assert xg.grad.dtype == torch.float32 and m.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_moe_layer_under_activation_checkpointing(use_reentrant, capacity_factor):
+    """torch.utils.checkpoint re-runs the forward during backward: the recompute must
+    route with the bias the forward used (the forward has already updated it) and
+    not update it again. Three steps: outputs, gradients and the bias equal the
+    run without checkpointing, bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    kw = dict(capacity_factor=capacity_factor, bias_update_rate=0.01, jitter_eps=0.01)
+    plain, ckpt = MoELayer(32, 48, 8, 2, **kw), MoELayer(32, 48, 8, 2, **kw)
+    ckpt.load_state_dict(plain.state_dict())
+    for step in range(3):
+        x = torch.randn(64, 32)
+        torch.manual_seed(step)
+        y = plain(x.requires_grad_())
+        y.sum().backward()
+        torch.manual_seed(step)
+        yc = checkpoint(ckpt, x, use_reentrant=use_reentrant)
+        yc.sum().backward()
+        assert torch.equal(y, yc), step
+        assert torch.equal(plain.correction_bias, ckpt.correction_bias), step
+    assert plain.correction_bias.abs().sum() > 0
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        assert torch.equal(p.grad, q.grad), name
