@@ -78,7 +78,7 @@ def _register_autograd(qualname: str, backward, setup_context) -> None:
     args = op._schema.arguments
     pos_defaults = [a.default_value for a in args if not a.kwarg_only]
     kw_defaults = {a.name: a.default_value for a in args if a.kwarg_only}
-    takes_kw = "keyword_only_inputs" in inspect.signature(setup_context).parameters
+    takes_kw = bool(kw_defaults)  # as torch.library decides it: the schema has kwarg-only args
 
     def filled(args_then_kwargs):
         *inputs, kwargs = args_then_kwargs
@@ -92,9 +92,9 @@ def _register_autograd(qualname: str, backward, setup_context) -> None:
     def setup_context_(ctx, args_then_kwargs, output):
         inputs, kwargs = filled(args_then_kwargs)
         if takes_kw:
-            setup_context(ctx, inputs, kwargs, output)
+            setup_context(ctx=ctx, inputs=inputs, keyword_only_inputs=kwargs, output=output)
         else:
-            setup_context(ctx, inputs, output)
+            setup_context(ctx=ctx, inputs=inputs, output=output)
 
     def backward_(ctx, *grads):
         needs = ctx.needs_input_grad
@@ -540,8 +540,8 @@ def _rows_weight_grad(buf_rows: Tensor, dy: Tensor, expert_ids: Tensor, slots: T
                       row_base: Tensor, slot_limit: Optional[Tensor] = None,
                       capacity: int = 0) -> Tensor:
     """d weight[t, j] = <dy[t], buf[row(t, j)]> (compute dtype, fixed order), 0 when dropped."""
-    return _ops.moe_rows_dot(buf_rows.contiguous(), dy.contiguous().to(buf_rows.dtype), expert_ids,
-                             slots, row_base.to(torch.int64), slot_limit, capacity)
+    return _call_differentiable(_ops.moe_rows_dot, buf_rows.contiguous(), dy.contiguous().to(buf_rows.dtype),
+                                expert_ids, slots, row_base.to(torch.int64), slot_limit, capacity)
 
 
 @_register_fake("deepseek_kernels::moe_rows_dot")
@@ -742,8 +742,8 @@ def _attention_setup(ctx, inputs, output):
 
 def _attention_backward(ctx, dout, dlse):
     q, k, v, out, lse, mask = ctx.saved_tensors
-    dq, dk, dv = _ops.cross_attention_backward(dout.contiguous(), q, k, v, out, lse, ctx.scale,
-                                               mask, ctx.causal)
+    dq, dk, dv = _call_differentiable(_ops.cross_attention_backward, dout.contiguous(), q, k, v, out, lse,
+                                      ctx.scale, mask, ctx.causal)
     return dq, dk, dv, None, None, None
 
 
@@ -756,9 +756,9 @@ def _attention_varlen_setup(ctx, inputs, output):
 
 def _attention_varlen_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = _ops.cross_attention_varlen_backward(
-        dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.scale,
-        ctx.causal)
+    dq, dk, dv = _call_differentiable(
+        _ops.cross_attention_varlen_backward, dout.contiguous(), q, k, v, out, lse, cu_q, cu_k,
+        ctx.max_q, ctx.max_k, ctx.scale, ctx.causal)
     return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -917,7 +917,7 @@ def _grouped_backward(ctx, grad):
     if ctx.needs_input_grad[1]:
         # d W_e = dy_e^T @ x_e: one BLAS call per group inside an op (its output shape is
         # static, so torch.compile traces it; on CUDA it reads the bounds: one host sync).
-        dw = _ops.grouped_gemm_wgrad(grad.contiguous(), x, offsets, weights.shape[0])
+        dw = _call_differentiable(_ops.grouped_gemm_wgrad, grad.contiguous(), x, offsets, weights.shape[0])
     return dx, dw, None
 
 
@@ -1026,16 +1026,34 @@ _NO_BACKWARD = {
     "fp8_gemm": "an inference GEMM on quantized operands (nn.FP8Linear trains with a "
                 "straight-through backward)",
     "fp8_grouped_gemm": "an inference GEMM on quantized operands",
+    # The ops that only backward formulas call: with create_graph=True their inputs
+    # need gradients, and a second backward through them (a gradient penalty) would
+    # otherwise get torch's warning and silently wrong second derivatives.
+    "cross_attention_backward": "no double backward: second derivatives through cross_attention "
+                                "are not implemented (as in FlashAttention)",
+    "cross_attention_varlen_backward": "no double backward: second derivatives through "
+                                       "cross_attention_varlen are not implemented",
+    "grouped_gemm_wgrad": "no double backward: second derivatives through grouped_gemm's weight "
+                          "gradient are not implemented",
+    "moe_rows_dot": "no double backward: second derivatives through the routing weights of "
+                    "moe_dispatch/moe_combine/moe_permute/moe_unpermute are not implemented",
 }
 
 
 def _register_no_backward(name: str, why: str) -> None:
     def backward(ctx, *grads):
         raise RuntimeError(f"deepseek_kernels::{name} is not differentiable ({why}), but a gradient "
-                           f"reached it through a floating-point input; detach its inputs, or run it "
-                           f"under torch.no_grad()")
+                           f"reached it through a floating-point input; detach its inputs, run it "
+                           f"under torch.no_grad(), or do not backpropagate through a gradient "
+                           f"(create_graph=True)")
 
-    torch.library.register_autograd(f"deepseek_kernels::{name}", backward)
+    def setup_context(ctx, inputs, output, keyword_only_inputs=None):
+        pass
+
+    # Through _register_autograd: the wrappers (and the backward formulas calling the
+    # *_backward ops) raise under torch.func's transforms too, not torch.library's
+    # "override setup_context" error.
+    _register_autograd(f"deepseek_kernels::{name}", backward, setup_context)
 
 
 for _name, _why in _NO_BACKWARD.items():

@@ -195,3 +195,36 @@ def test_torch_func_transforms():
     assert jac.shape == (5, 8, 5, 16)
     torch.testing.assert_close(jac[2, :, 2, :], w, rtol=0, atol=0)
     assert not jac[2, :, 3, :].any()
+
+
+def test_double_backward_is_exact_or_a_clear_error():
+    """create_graph=True: gemm and gating have exact second derivatives (gradcheck of
+    the gradient, fp64); the ops whose backward is a kernel of its own (attention,
+    grouped_gemm's weight gradient, the routing weights of dispatch/combine) raise
+    when a second backward reaches that kernel, instead of torch's warning and wrong
+    second derivatives."""
+    g = torch.Generator().manual_seed(9)
+    a = torch.randn(4, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, 16, generator=g, dtype=torch.float64)
+
+    def grad_of(f):
+        return lambda x: torch.autograd.grad(f(x).pow(2).sum(), x, create_graph=True)[0]
+
+    assert torch.autograd.gradcheck(grad_of(lambda x: ops.gemm(x, w, activation="gelu")), (a,))
+    assert torch.autograd.gradcheck(grad_of(lambda x: ops.moe_topk_gating(x, 2).weights), (a,))
+
+    r = ops.moe_topk_gating(torch.randn(4, 8, generator=g), 2, capacity=2)
+    wts = r.weights.double().requires_grad_()
+    offsets = torch.tensor([0, 1, 4], dtype=torch.int32)
+    raising = {
+        "cross_attention_backward": lambda x: ops.cross_attention(x.view(1, 4, 1, 16), x.view(1, 4, 1, 16),
+                                                                  x.view(1, 4, 1, 16)),
+        "grouped_gemm_wgrad": lambda x: ops.grouped_gemm(a.detach(), x.view(2, 2, 16), offsets),
+        "moe_rows_dot": lambda x: ops.moe_combine(x.view(8, 2, 4), r.expert_ids, r.slots, wts),
+    }
+    for name, f in raising.items():
+        x = torch.randn(4, 16, generator=g, dtype=torch.float64, requires_grad=True)
+        leaves = (x, wts) if name == "moe_rows_dot" else (x,)
+        grads = torch.autograd.grad(f(x).pow(2).sum(), leaves, create_graph=True)
+        with pytest.raises(RuntimeError, match=f"{name} is not differentiable.*double backward"):
+            sum(t.sum() for t in grads).backward()
