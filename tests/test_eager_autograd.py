@@ -228,3 +228,24 @@ def test_double_backward_is_exact_or_a_clear_error():
         grads = torch.autograd.grad(f(x).pow(2).sum(), leaves, create_graph=True)
         with pytest.raises(RuntimeError, match=f"{name} is not differentiable.*double backward"):
             sum(t.sum() for t in grads).backward()
+
+
+def test_bench_host_smoke(tmp_path):
+    """bench/bench_host.py end to end on the CPU with few repetitions: its check that
+    both doors give the same bits passes, and it writes its table."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "bench_host.py"
+    spec = importlib.util.spec_from_file_location("bench_host_smoke", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    threads = torch.get_num_threads()
+    try:
+        assert mod.main(["--device", "cpu", "--reps", "20", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (result,) = tmp_path.glob("host-*.json")
+    rows = json.loads(result.read_text())["rows"]
+    assert len(rows) == 8 and all(r["ours_us"] > 0 and r["library_us"] > 0 for r in rows)
