@@ -105,7 +105,7 @@ smoke_family() {
     moe) echo "tests/test_moe.py|not v2|" ;;
     quant) echo "tests/test_quant.py||" ;;
     graphs) echo "tests/test_cuda_graphs.py||" ;;
-    rest) echo "tests/test_model.py tests/test_distributed.py tests/test_build.py tests/test_dynamic_shapes.py tests/test_nn_modules.py||" ;;
+    rest) echo "tests/test_model.py tests/test_distributed.py tests/test_build.py tests/test_dynamic_shapes.py tests/test_nn_modules.py tests/test_eager_autograd.py||" ;;
     *) return 1 ;;
   esac
 }

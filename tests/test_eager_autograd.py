@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from deepseek_kernels import ops
+from tests.conftest import DEVICES
 
 _K = torch.ops.deepseek_kernels
 
@@ -60,18 +61,19 @@ def _both(eager, direct, inputs):
     _assert_same(_run(eager, _leaves(*inputs)), _run(direct, _leaves(*inputs)))
 
 
-def _routing(T, E, k, capacity, seed):
+def _routing(T, E, k, capacity, seed, device):
     g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(T, E, generator=g)
+    logits = torch.randn(T, E, generator=g).to(device)
     return ops.moe_topk_gating(logits, k, capacity=capacity)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("capacity", [None, 3])
-def test_gating(scoring, capacity):
+def test_gating(scoring, capacity, device):
     g = torch.Generator().manual_seed(1)
-    logits = torch.randn(37, 16, generator=g)
-    bias = torch.randn(16, generator=g)
+    logits = torch.randn(37, 16, generator=g).to(device)
+    bias = torch.randn(16, generator=g).to(device)
     kw = dict(scoring=scoring, n_group=4, topk_group=2, routed_scaling_factor=2.5, capacity=capacity)
     _both(lambda x: ops.moe_topk_gating(x, 3, correction_bias=bias, **kw),
           lambda x: _K.moe_topk_gating(x, 3, bias, **kw), [logits])
@@ -79,12 +81,13 @@ def test_gating(scoring, capacity):
     _both(lambda x: ops.moe_topk_gating(x, 2), lambda x: _K.moe_topk_gating(x, 2), [logits])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("weighted", [False, True])
-def test_dispatch_combine_permute_unpermute(weighted):
+def test_dispatch_combine_permute_unpermute(weighted, device):
     T, E, k, H = 37, 8, 2, 24
-    r = _routing(T, E, k, 6, seed=2)
+    r = _routing(T, E, k, 6, seed=2, device=device)
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(T, H, generator=g)
+    x = torch.randn(T, H, generator=g).to(device)
     w = r.weights.clone()
     ids, slots = r.expert_ids, r.slots
     if weighted:
@@ -93,11 +96,11 @@ def test_dispatch_combine_permute_unpermute(weighted):
     else:
         _both(lambda x: ops.moe_dispatch(x, ids, slots, E, 6), lambda x: _K.moe_dispatch(x, ids, slots, E, 6),
               [x])
-    eo = torch.randn(E, 6, H, generator=g)
+    eo = torch.randn(E, 6, H, generator=g).to(device)
     _both(lambda eo, w: ops.moe_combine(eo, ids, slots, w if weighted else None),
           lambda eo, w: _K.moe_combine(eo, ids, slots, w if weighted else None), [eo, w])
 
-    d = _routing(T, E, k, None, seed=4)
+    d = _routing(T, E, k, None, seed=4, device=device)
     ids, slots, counts = d.expert_ids, d.slots, d.expert_counts
     _both(lambda x, w: ops.moe_permute(x, ids, slots, counts, w if weighted else None),
           lambda x, w: _K.moe_permute(x, ids, slots, counts, w if weighted else None), [x, d.weights])
@@ -106,31 +109,38 @@ def test_dispatch_combine_permute_unpermute(weighted):
           lambda p, w: _K.moe_unpermute(p, ids, slots, offsets, w if weighted else None), [packed, d.weights])
 
 
-def _attention_inputs(dtype, seed=5):
+def _attention_inputs(dtype, device, seed=5):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(2, 37, 4, 32, generator=g).to(dtype)
-    kv = [torch.randn(2, 65, 2, 32, generator=g).to(dtype) for _ in range(2)]
-    mask = torch.rand(2, 65, generator=g) < 0.3
+    q = torch.randn(2, 37, 4, 32, generator=g).to(device, dtype)
+    kv = [torch.randn(2, 65, 2, 32, generator=g).to(device, dtype) for _ in range(2)]
+    mask = (torch.rand(2, 65, generator=g) < 0.3).to(device)
     return q, kv[0], kv[1], mask
 
 
+def _float_dtype(device, autocast):
+    """fp32 inputs (cast by autocast where it is on); the CUDA kernels take bf16 only
+    for attention, so without autocast CUDA gets bf16."""
+    return torch.bfloat16 if device == "cuda" and not autocast else torch.float32
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("autocast", [False, True])
-def test_attention(autocast):
-    q, k, v, mask = _attention_inputs(torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+def test_attention(autocast, device):
+    q, k, v, mask = _attention_inputs(_float_dtype(device, autocast), device)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
         _both(lambda q, k, v: ops.cross_attention(q, k, v, key_padding_mask=mask, causal=True, return_lse=True),
               lambda q, k, v: _K.cross_attention(q, k, v, None, mask, True), [q, k, v])
         _both(lambda q, k, v: ops.cross_attention(q, k, v), lambda q, k, v: _K.cross_attention(q, k, v)[0],
               [q, k, v])
-        cu_q = torch.tensor([0, 0, 1, 38], dtype=torch.int32)
-        cu_k = torch.tensor([0, 5, 5, 70], dtype=torch.int32)
+        cu_q = torch.tensor([0, 0, 1, 38], dtype=torch.int32, device=device)
+        cu_k = torch.tensor([0, 5, 5, 70], dtype=torch.int32, device=device)
         qv, kv_, vv = q.reshape(-1, 4, 32)[:38], k.reshape(-1, 2, 32)[:70], v.reshape(-1, 2, 32)[:70]
         _both(lambda q, k, v: ops.cross_attention_varlen(q, k, v, cu_q, cu_k, 37, 65, softmax_scale=0.3,
                                                           return_lse=True),
               lambda q, k, v: _K.cross_attention_varlen(q, k, v, cu_q, cu_k, 37, 65, 0.3), [qv, kv_, vv])
     if autocast:  # the casts are recorded: fp32 leaves get fp32 gradients
         leaves = _leaves(q, k, v)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             out = ops.cross_attention(*leaves)
         assert out.dtype == torch.bfloat16
         out.float().sum().backward()
@@ -139,16 +149,18 @@ def test_attention(autocast):
 
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("activation", ["none", "gelu", "silu"])
-def test_gemm(activation, autocast):
+@pytest.mark.parametrize("device", DEVICES)
+def test_gemm(activation, autocast, device):
     g = torch.Generator().manual_seed(6)
-    a, w, b = torch.randn(17, 40, generator=g), torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    dt = _float_dtype(device, autocast)
+    a, w, b = (torch.randn(*shape, generator=g).to(device, dt) for shape in ((17, 40), (24, 40), (24,)))
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
         _both(lambda a, w, b: ops.gemm(a, w, b, activation=activation),
               lambda a, w, b: _K.gemm(a, w, b, activation=activation), [a, w, b])
         _both(lambda a, w: ops.gemm(a, w), lambda a, w: _K.gemm(a, w), [a, w])
-        x = torch.randn(37, 40, generator=g)
-        ws = torch.randn(3, 24, 40, generator=g)
-        offsets = torch.tensor([0, 10, 10, 37], dtype=torch.int32)
+        x = torch.randn(37, 40, generator=g).to(device, dt)
+        ws = torch.randn(3, 24, 40, generator=g).to(device, dt)
+        offsets = torch.tensor([0, 10, 10, 37], dtype=torch.int32, device=device)
         _both(lambda x, ws: ops.grouped_gemm(x, ws, offsets), lambda x, ws: _K.grouped_gemm(x, ws, offsets),
               [x, ws])
 
