@@ -150,7 +150,7 @@ class MoELayer(nn.Module):
     buffer is E groups of ``capacity`` rows), backward straight-through in bf16 as
     :class:`FP8Linear`.
 
-    After each forward, ``self.aux_loss`` holds ``aux_loss_alpha`` * the balancing
+    After each forward (not under torch.export), ``self.aux_loss`` holds ``aux_loss_alpha`` * the balancing
     loss + ``z_loss_coef`` * the router z-loss (0 when both are 0), and
     ``self.last_routed_counts`` the per-expert loads. With ``bias_update_rate > 0``
     the selection bias (``correction_bias`` buffer) is updated after every
@@ -351,8 +351,11 @@ class MoELayer(nn.Module):
                                                  self.aux_loss_alpha).float()
         if self.z_loss_coef:
             aux = aux + self.z_loss_coef * _moe.router_z_loss(logits)
-        self.aux_loss = aux
-        self.last_routed_counts = g.routed_counts
+        if not torch.compiler.is_exporting():
+            # (An exported program has no use for them, and torch.export warns about
+            # tensor attributes assigned while it traces.)
+            self.aux_loss = aux
+            self.last_routed_counts = g.routed_counts
         if updating and not recomputing:
             _moe.update_correction_bias(self.correction_bias, g.routed_counts, self.bias_update_rate)
         # Not a view of y (as F.linear's N-d result is not): FSDP2 warns about a module
