@@ -7,9 +7,10 @@ Per op, side by side in one run:
 
   no_grad_us    ours under torch.no_grad() (below the autograd layer)
   ours_us       ours with an input that needs a gradient, through the wrapper in
-                deepseek_kernels.ops (its own autograd.Function)
-  library_us    the same call through torch.ops.deepseek_kernels (the autograd
-                layer of torch.library.register_autograd, what torch.ops callers pay)
+                deepseek_kernels.ops (our Autograd kernel, ops._register_autograd)
+  torch_ops_us  the same through torch.ops.deepseek_kernels (the same kernel)
+  library_us    the same formulas through the Autograd kernel torch.library's
+                register_autograd would have registered (built here, not registered)
   peer_us       the PyTorch composition a user would write otherwise, with grad
                 (F.linear + activation, SDPA, softmax + topk, index_add ...)
 
@@ -38,7 +39,31 @@ import timer as T  # noqa: E402
 from deepseek_kernels import ops  # noqa: E402
 
 K = torch.ops.deepseek_kernels
-COLUMNS = ["op", "no_grad_us", "ours_us", "library_us", "x_vs_library", "peer", "peer_us", "x_vs_peer"]
+COLUMNS = ["op", "no_grad_us", "ours_us", "torch_ops_us", "library_us", "x_vs_library", "peer", "peer_us",
+           "x_vs_peer"]
+
+
+class _Library:
+    """``L.<op>(...)``: the op through torch.library.register_autograd's Autograd kernel
+    for our formulas, called as the dispatcher calls it (no autocast here)."""
+
+    def __getattr__(self, name):  # built once per op, then an attribute
+        from torch._library import autograd as library_autograd
+
+        op = getattr(K, name).default
+        impl = library_autograd.make_autograd_impl(
+            op, library_autograd.Info(*ops._AUTOGRAD_FORMULAS[f"deepseek_kernels::{name}"]))
+
+        def call(*args, **kwargs):
+            dev = next(a for a in args if isinstance(a, torch.Tensor)).device.type
+            key = torch._C.DispatchKey.CUDA if dev == "cuda" else torch._C.DispatchKey.CPU
+            return impl(torch._C.DispatchKeySet(key), *args, **kwargs)
+
+        setattr(self, name, call)
+        return call
+
+
+L = _Library()
 
 
 def _cases(device):
@@ -72,37 +97,45 @@ def _cases(device):
         ("moe_topk_gating",
          lambda: ops.moe_topk_gating(logits, k, capacity=C),
          lambda: K.moe_topk_gating(logits, k, capacity=C),
+         lambda: L.moe_topk_gating(logits, k, capacity=C),
          "softmax+topk+renorm", peer_gating),
         ("moe_dispatch",
          lambda: ops.moe_dispatch(x, r.expert_ids, r.slots, E, C),
          lambda: K.moe_dispatch(x, r.expert_ids, r.slots, E, C),
+         lambda: L.moe_dispatch(x, r.expert_ids, r.slots, E, C),
          "index_add", lambda: x.new_zeros(E * C, H).index_add(0, rows[:, 0], x)),
         ("moe_combine",
          lambda: ops.moe_combine(eo, r.expert_ids, r.slots, w),
          lambda: K.moe_combine(eo, r.expert_ids, r.slots, w),
+         lambda: L.moe_combine(eo, r.expert_ids, r.slots, w),
          "index_select+mul+sum",
          lambda: (eo.reshape(E * C, H).index_select(0, rows.reshape(-1)).view(T_, k, H)
                   * w[..., None].to(eo.dtype)).sum(1)),
         ("moe_permute",
          lambda: ops.moe_permute(x, d.expert_ids, d.slots, d.expert_counts),
          lambda: K.moe_permute(x, d.expert_ids, d.slots, d.expert_counts),
+         lambda: L.moe_permute(x, d.expert_ids, d.slots, d.expert_counts),
          "argsort+index_select",
          lambda: x.index_select(0, torch.argsort(d.expert_ids.reshape(-1), stable=True) // k)),
         ("moe_unpermute",
          lambda: ops.moe_unpermute(packed, d.expert_ids, d.slots, offsets, d.weights),
          lambda: K.moe_unpermute(packed, d.expert_ids, d.slots, offsets, d.weights),
+         lambda: L.moe_unpermute(packed, d.expert_ids, d.slots, offsets, d.weights),
          "n/a", None),
         ("gemm (bias, gelu)",
          lambda: ops.gemm(a, W, b, activation="gelu"),
          lambda: K.gemm(a, W, b, activation="gelu"),
+         lambda: L.gemm(a, W, b, activation="gelu"),
          "F.linear+F.gelu", lambda: F.gelu(F.linear(a, W, b))),
         ("grouped_gemm",
          lambda: ops.grouped_gemm(gx, ws, goff),
          lambda: K.grouped_gemm(gx, ws, goff),
+         lambda: L.grouped_gemm(gx, ws, goff),
          "n/a", None),
         ("cross_attention",
          lambda: ops.cross_attention(q, kv, kv),
          lambda: K.cross_attention(q, kv, kv),
+         lambda: L.cross_attention(q, kv, kv),
          "SDPA", lambda: F.scaled_dot_product_attention(q.transpose(1, 2), kv.transpose(1, 2),
                                                          kv.transpose(1, 2))),
     ]
@@ -127,20 +160,22 @@ def main(argv=None) -> int:
             return T.time_host_cuda(fn, warmup=args.reps // 40, reps=args.reps)["median_ms"] * 1e3
 
     rows = []
-    for name, ours, library, peer_name, peer in _cases(device):
-        # the two autograd doors compute the same bits (checked before timing)
-        outs = [f() for f in (ours, library)]
+    for name, ours, torch_ops, library, peer_name, peer in _cases(device):
+        # the three calls compute the same bits (checked before timing)
+        outs = [f() for f in (ours, torch_ops, library)]
         outs = [o if isinstance(o, (tuple, list)) else (o,) for o in outs]
-        if not all(torch.equal(a, b) for a, b in zip(*outs)):
-            raise SystemExit(f"{name}: the wrapper and torch.ops results differ")
+        if not all(torch.equal(a, b) for other in outs[1:] for a, b in zip(outs[0], other)):
+            raise SystemExit(f"{name}: the wrapper, torch.ops and torch.library results differ")
         with torch.no_grad():
             no_grad = timed(ours)
-        row = {"op": name, "no_grad_us": no_grad, "ours_us": timed(ours), "library_us": timed(library),
+        row = {"op": name, "no_grad_us": no_grad, "ours_us": timed(ours), "torch_ops_us": timed(torch_ops),
+               "library_us": timed(library),
                "peer": peer_name, "peer_us": timed(peer) if peer is not None else None}
         row["x_vs_library"] = row["library_us"] / row["ours_us"]
         row["x_vs_peer"] = row["peer_us"] / row["ours_us"] if peer is not None else None
         rows.append(row)
-        print(f"{name}: ours {row['ours_us']:.1f} us, torch.library {row['library_us']:.1f} us", flush=True)
+        print(f"{name}: ours {row['ours_us']:.1f} us, torch.library's kernel {row['library_us']:.1f} us",
+              flush=True)
 
     print()
     T.print_table(rows, COLUMNS)

@@ -55,98 +55,118 @@ def _register_fake(qualname: str):
     return register
 
 
-# qualified op name -> the autograd.Function the eager wrappers use (see _register_autograd)
-_EAGER_AUTOGRAD = {}
+_autograd_lib = torch.library.Library("deepseek_kernels", "IMPL")
+# qualified name -> (backward, setup_context): the formulas, for tests/test_eager_autograd.py
+_AUTOGRAD_FORMULAS = {}
+# qualified name -> the op's two autograd.Function classes (see _register_autograd)
+_FUNCTIONS = {}
 
 
 def _register_autograd(qualname: str, backward, setup_context) -> None:
-    """``torch.library.register_autograd(qualname, backward, setup_context=...)``,
-    which ``torch.ops`` callers and torch.compile go through, plus an
-    ``autograd.Function`` with the same ``setup_context`` and ``backward`` that the
-    eager wrappers of this module call instead.
+    """The op's Autograd kernel, with ``torch.library.register_autograd``'s contract
+    (``setup_context(ctx, inputs[, keyword_only_inputs], output)`` with every
+    default filled in, ``backward(ctx, *grads)`` returning one gradient per
+    positional input), registered the way it registers one.
 
-    Why two doors to one formula: torch.library's autograd layer rebuilds the
-    schema's default arguments on every call (``fill_defaults`` reads
-    ``schema.arguments`` once per argument), 15-45 us per call on the CPU here for
-    our 5-10 argument schemas, 4-5x the op's own host time (bench: a training
-    forward calls several such ops per layer). The Function below reads the
-    defaults once, here; what it computes is the same (tested bitwise). It also
-    runs under torch.func's transforms, which torch.library's does not.
+    Why not register_autograd itself: its kernel rebuilds the schema's defaults on
+    every call that needs a gradient (``fill_defaults`` reads ``schema.arguments``
+    once per argument), 15-45 us per call on the CPU here for our 5-10 argument
+    schemas, 2-5x the op's own host time, and a training forward calls several
+    such ops per layer. This one reads the defaults once, here. Its
+    autograd.Function also runs under torch.func's transforms (grad, vjp, jacrev),
+    where torch.library's raises.
     """
-    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+    _AUTOGRAD_FORMULAS[qualname] = (backward, setup_context)
     op = getattr(_ops, qualname.split("::")[1]).default
     args = op._schema.arguments
     pos_defaults = [a.default_value for a in args if not a.kwarg_only]
     kw_defaults = {a.name: a.default_value for a in args if a.kwarg_only}
     takes_kw = bool(kw_defaults)  # as torch.library decides it: the schema has kwarg-only args
+    below = torch._C._after_autograd_keyset
 
-    def filled(args_then_kwargs):
-        *inputs, kwargs = args_then_kwargs
-        return (*inputs, *pos_defaults[len(inputs):]), {**kw_defaults, **kwargs}
+    # The dispatcher hands the kernel the positional arguments (those equal to their
+    # defaults may be cut off the end) and the kwarg-only ones as kwargs; the
+    # Function gets them plus (keyset, kwargs) as its last argument (keyset None:
+    # applied from Python, by _call_differentiable under torch.func).
+    def forward(*args_then_meta):
+        *inputs, (keyset, kwargs) = args_then_meta
+        with torch._C._AutoDispatchBelowAutograd():
+            if keyset is None:
+                return op(*inputs, **kwargs)
+            return op.redispatch(keyset & below, *inputs, **kwargs)
 
-    def forward(*args_then_kwargs):
-        inputs, kwargs = filled(args_then_kwargs)
-        with _below_autograd():
-            return op(*inputs, **kwargs)
-
-    def setup_context_(ctx, args_then_kwargs, output):
-        inputs, kwargs = filled(args_then_kwargs)
+    def setup_context_(ctx, args_then_meta, output):
+        *inputs, (_, kwargs) = args_then_meta
+        inputs = (*inputs, *pos_defaults[len(inputs):])
         if takes_kw:
-            setup_context(ctx=ctx, inputs=inputs, keyword_only_inputs=kwargs, output=output)
+            setup_context(ctx=ctx, inputs=inputs, keyword_only_inputs={**kw_defaults, **kwargs},
+                          output=output)
         else:
             setup_context(ctx=ctx, inputs=inputs, output=output)
 
     def backward_(ctx, *grads):
         needs = ctx.needs_input_grad
-        ctx.needs_input_grad = needs[:-1]  # the trailing kwargs dict is no input
+        ctx.needs_input_grad = needs[:-1]  # the trailing metadata is no input
         try:
             grads_in = backward(ctx, *grads)
         finally:
             ctx.needs_input_grad = needs
         grads_in = grads_in if isinstance(grads_in, tuple) else (grads_in,)
-        # one gradient per positional argument; defaulted ones were passed too
-        return (*grads_in, *([None] * (len(needs) - 1 - len(grads_in))), None)
+        # one per argument passed (the defaulted ones the dispatcher cut off have none)
+        n = len(needs) - 1
+        return (*grads_in[:n], *([None] * (n - len(grads_in))), None)
 
-    def forward_with_ctx(ctx, *args_then_kwargs):
-        output = forward(*args_then_kwargs)
-        setup_context_(ctx, args_then_kwargs, output)
+    def forward_with_ctx(ctx, *args_then_meta):
+        output = forward(*args_then_meta)
+        setup_context_(ctx, args_then_meta, output)
         return output
 
-    # Two classes of the same three functions: torch.func's transforms (grad, vjp,
-    # jacrev) need forward and setup_context apart, which costs ~15 us more per
-    # call through autograd.Function than forward(ctx, ...); that one serves the rest.
-    name = "EagerAutograd_" + qualname.replace("::", "_")
-    _EAGER_AUTOGRAD[qualname] = (
-        type(name, (torch.autograd.Function,), {
-            "forward": staticmethod(forward_with_ctx), "backward": staticmethod(backward_)}),
-        type(name + "_func", (torch.autograd.Function,), {
-            "forward": staticmethod(forward), "setup_context": staticmethod(setup_context_),
-            "backward": staticmethod(backward_)}),
-    )
+    # Two classes of the same three functions: torch.func's transforms need forward
+    # and setup_context apart (applied from Python, not from inside the dispatcher's
+    # Autograd key), which costs ~15 us more per call than forward(ctx, ...).
+    name = "DskAutograd_" + qualname.replace("::", "_")
+    fast = type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward_with_ctx), "backward": staticmethod(backward_)})
+    _FUNCTIONS[qualname] = (fast, type(name + "_func", (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context_),
+        "backward": staticmethod(backward_)}))
+
+    def autograd_kernel(keyset, *args, **kwargs):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args, **kwargs):
+            return fast.apply(*args, (keyset, kwargs))
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & below, *args, **kwargs)
+
+    _autograd_lib.impl(qualname.split("::")[1], autograd_kernel, "Autograd", with_keyset=True)
 
 
 def _call_differentiable(op, *args, **kwargs):
-    """``op(*args, **kwargs)``: below the autograd layer when no input needs a
-    gradient, through the op's eager autograd.Function when one does."""
+    """``op(*args, **kwargs)``, below the autograd layer when no input needs a gradient."""
     if _below_autograd is None or torch.compiler.is_compiling():
         return op(*args, **kwargs)
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*args, **kwargs):
-        name = op._qualified_op_name
-        fns = _EAGER_AUTOGRAD.get(name)
-        if fns is None:
-            return op(*args, **kwargs)
-        fn = fns[1] if torch._C._are_functorch_transforms_active() else fns[0]
-        if name in _AUTOCAST_QUALNAMES:
-            # The dispatcher would cast at the Autocast key, above autograd; do it
-            # here, recorded by autograd, then keep that key from casting again.
-            device_type = next(a.device.type for a in args if isinstance(a, Tensor))
-            if device_type in _AUTOCAST_KEYS and torch.is_autocast_enabled(device_type):
-                args, kwargs = _autocast_args(args, kwargs, device_type)
-                with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS[device_type]):
-                    return fn.apply(*args, kwargs)
-        return fn.apply(*args, kwargs)
+        return _apply_function(op, args, kwargs)
     with _below_autograd():
         return op(*args, **kwargs)
+
+
+def _apply_function(op, args, kwargs):
+    """The op's autograd.Function (what its Autograd kernel applies) applied from
+    here: ~5 us less per call than the dispatcher's way to it (argument parsing,
+    the Python kernel's boxing), and the only way torch.func's transforms can run
+    it. The Autocast key's casts are done first, as the dispatcher would."""
+    name = op._qualified_op_name
+    fns = _FUNCTIONS.get(name)
+    if fns is None:
+        return op(*args, **kwargs)
+    fn = fns[1] if torch._C._are_functorch_transforms_active() else fns[0]
+    if name in _AUTOCAST_QUALNAMES:
+        device_type = next(a.device.type for a in args if isinstance(a, Tensor))
+        if device_type in _AUTOCAST_KEYS and torch.is_autocast_enabled(device_type):
+            args, kwargs = _autocast_args(args, kwargs, device_type)
+            with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS[device_type]):
+                return fn.apply(*args, (None, kwargs))
+    return fn.apply(*args, (None, kwargs))
 
 
 __all__ = [

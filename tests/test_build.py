@@ -66,9 +66,9 @@ def test_cuda_kernel_ran_op():
 
 def test_wrappers_skip_the_autograd_layer_only_when_no_gradient_can_flow(monkeypatch):
     """The differentiable ops' wrappers call below the Python autograd layer when no
-    input needs a gradient (same results), and through their own autograd.Function
-    otherwise (gradients flow; tests/test_eager_autograd.py compares it with
-    torch.library's layer)."""
+    input needs a gradient (same results), and through the dispatcher to the op's
+    Autograd kernel otherwise (gradients flow; tests/test_eager_autograd.py compares
+    that kernel with torch.library's)."""
     import contextlib
 
     from deepseek_kernels import ops as O
@@ -103,9 +103,9 @@ def test_wrappers_skip_the_autograd_layer_only_when_no_gradient_can_flow(monkeyp
     for t in (a, logits, q):
         t.requires_grad_(True)
     slow = calls()
-    # gemm, attention, gating, dispatch: each op's Function calls the op below autograd
-    assert len(entered) == 4
-    assert all(type(t.grad_fn).__name__.startswith("EagerAutograd") for t in slow[:4])
+    # through the dispatcher to the ops' Autograd kernel (ops._register_autograd)
+    assert entered == []
+    assert all(type(t.grad_fn).__name__.startswith("DskAutograd_") for t in slow[:4])
     for f, s in zip(fast, slow):
         torch.testing.assert_close(f, s.detach(), rtol=0, atol=0)
     (slow[0].sum() + slow[1].sum() + slow[2].sum() + slow[3].sum()).backward()

@@ -1,12 +1,13 @@
-"""The two autograd doors of each differentiable op give the same bits.
+"""Our Autograd kernel (``ops._register_autograd``) against torch.library's.
 
-``deepseek_kernels.ops``'s wrappers run an op that needs a gradient through their
-own ``autograd.Function`` (``ops._register_autograd``: torch.library's layer costs
-15-45 us of host time per call); ``torch.ops.deepseek_kernels.*`` and
-torch.compile go through ``torch.library.register_autograd``. Both call the same
-``setup_context`` and backward: outputs and gradients must match bit for bit,
-including under autocast, with defaulted arguments, and when only some inputs
-need a gradient.
+Every differentiable op's Autograd kernel is ours: torch.library.register_autograd's
+rebuilds the schema's defaults on every call (15-45 us of host time). It keeps
+register_autograd's contract, so the same ``setup_context`` and ``backward`` run
+through torch's own kernel (built here with ``make_autograd_impl``, not registered)
+must give the same bits: outputs and gradients, through the ``deepseek_kernels``
+wrappers (every argument passed) and ``torch.ops`` (defaults left out, which the
+dispatcher also cuts off), under autocast, and when only some inputs need a
+gradient.
 """
 
 import pytest
@@ -16,6 +17,35 @@ from deepseek_kernels import ops
 from tests.conftest import DEVICES
 
 _K = torch.ops.deepseek_kernels
+
+
+class _Door:
+    """``_D.<op>(...)``: torch.ops (``door = "ops"``) or torch.library's own Autograd
+    kernel for the same formulas (``door = "library"``), called as the dispatcher
+    would call it (after the Autocast key's casts)."""
+
+    door = "ops"
+
+    def __getattr__(self, name):
+        if self.door == "ops":
+            return getattr(_K, name)
+        from torch._library import autograd as library_autograd
+
+        op = getattr(_K, name).default
+        impl = library_autograd.make_autograd_impl(
+            op, library_autograd.Info(*ops._AUTOGRAD_FORMULAS[f"deepseek_kernels::{name}"]))
+
+        def call(*args, **kwargs):
+            device_type = next(a for a in args if isinstance(a, torch.Tensor)).device.type
+            if name in ops._AUTOCAST_OPS and torch.is_autocast_enabled(device_type):
+                args, kwargs = ops._autocast_args(args, kwargs, device_type)
+            backend = torch._C.DispatchKey.CUDA if device_type == "cuda" else torch._C.DispatchKey.CPU
+            return impl(torch._C.DispatchKeySet(backend), *args, **kwargs)
+
+        return call
+
+
+_D = _Door()
 
 
 def _leaves(*ts, grad=None):
@@ -53,12 +83,18 @@ def _grad_fn_name(fn, inputs):
     return type(out.grad_fn).__name__
 
 
-def _both(eager, direct, inputs):
-    """eager (the wrapper) and direct (torch.ops) on fresh copies of the inputs."""
-    assert _grad_fn_name(eager, _leaves(*inputs)).startswith("EagerAutograd"), "not the eager door"
-    assert _grad_fn_name(direct, _leaves(*inputs)).startswith("GeneratedBackwardFor"), \
-        "not torch.library's door"
-    _assert_same(_run(eager, _leaves(*inputs)), _run(direct, _leaves(*inputs)))
+def _both(wrapper, direct, inputs):
+    """wrapper (deepseek_kernels.ops) and direct (_D: torch.ops, then torch.library's
+    kernel) on fresh copies of the inputs: the same bits."""
+    want = _run(wrapper, _leaves(*inputs))
+    assert _grad_fn_name(wrapper, _leaves(*inputs)).startswith("DskAutograd_"), "not our kernel"
+    for door, grad_fn in (("ops", "DskAutograd_"), ("library", "GeneratedBackwardFor")):
+        _Door.door = door
+        try:
+            assert _grad_fn_name(direct, _leaves(*inputs)).startswith(grad_fn), door
+            _assert_same(want, _run(direct, _leaves(*inputs)))
+        finally:
+            _Door.door = "ops"
 
 
 def _routing(T, E, k, capacity, seed, device):
@@ -76,9 +112,9 @@ def test_gating(scoring, capacity, device):
     bias = torch.randn(16, generator=g).to(device)
     kw = dict(scoring=scoring, n_group=4, topk_group=2, routed_scaling_factor=2.5, capacity=capacity)
     _both(lambda x: ops.moe_topk_gating(x, 3, correction_bias=bias, **kw),
-          lambda x: _K.moe_topk_gating(x, 3, bias, **kw), [logits])
+          lambda x: _D.moe_topk_gating(x, 3, bias, **kw), [logits])
     # defaults only
-    _both(lambda x: ops.moe_topk_gating(x, 2), lambda x: _K.moe_topk_gating(x, 2), [logits])
+    _both(lambda x: ops.moe_topk_gating(x, 2), lambda x: _D.moe_topk_gating(x, 2), [logits])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -92,21 +128,21 @@ def test_dispatch_combine_permute_unpermute(weighted, device):
     ids, slots = r.expert_ids, r.slots
     if weighted:
         _both(lambda x, w: ops.moe_dispatch(x, ids, slots, E, 6, w),
-              lambda x, w: _K.moe_dispatch(x, ids, slots, E, 6, w), [x, w])
+              lambda x, w: _D.moe_dispatch(x, ids, slots, E, 6, w), [x, w])
     else:
-        _both(lambda x: ops.moe_dispatch(x, ids, slots, E, 6), lambda x: _K.moe_dispatch(x, ids, slots, E, 6),
+        _both(lambda x: ops.moe_dispatch(x, ids, slots, E, 6), lambda x: _D.moe_dispatch(x, ids, slots, E, 6),
               [x])
     eo = torch.randn(E, 6, H, generator=g).to(device)
     _both(lambda eo, w: ops.moe_combine(eo, ids, slots, w if weighted else None),
-          lambda eo, w: _K.moe_combine(eo, ids, slots, w if weighted else None), [eo, w])
+          lambda eo, w: _D.moe_combine(eo, ids, slots, w if weighted else None), [eo, w])
 
     d = _routing(T, E, k, None, seed=4, device=device)
     ids, slots, counts = d.expert_ids, d.slots, d.expert_counts
     _both(lambda x, w: ops.moe_permute(x, ids, slots, counts, w if weighted else None),
-          lambda x, w: _K.moe_permute(x, ids, slots, counts, w if weighted else None), [x, d.weights])
+          lambda x, w: _D.moe_permute(x, ids, slots, counts, w if weighted else None), [x, d.weights])
     packed, offsets = ops.moe_permute(x, ids, slots, counts)
     _both(lambda p, w: ops.moe_unpermute(p, ids, slots, offsets, w if weighted else None),
-          lambda p, w: _K.moe_unpermute(p, ids, slots, offsets, w if weighted else None), [packed, d.weights])
+          lambda p, w: _D.moe_unpermute(p, ids, slots, offsets, w if weighted else None), [packed, d.weights])
 
 
 def _attention_inputs(dtype, device, seed=5):
@@ -129,15 +165,15 @@ def test_attention(autocast, device):
     q, k, v, mask = _attention_inputs(_float_dtype(device, autocast), device)
     with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
         _both(lambda q, k, v: ops.cross_attention(q, k, v, key_padding_mask=mask, causal=True, return_lse=True),
-              lambda q, k, v: _K.cross_attention(q, k, v, None, mask, True), [q, k, v])
-        _both(lambda q, k, v: ops.cross_attention(q, k, v), lambda q, k, v: _K.cross_attention(q, k, v)[0],
+              lambda q, k, v: _D.cross_attention(q, k, v, None, mask, True), [q, k, v])
+        _both(lambda q, k, v: ops.cross_attention(q, k, v), lambda q, k, v: _D.cross_attention(q, k, v)[0],
               [q, k, v])
         cu_q = torch.tensor([0, 0, 1, 38], dtype=torch.int32, device=device)
         cu_k = torch.tensor([0, 5, 5, 70], dtype=torch.int32, device=device)
         qv, kv_, vv = q.reshape(-1, 4, 32)[:38], k.reshape(-1, 2, 32)[:70], v.reshape(-1, 2, 32)[:70]
         _both(lambda q, k, v: ops.cross_attention_varlen(q, k, v, cu_q, cu_k, 37, 65, softmax_scale=0.3,
                                                           return_lse=True),
-              lambda q, k, v: _K.cross_attention_varlen(q, k, v, cu_q, cu_k, 37, 65, 0.3), [qv, kv_, vv])
+              lambda q, k, v: _D.cross_attention_varlen(q, k, v, cu_q, cu_k, 37, 65, 0.3), [qv, kv_, vv])
     if autocast:  # the casts are recorded: fp32 leaves get fp32 gradients
         leaves = _leaves(q, k, v)
         with torch.autocast(device, dtype=torch.bfloat16):
@@ -156,28 +192,33 @@ def test_gemm(activation, autocast, device):
     a, w, b = (torch.randn(*shape, generator=g).to(device, dt) for shape in ((17, 40), (24, 40), (24,)))
     with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
         _both(lambda a, w, b: ops.gemm(a, w, b, activation=activation),
-              lambda a, w, b: _K.gemm(a, w, b, activation=activation), [a, w, b])
-        _both(lambda a, w: ops.gemm(a, w), lambda a, w: _K.gemm(a, w), [a, w])
+              lambda a, w, b: _D.gemm(a, w, b, activation=activation), [a, w, b])
+        _both(lambda a, w: ops.gemm(a, w), lambda a, w: _D.gemm(a, w), [a, w])
         x = torch.randn(37, 40, generator=g).to(device, dt)
         ws = torch.randn(3, 24, 40, generator=g).to(device, dt)
         offsets = torch.tensor([0, 10, 10, 37], dtype=torch.int32, device=device)
-        _both(lambda x, ws: ops.grouped_gemm(x, ws, offsets), lambda x, ws: _K.grouped_gemm(x, ws, offsets),
+        _both(lambda x, ws: ops.grouped_gemm(x, ws, offsets), lambda x, ws: _D.grouped_gemm(x, ws, offsets),
               [x, ws])
 
 
 def test_only_some_inputs_need_a_gradient():
-    """The shared backward reads ctx.needs_input_grad to skip gradients: both doors
-    give the same ones for a weight-only, a bias-only and an input+bias gradient."""
+    """The backward reads ctx.needs_input_grad to skip gradients: our kernel and
+    torch.library's give the same ones for a weight-only, a bias-only and an
+    input+bias gradient."""
     g = torch.Generator().manual_seed(7)
     a, w, b = torch.randn(9, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(8, generator=g)
     for grad in ([False, True, False], [False, False, True], [True, False, True]):
-        eager = _run(lambda a, w, b: ops.gemm(a, w, b, activation="gelu"), _leaves(a, w, b, grad=grad))
-        direct = _run(lambda a, w, b: _K.gemm(a, w, b, activation="gelu"), _leaves(a, w, b, grad=grad))
-        _assert_same(eager, direct)
-        assert len(eager[1]) == sum(grad)
+        ours = _run(lambda a, w, b: ops.gemm(a, w, b, activation="gelu"), _leaves(a, w, b, grad=grad))
+        assert len(ours[1]) == sum(grad)
+        _Door.door = "library"
+        try:
+            _assert_same(ours, _run(lambda a, w, b: _D.gemm(a, w, b, activation="gelu"),
+                                    _leaves(a, w, b, grad=grad)))
+        finally:
+            _Door.door = "ops"
 
 
-def test_no_gradient_needed_takes_neither_door():
+def test_no_gradient_needed_builds_no_graph():
     a, w = torch.randn(4, 8), torch.randn(3, 8, requires_grad=True)
     with torch.no_grad():
         assert ops.gemm(a, w).grad_fn is None
@@ -185,8 +226,8 @@ def test_no_gradient_needed_takes_neither_door():
 
 
 def test_torch_func_transforms():
-    """torch.func.grad / vjp / jacrev run through the wrappers (torch.library's
-    generated Function has no separate setup_context, which they need) and agree
+    """torch.func.grad / vjp / jacrev run through our ops (torch.library's generated
+    Function has no separate setup_context, which they need) and agree
     with autograd bit for bit."""
     g = torch.Generator().manual_seed(8)
     a, w = torch.randn(5, 16, generator=g, dtype=torch.float64), torch.randn(8, 16, generator=g,
