@@ -355,8 +355,15 @@ def train(args: argparse.Namespace) -> Dict:
             model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True)
         comm_state = _comm_hook(ddp_model, args, group)
-        if comm_state is not None and resume and resume.get("comm_state"):
-            comm_state.load_state_dict(resume["comm_state"])
+        saved = resume.get("comm_state") if resume else None
+        if comm_state is not None and saved:
+            # one state per rank (the residuals are each rank's own error); a single
+            # dict is an older checkpoint's rank-0 state
+            if isinstance(saved, list) and len(saved) != world:
+                print(f"note: the checkpoint's compression state is from {len(saved)} ranks, "
+                      f"this run has {world}: the hook starts afresh", file=sys.stderr)
+            else:
+                comm_state.load_state_dict(saved[rank] if isinstance(saved, list) else saved)
 
     # The training forward, compiled on request. Dynamic shapes from the start: the
     # text length changes from batch to batch, and our ops' fakes take symbolic sizes
@@ -470,6 +477,10 @@ def train(args: argparse.Namespace) -> Dict:
             if bar is not None:
                 bar.write(f"step {step}: val_accuracy {ev['val_accuracy']:.4f}")
         if step % args.ckpt_every == 0 or step == stop_at:
+            comm = None
+            if comm_state is not None:  # every rank's residuals, not only rank 0's
+                comm = [None] * world if main_rank else None
+                dist.gather_object(comm_state.state_dict(), comm, dst=0)
             if main_rank:
                 ckdir = os.path.join(args.out, "checkpoints")
                 save_checkpoint(os.path.join(ckdir, f"step_{step:07d}.pt"), {
@@ -477,7 +488,7 @@ def train(args: argparse.Namespace) -> Dict:
                     "scaler": scaler.state_dict() if scaler else None, "step": step,
                     "model_config": mcfg.to_dict(), "tokenizer": tok.state_dict(),
                     "rng": rng_state(), "history": history, "args": vars(args),
-                    "comm_state": comm_state.state_dict() if comm_state is not None else None})
+                    "comm_state": comm})
                 prune_checkpoints(ckdir, args.keep_ckpts)
             if world > 1:
                 dist.barrier()

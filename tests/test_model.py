@@ -259,6 +259,16 @@ def test_ddp_gloo_with_and_without_int8_compression(tmp_path):
     assert all(math.isfinite(l) for l in topk) and topk[-1] < topk[0]
 
 
+def test_ddp_int8_resume_is_exact(tmp_path):
+    """The error-feedback residuals are each rank's own: a resumed run must give every
+    rank its own back, not rank 0's (the losses are the global means, so a wrong
+    residual on rank 1 shows on rank 0's log)."""
+    straight = _ddp(tmp_path, "straight", "--grad-compress", "int8", steps=10)
+    _ddp(tmp_path, "resumed", "--grad-compress", "int8", "--stop-after", "5", steps=10)
+    resumed = _ddp(tmp_path, "resumed", "--grad-compress", "int8", "--resume", "auto", steps=10)
+    assert resumed == straight, "resumed DDP int8 run differs from the straight run"
+
+
 # --------------------------------------------------------------- inference
 
 
