@@ -168,9 +168,13 @@ class MultimodalMoE(nn.Module):
             raise ValueError(f"text of {n} tokens exceeds max_text_len={self.cfg.max_text_len}")
         return self.tok_emb(input_ids) + self.text_pos[:n] + self.type_emb.weight[self.TEXT]
 
-    def forward(self, images: Tensor, input_ids: Tensor, image_features: Optional[Tensor] = None
-                ) -> Tensor:
-        """Logits [B, L, vocab] for next-token prediction."""
+    def forward(self, images: Tensor, input_ids: Tensor, image_features: Optional[Tensor] = None,
+                contrastive: bool = False) -> Tensor:
+        """Logits [B, L, vocab] for next-token prediction; ``contrastive=True``: the
+        alignment loss of ``input_ids`` as captions (here so that a DDP wrapper's
+        forward runs it, and its reducer sees that graph)."""
+        if contrastive:
+            return self.contrastive_loss(images, input_ids)
         img = self.encode_image(images) if image_features is None else image_features
         x = self.embed_text(input_ids)
         for blk in self.text_blocks:

@@ -426,7 +426,9 @@ def train(args: argparse.Namespace) -> Dict:
                     width = max(map(len, caps))
                     cap_ids = torch.tensor([c + [0] * (width - len(c)) for c in caps], device=device)
                     imgs = train_data.images[idx].to(device)
-                    loss = (ddp_model.module if world > 1 else model).contrastive_loss(imgs, cap_ids)
+                    # through the DDP wrapper too: bypassing it left the gradients
+                    # unsynchronized and broke DDP's next (VQA) backward
+                    loss = ddp_model(imgs, cap_ids, contrastive=True)
                     out = {"loss": loss, "ce": loss.detach(), "aux": torch.zeros(()),
                            "answer_acc": torch.zeros(())}
                 else:

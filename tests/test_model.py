@@ -212,12 +212,21 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, argv, q):
+def _ddp_worker(rank, world, port, argv, q, want_params=False):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
+        import model.train as mt
+
+        made = []  # the trained model, caught where the trainer builds its optimizer
+        make_optimizer = mt.make_optimizer
+        mt.make_optimizer = lambda m, a: (made.append(m), make_optimizer(m, a))[1]
         res = train(parse_args(argv))
+        if want_params:
+            flat = torch.cat([p.detach().flatten() for p in made[0].parameters()])
+            q.put((rank, (res["losses"], flat.tolist())))  # no tensor: it would not outlive us
+            return
         q.put((rank, res["losses"]))
     except BaseException as e:  # report instead of hanging the parent
         q.put((rank, repr(e)))
@@ -227,22 +236,23 @@ def _ddp_worker(rank, world, port, argv, q):
             dist.destroy_process_group()
 
 
-def _ddp(tmp, name, *extra, steps=40):
+def _ddp(tmp, name, *extra, steps=40, want_params=False):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     argv = SMALL + ["--steps", str(steps), "--out", os.path.join(str(tmp), name),
                     "--ckpt-every", "1000", *extra]
     argv[argv.index("--threads") + 1] = "1"
     port = _free_port()
-    ps = [ctx.Process(target=_ddp_worker, args=(r, 2, port, argv, q), daemon=True) for r in range(2)]
+    ps = [ctx.Process(target=_ddp_worker, args=(r, 2, port, argv, q, want_params), daemon=True)
+          for r in range(2)]
     for p in ps:
         p.start()
     got = dict(q.get(timeout=300) for _ in ps)
     for p in ps:
         p.join(timeout=60)
     for r in (0, 1):
-        assert isinstance(got[r], list), f"rank {r} failed: {got[r]}"
-    return got[0]
+        assert not isinstance(got[r], str), f"rank {r} failed: {got[r]}"
+    return got if want_params else got[0]
 
 
 def test_ddp_gloo_with_and_without_int8_compression(tmp_path):
@@ -257,6 +267,13 @@ def test_ddp_gloo_with_and_without_int8_compression(tmp_path):
     # learns more slowly, so only that it trains)
     topk = _ddp(tmp_path, "ddptopk", "--grad-compress", "topk", steps=20)
     assert all(math.isfinite(l) for l in topk) and topk[-1] < topk[0]
+
+
+def test_ddp_alignment_stage_keeps_replicas_equal(tmp_path):
+    """--align-steps under DDP: the contrastive stage's gradients are averaged over the
+    ranks like the VQA stage's, so every rank ends with the same parameters."""
+    got = _ddp(tmp_path, "align", "--align-steps", "3", steps=1, want_params=True)
+    assert got[0][1] == got[1][1], "the ranks' parameters differ"
 
 
 def test_ddp_int8_resume_is_exact(tmp_path):
