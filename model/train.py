@@ -390,12 +390,21 @@ def train(args: argparse.Namespace) -> Dict:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(os.path.join(args.out, "tb"))
+            # purge_step: a resumed run logs again the steps after its checkpoint
+            writer = SummaryWriter(os.path.join(args.out, "tb"),
+                                   purge_step=step + 1 if resume else None)
         except Exception as e:  # tensorboard not installed: JSONL still has everything
             print(f"note: TensorBoard logging off ({type(e).__name__}: {e})", file=sys.stderr)
     log_path = os.path.join(args.out, "metrics.jsonl")
     if main_rank and not resume and os.path.exists(log_path):
         os.remove(log_path)
+    if main_rank and resume and os.path.exists(log_path):
+        # drop what the interrupted run logged after the checkpoint (it is logged
+        # again), and a last line a crash cut short
+        with open(log_path) as f:
+            kept = [l for l in f if l.endswith("\n") and json.loads(l)["step"] <= step]
+        with open(log_path, "w") as f:
+            f.writelines(kept)
 
     bar = None
     if main_rank and not args.no_progress:

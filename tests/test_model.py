@@ -133,6 +133,17 @@ def test_resume_is_exact(tmp_path):
     assert lines[-1]["step"] == 40
 
 
+def test_resume_from_an_earlier_checkpoint_rewrites_the_later_metrics(tmp_path):
+    """A run that went past its checkpoint (a crash, or --resume PATH of an older one)
+    logged steps the resumed run does again: metrics.jsonl keeps one record per step."""
+    out = os.path.join(str(tmp_path), "o")
+    common = SMALL + ["--steps", "10", "--out", out, "--ckpt-every", "5", "--log-every", "1"]
+    train(parse_args(common + ["--stop-after", "8"]))
+    train(parse_args(common + ["--resume", os.path.join(out, "checkpoints", "step_0000005.pt")]))
+    steps = [json.loads(l)["step"] for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert steps == list(range(1, 11))
+
+
 def test_missing_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint"):
         load_checkpoint("auto", str(tmp_path))
