@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--steps", type=int, default=3000, help="VQA optimizer steps")
     a("--align-steps", type=int, default=0, help="CLIP-style image-text alignment steps first")
     a("--batch-size", type=int, default=64, help="global batch (split across ranks)")
-    a("--accum-steps", type=int, default=1, help="gradient accumulation micro-batches per step")
+    a("--accum-steps", type=int, default=1,
+      help="gradient accumulation micro-batches per step (must divide the per-rank batch)")
     a("--lr", type=float, default=3e-3)
     a("--min-lr-ratio", type=float, default=0.1, help="cosine decays to lr * this")
     a("--warmup-steps", type=int, default=50)
@@ -381,9 +382,9 @@ def train(args: argparse.Namespace) -> Dict:
     captions = _captions(train_data, tok)
     n_img_tokens = (mcfg.image_size // mcfg.patch_size) ** 2
     micro = args.batch_size // world // args.accum_steps
-    if micro == 0:
-        raise SystemExit(f"--batch-size {args.batch_size} is too small for {world} ranks x "
-                         f"{args.accum_steps} accumulation steps")
+    if micro * world * args.accum_steps != args.batch_size:  # a remainder would go untrained
+        raise SystemExit(f"--batch-size {args.batch_size} does not split into {world} ranks x "
+                         f"{args.accum_steps} accumulation steps of equal micro-batches")
 
     writer = None
     if main_rank:

@@ -214,6 +214,13 @@ def test_yaml_config_lion_accumulation_unfreezing(tmp_path):
         parse_args(["--config", str(bad)])
 
 
+def test_accumulation_must_split_the_batch_evenly(tmp_path):
+    """--batch-size 32 --accum-steps 3 made micro-batches of 10 and silently trained on
+    30 of every 32 pairs: the trainer refuses a batch that does not split evenly."""
+    with pytest.raises(SystemExit, match="accumulation"):
+        run(tmp_path, "acc3", "--accum-steps", "3", steps=1)
+
+
 # --------------------------------------------------------------------- DDP
 
 
