@@ -109,6 +109,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             p.error(f"{args.config}: unknown keys {bad}")
         p.set_defaults(**{k.replace("-", "_"): v for k, v in cfg.items()})
         args = p.parse_args(argv)
+        for action in p._actions:  # argparse checks choices on the command line only
+            v = getattr(args, action.dest, None)
+            if action.choices is not None and v not in action.choices:
+                p.error(f"{args.config}: {action.dest}: {v!r} is not one of {list(action.choices)}")
     for name in ("steps", "batch_size", "accum_steps", "log_every", "eval_every", "ckpt_every",
                  "keep_ckpts"):
         if getattr(args, name) <= 0:

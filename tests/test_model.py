@@ -214,6 +214,16 @@ def test_yaml_config_lion_accumulation_unfreezing(tmp_path):
         parse_args(["--config", str(bad)])
 
 
+@pytest.mark.parametrize("line", ["optimizer: sgd", "precision: fp17", "grad_compress: int16"])
+def test_yaml_values_are_checked_like_flags(tmp_path, line):
+    """argparse checks choices only on the command line: a YAML typo ran AdamW, fp32 or
+    no compression instead, silently."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(line + "\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(cfg)])
+
+
 def test_accumulation_must_split_the_batch_evenly(tmp_path):
     """--batch-size 32 --accum-steps 3 made micro-batches of 10 and silently trained on
     30 of every 32 pairs: the trainer refuses a batch that does not split evenly."""
