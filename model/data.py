@@ -235,6 +235,8 @@ class PairSampler:
                  rank: int = 0, world: int = 1):
         if batch_size % world:
             raise ValueError(f"batch_size ({batch_size}) must be divisible by the world size ({world})")
+        if batch_size > len(pairs):  # every batch would be short, the ranks' slices uneven
+            raise ValueError(f"batch_size ({batch_size}) exceeds the {len(pairs)} training pairs")
         self.pairs, self.batch_size, self.seed = pairs, batch_size, seed
         self.rank, self.world = rank, world
         self.per_epoch = max(1, len(pairs) // batch_size)

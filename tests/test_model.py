@@ -187,6 +187,11 @@ def test_own_folder_of_images(tmp_path):
     (folder / "annotations.jsonl").write_text("\n".join(lines) + "\n")
     res, out = run(tmp_path, "folder", "--data", str(folder), "--batch-size", "4", steps=5)
     assert res["finished"] and all(math.isfinite(l) for l in res["losses"])
+    # a batch larger than the training set: short batches, and an empty micro-batch
+    # under accumulation failed with "max() arg is an empty sequence"
+    with pytest.raises(ValueError, match="training pairs"):
+        run(tmp_path, "big", "--data", str(folder), "--batch-size", "16", "--accum-steps", "4",
+            steps=1)
     (folder / "annotations.jsonl").write_text('{"image": "img0.png"}\n')
     with pytest.raises(ValueError, match="annotations.jsonl:1"):
         run(tmp_path, "bad", "--data", str(folder), steps=1)
