@@ -69,12 +69,12 @@ def answer_requests(model: MultimodalMoE, tok: Tokenizer, requests: Sequence[Tup
     return answers
 
 
-def accuracy(model, tok, data, device, autocast=None, limit: int = 0) -> float:
+def accuracy(model, tok, data, device, autocast=None, limit: int = 0, max_batch: int = 256) -> float:
     pairs = data.pairs()
     if limit:
         pairs = pairs[:limit]
     reqs = [(data.images[i], q) for i, q, _ in pairs]
-    got = answer_requests(model, tok, reqs, device, autocast=autocast)
+    got = answer_requests(model, tok, reqs, device, max_batch, autocast=autocast)
     return sum(g == a for g, (_, _, a) in zip(got, pairs)) / max(1, len(pairs))
 
 
@@ -103,9 +103,10 @@ def main(argv=None) -> None:
 
     if args.eval:
         res = {"checkpoint": ck["path"], "pairs": args.eval_limit or len(val.pairs())}
-        res["fp32"] = accuracy(model, tok, val, device, limit=args.eval_limit)
-        res["bf16"] = accuracy(model, tok, val, device, autocast=bf16, limit=args.eval_limit)
-        res["int8"] = accuracy(quantize_int8_(model), tok, val, device, limit=args.eval_limit)
+        kw = dict(limit=args.eval_limit, max_batch=args.max_batch)
+        res["fp32"] = accuracy(model, tok, val, device, **kw)
+        res["bf16"] = accuracy(model, tok, val, device, autocast=bf16, **kw)
+        res["int8"] = accuracy(quantize_int8_(model), tok, val, device, **kw)
         for k in ("fp32", "bf16", "int8"):
             print(f"{k:5s} validation answer accuracy {res[k]:.4f}")
         with open(os.path.join(args.out, "generate_eval.json"), "w") as f:

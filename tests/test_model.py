@@ -360,6 +360,17 @@ def test_generate_cli(trained):
     assert r.stdout.count("what digit is this ? ->") == 2
 
 
+def test_generate_eval_keeps_max_batch(tmp_path, monkeypatch):
+    """--eval answers in batches of at most --max-batch, like the other modes."""
+    _, out = run(tmp_path, "tiny", steps=1)
+    sizes = []
+    generate = MultimodalMoE.generate
+    monkeypatch.setattr(MultimodalMoE, "generate",
+                        lambda self, images, ids: (sizes.append(len(ids)), generate(self, images, ids))[1])
+    gen.main(["--out", out, "--eval", "--eval-limit", "12", "--max-batch", "2"])
+    assert sizes and max(sizes) <= 2, sizes
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_model_forward_backward_on_device(device):
     torch.manual_seed(0)
