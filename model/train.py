@@ -471,10 +471,11 @@ def train(args: argparse.Namespace) -> Dict:
             opt.step()
         step += 1
 
-        if world > 1:  # the logged loss is the global mean
-            t = torch.tensor([stats_sum["loss"], stats_sum["ce"], stats_sum["answer_acc"]], device=device)
+        if world > 1:  # every logged term is the global mean (aux was rank 0's alone)
+            keys = list(stats_sum)
+            t = torch.tensor([stats_sum[k] for k in keys], device=device)
             dist.all_reduce(t)
-            stats_sum["loss"], stats_sum["ce"], stats_sum["answer_acc"] = (t / world).tolist()
+            stats_sum.update(zip(keys, (t / world).tolist()))
         rec = {"step": step, "stage": "align" if aligning else "vqa", "lr": lr,
                "grad_norm": float(gnorm), **stats_sum}
         history.append({"step": step, "loss": rec["loss"]})

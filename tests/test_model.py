@@ -302,6 +302,15 @@ def test_ddp_gloo_with_and_without_int8_compression(tmp_path):
     assert all(math.isfinite(l) for l in topk) and topk[-1] < topk[0]
 
 
+def test_ddp_logged_metrics_are_global_means(tmp_path):
+    """Under DDP every logged loss term is the mean over the ranks: loss = ce + aux."""
+    _ddp(tmp_path, "log", "--log-every", "1", steps=3)
+    recs = [json.loads(l) for l in open(os.path.join(str(tmp_path), "log", "metrics.jsonl"))]
+    assert len(recs) == 3
+    for r in recs:
+        assert abs(r["loss"] - (r["ce"] + r["aux"])) <= 1e-6 * r["loss"], r
+
+
 def test_ddp_alignment_stage_keeps_replicas_equal(tmp_path):
     """--align-steps under DDP: the contrastive stage's gradients are averaged over the
     ranks like the VQA stage's, so every rank ends with the same parameters."""
