@@ -36,9 +36,10 @@ def load_model(spec: str, out: str, device: torch.device) -> Tuple[MultimodalMoE
 
 
 def quantize_int8_(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace every deepseek_kernels.nn.Linear with nn.Int8Linear (in place)."""
+    """Replace every deepseek_kernels.nn.Linear (and FP8Linear: an --fp8 model's
+    projections, left FP8 before) with nn.Int8Linear (in place)."""
     for name, child in list(model.named_children()):
-        if isinstance(child, dnn.Linear):
+        if isinstance(child, (dnn.Linear, dnn.FP8Linear)):
             setattr(model, name, dnn.Int8Linear.from_linear(child))
         else:
             quantize_int8_(child)

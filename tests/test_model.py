@@ -164,8 +164,12 @@ def test_fp8_projections_train(tmp_path):
     res, out = run(tmp_path, "fp8", "--fp8", steps=6)
     assert res["finished"] and all(math.isfinite(l) for l in res["losses"])
     model, _, _ = gen.load_model("auto", out, torch.device("cpu"))
-    from deepseek_kernels.nn import FP8Linear
+    from deepseek_kernels.nn import FP8Linear, Int8Linear
     assert isinstance(model.lm_head, FP8Linear) and model.text_blocks[0].moe.fp8
+    # generate --int8 quantizes an FP8 model's projections too (it left them FP8, silently)
+    gen.quantize_int8_(model)
+    assert isinstance(model.lm_head, Int8Linear)
+    assert not any(isinstance(m, FP8Linear) for m in model.modules())
 
 
 def test_own_folder_of_images(tmp_path):
