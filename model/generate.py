@@ -76,7 +76,8 @@ def accuracy(model, tok, data, device, autocast=None, limit: int = 0, max_batch:
         pairs = pairs[:limit]
     reqs = [(data.images[i], q) for i, q, _ in pairs]
     got = answer_requests(model, tok, reqs, device, max_batch, autocast=autocast)
-    return sum(g == a for g, (_, _, a) in zip(got, pairs)) / max(1, len(pairs))
+    # the answer as the tokenizer reads it ("Yes" -> "yes"), as the trainer scores it
+    return sum(g == tok.decode(tok.encode(a)) for g, (_, _, a) in zip(got, pairs)) / max(1, len(pairs))
 
 
 def main(argv=None) -> None:

@@ -373,6 +373,24 @@ def test_generate_cli(trained):
     assert r.stdout.count("what digit is this ? ->") == 2
 
 
+def test_generate_accuracy_compares_tokenized_answers():
+    """A folder's answers are free text ("Yes", "a cat."): the generated words match
+    them as the tokenizer reads them (lower case, '?' split off), as the trainer's
+    teacher-forced accuracy does, not as raw strings."""
+    tok = Tokenizer.build(["is it bright ?", "yes no", "a cat"])
+
+    class Echo:  # answers each prompt with the given words
+        def __init__(self, words):
+            self.ids = tok.encode(words)
+
+        def generate(self, images, ids):
+            return [list(self.ids) for _ in range(len(ids))]
+
+    data = VQAData(torch.zeros(2, 1, 8, 8), [[("is it bright ?", "Yes")], [("is it bright ?", "Yes")]])
+    assert gen.accuracy(Echo("yes"), tok, data, torch.device("cpu")) == 1.0
+    assert gen.accuracy(Echo("no"), tok, data, torch.device("cpu")) == 0.0
+
+
 def test_generate_eval_keeps_max_batch(tmp_path, monkeypatch):
     """--eval answers in batches of at most --max-batch, like the other modes."""
     _, out = run(tmp_path, "tiny", steps=1)
