@@ -206,15 +206,17 @@ class MultimodalMoE(nn.Module):
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
     @torch.no_grad()
-    def generate(self, images: Tensor, prompt_ids: Tensor, max_new_tokens: int = 4,
+    def generate(self, images: Tensor, prompt_ids: Tensor, max_new_tokens: Optional[int] = None,
                  eos_id: int = 3) -> List[List[int]]:
         """Greedy answers for a batch of prompts of equal length (dynamic batching puts
-        same-length prompts together); returns the new tokens per row, without <eos>."""
+        same-length prompts together); returns the new tokens per row, without <eos>.
+        ``max_new_tokens=None``: until <eos> or max_text_len (a fixed 4 cut longer
+        answers short, and took a 4-word answer as whole without its <eos>)."""
         img = self.encode_image(images)
         ids = prompt_ids
         out: List[List[int]] = [[] for _ in range(len(ids))]
         done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
-        for _ in range(max_new_tokens):
+        for _ in range(self.cfg.max_text_len if max_new_tokens is None else max_new_tokens):
             nxt = self(images, ids, image_features=img)[:, -1].argmax(-1)
             for r in range(len(ids)):
                 if not done[r] and int(nxt[r]) != eos_id:

@@ -391,6 +391,21 @@ def test_generate_accuracy_compares_tokenized_answers():
     assert gen.accuracy(Echo("no"), tok, data, torch.device("cpu")) == 0.0
 
 
+def test_generate_answers_longer_than_four_tokens():
+    """Greedy decoding runs to <eos> (or max_text_len): a 6-word answer came back cut to
+    4 words, and a 4-word one counted as whole without its <eos>."""
+    class Scripted(MultimodalMoE):  # answers 10 11 12 13 14 15 <eos> after any prompt
+        def forward(self, images, input_ids, image_features=None, contrastive=False):
+            n = input_ids.shape[1] - 3
+            logits = torch.zeros(*input_ids.shape, self.cfg.vocab_size)
+            logits[:, -1, 10 + n if n < 6 else 3] = 1.0
+            return logits
+
+    model = Scripted(ModelConfig(vocab_size=20, dim=32, num_heads=2, num_kv_heads=1)).eval()
+    out = model.generate(torch.zeros(2, 1, 8, 8), torch.tensor([[1, 5, 2], [1, 6, 2]]))
+    assert out == [[10, 11, 12, 13, 14, 15]] * 2
+
+
 def test_generate_eval_keeps_max_batch(tmp_path, monkeypatch):
     """--eval answers in batches of at most --max-batch, like the other modes."""
     _, out = run(tmp_path, "tiny", steps=1)
