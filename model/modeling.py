@@ -199,7 +199,10 @@ class MultimodalMoE(nn.Module):
     def contrastive_loss(self, images: Tensor, caption_ids: Tensor) -> Tensor:
         """Symmetric InfoNCE between the pooled image tokens and the pooled caption."""
         zi = self.image_proj(self.encode_image(images).mean(1))
-        zt = self.text_proj(self.embed_text(caption_ids).mean(1))
+        # mean over the caption's own tokens: the right padding (<pad> = 0) depends on
+        # the longest caption of the batch
+        keep = (caption_ids != 0).unsqueeze(-1).to(self.tok_emb.weight.dtype)
+        zt = self.text_proj((self.embed_text(caption_ids) * keep).sum(1) / keep.sum(1).clamp(min=1))
         zi, zt = F.normalize(zi.float(), dim=-1), F.normalize(zt.float(), dim=-1)
         logits = zi @ zt.t() * self.logit_scale.exp().clamp(max=100.0)
         target = torch.arange(len(zi), device=zi.device)

@@ -417,6 +417,17 @@ def test_generate_eval_keeps_max_batch(tmp_path, monkeypatch):
     assert sizes and max(sizes) <= 2, sizes
 
 
+def test_contrastive_loss_ignores_caption_padding():
+    """Captions of different lengths are right-padded (--align-steps on a folder's
+    answers): the pooled caption must not depend on how much padding the batch adds."""
+    torch.manual_seed(0)
+    model = MultimodalMoE(ModelConfig(vocab_size=20, dim=32, num_heads=2, num_kv_heads=1))
+    img = torch.rand(2, 1, 8, 8)
+    caps = torch.tensor([[7, 8, 0], [9, 10, 11]])  # 0 = <pad>
+    wider = torch.cat([caps, torch.zeros(2, 3, dtype=torch.long)], dim=1)
+    torch.testing.assert_close(model.contrastive_loss(img, wider), model.contrastive_loss(img, caps))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_model_forward_backward_on_device(device):
     torch.manual_seed(0)
