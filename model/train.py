@@ -173,8 +173,14 @@ def make_optimizer(model, args):
 def save_checkpoint(path: str, state: Dict) -> None:
     """Atomic: write a temporary file in the same folder, then rename over."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        # a failed write leaves no partial file (no checkpoint pattern would prune it)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def list_checkpoints(folder: str) -> List[str]:

@@ -158,6 +158,21 @@ def test_missing_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(str(bad), str(tmp_path))
 
 
+def test_failed_checkpoint_write_leaves_nothing(tmp_path, monkeypatch):
+    """A write that fails half-way (disk full, interrupt) leaves no temporary file: it
+    matched no checkpoint pattern, so nothing would ever prune it."""
+    import model.train as mt
+
+    def half_save(obj, f):
+        open(f, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mt.torch, "save", half_save)
+    with pytest.raises(OSError):
+        mt.save_checkpoint(str(tmp_path / "step_0000001.pt"), {"step": 1})
+    assert os.listdir(tmp_path) == []
+
+
 def test_fp8_projections_train(tmp_path):
     """--fp8: every projection an FP8Linear and the experts FP8 (block-scaled e4m3
     forward, bf16 backward)."""
