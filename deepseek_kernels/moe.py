@@ -4,7 +4,8 @@
   top-k, ``alpha * E * sum_i f_i * P_i`` with ``f_i = routed_count_i / (k * T)``
   (the fraction of routed choices, before capacity dropping; not differentiable)
   and ``P_i`` the mean routing score of expert i (differentiable).
-- :func:`router_z_loss`: ``mean_t logsumexp(logits_t)^2`` (ST-MoE), keeps logits small.
+- :func:`router_z_loss`: ``mean_t logsumexp(logits_t)^2`` (ST-MoE), keeps logits small;
+  optionally over the tokens of a mask.
 - :func:`update_correction_bias`: DeepSeek-V3's aux-loss-free balancing,
   ``b_i += gamma * sign(mean load - load_i)``, in place.
 - :func:`jitter`: multiplicative noise ``U(1 - eps, 1 + eps)`` on the logits, training only.
@@ -22,29 +23,38 @@ __all__ = ["load_balancing_loss", "router_z_loss", "update_correction_bias", "ji
 
 
 def load_balancing_loss(routed_counts: Tensor, mean_scores: Tensor, k: int,
-                        num_tokens: int, alpha: float = 1.0) -> Tensor:
+                        num_tokens, alpha: float = 1.0) -> Tensor:
     """``alpha * E * sum_i f_i * P_i``; ``routed_counts`` and ``mean_scores`` as returned
-    by ``moe_topk_gating`` for ``num_tokens`` tokens. Equals ``alpha`` for a perfectly
-    uniform router (f_i = P_i = 1/E)."""
+    by ``moe_topk_gating`` for ``num_tokens`` tokens (an int, or a 0-d tensor such as
+    the count of unmasked tokens). Equals ``alpha`` for a perfectly uniform router
+    (f_i = P_i = 1/E)."""
     if routed_counts.dim() != 1 or mean_scores.shape != routed_counts.shape:
         raise ValueError(f"load_balancing_loss: 'routed_counts' and 'mean_scores' must be [E] "
                          f"(one shape), got {tuple(routed_counts.shape)} and {tuple(mean_scores.shape)}")
-    if k < 1 or num_tokens < 0:
+    if k < 1 or (not isinstance(num_tokens, Tensor) and num_tokens < 0):
         raise ValueError(f"load_balancing_loss: need k >= 1 and num_tokens >= 0, got k={k}, "
                          f"num_tokens={num_tokens}")
     if not abs(alpha) < math.inf:  # also False for NaN; unlike math.isfinite, traceable on a SymFloat
         raise ValueError(f"load_balancing_loss: argument 'alpha' must be finite, got {alpha}")
     e = mean_scores.shape[0]
-    f = routed_counts.to(mean_scores.dtype) / float(max(k * num_tokens, 1))
+    if isinstance(num_tokens, Tensor):  # no host read of a device count
+        denom = (num_tokens.to(mean_scores.dtype) * k).clamp(min=1)
+    else:
+        denom = float(max(k * num_tokens, 1))
+    f = routed_counts.to(mean_scores.dtype) / denom
     return alpha * e * (f * mean_scores).sum()
 
 
-def router_z_loss(logits: Tensor) -> Tensor:
-    """Mean over tokens of ``logsumexp(logits)^2`` in fp32 (0 for no tokens)."""
+def router_z_loss(logits: Tensor, token_mask: Optional[Tensor] = None) -> Tensor:
+    """Mean over tokens of ``logsumexp(logits)^2`` in fp32 (0 for no tokens); with a
+    bool ``token_mask`` [T], over the tokens it marks True only."""
     if logits.shape[0] == 0:
         return logits.new_zeros((), dtype=torch.float32)
     z = torch.logsumexp(logits.float(), dim=-1)
-    return (z * z).mean()
+    if token_mask is None:
+        return (z * z).mean()
+    zz = torch.where(token_mask, z * z, torch.zeros_like(z))  # (a masked row may hold anything)
+    return zz.sum() / token_mask.sum().clamp(min=1).to(zz.dtype)
 
 
 @torch.no_grad()

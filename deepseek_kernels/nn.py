@@ -269,11 +269,24 @@ class MoELayer(nn.Module):
         h = self._swiglu(_FP8GroupedFunction.apply(rows, w1, offsets, self.use_kernels))
         return _FP8GroupedFunction.apply(h, w2, offsets, self.use_kernels)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, token_mask: Optional[Tensor] = None) -> Tensor:
+        """``x`` [..., hidden] -> [..., hidden]. ``token_mask``: optional bool
+        [...] (x's leading shape), False for tokens to leave out of routing (padding):
+        they get no expert (only the shared experts' output), take no capacity slot,
+        and count in neither the losses nor the bias update. Capacity is still sized
+        from all tokens (a static shape)."""
         _check_last_dim("MoELayer", x, self.hidden)
         shape = x.shape
         x2 = x.reshape(-1, self.hidden)
         t = x2.shape[0]
+        mask = None
+        if token_mask is not None:
+            if token_mask.dtype != torch.bool or token_mask.shape != shape[:-1]:
+                raise ValueError(f"MoELayer: token_mask must be bool of shape {tuple(shape[:-1])}, got "
+                                 f"{token_mask.dtype} of shape {tuple(token_mask.shape)}")
+            if token_mask.device != x.device:
+                raise ValueError(f"MoELayer: token_mask must be on {x.device}, got {token_mask.device}")
+            mask = token_mask.reshape(-1)
         if torch.is_autocast_enabled(x2.device.type):
             # An fp32 router, as documented (DeepSeek-V3 keeps gating in fp32): autocast
             # would run nn.Linear in bf16/fp16 and route on rounded logits.
@@ -295,8 +308,12 @@ class MoELayer(nn.Module):
             bias = self._routing_bias
         cap = self.capacity(t) if self.capacity_factor is not None else None
         K = _ops if self.use_kernels else _reference
+        # A row with a non-finite logit is not routed (the gating contract): no
+        # expert, no slot, no count, no score mass, zero gradient.
+        routed_logits = logits if mask is None else torch.where(
+            mask[:, None], logits, torch.full_like(logits, float("nan")))
         g = _ops.MoeGating(*K.moe_topk_gating(
-            logits, self.k, scoring=self.scoring, correction_bias=bias, n_group=self.n_group,
+            routed_logits, self.k, scoring=self.scoring, correction_bias=bias, n_group=self.n_group,
             topk_group=self.topk_group, renormalize=self.renormalize,
             routed_scaling_factor=self.routed_scaling_factor, capacity=cap,
             drop_policy=self.drop_policy))
@@ -347,10 +364,16 @@ class MoELayer(nn.Module):
 
         aux = logits.new_zeros((), dtype=torch.float32)
         if self.aux_loss_alpha:
-            aux = aux + _moe.load_balancing_loss(g.routed_counts, g.mean_scores, self.k, t,
-                                                 self.aux_loss_alpha).float()
+            if mask is None:
+                aux = aux + _moe.load_balancing_loss(g.routed_counts, g.mean_scores, self.k, t,
+                                                     self.aux_loss_alpha).float()
+            else:  # mean_scores is the score mass over all t rows: rescale to the n routed
+                n = mask.sum()
+                scores = g.mean_scores * (t / n.clamp(min=1).to(g.mean_scores.dtype))
+                aux = aux + _moe.load_balancing_loss(g.routed_counts, scores, self.k, n,
+                                                     self.aux_loss_alpha).float()
         if self.z_loss_coef:
-            aux = aux + self.z_loss_coef * _moe.router_z_loss(logits)
+            aux = aux + self.z_loss_coef * _moe.router_z_loss(logits, mask)
         if not torch.compiler.is_exporting():
             # (An exported program has no use for them, and torch.export warns about
             # tensor attributes assigned while it traces.)

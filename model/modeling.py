@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 from deepseek_kernels import nn as dnn
 
+from model.data import PAD
+
 
 @dataclass
 class ModelConfig:
@@ -102,10 +104,12 @@ class TextBlock(nn.Module):
                                 aux_loss_alpha=cfg.aux_loss_alpha,
                                 bias_update_rate=cfg.bias_update_rate, fp8=cfg.fp8)
 
-    def forward(self, x: Tensor, image: Tensor) -> Tensor:
+    def forward(self, x: Tensor, image: Tensor, token_mask: Optional[Tensor] = None) -> Tensor:
         x = x + self.self_attn(self.norm1(x), causal=True)
         x = x + self.cross_attn(self.norm2(x), image)
-        return x + self.moe(self.norm3(x))
+        # padding is not routed: it would take capacity slots from real tokens
+        # (capacity mode keeps the earliest), and count in the balancing loss
+        return x + self.moe(self.norm3(x), token_mask)
 
 
 class MultimodalMoE(nn.Module):
@@ -177,8 +181,9 @@ class MultimodalMoE(nn.Module):
             return self.contrastive_loss(images, input_ids)
         img = self.encode_image(images) if image_features is None else image_features
         x = self.embed_text(input_ids)
+        token_mask = input_ids != PAD
         for blk in self.text_blocks:
-            x = blk(x, img)
+            x = blk(x, img, token_mask)
         return self.lm_head(self.final_norm(x))
 
     def aux_loss(self) -> Tensor:
@@ -201,7 +206,7 @@ class MultimodalMoE(nn.Module):
         zi = self.image_proj(self.encode_image(images).mean(1))
         # mean over the caption's own tokens: the right padding (<pad> = 0) depends on
         # the longest caption of the batch
-        keep = (caption_ids != 0).unsqueeze(-1).to(self.tok_emb.weight.dtype)
+        keep = (caption_ids != PAD).unsqueeze(-1).to(self.tok_emb.weight.dtype)
         zt = self.text_proj((self.embed_text(caption_ids) * keep).sum(1) / keep.sum(1).clamp(min=1))
         zi, zt = F.normalize(zi.float(), dim=-1), F.normalize(zt.float(), dim=-1)
         logits = zi @ zt.t() * self.logit_scale.exp().clamp(max=100.0)

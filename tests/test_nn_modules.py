@@ -315,3 +315,55 @@ def test_moe_layer_under_activation_checkpointing(use_reentrant, capacity_factor
     assert plain.correction_bias.abs().sum() > 0
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
         assert torch.equal(p.grad, q.grad), name
+
+
+@pytest.mark.parametrize("use_kernels", [True, False], ids=["kernels", "reference"])
+def test_moe_layer_token_mask(use_kernels):
+    """token_mask leaves padding out of routing: an all-True mask changes nothing
+    (bitwise); with padding masked out, the real tokens' outputs and the losses are
+    those of the real tokens alone (dropless), padded tokens get only the shared
+    experts' output, take no capacity slot and do not move the bias."""
+    torch.manual_seed(0)
+    kw = dict(num_shared_experts=1, aux_loss_alpha=0.01, z_loss_coef=1e-3, bias_update_rate=0.01)
+    m = MoELayer(16, 24, 8, 2, **kw)
+    m.use_kernels = use_kernels
+    x = torch.randn(3, 5, 16)
+    y0, aux0 = m(x), m.aux_loss
+    bias0 = m.correction_bias.clone()
+    m.correction_bias.zero_()
+    y1 = m(x, torch.ones(3, 5, dtype=torch.bool))
+    assert torch.equal(y0, y1) and torch.equal(aux0, m.aux_loss) and torch.equal(bias0, m.correction_bias)
+
+    # right padding: 2 + 4 + 3 real tokens, padding rows hold garbage
+    lengths = [2, 4, 3]
+    mask = torch.arange(5)[None, :] < torch.tensor(lengths)[:, None]
+    xp = torch.where(mask[..., None], x, torch.full_like(x, 1e3))
+    real = x[mask]  # [9, 16]
+    m.eval()  # no bias update between the two calls
+    y_real, aux_real = m(real), m.aux_loss
+    y_pad = m(xp, mask)
+    torch.testing.assert_close(y_pad[mask], y_real, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(m.aux_loss, aux_real, rtol=1e-6, atol=1e-7)
+    shared = m.shared["down"](m._swiglu(m.shared["gate_up"](xp[~mask])))
+    torch.testing.assert_close(y_pad[~mask], shared, rtol=1e-6, atol=1e-6)
+    assert int(m.last_routed_counts.sum()) == 2 * 9
+
+    # capacity mode, padding first: it must not take the slots of the real tokens
+    mc = MoELayer(16, 24, 8, 2, capacity_factor=1.0)
+    mc.use_kernels = use_kernels
+    first = torch.arange(5)[None, :] >= torch.tensor([3, 3, 3])[:, None]  # 3 pads, then 2 real
+    mc(x, first)
+    assert int(mc.last_routed_counts.sum()) == 2 * 6
+
+    m.train()
+    before = m.correction_bias.clone()
+    m(xp, mask)
+    m.correction_bias.copy_(before)
+    # bias update from the real tokens' loads alone
+    expected = before + 0.01 * torch.sign(m.last_routed_counts.float().mean() - m.last_routed_counts.float())
+    m(xp, mask)
+    assert torch.equal(m.correction_bias, expected)
+
+    for bad in (mask.int(), mask[:, :4], mask.reshape(-1)):
+        with pytest.raises(ValueError, match="token_mask"):
+            m(xp, bad)
