@@ -487,6 +487,13 @@ def test_rows_bad_input():
                 call()
     with pytest.raises(ValueError, match="'capacity'"):
         dk.moe_dispatch(x, g.expert_ids, g.slots, 8, -1)
+    # past int32 (the ids' and slots' type) a size names its argument instead of
+    # failing in the allocator ("can't allocate memory", "Storage size ... overflowed")
+    for big in (2**31, 2**62):
+        with pytest.raises(ValueError, match=r"'num_experts' must be at most 2147483647 \(expert ids are int32\)"):
+            dk.moe_dispatch(x, g.expert_ids, g.slots, big, 4)
+        with pytest.raises(ValueError, match=r"'capacity' must be at most 2147483647 \(slots are int32\)"):
+            dk.moe_dispatch(x, g.expert_ids, g.slots, 8, big)
     wide = torch.zeros(6, 17, dtype=torch.int32)
     with pytest.raises(ValueError, match="at most 16 choices"):
         dk.moe_dispatch(x, wide, wide, 8, 4)

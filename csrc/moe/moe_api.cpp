@@ -213,6 +213,13 @@ at::Tensor moe_dispatch(const at::Tensor& x, const at::Tensor& expert_ids, const
   check_positive(op, "num_experts", num_experts);
   TORCH_CHECK_VALUE(capacity >= 0, op, ": argument 'capacity' must be non-negative, got ",
                     capacity);
+  // Expert ids and slots are int32: larger values address nothing, and would only
+  // size (or overflow) the output's allocation.
+  constexpr int64_t kMaxInt32 = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK_VALUE(num_experts <= kMaxInt32, op, ": argument 'num_experts' must be at most ",
+                    kMaxInt32, " (expert ids are int32), got ", num_experts);
+  TORCH_CHECK_VALUE(capacity <= kMaxInt32, op, ": argument 'capacity' must be at most ", kMaxInt32,
+                    " (slots are int32), got ", capacity);
   const c10::DeviceGuard guard(x.device());
   const int64_t H = x.size(1);
   const at::Tensor xc = x.contiguous(), ic = expert_ids.contiguous(), sc = slots.contiguous();
