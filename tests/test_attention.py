@@ -401,9 +401,14 @@ def test_bad_inputs():
         dk.cross_attention(q, k.half(), v.half())
     with pytest.raises(TypeError, match="must have dtype"):
         dk.cross_attention(q.int(), k.int(), v.int())
-    with pytest.raises(ValueError, match=r"head dim must be in \[1, 256\].*16, 32, 64, 96, 128, 256"):
+    with pytest.raises(ValueError, match=r"head dim must be in \[1, 256\].*16, 32, 64, 96, 128, 256.*"
+                                         r"got 300 \(the last dimension of 'q', 'k' and 'v'\)"):
         big = torch.randn(1, 2, 1, 300)
         dk.cross_attention(big, big, big)
+    with pytest.raises(ValueError, match=r"got 0 \(the last dimension of 'q', 'k' and 'v'\)"):
+        empty = torch.randn(1, 2, 1, 0)
+        dk.cross_attention_varlen(empty[0], empty[0], empty[0], torch.tensor([0, 2], dtype=torch.int32),
+                                  torch.tensor([0, 2], dtype=torch.int32), 2, 2)
     with pytest.raises(TypeError, match="key_padding_mask.*dtype"):
         dk.cross_attention(q, k, v, key_padding_mask=torch.zeros(2, 6))
     with pytest.raises(ValueError, match="key_padding_mask.*shape"):

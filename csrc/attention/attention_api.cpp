@@ -71,11 +71,13 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
   if (q.is_cuda()) {
 #ifdef DSK_WITH_CUDA
     TORCH_CHECK_VALUE(cuda_head_dim_supported(D), op, ": head dim ", D,
-                      " is not supported by the CUDA kernels (supported: ", kCudaHeadDims, ")");
+                      " (the last dimension of 'q', 'k' and 'v') is not supported by the CUDA kernels "
+                      "(supported: ", kCudaHeadDims, ")");
 #endif
   } else {
     TORCH_CHECK_VALUE(D >= 1 && D <= kMaxHeadDimCpu, op, ": head dim must be in [1, ",
-                      kMaxHeadDimCpu, "] on the CPU (CUDA: ", kCudaHeadDims, "), got ", D);
+                      kMaxHeadDimCpu, "] on the CPU (CUDA: ", kCudaHeadDims, "), got ", D,
+                      " (the last dimension of 'q', 'k' and 'v')");
   }
 }
 
