@@ -428,6 +428,9 @@ def moe_permute(x: Tensor, expert_ids: Tensor, slots: Tensor, expert_counts: Ten
         return packed, offsets
     if num_rows < 0:
         raise ValueError(f"moe_permute: argument 'num_rows' must be non-negative, got {num_rows}")
+    if num_rows > 2**31 - 1:  # as sum(expert_counts) without it: packed rows are int32 offsets
+        raise ValueError(f"moe_permute: argument 'num_rows' must be at most 2^31 - 1 (packed rows are "
+                         f"addressed by int32 offsets), got {num_rows}")
     for name, t in (("expert_ids", expert_ids), ("slots", slots), ("expert_counts", expert_counts)):
         if t.dtype != torch.int32:
             raise TypeError(f"moe_permute: argument '{name}' must be int32, got {t.dtype}")

@@ -361,6 +361,11 @@ def test_permute_num_rows_has_no_sync_and_pads(device, dtype):
     if device == "cpu":
         with pytest.raises(ValueError, match="num_rows"):
             dk.moe_permute(x, g.expert_ids, g.slots, g.expert_counts, num_rows=3)
+    # past int32 it is named (it failed in the allocator, or in moe_dispatch's
+    # 'capacity' on the device-sized path)
+    for big in (2**31, 2**62):
+        with pytest.raises(ValueError, match=r"'num_rows' must be at most 2\^31 - 1"):
+            dk.moe_permute(x, g.expert_ids, g.slots, g.expert_counts, num_rows=big)
 
 
 @pytest.mark.parametrize("device", DEVICES)
