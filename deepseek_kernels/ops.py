@@ -26,12 +26,18 @@ _ops = torch.ops.deepseek_kernels
 _below_autograd = getattr(torch._C, "_AutoDispatchBelowADInplaceOrView", None)
 
 
-def _register_fake(qualname: str):
-    """``torch.library.register_fake(qualname)``, with the one check every fake
+def _register_fake(qualname: str, *, dims=None, non_negative=(), positive=()):
+    """``torch.library.register_fake(qualname)``, with the checks every fake
     needs before its shapes: all tensor arguments on one device, as the kernels
-    require. Without it a meta tensor mixed with real ones dispatches to the
-    fake, which returns an uninitialised tensor on the first argument's device."""
+    require (without it a meta tensor mixed with real ones dispatches to the
+    fake, which returns an uninitialised tensor on the first argument's device),
+    then the ranks (``dims``: name -> rank or tuple of ranks) and the sizes
+    (``non_negative`` / ``positive``: int arguments; None is skipped) the fake
+    reads, named as the kernels name them. Without those, torch.compile traced a
+    bad call into "Trying to create tensor with negative dimension -1" or "tuple
+    index out of range" instead of the kernels' error."""
     op = qualname.split("::")[1]
+    dims = dims or {}
 
     def register(fake):
         signature = inspect.signature(fake)
@@ -39,7 +45,8 @@ def _register_fake(qualname: str):
         @functools.wraps(fake)
         def checked(*args, **kwargs):
             first = None
-            for name, value in signature.bind(*args, **kwargs).arguments.items():
+            bound = signature.bind(*args, **kwargs).arguments
+            for name, value in bound.items():
                 if not isinstance(value, Tensor):
                     continue
                 if first is None:
@@ -47,6 +54,18 @@ def _register_fake(qualname: str):
                 elif value.device != first[1]:
                     raise ValueError(f"{op}: argument '{name}' must be on the same device as "
                                      f"'{first[0]}' ({first[1]}), got {value.device}")
+            for name, rank in dims.items():
+                t = bound.get(name)
+                ranks = rank if isinstance(rank, tuple) else (rank,)
+                if isinstance(t, Tensor) and t.dim() not in ranks:
+                    raise ValueError(f"{op}: argument '{name}' must be "
+                                     f"{' or '.join(f'{r}-D' for r in ranks)}, got shape {tuple(t.shape)}")
+            for names, low, what in ((non_negative, 0, "non-negative"), (positive, 1, "positive")):
+                for name in names:
+                    value = bound.get(name)
+                    if value is not None:
+                        torch._check_value(value >= low,
+                                           lambda: f"{op}: argument '{name}' must be {what}, got {value}")
             return fake(*args, **kwargs)
 
         torch.library.register_fake(qualname)(checked)
@@ -283,6 +302,12 @@ def _num_blocks(n: int, block_size: int) -> int:
     return (n + block_size - 1) // block_size
 
 
+def _check_int4_bytes(op: str, row_bytes, numel) -> None:
+    # as the kernels: checked before numel sizes the output (2^62 overflowed it)
+    torch._check_value(row_bytes == (numel + 1) // 2, lambda: (
+        f"{op}: argument 'q' must hold {(numel + 1) // 2} bytes per row for numel={numel}, got {row_bytes}"))
+
+
 def _fake_quantize(x: Tensor, block_size: int, packed: bool):
     n = x.numel()
     nb = _num_blocks(n, block_size)
@@ -293,35 +318,36 @@ def _fake_quantize(x: Tensor, block_size: int, packed: bool):
     return q, x.new_empty((nb,), dtype=torch.float32), x.new_empty((), dtype=torch.bool)
 
 
-@_register_fake("deepseek_kernels::quantize_int8")
+@_register_fake("deepseek_kernels::quantize_int8", positive=("block_size",))
 def _(x, block_size=256, *, stochastic=False, seed=None):
     return _fake_quantize(x, block_size, packed=False)
 
 
-@_register_fake("deepseek_kernels::quantize_int4")
+@_register_fake("deepseek_kernels::quantize_int4", positive=("block_size",))
 def _(x, block_size=256, *, stochastic=False, seed=None):
     return _fake_quantize(x, block_size, packed=True)
 
 
-@_register_fake("deepseek_kernels::dequantize_int8")
+@_register_fake("deepseek_kernels::dequantize_int8", positive=("block_size",))
 def _(q, scales, block_size=256, *, out_dtype=None):
     return q.new_empty((q.numel(),), dtype=out_dtype or torch.float32)
 
 
-@_register_fake("deepseek_kernels::dequantize_int4")
+@_register_fake("deepseek_kernels::dequantize_int4", non_negative=("numel",), positive=("block_size",))
 def _(q, scales, numel, block_size=256, *, out_dtype=None):
+    _check_int4_bytes("dequantize_int4", q.numel(), numel)
     return q.new_empty((numel,), dtype=out_dtype or torch.float32)
 
 
-@_register_fake("deepseek_kernels::dequantize_sum_int8")
+@_register_fake("deepseek_kernels::dequantize_sum_int8", dims={"q": 2, "scales": 2}, positive=("block_size",))
 def _(q, scales, block_size=256):
-    torch._check(q.dim() == 2, lambda: f"q must be 2-D [W, n], got {q.dim()}-D")
     return q.new_empty((q.shape[1],), dtype=torch.float32)
 
 
-@_register_fake("deepseek_kernels::dequantize_sum_int4")
+@_register_fake("deepseek_kernels::dequantize_sum_int4", dims={"q": 2, "scales": 2}, non_negative=("numel",),
+                positive=("block_size",))
 def _(q, scales, numel, block_size=256):
-    torch._check(q.dim() == 2, lambda: f"q must be 2-D [W, ceil(numel/2)], got {q.dim()}-D")
+    _check_int4_bytes("dequantize_sum_int4", q.shape[1], numel)
     return q.new_empty((numel,), dtype=torch.float32)
 
 
@@ -472,10 +498,10 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-@_register_fake("deepseek_kernels::moe_topk_gating")
+@_register_fake("deepseek_kernels::moe_topk_gating", dims={"logits": 2, "correction_bias": 1},
+                non_negative=("capacity",), positive=("k",))
 def _(logits, k, correction_bias=None, *, scoring="softmax", n_group=1, topk_group=1,
       renormalize=True, routed_scaling_factor=1.0, capacity=None, drop_policy="position"):
-    torch._check(logits.dim() == 2, lambda: f"logits must be 2-D [T, E], got {logits.dim()}-D")
     t, e = logits.shape
     cdt = _compute_dtype(logits)
     i32 = torch.int32
@@ -484,23 +510,26 @@ def _(logits, k, correction_bias=None, *, scoring="softmax", n_group=1, topk_gro
             logits.new_empty((e,), dtype=i32), logits.new_empty((e,), dtype=cdt))
 
 
-@_register_fake("deepseek_kernels::moe_dispatch")
+@_register_fake("deepseek_kernels::moe_dispatch", dims={"x": 2, "expert_ids": 2, "slots": 2, "weights": 2},
+                non_negative=("capacity",), positive=("num_experts",))
 def _(x, expert_ids, slots, num_experts, capacity, weights=None):
     return x.new_empty((num_experts, capacity, x.shape[1]))
 
 
-@_register_fake("deepseek_kernels::moe_combine")
+@_register_fake("deepseek_kernels::moe_combine", dims={"expert_out": 3, "expert_ids": 2, "slots": 2, "weights": 2})
 def _(expert_out, expert_ids, slots, weights=None):
     return expert_out.new_empty((expert_ids.shape[0], expert_out.shape[2]))
 
 
-@_register_fake("deepseek_kernels::moe_permute")
+@_register_fake("deepseek_kernels::moe_permute",
+                dims={"x": 2, "expert_ids": 2, "slots": 2, "expert_counts": 1, "weights": 2})
 def _(x, expert_ids, slots, expert_counts, weights=None):
     n = torch.library.get_ctx().new_dynamic_size()
     return x.new_empty((n, x.shape[1])), x.new_empty((expert_counts.shape[0] + 1,), dtype=torch.int32)
 
 
-@_register_fake("deepseek_kernels::moe_unpermute")
+@_register_fake("deepseek_kernels::moe_unpermute",
+                dims={"packed": 2, "expert_ids": 2, "slots": 2, "offsets": 1, "weights": 2})
 def _(packed, expert_ids, slots, offsets, weights=None):
     return packed.new_empty((expert_ids.shape[0], packed.shape[1]))
 
@@ -567,7 +596,8 @@ def _rows_weight_grad(buf_rows: Tensor, dy: Tensor, expert_ids: Tensor, slots: T
                                 expert_ids, slots, row_base.to(torch.int64), slot_limit, capacity)
 
 
-@_register_fake("deepseek_kernels::moe_rows_dot")
+@_register_fake("deepseek_kernels::moe_rows_dot",
+                dims={"rows": 2, "other": 2, "expert_ids": 2, "slots": 2, "row_base": 1, "slot_limit": 1})
 def _(rows, other, expert_ids, slots, row_base, slot_limit, capacity):
     return rows.new_empty(tuple(expert_ids.shape), dtype=_compute_dtype(rows))
 
@@ -725,21 +755,24 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-@_register_fake("deepseek_kernels::cross_attention")
+@_register_fake("deepseek_kernels::cross_attention", dims={"q": 4, "k": 4, "v": 4, "key_padding_mask": 2})
 def _(q, k, v, softmax_scale=None, key_padding_mask=None, causal=False):
     b, lq, hq, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
         (b, hq, lq), dtype=_lse_dtype(q))
 
 
-@_register_fake("deepseek_kernels::cross_attention_backward")
+@_register_fake("deepseek_kernels::cross_attention_backward",
+                dims={"dout": 4, "q": 4, "k": 4, "v": 4, "out": 4, "lse": 3, "key_padding_mask": 2})
 def _(dout, q, k, v, out, lse, softmax_scale=None, key_padding_mask=None, causal=False):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
-@_register_fake("deepseek_kernels::cross_attention_varlen")
+@_register_fake("deepseek_kernels::cross_attention_varlen",
+                dims={"q": 3, "k": 3, "v": 3, "cu_seqlens_q": 1, "cu_seqlens_k": 1},
+                non_negative=("max_seqlen_q", "max_seqlen_k"))
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
       causal=False):
     total_q, hq, _ = q.shape
@@ -747,7 +780,9 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
         (hq, total_q), dtype=_lse_dtype(q))
 
 
-@_register_fake("deepseek_kernels::cross_attention_varlen_backward")
+@_register_fake("deepseek_kernels::cross_attention_varlen_backward",
+                dims={"dout": 3, "q": 3, "k": 3, "v": 3, "out": 3, "lse": 2, "cu_seqlens_q": 1, "cu_seqlens_k": 1},
+                non_negative=("max_seqlen_q", "max_seqlen_k"))
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
       softmax_scale=None, causal=False):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -847,34 +882,34 @@ def int8_gemm(a: Tensor, a_scales: Tensor, w: Tensor, w_scales: Tensor, *,
     return _call_differentiable(_ops.int8_gemm, a, a_scales, w, w_scales, bias, out_dtype=out_dtype)
 
 
-@_register_fake("deepseek_kernels::gemm")
+@_register_fake("deepseek_kernels::gemm", dims={"weight": 2, "bias": 1})
 def _(a, weight, bias=None, *, activation="none", out_dtype=None):
-    torch._check(a.dim() >= 1, lambda: "a must be at least 1-D [..., K]")
-    torch._check(weight.dim() == 2, lambda: f"weight must be 2-D [N, K], got {weight.dim()}-D")
-    torch._check(weight.shape[1] == a.shape[-1], lambda: "weight's K must match a's last dimension")
+    torch._check_value(a.dim() >= 1, lambda: f"gemm: argument 'a' must be at least 1-D [..., K], got shape "
+                                             f"{tuple(a.shape)}")
+    torch._check_value(weight.shape[1] == a.shape[-1], lambda: (
+        f"gemm: argument 'weight' must have shape [N, K] with K = {a.shape[-1]} (a's last dimension), "
+        f"got {tuple(weight.shape)}"))
     return a.new_empty((*a.shape[:-1], weight.shape[0]), dtype=out_dtype or a.dtype)
 
 
-@_register_fake("deepseek_kernels::grouped_gemm")
+@_register_fake("deepseek_kernels::grouped_gemm", dims={"x": 2, "weights": 3, "offsets": 1})
 def _(x, weights, offsets, *, out_dtype=None):
-    torch._check(x.dim() == 2 and weights.dim() == 3, lambda: "x must be [S, K], weights [E, N, K]")
     return x.new_empty((x.shape[0], weights.shape[1]), dtype=out_dtype or x.dtype)
 
 
-@_register_fake("deepseek_kernels::grouped_gemm_wgrad")
+@_register_fake("deepseek_kernels::grouped_gemm_wgrad", dims={"dy": 2, "x": 2, "offsets": 1},
+                non_negative=("num_groups",))
 def _(dy, x, offsets, num_groups):
     return x.new_empty((num_groups, dy.shape[1], x.shape[1]))
 
 
-@_register_fake("deepseek_kernels::quantize_int8_rowwise")
+@_register_fake("deepseek_kernels::quantize_int8_rowwise", dims={"x": 2})
 def _(x):
-    torch._check(x.dim() == 2, lambda: f"x must be 2-D [M, K], got {x.dim()}-D")
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
-@_register_fake("deepseek_kernels::int8_gemm")
+@_register_fake("deepseek_kernels::int8_gemm", dims={"a": 2, "a_scales": 1, "w": 2, "w_scales": 1, "bias": 1})
 def _(a, a_scales, w, w_scales, bias=None, *, out_dtype=None):
-    torch._check(a.dim() == 2 and w.dim() == 2, lambda: "a must be [M, K], w [N, K]")
     return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype or torch.bfloat16)
 
 
@@ -1009,23 +1044,23 @@ def fp8_grouped_gemm(a: Tensor, a_scales: Tensor, w: Tensor, w_scales: Tensor, o
                                 out_dtype=out_dtype)
 
 
-@_register_fake("deepseek_kernels::quantize_fp8")
+@_register_fake("deepseek_kernels::quantize_fp8", dims={"x": (2, 3)})
 def _(x, block=(1, 128)):
-    torch._check(x.dim() in (2, 3), lambda: f"x must be 2-D [M, K] or 3-D [E, M, K], got {x.dim()}-D")
+    torch._check_value(len(block) == 2 and block[0] in (1, 128) and block[1] == 128,
+                       lambda: f"quantize_fp8: argument 'block' must be (1, 128) or (128, 128), got {list(block)}")
     rows = -(-x.shape[-2] // block[0])
     return (x.new_empty(x.shape, dtype=torch.float8_e4m3fn),
             x.new_empty((*x.shape[:-2], rows, -(-x.shape[-1] // 128)), dtype=torch.float32))
 
 
-@_register_fake("deepseek_kernels::fp8_gemm")
+@_register_fake("deepseek_kernels::fp8_gemm", dims={"a": 2, "a_scales": 2, "w": 2, "w_scales": 2})
 def _(a, a_scales, w, w_scales, *, out_dtype=None):
-    torch._check(a.dim() == 2 and w.dim() == 2, lambda: "a must be [M, K], w [N, K]")
     return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype or torch.bfloat16)
 
 
-@_register_fake("deepseek_kernels::fp8_grouped_gemm")
+@_register_fake("deepseek_kernels::fp8_grouped_gemm",
+                dims={"a": 2, "a_scales": 2, "w": 3, "w_scales": 3, "offsets": 1})
 def _(a, a_scales, w, w_scales, offsets, *, out_dtype=None):
-    torch._check(a.dim() == 2 and w.dim() == 3, lambda: "a must be [S, K], w [E, N, K]")
     return a.new_empty((a.shape[0], w.shape[1]), dtype=out_dtype or torch.bfloat16)
 
 

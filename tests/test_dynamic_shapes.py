@@ -116,6 +116,30 @@ def test_permute_static_rows_overflow_raises_when_compiled():
         compiled(x, g.expert_ids, g.slots, g.expert_counts)
 
 
+def test_bad_arguments_are_named_when_compiled():
+    """Tracing runs the fakes first: a bad size or rank gets the kernels' named
+    error there, not "Trying to create tensor with negative dimension -1" or
+    "tuple index out of range"."""
+    g = _routing(8, "cpu")
+    x = torch.randn(8, 24)
+    cases = [
+        (lambda x, i, s: dk.moe_dispatch(x, i, s, 8, -1), (x, g.expert_ids, g.slots),
+         "moe_dispatch: argument 'capacity' must be non-negative, got -1"),
+        (lambda x, i, s: dk.moe_dispatch(x.flatten(), i, s, 8, 4), (x, g.expert_ids, g.slots),
+         "moe_dispatch: argument 'x' must be 2-D, got shape"),
+        (lambda x: dk.moe_topk_gating(x, -1), (x,), "moe_topk_gating: argument 'k' must be positive"),
+        (lambda x: dk.quantize_int8(x, 0), (x,), "quantize_int8: argument 'block_size' must be positive"),
+        (lambda q, s: dk.dequantize_int4(q, s, -1), (torch.zeros(4, dtype=torch.uint8), torch.ones(1)),
+         "dequantize_int4: argument 'numel' must be non-negative"),
+        (lambda q, k, v: dk.cross_attention(q[0], k, v), (torch.randn(1, 2, 1, 8),) * 3,
+         "cross_attention: argument 'q' must be 4-D, got shape"),
+    ]
+    for fn, args, message in cases:
+        compiled, _ = _compile_dynamic(fn)
+        with pytest.raises(Exception, match=message):
+            compiled(*args)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_gemm_and_grouped_gemm(device):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
