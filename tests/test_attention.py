@@ -246,6 +246,24 @@ def _varlen_case(lens_q, lens_k, hq, hkv, d, dtype, device="cpu"):
     return q, k, v, cu(lens_q), cu(lens_k), max(lens_q), max(lens_k)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_varlen_overstated_max_seqlen(device):
+    """max_seqlen_q/k only bound the samples: any larger value gives the exact max's
+    results. The CUDA grids are ceil(max / tile) in 32 bits: with 64-row tiles (v1,
+    D = 32) 2^38 + 128 gave 2 query tiles, every sample's rows past 128 left 0."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v, cq, ck, mq, mk = _varlen_case([200, 3], [150, 5], 2, 1, 32, dtype, device)
+    out = dk.cross_attention_varlen(q, k, v, cq, ck, mq, mk, causal=True)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    for big_q, big_k in ((2**31, 2**31), (2**38 + 128, 2**38 + 128), (2**62, 2**62), (mq, 2**62)):
+        out2 = dk.cross_attention_varlen(q, k, v, cq, ck, big_q, big_k, causal=True)
+        tol = 0 if device == "cpu" else 1e-2  # the CPU: the same bits
+        torch.testing.assert_close(out2, out, atol=tol, rtol=tol)
+        for a, b in zip(torch.autograd.grad(out2, (q, k, v), g), grads):
+            torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
                          ids=["fp64", "fp32", "bf16"])

@@ -298,8 +298,13 @@ AttnParams varlen_params(const char* op, const at::Tensor& q, const at::Tensor& 
   p.B = cu_q.size(0) - 1;
   p.total_q = q.size(0);
   p.total_k = k.size(0);
-  p.seqlen_q = max_q;
-  p.seqlen_k = max_k;
+  // No sample is longer than its tensor: an overstated max (allowed, it only bounds
+  // the samples) is clamped to the row count. The CUDA launchers size their grids
+  // as ceil(max / tile) in 32 bits: with v1's 64-row tiles max_seqlen_q = 2^38 + 128
+  // gave 2 query tiles (every sample's rows past 128 silently left 0), 2^62 no
+  // valid grid at all.
+  p.seqlen_q = std::min(max_q, p.total_q);
+  p.seqlen_k = std::min(max_k, p.total_k);
   p.cu_seqlens_q = cu_q.data_ptr<int32_t>();
   p.cu_seqlens_k = cu_k.data_ptr<int32_t>();
   return p;

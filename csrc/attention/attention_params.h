@@ -44,7 +44,7 @@ struct AttnParams {
 
   int64_t B = 0, Hq = 0, Hkv = 0, D = 0;
   int64_t total_q = 0, total_k = 0;
-  int64_t seqlen_q = 0, seqlen_k = 0;  // padded: Lq, Lk; varlen: max_seqlen_q/k
+  int64_t seqlen_q = 0, seqlen_k = 0;  // padded: Lq, Lk; varlen: max_seqlen_q/k, at most total_q/k
   const int32_t* cu_seqlens_q = nullptr;  // [B + 1] or null (padded)
   const int32_t* cu_seqlens_k = nullptr;
   const bool* key_padding_mask = nullptr;  // padded only: [B, Lk], true = ignore the key
