@@ -521,6 +521,31 @@ def test_rows_bad_input():
                                                 torch.arange(8) * 3, torch.full((8,), 2**31 - 1, dtype=i32), 3)
 
 
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_rows_past_the_source_are_skipped():
+    """offsets (unpermute) and row_base (rows_dot) are read and checked on the CPU
+    only: on the GPU a row they place past `packed` / `rows` is skipped, like any
+    out-of-range choice there, instead of read past the tensor."""
+    packed = torch.randn(4, 8, device="cuda")
+    ids = torch.zeros(4, 1, dtype=torch.int32, device="cuda")
+    slots = torch.arange(4, dtype=torch.int32, device="cuda")[:, None]
+    ok = torch.tensor([0, 4], dtype=torch.int32, device="cuda")
+    assert torch.equal(dk.moe_unpermute(packed, ids, slots, ok), packed)
+    far = torch.tensor([0, 2**30], dtype=torch.int32, device="cuda")  # expert 0: rows 0..2^30-1
+    past = slots.clone()
+    past[2] = 2**29
+    out = dk.moe_unpermute(packed, ids, past, far)
+    torch.cuda.synchronize()
+    want = packed.clone()
+    want[2] = 0
+    assert torch.equal(out, want)
+    dot = torch.ops.deepseek_kernels.moe_rows_dot(packed, packed, ids, slots,
+                                                  torch.tensor([2**40], device="cuda"), None, 4)
+    torch.cuda.synchronize()
+    assert torch.equal(dot, torch.zeros(4, 1, device="cuda"))
+
+
 # ---------------------------------------------------------------------------
 # Autograd, opcheck, torch.compile
 # ---------------------------------------------------------------------------

@@ -251,6 +251,7 @@ at::Tensor moe_combine(const at::Tensor& expert_out, const at::Tensor& expert_id
   at::Tensor out = at::empty({ic.size(0), H}, eo.options());
   RowsParams p = rows_params(ic, sc, wc, at::Tensor(), E, H);  // rows of expert e at e * C
   p.src = eo.data_ptr();
+  p.src_rows = E * C;
   p.dst = out.data_ptr();
   p.dtype = to_dsk_dtype(eo.scalar_type());
   p.capacity = C;
@@ -324,6 +325,7 @@ at::Tensor moe_unpermute(const at::Tensor& packed, const at::Tensor& expert_ids,
   at::Tensor out = at::empty({ic.size(0), H}, pc.options());
   RowsParams p = rows_params(ic, sc, wc, base, E, H);
   p.src = pc.data_ptr();
+  p.src_rows = pc.size(0);
   p.dst = out.data_ptr();
   p.dtype = to_dsk_dtype(pc.scalar_type());
   p.slot_limit = limit.data_ptr<int32_t>();
@@ -370,6 +372,7 @@ at::Tensor moe_rows_dot(const at::Tensor& rows, const at::Tensor& other,
   at::Tensor out = at::empty({ic.size(0), ic.size(1)}, rc.options().dtype(cdt));
   RowsParams p = rows_params(ic, sc, at::Tensor(), bc, bc.size(0), rc.size(1));
   p.src = rc.data_ptr();
+  p.src_rows = rc.size(0);
   p.other = oc.data_ptr();
   p.dst = out.data_ptr();
   p.dtype = to_dsk_dtype(rc.scalar_type());

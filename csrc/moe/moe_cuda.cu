@@ -1017,6 +1017,13 @@ __device__ __forceinline__ int64_t choice_row(const RowsParams& p, int64_t i) {
   return (p.row_base ? p.row_base[e] : e * p.capacity) + s;
 }
 
+// gather / rows_dot: choice_row, and -1 for a row past src (unchecked offsets or
+// row_base on the GPU): skipped, never read.
+__device__ __forceinline__ int64_t src_choice_row(const RowsParams& p, int64_t i) {
+  const int64_t row = choice_row(p, i);
+  return row < p.src_rows ? row : -1;
+}
+
 constexpr int kRowsThreads = 128;
 constexpr int kRowsWarps = kRowsThreads / kWarp;
 
@@ -1124,7 +1131,7 @@ __global__ void __launch_bounds__(kRowsThreads) gather_rows_kernel(RowsParams p)
     // The token's k rows and weights, in shared memory: lanes leave the H loop
     // at different times, so no shuffles inside it.
     if (lane < p.k) {
-      rows_s[warp][lane] = choice_row(p, t * p.k + lane);
+      rows_s[warp][lane] = src_choice_row(p, t * p.k + lane);
       w_s[warp][lane] = w ? w[t * p.k + lane] : 1.0f;
     }
     __syncwarp();
@@ -1163,7 +1170,7 @@ __global__ void __launch_bounds__(kRowsThreads) rows_dot_kernel(RowsParams p) {
        t += warps) {
     const T* o = other + t * p.H;
     for (int64_t j = 0; j < p.k; ++j) {
-      const int64_t row = choice_row(p, t * p.k + j);  // warp-uniform
+      const int64_t row = src_choice_row(p, t * p.k + j);  // warp-uniform
       float acc = 0.0f;
       if (row >= 0) {
         const T* r = src + row * p.H;

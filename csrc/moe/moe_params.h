@@ -75,6 +75,10 @@ struct RowsParams {
   int64_t capacity = 0;
   int64_t T = 0, k = 1, H = 0, E = 0;
   int64_t dst_rows = 0;  // scatter: rows of dst
+  // gather, rows_dot: rows of src. The CUDA kernels skip a choice whose row is at
+  // or past it, as any out-of-range choice there: offsets and row_base are read on
+  // the host (and checked) on the CPU only.
+  int64_t src_rows = INT64_MAX;
   int64_t* row_map = nullptr;  // CUDA scatter: [dst_rows] workspace, filled with -1 by the caller
                                // (then the largest choice index naming each row)
   const void* other = nullptr;  // rows_dot: [T, H], dtype of src
