@@ -502,6 +502,7 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
                 non_negative=("capacity",), positive=("k",))
 def _(logits, k, correction_bias=None, *, scoring="softmax", n_group=1, topk_group=1,
       renormalize=True, routed_scaling_factor=1.0, capacity=None, drop_policy="position"):
+    torch._check_value(k <= 16, lambda: f"moe_topk_gating: argument 'k' must be at most 16, got {k}")
     t, e = logits.shape
     cdt = _compute_dtype(logits)
     i32 = torch.int32
@@ -513,6 +514,9 @@ def _(logits, k, correction_bias=None, *, scoring="softmax", n_group=1, topk_gro
 @_register_fake("deepseek_kernels::moe_dispatch", dims={"x": 2, "expert_ids": 2, "slots": 2, "weights": 2},
                 non_negative=("capacity",), positive=("num_experts",))
 def _(x, expert_ids, slots, num_experts, capacity, weights=None):
+    for name, value, what in (("num_experts", num_experts, "expert ids"), ("capacity", capacity, "slots")):
+        torch._check_value(value <= 2**31 - 1, lambda: (
+            f"moe_dispatch: argument '{name}' must be at most 2147483647 ({what} are int32), got {value}"))
     return x.new_empty((num_experts, capacity, x.shape[1]))
 
 
@@ -900,6 +904,8 @@ def _(x, weights, offsets, *, out_dtype=None):
 @_register_fake("deepseek_kernels::grouped_gemm_wgrad", dims={"dy": 2, "x": 2, "offsets": 1},
                 non_negative=("num_groups",))
 def _(dy, x, offsets, num_groups):
+    torch._check_value(offsets.shape[0] == num_groups + 1, lambda: (
+        f"grouped_gemm_wgrad: argument 'offsets' must have shape ({num_groups + 1},), got {tuple(offsets.shape)}"))
     return x.new_empty((num_groups, dy.shape[1], x.shape[1]))
 
 

@@ -138,6 +138,20 @@ def test_bad_arguments_are_named_when_compiled():
         compiled, _ = _compile_dynamic(fn)
         with pytest.raises(Exception, match=message):
             compiled(*args)
+    # Static sizes (torch.compile's first trace): past int32 / kMaxK / the offsets,
+    # not "Storage size calculation overflowed".
+    static = [
+        (lambda x, i, s: dk.moe_dispatch(x, i, s, 8, 2**62), (x, g.expert_ids, g.slots),
+         r"moe_dispatch: argument 'capacity' must be at most 2147483647 \(slots are int32\)"),
+        (lambda x: dk.moe_topk_gating(x, 2**62), (x,), "moe_topk_gating: argument 'k' must be at most 16"),
+        (lambda d, x, o: torch.ops.deepseek_kernels.grouped_gemm_wgrad(d, x, o, 2**62),
+         (torch.randn(4, 3), torch.randn(4, 5), torch.tensor([0, 4])),
+         "grouped_gemm_wgrad: argument 'offsets' must have shape"),
+    ]
+    for fn, args, message in static:
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match=message):
+            torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False)(*args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
