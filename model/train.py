@@ -156,7 +156,13 @@ def lr_at(step: int, total: int, args) -> float:
 
 
 def make_optimizer(model, args):
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
+    """Weight decay on the matrices of the linear maps (projections, experts, the
+    router, the patch embedding), none on embeddings, positions, norms and biases.
+    (A name filter on "emb" exempted the patch embedding's linear map and decayed
+    the position tables.)"""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    tables |= {id(p) for n, p in model.named_parameters() if n.endswith("_pos")}
+    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in tables]
     ids = {id(p) for p in decay}
     rest = [p for p in model.parameters() if id(p) not in ids]
     groups = [{"params": decay, "weight_decay": args.weight_decay},

@@ -459,3 +459,21 @@ def test_model_forward_backward_on_device(device):
     for (n, p), pr in zip(model.named_parameters(), ref.parameters()):
         if p.grad is not None:
             torch.testing.assert_close(p.grad, pr.grad, rtol=1e-3, atol=1e-5, msg=n)
+
+
+def test_weight_decay_groups():
+    """Decay on the linear maps' matrices (the patch embedding's too), none on the
+    embedding and position tables, norms, biases and the logit scale."""
+    import argparse
+
+    from model.modeling import ModelConfig, MultimodalMoE
+    from model.train import make_optimizer
+
+    model = MultimodalMoE(ModelConfig(vocab_size=50))
+    opt = make_optimizer(model, argparse.Namespace(weight_decay=0.1, optimizer="adamw", lr=1e-3))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert {"patch_embed.weight", "lm_head.weight", "text_blocks.0.moe.w_gate_up"} <= decayed
+    assert not decayed & {"text_pos", "image_pos", "tok_emb.weight", "type_emb.weight", "logit_scale",
+                          "final_norm.weight", "patch_embed.bias"}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(names)
