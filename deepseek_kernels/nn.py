@@ -103,15 +103,16 @@ class _FP8GroupedFunction(torch.autograd.Function):
     straight-through backward in bf16, as :class:`FP8Linear`'s."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weights: Tensor, offsets: Tensor, use_kernels: bool) -> Tensor:
+    def forward(ctx, x: Tensor, weights: Tensor, offsets: Tensor, use_kernels: bool,
+                out_dtype: torch.dtype) -> Tensor:
         K = _ops if use_kernels else _reference
         qx, sx = K.quantize_fp8(_quantizable(x), (1, 128))
         qw, sw = K.quantize_fp8(_quantizable(weights), (128, 128))
         ctx.save_for_backward(x, weights, offsets)
         ctx.use_kernels = use_kernels
-        # fp64 (a model in .double()): an fp32 result, exactly widened to x's dtype
+        # fp64 (a model in .double()): an fp32 result, exactly widened
         return K.fp8_grouped_gemm(qx, sx, qw, sw, offsets,
-                                  out_dtype=_quantizable(x).dtype).to(x.dtype)
+                                  out_dtype=_quantizable(x).dtype).to(out_dtype)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
@@ -131,7 +132,7 @@ class _FP8GroupedFunction(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 dw = torch.stack([gb[lo:hi].t() @ xb[lo:hi] for lo, hi in zip(bounds, bounds[1:])])
         return (None if dx is None else dx.to(x.dtype), None if dw is None else dw.to(weights.dtype),
-                None, None)
+                None, None, None)
 
 
 class MoELayer(nn.Module):
@@ -266,8 +267,10 @@ class MoELayer(nn.Module):
         """SwiGLU experts on expert-contiguous ``rows`` with FP8 projections."""
         # The expert weights are stored [E, in, out]; the grouped GEMMs take [E, out, in].
         w1, w2 = self.w_gate_up.transpose(1, 2), self.w_down.transpose(1, 2)
-        h = self._swiglu(_FP8GroupedFunction.apply(rows, w1, offsets, self.use_kernels))
-        return _FP8GroupedFunction.apply(h, w2, offsets, self.use_kernels)
+        # outputs in the dtype the bf16 experts' grouped_gemm would give (autocast's)
+        h = self._swiglu(_FP8GroupedFunction.apply(rows, w1, offsets, self.use_kernels,
+                                                   _output_dtype(rows)))
+        return _FP8GroupedFunction.apply(h, w2, offsets, self.use_kernels, _output_dtype(h))
 
     def forward(self, x: Tensor, token_mask: Optional[Tensor] = None) -> Tensor:
         """``x`` [..., hidden] -> [..., hidden]. ``token_mask``: optional bool

@@ -367,3 +367,19 @@ def test_moe_layer_token_mask(use_kernels):
     for bad in (mask.int(), mask[:, :4], mask.reshape(-1)):
         with pytest.raises(ValueError, match="token_mask"):
             m(xp, bad)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_moe_layer_returns_the_autocast_dtype(fp8, capacity_factor):
+    """Under bf16 autocast every MoELayer mode returns bf16 (the FP8 experts returned
+    fp32, unlike the bf16 ones), and fp32 inputs get fp32 gradients."""
+    torch.manual_seed(0)
+    m = MoELayer(128, 128, 4, 2, num_shared_experts=1, capacity_factor=capacity_factor, fp8=fp8)
+    x = torch.randn(2, 5, 128, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and m.w_gate_up.grad.dtype == torch.float32
+    assert m(x.detach()).dtype == torch.float32
