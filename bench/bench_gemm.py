@@ -97,7 +97,15 @@ def _balanced_offsets(rows, experts, device):
 
 
 AB_COLUMNS = ["op", "shape", "v1_ms", "v2_ms", "v3_ms", "cublas_ms", "v2_vs_v1", "v2_vs_cublas",
-              "v3_vs_cublas", "v1_vs_cublas", "v2_TFLOP/s", "v3_TFLOP/s", "%matmul_peak", "v3_variant"]
+              "v3_vs_cublas", "v1_vs_cublas", "v2_TFLOP/s", "v3_TFLOP/s", "v2_%matmul_peak",
+              "v3_%matmul_peak", "v3_variant"]
+
+
+def ab_rates(row: dict, who: str, s: int, peak: float) -> None:
+    """``<who>_TFLOP/s`` and ``<who>_%matmul_peak`` of an --ab row from its ``<who>_ms``
+    (an s^3 GEMM): each generation's share of the peak under its own name."""
+    row[f"{who}_TFLOP/s"] = 2.0 * s ** 3 / (row[f"{who}_ms"] * 1e-3) / 1e12
+    row[f"{who}_%matmul_peak"] = 100.0 * row[f"{who}_TFLOP/s"] / peak
 
 
 def set_kernel(version: int) -> int:
@@ -171,8 +179,7 @@ def main_ab(args) -> int:
                     r["v2_ms"] = T.time_fn(run(2), device, **timing)["median_ms"]
                     r["v2_vs_v1"] = r["v1_ms"] / r["v2_ms"]
                     r["v2_vs_cublas"] = r["cublas_ms"] / r["v2_ms"]
-                    r["v2_TFLOP/s"] = 2.0 * s ** 3 / (r["v2_ms"] * 1e-3) / 1e12
-                    r["%matmul_peak"] = 100.0 * r["v2_TFLOP/s"] / peak
+                    ab_rates(r, "v2", s, peak)
                     print(f"  {name}: v1 {r['v1_ms']:.3f} ms, v2 {r['v2_ms']:.3f} ms, cuBLAS "
                           f"{r['cublas_ms']:.3f} ms (v2 at {100 * r['v2_vs_cublas']:.1f}% of cuBLAS)",
                           flush=True)
@@ -181,7 +188,7 @@ def main_ab(args) -> int:
                 if checks[f"v3 {name}"]:  # wgmma (v2 where sm_90a is missing)
                     r["v3_ms"] = T.time_fn(run(3), device, **timing)["median_ms"]
                     r["v3_vs_cublas"] = r["cublas_ms"] / r["v3_ms"]
-                    r["v3_TFLOP/s"] = 2.0 * s ** 3 / (r["v3_ms"] * 1e-3) / 1e12
+                    ab_rates(r, "v3", s, peak)
                     r["v3_variant"] = v3_variant("gemm")
                     print(f"  {name}: v3 {r['v3_ms']:.3f} ms ({100 * r['v3_vs_cublas']:.1f}% of cuBLAS; "
                           f"ran {r['v3_variant']})", flush=True)

@@ -36,3 +36,16 @@ def test_bench_host_peers_compute_what_ours_computes():
     wrong = out.clone()
     wrong[out.abs().sum(-1) > 0] = 0
     assert not host.peer_matches((out,), wrong)
+
+
+def test_bench_gemm_ab_rates_name_their_kernel():
+    """--ab's % of the matmul peak is per generation: the single "%matmul_peak" column
+    held v2's (48% at 8192^3 in session 9) beside v3's 727 TFLOP/s (92%)."""
+    gemm = _load("bench_gemm")
+    row = {"v2_ms": 2.901, "v3_ms": 1.513}
+    gemm.ab_rates(row, "v2", 8192, 787.93)
+    gemm.ab_rates(row, "v3", 8192, 787.93)
+    assert abs(row["v3_TFLOP/s"] - 2 * 8192 ** 3 / 1.513e-3 / 1e12) < 1e-9
+    assert round(row["v2_%matmul_peak"], 1) == 48.1 and round(row["v3_%matmul_peak"], 1) == 92.2
+    assert "%matmul_peak" not in gemm.AB_COLUMNS
+    assert {"v2_%matmul_peak", "v3_%matmul_peak"} <= set(gemm.AB_COLUMNS)
