@@ -459,6 +459,9 @@ def test_gating_bad_input():
         dk.moe_topk_gating(torch.randn(2, 1025), 1)
     with pytest.raises(TypeError, match="'logits'"):
         dk.moe_topk_gating(torch.randn(2, 8).to(torch.int32), 1)
+    # 2^31 tokens (an expanded view: no memory): counts and slots are int32.
+    with pytest.raises(ValueError, match="'logits' must have at most 2\\^31 - 1 rows"):
+        dk.moe_topk_gating(torch.zeros(1, 1).expand(2 ** 31, 1), 1)
 
 
 def test_rows_bad_input():

@@ -126,6 +126,12 @@ moe_topk_gating(const at::Tensor& logits, int64_t k,
   const int64_t T = logits.size(0), E = logits.size(1);
   TORCH_CHECK_VALUE(E >= 1 && E <= kMaxExperts, op, ": argument 'logits' must have 1 to ",
                     kMaxExperts, " experts (columns), got ", E);
+  // Every token may choose the same expert: its count (expert_counts, routed_counts,
+  // int32) and its choices' ranks and slots (int32) reach T, and the kernels' int32
+  // counts and ranks would wrap at T = 2^31.
+  TORCH_CHECK_VALUE(T <= std::numeric_limits<int32_t>::max(), op,
+                    ": argument 'logits' must have at most 2^31 - 1 rows (tokens; counts and slots "
+                    "are int32), got ", T);
   TORCH_CHECK_VALUE(k >= 1 && k <= std::min<int64_t>(E, kMaxK), op, ": argument 'k' must be in [1, ",
                     std::min<int64_t>(E, kMaxK), "] (at most E=", E, " and ", kMaxK, "), got ", k);
   TORCH_CHECK_VALUE(scoring == "softmax" || scoring == "sigmoid", op,
