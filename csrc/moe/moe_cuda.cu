@@ -41,8 +41,10 @@ struct Workspace {
   int32_t* chunk_counts;  // [nchunks, E] counts, then bases
   float* partial;         // [nchunks, E]
   int32_t* local_rank;    // [T * k]
-  int32_t* order;         // [T * k] choices by (expert, rank)
-  int32_t* offsets;       // [E + 1]
+  // order and offsets are int64: a choice index t * k + j and the routed total
+  // reach T * k, past 2^31 from T = 2^31 / k tokens (k <= 16, T < 2^31).
+  int64_t* order;         // [T * k] choices by (expert, rank)
+  int64_t* offsets;       // [E + 1]
   int32_t* keep;          // [T * k]
 };
 
@@ -56,10 +58,10 @@ Workspace carve(void* base, int64_t T, int64_t E, int64_t k) {
   p += align16(nchunks * E * 4);
   w.local_rank = reinterpret_cast<int32_t*>(p);
   p += align16(T * k * 4);
-  w.order = reinterpret_cast<int32_t*>(p);
-  p += align16(T * k * 4);
-  w.offsets = reinterpret_cast<int32_t*>(p);
-  p += align16((E + 1) * 4);
+  w.order = reinterpret_cast<int64_t*>(p);
+  p += align16(T * k * 8);
+  w.offsets = reinterpret_cast<int64_t*>(p);
+  p += align16((E + 1) * 8);
   w.keep = reinterpret_cast<int32_t*>(p);
   return w;
 }
@@ -358,18 +360,18 @@ __global__ void __launch_bounds__(kScanThreads) gating_scan_kernel(GatingParams 
 }
 
 // Probability mode: offsets[e] = exclusive prefix of routed counts (E <= 1024:
-// one block, one expert per thread).
+// one block, one expert per thread), in int64: the total is up to T * k.
 constexpr int kOffsetsThreads = 1024;
 
 __global__ void __launch_bounds__(kOffsetsThreads) offsets_kernel(GatingParams g, Workspace ws) {
   wait_for_preceding_grid();  // may be a dependent launch (launch_gating)
-  __shared__ int32_t scan[kOffsetsThreads];
+  __shared__ int64_t scan[kOffsetsThreads];
   const int i = threadIdx.x;
-  const int32_t mine = i < g.E ? g.routed_counts[i] : 0;
+  const int64_t mine = i < g.E ? g.routed_counts[i] : 0;
   scan[i] = mine;
   __syncthreads();
   for (int s = 1; s < kOffsetsThreads; s <<= 1) {
-    const int32_t v = i >= s ? scan[i - s] : 0;
+    const int64_t v = i >= s ? scan[i - s] : 0;
     __syncthreads();
     scan[i] += v;
     __syncthreads();
@@ -388,7 +390,7 @@ __global__ void gating_slots_kernel(GatingParams g, Workspace ws) {
     if (e >= 0) {
       const int64_t t = i / g.k;
       const int32_t r = ws.chunk_counts[(t / kScoreSumChunk) * g.E + e] + ws.local_rank[i];
-      if (g.drop_probability && g.capacity >= 0) ws.order[ws.offsets[e] + r] = static_cast<int32_t>(i);
+      if (g.drop_probability && g.capacity >= 0) ws.order[ws.offsets[e] + r] = i;
       slot = (g.capacity < 0 || g.drop_probability || r < g.capacity) ? r : -1;
     }
     g.slots[i] = slot;
@@ -405,7 +407,7 @@ __global__ void __launch_bounds__(kDropThreads) probability_drop_kernel(GatingPa
   const int64_t off = ws.offsets[e];
   const int64_t n = ws.offsets[e + 1] - off;
   if (n <= g.capacity) return;  // all kept: slot = rank already
-  const int32_t* ord = ws.order + off;
+  const int64_t* ord = ws.order + off;
   const float* w = static_cast<const float*>(g.weights);
   for (int64_t a = threadIdx.x; a < n; a += blockDim.x) {
     const float wa = w[ord[a]];
@@ -1225,7 +1227,9 @@ int rows_dispatch(const RowsParams& p, void* stream) {
 
 int64_t gating_workspace_bytes(int64_t T, int64_t E, int64_t k) {
   const int64_t nchunks = (T + kScoreSumChunk - 1) / kScoreSumChunk;
-  return 2 * align16(nchunks * E * 4) + 3 * align16(T * k * 4) + align16((E + 1) * 4) + 16;
+  // carve(): chunk_counts, partial; local_rank, keep (int32) and order (int64); offsets (int64).
+  return 2 * align16(nchunks * E * 4) + 2 * align16(T * k * 4) + align16(T * k * 8) +
+         align16((E + 1) * 8) + 16;
 }
 
 int gating_cuda(const GatingParams& p, void* stream) {
