@@ -16,7 +16,7 @@ import torch
 import deepseek_kernels as dk
 from deepseek_kernels import reference as ref
 
-from .conftest import DEVICES
+from .conftest import DEVICES, HAS_CUDA
 
 pytestmark = [
     pytest.mark.large,
@@ -104,3 +104,28 @@ def test_cross_attention_past_2_31(device):
     assert out.shape == q.shape
     assert torch.equal(out[0, -8:], v[0, 0].expand(8, hq, d))
     assert torch.equal(out[0, :8], v[0, 0].expand(8, hq, d))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA (the CPU kernels hold T * k choices in int64)")
+def test_moe_gating_probability_past_2_31_cuda():
+    # T * k past 2^31 with drop_policy="probability": the CUDA kernels' choice order
+    # (t * k + j) and expert offsets (up to T * k) are int64. ~67 GB of GPU memory.
+    free, _ = torch.cuda.mem_get_info()
+    if free < 70 * 2 ** 30:
+        pytest.skip(f"needs ~70 GiB of free GPU memory, {free / 2 ** 30:.0f} GiB free")
+    e = k = 16
+    t = 2 ** 27 + 64  # t * k = 2^31 + 1024
+    # All-equal logits (but the last rows): with k = E every token chooses every
+    # expert, so each expert's count is T and a token's rank (= slot) is its index;
+    # capacity T keeps them all (no quadratic drop pass).
+    logits = _tail_rows(t, torch.bfloat16, "cuda", e)
+    out = dk.moe_topk_gating(logits, k, capacity=t, drop_policy="probability")
+    _, ids, slots, expert_counts, routed_counts, _ = out
+    torch.cuda.synchronize()
+    assert torch.equal(expert_counts.cpu(), torch.full((e,), t, dtype=torch.int32))
+    assert torch.equal(routed_counts.cpu(), torch.full((e,), t, dtype=torch.int32))
+    last = torch.arange(t - 8, t, dtype=torch.int32)[:, None].expand(8, k)
+    assert torch.equal(slots[-8:].cpu(), last)
+    assert torch.equal(slots[:8].cpu(), torch.arange(8, dtype=torch.int32)[:, None].expand(8, k))
+    assert torch.equal(ids[-8:].sort(dim=1).values.cpu(), torch.arange(e, dtype=torch.int32).expand(8, e))
