@@ -396,7 +396,8 @@ def moe_topk_gating(
 
     Args:
         logits: [T, E] router logits, fp32/fp16/bf16 (fp64 on CPU, for gradcheck);
-            E <= 1024. Scores are computed in fp32 whatever the dtype.
+            E <= 1024, T < 2^31 (counts and slots are int32). Scores are computed
+            in fp32 whatever the dtype.
         k: choices per token, 1 <= k <= min(E, 16).
         scoring: "softmax" or "sigmoid".
         correction_bias: [E], added to the scores for *selection only* (DeepSeek-V3's
