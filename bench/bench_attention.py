@@ -52,6 +52,9 @@ CASES = {
         dict(name="B8 H16 D64 Lq1024 Lk4096", B=8, Hq=16, Hkv=16, D=64, Lq=1024, Lk=4096, dtype="bf16"),
         dict(name="varlen B8 H16 D128 Lq<=1024 Lk<=4096", B=8, Hq=16, Hkv=16, D=128, Lq=1024,
              Lk=4096, dtype="bf16", varlen=True),
+        # GQA: 4 query heads per K/V head (SDPA with enable_gqa)
+        dict(name="GQA B8 Hq16 Hkv4 D128 Lq1024 Lk4096", B=8, Hq=16, Hkv=4, D=128, Lq=1024, Lk=4096,
+             dtype="bf16"),
     ],
     "cpu": [
         dict(name="B2 H8 D64 Lq256 Lk1024 fp32", B=2, Hq=8, Hkv=8, D=64, Lq=256, Lk=1024, dtype="fp32"),
@@ -68,13 +71,14 @@ def _sdpa_backends(device):
 
 
 def _sdpa(q, k, v, backend):
-    """SDPA on [B, L, H, D] tensors (it wants [B, H, L, D])."""
+    """SDPA on [B, L, H, D] tensors (it wants [B, H, L, D]); GQA when K/V have fewer heads."""
     args = [t.transpose(1, 2) for t in (q, k, v)]
+    gqa = {"enable_gqa": True} if k.shape[-2] != q.shape[-2] else {}
     if backend is None:
-        return F.scaled_dot_product_attention(*args).transpose(1, 2)
+        return F.scaled_dot_product_attention(*args, **gqa).transpose(1, 2)
     from torch.nn.attention import sdpa_kernel
     with sdpa_kernel([backend]):
-        return F.scaled_dot_product_attention(*args).transpose(1, 2)
+        return F.scaled_dot_product_attention(*args, **gqa).transpose(1, 2)
 
 
 def _pick_backend(q, k, v, device):

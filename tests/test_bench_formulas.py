@@ -49,3 +49,16 @@ def test_bench_gemm_ab_rates_name_their_kernel():
     assert round(row["v2_%matmul_peak"], 1) == 48.1 and round(row["v3_%matmul_peak"], 1) == 92.2
     assert "%matmul_peak" not in gemm.AB_COLUMNS
     assert {"v2_%matmul_peak", "v3_%matmul_peak"} <= set(gemm.AB_COLUMNS)
+
+
+def test_bench_attention_gqa_peer():
+    """The attention bench's SDPA peer takes GQA cases (enable_gqa: K/V with fewer
+    heads), and ours matches it on one."""
+    import deepseek_kernels as dk
+
+    att = _load("bench_attention")
+    assert any(c["Hkv"] < c["Hq"] for c in att.CASES["cuda"])
+    case = dict(name="GQA quick", B=1, Hq=4, Hkv=1, D=32, Lq=33, Lk=70, dtype="fp32")
+    rows, checks = att.run_case(case, torch.device("cpu"), dict(warmup=1, reps=2, min_time_s=0.0), 100.0, dk)
+    assert checks == {"GQA quick: forward close to SDPA": True}
+    assert [r["pass"] for r in rows] == ["fwd", "bwd"]
