@@ -193,6 +193,23 @@ def list_checkpoints(folder: str) -> List[str]:
     return sorted(glob.glob(os.path.join(folder, CKPT_PATTERN)))
 
 
+def set_aside_later_checkpoints(folder: str, step: int) -> None:
+    """Resuming from step ``step``: checkpoints of later steps in ``folder`` belong to
+    the run being replaced. Left in place, pruning would keep them over the resumed
+    run's own (it keeps the highest steps) and ``--resume auto`` would pick them;
+    they are moved to ``folder/abandoned-<time>/``, not deleted."""
+    later = [p for p in list_checkpoints(folder)
+             if int(os.path.basename(p)[len("step_"):-len(".pt")]) > step]
+    if not later:
+        return
+    dest = os.path.join(folder, time.strftime("abandoned-%Y%m%d-%H%M%S"))
+    os.makedirs(dest, exist_ok=True)
+    for p in later:
+        os.replace(p, os.path.join(dest, os.path.basename(p)))
+    print(f"note: resuming from step {step}: moved {len(later)} later checkpoint(s) of the replaced "
+          f"run to {dest}", file=sys.stderr)
+
+
 def prune_checkpoints(folder: str, keep: int) -> None:
     for old in list_checkpoints(folder)[:-keep]:
         os.remove(old)
@@ -365,6 +382,8 @@ def train(args: argparse.Namespace) -> Dict:
             scaler.load_state_dict(resume["scaler"])
         step, history = resume["step"], resume.get("history", [])
         set_rng_state(resume["rng"])
+        if main_rank:
+            set_aside_later_checkpoints(os.path.join(args.out, "checkpoints"), step)
 
     ddp_model, comm_state = model, None
     if world > 1:

@@ -477,3 +477,22 @@ def test_weight_decay_groups():
     assert not decayed & {"text_pos", "image_pos", "tok_emb.weight", "type_emb.weight", "logit_scale",
                           "final_norm.weight", "patch_embed.bias"}
     assert sum(len(g["params"]) for g in opt.param_groups) == len(names)
+
+
+def test_resume_from_an_earlier_checkpoint_sets_later_ones_aside(tmp_path):
+    """Resuming from step 10 of a run that reached step 30: the checkpoints of steps 20
+    and 30 belong to the replaced run. With --keep-ckpts 1, pruning used to keep them
+    (the highest steps) and delete the resumed run's own; they are moved aside."""
+    out = os.path.join(str(tmp_path), "run")
+    common = SMALL + ["--steps", "30", "--out", out, "--ckpt-every", "10", "--keep-ckpts", "3"]
+    train(parse_args(common))
+    ckdir = os.path.join(out, "checkpoints")
+    assert sorted(os.listdir(ckdir)) == ["step_0000010.pt", "step_0000020.pt", "step_0000030.pt"]
+    second = train(parse_args(common[:-1] + ["1", "--resume", os.path.join(ckdir, "step_0000010.pt"),
+                                             "--stop-after", "20"]))
+    assert second["steps_done"] == 20
+    names = sorted(os.listdir(ckdir))
+    assert [n for n in names if n.endswith(".pt")] == ["step_0000020.pt"]
+    (aside,) = [n for n in names if n.startswith("abandoned-")]
+    assert sorted(os.listdir(os.path.join(ckdir, aside))) == ["step_0000020.pt", "step_0000030.pt"]
+    assert torch.load(os.path.join(ckdir, "step_0000020.pt"), weights_only=False)["step"] == 20
