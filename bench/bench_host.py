@@ -45,20 +45,10 @@ COLUMNS = ["op", "no_grad_us", "ours_us", "torch_ops_us", "library_us", "x_vs_li
 
 class _Library:
     """``L.<op>(...)``: the op through torch.library.register_autograd's Autograd kernel
-    for our formulas, called as the dispatcher calls it (no autocast here)."""
+    for our formulas (ops._torch_library_autograd)."""
 
     def __getattr__(self, name):  # built once per op, then an attribute
-        from torch._library import autograd as library_autograd
-
-        op = getattr(K, name).default
-        impl = library_autograd.make_autograd_impl(
-            op, library_autograd.Info(*ops._AUTOGRAD_FORMULAS[f"deepseek_kernels::{name}"]))
-
-        def call(*args, **kwargs):
-            dev = next(a for a in args if isinstance(a, torch.Tensor)).device.type
-            key = torch._C.DispatchKey.CUDA if dev == "cuda" else torch._C.DispatchKey.CPU
-            return impl(torch._C.DispatchKeySet(key), *args, **kwargs)
-
+        call = ops._torch_library_autograd(name)
         setattr(self, name, call)
         return call
 

@@ -290,7 +290,7 @@ class MoELayer(nn.Module):
             if token_mask.device != x.device:
                 raise ValueError(f"MoELayer: token_mask must be on {x.device}, got {token_mask.device}")
             mask = token_mask.reshape(-1)
-        if torch.is_autocast_enabled(x2.device.type):
+        if _autocast_dtype(x2.device) is not None:
             # An fp32 router, as documented (DeepSeek-V3 keeps gating in fp32): autocast
             # would run nn.Linear in bf16/fp16 and route on rounded logits.
             with torch.autocast(x2.device.type, enabled=False):

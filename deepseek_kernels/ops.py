@@ -74,8 +74,9 @@ def _register_fake(qualname: str, *, dims=None, non_negative=(), positive=()):
     return register
 
 
-_autograd_lib = torch.library.Library("deepseek_kernels", "IMPL")
-# qualified name -> (backward, setup_context): the formulas, for tests/test_eager_autograd.py
+# The Python kernels of our ops (Autograd, Autocast), registered in one library.
+_impl_lib = torch.library.Library("deepseek_kernels", "IMPL")
+# qualified name -> (backward, setup_context): the formulas (_torch_library_autograd)
 _AUTOGRAD_FORMULAS = {}
 # qualified name -> the op's two autograd.Function classes (see _register_autograd)
 _FUNCTIONS = {}
@@ -156,7 +157,29 @@ def _register_autograd(qualname: str, backward, setup_context) -> None:
         with torch._C._AutoDispatchBelowAutograd():
             return op.redispatch(keyset & below, *args, **kwargs)
 
-    _autograd_lib.impl(qualname.split("::")[1], autograd_kernel, "Autograd", with_keyset=True)
+    _impl_lib.impl(qualname.split("::")[1], autograd_kernel, "Autograd", with_keyset=True)
+
+
+def _torch_library_autograd(name: str):
+    """``name`` through the Autograd kernel torch.library.register_autograd would have
+    registered for our formulas (built, not registered), called as the dispatcher
+    calls it, after the Autocast key's casts: what tests/test_eager_autograd.py and
+    bench/bench_host.py compare ours with."""
+    from torch._library import autograd as library_autograd
+
+    qualname = f"deepseek_kernels::{name}"
+    impl = library_autograd.make_autograd_impl(getattr(_ops, name).default,
+                                               library_autograd.Info(*_AUTOGRAD_FORMULAS[qualname]))
+
+    def call(*args, **kwargs):
+        device_type = _autocast_device(qualname, args)
+        if device_type is not None:
+            args, kwargs = _autocast_args(args, kwargs, device_type)
+        cuda = next(a for a in args if isinstance(a, Tensor)).is_cuda
+        backend = torch._C.DispatchKey.CUDA if cuda else torch._C.DispatchKey.CPU
+        return impl(torch._C.DispatchKeySet(backend), *args, **kwargs)
+
+    return call
 
 
 def _call_differentiable(op, *args, **kwargs):
@@ -179,13 +202,21 @@ def _apply_function(op, args, kwargs):
     if fns is None:
         return op(*args, **kwargs)
     fn = fns[1] if torch._C._are_functorch_transforms_active() else fns[0]
-    if name in _AUTOCAST_QUALNAMES:
-        device_type = next(a.device.type for a in args if isinstance(a, Tensor))
-        if device_type in _AUTOCAST_KEYS and torch.is_autocast_enabled(device_type):
-            args, kwargs = _autocast_args(args, kwargs, device_type)
-            with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS[device_type]):
-                return fn.apply(*args, (None, kwargs))
+    device_type = _autocast_device(name, args)
+    if device_type is not None:
+        args, kwargs = _autocast_args(args, kwargs, device_type)
+        with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS[device_type]):
+            return fn.apply(*args, (None, kwargs))
     return fn.apply(*args, (None, kwargs))
+
+
+def _autocast_device(qualname: str, args) -> Optional[str]:
+    """The device type whose torch.autocast casts this call's arguments (one of the
+    autocast ops, autocast on for its tensors' device), or None."""
+    if qualname not in _AUTOCAST_QUALNAMES:
+        return None
+    device_type = next(a.device.type for a in args if isinstance(a, Tensor))
+    return device_type if device_type in _AUTOCAST_KEYS and torch.is_autocast_enabled(device_type) else None
 
 
 __all__ = [
@@ -1140,8 +1171,6 @@ _AUTOCAST_KEYS = {
     "cpu": torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU),
     "cuda": torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCUDA),
 }
-_autocast_lib = torch.library.Library("deepseek_kernels", "IMPL")
-
 
 def _autocast_args(args, kwargs, device_type: str):
     """The arguments with every floating tensor but fp64 in the autocast dtype."""
@@ -1164,7 +1193,7 @@ def _register_autocast(name: str, device_type: str) -> None:
         with torch._C._ExcludeDispatchKeyGuard(exclude):
             return op(*args, **kwargs)
 
-    _autocast_lib.impl(name, kernel, "AutocastCPU" if device_type == "cpu" else "AutocastCUDA")
+    _impl_lib.impl(name, kernel, "AutocastCPU" if device_type == "cpu" else "AutocastCUDA")
 
 
 for _name in _AUTOCAST_OPS:

@@ -29,20 +29,7 @@ class _Door:
     def __getattr__(self, name):
         if self.door == "ops":
             return getattr(_K, name)
-        from torch._library import autograd as library_autograd
-
-        op = getattr(_K, name).default
-        impl = library_autograd.make_autograd_impl(
-            op, library_autograd.Info(*ops._AUTOGRAD_FORMULAS[f"deepseek_kernels::{name}"]))
-
-        def call(*args, **kwargs):
-            device_type = next(a for a in args if isinstance(a, torch.Tensor)).device.type
-            if name in ops._AUTOCAST_OPS and torch.is_autocast_enabled(device_type):
-                args, kwargs = ops._autocast_args(args, kwargs, device_type)
-            backend = torch._C.DispatchKey.CUDA if device_type == "cuda" else torch._C.DispatchKey.CPU
-            return impl(torch._C.DispatchKeySet(backend), *args, **kwargs)
-
-        return call
+        return ops._torch_library_autograd(name)
 
 
 _D = _Door()
