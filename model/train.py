@@ -177,16 +177,37 @@ def make_optimizer(model, args):
 # ---------------------------------------------------------------------------
 
 def save_checkpoint(path: str, state: Dict) -> None:
-    """Atomic: write a temporary file in the same folder, then rename over."""
+    """Atomic and durable: write a temporary file in the same folder, flush it to
+    disk, rename it over, then flush the folder's entry. Without the fsyncs a power
+    loss after the rename can leave an empty or partial file under the final name
+    (the rename may reach the disk before the data), which ``--resume auto`` picks."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(path) or ".")
     except BaseException:
         # a failed write leaves no partial file (no checkpoint pattern would prune it)
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def _fsync_dir(folder: str) -> None:
+    """Flush a folder's entries (a rename into it) where the OS allows opening a folder."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows: folders cannot be opened; its renames are flushed with the file
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def list_checkpoints(folder: str) -> List[str]:

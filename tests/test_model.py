@@ -6,6 +6,7 @@ on 2 cores."""
 import json
 import math
 import os
+import stat
 import socket
 import subprocess
 import sys
@@ -164,13 +165,39 @@ def test_failed_checkpoint_write_leaves_nothing(tmp_path, monkeypatch):
     import model.train as mt
 
     def half_save(obj, f):
-        open(f, "wb").write(b"partial")
+        f.write(b"partial")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(mt.torch, "save", half_save)
     with pytest.raises(OSError):
         mt.save_checkpoint(str(tmp_path / "step_0000001.pt"), {"step": 1})
     assert os.listdir(tmp_path) == []
+
+
+def test_checkpoint_is_flushed_before_its_rename(tmp_path, monkeypatch):
+    """The data reaches the disk (fsync of the file) before the rename publishes it
+    under the final name, and the rename itself is flushed (fsync of the folder):
+    otherwise a power loss can leave a checkpoint name over an empty file."""
+    import model.train as mt
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", stat.S_ISDIR(os.fstat(fd).st_mode)))
+        real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", os.path.getsize(a)))
+        real_replace(a, b)
+
+    monkeypatch.setattr(mt.os, "fsync", fsync)
+    monkeypatch.setattr(mt.os, "replace", replace)
+    path = tmp_path / "step_0000002.pt"
+    mt.save_checkpoint(str(path), {"step": 2, "w": torch.arange(5)})
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync"]
+    assert events[0][1] is False and events[2][1] is True  # the file, then its folder
+    assert events[1][1] > 0
+    assert torch.load(path)["step"] == 2 and os.listdir(tmp_path) == [path.name]
 
 
 def test_fp8_projections_train(tmp_path):
