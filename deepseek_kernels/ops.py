@@ -575,20 +575,12 @@ def _(packed, expert_ids, slots, offsets, weights=None):
 # ---------------------------------------------------------------------------
 
 
-def _gating_setup(ctx, inputs, output):
-    logits, k = inputs[0], inputs[1]
-    ctx.scoring = "softmax"
-    ctx.renormalize = True
-    ctx.scale = 1.0
-    ctx.save_for_backward(logits, output[1])
-
-
-def _gating_setup_kw(ctx, inputs, keyword_only_inputs, output):
-    _gating_setup(ctx, inputs, output)
+def _gating_setup(ctx, inputs, keyword_only_inputs, output):
     kw = keyword_only_inputs
     ctx.scoring = kw.get("scoring", "softmax")
     ctx.renormalize = kw.get("renormalize", True)
     ctx.scale = kw.get("routed_scaling_factor", 1.0)
+    ctx.save_for_backward(inputs[0], output[1])  # logits, expert_ids
 
 
 def _gating_backward(ctx, grad_w, grad_ids, grad_slots, grad_counts, grad_routed, grad_mean):
@@ -718,7 +710,7 @@ def _unpermute_backward(ctx, grad):
 
 
 _register_autograd("deepseek_kernels::moe_topk_gating", _gating_backward,
-                   setup_context=_gating_setup_kw)
+                   setup_context=_gating_setup)
 _register_autograd("deepseek_kernels::moe_dispatch", _dispatch_backward,
                    setup_context=_dispatch_setup)
 _register_autograd("deepseek_kernels::moe_combine", _combine_backward,
