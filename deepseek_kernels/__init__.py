@@ -16,7 +16,7 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
         f"({e}). Build it from the repository root with\n"
         "    pip install --no-build-isolation -e .\n"
         "(needs torch, ninja and pybind11 installed first; CUDA kernels are built "
-        "when nvcc is found, see README.md, 'Build knobs')."
+        "when nvcc is found, see docs/building.md)."
     ) from e
 
 from . import ops  # noqa: E402  (registers the fake implementations)

@@ -1205,7 +1205,7 @@ def cuda_kernel_choice(op_name: str, version: int) -> Iterator[None]:
     ``"_fp8_cuda_kernel"``, ``"_int8_cuda_kernel"``, ``"_int8_cpu_sums"``, ``"_gemm_cpu_bf16"``, ``"_attention_cuda_kernel"``,
     ``"_attention_cuda_bwd_kernel"``;
     version 0 only asks), then restore the previous choice. The environment variables
-    (README, "CUDA kernel generations") set the starting one. The ops are catch-alls:
+    (docs/kernel-generations.md) set the starting one. The ops are catch-alls:
     this works on CPU-only builds too."""
     op = getattr(torch.ops.deepseek_kernels, op_name)
     old = op(version)

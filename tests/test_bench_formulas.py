@@ -1,5 +1,5 @@
 """Unit tests of the benchmarks' own arithmetic and peers (bench/): the numbers they
-print go into README.md, so a wrong formula or a peer that computes something else
+print go into README.md and docs/benchmarks.md, so a wrong formula or a peer that computes something else
 would publish a wrong claim. CPU only, no timing."""
 
 import importlib.util
