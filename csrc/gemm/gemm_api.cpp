@@ -201,12 +201,9 @@ at::ScalarType compute_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// CPU: out = act(acc + bias) in out's dtype. ATen's vectorized elementwise
-// kernels on the fp32/fp64 accumulator, in place (it is ours), then one rounding
-// to out's dtype: the fused semantics, at vector speed (a scalar erf per element
-// cost 2-3x the GEMM itself).
-void run_epilogue_cpu(at::Tensor& acc, const at::Tensor& bias, at::Tensor& out, Activation act) {
-  if (bias.defined()) acc.add_(bias.to(acc.scalar_type()));
+// CPU: the activation in place on the fp32/fp64 accumulator, by ATen's vectorized
+// elementwise kernels (a scalar erf per element cost 2-3x the GEMM itself).
+void activation_cpu_(at::Tensor& acc, Activation act) {
   switch (act) {
     case Activation::kRelu: acc.relu_(); break;
     case Activation::kGelu: at::gelu_(acc, "none"); break;
@@ -214,6 +211,13 @@ void run_epilogue_cpu(at::Tensor& acc, const at::Tensor& bias, at::Tensor& out, 
     case Activation::kSilu: at::silu_(acc); break;
     default: break;
   }
+}
+
+// CPU: out = act(acc + bias) in out's dtype: in place on the accumulator (it is
+// ours), then one rounding to out's dtype.
+void run_epilogue_cpu(at::Tensor& acc, const at::Tensor& bias, at::Tensor& out, Activation act) {
+  if (bias.defined()) acc.add_(bias.to(acc.scalar_type()));
+  activation_cpu_(acc, act);
   out.copy_(acc);
 }
 
@@ -376,13 +380,16 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& weight, const std::option
     run_epilogue_cpu(acc, bias_c, out2, act);
     return out;
   }
-  if (dtype == cdt && !bias_c.defined() && act == Activation::kNone) {
-    at::mm_out(out2, a2.to(cdt), weight.to(cdt).t());  // nothing for an epilogue to do
-    return out;
-  }
-  at::Tensor acc = at::mm(a2.to(cdt), weight.to(cdt).t()).contiguous();
-  TORCH_INTERNAL_ASSERT(acc.scalar_type() == cdt, "gemm: accumulator dtype ", acc.scalar_type());
-  run_epilogue_cpu(acc, bias_c, out2, act);
+  // BLAS adds the bias (addmm, as F.linear); the activation follows in place. An
+  // fp32/fp64 output is the accumulator itself: no temporary, no copy.
+  const bool in_place = dtype == cdt;
+  at::Tensor acc = in_place ? out2 : at::empty({m, n}, a.options().dtype(cdt));
+  if (bias_c.defined())
+    at::addmm_out(acc, bias_c, a2.to(cdt), weight.to(cdt).t());
+  else
+    at::mm_out(acc, a2.to(cdt), weight.to(cdt).t());
+  activation_cpu_(acc, act);
+  if (!in_place) out2.copy_(acc);
   return out;
 }
 
