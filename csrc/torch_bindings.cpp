@@ -44,7 +44,7 @@ TORCH_LIBRARY(deepseek_kernels, m) {
   m.def("moe_combine(Tensor expert_out, Tensor expert_ids, Tensor slots, Tensor? weights=None) -> Tensor");
   m.def(
       "moe_permute(Tensor x, Tensor expert_ids, Tensor slots, Tensor expert_counts, "
-      "Tensor? weights=None)"
+      "Tensor? weights=None, *, SymInt? num_rows=None)"
       " -> (Tensor packed, Tensor offsets)");
   m.def(
       "moe_unpermute(Tensor packed, Tensor expert_ids, Tensor slots, Tensor offsets, "

@@ -480,43 +480,8 @@ def moe_permute(x: Tensor, expert_ids: Tensor, slots: Tensor, expert_counts: Ten
     most once). The CPU raises otherwise; on CUDA choices past it are skipped, like
     every out-of-range choice there.
     """
-    if num_rows is None:
-        packed, offsets = _call_differentiable(_ops.moe_permute, x, expert_ids, slots, expert_counts,
-                                                weights)
-        return packed, offsets
-    if num_rows < 0:
-        raise ValueError(f"moe_permute: argument 'num_rows' must be non-negative, got {num_rows}")
-    if num_rows > 2**31 - 1:  # as sum(expert_counts) without it: packed rows are int32 offsets
-        raise ValueError(f"moe_permute: argument 'num_rows' must be at most 2^31 - 1 (packed rows are "
-                         f"addressed by int32 offsets), got {num_rows}")
-    for name, t in (("expert_ids", expert_ids), ("slots", slots), ("expert_counts", expert_counts)):
-        if t.dtype != torch.int32:
-            raise TypeError(f"moe_permute: argument '{name}' must be int32, got {t.dtype}")
-    if not x.is_cuda and not torch.compiler.is_compiling():
-        # Eager CPU: the packed size is known here, so an overflow gets its own message.
-        # A compiled graph cannot compare it with num_rows (data-dependent) and takes
-        # the path below, where the CPU dispatch kernel rejects a row past num_rows.
-        packed, offsets = _call_differentiable(_ops.moe_permute, x, expert_ids, slots, expert_counts,
-                                                weights)
-        if packed.shape[0] > num_rows:
-            raise ValueError(f"moe_permute: argument 'num_rows'={num_rows} is smaller than "
-                             f"sum(expert_counts)={packed.shape[0]}")
-        pad = packed.new_zeros((num_rows - packed.shape[0], packed.shape[1]))
-        return torch.cat([packed, pad]), offsets
-    # The same scatter kernel as a one-expert dispatch whose slots are the packed
-    # rows (offsets[e] + slot), all sized on the device.
-    e = expert_counts.shape[0]
-    offsets = torch.cat([expert_counts.new_zeros(1, dtype=torch.int64),
-                         torch.cumsum(expert_counts, 0, dtype=torch.int64)])
-    ids = expert_ids.long()
-    ok = (ids >= 0) & (ids < e) & (slots >= 0)
-    idc = ids.clamp(0, max(e - 1, 0))
-    ok = ok & (slots.long() < expert_counts.long()[idc]) if e > 0 else ok & False
-    rows = torch.where(ok, offsets[:-1][idc] + slots.long() if e > 0 else slots.long(), -1).int()
-    one = torch.where(ok, 0, -1).int()
-    packed = _call_differentiable(_ops.moe_dispatch, x, one, rows, 1, num_rows, weights).view(
-        num_rows, x.shape[1])
-    return packed, offsets.int()
+    return _call_differentiable(_ops.moe_permute, x, expert_ids, slots, expert_counts, weights,
+                                num_rows=num_rows)
 
 
 def moe_unpermute(packed: Tensor, expert_ids: Tensor, slots: Tensor, offsets: Tensor,
@@ -558,10 +523,16 @@ def _(expert_out, expert_ids, slots, weights=None):
 
 
 @_register_fake("deepseek_kernels::moe_permute",
-                dims={"x": 2, "expert_ids": 2, "slots": 2, "expert_counts": 1, "weights": 2})
-def _(x, expert_ids, slots, expert_counts, weights=None):
-    n = torch.library.get_ctx().new_dynamic_size()
-    return x.new_empty((n, x.shape[1])), x.new_empty((expert_counts.shape[0] + 1,), dtype=torch.int32)
+                dims={"x": 2, "expert_ids": 2, "slots": 2, "expert_counts": 1, "weights": 2},
+                non_negative=("num_rows",))
+def _(x, expert_ids, slots, expert_counts, weights=None, *, num_rows=None):
+    if num_rows is None:
+        num_rows = torch.library.get_ctx().new_dynamic_size()
+    else:
+        torch._check_value(num_rows <= 2**31 - 1, lambda: (
+            f"moe_permute: argument 'num_rows' must be at most 2^31 - 1 (packed rows are addressed by "
+            f"int32 offsets), got {num_rows}"))
+    return x.new_empty((num_rows, x.shape[1])), x.new_empty((expert_counts.shape[0] + 1,), dtype=torch.int32)
 
 
 @_register_fake("deepseek_kernels::moe_unpermute",
@@ -666,8 +637,8 @@ def _combine_backward(ctx, grad):
     return deo, None, None, dw
 
 
-def _permute_setup(ctx, inputs, output):
-    x, ids, slots, counts, weights = inputs
+def _permute_setup(ctx, inputs, keyword_only_inputs, output):
+    x, ids, slots, counts, weights = inputs  # num_rows only sizes packed: rows past offsets[E] get no gradient
     ctx.has_w = weights is not None
     ctx.save_for_backward(x if ctx.has_w else None, ids, slots, weights, output[1])
 
@@ -690,23 +661,15 @@ def _unpermute_setup(ctx, inputs, output):
 
 def _unpermute_backward(ctx, grad):
     packed, ids, slots, offsets, weights = ctx.saved_tensors
-    # d packed[offsets[e] + slot] = w * dy[t]: each row is hit at most once, so an
-    # index_add into zeros is exact; dropped choices go to a scratch row past the end.
-    # (Not moe_permute: its row count is data-dependent, packed's is not.)
-    cdt = _compute_dtype(grad)
-    kept = (ids >= 0) & (slots >= 0)
-    rows = offsets.long()[ids.long().clamp(min=0)] + slots.long()
-    rows = torch.where(kept, rows, torch.full_like(rows, ctx.rows))
-    src = grad.to(cdt)[:, None, :].expand(-1, ids.shape[1], -1)
-    if weights is not None:
-        src = weights.to(cdt)[:, :, None] * src
-    dpacked = grad.new_zeros((ctx.rows + 1, grad.shape[1]))
-    dpacked.index_add_(0, rows.reshape(-1), src.reshape(rows.numel(), grad.shape[1]).to(grad.dtype))
+    # d packed[offsets[e] + slot] = w * dy[t] (one fp32 product, rounded once): a
+    # weighted moe_permute of dy into packed's row count (each row is hit at most
+    # once; rows no kept choice names are zero).
+    counts = (offsets[1:] - offsets[:-1]).to(torch.int32)
+    dpacked, _ = moe_permute(grad, ids, slots, counts, weights, num_rows=ctx.rows)
     dw = None
     if weights is not None and ctx.needs_input_grad[4]:
-        limit = (offsets[1:] - offsets[:-1]).to(torch.int32)
-        dw = _rows_weight_grad(packed, grad, ids, slots, offsets.long()[:-1], limit).to(weights.dtype)
-    return dpacked[:ctx.rows], None, None, None, dw
+        dw = _rows_weight_grad(packed, grad, ids, slots, offsets.long()[:-1], counts).to(weights.dtype)
+    return dpacked, None, None, None, dw
 
 
 _register_autograd("deepseek_kernels::moe_topk_gating", _gating_backward,

@@ -632,6 +632,9 @@ def test_opcheck(device):
     gd = dk.moe_topk_gating(logits, 4)
     torch.library.opcheck(ops.moe_permute.default, (x, gd.expert_ids, gd.slots, gd.expert_counts, w),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    # with num_rows the size is static: every utility applies, aot_dispatch included
+    torch.library.opcheck(ops.moe_permute.default, (x, gd.expert_ids, gd.slots, gd.expert_counts, w),
+                          {"num_rows": 20 * 4 + 3})
     packed, offsets = dk.moe_permute(x.detach(), gd.expert_ids, gd.slots, gd.expert_counts)
     torch.library.opcheck(ops.moe_unpermute.default,
                           (packed.requires_grad_(), gd.expert_ids, gd.slots, offsets, w))

@@ -269,8 +269,15 @@ at::Tensor moe_combine(const at::Tensor& expert_out, const at::Tensor& expert_id
 std::tuple<at::Tensor, at::Tensor> moe_permute(const at::Tensor& x, const at::Tensor& expert_ids,
                                                const at::Tensor& slots,
                                                const at::Tensor& expert_counts,
-                                               const std::optional<at::Tensor>& weights) {
+                                               const std::optional<at::Tensor>& weights,
+                                               std::optional<int64_t> num_rows) {
   const char* op = "moe_permute";
+  if (num_rows) {
+    TORCH_CHECK_VALUE(*num_rows >= 0, op, ": argument 'num_rows' must be non-negative, got ", *num_rows);
+    TORCH_CHECK_VALUE(*num_rows <= std::numeric_limits<int32_t>::max(), op,
+                      ": argument 'num_rows' must be at most 2^31 - 1 (packed rows are addressed by int32 "
+                      "offsets), got ", *num_rows);
+  }
   check_data(op, "x", x, 2);
   check_choices(op, x, "x", x.size(0), expert_ids, slots, weights);
   check_dtype(op, "expert_counts", expert_counts, {at::kInt});
@@ -288,10 +295,18 @@ std::tuple<at::Tensor, at::Tensor> moe_permute(const at::Tensor& x, const at::Te
   }
   at::Tensor offsets64 = at::zeros({E + 1}, xc.options().dtype(at::kLong));
   offsets64.slice(0, 1).copy_(at::cumsum(counts, 0, at::kLong));
-  // The packed size is data-dependent: one device-to-host read on CUDA.
-  const int64_t total = offsets64[E].item<int64_t>();
-  TORCH_CHECK_VALUE(total >= 0 && total <= std::numeric_limits<int32_t>::max(), op,
-                    ": argument 'expert_counts' must sum to a row count in [0, 2^31), got ", total);
+  // The packed size is data-dependent: one device-to-host read on CUDA, unless
+  // num_rows fixes it (rows past offsets[E] are zero; on CUDA a choice past
+  // num_rows is skipped, like every out-of-range choice there).
+  int64_t total = num_rows ? *num_rows : -1;
+  if (!num_rows || counts.is_cpu()) {
+    const int64_t routed = offsets64[E].item<int64_t>();
+    TORCH_CHECK_VALUE(routed >= 0 && routed <= std::numeric_limits<int32_t>::max(), op,
+                      ": argument 'expert_counts' must sum to a row count in [0, 2^31), got ", routed);
+    TORCH_CHECK_VALUE(!num_rows || routed <= *num_rows, op, ": argument 'num_rows'=", total,
+                      " is smaller than sum(expert_counts)=", routed);
+    if (!num_rows) total = routed;
+  }
   at::Tensor packed = at::empty({total, H}, xc.options());
   const at::Tensor base = offsets64.slice(0, 0, E).contiguous();
   const at::Tensor wc = weights ? weights->contiguous() : at::Tensor();

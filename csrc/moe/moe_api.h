@@ -25,7 +25,8 @@ at::Tensor moe_combine(const at::Tensor& expert_out, const at::Tensor& expert_id
 std::tuple<at::Tensor, at::Tensor> moe_permute(const at::Tensor& x, const at::Tensor& expert_ids,
                                                const at::Tensor& slots,
                                                const at::Tensor& expert_counts,
-                                               const std::optional<at::Tensor>& weights);
+                                               const std::optional<at::Tensor>& weights,
+                                               std::optional<int64_t> num_rows);
 at::Tensor moe_unpermute(const at::Tensor& packed, const at::Tensor& expert_ids,
                          const at::Tensor& slots, const at::Tensor& offsets,
                          const std::optional<at::Tensor>& weights);
