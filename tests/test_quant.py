@@ -82,7 +82,7 @@ def test_dequantize_matches_reference(device, out_dtype, bits, block_size):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits,block_size", [(8, 256), (8, 37), (4, 256), (4, 38)])
-@pytest.mark.parametrize("world", [0, 1, 3, 8])
+@pytest.mark.parametrize("world", [0, 1, 2, 3, 8])
 def test_dequantize_sum_matches_reference(device, bits, block_size, world):
     for n in [0, 1, 37, block_size + 1, 100_003]:
         rows = [OURS_Q[bits](torch.randn(n, device=device) * (w + 1), block_size) for w in range(world)]
@@ -104,6 +104,25 @@ def test_dequantize_sum_matches_reference(device, bits, block_size, world):
             exact = sum(_dequant(bits, r, n, block_size).double().cpu() for r in rows)
             bound = world * 2**-24 * sum(_dequant(bits, r, n, block_size).double().abs().cpu() for r in rows)
             assert ((ours.double().cpu() - exact).abs() <= bound + 1e-30).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dequantize_int4_every_byte(device):
+    """Every byte value as packed codes, nibble 8 included (-8 in two's
+    complement: quantize_int4 never writes it, but any byte decodes), an odd
+    numel, and dequantize_sum over rows of such bytes: bitwise as the reference."""
+    bs = 38
+    q = torch.arange(256, dtype=torch.uint8).roll(3).repeat(3)  # 768 bytes
+    n = 2 * q.numel() - 1
+    scales = torch.rand(math.ceil(n / bs)) + 0.5
+    ours = dk.dequantize_int4(q.to(device), scales.to(device), n, bs)
+    theirs = ref.dequantize_int4(q, scales, n, bs)
+    assert torch.equal(ours.cpu(), theirs)
+    assert ours.cpu().div(scales.repeat_interleave(bs)[:n]).min() == -8
+    q2 = torch.stack([q, q.flip(0)])
+    s2 = torch.stack([scales, scales * 3])
+    assert torch.equal(dk.dequantize_sum_int4(q2.to(device), s2.to(device), n, bs).cpu(),
+                       ref.dequantize_sum_int4(q2, s2, n, bs))
 
 
 @requires_cuda
@@ -293,6 +312,28 @@ def test_stochastic_rounding_is_unbiased(device, bits):
         codes = codes.view(nblocks, bs)[:, 1:].double()
         assert set(codes.unique().tolist()) == {math.floor(v), math.floor(v) + 1}
         assert abs(codes.mean().item() - v) < 1e-3, (v, codes.mean().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stochastic_rounding_draws_at_the_ends_of_a_step(device):
+    """Codes v with |v| in [64, 127] and a draw u within 2^-18 of 0 or 1: v + u
+    rounds in fp32 to an integer (v itself, or v + 1, which is 128 for v = 127).
+    floor must keep that integer, and the clamp must bring 128 back to 127,
+    bitwise as the reference. The blocks' scale is pinned to 1 (127 in every
+    block), half the elements are 127; the seed is fixed, and the test checks
+    that its draws hit both ends (a few times each in 2^20 elements)."""
+    n, bs, seed = 1 << 20, 1024, 11
+    gen = torch.Generator().manual_seed(7)
+    mag = torch.randint(64, 128, (n,), generator=gen).float()
+    x = torch.where(torch.rand(n, generator=gen) < 0.5, -mag, mag)
+    x[torch.rand(n, generator=gen) < 0.5] = 127.0
+    x[::bs] = 127.0
+    u = ref.stochastic_uniform(n, seed)
+    assert ((x == 127) & (u >= 1 - 2**-18)).any() and ((x.abs() >= 64) & (u < 2**-18)).any()
+    ours = dk.quantize_int8(x.to(device), bs, stochastic=True, seed=seed)
+    theirs = ref.quantize_int8(x, bs, stochastic=True, seed=seed)
+    assert (ours.scales == 1).all()
+    _assert_same(ours, theirs)
 
 
 @pytest.mark.parametrize("device", DEVICES)
