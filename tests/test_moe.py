@@ -524,6 +524,39 @@ def test_rows_bad_input():
                                                 torch.arange(8) * 3, torch.full((8,), 2**31 - 1, dtype=i32), 3)
 
 
+def test_rows_choice_just_out_of_range_raises():
+    """The choices one past the valid range: a slot equal to its expert's
+    capacity (count, offsets span, slot_limit), a slot of -2 (-1 is the only
+    negative value), an expert id equal to the number of experts. Every rows op
+    raises and names the choice, for the first, the last and a middle expert
+    (the row e * C + C, or e * C - 2, lies inside the buffer or just past it)."""
+    t, e, cap, h = 3, 4, 2, 5
+    x = torch.randn(t, h)
+    ids = torch.tensor([[0, 1], [3, 2], [1, 0]], dtype=torch.int32)
+    good = torch.tensor([[0, 0], [0, 0], [1, 1]], dtype=torch.int32)
+    counts = torch.tensor([2, 2, 1, 1], dtype=torch.int32)
+    w = torch.rand(t, 2)
+    packed, offsets = dk.moe_permute(x, ids, good, counts, w)
+    base = offsets[:-1].long()
+    for at in [(0, 0), (1, 0), (2, 0)]:  # experts 0, 3 (the last), 1
+        for bad in ("slot_at_limit", "slot_-2", "expert_E"):
+            ids_b, slots, lim = ids.clone(), good.clone(), good.clone()
+            if bad == "slot_at_limit":
+                slots[at], lim[at] = cap, int(counts[ids[at]])
+            elif bad == "slot_-2":
+                slots[at] = lim[at] = -2
+            else:
+                ids_b[at], slots[at], lim[at] = e, 0, 0
+            msg = rf"out-of-range choice at \[{at[0]}, {at[1]}\]"
+            for call in (lambda: dk.moe_dispatch(x, ids_b, slots, e, cap, w),
+                         lambda: dk.moe_combine(torch.randn(e, cap, h), ids_b, slots, w),
+                         lambda: dk.moe_permute(x, ids_b, lim, counts, w),
+                         lambda: dk.moe_unpermute(packed, ids_b, lim, offsets, w),
+                         lambda: torch.ops.deepseek_kernels.moe_rows_dot(packed, x, ids_b, lim, base, counts, 0)):
+                with pytest.raises(ValueError, match=msg):
+                    call()
+
+
 @requires_cuda
 @pytest.mark.cuda
 def test_cuda_rows_past_the_source_are_skipped():
@@ -890,6 +923,23 @@ def test_gating_ties_match_reference(device, e, k, ng, tg, scoring):
                                   correction_bias=None if bias is None else bias.to(device), **kw)
         _assert_bitwise(ours, ref.moe_topk_gating(x.to(dtype), k, correction_bias=bias, **kw),
                         GATING_NAMES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_gating_probability_drop_ties_keep_earlier_tokens(device, scoring):
+    """Repeated rows give equal weights for an expert across tokens: probability
+    dropping keeps the capacity largest, ties to the earlier token (a stable
+    sort), bitwise as the reference and as the plain-loop statement of the rule."""
+    t, e, k, cap = 41, 16, 4, 7
+    logits = torch.randn(3, e)[torch.arange(t) % 3]
+    logits[::5] = torch.randn(len(range(0, t, 5)), e)
+    kw = dict(scoring=scoring, capacity=cap, drop_policy="probability")
+    ours = dk.moe_topk_gating(logits.to(device), k, **kw)
+    _assert_bitwise(ours, ref.moe_topk_gating(logits, k, **kw), GATING_NAMES)
+    _, slots = _loop_gating(logits, k, scoring=scoring, capacity=cap, drop_policy="probability")
+    assert torch.equal(ours.slots.cpu().long(), slots)
+    assert (ours.routed_counts > cap).any()  # some expert drops tied choices
 
 
 @requires_cuda
