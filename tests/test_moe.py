@@ -636,6 +636,27 @@ def test_rows_gradcheck():
         lambda pk, w: dk.moe_unpermute(pk, gd.expert_ids, gd.slots, offsets, w), (packed, w))
 
 
+def test_permute_unpermute_gradcheck_with_dropped_choices():
+    """Capacity routing through permute/unpermute: a dropped choice (slot -1 with a
+    valid expert id) and an unrouted token (id -1) own no packed row, so they add
+    nothing to the output and must send no gradient to any packed row."""
+    t, e, k, h, cap = 9, 4, 2, 3, 2
+    logits = torch.randn(t, e, dtype=torch.float64)
+    logits[4, 1] = float("nan")  # never routed
+    g = dk.moe_topk_gating(logits, k, capacity=cap)
+    assert ((g.slots < 0) & (g.expert_ids >= 0)).any() and (g.expert_ids[4] < 0).all()
+    x = torch.randn(t, h, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(t, k, dtype=torch.float64, requires_grad=True)
+    packed = torch.randn(int(g.expert_counts.sum()), h, dtype=torch.float64, requires_grad=True)
+    _, offsets = dk.moe_permute(x.detach(), g.expert_ids, g.slots, g.expert_counts)
+    assert torch.autograd.gradcheck(
+        lambda x, w: dk.moe_permute(x, g.expert_ids, g.slots, g.expert_counts, w)[0], (x, w))
+    assert torch.autograd.gradcheck(
+        lambda pk, w: dk.moe_unpermute(pk, g.expert_ids, g.slots, offsets, w), (packed, w))
+    assert torch.autograd.gradcheck(
+        lambda pk: dk.moe_unpermute(pk, g.expert_ids, g.slots, offsets), (packed,))
+
+
 def test_end_to_end_gradcheck_through_gating():
     t, e, k, h, cap = 5, 4, 2, 3, 4
     logits = (torch.randperm(t * e).view(t, e).double() * 0.41).requires_grad_()
@@ -674,6 +695,22 @@ def test_opcheck(device):
     base = torch.arange(16, device=device) * 6
     torch.library.opcheck(ops.moe_rows_dot.default,
                           (eo.detach().reshape(96, 8), x.detach(), g.expert_ids, g.slots, base, None, 6))
+
+
+def test_opcheck_compute_dtypes():
+    """The fakes' dtypes beyond fp32: fp64 logits give fp64 weights and mean_scores,
+    and moe_rows_dot of bf16 rows sums in fp32 (the compute dtype, not the rows')."""
+    ops = torch.ops.deepseek_kernels
+    logits = torch.randn(11, 6, dtype=torch.float64)
+    fake = ("test_faketensor",)  # what differs here (test_opcheck runs the rest at fp32)
+    torch.library.opcheck(ops.moe_topk_gating.default, (logits.clone().requires_grad_(), 3),
+                          dict(capacity=4), test_utils=fake)
+    g = dk.moe_topk_gating(logits, 3, capacity=4)
+    rows = torch.randn(6 * 4, 5, dtype=torch.bfloat16)
+    other = torch.randn(11, 5, dtype=torch.bfloat16)
+    base = torch.arange(6) * 4
+    torch.library.opcheck(ops.moe_rows_dot.default, (rows, other, g.expert_ids, g.slots, base, None, 4),
+                          test_utils=fake)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -998,6 +1035,22 @@ def test_losses_and_bias_update():
     assert ((j / x - 1).abs() <= 0.1 + 1e-6).all()
 
 
+def test_jitter_noise_is_uniform_on_both_sides():
+    """jitter multiplies by U(1 - eps, 1 + eps): the factors fill the whole interval
+    (both sides of 1, mean 1), are drawn per element, and the generator makes them
+    reproducible."""
+    eps = 0.3
+    x = torch.rand(257, 33) + 0.5  # positive: the factor is j / x
+    f = dmoe.jitter(x, eps, generator=torch.Generator().manual_seed(3)) / x
+    n = f.numel()
+    assert ((f - 1).abs() <= eps * (1 + 1e-6)).all()
+    # U(1 - eps, 1 + eps): mean 1 (std eps / sqrt(3n)), both ends reached
+    assert abs(float(f.mean()) - 1) < 6 * eps / math.sqrt(3 * n)
+    assert float(f.min()) < 1 - 0.99 * eps and float(f.max()) > 1 + 0.99 * eps
+    assert torch.equal(f, dmoe.jitter(x, eps, generator=torch.Generator().manual_seed(3)) / x)
+    assert dmoe.jitter(x, eps, training=False, generator=torch.Generator().manual_seed(3)) is x
+
+
 def test_losses_and_bias_update_bad_input():
     """Shapes that would broadcast, an integer bias (add_ would truncate the step
     to 0), and non-finite or out-of-range coefficients raise, naming the argument."""
@@ -1059,6 +1112,22 @@ def test_modules_bad_input():
         CrossAttention(16, 0)
 
 
+@pytest.mark.parametrize("use_kernels", [True, False], ids=["kernels", "reference"])
+def test_moe_layer_capacity_rounds_up(use_kernels):
+    """capacity = ceil(capacity_factor * T * k / E), and the layer routes with it: with
+    a zero router every token picks experts 0 and 1 (ties to the lower index), so the
+    first `capacity` tokens (position policy) get expert outputs, the rest get 0."""
+    torch.manual_seed(2)
+    e, k, t = 8, 2, 9
+    layer = MoELayer(12, 16, e, k, capacity_factor=1.25)
+    layer.use_kernels = use_kernels
+    assert [layer.capacity(n) for n in (9, 8, 1, 0)] == [3, 3, 1, 0]  # 2.8125, 2.5, 0.3125, 0
+    with torch.no_grad():
+        layer.router.weight.zero_()
+    y = layer(torch.randn(t, 12))
+    assert (y[:3].abs().sum(1) > 0).all() and not y[3:].any()
+
+
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])
 def test_moe_layer_forward_backward(capacity_factor):
     torch.manual_seed(0)
@@ -1106,6 +1175,18 @@ def test_moe_layer_fp8_experts(capacity_factor):
         if name.startswith("w_"):
             err = ((prm.grad - g32[name]).norm() / g32[name].norm()).item()
             assert err < 0.1, (name, err)
+    # the reference path's straight-through backward: the same bf16 products, summed
+    # in another order (bf16 rounding of the results, relative 2^-8)
+    g8 = {n: p.grad.clone() for n, p in fp8.named_parameters()}
+    gx = x.grad.clone()
+    fp8.zero_grad()
+    x.grad = None
+    fp8.use_kernels = False
+    fp8(x).square().mean().backward()
+    for name, prm in [("x", x), *fp8.named_parameters()]:
+        want = gx if name == "x" else g8[name]
+        err = ((prm.grad - want).norm() / want.norm()).item()
+        assert err < 2.0**-7, (name, err)
 
 
 def test_bench_moe_smoke(tmp_path):
