@@ -151,6 +151,28 @@ def test_gemm_gradcheck(activation):
     assert torch.autograd.gradcheck(lambda a, w: dk.gemm(a, w, activation=activation), (a3, w))
 
 
+def test_gemm_relu_gradient_at_zero_is_torchs():
+    """relu'(0) = 0, as torch.relu's backward: a pre-activation exactly 0 (a zero
+    input row without bias, as the zero padding rows of a batch) passes no gradient.
+    gradcheck cannot see it (a kink), so compare with the torch peer directly."""
+    a = torch.randn(5, 7, dtype=torch.float64)
+    a[[1, 3]] = 0.0
+    w = torch.randn(6, 7, dtype=torch.float64)
+    b = torch.randn(6, dtype=torch.float64)
+    b[2] = 0.0
+    dy = torch.randn(5, 6, dtype=torch.float64)
+    for bias in (None, b):
+        leaves = [a.clone().requires_grad_(), w.clone().requires_grad_()]
+        peers = [a.clone().requires_grad_(), w.clone().requires_grad_()]
+        if bias is not None:
+            leaves.append(bias.clone().requires_grad_())
+            peers.append(bias.clone().requires_grad_())
+        dk.gemm(*leaves, activation="relu").backward(dy)
+        torch.relu(F.linear(*peers)).backward(dy)
+        for mine, peer in zip(leaves, peers):
+            torch.testing.assert_close(mine.grad, peer.grad, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gemm_backward_matches_reference(device, dtype):
@@ -1358,6 +1380,26 @@ def test_fp8_linear(device):
     # Straight-through: the bf16 gradient of the unquantized map at the FP8 output.
     dy = 2 * y.detach().reshape(-1, 136)
     torch.testing.assert_close(lin.bias.grad, dy.sum(0), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_fp8_linear_gradients_through_the_activation(activation):
+    """Straight-through with an activation: dz = dy * act'(z) at the FP8 pre-activation z
+    (the same layer without its activation, fp32 in and out), then db = sum dz exactly
+    (fp32) and dx = dz W, dW = dz^T x in bf16 (relative error ~ 2^-8 per operand)."""
+    torch.manual_seed(5)
+    lin = FP8Linear(160, 40, bias=True, activation=activation)
+    x = torch.randn(7, 160, requires_grad=True)
+    dy = torch.randn(7, 40)
+    lin(x).backward(dy)
+    with torch.no_grad():
+        z = FP8Linear.from_linear(lin, activation="none")(x).double().requires_grad_()
+    act = {"gelu": F.gelu, "silu": F.silu}[activation]
+    (dz,) = torch.autograd.grad(act(z), z, dy.double())
+    torch.testing.assert_close(lin.bias.grad.double(), dz.sum(0), rtol=1e-5, atol=1e-5)
+    for got, want in ((x.grad, dz @ lin.weight.detach().double()), (lin.weight.grad, dz.t() @ x.detach().double())):
+        rel = float((got.double() - want).norm() / want.norm())
+        assert rel < 3 * 2.0**-8, rel
 
 
 @requires_cuda
