@@ -336,6 +336,13 @@ def test_opcheck(device):
         torch.library.opcheck(op, args, kwargs)
 
 
+def test_fakes_fp64_lse():
+    """fp64 inputs (the CPU's gradcheck dtype) give an fp64 lse: the fakes say so too,
+    for the padded and the varlen op (test_opcheck runs fp32 only)."""
+    for op, args, kwargs in _opcheck_samples("cpu", torch.float64):
+        torch.library.opcheck(op, args, kwargs, test_utils=("test_faketensor",))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(device):
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
@@ -472,6 +479,30 @@ def test_module(use_kernels):
     s = CrossAttention(64, 4)
     torch.testing.assert_close(s(x, causal=True), s(x, causal=True, use_kernels=False),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_kernels", [True, False], ids=["kernels", "reference"])
+def test_module_ignores_masked_keys(use_kernels):
+    """The module hands key_padding_mask to the attention: the context rows it masks
+    change nothing (output and gradients), the others do. (test_module compares the
+    two paths, which share the module's call and so cannot see a dropped mask.)"""
+    torch.manual_seed(1)
+    m = CrossAttention(24, 4, 2, kv_dim=20, bias=True)
+    x, ctx = torch.randn(3, 5, 24), torch.randn(3, 7, 20)
+    mask = torch.rand(3, 7) < 0.4
+    mask[:, 0] = False  # every query sees a key
+    mask[0, 1] = True
+    other = torch.where(mask[..., None], torch.randn(3, 7, 20) * 5, ctx)
+    outs, grads = [], []
+    for c in (ctx, other):
+        xg = x.clone().requires_grad_()
+        y = m(xg, c, key_padding_mask=mask, use_kernels=use_kernels)
+        y.square().sum().backward()
+        outs.append(y.detach())
+        grads.append(xg.grad)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(m(x, ctx, use_kernels=use_kernels), outs[0], rtol=1e-3, atol=1e-4)
 
 
 def test_module_use_kernels_attribute(monkeypatch):
