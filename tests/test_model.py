@@ -265,6 +265,30 @@ def test_yaml_config_lion_accumulation_unfreezing(tmp_path):
         parse_args(["--config", str(bad)])
 
 
+def test_accumulation_matches_the_full_batch_and_unfreezing_starts_on_time(tmp_path):
+    """Two micro-batches of 16 give the full batch's gradient (every pair has the same
+    number of answer targets, so the mean of the two means is the batch mean; the
+    balancing loss differs by its batch composition only, ~1e-6): the same logged
+    loss and pre-clip gradient norm. --freeze-image-until 2: the image tower is frozen
+    for VQA steps 0 and 1 (checkpoints 1 and 2 hold its initial weights) and trains
+    from step 2 on (checkpoint 3 differs)."""
+    recs, ckdir = {}, {}
+    for acc in (1, 2):
+        out = os.path.join(str(tmp_path), f"acc{acc}")
+        train(parse_args(SMALL + ["--steps", "3", "--out", out, "--log-every", "1", "--ckpt-every", "1",
+                                  "--accum-steps", str(acc), "--freeze-image-until", "2",
+                                  "--val-limit", "8"]))
+        recs[acc] = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if "grad_norm" in l]
+        ckdir[acc] = os.path.join(out, "checkpoints")
+    assert len(recs[1]) == len(recs[2]) == 3
+    for r1, r2 in zip(recs[1], recs[2]):
+        for key in ("loss", "grad_norm"):
+            assert r2[key] == pytest.approx(r1[key], rel=1e-4), (r1["step"], key)
+    img = [torch.load(os.path.join(ckdir[1], f"step_{s:07d}.pt"), weights_only=False)["model"]["patch_embed.weight"]
+           for s in (1, 2, 3)]
+    assert torch.equal(img[0], img[1]) and not torch.equal(img[1], img[2])
+
+
 @pytest.mark.parametrize("line", ["optimizer: sgd", "precision: fp17", "grad_compress: int16"])
 def test_yaml_values_are_checked_like_flags(tmp_path, line):
     """argparse checks choices only on the command line: a YAML typo ran AdamW, fp32 or
@@ -504,6 +528,63 @@ def test_weight_decay_groups():
     assert not decayed & {"text_pos", "image_pos", "tok_emb.weight", "type_emb.weight", "logit_scale",
                           "final_norm.weight", "patch_embed.bias"}
     assert sum(len(g["params"]) for g in opt.param_groups) == len(names)
+
+
+def test_model_routes_real_tokens_and_sums_the_layers_aux_losses():
+    """The text blocks' MoE layers get the padding mask (padding is not routed: each
+    layer routes top_k choices per real token), and aux_loss() is the sum over the
+    layers of their balancing losses."""
+    from model.data import PAD
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=30, dim=16, num_heads=2, num_kv_heads=1, num_layers=2,
+                      num_experts=4, top_k=2, expert_hidden=16, mlp_hidden=16)
+    model = MultimodalMoE(cfg)
+    ids = torch.randint(4, 30, (3, 7))
+    ids[0, 3:] = PAD
+    ids[2, 5:] = PAD
+    model(torch.randn(3, 1, 8, 8), ids)
+    for blk in model.text_blocks:
+        assert int(blk.moe.last_routed_counts.sum()) == cfg.top_k * int((ids != PAD).sum())
+    layers = [blk.moe.aux_loss.detach() for blk in model.text_blocks]
+    assert all(float(a) > 0 for a in layers)
+    torch.testing.assert_close(model.aux_loss().detach(), layers[0] + layers[1], rtol=1e-6, atol=0)
+
+
+def test_lr_schedule():
+    """Linear warm-up over warmup_steps (the first step already trains: lr / warmup),
+    peak lr at the last warm-up step, cosine decay to lr * min_lr_ratio at the end."""
+    import argparse
+
+    from model.train import lr_at
+
+    a = argparse.Namespace(lr=0.3, warmup_steps=4, min_lr_ratio=0.1)
+    assert [lr_at(s, 20, a) for s in range(4)] == pytest.approx([0.075, 0.15, 0.225, 0.3])
+    assert lr_at(4, 20, a) == pytest.approx(0.3)
+    assert lr_at(12, 20, a) == pytest.approx(0.03 + 0.27 * 0.5)  # half way: cos = 0
+    assert lr_at(20, 20, a) == pytest.approx(0.03) and lr_at(25, 20, a) == pytest.approx(0.03)
+    decay = [lr_at(s, 20, a) for s in range(4, 21)]
+    assert all(x > y for x, y in zip(decay, decay[1:]))
+
+
+def test_lion_step():
+    """Lion's update against its definition, two steps (the second uses the momentum):
+    p <- p (1 - lr wd) - lr sign(b1 m + (1 - b1) g); m <- b2 m + (1 - b2) g."""
+    from model.train import Lion
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(7, 3, dtype=torch.float64))
+    lr, wd, (b1, b2) = 0.01, 0.2, (0.9, 0.99)
+    opt = Lion([p], lr=lr, betas=(b1, b2), weight_decay=wd)
+    want, m = p.detach().clone(), torch.zeros_like(p)
+    for _ in range(2):
+        g = torch.randn_like(p)
+        p.grad = g.clone()
+        opt.step()
+        want = want * (1 - lr * wd) - lr * torch.sign(b1 * m + (1 - b1) * g)
+        m = b2 * m + (1 - b2) * g
+        torch.testing.assert_close(p.detach(), want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(opt.state[p]["exp_avg"], m, rtol=1e-12, atol=1e-12)
 
 
 def test_resume_from_an_earlier_checkpoint_sets_later_ones_aside(tmp_path):
