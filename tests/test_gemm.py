@@ -334,6 +334,31 @@ def test_grouped_gemm_gradcheck():
     assert torch.autograd.gradcheck(lambda x, w: dk.grouped_gemm(x, w, offsets), (x, w))
 
 
+def test_backward_with_an_out_dtype():
+    """bf16 inputs with an fp32 out_dtype: the fp32 incoming gradient is rounded to the
+    inputs' dtype for the products (as nn.Linear's backward), so the gradients are
+    bf16 and within bf16's error of the fp64 reference's (gemm and grouped_gemm)."""
+    torch.manual_seed(4)
+    x = torch.randn(11, 16).bfloat16().requires_grad_()
+    w = torch.randn(8, 16).bfloat16().requires_grad_()
+    ws = torch.randn(3, 8, 16).bfloat16().requires_grad_()
+    offsets = torch.tensor([0, 4, 4, 11])
+    cases = ((lambda x, w: dk.gemm(x, w, out_dtype=torch.float32), ref.gemm, w),
+             (lambda x, w: dk.grouped_gemm(x, w, offsets, out_dtype=torch.float32),
+              lambda x, w: ref.grouped_gemm(x, w, offsets), ws))
+    for fn, ref_fn, weight in cases:
+        y = fn(x, weight)
+        assert y.dtype == torch.float32
+        dy = torch.randn_like(y)
+        gx, gw = torch.autograd.grad(y, (x, weight), dy)
+        x64, w64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+        want = torch.autograd.grad(ref_fn(x64, w64), (x64, w64), dy.double())
+        for got, exp in zip((gx, gw), want):
+            assert got.dtype == torch.bfloat16
+            rel = float((got.double() - exp).norm() / exp.norm())
+            assert rel < 3 * 2.0**-8, rel
+
+
 def test_grouped_gemm_opcheck():
     x = torch.randn(11, 16, requires_grad=True)
     w = torch.randn(3, 8, 16, requires_grad=True)
