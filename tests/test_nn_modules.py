@@ -287,6 +287,12 @@ def test_linear_modules_return_what_nn_linear_returns_under_autocast(name, activ
         with torch.autocast("cpu", dtype=torch.bfloat16):
             m(xg).float().sum().backward()
         assert xg.grad.dtype == torch.float32 and m.weight.grad.dtype == torch.float32
+    if name == "Linear":  # the reference path (reference.py in fp64) gets the module's casts too
+        m.use_kernels = False
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y_ref = m(x)
+        assert y_ref.dtype == torch.bfloat16
+        torch.testing.assert_close(y_ref, y)  # bf16's tolerance: one rounding each
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
