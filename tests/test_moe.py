@@ -1027,6 +1027,10 @@ def test_losses_and_bias_update():
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
     x = torch.randn(10, e)
     assert torch.allclose(dmoe.router_z_loss(x), (torch.logsumexp(x, 1) ** 2).mean())
+    xb = (x * 7).bfloat16()  # computed in fp32 whatever the logits' dtype
+    zb = dmoe.router_z_loss(xb)
+    assert zb.dtype == torch.float32
+    torch.testing.assert_close(zb, (torch.logsumexp(xb.float(), 1) ** 2).mean(), rtol=1e-6, atol=0)
     bias = torch.zeros(4)
     dmoe.update_correction_bias(bias, torch.tensor([10, 0, 5, 5]), 0.1)
     assert torch.allclose(bias, torch.tensor([-0.1, 0.1, 0.0, 0.0]))
