@@ -114,6 +114,11 @@ def _cases(device):
          lambda: L.moe_permute(x, d.expert_ids, d.slots, d.expert_counts),
          "argsort+index_select",
          lambda: x.index_select(0, torch.argsort(d.expert_ids.reshape(-1), stable=True) // k)),
+        ("moe_permute (num_rows)",  # MoELayer's dropless call: a static row count
+         lambda: ops.moe_permute(x, d.expert_ids, d.slots, d.expert_counts, num_rows=T_ * k),
+         lambda: K.moe_permute(x, d.expert_ids, d.slots, d.expert_counts, num_rows=T_ * k),
+         lambda: L.moe_permute(x, d.expert_ids, d.slots, d.expert_counts, num_rows=T_ * k),
+         "n/a", None),
         ("moe_unpermute",
          lambda: ops.moe_unpermute(packed, d.expert_ids, d.slots, offsets, d.weights),
          lambda: K.moe_unpermute(packed, d.expert_ids, d.slots, offsets, d.weights),

@@ -288,4 +288,4 @@ def test_bench_host_smoke(tmp_path):
         torch.set_num_threads(threads)
     (result,) = tmp_path.glob("host-*.json")
     rows = json.loads(result.read_text())["rows"]
-    assert len(rows) == 8 and all(r["ours_us"] > 0 and r["library_us"] > 0 for r in rows)
+    assert len(rows) == 9 and all(r["ours_us"] > 0 and r["library_us"] > 0 for r in rows)
