@@ -411,7 +411,7 @@ class CrossAttention(nn.Module):
     """Multi-head (GQA/MQA) cross-attention with q/k/v/out projections.
 
     ``forward(x [B, Lq, dim], context [B, Lk, kv_dim] = None, key_padding_mask=None,
-    causal=False, use_kernels=True)`` -> ``[B, Lq, dim]``. ``context=None`` is
+    causal=False, use_kernels=None)`` -> ``[B, Lq, dim]``. ``context=None`` is
     self-attention on x. ``key_padding_mask`` is bool ``[B, Lk]``, True = ignore the
     key. ``causal`` aligns bottom-right (see :func:`deepseek_kernels.ops.cross_attention`).
     ``use_kernels=False`` runs :func:`deepseek_kernels.reference.cross_attention`

@@ -1010,11 +1010,11 @@ def fp8_gemm(a: Tensor, a_scales: Tensor, w: Tensor, w_scales: Tensor, *,
     scales and added to an fp32 accumulator in block order (DeepSeek-V3's promotion of
     partial sums); one rounding at the end. The default CUDA kernel (v3: wgmma, sm_90a;
     else v2: mma.sync, sm_89+; K % 16 == 0, else v1) sums each block on the FP8 tensor
-    cores, in their order: the same scaling, close to the contract but not bitwise
-    (on an H100 at 4096x7168x16384: 2.3 ms). ``DSK_FP8_KERNEL=v1`` (or the private op
-    ``torch.ops.deepseek_kernels._fp8_cuda_kernel``) selects the exact SIMT kernel,
-    bitwise the CPU's and reference.py's (96 ms there). Not differentiable: a gradient
-    that reaches it raises.
+    cores, in their order, and v3 folds it in with one FMA by ``a_scale * w_scale``:
+    close to the contract but not bitwise (on an H100 at 4096x7168x16384: 1.1-1.2 ms).
+    ``DSK_FP8_KERNEL=v1`` (or the private op ``torch.ops.deepseek_kernels._fp8_cuda_kernel``)
+    selects the exact SIMT kernel, bitwise the CPU's and reference.py's (96 ms there).
+    Not differentiable: a gradient that reaches it raises.
     """
     return _call_differentiable(_ops.fp8_gemm, a, a_scales, w, w_scales, out_dtype=out_dtype)
 
