@@ -399,7 +399,7 @@ class MoeGating(NamedTuple):
     expert_counts: int32 [E], choices kept per expert.
     routed_counts: int32 [E], choices routed per expert before dropping
                    (f_i = routed_counts / (k * T) in the balancing loss).
-    mean_scores:   fp32 [E], per-expert mean score over the T tokens (P_i), differentiable.
+    mean_scores:   fp32 [E] (fp64 for fp64 logits), per-expert mean score over the T tokens (P_i), differentiable.
     """
 
     weights: Tensor
