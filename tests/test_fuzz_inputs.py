@@ -436,6 +436,11 @@ def _moe_specs():
         if a["weights"] is not None:
             rows = R._choice_rows(a["expert_ids"], a["slots"], offsets.long()[:-1])
             packed = R._scatter_rows(a["x"], rows, packed.shape[0], a["weights"])
+        n = a.get("num_rows")
+        if n is not None:  # a static row count: zero rows after the routed ones
+            if not packed.shape[0] <= n <= 2**31 - 1:
+                raise ValueError(f"num_rows={n} outside [{packed.shape[0]}, 2^31)")
+            packed = torch.cat([packed, packed.new_zeros(n - packed.shape[0], packed.shape[1])])
         return packed, offsets
 
     nz = int(torch.nonzero(counts)[0, 0])
@@ -453,7 +458,9 @@ def _moe_specs():
            ("negative", "expert_counts", _with(perm_args, expert_counts=_setitem(counts, nz, -1))),
            ("int32 overflow", "expert_counts",
             _with(perm_args, expert_counts=_setitem(_setitem(counts, 0, 2**31 - 1), 1, 2**31 - 1))),
-           ("huge", "expert_counts", _with(perm_args, expert_counts=_setitem(counts, 0, 2**31 - 1)))])
+           ("huge", "expert_counts", _with(perm_args, expert_counts=_setitem(counts, 0, 2**31 - 1)))]
+        + [(f"={n}", "num_rows", _with(perm_args, num_rows=n))
+           for n in (T * K, int(counts.sum()), int(counts.sum()) - 1, 0, -1, 2**31, 2**62)])
     packed, offsets = torch.ops.deepseek_kernels.moe_permute(x, idsd, slotsd, counts)
     unperm_args = dict(packed=packed, expert_ids=idsd, slots=slotsd, offsets=offsets, weights=wd)
     o = offsets
